@@ -1,0 +1,451 @@
+"""The ``appliance`` command. Each command calls the same services the API uses.
+
+Errors print one line saying what went wrong and one saying what to do, and exit 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from appliance import __version__
+from appliance.audit import AuditOut, Context
+from appliance.client import ServerClient
+from appliance.errors import ApplianceError, InvalidSetting
+from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
+from appliance.runtime import Runtime
+from appliance.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+# Piped output keeps whole columns instead of cutting them to 80 characters.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@contextmanager
+def _runtime(ctx: click.Context) -> Iterator[Runtime]:
+    runtime = Runtime.open(ctx.obj["settings"]())
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def _run(ctx: click.Context, action: Callable[[Runtime], T]) -> T:
+    with _runtime(ctx) as runtime:
+        return action(runtime)
+
+
+class ApplianceGroup(click.Group):
+    """Turns ApplianceError into a message and a hint instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ApplianceError as exc:
+            stderr.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+            if exc.hint:
+                stderr.print(f"[bold]hint:[/] {exc.hint}", markup=True, highlight=False)
+            ctx.exit(1)
+
+
+@click.group(cls=ApplianceGroup)
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), help="Data dir (default ~/.local/share/appliance)."
+)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="Config file (TOML).")
+@click.version_option(__version__, prog_name="appliance")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None) -> None:
+    """Appliance: keep models, serve them, run jobs, on your own hardware.
+
+    Example: appliance models import ./tiny.gguf --name tiny
+    """
+    flags: dict[str, Any] = {"data_dir": data_dir}
+
+    def settings(**more: Any) -> Settings:
+        return load_settings(config_file=config_file, **flags, **more)
+
+    ctx.obj = {"settings": settings}
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on (default 8080).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the API (and docs at /schema) until interrupted.
+
+    Example: appliance serve --port 8080
+    """
+    import uvicorn
+
+    from appliance.web.app import create_app
+
+    settings: Settings = ctx.obj["settings"](host=host, port=port)
+    if not _is_loopback(settings.host):
+        raise InvalidSetting(
+            f"refusing to bind {settings.host}: only loopback addresses are allowed until API keys exist",
+            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy",
+        )
+    Runtime.open(settings).close()  # fail here, with a clear message, if the data dir is unusable
+    stderr.print(
+        f"appliance {__version__} serving on http://{settings.host}:{settings.port} ({settings.data_dir})"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def models() -> None:
+    """Manage the model cache and registry."""
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(path_type=Path, readable=False))
+@click.option("--name", help="name[:tag] to register it under (default: from the filename).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "safetensors"]), help="Default: detected.")
+@click.option("--copy", "force_copy", is_flag=True, help="Always copy, never hard-link or reflink.")
+@json_option
+@click.pass_context
+def import_model(
+    ctx: click.Context, path: Path, name: str | None, fmt: str | None, force_copy: bool, as_json: bool
+) -> None:
+    """Import a local model file into the cache (hash, verify, register).
+
+    On the same filesystem the file is reflinked or hard-linked (a hard-linked source becomes
+    read-only: it now shares storage with the cache); elsewhere it is copied while hashing.
+
+    Example: appliance models import ./tinyllama.Q4_K_M.gguf --name tinyllama:1.1b
+    """
+    show_progress = stderr.is_terminal and not as_json
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=stderr,
+        transient=True,
+    )
+    with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
+        task = progress.add_task(f"importing {path.name}", total=_size_or_none(path))
+        result = runtime.models.import_file(
+            path,
+            Context.cli(),
+            name=name,
+            fmt=fmt,
+            allow_link=not force_copy,
+            on_progress=(lambda done: progress.update(task, completed=done)) if show_progress else None,
+        )
+    if as_json:
+        _emit_json(ImportOut.of(result).model_dump(mode="json"))
+        return
+    verb = "imported" if result.added else "already present:"
+    click.echo(f"{verb} {result.model.name} {result.digest} ({_human(result.size_bytes)}, {result.method})")
+    for evicted in result.evicted:
+        click.echo(f"evicted {evicted} to stay within models.cache.max_bytes")
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+@models.command("ls")
+@json_option
+@click.pass_context
+def list_models(ctx: click.Context, as_json: bool) -> None:
+    """List models.
+
+    Example: appliance models ls --json
+    """
+    found = _run(ctx, lambda runtime: runtime.models.list_models())
+    if as_json:
+        _emit_json([ModelOut.of(model).model_dump(mode="json") for model in found])
+        return
+    table = Table("NAME", "FORMATS", "SIZE", "QUANT", "DIGEST", "PINNED", "STATE", box=None)
+    for model in found:
+        digest = model.artifacts[0].digest.removeprefix("sha256:")[:12] if model.artifacts else "-"
+        table.add_row(
+            str(model.name),
+            ",".join(model.formats),
+            _human(model.size_bytes),
+            str(model.capabilities.get("quantization", "-")),
+            digest,
+            "yes" if model.pinned else "",
+            model.state,
+        )
+    stdout.print(table)
+
+
+@models.command("show")
+@click.argument("name")
+@json_option
+@click.pass_context
+def show_model(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one model: capabilities, artifacts, digests.
+
+    Example: appliance models show tinyllama:1.1b
+    """
+    model = ModelOut.of(_run(ctx, lambda runtime: runtime.models.get(name)))
+    if as_json:
+        _emit_json(model.model_dump(mode="json"))
+        return
+    click.echo(f"name:        {model.name}")
+    click.echo(f"size:        {_human(model.size_bytes)} ({model.size_bytes} bytes)")
+    click.echo(f"state:       {model.state}{'  (pinned)' if model.pinned else ''}")
+    click.echo(f"last used:   {model.last_used_at}")
+    for key, value in sorted(model.capabilities.items()):
+        click.echo(f"{key + ':':<22} {value}")
+    for artifact in model.artifacts:
+        click.echo(
+            f"artifact:    {artifact.filename} [{artifact.format}] {artifact.digest} {artifact.size_bytes}"
+        )
+
+
+@models.command("rm")
+@click.argument("name")
+@click.pass_context
+def remove_model(ctx: click.Context, name: str) -> None:
+    """Remove a model; blobs other models share are kept.
+
+    Example: appliance models rm tinyllama:1.1b
+    """
+    freed = _run(ctx, lambda runtime: runtime.models.remove(name, Context.cli()))
+    click.echo(f"removed {name} (freed {_human(freed)})")
+
+
+@models.command("verify")
+@click.argument("name", required=False)
+@json_option
+@click.pass_context
+def verify_models(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Re-hash blobs (one model's, or all). A mismatch is quarantined and exits 1.
+
+    Example: appliance models verify
+    """
+    results = _run(ctx, lambda runtime: runtime.models.verify(Context.cli(), name=name))
+    if as_json:
+        _emit_json([VerifyOut.of(result).model_dump(mode="json") for result in results])
+    else:
+        for result in results:
+            status = "ok" if result.ok else "FAILED"
+            click.echo(
+                f"{status:<7} {result.digest} {', '.join(result.models)}"
+                + ("" if result.ok else f": {result.detail}")
+            )
+    if not all(result.ok for result in results):
+        stderr.print("[bold red]error:[/] verification failed; the bad blobs are quarantined")
+        stderr.print("[bold]hint:[/] remove the affected models and import them again")
+        ctx.exit(1)
+
+
+@models.command("pin")
+@click.argument("name")
+@click.pass_context
+def pin_model(ctx: click.Context, name: str) -> None:
+    """Pin a model: eviction never removes it.
+
+    Example: appliance models pin tinyllama:1.1b
+    """
+    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, True, Context.cli()))
+    click.echo(f"pinned {model.name}")
+
+
+@models.command("unpin")
+@click.argument("name")
+@click.pass_context
+def unpin_model(ctx: click.Context, name: str) -> None:
+    """Unpin a model: eviction may remove it again.
+
+    Example: appliance models unpin tinyllama:1.1b
+    """
+    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, False, Context.cli()))
+    click.echo(f"unpinned {model.name}")
+
+
+@models.command("gc")
+@json_option
+@click.pass_context
+def collect_garbage(ctx: click.Context, as_json: bool) -> None:
+    """Remove orphan blobs and stale partial files; evict down to models.cache.max_bytes.
+
+    Example: appliance models gc
+    """
+    report = GcOut.of(_run(ctx, lambda runtime: runtime.models.gc(Context.cli())))
+    if as_json:
+        _emit_json(report.model_dump(mode="json"))
+        return
+    click.echo(
+        f"freed {_human(report.freed_bytes)}: {report.orphan_blobs} orphan blobs, "
+        f"{report.stale_partials} stale partial files, {len(report.evicted)} models evicted"
+    )
+    for digest in report.missing:
+        click.echo(f"missing: {digest} is registered but not on disk; run `appliance models verify`")
+
+
+@models.command("load")
+@click.argument("name")
+@click.option("--keep-alive", help="How long it stays loaded when idle: seconds, '5m', '1h'; -1 keeps it.")
+@click.option(
+    "--context",
+    "context_length",
+    type=click.IntRange(min=1),
+    help="Tokens per request (capped at the model's); reloads an idle model loaded with another.",
+)
+@click.pass_context
+def load_model(ctx: click.Context, name: str, keep_alive: str | None, context_length: int | None) -> None:
+    """Load a model into the running server's engine now, rather than on its first request.
+
+    Example: appliance models load tinyllama:1.1b --keep-alive 1h --context 8192
+    """
+    body: dict[str, Any] = {"name": name, "keep_alive": keep_alive, "context_length": context_length}
+    with ServerClient(ctx.obj["settings"]()) as server:
+        loaded = server.request("POST", "/api/v1/models/load", json=body)
+    click.echo(
+        f"loaded {loaded['name']} ({_human(loaded['memory_bytes'])}, context {loaded['context_length']})"
+    )
+
+
+@models.command("unload")
+@click.argument("name")
+@click.pass_context
+def unload_model(ctx: click.Context, name: str) -> None:
+    """Unload a model from the running server's engine.
+
+    Example: appliance models unload tinyllama:1.1b
+    """
+    with ServerClient(ctx.obj["settings"]()) as server:
+        unloaded = server.request("POST", "/api/v1/models/unload", json={"name": name})["unloaded"]
+    click.echo(f"unloaded {name}" if unloaded else f"{name} was not loaded")
+
+
+@cli.command("ps")
+@json_option
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """Show the models loaded in the running server.
+
+    Example: appliance ps
+    """
+    with ServerClient(ctx.obj["settings"]()) as server:
+        state = server.request("GET", "/api/v1/ps")
+    if as_json:
+        _emit_json(state)
+        return
+    table = Table("NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "ACTIVE", "QUEUED", "UNLOADS IN", box=None)
+    for loaded in state["models"]:
+        expires = loaded["expires_in_seconds"]
+        table.add_row(
+            loaded["name"],
+            _human(loaded["memory_bytes"]),
+            str(loaded["context_length"]),
+            str(loaded["gpu_layers"]),
+            str(loaded["active_requests"]),
+            str(loaded["queued_requests"]),
+            "never" if expires is None else f"{expires:.0f} s",
+        )
+    stdout.print(table)
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def audit() -> None:
+    """Read the audit log."""
+
+
+@audit.command("ls")
+@click.option("--action", help="e.g. models.import, models.delete, models.evict")
+@click.option("--actor", help="e.g. cli:alice, api:127.0.0.1")
+@click.option("--since", help="ISO 8601 UTC, inclusive (e.g. 2026-11-01T00:00:00Z)")
+@click.option("--until", help="ISO 8601 UTC, exclusive")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def list_audit(
+    ctx: click.Context,
+    action: str | None,
+    actor: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List audit events, newest first.
+
+    Example: appliance audit ls --action models.import --limit 10
+    """
+    events = _run(
+        ctx,
+        lambda runtime: runtime.store.list_audit(
+            action=action, actor=actor, since=since, until=until, limit=limit
+        ),
+    )
+    rows = [AuditOut.of(event) for event in events]
+    if as_json:
+        _emit_json([row.model_dump(mode="json") for row in rows])
+        return
+    table = Table("AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "BYTES", "MS", box=None)
+    for row in rows:
+        table.add_row(
+            row.at,
+            row.actor,
+            row.action,
+            row.target,
+            row.outcome,
+            _human(row.bytes),
+            str(row.duration_ms or 0),
+        )
+    stdout.print(table)
+
+
+def main() -> None:
+    cli(prog_name="appliance")

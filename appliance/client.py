@@ -1,0 +1,50 @@
+"""The CLI's way to a running server, for what only the server can do (load, unload, ps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from appliance.errors import ApplianceError, NotReady
+from appliance.settings import Settings
+
+__all__ = ["ServerClient", "ServerError"]
+
+
+class ServerError(ApplianceError):
+    """An error the server answered with; carries its code, status and hint through to the CLI."""
+
+    def __init__(self, body: dict[str, Any], status: int) -> None:
+        super().__init__(str(body.get("detail") or body), hint=str(body.get("hint") or ""))
+        self.code = str(body.get("code") or "server_error")  # type: ignore[misc]
+        self.status = status  # type: ignore[misc]
+
+
+class ServerClient:
+    def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.url = f"http://{host}:{settings.port}"
+        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def __enter__(self) -> ServerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise NotReady(
+                f"no appliance server answers at {self.url}",
+                hint="start it with `appliance serve`, or pass the same --config/--port it runs with",
+            ) from exc
+        if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"detail": response.text or response.reason_phrase}
+            raise ServerError(body if isinstance(body, dict) else {"detail": str(body)}, response.status_code)
+        return response.json()

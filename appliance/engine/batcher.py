@@ -1,0 +1,245 @@
+"""Continuous batching: many requests to one model decoded together, the way llama.cpp's server does it.
+
+One thread per loaded model owns a llama.cpp context whose KV cache holds one sequence per
+active request. Each step decodes one batch holding the next token of every generating
+sequence plus prompt chunks of newly admitted ones, then samples each sequence's next token
+from its own row of logits. Requests join and leave between steps; a cancelled request
+(its client went away) is dropped from the KV cache at the next step and its slot reused.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.engine.llama import LlamaContext, LlamaModel, Sampler, SamplingParams
+from appliance.errors import ApplianceError, EngineBusy, PromptTooLong
+
+__all__ = ["Batcher", "Finished", "GenerationRequest", "TextChunk"]
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: ApplianceError | None = None
+
+
+Event = TextChunk | Finished
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[Event], None]  # called on the batcher thread; must not block
+    stop: tuple[str, ...] = ()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    request: GenerationRequest
+    sampler: Sampler
+    prompt_offset: int = 0
+    position: int = 0
+    next_token: int | None = None
+    completion_tokens: int = 0
+    held: str = ""  # text that may be the start of a stop string
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_offset < len(self.request.prompt)
+
+
+class Batcher:
+    """Owns one context; ``submit`` from any thread, results come back through each request's ``emit``."""
+
+    def __init__(
+        self, model: LlamaModel, context: LlamaContext, *, n_seq: int, seq_ctx: int, queue_size: int
+    ) -> None:
+        self.model = model
+        self.context = context
+        self.seq_ctx = seq_ctx
+        # A heap: the lowest free sequence first, so that busy sequences stay a consecutive run.
+        self._free = list(range(n_seq))
+        self._slots: dict[int, _Slot] = {}
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=queue_size)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._stop_error: ApplianceError | None = None
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    # -- from other threads --------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        if len(request.prompt) >= self.seq_ctx:
+            raise PromptTooLong(
+                f"the prompt has {len(request.prompt)} tokens; this model's context holds {self.seq_ctx}"
+            )
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full as exc:
+            raise EngineBusy(f"{self._queue.maxsize} requests are already waiting for this model") from exc
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look at the queue and the cancellations now rather than at the next step."""
+        self._wake.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def idle(self) -> bool:
+        return not self._slots and self._queue.empty()
+
+    def stop(self, error: ApplianceError) -> None:
+        """Finish every request with ``error`` and end the thread."""
+        self._stop_error = error
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join()
+
+    # -- the batcher thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._admit()
+            self._drop_cancelled()
+            entries, samplers = self._plan()
+            if not entries:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.context.decode(entries)
+            except ApplianceError as exc:
+                for slot in list(self._slots.values()):
+                    self._finish(slot, "error", exc)
+                continue
+            for slot, batch_index in samplers:
+                self._advance(slot, slot.sampler.sample(self.context, batch_index))
+        for slot in list(self._slots.values()):
+            self._finish(slot, "error", self._stop_error)
+        while not self._queue.empty():
+            request = self._queue.get_nowait()
+            request.emit(Finished("error", len(request.prompt), 0, self._stop_error))
+
+    def _admit(self) -> None:
+        while self._free and not self._queue.empty():
+            request = self._queue.get_nowait()
+            if request.cancelled.is_set():
+                request.emit(Finished("cancelled", len(request.prompt), 0))
+                continue
+            seq_id = heapq.heappop(self._free)
+            self.context.forget(seq_id)
+            self._slots[seq_id] = _Slot(
+                seq_id=seq_id, request=request, sampler=Sampler(self.model, request.sampling)
+            )
+
+    def _drop_cancelled(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+
+    def _plan(self) -> tuple[list[tuple[int, int, int, bool]], list[tuple[_Slot, int]]]:
+        """This step's batch: the next token of each generating sequence first, then prompt chunks."""
+        entries: list[tuple[int, int, int, bool]] = []
+        samplers: list[tuple[_Slot, int]] = []
+        budget = self.context.n_batch
+        # In sequence order: llama.cpp puts a consecutive run of sequence ids in one micro-batch
+        # (per-sequence KV streams), so a batch out of order would be decoded in several passes.
+        slots = [self._slots[seq_id] for seq_id in sorted(self._slots)]
+        for slot in slots:
+            if slot.next_token is not None and budget > 0:
+                samplers.append((slot, len(entries)))
+                entries.append((slot.next_token, slot.position, slot.seq_id, True))
+                slot.position += 1
+                slot.next_token = None
+                budget -= 1
+        for slot in slots:
+            if not slot.prefilling or budget <= 0:
+                continue
+            prompt = slot.request.prompt
+            chunk = prompt[slot.prompt_offset : slot.prompt_offset + budget]
+            for token in chunk:
+                slot.prompt_offset += 1
+                last = not slot.prefilling
+                if last:
+                    samplers.append((slot, len(entries)))
+                entries.append((token, slot.position, slot.seq_id, last))
+                slot.position += 1
+            budget -= len(chunk)
+        return entries, samplers
+
+    def _advance(self, slot: _Slot, token: int) -> None:
+        slot.completion_tokens += 1
+        if self.model.is_end_of_generation(token):
+            self._finish(slot, "stop")
+            return
+        text = slot.held + slot.decoder.decode(self.model.piece(token))
+        slot.held = ""
+        request = slot.request
+        for stop in request.stop:
+            index = text.find(stop)
+            if index >= 0:
+                if index:
+                    request.emit(TextChunk(text[:index]))
+                self._finish(slot, "stop", flush=False)
+                return
+        keep = _stop_prefix_length(text, request.stop)
+        if keep:
+            text, slot.held = text[:-keep], text[-keep:]
+        if text:
+            request.emit(TextChunk(text))
+        if slot.completion_tokens >= request.max_tokens or slot.position + 1 >= self.seq_ctx:
+            self._finish(slot, "length")
+            return
+        slot.next_token = token
+
+    def _finish(
+        self, slot: _Slot, reason: str, error: ApplianceError | None = None, *, flush: bool = True
+    ) -> None:
+        request = slot.request
+        if flush:
+            tail = slot.held + slot.decoder.decode(b"", final=True)
+            if tail and reason in ("stop", "length"):
+                request.emit(TextChunk(tail))
+        request.emit(Finished(reason, len(request.prompt), slot.completion_tokens, error))
+        slot.sampler.close()
+        self.context.forget(slot.seq_id)
+        del self._slots[slot.seq_id]
+        heapq.heappush(self._free, slot.seq_id)
+
+
+def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` could still become a stop string."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-length:]):
+                longest = length
+                break
+    return longest

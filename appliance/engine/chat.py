@@ -1,0 +1,56 @@
+"""Chat prompts: the GGUF's own Jinja chat template, rendered in a sandbox, or ChatML when it has none."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from appliance.errors import InvalidInput
+
+__all__ = ["CHATML", "ChatTemplate"]
+
+# What llama.cpp's own server falls back to for models without a template.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _raise(message: str) -> None:
+    raise InvalidInput(f"the model's chat template refused the conversation: {message}")
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None, *, bos_token: str, eos_token: str) -> None:
+        self.source = source or CHATML
+        self.uses_fallback = source is None
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        try:
+            self._template = environment.from_string(self.source)
+        except jinja2.TemplateError as exc:
+            raise InvalidInput(f"the model's chat template does not compile: {exc}") from exc
+
+    def render(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                raise_exception=_raise,
+                strftime_now=lambda fmt: datetime.now(UTC).strftime(fmt),
+                **extra,
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidInput(f"the model's chat template failed on this conversation: {exc}") from exc
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return ("<|im_end|>",) if self.uses_fallback else ()

@@ -1,0 +1,219 @@
+"""One error tree for the whole appliance.
+
+Every error has a stable ``code`` (used by the API, the CLI and the docs), an HTTP
+``status`` and a message that says what went wrong, plus a ``hint`` that says what to do.
+Where a stdlib type fits, the error inherits it too, so callers can catch either.
+
+    ApplianceError
+    ├── InvalidInput (400)
+    │   ├── InvalidModelRef          invalid_model_ref
+    │   ├── InvalidModelName         invalid_model_name
+    │   ├── InvalidSetting           invalid_setting
+    │   ├── UnsupportedFormat        unsupported_format
+    │   └── SourceUnreadable         source_unreadable
+    ├── NotFound (404)
+    │   ├── ModelNotFound            model_not_found      (also LookupError)
+    │   └── SourceNotFound           source_not_found     (also FileNotFoundError)
+    ├── Conflict (409)
+    │   └── ModelExists              model_exists
+    ├── DigestMismatch (422)         digest_mismatch
+    ├── InsufficientStorage (507)
+    │   ├── DiskFull                 disk_full
+    │   └── CacheFull                cache_full
+    ├── NotReady (503)               not_ready
+    │   └── EngineBusy               engine_busy          (Retry-After)
+    ├── PromptTooLong (400)          prompt_too_long
+    ├── ModelNotLoadable (400)       model_not_loadable
+    ├── InsufficientMemory (507)     insufficient_memory
+    └── StorageFailure (500)
+        ├── StoreFailure             store_failure
+        ├── LayoutTooNew             layout_too_new
+        └── EngineFailure            engine_failure
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ApplianceError",
+    "CacheFull",
+    "Conflict",
+    "DigestMismatch",
+    "DiskFull",
+    "EngineBusy",
+    "EngineFailure",
+    "InsufficientMemory",
+    "InsufficientStorage",
+    "InvalidInput",
+    "InvalidModelName",
+    "InvalidModelRef",
+    "InvalidSetting",
+    "LayoutTooNew",
+    "ModelExists",
+    "ModelNotFound",
+    "ModelNotLoadable",
+    "NotFound",
+    "NotReady",
+    "PromptTooLong",
+    "SourceNotFound",
+    "SourceUnreadable",
+    "StorageFailure",
+    "StoreFailure",
+    "UnsupportedFormat",
+    "all_error_classes",
+]
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(ApplianceError):
+    code = "invalid_input"
+    status = 400
+
+
+class InvalidModelRef(InvalidInput):
+    code = "invalid_model_ref"
+    default_hint = (
+        "use a path, file:/abs/path, hf:org/repo[/file][@rev], https://host/path, "
+        "s3://bucket/key, oci://registry/repo[:tag|@sha256:HEX] or sha256:HEX"
+    )
+
+
+class InvalidModelName(InvalidInput):
+    code = "invalid_model_name"
+    default_hint = "use name[:tag] made of letters, digits, '.', '_' and '-' (e.g. llama3.2:3b)"
+
+
+class InvalidSetting(InvalidInput):
+    code = "invalid_setting"
+
+
+class UnsupportedFormat(InvalidInput):
+    code = "unsupported_format"
+    default_hint = "pass --format with one of: gguf, safetensors"
+
+
+class SourceUnreadable(InvalidInput):
+    code = "source_unreadable"
+    default_hint = "check the file's permissions; the appliance reads it as the user running it"
+
+
+class NotFound(ApplianceError):
+    code = "not_found"
+    status = 404
+
+
+class ModelNotFound(NotFound, LookupError):
+    code = "model_not_found"
+    default_hint = "list the models with `appliance models ls`"
+
+
+class SourceNotFound(NotFound, FileNotFoundError):
+    code = "source_not_found"
+    default_hint = "check the path; it is read on the machine that runs the appliance"
+
+
+class Conflict(ApplianceError):
+    code = "conflict"
+    status = 409
+
+
+class ModelExists(Conflict):
+    code = "model_exists"
+    default_hint = "remove it first with `appliance models rm NAME`, or import under another --name"
+
+
+class DigestMismatch(ApplianceError):
+    code = "digest_mismatch"
+    status = 422
+    default_hint = "the content is not what was expected; fetch it again from a trusted source"
+
+
+class InsufficientStorage(ApplianceError):
+    code = "insufficient_storage"
+    status = 507
+
+
+class DiskFull(InsufficientStorage):
+    code = "disk_full"
+    default_hint = "free disk space under the data dir, or run `appliance models gc`"
+
+
+class CacheFull(InsufficientStorage):
+    code = "cache_full"
+    default_hint = "raise models.cache.max_bytes, unpin or remove models, then try again"
+
+
+class NotReady(ApplianceError):
+    code = "not_ready"
+    status = 503
+
+
+class EngineBusy(NotReady):
+    code = "engine_busy"
+    default_hint = "too many requests are waiting; retry after the Retry-After seconds"
+    retry_after = 2
+
+
+class PromptTooLong(InvalidInput):
+    code = "prompt_too_long"
+    default_hint = "shorten the prompt or the history, or ask for a larger context (num_ctx)"
+
+
+class ModelNotLoadable(InvalidInput):
+    code = "model_not_loadable"
+    default_hint = "only GGUF models can be served; import a .gguf file"
+
+
+class InsufficientMemory(ApplianceError):
+    code = "insufficient_memory"
+    status = 507
+    default_hint = (
+        "unload a model (`appliance models unload NAME`), lower the context, or raise engine.memory_budget"
+    )
+
+
+class StorageFailure(ApplianceError):
+    code = "storage_failure"
+    status = 500
+
+
+class StoreFailure(StorageFailure):
+    code = "store_failure"
+    default_hint = "check that the data dir is writable and not on a network filesystem"
+
+
+class LayoutTooNew(StorageFailure):
+    code = "layout_too_new"
+    default_hint = "run a newer appliance on this data dir, or point --data-dir elsewhere"
+
+
+class EngineFailure(StorageFailure):
+    code = "engine_failure"
+    default_hint = "see the server log"
+
+
+def all_error_classes() -> list[type[ApplianceError]]:
+    """Every error class, for the docs check and the API's error map."""
+    found: list[type[ApplianceError]] = []
+    pending: list[type[ApplianceError]] = [ApplianceError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

@@ -1,0 +1,74 @@
+"""Prometheus metrics, on a registry of their own per app (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "appliance_inference_requests",
+            "Inference requests served, by model, endpoint and outcome.",
+            ["model", "endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "appliance_inference_request_seconds",
+            "Time from request to last token.",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "appliance_inference_time_to_first_token_seconds",
+            "Time from request to first token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "appliance_tokens_generated", "Completion tokens generated.", ["model"], registry=self.registry
+        )
+        self.tokens_per_second = Gauge(
+            "appliance_tokens_per_second",
+            "Completion tokens/s of the last finished request.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.loaded_models = Gauge(
+            "appliance_loaded_models", "Models loaded in the engine.", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "appliance_queue_depth",
+            "Requests waiting for a free sequence.",
+            ["model"],
+            registry=self.registry,
+        )
+
+    def observe_request(
+        self,
+        *,
+        model: str,
+        endpoint: str,
+        outcome: str,
+        seconds: float,
+        completion_tokens: int,
+        first_token_seconds: float | None,
+    ) -> None:
+        self.requests.labels(model=model, endpoint=endpoint, outcome=outcome).inc()
+        self.latency.labels(model=model, endpoint=endpoint).observe(seconds)
+        self.tokens.labels(model=model).inc(completion_tokens)
+        if first_token_seconds is not None:
+            self.first_token.labels(model=model).observe(first_token_seconds)
+        if completion_tokens and seconds > 0:
+            self.tokens_per_second.labels(model=model).set(completion_tokens / seconds)
+
+    def render(self) -> bytes:
+        rendered: bytes = generate_latest(self.registry)
+        return rendered

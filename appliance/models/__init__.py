@@ -1,0 +1,1 @@
+"""Models: the registry's main noun (service, schemas, formats)."""

@@ -1,0 +1,269 @@
+"""Model management: import, list, show, remove, verify, pin, evict and collect garbage.
+
+The CLI and the API call these methods and nothing below them. Every mutation is audited.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.audit import Context, audited
+from appliance.errors import CacheFull, ModelExists, ModelNotFound, SourceUnreadable
+from appliance.models.formats import detect_format, read_capabilities
+from appliance.names import ModelName, name_from_filename
+from appliance.settings import Settings
+from appliance.store.base import Model, NewArtifact, Store
+from appliance.store.cache import BlobCache, ProgressCallback, open_source
+
+__all__ = ["GcReport", "ImportResult", "ModelService", "VerifyResult"]
+
+HEADER_BYTES = 64
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    model: Model
+    digest: str
+    size_bytes: int
+    method: str  # copy, reflink or hardlink
+    added: bool  # False when the same content was already registered under this name
+    evicted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    digest: str
+    models: tuple[str, ...]
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GcReport:
+    orphan_blobs: int = 0
+    stale_partials: int = 0
+    freed_bytes: int = 0
+    evicted: tuple[str, ...] = ()
+    missing: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ModelService:
+    def __init__(self, settings: Settings, store: Store, cache: BlobCache) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def list_models(self) -> list[Model]:
+        return self.store.list_models()
+
+    def get(self, name: str | ModelName) -> Model:
+        model_name = name if isinstance(name, ModelName) else ModelName.parse(name)
+        model = self.store.get_model(model_name)
+        if model is None:
+            raise ModelNotFound(f"model {model_name} not found")
+        return model
+
+    def max_bytes(self) -> int | None:
+        preference = self.store.get_preference("models.cache.max_bytes")
+        return int(preference) if preference is not None else self.settings.models.cache.max_bytes
+
+    def evict_policy(self) -> str:
+        preference = self.store.get_preference("models.cache.evict_policy")
+        return str(preference) if preference is not None else self.settings.models.cache.evict_policy
+
+    def cache_usage(self) -> dict[str, int | None]:
+        return {"used_bytes": self.store.cache_bytes(), "max_bytes": self.max_bytes()}
+
+    # -- import ------------------------------------------------------------------------------
+
+    def import_file(
+        self,
+        source: Path,
+        context: Context,
+        *,
+        name: str | None = None,
+        fmt: str | None = None,
+        allow_link: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> ImportResult:
+        """Import a local file into the cache and register it under ``name`` (default: from the filename)."""
+        source = Path(os.path.abspath(source))
+        model_name = ModelName.parse(name) if name else name_from_filename(source.name)
+        with audited(self.store, context, action="models.import", target=str(model_name)) as note:
+            note.detail["source"] = str(source)
+            header, size = _read_header(source)
+            fmt = detect_format(header, size=size, filename=source.name, requested=fmt)
+            note.detail["format"] = fmt
+            self._check_budget(size, keep=model_name)
+            staged = self.cache.stage(source, allow_link=allow_link, on_progress=on_progress)
+            try:
+                note.bytes = staged.size
+                note.detail.update(digest=staged.digest, method=staged.method)
+                capabilities = read_capabilities(staged.path, fmt)
+                self._check_conflict(model_name, source.name, staged.digest)
+                incoming = 0 if self.cache.has(staged.digest) else staged.size
+                evicted = self._make_room(incoming, keep=model_name, context=context)
+                artifact = NewArtifact(
+                    filename=source.name,
+                    format=fmt,
+                    digest=staged.digest,
+                    size_bytes=staged.size,
+                    source_uri=f"file:{source}",
+                )
+                with self.cache.placing():
+                    self.cache.place(staged)
+                    model, added = self.store.add_artifact(
+                        model_name, artifact, capabilities=capabilities, actor=context.actor
+                    )
+            finally:
+                staged.close()
+            note.detail["added"] = added
+            return ImportResult(model, staged.digest, staged.size, staged.method, added, tuple(evicted))
+
+    def _check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
+        existing = self.store.get_model(name)
+        if existing is None:
+            return
+        for artifact in existing.artifacts:
+            if artifact.filename == filename and artifact.digest != digest:
+                raise ModelExists(
+                    f"model {name} already has a file {filename!r} with digest {artifact.digest}"
+                )
+
+    def _evictable(self, keep: ModelName | None) -> list[Model]:
+        """Unpinned models other than ``keep``, least recently used first."""
+        candidates = [model for model in self.store.list_models() if not model.pinned and model.name != keep]
+        return sorted(candidates, key=lambda model: model.last_used_at)
+
+    def _check_budget(self, incoming: int, *, keep: ModelName) -> None:
+        """Refuse up front, changing nothing, an import that cannot fit even after evicting."""
+        limit = self.max_bytes()
+        if limit is None:
+            return
+        kept = {
+            artifact.digest
+            for model in self.store.list_models()
+            if model.pinned or model.name == keep
+            for artifact in model.artifacts
+        }
+        kept_bytes = sum(blob.size_bytes for blob in self.store.list_blobs() if blob.digest in kept)
+        floor = kept_bytes if self.evict_policy() == "lru" else self.store.cache_bytes()
+        if floor + incoming > limit:
+            raise CacheFull(
+                f"the model needs {incoming} bytes; the cache holds {self.store.cache_bytes()} of"
+                f" models.cache.max_bytes={limit}, and only {self.store.cache_bytes() - floor} can be evicted"
+            )
+
+    def _make_room(self, incoming: int, *, keep: ModelName | None, context: Context) -> list[str]:
+        limit = self.max_bytes()
+        evicted: list[str] = []
+        if limit is None or self.evict_policy() != "lru":
+            return evicted
+        for model in self._evictable(keep):
+            if self.store.cache_bytes() + incoming <= limit:
+                break
+            self._remove(model.name, context, action="models.evict")
+            evicted.append(str(model.name))
+        return evicted
+
+    # -- removal -----------------------------------------------------------------------------
+
+    def remove(self, name: str, context: Context) -> int:
+        """Remove a model; returns the bytes freed (blobs other models share are kept)."""
+        return self._remove(ModelName.parse(name), context, action="models.delete")
+
+    def _remove(self, name: ModelName, context: Context, *, action: str) -> int:
+        with audited(self.store, context, action=action, target=str(name)) as note:
+            with self.cache.deleting():
+                removed = self.store.remove_model(name)
+                freed = sum(self.cache.remove(digest) for digest in removed.orphaned_digests)
+                self.store.forget_blobs(removed.orphaned_digests)
+            note.bytes = freed
+            note.detail["digests"] = [artifact.digest for artifact in removed.model.artifacts]
+            return freed
+
+    # -- pin ---------------------------------------------------------------------------------
+
+    def set_pinned(self, name: str, pinned: bool, context: Context) -> Model:
+        model_name = ModelName.parse(name)
+        action = "models.pin" if pinned else "models.unpin"
+        with audited(self.store, context, action=action, target=str(model_name)):
+            return self.store.set_pinned(model_name, pinned)
+
+    # -- verify ------------------------------------------------------------------------------
+
+    def verify(self, context: Context, *, name: str | None = None) -> list[VerifyResult]:
+        """Re-hash blobs (one model's, or all); a mismatch moves the blob to quarantine."""
+        models = [self.get(name)] if name else self.store.list_models()
+        owners: dict[str, list[str]] = {}
+        for model in models:
+            for artifact in model.artifacts:
+                owners.setdefault(artifact.digest, []).append(str(model.name))
+        return [self._verify_blob(digest, tuple(names), context) for digest, names in sorted(owners.items())]
+
+    def _verify_blob(self, digest: str, names: tuple[str, ...], context: Context) -> VerifyResult:
+        with audited(self.store, context, action="models.verify", target=digest) as note:
+            note.detail["models"] = list(names)
+            if not self.cache.has(digest):
+                detail = "the blob is missing or quarantined"
+                self.store.mark_verified(digest, state="quarantined")
+            else:
+                actual = self.cache.hash_blob(digest)
+                note.bytes = self.cache.path(digest).stat().st_size
+                if actual == digest:
+                    self.store.mark_verified(digest, state="ok")
+                    return VerifyResult(digest, names, ok=True, detail="ok")
+                with self.cache.deleting():
+                    self.cache.quarantine(digest)
+                self.store.mark_verified(digest, state="quarantined")
+                detail = f"content hashes to {actual}; moved to quarantine"
+            note.outcome = "error"
+            note.detail["error"] = detail
+            return VerifyResult(digest, names, ok=False, detail=detail)
+
+    # -- garbage -----------------------------------------------------------------------------
+
+    def gc(self, context: Context) -> GcReport:
+        """Remove orphan blobs and stale partial files, then evict down to the cache budget."""
+        with audited(self.store, context, action="models.gc", target="cache") as note:
+            with self.cache.deleting():
+                self.store.forget_blobs([blob.digest for blob in self.store.list_blobs()])
+                registered = {blob.digest: blob for blob in self.store.list_blobs()}
+                on_disk = self.cache.blob_files()
+                orphans = [digest for digest in on_disk if digest not in registered]
+                freed = sum(self.cache.remove(digest) for digest in orphans)
+                for quarantined in self.cache.quarantine_dir.iterdir():
+                    if f"sha256:{quarantined.name}" not in registered:
+                        freed += quarantined.stat().st_size
+                        quarantined.unlink()
+                partials, partial_bytes = self.cache.remove_stale_staging()
+            missing = tuple(
+                digest for digest, blob in registered.items() if digest not in on_disk and blob.state == "ok"
+            )
+            evicted = self._make_room(0, keep=None, context=context)
+            report = GcReport(
+                orphan_blobs=len(orphans),
+                stale_partials=partials,
+                freed_bytes=freed + partial_bytes,
+                evicted=tuple(evicted),
+                missing=missing,
+            )
+            note.bytes = report.freed_bytes
+            note.detail.update(
+                orphans=orphans, stale_partials=partials, evicted=evicted, missing=list(missing)
+            )
+            return report
+
+
+def _read_header(source: Path) -> tuple[bytes, int]:
+    fd = open_source(source)
+    try:
+        return os.read(fd, HEADER_BYTES), os.fstat(fd).st_size
+    except OSError as exc:
+        raise SourceUnreadable(f"{source} cannot be read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)

@@ -1,0 +1,57 @@
+"""The long-lived parts (store, cache, services), opened once per process and closed on exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.errors import StorageFailure
+from appliance.metrics import Metrics
+from appliance.models.service import ModelService
+from appliance.settings import Settings
+from appliance.store.cache import BlobCache
+from appliance.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from appliance.engine.pool import EnginePool
+    from appliance.engine.service import InferenceService
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: SqliteStore
+    cache: BlobCache
+    models: ModelService
+    metrics: Metrics
+    pool: EnginePool | None = None  # only the server loads models; CLI commands never do
+    inference: InferenceService | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, *, with_engine: bool = False) -> Runtime:
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageFailure(
+                f"cannot create the data dir {settings.data_dir}: {exc.strerror or exc}",
+                hint="pass --data-dir or set APPLIANCE_DATA_DIR to a writable directory",
+            ) from exc
+        cache = BlobCache(settings.data_dir)
+        store = SqliteStore(settings.data_dir / "appliance.db")
+        models = ModelService(settings, store, cache)
+        runtime = cls(settings=settings, store=store, cache=cache, models=models, metrics=Metrics())
+        if with_engine:
+            # Imported here: loading llama.cpp's library is only worth it in the process that serves.
+            from appliance.engine.pool import EnginePool
+            from appliance.engine.service import InferenceService
+
+            runtime.pool = EnginePool(settings.engine, models, cache)
+            runtime.inference = InferenceService(runtime.pool, store, runtime.metrics)
+        return runtime
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.store.close()

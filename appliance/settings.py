@@ -1,0 +1,206 @@
+"""Every setting in one place.
+
+Precedence: command-line flags > environment (``APPLIANCE_*``, nested keys joined with
+``__``, e.g. ``APPLIANCE_MODELS__CACHE__MAX_BYTES``) > the config file (TOML) > defaults.
+The config file is ``--config PATH`` / ``APPLIANCE_CONFIG``, else
+``$XDG_CONFIG_HOME/appliance/config.toml`` when it exists.
+
+Settings are read once (``load_settings``) and passed explicitly; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from appliance.errors import InvalidSetting
+
+__all__ = [
+    "CacheSettings",
+    "EngineSettings",
+    "ModelsSettings",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> object:
+    """Accept byte counts as ints or as '500GB' / '1.5 TiB' strings; anything else is left to pydantic."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE_RE.match(value)
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(
+            f"{value!r} is not a size; use bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "appliance"
+
+
+def _default_config_file() -> Path | None:
+    explicit = os.environ.get("APPLIANCE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    candidate = Path(base) / "appliance" / "config.toml"
+    try:
+        return candidate if candidate.is_file() else None
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot look for the config file {candidate}: {exc.strerror or exc}",
+            hint="set XDG_CONFIG_HOME to a directory you can read, or pass --config",
+        ) from exc
+
+
+class CacheSettings(BaseModel):
+    max_bytes: ByteSize | None = Field(
+        default=None, description="Cache budget in bytes (or '500GB'); unset means no limit."
+    )
+    evict_policy: Literal["lru", "none"] = Field(
+        default="lru",
+        description="What to do when an import would pass max_bytes: 'lru' evicts the least recently "
+        "used unpinned models, 'none' refuses the import.",
+    )
+
+
+class ModelsSettings(BaseModel):
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+
+
+_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Ollama-style keep-alive: seconds as a number, or '300ms', '30s', '5m', '1h'. Negative means forever."""
+    if isinstance(value, bool):
+        raise ValueError("a duration cannot be true or false")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration; use seconds or a number with ms, s, m or h (e.g. '5m')")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class EngineSettings(BaseModel):
+    memory_budget: ByteSize | None = Field(
+        default=None,
+        description="Bytes loaded models may use (weights + KV cache); unset means 75% of the machine's RAM.",
+    )
+    keep_alive: Duration = Field(
+        default=300.0, description="How long an idle model stays loaded: seconds or '5m'; negative keeps it."
+    )
+    n_gpu_layers: int | None = Field(
+        default=None, description="Layers to offload to the GPU; unset means all when the build supports it."
+    )
+    parallel: int = Field(default=4, ge=1, le=64, description="Requests one model decodes together.")
+    context_length: int = Field(
+        default=4096, ge=64, description="Tokens of context per request, capped at the model's own."
+    )
+    queue_size: int = Field(default=64, ge=1, description="Requests that may wait per model before 503.")
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads per model; unset means all cores."
+    )
+
+
+class Settings(BaseSettings):
+    """The appliance's settings; see the module docstring for where they come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the cache, the registry and temporary files live.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `appliance serve` binds to.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port `appliance serve` listens on.")
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file is named by ``load_settings`` in ``model_config["toml_file"]``.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(*, config_file: Path | None = None, **flags: Any) -> Settings:
+    """Read the settings once; ``flags`` are the command line's values (None means not given)."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    path = config_file or _default_config_file()
+    settings_cls: type[Settings] = Settings
+    if path is not None:
+        if not path.is_file():
+            raise InvalidSetting(
+                f"the config file {path} does not exist", hint="fix --config or APPLIANCE_CONFIG"
+            )
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+        settings_cls = type("Settings", (Settings,), {"model_config": config})
+    try:
+        return settings_cls(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise InvalidSetting(
+            f"invalid setting: {problems}",
+            hint="fix the flag, the APPLIANCE_* variable or the config file that sets it",
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidSetting(
+            f"cannot read the config file {path}: {exc}", hint="fix or remove the config file"
+        ) from exc

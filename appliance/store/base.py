@@ -1,0 +1,183 @@
+"""The Store protocol and the typed records it returns.
+
+SQL lives only in this package. Callers get these records, never cursors. The SQLite
+backend (``sqlite.py``) is the embedded default; a PostgreSQL backend implements the same
+protocol and passes the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from appliance.names import ModelName
+
+__all__ = [
+    "Artifact",
+    "AuditEvent",
+    "Blob",
+    "BlobState",
+    "InferenceRecord",
+    "Model",
+    "NewArtifact",
+    "RemovedModel",
+    "Store",
+    "utcnow",
+]
+
+BlobState = Literal["ok", "quarantined"]
+
+
+def utcnow() -> str:
+    """A UTC timestamp as stored: ISO 8601 with microseconds, so text order is time order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str  # "sha256:<hex>"
+    size_bytes: int
+    state: BlobState
+    created_at: str
+    last_verified_at: str | None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    filename: str
+    format: str
+    digest: str
+    size_bytes: int
+    source_uri: str | None
+    created_at: str
+    state: BlobState
+
+
+@dataclass(frozen=True)
+class NewArtifact:
+    filename: str
+    format: str
+    digest: str
+    size_bytes: int
+    source_uri: str | None
+
+
+@dataclass(frozen=True)
+class Model:
+    """One ``name:tag``: a model version with its artifacts."""
+
+    name: ModelName
+    capabilities: dict[str, Any]
+    pinned: bool
+    created_at: str
+    updated_at: str
+    last_used_at: str
+    artifacts: tuple[Artifact, ...] = field(default_factory=tuple)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(artifact.size_bytes for artifact in self.artifacts)
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({artifact.format for artifact in self.artifacts})
+
+    @property
+    def state(self) -> BlobState:
+        return "quarantined" if any(a.state == "quarantined" for a in self.artifacts) else "ok"
+
+
+@dataclass(frozen=True)
+class RemovedModel:
+    """What deleting a model freed: the digests no row references any more, and their bytes."""
+
+    model: Model
+    orphaned_digests: tuple[str, ...]
+    freed_bytes: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    actor: str
+    action: str
+    target: str
+    outcome: Literal["ok", "error"]
+    correlation_id: str
+    bytes: int | None = None
+    duration_ms: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    at: str = field(default_factory=utcnow)
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    """One served request: where it ran and why (REQ-MODELS-0118), and what it cost."""
+
+    model: str
+    endpoint: str
+    engine: str
+    node: str
+    reason: str
+    outcome: str
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: int
+    correlation_id: str
+    at: str = field(default_factory=utcnow)
+    id: int | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Persistence for the registry, the audit log and the preferences."""
+
+    def close(self) -> None: ...
+
+    # models
+    def get_model(self, name: ModelName) -> Model | None: ...
+    def list_models(self) -> list[Model]: ...
+    def add_artifact(
+        self, name: ModelName, artifact: NewArtifact, *, capabilities: dict[str, Any], actor: str
+    ) -> tuple[Model, bool]:
+        """Register an artifact under ``name``; returns the model and whether anything was added.
+
+        Raises ModelExists when ``name`` already has a file of that filename with other content.
+        """
+        ...
+
+    def remove_model(self, name: ModelName) -> RemovedModel: ...
+    def set_pinned(self, name: ModelName, pinned: bool) -> Model: ...
+    def touch_model(self, name: ModelName) -> None: ...
+
+    # blobs
+    def get_blob(self, digest: str) -> Blob | None: ...
+    def list_blobs(self) -> list[Blob]: ...
+    def cache_bytes(self) -> int: ...
+    def mark_verified(self, digest: str, *, state: BlobState) -> None: ...
+    def forget_blobs(self, digests: Sequence[str]) -> None:
+        """Drop blob rows no artifact references (after their files are gone)."""
+        ...
+
+    # audit
+    def append_audit(self, event: AuditEvent) -> AuditEvent: ...
+    def list_audit(
+        self,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEvent]: ...
+
+    # inference
+    def append_inference(self, record: InferenceRecord) -> None: ...
+    def list_inference(self, *, model: str | None = None, limit: int = 100) -> list[InferenceRecord]: ...
+
+    # preferences
+    def get_preference(self, key: str) -> Any | None: ...
+    def set_preference(self, key: str, value: Any, *, actor: str) -> None: ...
+    def list_preferences(self) -> dict[str, Any]: ...

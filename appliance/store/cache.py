@@ -1,0 +1,391 @@
+"""The content-addressed blob cache on disk.
+
+    <data>/VERSION                     layout version (an int); a newer layout migrates an older one
+    <data>/blobs/sha256/<hex>          immutable content, read-only mode, named by its sha256
+    <data>/tmp/<random>.partial        an import in flight (copy or reflink); never served
+    <data>/tmp/<random>.link           an import in flight (hard link to the source); never served
+    <data>/quarantine/sha256/<hex>     blobs whose content no longer matched their name
+    <data>/cache.lock                  flock: imports place blobs under a shared lock, deletions
+                                       take it exclusively, so a blob is never deleted between
+                                       being placed and being registered
+
+Staging writes to a unique temp file while hashing, verifies, fsyncs, and only then renames
+into ``blobs/``: nothing partial or unverified is ever visible there. A staging file is
+flock'ed by its owner for as long as it lives, so ``stale_partials`` can tell an import that
+is still running from one whose process died.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from appliance.errors import (
+    DigestMismatch,
+    DiskFull,
+    LayoutTooNew,
+    SourceNotFound,
+    SourceUnreadable,
+    StorageFailure,
+)
+
+__all__ = ["LAYOUT_VERSION", "BlobCache", "StagedBlob", "open_source"]
+
+LAYOUT_VERSION = 1
+CHUNK_BYTES = 8 * 1024 * 1024
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+ProgressCallback = Callable[[int], None]
+StageMethod = Literal["copy", "reflink", "hardlink"]
+
+
+def _storage_error(exc: OSError, where: Path) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the disk holding {where}")
+    return StorageFailure(f"cannot write under {where}: {exc.strerror or exc}")
+
+
+@dataclass
+class StagedBlob:
+    """Content that has been written and hashed but is not yet in ``blobs/``."""
+
+    path: Path
+    digest: str
+    size: int
+    method: StageMethod
+    _fd: int = field(repr=False)
+
+    def close(self) -> None:
+        """Drop the staging file (a no-op once it has been placed)."""
+        if self._fd < 0:
+            return
+        with suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = -1
+
+
+class BlobCache:
+    """Blob layout under one data dir. Thread- and process-safe; holds no open files between calls."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.blobs_dir = data_dir / "blobs" / "sha256"
+        self.tmp_dir = data_dir / "tmp"
+        self.quarantine_dir = data_dir / "quarantine" / "sha256"
+        self._lock_path = data_dir / "cache.lock"
+        try:
+            for directory in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._check_layout()
+        except OSError as exc:
+            raise _storage_error(exc, data_dir) from exc
+
+    def _check_layout(self) -> None:
+        version_file = self.data_dir / "VERSION"
+        if not version_file.exists():
+            staging = self.tmp_dir / f"VERSION.{uuid.uuid4().hex}"
+            staging.write_text(f"{LAYOUT_VERSION}\n")
+            os.replace(staging, version_file)
+            return
+        text = version_file.read_text().strip()
+        if not text.isdigit():
+            raise StorageFailure(
+                f"{version_file} is damaged (it says {text[:20]!r})",
+                hint=f"if this is an appliance data dir, write {LAYOUT_VERSION} into it",
+            )
+        if int(text) > LAYOUT_VERSION:
+            raise LayoutTooNew(
+                f"the data dir {self.data_dir} has cache layout {text};"
+                f" this appliance knows layouts up to {LAYOUT_VERSION}"
+            )
+
+    # -- paths and locks ---------------------------------------------------------------------
+
+    def path(self, digest: str) -> Path:
+        return self.blobs_dir / digest.removeprefix("sha256:")
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    @contextmanager
+    def _flock(self, operation: int) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)
+
+    def placing(self) -> AbstractContextManager[None]:
+        """Held while blobs are placed and registered; many at once."""
+        return self._flock(fcntl.LOCK_SH)
+
+    def deleting(self) -> AbstractContextManager[None]:
+        """Held while unreferenced blobs are deleted; excludes placing."""
+        return self._flock(fcntl.LOCK_EX)
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def stage(
+        self,
+        source: Path,
+        *,
+        allow_link: bool = True,
+        expected_digest: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> StagedBlob:
+        """Bring ``source`` into ``tmp/``, hashed and fsynced.
+
+        On the same filesystem it is reflinked (copy-on-write) or, failing that, hard-linked
+        and hashed once; otherwise it is copied and hashed in the same pass. Raises
+        DigestMismatch when ``expected_digest`` is given and the content differs.
+        """
+        src_fd = open_source(source)
+        try:
+            size = os.fstat(src_fd).st_size
+            same_fs = os.fstat(src_fd).st_dev == os.stat(self.tmp_dir).st_dev
+            staged: StagedBlob | None = None
+            if allow_link and same_fs:
+                staged = self._try_reflink(src_fd, size, on_progress) or self._try_hardlink(
+                    source, size, on_progress
+                )
+            if staged is None:
+                staged = self._copy(src_fd, size, on_progress)
+        finally:
+            os.close(src_fd)
+        if expected_digest is not None and staged.digest != expected_digest:
+            staged.close()
+            raise DigestMismatch(f"{source} has digest {staged.digest}, expected {expected_digest}")
+        return staged
+
+    def _new_staging_file(self, suffix: str) -> tuple[Path, int]:
+        path = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _storage_error(exc, self.tmp_dir) from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return path, fd
+
+    def _try_reflink(self, src_fd: int, size: int, on_progress: ProgressCallback | None) -> StagedBlob | None:
+        path, fd = self._new_staging_file(".partial")
+        try:
+            fcntl.ioctl(fd, _FICLONE, src_fd)
+        except OSError:
+            path.unlink()
+            os.close(fd)
+            return None
+        return self._finish_linked(path, fd, size, "reflink", on_progress)
+
+    def _try_hardlink(
+        self, source: Path, size: int, on_progress: ProgressCallback | None
+    ) -> StagedBlob | None:
+        path = self.tmp_dir / f"{uuid.uuid4().hex}.link"
+        try:
+            os.link(source, path)
+        except OSError:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return self._finish_linked(path, fd, size, "hardlink", on_progress)
+
+    def _finish_linked(
+        self, path: Path, fd: int, size: int, method: StageMethod, on_progress: ProgressCallback | None
+    ) -> StagedBlob:
+        return self._fill(StagedBlob(path, "", size, method, fd), lambda: _hash_fd(fd, on_progress))
+
+    def _copy(self, src_fd: int, size: int, on_progress: ProgressCallback | None) -> StagedBlob:
+        free = _free_bytes(self.tmp_dir)
+        if size > free:
+            raise DiskFull(
+                f"not enough space under {self.data_dir}: the file needs {size} bytes, {free} are free"
+            )
+        path, fd = self._new_staging_file(".partial")
+        return self._fill(
+            StagedBlob(path, "", size, "copy", fd), lambda: _copy_and_hash(src_fd, fd, on_progress)
+        )
+
+    def _fill(self, staged: StagedBlob, write_and_hash: Callable[[], tuple[str, int]]) -> StagedBlob:
+        """Run the staging step, fsync, and record the digest; on any failure the staging file goes."""
+        try:
+            hex_digest, staged.size = write_and_hash()
+            os.fsync(staged._fd)
+        except OSError as exc:
+            staged.close()
+            raise _storage_error(exc, self.tmp_dir) from exc
+        except BaseException:
+            staged.close()
+            raise
+        staged.digest = f"sha256:{hex_digest}"
+        return staged
+
+    def place(self, staged: StagedBlob) -> Path:
+        """Make a staged blob visible under its digest. Call while holding ``placing()``."""
+        target = self.path(staged.digest)
+        try:
+            if target.exists():
+                staged.close()
+                return target
+            os.chmod(staged.path, 0o444)
+            os.rename(staged.path, target)
+            _fsync_dir(self.blobs_dir)
+        except OSError as exc:
+            staged.close()
+            raise _storage_error(exc, self.blobs_dir) from exc
+        os.close(staged._fd)
+        staged._fd = -1
+        return target
+
+    # -- verification, deletion, garbage -------------------------------------------------------
+
+    def hash_blob(self, digest: str) -> str:
+        """Re-hash a blob; returns the digest its content has now."""
+        fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            hex_digest, _ = _hash_fd(fd, None)
+        finally:
+            os.close(fd)
+        return f"sha256:{hex_digest}"
+
+    def quarantine(self, digest: str) -> Path:
+        target = self.quarantine_dir / digest.removeprefix("sha256:")
+        os.replace(self.path(digest), target)
+        _fsync_dir(self.blobs_dir)
+        return target
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob file; returns the bytes freed (0 when it was already gone)."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def blob_files(self) -> dict[str, int]:
+        """Every blob on disk, digest → size."""
+        found: dict[str, int] = {}
+        for entry in os.scandir(self.blobs_dir):
+            if entry.is_file(follow_symlinks=False):
+                found[f"sha256:{entry.name}"] = entry.stat(follow_symlinks=False).st_size
+        return found
+
+    def remove_stale_staging(self) -> tuple[int, int]:
+        """Delete staging files whose owner is gone; returns (files, bytes)."""
+        files = freed = 0
+        for entry in os.scandir(self.tmp_dir):
+            if not entry.name.endswith((".partial", ".link")):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # an import in flight still holds it
+            try:
+                size = os.fstat(fd).st_size
+                os.unlink(entry.path)
+                files += 1
+                freed += size
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        return files, freed
+
+
+def open_source(source: Path) -> int:
+    """Open a file to import, turning the ways that fails into errors that say what to do."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise SourceNotFound(f"{source} does not exist") from exc
+    except PermissionError as exc:
+        raise SourceUnreadable(f"{source} cannot be read: permission denied") from exc
+    except OSError as exc:
+        raise SourceUnreadable(f"{source} cannot be opened: {exc.strerror or exc}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SourceUnreadable(f"{source} is {what}", hint="pass the model file itself")
+    return fd
+
+
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    total = 0
+    while count := os.readv(fd, [buffer]):
+        digest.update(view[:count])
+        total += count
+        if on_progress is not None:
+            on_progress(total)
+    return digest.hexdigest(), total
+
+
+def _copy_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:
+    """Copy while hashing: the hash of chunk N runs on a second thread while chunk N is written
+    and chunk N+1 is read (hashlib releases the GIL), so the whole takes about as long as the
+    slower of the two, not their sum.
+
+    Each written chunk is handed to the kernel's writeback at once (FADV_DONTNEED starts it
+    without waiting), so the fsync at the end finds little left to write instead of the whole
+    file: the disk works while we copy, not after."""
+    digest = hashlib.sha256()
+    buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
+    total = 0
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher:
+        index = 0
+        while True:
+            buffer = buffers[index % 2]
+            count = os.readv(src_fd, [buffer])
+            if pending is not None:
+                pending.result()
+            if count == 0:
+                break
+            chunk = memoryview(buffer)[:count]
+            pending = hasher.submit(digest.update, chunk)
+            _write_all(dst_fd, chunk)
+            os.posix_fadvise(dst_fd, total, count, os.POSIX_FADV_DONTNEED)
+            total += count
+            index += 1
+            if on_progress is not None:
+                on_progress(total)
+    return digest.hexdigest(), total
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]

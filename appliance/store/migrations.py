@@ -1,0 +1,144 @@
+"""Append-only schema migrations. An applied migration is never edited; add a new one instead.
+
+Each entry is applied in its own transaction and recorded in ``schema_migrations``.
+The PostgreSQL backend keeps a list with the same names, in its own dialect.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["SQLITE_MIGRATIONS", "Migration"]
+
+
+class Migration(NamedTuple):
+    name: str
+    sql: str
+
+
+SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_registry",
+        """
+        CREATE TABLE models (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            vendor TEXT NOT NULL DEFAULT '',
+            description TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL,
+            UNIQUE (name, vendor)
+        );
+        CREATE INDEX models_name ON models (name);
+
+        CREATE TABLE model_versions (
+            id TEXT PRIMARY KEY,
+            model_id TEXT NOT NULL REFERENCES models (id) ON DELETE CASCADE,
+            version TEXT NOT NULL,
+            capabilities TEXT NOT NULL DEFAULT '{}',
+            default_parameters TEXT,
+            pinned INTEGER NOT NULL DEFAULT 0,
+            last_used_at TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            UNIQUE (model_id, version)
+        );
+        CREATE INDEX model_versions_model ON model_versions (model_id);
+        CREATE INDEX model_versions_last_used ON model_versions (last_used_at);
+
+        CREATE TABLE blobs (
+            digest TEXT PRIMARY KEY,
+            size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+            state TEXT NOT NULL DEFAULT 'ok' CHECK (state IN ('ok', 'quarantined')),
+            created_at TEXT NOT NULL,
+            last_verified_at TEXT
+        );
+
+        CREATE TABLE model_artifacts (
+            id TEXT PRIMARY KEY,
+            model_version_id TEXT NOT NULL REFERENCES model_versions (id) ON DELETE CASCADE,
+            artifact_type TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES blobs (digest),
+            size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+            source_uri TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (model_version_id, filename)
+        );
+        CREATE INDEX model_artifacts_version ON model_artifacts (model_version_id);
+        CREATE INDEX model_artifacts_sha256 ON model_artifacts (sha256);
+
+        CREATE TABLE node_model_availability (
+            id TEXT PRIMARY KEY,
+            node_id TEXT NOT NULL,
+            model_version_id TEXT NOT NULL REFERENCES model_versions (id) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            last_checked_at TEXT NOT NULL,
+            details TEXT,
+            UNIQUE (node_id, model_version_id)
+        );
+        CREATE INDEX node_model_availability_node ON node_model_availability (node_id);
+
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'error')),
+            bytes INTEGER,
+            duration_ms INTEGER,
+            correlation_id TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_log_at ON audit_log (at);
+        CREATE INDEX audit_log_action_at ON audit_log (action, at);
+
+        CREATE TABLE preferences (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            updated_by TEXT NOT NULL
+        );
+
+        CREATE TABLE downloads (
+            id TEXT PRIMARY KEY,
+            ref TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (
+                state IN ('pending', 'approved', 'running', 'done', 'failed', 'denied', 'cancelled')
+            ),
+            expected_digest TEXT,
+            digest TEXT,
+            bytes_done INTEGER NOT NULL DEFAULT 0,
+            bytes_total INTEGER,
+            requested_by TEXT NOT NULL,
+            error TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX downloads_state ON downloads (state, created_at);
+        """,
+    ),
+    Migration(
+        "0002_inference_requests",
+        """
+        CREATE TABLE inference_requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            engine TEXT NOT NULL,
+            node TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            duration_ms INTEGER NOT NULL,
+            correlation_id TEXT NOT NULL
+        );
+        CREATE INDEX inference_requests_at ON inference_requests (at);
+        CREATE INDEX inference_requests_model_at ON inference_requests (model, at);
+        """,
+    ),
+)

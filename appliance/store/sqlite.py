@@ -1,0 +1,468 @@
+"""The embedded store: SQLite through apsw.
+
+WAL journal, foreign keys on, a busy timeout so several processes (the server and a CLI
+command, say) share one file, and one writer: every write runs inside ``BEGIN IMMEDIATE``
+behind a lock, while reads use a connection per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from appliance.errors import DiskFull, ModelExists, ModelNotFound, StoreFailure
+from appliance.names import ModelName
+from appliance.store.base import (
+    Artifact,
+    AuditEvent,
+    Blob,
+    BlobState,
+    InferenceRecord,
+    Model,
+    NewArtifact,
+    RemovedModel,
+    utcnow,
+)
+from appliance.store.migrations import SQLITE_MIGRATIONS, Migration
+
+__all__ = ["SqliteStore"]
+
+BUSY_TIMEOUT_MS = 30_000
+
+_MODEL_COLUMNS = """
+    m.name, v.id, v.version, v.capabilities, v.pinned, v.created_at, v.updated_at, v.last_used_at
+"""
+
+
+def _translate(exc: apsw.Error, path: Path) -> Exception:
+    if isinstance(exc, apsw.FullError):
+        return DiskFull(f"the disk holding {path} is full")
+    return StoreFailure(f"the registry database {path} failed: {exc}")
+
+
+class SqliteStore:
+    """Store on one SQLite file. Safe to share between threads and processes."""
+
+    def __init__(self, path: Path, *, migrations: Sequence[Migration] = SQLITE_MIGRATIONS) -> None:
+        self.path = path
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[apsw.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._writer = self._connect()
+        self._migrate(migrations)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> apsw.Connection:
+        try:
+            connection = apsw.Connection(str(self.path))
+            connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA synchronous=FULL")
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from exc
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _reader(self) -> apsw.Connection:
+        connection: apsw.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+        return connection
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+
+    @contextmanager
+    def _write(self) -> Iterator[apsw.Connection]:
+        with self._write_lock:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+            except apsw.Error as exc:
+                raise _translate(exc, self.path) from exc
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            try:
+                self._writer.execute("COMMIT")
+            except apsw.Error as exc:
+                self._writer.execute("ROLLBACK")
+                raise _translate(exc, self.path) from exc
+
+    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return list(self._reader().execute(sql, params))
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)"
+                )
+            applied = {row[0] for row in self._query("SELECT name FROM schema_migrations")}
+            for migration in migrations:
+                if migration.name in applied:
+                    continue
+                with self._write() as db:
+                    # Another process may have applied it while we waited for the write lock.
+                    if list(db.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (migration.name,))):
+                        continue
+                    db.execute(migration.sql)
+                    db.execute(
+                        "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                        (migration.name, utcnow()),
+                    )
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from exc
+
+    def applied_migrations(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT name FROM schema_migrations ORDER BY id")]
+
+    # -- models ------------------------------------------------------------------------------
+
+    def _artifacts(self, version_ids: Sequence[str]) -> dict[str, list[Artifact]]:
+        found: dict[str, list[Artifact]] = {version_id: [] for version_id in version_ids}
+        if not version_ids:
+            return found
+        marks = ",".join("?" * len(version_ids))
+        rows = self._query(
+            f"""
+            SELECT a.model_version_id, a.filename, a.artifact_type, a.sha256, a.size_bytes,
+                   a.source_uri, a.created_at, b.state
+            FROM model_artifacts a JOIN blobs b ON b.digest = a.sha256
+            WHERE a.model_version_id IN ({marks})
+            ORDER BY a.filename
+            """,
+            list(version_ids),
+        )
+        for version_id, filename, fmt, digest, size, source, created, state in rows:
+            found[version_id].append(Artifact(filename, fmt, digest, size, source, created, state))
+        return found
+
+    def _models(self, where: str = "", params: Sequence[Any] = ()) -> list[Model]:
+        rows = self._query(
+            f"SELECT {_MODEL_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id "
+            f"{where} ORDER BY m.name, v.version",
+            params,
+        )
+        artifacts = self._artifacts([row[1] for row in rows])
+        return [
+            Model(
+                name=ModelName(name, version),
+                capabilities=json.loads(capabilities),
+                pinned=bool(pinned),
+                created_at=created,
+                updated_at=updated,
+                last_used_at=last_used,
+                artifacts=tuple(artifacts[version_id]),
+            )
+            for name, version_id, version, capabilities, pinned, created, updated, last_used in rows
+        ]
+
+    def get_model(self, name: ModelName) -> Model | None:
+        found = self._models("WHERE m.name = ? AND v.version = ?", (name.name, name.tag))
+        return found[0] if found else None
+
+    def _require_model(self, name: ModelName) -> Model:
+        model = self.get_model(name)
+        if model is None:
+            raise ModelNotFound(f"model {name} not found")
+        return model
+
+    def list_models(self) -> list[Model]:
+        return self._models()
+
+    def add_artifact(
+        self, name: ModelName, artifact: NewArtifact, *, capabilities: dict[str, Any], actor: str
+    ) -> tuple[Model, bool]:
+        now = utcnow()
+        added = False
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO blobs (digest, size_bytes, state, created_at, last_verified_at)"
+                " VALUES (?, ?, 'ok', ?, ?)",
+                (artifact.digest, artifact.size_bytes, now, now),
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO models (id, name, vendor, created_at, updated_at, updated_by)"
+                " VALUES (?, ?, '', ?, ?, ?)",
+                (uuid.uuid4().hex, name.name, now, now, actor),
+            )
+            (model_id,) = next(
+                db.execute("SELECT id FROM models WHERE name = ? AND vendor = ''", (name.name,))
+            )
+            version_rows = list(
+                db.execute(
+                    "SELECT id, capabilities FROM model_versions WHERE model_id = ? AND version = ?",
+                    (model_id, name.tag),
+                )
+            )
+            if version_rows:
+                version_id, stored = version_rows[0]
+                merged = {**json.loads(stored), **capabilities}
+            else:
+                version_id, merged = uuid.uuid4().hex, capabilities
+                db.execute(
+                    "INSERT INTO model_versions (id, model_id, version, capabilities, last_used_at,"
+                    " created_at, updated_at) VALUES (?, ?, ?, '{}', ?, ?, ?)",
+                    (version_id, model_id, name.tag, now, now, now),
+                )
+            existing = list(
+                db.execute(
+                    "SELECT sha256 FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
+                    (version_id, artifact.filename),
+                )
+            )
+            if existing and existing[0][0] != artifact.digest:
+                raise ModelExists(
+                    f"model {name} already has a file {artifact.filename!r} with digest {existing[0][0]}"
+                )
+            if not existing:
+                added = True
+                db.execute(
+                    "INSERT INTO model_artifacts (id, model_version_id, artifact_type, filename, sha256,"
+                    " size_bytes, source_uri, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        uuid.uuid4().hex,
+                        version_id,
+                        artifact.format,
+                        artifact.filename,
+                        artifact.digest,
+                        artifact.size_bytes,
+                        artifact.source_uri,
+                        now,
+                    ),
+                )
+                db.execute(
+                    "UPDATE model_versions SET capabilities = ?, updated_at = ?, last_used_at = ?"
+                    " WHERE id = ?",
+                    (json.dumps(merged, sort_keys=True), now, now, version_id),
+                )
+                db.execute(
+                    "UPDATE models SET updated_at = ?, updated_by = ? WHERE id = ?", (now, actor, model_id)
+                )
+        return self._require_model(name), added
+
+    def remove_model(self, name: ModelName) -> RemovedModel:
+        model = self._require_model(name)
+        with self._write() as db:
+            rows = list(
+                db.execute(
+                    "SELECT v.id, v.model_id FROM model_versions v JOIN models m ON m.id = v.model_id"
+                    " WHERE m.name = ? AND v.version = ?",
+                    (name.name, name.tag),
+                )
+            )
+            if not rows:
+                raise ModelNotFound(f"model {name} not found")
+            version_id, model_id = rows[0]
+            digests = [
+                row[0]
+                for row in db.execute(
+                    "SELECT DISTINCT sha256 FROM model_artifacts WHERE model_version_id = ?", (version_id,)
+                )
+            ]
+            db.execute("DELETE FROM model_versions WHERE id = ?", (version_id,))
+            db.execute(
+                "DELETE FROM models WHERE id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM model_versions WHERE model_id = ?)",
+                (model_id, model_id),
+            )
+            orphaned: list[str] = []
+            freed = 0
+            for digest in digests:
+                if not list(db.execute("SELECT 1 FROM model_artifacts WHERE sha256 = ? LIMIT 1", (digest,))):
+                    (size,) = next(db.execute("SELECT size_bytes FROM blobs WHERE digest = ?", (digest,)))
+                    orphaned.append(digest)
+                    freed += size
+        return RemovedModel(model=model, orphaned_digests=tuple(orphaned), freed_bytes=freed)
+
+    def set_pinned(self, name: ModelName, pinned: bool) -> Model:
+        self._require_model(name)
+        with self._write() as db:
+            db.execute(
+                "UPDATE model_versions SET pinned = ?, updated_at = ? WHERE version = ? AND model_id ="
+                " (SELECT id FROM models WHERE name = ? AND vendor = '')",
+                (int(pinned), utcnow(), name.tag, name.name),
+            )
+        return self._require_model(name)
+
+    def touch_model(self, name: ModelName) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE model_versions SET last_used_at = ? WHERE version = ? AND model_id ="
+                " (SELECT id FROM models WHERE name = ? AND vendor = '')",
+                (utcnow(), name.tag, name.name),
+            )
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def _blobs(self, where: str = "", params: Sequence[Any] = ()) -> list[Blob]:
+        rows = self._query(
+            "SELECT digest, size_bytes, state, created_at, last_verified_at"
+            f" FROM blobs {where} ORDER BY digest",
+            params,
+        )
+        return [Blob(*row) for row in rows]
+
+    def get_blob(self, digest: str) -> Blob | None:
+        found = self._blobs("WHERE digest = ?", (digest,))
+        return found[0] if found else None
+
+    def list_blobs(self) -> list[Blob]:
+        return self._blobs()
+
+    def cache_bytes(self) -> int:
+        ((total,),) = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM blobs")
+        return int(total)
+
+    def mark_verified(self, digest: str, *, state: BlobState) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE blobs SET state = ?, last_verified_at = ? WHERE digest = ?", (state, utcnow(), digest)
+            )
+
+    def forget_blobs(self, digests: Sequence[str]) -> None:
+        with self._write() as db:
+            for digest in digests:
+                db.execute(
+                    "DELETE FROM blobs WHERE digest = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM model_artifacts WHERE sha256 = ?)",
+                    (digest, digest),
+                )
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def append_audit(self, event: AuditEvent) -> AuditEvent:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO audit_log (at, actor, action, target, outcome, bytes, duration_ms,"
+                " correlation_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.at,
+                    event.actor,
+                    event.action,
+                    event.target,
+                    event.outcome,
+                    event.bytes,
+                    event.duration_ms,
+                    event.correlation_id,
+                    json.dumps(event.detail, sort_keys=True, default=str),
+                ),
+            )
+            event_id = db.last_insert_rowid()
+        return AuditEvent(**{**event.__dict__, "id": event_id})
+
+    def list_audit(
+        self,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditEvent]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("action = ?", action),
+            ("actor = ?", actor),
+            ("at >= ?", since),
+            ("at < ?", until),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(
+            "SELECT id, at, actor, action, target, outcome, bytes, duration_ms, correlation_id, detail"
+            f" FROM audit_log {where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [
+            AuditEvent(
+                id=row[0],
+                at=row[1],
+                actor=row[2],
+                action=row[3],
+                target=row[4],
+                outcome=row[5],
+                bytes=row[6],
+                duration_ms=row[7],
+                correlation_id=row[8],
+                detail=json.loads(row[9]),
+            )
+            for row in rows
+        ]
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def append_inference(self, record: InferenceRecord) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO inference_requests (at, model, endpoint, engine, node, reason, outcome,"
+                " prompt_tokens, completion_tokens, duration_ms, correlation_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.at,
+                    record.model,
+                    record.endpoint,
+                    record.engine,
+                    record.node,
+                    record.reason,
+                    record.outcome,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.duration_ms,
+                    record.correlation_id,
+                ),
+            )
+
+    def list_inference(self, *, model: str | None = None, limit: int = 100) -> list[InferenceRecord]:
+        where, params = ("WHERE model = ?", [model]) if model is not None else ("", [])
+        rows = self._query(
+            "SELECT model, endpoint, engine, node, reason, outcome, prompt_tokens, completion_tokens,"
+            f" duration_ms, correlation_id, at, id FROM inference_requests {where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [InferenceRecord(*row) for row in rows]
+
+    # -- preferences -------------------------------------------------------------------------
+
+    def get_preference(self, key: str) -> Any | None:
+        rows = self._query("SELECT value FROM preferences WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_preference(self, key: str, value: Any, *, actor: str) -> None:
+        with self._write() as db:
+            if value is None:
+                db.execute("DELETE FROM preferences WHERE key = ?", (key,))
+                return
+            db.execute(
+                "INSERT INTO preferences (key, value, updated_at, updated_by) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+                (key, json.dumps(value), utcnow(), actor),
+            )
+
+    def list_preferences(self) -> dict[str, Any]:
+        return {key: json.loads(value) for key, value in self._query("SELECT key, value FROM preferences")}

@@ -1,0 +1,54 @@
+"""What handlers get injected: the services opened in the lifespan, and the request's audit context."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from litestar import Request
+from litestar.datastructures import State
+
+from appliance.audit import Context
+from appliance.engine.pool import EnginePool
+from appliance.engine.service import InferenceService
+from appliance.models.service import ModelService
+from appliance.runtime import Runtime
+from appliance.store.base import Store
+
+__all__ = ["provide_context", "provide_inference", "provide_models", "provide_pool", "provide_store"]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _runtime(state: State) -> Runtime:
+    runtime: Runtime = state.runtime
+    return runtime
+
+
+def provide_store(state: State) -> Store:
+    return _runtime(state).store
+
+
+def provide_models(state: State) -> ModelService:
+    return _runtime(state).models
+
+
+def provide_inference(state: State) -> InferenceService:
+    inference = _runtime(state).inference
+    assert inference is not None, "the server always opens the runtime with its engine"
+    return inference
+
+
+def provide_pool(state: State) -> EnginePool:
+    pool = _runtime(state).pool
+    assert pool is not None, "the server always opens the runtime with its engine"
+    return pool
+
+
+def provide_context(request: Request[Any, Any, Any]) -> Context:
+    """Actor from the client address (accounts come later); correlation id from X-Request-ID when sane."""
+    given = request.headers.get("x-request-id", "")
+    correlation_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    client = request.client.host if request.client else "unknown"
+    return Context(actor=f"api:{client}", correlation_id=correlation_id)

@@ -1,0 +1,81 @@
+"""Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Controller, Response, get, post
+from litestar.datastructures import State
+from pydantic import BaseModel, Field
+
+from appliance.engine.pool import EnginePool, LoadedModel
+from appliance.names import ModelName
+from appliance.settings import parse_duration
+from appliance.store.base import Store
+
+__all__ = ["EngineController", "LoadIn", "metrics"]
+
+
+class LoadIn(BaseModel):
+    name: str
+    keep_alive: float | str | None = None
+    context_length: int | None = Field(default=None, ge=1, description="tokens per sequence")
+
+
+class UnloadIn(BaseModel):
+    name: str
+
+
+def describe_loaded(loaded: LoadedModel) -> dict[str, Any]:
+    expires_in = None if loaded.expires_at is None else max(0.0, loaded.expires_at - time.monotonic())
+    return {
+        "name": str(loaded.name),
+        "digest": loaded.digest,
+        "size_bytes": loaded.size_bytes,
+        "memory_bytes": loaded.memory_bytes,
+        "context_length": loaded.seq_ctx,
+        "gpu_layers": loaded.gpu_layers,
+        "active_requests": loaded.batcher.active,
+        "queued_requests": loaded.batcher.queued,
+        "loaded_at": loaded.loaded_at,
+        "expires_in_seconds": expires_in,
+    }
+
+
+class EngineController(Controller):
+    path = "/api/v1"
+    tags = ["engine"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @get("/ps", sync_to_thread=False)
+    def ps(self, pool: EnginePool) -> dict[str, Any]:
+        """Models loaded now, with memory, context and when they unload."""
+        return {
+            "models": [describe_loaded(loaded) for loaded in pool.loaded()],
+            "memory_budget_bytes": pool.budget,
+            "gpu_offload": pool.gpu_offload,
+        }
+
+    @post("/models/load", sync_to_thread=True)
+    def load(self, data: LoadIn, pool: EnginePool) -> dict[str, Any]:
+        """Load a model now (instead of on its first request); keep_alive as in Ollama."""
+        keep_alive = parse_duration(data.keep_alive) if data.keep_alive is not None else None
+        loaded = pool.load(data.name, keep_alive=keep_alive, context_length=data.context_length)
+        return describe_loaded(loaded)
+
+    @post("/models/unload", sync_to_thread=True)
+    def unload(self, data: UnloadIn, pool: EnginePool) -> dict[str, bool]:
+        """Unload a model; requests in flight on it end with an error."""
+        return {"unloaded": pool.unload(data.name)}
+
+    @get("/inference", sync_to_thread=True)
+    def inference_log(self, store: Store, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Served requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
+        wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
+        return [record.__dict__ for record in store.list_inference(model=wanted, limit=limit)]
+
+
+@get("/metrics", sync_to_thread=False, include_in_schema=False)
+def metrics(state: State) -> Response[bytes]:
+    """Prometheus text format."""
+    return Response(state.runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

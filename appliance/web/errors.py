@@ -1,0 +1,71 @@
+"""One error mapping per surface. ``/api/v1`` answers with problem details (RFC 9457)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from appliance.errors import ApplianceError
+
+__all__ = ["EXCEPTION_HANDLERS", "problem"]
+
+PROBLEM_JSON = "application/problem+json"
+logger = logging.getLogger("appliance.web")
+
+
+def problem(
+    *, status: int, code: str, title: str, detail: str, hint: str = "", **extra: Any
+) -> Response[Any]:
+    body: dict[str, Any] = {
+        "type": f"urn:appliance:error:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if hint:
+        body["hint"] = hint
+    body.update(extra)
+    return Response(content=body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, ApplianceError)
+    return problem(
+        status=exc.status, code=exc.code, title=exc.code.replace("_", " "), detail=exc.message, hint=exc.hint
+    )
+
+
+def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code >= 500:
+        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
+    extra: dict[str, Any] = {}
+    if isinstance(exc, ValidationException) and exc.extra:
+        extra["errors"] = exc.extra
+    code = "invalid_input" if exc.status_code == 400 else f"http_{exc.status_code}"
+    return problem(
+        status=exc.status_code, code=code, title=code.replace("_", " "), detail=exc.detail, **extra
+    )
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(
+        status=500,
+        code="internal_error",
+        title="internal error",
+        detail=f"the appliance failed unexpectedly ({type(exc).__name__})",
+        hint="see the server log; please report it",
+    )
+
+
+EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request[Any, Any, Any], Any], Response[Any]]] = {
+    ApplianceError: _appliance_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}

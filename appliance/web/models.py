@@ -1,0 +1,62 @@
+"""``/api/v1/models``: the registry over HTTP. Each handler makes one service call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litestar import Controller, delete, get, patch, post
+from pydantic import BaseModel
+
+from appliance.audit import Context
+from appliance.models.schemas import GcOut, ImportIn, ImportOut, ModelOut, VerifyOut
+from appliance.models.service import ModelService
+
+__all__ = ["ModelsController"]
+
+
+class PinIn(BaseModel):
+    pinned: bool
+
+
+class VerifyIn(BaseModel):
+    name: str | None = None
+
+
+class ModelsController(Controller):
+    path = "/api/v1/models"
+    tags = ["models"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @get("/", sync_to_thread=True)
+    def list_models(self, models: ModelService) -> list[ModelOut]:
+        """Every model (name:tag) with its artifacts, sizes and digests."""
+        return [ModelOut.of(model) for model in models.list_models()]
+
+    @post("/import", sync_to_thread=True)
+    def import_model(self, data: ImportIn, models: ModelService, context: Context) -> ImportOut:
+        """Import a file that is on the appliance's own machine."""
+        return ImportOut.of(models.import_file(Path(data.path), context, name=data.name, fmt=data.format))
+
+    @post("/verify", sync_to_thread=True)
+    def verify_models(self, data: VerifyIn, models: ModelService, context: Context) -> list[VerifyOut]:
+        """Re-hash one model's blobs (or every blob); a mismatch is quarantined and reported with ok=false."""
+        return [VerifyOut.of(result) for result in models.verify(context, name=data.name)]
+
+    @post("/gc", sync_to_thread=True)
+    def collect_garbage(self, models: ModelService, context: Context) -> GcOut:
+        """Remove orphan blobs and stale partial files; evict down to the cache budget."""
+        return GcOut.of(models.gc(context))
+
+    @get("/{name:path}", sync_to_thread=True)
+    def show_model(self, name: str, models: ModelService) -> ModelOut:
+        """One model by name[:tag]."""
+        return ModelOut.of(models.get(name.lstrip("/")))
+
+    @patch("/{name:path}", sync_to_thread=True)
+    def pin_model(self, name: str, data: PinIn, models: ModelService, context: Context) -> ModelOut:
+        """Pin (never evicted) or unpin a model."""
+        return ModelOut.of(models.set_pinned(name.lstrip("/"), data.pinned, context))
+
+    @delete("/{name:path}", status_code=200, sync_to_thread=True)
+    def remove_model(self, name: str, models: ModelService, context: Context) -> dict[str, int]:
+        """Remove a model; blobs that other models share stay."""
+        return {"freed_bytes": models.remove(name.lstrip("/"), context)}

@@ -1,0 +1,759 @@
+"""The Ollama-compatible API under ``/api``: version, tags, show, generate, chat, ps, delete, pull, blobs.
+
+Field names follow Ollama's API docs (``docs/api.md`` in ollama/ollama) exactly, so Ollama
+clients and front ends work unchanged; errors use Ollama's ``{"error": "message"}`` shape.
+Only concrete paths are registered: ``/api/v1/...`` belongs to the management API.
+
+Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
+object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
+no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull imports local
+files only (a ModelRef that is a path or ``file:``); network pulls come with the provisioner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import gguf
+from litestar import MediaType, Request, Response, Router, delete, get, head, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance import __version__
+from appliance.audit import Context
+from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.pool import EnginePool, LoadedModel
+from appliance.engine.service import GenerationOptions, InferenceService, Started
+from appliance.errors import (
+    ApplianceError,
+    DiskFull,
+    EngineBusy,
+    InvalidInput,
+    InvalidModelName,
+    InvalidModelRef,
+    StorageFailure,
+    UnsupportedFormat,
+)
+from appliance.models.service import ImportResult, ModelService
+from appliance.names import ModelName
+from appliance.refs import DigestRef, FileRef, parse_digest, parse_ref
+from appliance.settings import Duration
+from appliance.store.base import Model, utcnow
+from appliance.store.cache import BlobCache, StagedBlob
+from appliance.web.bodies import parse_body
+from appliance.web.errors import logger
+
+__all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
+
+NDJSON = "application/x-ndjson"
+UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+# Ollama keeps a model "for good" as now + Go's largest time.Duration; its expires_at says so.
+_FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
+
+Events = AsyncIterator[Started | TextChunk | Finished]
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Ollama clients send fields this appliance ignores
+
+
+class Options(_Body):
+    """Ollama's runtime options. The ones the engine honours are checked; others are ignored.
+
+    ``num_ctx`` reloads an idle model with that context (capped at the model's own), as Ollama does.
+    """
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = None  # negative: random, as in Ollama
+    num_predict: int | None = Field(default=None, ge=-2)  # -1 and -2: until the context is full
+    stop: str | list[str] | None = None
+    num_ctx: int | None = Field(default=None, ge=1)
+
+
+class _GenerationBody(_Body):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
+    options: Options | None = None
+    keep_alive: Duration | None = None
+
+    def generation_options(self) -> GenerationOptions:
+        if isinstance(self.format, str) and self.format not in ("", "json"):
+            raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
+        options = self.options or Options()
+        defaults = GenerationOptions()
+        stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
+        return GenerationOptions(
+            max_tokens=options.num_predict if options.num_predict and options.num_predict > 0 else None,
+            temperature=defaults.temperature if options.temperature is None else options.temperature,
+            top_p=defaults.top_p if options.top_p is None else options.top_p,
+            top_k=defaults.top_k if options.top_k is None else options.top_k,
+            seed=options.seed if options.seed is not None and options.seed >= 0 else None,
+            stop=stop,
+            json_mode=self.format == "json",
+            json_schema=self.format if isinstance(self.format, dict) else None,
+            keep_alive=self.keep_alive,
+            context_length=options.num_ctx,
+        )
+
+
+class GenerateBody(_GenerationBody):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The prompt as a chat turn for the model's template (what Ollama does unless raw)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": self.prompt}]
+
+
+class ChatMessage(_Body):
+    role: str = Field(min_length=1)
+    content: str | None = None
+
+    def turn(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude_none=True), "content": self.content or ""}
+
+
+class ChatBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(default_factory=list)
+
+
+class ModelBody(_Body):
+    """Show and delete name the model as ``model`` (or ``name``, its older spelling)."""
+
+    model: str | None = None
+    name: str | None = None
+
+    @property
+    def target(self) -> str:
+        target = self.model or self.name
+        if not target:
+            raise InvalidInput("model is required")
+        return target
+
+
+class PullBody(ModelBody):
+    stream: bool = True
+
+
+# -- what models look like to Ollama -------------------------------------------------------------
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+def _parameter_size(count: int) -> str:
+    """Ollama's short parameter count: 7.24B, 115.5M, 116K (three significant digits at most)."""
+    for limit, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if count >= limit:
+            number = count / limit
+            decimals = 0 if number >= 100 else 1 if number >= 10 else 2
+            return f"{number:.{decimals}f}{suffix}"
+    return str(count)
+
+
+def _details(capabilities: dict[str, Any], fmt: str) -> dict[str, Any]:
+    architecture = str(capabilities.get("architecture", "unknown"))
+    return {
+        "parent_model": "",
+        "format": fmt,
+        "family": architecture,
+        "families": [architecture],
+        "parameter_size": _parameter_size(int(capabilities.get("parameter_count") or 0)),
+        "quantization_level": str(capabilities.get("quantization", "unknown")).removeprefix("ALL_"),
+    }
+
+
+def _gguf_artifact_digest(model: Model) -> str:
+    artifact = next((a for a in model.artifacts if a.format == "gguf"), model.artifacts[0])
+    return artifact.digest
+
+
+def _model_format(model: Model) -> str:
+    return "gguf" if "gguf" in model.formats else model.formats[0]
+
+
+def _tag_entry(model: Model) -> dict[str, Any]:
+    return {
+        "name": str(model.name),
+        "model": str(model.name),
+        "modified_at": model.updated_at,
+        "size": model.size_bytes,
+        "digest": _hex(_gguf_artifact_digest(model)),
+        "details": _details(model.capabilities, _model_format(model)),
+    }
+
+
+def _read_chat_template(path: Path) -> str:
+    """The GGUF's own chat template (Jinja), read from its header."""
+    reader: Any = None
+    try:
+        reader = gguf.GGUFReader(path)
+        field = reader.fields.get("tokenizer.chat_template")
+        return str(field.contents()) if field is not None else ""
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct and numpy errors
+        raise UnsupportedFormat(
+            f"{path.name} cannot be read as GGUF: {exc}", hint="run `appliance models verify`"
+        ) from exc
+    finally:
+        reader = None  # drop the memory map
+
+
+def _model_info(capabilities: dict[str, Any]) -> dict[str, Any]:
+    architecture = str(capabilities.get("architecture", "unknown"))
+    info: dict[str, Any] = {
+        "general.architecture": architecture,
+        "general.parameter_count": int(capabilities.get("parameter_count") or 0),
+    }
+    if capabilities.get("model_name"):
+        info["general.name"] = capabilities["model_name"]
+    keys = {
+        "context_length": "context_length",
+        "embedding_length": "embedding_length",
+        "block_count": "block_count",
+        "head_count": "attention.head_count",
+        "head_count_kv": "attention.head_count_kv",
+        "vocab_size": "vocab_size",
+    }
+    for capability, key in keys.items():
+        if capabilities.get(capability) is not None:
+            info[f"{architecture}.{key}"] = capabilities[capability]
+    return info
+
+
+def _show(model: Model, cache: BlobCache) -> dict[str, Any]:
+    digest = _gguf_artifact_digest(model)
+    has_template = bool(model.capabilities.get("chat_template")) and cache.has(digest)
+    template = _read_chat_template(cache.path(digest)) if has_template else ""
+    # Without a template of its own the engine falls back to ChatML, which stops at <|im_end|>.
+    parameters = "" if template else 'stop "<|im_end|>"'
+    modelfile = [
+        "# Modelfile generated by the appliance",
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {model.name}",
+        "",
+        f"FROM {cache.path(digest)}",
+    ]
+    if template:
+        modelfile.append(f'TEMPLATE """{template}"""')
+    if parameters:
+        modelfile.append(f"PARAMETER {parameters}")
+    return {
+        "modelfile": "\n".join(modelfile) + "\n",
+        "parameters": parameters,
+        "template": template,
+        "details": _details(model.capabilities, _model_format(model)),
+        "model_info": _model_info(model.capabilities),
+        "capabilities": ["completion"],
+        "modified_at": model.updated_at,
+    }
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    if loaded.expires_at is None:  # kept for good, or serving a request now
+        expires = now + _FOREVER
+    else:
+        expires = now + timedelta(seconds=max(0.0, loaded.expires_at - time.monotonic()))
+    return {
+        "name": str(loaded.name),
+        "model": str(loaded.name),
+        "size": loaded.memory_bytes,
+        "digest": _hex(loaded.digest),
+        "details": _details(loaded.capabilities, "gguf"),
+        "expires_at": _rfc3339(expires),
+        "size_vram": loaded.memory_bytes if loaded.gpu_layers != 0 else 0,
+        "context_length": loaded.seq_ctx,
+    }
+
+
+# -- small endpoints ---------------------------------------------------------------------------
+
+
+@get("/version", sync_to_thread=False)
+def version() -> dict[str, str]:
+    """The appliance's version (Ollama clients only need some version string)."""
+    return {"version": __version__}
+
+
+@get("/tags", sync_to_thread=True)
+def tags(models: ModelService) -> dict[str, Any]:
+    """GGUF models, as ``ollama list`` shows them."""
+    return {"models": [_tag_entry(model) for model in models.list_models() if "gguf" in model.formats]}
+
+
+@post("/show", status_code=200)
+async def show(request: Request[Any, Any, Any], models: ModelService) -> dict[str, Any]:
+    """A model's details, model_info and chat template."""
+    body = parse_body(ModelBody, await request.body())
+    return await anyio.to_thread.run_sync(lambda: _show(models.get(body.target), models.cache))
+
+
+@get("/ps", sync_to_thread=False)
+def ps(pool: EnginePool) -> dict[str, Any]:
+    """Models loaded now."""
+    return {"models": [_ps_entry(loaded) for loaded in pool.loaded()]}
+
+
+@delete("/delete", status_code=200)
+async def delete_model(
+    request: Request[Any, Any, Any], models: ModelService, pool: EnginePool, context: Context
+) -> Response[bytes]:
+    """Remove a model; a loaded copy is unloaded first (requests in flight on it end with an error)."""
+    body = parse_body(ModelBody, await request.body())
+
+    def remove() -> None:
+        pool.unload(body.target)
+        models.remove(body.target, context)
+
+    await anyio.to_thread.run_sync(remove)
+    return Response(b"", status_code=200)
+
+
+# -- generate and chat -------------------------------------------------------------------------
+
+
+class _Generation:
+    """One request's events, opened up to its first text so that a bad model, a prompt that is
+    too long or a full queue fails as an HTTP error, not as a line in a stream already sent.
+
+    Ollama's durations, in nanoseconds: load until the engine took the request, prompt eval
+    until the first text, eval from there to the end.
+    """
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.began = self.opened = time.perf_counter_ns()
+        self.first_token: int | None = None
+        self.model = ""
+        self._peeked: TextChunk | Finished | None = None
+
+    async def open(self) -> None:
+        started = await anext(self.events)
+        assert isinstance(started, Started)
+        self.model = started.model
+        self.opened = time.perf_counter_ns()
+        try:
+            self._peeked = await self._fetch()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _fetch(self) -> TextChunk | Finished:
+        event = await anext(self.events)
+        assert not isinstance(event, Started)
+        if isinstance(event, TextChunk) and self.first_token is None:
+            self.first_token = time.perf_counter_ns()
+        return event
+
+    async def next(self) -> TextChunk | Finished:
+        if self._peeked is None:
+            return await self._fetch()
+        event, self._peeked = self._peeked, None
+        return event
+
+    async def close(self) -> None:
+        """Close the inner stream now, which frees its sequence, even while being cancelled."""
+        if isinstance(self.events, AsyncGenerator):
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+
+    def counters(self, finished: Finished) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        first = self.first_token or now
+        return {
+            "done_reason": "length" if finished.reason == "length" else "stop",
+            "total_duration": now - self.began,
+            "load_duration": self.opened - self.began,
+            "prompt_eval_count": finished.prompt_tokens,
+            "prompt_eval_duration": first - self.opened,
+            "eval_count": finished.completion_tokens,
+            "eval_duration": now - first,
+        }
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+
+
+def _error_message(exc: ApplianceError) -> str:
+    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+
+
+def _unexpected_message(exc: BaseException) -> str:
+    return f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
+
+
+async def _ndjson(
+    generation: _Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """One line per text piece, then the final line with the counters; errors become an error line."""
+    try:
+        while isinstance(event := await generation.next(), TextChunk):
+            yield _line({**piece(event.text), "done": False})
+        yield _line({**piece(""), "done": True, **final, **generation.counters(event)})
+    except ApplianceError as exc:
+        yield _line({"error": _error_message(exc)})
+    except Exception as exc:  # the headers are sent: all that is left is to say so in the stream
+        logger.error("unexpected error while streaming %s", generation.model, exc_info=exc)
+        yield _line({"error": _unexpected_message(exc)})
+    finally:
+        await generation.close()
+
+
+async def _collect(generation: _Generation) -> tuple[str, Finished]:
+    parts: list[str] = []
+    try:
+        while isinstance(event := await generation.next(), TextChunk):
+            parts.append(event.text)
+    finally:
+        await generation.close()
+    return "".join(parts), event
+
+
+async def _load_or_unload(
+    pool: EnginePool, name: str, keep_alive: float | None, context_length: int | None
+) -> str:
+    """Ollama's empty request: load the model, or with keep_alive 0 unload it once idle."""
+
+    def run() -> str:
+        if keep_alive == 0:
+            wanted = pool.models.get(name).name  # 404 for an unknown model, loaded or not
+            if any(loaded.name == wanted for loaded in pool.loaded()):
+                pool.load(name, keep_alive=0)  # releasing with keep_alive 0 unloads it when idle
+            return "unload"
+        pool.load(name, keep_alive=keep_alive, context_length=context_length)
+        return "load"
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def _respond(
+    events: Events, *, stream: bool, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
+) -> Response[Any]:
+    """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
+    generation = _Generation(events)
+    await generation.open()
+    if stream:
+        return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
+    text, finished = await _collect(generation)
+    return Response({**piece(text), "done": True, **final, **generation.counters(finished)})
+
+
+@post("/generate", status_code=200)
+async def generate(
+    request: Request[Any, Any, Any], inference: InferenceService, pool: EnginePool, context: Context
+) -> Response[Any]:
+    """Complete a prompt (through the chat template unless raw); NDJSON unless stream is false."""
+    body = parse_body(GenerateBody, await request.body())
+    options = body.generation_options()
+
+    def piece(text: str) -> dict[str, Any]:
+        return {"model": body.model, "created_at": utcnow(), "response": text}
+
+    if not body.prompt:
+        reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
+        return Response({**piece(""), "done": True, "done_reason": reason})
+    if body.raw:
+        events = inference.complete(
+            body.model, body.prompt, options, endpoint="/api/generate", correlation_id=context.correlation_id
+        )
+    else:
+        events = inference.chat(
+            body.model,
+            body.messages(),
+            options,
+            endpoint="/api/generate",
+            correlation_id=context.correlation_id,
+        )
+    # context: Ollama's token memory for the next request; this appliance keeps none (send messages).
+    return await _respond(events, stream=body.stream, piece=piece, final={"context": []})
+
+
+@post("/chat", status_code=200)
+async def chat(
+    request: Request[Any, Any, Any], inference: InferenceService, pool: EnginePool, context: Context
+) -> Response[Any]:
+    """Answer a conversation through the model's chat template; NDJSON unless stream is false."""
+    body = parse_body(ChatBody, await request.body())
+    options = body.generation_options()
+
+    def piece(text: str) -> dict[str, Any]:
+        return {
+            "model": body.model,
+            "created_at": utcnow(),
+            "message": {"role": "assistant", "content": text},
+        }
+
+    if not body.messages:
+        reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
+        return Response({**piece(""), "done": True, "done_reason": reason})
+    messages = [message.turn() for message in body.messages]
+    events = inference.chat(
+        body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
+    )
+    return await _respond(events, stream=body.stream, piece=piece, final={})
+
+
+# -- pull --------------------------------------------------------------------------------------
+
+
+def _is_model_name(text: str) -> bool:
+    try:
+        ModelName.parse(text)
+    except InvalidModelName:
+        return False
+    return True
+
+
+def _local_source(text: str) -> Path:
+    """The file a pull names; only local ModelRefs can be pulled until the provisioner exists."""
+    try:
+        ref = parse_ref(text)
+    except InvalidModelRef as exc:
+        if not _is_model_name(text):
+            raise
+        raise InvalidInput(
+            f"{text!r} is an Ollama library name; this appliance pulls by ModelRef and works offline",
+            hint="pull a local file (/abs/x.gguf, ./x.gguf or file:/abs/x.gguf),"
+            " or import one with `appliance models import`",
+        ) from exc
+    if isinstance(ref, FileRef):
+        return ref.path
+    if isinstance(ref, DigestRef):
+        raise InvalidInput(
+            f"{text!r} names a blob, not a file; pull takes a local file (/abs/x.gguf or file:/abs/x.gguf)"
+        )
+    raise HTTPException(
+        status_code=501,
+        detail=f"network pulls ({ref}) come with the provisioner; for now pull a local file"
+        " (/abs/x.gguf, ./x.gguf or file:/abs/x.gguf)",
+    )
+
+
+async def _import_progress(
+    models: ModelService, source: Path, context: Context
+) -> tuple[int | ImportResult, asyncio.Queue[int | ImportResult | BaseException]]:
+    """Start an import on a worker thread; returns its first report (progress or result) and the rest."""
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[int | ImportResult | BaseException] = asyncio.Queue()
+
+    def report(item: int | ImportResult | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody listens
+            loop.call_soon_threadsafe(reports.put_nowait, item)
+
+    def run() -> None:
+        try:
+            report(models.import_file(source, context, on_progress=report))
+        except BaseException as exc:  # handed to the request, which raises it
+            report(exc)
+
+    loop.run_in_executor(None, run)  # the executor holds the future; the queue carries the outcome
+    first = await reports.get()
+    if isinstance(first, BaseException):
+        raise first
+    return first, reports
+
+
+async def _pull_lines(
+    first: int | ImportResult, reports: asyncio.Queue[int | ImportResult | BaseException], total: int | None
+) -> AsyncIterator[bytes]:
+    item: int | ImportResult | BaseException = first
+    while True:
+        if isinstance(item, ImportResult):
+            yield _line({"status": "success"})
+            return
+        if isinstance(item, ApplianceError):
+            yield _line({"error": _error_message(item)})
+            return
+        if isinstance(item, BaseException):
+            logger.error("unexpected error while pulling", exc_info=item)
+            yield _line({"error": _unexpected_message(item)})
+            return
+        yield _line({"status": "importing", "total": total, "completed": item})
+        item = await reports.get()
+
+
+@post("/pull", status_code=200)
+async def pull(request: Request[Any, Any, Any], models: ModelService, context: Context) -> Response[Any]:
+    """Import a local file (a path or file: ModelRef) named after its stem; NDJSON unless stream is false."""
+    body = parse_body(PullBody, await request.body())
+    source = _local_source(body.target)
+    if not body.stream:
+        await anyio.to_thread.run_sync(lambda: models.import_file(source, context))
+        return Response({"status": "success"})
+    first, reports = await _import_progress(models, source, context)
+    try:
+        total: int | None = source.stat().st_size
+    except OSError:
+        total = None
+    head_line = _line({"status": "importing", "total": total, "completed": 0})
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield head_line
+        async for line in _pull_lines(first, reports, total):
+            yield line
+
+    return Stream(lines(), media_type=NDJSON)
+
+
+# -- blobs -------------------------------------------------------------------------------------
+
+
+def _blob_digest(text: str) -> str:
+    """Ollama writes digests as sha256:HEX in the path (newer clients also sha256-HEX)."""
+    return parse_digest(text.replace("-", ":", 1) if text.lower().startswith("sha256-") else text)
+
+
+@head("/blobs/{digest:str}")
+async def blob_exists(digest: str, models: ModelService) -> Response[None]:
+    """200 when the blob is in the cache, else 404."""
+    present = models.cache.has(_blob_digest(digest))
+    return Response(None, status_code=200 if present else 404, media_type=MediaType.TEXT)
+
+
+def _storage_error(exc: OSError, where: Path) -> ApplianceError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the disk holding {where}")
+    return StorageFailure(f"cannot write under {where}: {exc.strerror or exc}")
+
+
+class _Upload:
+    """A request body on its way into the cache: a unique staging file, written while hashed.
+
+    The file is flock'ed like the cache's own staging files, so garbage collection leaves it
+    alone while it lives; ``finish`` verifies, fsyncs and renames it into ``blobs/``, and
+    ``close`` removes it on every other path.
+    """
+
+    def __init__(self, cache: BlobCache) -> None:
+        self.cache = cache
+        self.hasher = hashlib.sha256()
+        path = cache.tmp_dir / f"{uuid.uuid4().hex}.partial"
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _storage_error(exc, cache.tmp_dir) from exc
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.staged = StagedBlob(path=path, digest="", size=0, method="copy", _fd=self.fd)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            raise _storage_error(exc, self.cache.tmp_dir) from exc
+        self.hasher.update(data)
+        self.staged.size += len(data)
+
+    def finish(self, expected: str) -> None:
+        actual = f"sha256:{self.hasher.hexdigest()}"
+        if actual != expected:
+            raise InvalidInput(
+                f"digest mismatch: the body hashes to {actual}, not {expected}",
+                hint="send the file whose sha256 is in the path",
+            )
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise _storage_error(exc, self.cache.tmp_dir) from exc
+        self.staged.digest = actual
+        with self.cache.placing():
+            self.cache.place(self.staged)
+
+    def close(self) -> None:
+        self.staged.close()  # a no-op once placed
+
+
+@post("/blobs/{digest:str}", request_max_body_size=None)
+async def create_blob(digest: str, request: Request[Any, Any, Any], models: ModelService) -> Response[bytes]:
+    """Receive a file into the cache under its digest: 201, or 400 when the body hashes otherwise.
+
+    Nothing partial or unverified is ever visible in ``blobs/``. The blob is not a model by
+    itself: ``appliance models gc`` removes it unless a model comes to use it.
+    """
+    expected = _blob_digest(digest)
+    cache = models.cache
+    if cache.has(expected):
+        return Response(b"", status_code=200)
+    upload = _Upload(cache)
+    try:
+        pending = bytearray()
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= UPLOAD_CHUNK_BYTES:
+                await anyio.to_thread.run_sync(upload.write, bytes(pending))
+                pending.clear()
+        await anyio.to_thread.run_sync(upload.write, bytes(pending))
+        await anyio.to_thread.run_sync(upload.finish, expected)
+    finally:
+        upload.close()
+    return Response(b"", status_code=201)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, ApplianceError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else None
+    return Response({"error": _error_message(exc)}, status_code=exc.status, headers=headers)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code >= 500 and exc.status_code != 501:
+        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response({"error": _unexpected_message(exc)}, status_code=500)
+
+
+ollama_router = Router(
+    path="/api",
+    route_handlers=[
+        version,
+        tags,
+        show,
+        ps,
+        delete_model,
+        generate,
+        chat,
+        pull,
+        blob_exists,
+        create_blob,
+    ],
+    exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error, Exception: _unexpected},
+    tags=["ollama"],
+)

@@ -1,0 +1,363 @@
+"""The OpenAI-compatible API under ``/v1``: models, chat completions, completions, embeddings.
+
+Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any, Literal
+
+from litestar import Request, Response, Router, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.audit import Context
+from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.service import GenerationOptions, InferenceService, Started
+from appliance.errors import ApplianceError, EngineBusy, InvalidInput
+from appliance.models.service import ModelService
+from appliance.web.bodies import parse_body
+from appliance.web.errors import logger
+
+__all__ = ["openai_router"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class _GenerationBody(_Body):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+
+    def options(self) -> GenerationOptions:
+        from appliance.settings import parse_duration
+
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt not in ("text", "json_object", "json_schema"):
+            raise InvalidInput(
+                f"response_format type {fmt!r} is not supported; use text, json_object or json_schema"
+            )
+        schema = None
+        if fmt == "json_schema":
+            schema = ((self.response_format or {}).get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidInput("response_format json_schema needs json_schema.schema to be an object")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationOptions(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+            json_mode=fmt == "json_object",
+            json_schema=schema,
+            keep_alive=parse_duration(self.keep_alive) if self.keep_alive is not None else None,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise InvalidInput("only one prompt per request is supported")
+            return self.prompt[0]
+        return self.prompt
+
+
+class EmbeddingBody(_Body):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def _usage(started: Started, finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": started.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": started.prompt_tokens + finished.completion_tokens,
+    }
+
+
+def _finish_reason(finished: Finished) -> str:
+    return "length" if finished.reason == "length" else "stop"
+
+
+def _route_headers(started: Started) -> dict[str, str]:
+    return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
+
+
+async def _open(events: AsyncGenerator[Started | TextChunk | Finished]) -> Started:
+    """Run the stream up to its first event, so that a bad model or prompt fails as an HTTP error."""
+    first = await anext(events)
+    assert isinstance(first, Started)
+    return first
+
+
+@get("/models", sync_to_thread=True)
+def list_models(models: ModelService) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [_model_entry(model) for model in models.list_models() if "gguf" in model.formats],
+    }
+
+
+@get("/models/{name:path}", sync_to_thread=True)
+def retrieve_model(name: str, models: ModelService) -> dict[str, Any]:
+    return _model_entry(models.get(name.lstrip("/")))
+
+
+def _model_entry(model: Any) -> dict[str, Any]:
+    created = int(time.mktime(time.strptime(model.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
+    return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
+
+
+@post("/chat/completions")
+async def chat_completions(
+    request: Request[Any, Any, Any], inference: InferenceService, context: Context
+) -> Response[Any]:
+    body = parse_body(ChatCompletionBody, await request.body())
+    messages = [
+        {**message.model_dump(exclude_none=True), "content": message.text()} for message in body.messages
+    ]
+    events = inference.chat(
+        body.model,
+        messages,
+        body.options(),
+        endpoint="/v1/chat/completions",
+        correlation_id=context.correlation_id,
+    )
+    started = await _open(events)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        return Stream(
+            _chat_chunks(events, started, completion_id, created, include_usage=body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+        )
+    text, finished = await _collect(events)
+    return Response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": started.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(finished),
+                }
+            ],
+            "usage": _usage(started, finished),
+        },
+        headers=_route_headers(started),
+    )
+
+
+async def _collect(events: AsyncGenerator[Started | TextChunk | Finished]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    finished: Finished | None = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, TextChunk):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+    assert finished is not None, "a stream always ends with Finished"
+    return "".join(parts), finished
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def _chat_chunks(
+    events: AsyncGenerator[Started | TextChunk | Finished],
+    started: Started,
+    completion_id: str,
+    created: int,
+    *,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": started.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+
+    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TextChunk):
+                    yield _sse(chunk({"content": event.text}, None))
+                elif isinstance(event, Finished):
+                    yield _sse(chunk({}, _finish_reason(event)))
+                    if include_usage:
+                        yield _sse({**chunk({}, None), "choices": [], "usage": _usage(started, event)})
+    except ApplianceError as exc:
+        yield _sse(_error_body(exc))
+    yield b"data: [DONE]\n\n"
+
+
+@post("/completions")
+async def completions(
+    request: Request[Any, Any, Any], inference: InferenceService, context: Context
+) -> Response[Any]:
+    body = parse_body(CompletionBody, await request.body())
+    events = inference.complete(
+        body.model,
+        body.prompt_text(),
+        body.options(),
+        endpoint="/v1/completions",
+        correlation_id=context.correlation_id,
+    )
+    started = await _open(events)
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def payload(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": started.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        }
+
+    if body.stream:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async with aclosing(events):
+                    async for event in events:
+                        if isinstance(event, TextChunk):
+                            yield _sse(payload(event.text, None))
+                        elif isinstance(event, Finished):
+                            yield _sse(payload("", _finish_reason(event)))
+                            if body.include_usage:
+                                yield _sse(
+                                    {**payload("", None), "choices": [], "usage": _usage(started, event)}
+                                )
+            except ApplianceError as exc:
+                yield _sse(_error_body(exc))
+            yield b"data: [DONE]\n\n"
+
+        return Stream(chunks(), media_type="text/event-stream", headers=_route_headers(started))
+    text, finished = await _collect(events)
+    return Response(
+        {**payload(text, _finish_reason(finished)), "usage": _usage(started, finished)},
+        headers=_route_headers(started),
+    )
+
+
+@post("/embeddings")
+async def embeddings(
+    request: Request[Any, Any, Any], inference: InferenceService, context: Context
+) -> dict[str, Any]:
+    body = parse_body(EmbeddingBody, await request.body())
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not inputs:
+        raise InvalidInput("input is empty")
+    vectors, tokens, _, model = await inference.embed(
+        body.model, inputs, keep_alive=None, endpoint="/v1/embeddings", correlation_id=context.correlation_id
+    )
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": _encode(vector, body.encoding_format)}
+            for index, vector in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's base64 form: the little-endian float32 array, base64-encoded (its client asks for it)."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error"}
+
+
+def _error_body(exc: ApplianceError) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    return {"error": {"message": message, "type": kind, "param": None, "code": exc.code}}
+
+
+def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, ApplianceError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else None
+    return Response(_error_body(exc), status_code=exc.status, headers=headers)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, HTTPException)
+    body = {"error": {"message": exc.detail, "type": "invalid_request_error", "param": None, "code": None}}
+    return Response(body, status_code=exc.status_code)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    message = f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
+    return Response(
+        {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}},
+        status_code=500,
+    )
+
+
+openai_router = Router(
+    path="/v1",
+    route_handlers=[list_models, retrieve_model, chat_completions, completions, embeddings],
+    exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error, Exception: _unexpected},
+    tags=["openai"],
+)

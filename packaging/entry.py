@@ -1,0 +1,5 @@
+"""Entry point of the single executable."""
+
+from appliance.cli import main
+
+main()

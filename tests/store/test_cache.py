@@ -1,0 +1,178 @@
+"""The blob cache: hash while writing, verify, fsync, atomic rename; nothing partial is ever visible."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import DigestMismatch, DiskFull, LayoutTooNew, StorageFailure
+from appliance.store import cache as cache_module
+from appliance.store.cache import LAYOUT_VERSION, BlobCache
+
+
+def sha256_of(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def visible(cache: BlobCache) -> list[str]:
+    return sorted(os.listdir(cache.blobs_dir))
+
+
+def staging(cache: BlobCache) -> list[str]:
+    return sorted(os.listdir(cache.tmp_dir))
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "source.bin"
+    path.write_bytes(os.urandom(3 * cache_module.CHUNK_BYTES + 12345))  # several chunks and a ragged tail
+    return path
+
+
+@pytest.fixture
+def cache(data_dir: Path) -> BlobCache:
+    return BlobCache(data_dir)
+
+
+def test_copy_hashes_in_the_same_pass_and_places_a_read_only_blob(cache: BlobCache, source: Path) -> None:
+    """REQ-MODELS-0101/0102: content-addressed by sha256, size recorded."""
+    seen: list[int] = []
+    staged = cache.stage(source, allow_link=False, on_progress=seen.append)
+    assert staged.method == "copy"
+    assert staged.digest == sha256_of(source)
+    assert staged.size == source.stat().st_size
+    assert seen[-1] == staged.size
+    assert visible(cache) == []  # staged content is not visible yet
+    path = cache.place(staged)
+    assert path == cache.path(staged.digest)
+    assert sha256_of(path) == staged.digest
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert path.stat().st_ino != source.stat().st_ino
+    assert staging(cache) == []
+
+
+def test_same_filesystem_links_and_hashes_once(cache: BlobCache, data_dir: Path, tmp_path: Path) -> None:
+    source = data_dir.parent / "same-fs.bin"
+    source.write_bytes(os.urandom(100_000))
+    staged = cache.stage(source, allow_link=True)
+    assert staged.method in ("reflink", "hardlink")
+    path = cache.place(staged)
+    assert sha256_of(path) == sha256_of(source)
+    if staged.method == "hardlink":
+        assert path.stat().st_ino == source.stat().st_ino
+        assert stat.S_IMODE(source.stat().st_mode) == 0o444  # the shared inode is protected from edits
+
+
+def test_same_content_twice_is_one_blob(cache: BlobCache, source: Path, tmp_path: Path) -> None:
+    twin = tmp_path / "twin.bin"
+    twin.write_bytes(source.read_bytes())
+    first = cache.place(cache.stage(source, allow_link=False))
+    second = cache.place(cache.stage(twin, allow_link=False))
+    assert first == second
+    assert len(visible(cache)) == 1
+    assert staging(cache) == []
+
+
+def test_digest_mismatch_leaves_nothing(cache: BlobCache, source: Path) -> None:
+    with pytest.raises(DigestMismatch, match="expected sha256:0000"):
+        cache.stage(source, allow_link=False, expected_digest="sha256:" + "0" * 64)
+    assert visible(cache) == []
+    assert staging(cache) == []
+
+
+def test_disk_full_mid_write_leaves_nothing(
+    cache: BlobCache, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[int] = []
+    real_write_all = cache_module._write_all
+
+    def fill_up(fd: int, data: memoryview) -> None:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(data))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(cache_module, "_write_all", fill_up)
+    with pytest.raises(DiskFull, match="no space left"):
+        cache.stage(source, allow_link=False)
+    assert staging(cache) == []
+    assert visible(cache) == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs (the tests run as root in CI)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_file_larger_than_the_free_space_is_refused_up_front(
+    small_filesystem: Path, tmp_path: Path
+) -> None:
+    cache = BlobCache(small_filesystem / "data")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    with pytest.raises(DiskFull, match="needs 3145728 bytes"):
+        cache.stage(big, allow_link=False)
+    assert staging(cache) == []
+    assert visible(cache) == []
+
+
+def test_stale_staging_files_are_collected_but_live_ones_kept(cache: BlobCache) -> None:
+    live_path, live_fd = cache._new_staging_file(".partial")  # held by an import in flight
+    dead = cache.tmp_dir / "dead.partial"
+    dead.write_bytes(b"x" * 100)  # left by a killed process: nobody holds its lock
+    unrelated = cache.tmp_dir / "VERSION.tmp"
+    unrelated.write_text("1")
+    assert cache.remove_stale_staging() == (1, 100)
+    assert live_path.exists()
+    assert not dead.exists()
+    os.close(live_fd)
+    assert cache.remove_stale_staging() == (1, 0)
+
+
+def test_deleting_waits_for_placing(cache: BlobCache) -> None:
+    order: list[str] = []
+
+    def delete() -> None:
+        with cache.deleting():
+            order.append("deleted")
+
+    with cache.placing():
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        time.sleep(0.2)
+        order.append("placed")
+    deleter.join(timeout=5)
+    assert order == ["placed", "deleted"]
+
+
+def test_layout_version_is_written_and_a_newer_one_refused(data_dir: Path) -> None:
+    BlobCache(data_dir)
+    assert (data_dir / "VERSION").read_text().strip() == str(LAYOUT_VERSION)
+    (data_dir / "VERSION").write_text(str(LAYOUT_VERSION + 1))
+    with pytest.raises(LayoutTooNew, match="knows layouts up to"):
+        BlobCache(data_dir)
+    (data_dir / "VERSION").write_text("garbage")
+    with pytest.raises(StorageFailure, match="damaged"):
+        BlobCache(data_dir)
+
+
+def test_quarantine_moves_the_blob_out_of_sight(cache: BlobCache, source: Path) -> None:
+    path = cache.place(cache.stage(source, allow_link=False))
+    digest = "sha256:" + path.name
+    moved = cache.quarantine(digest)
+    assert not cache.has(digest)
+    assert moved.exists()

@@ -1,0 +1,264 @@
+"""The ``appliance`` command, run as a real process against a temp data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APPLIANCE, CliResult
+
+
+def as_json(result: CliResult) -> object:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_clean_failure(result: CliResult, message: str, cli: object) -> None:
+    """Non-zero exit, a one-line error and a hint, no traceback, and nothing left behind."""
+    assert result.returncode == 1
+    assert f"error: {message}" in result.stderr or message in result.stderr, result.stderr
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert as_json(cli("models", "ls", "--json")) == []  # type: ignore[operator]
+
+
+def test_import_prints_name_and_digest_then_ls_show_rm(cli: object, tiny_gguf: Path) -> None:
+    result = cli("models", "import", str(tiny_gguf), "--name", "tiny:1")  # type: ignore[operator]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("imported tiny:1 sha256:")
+    listed = as_json(cli("models", "ls", "--json"))  # type: ignore[operator]
+    assert [model["name"] for model in listed] == ["tiny:1"]  # type: ignore[index, union-attr]
+    table = cli("models", "ls")  # type: ignore[operator]
+    assert "tiny:1" in table.stdout
+    assert "ALL_F32" in table.stdout
+    shown = as_json(cli("models", "show", "tiny:1", "--json"))  # type: ignore[operator]
+    assert shown["capabilities"]["context_length"] == 256  # type: ignore[index]
+    assert "context_length:" in cli("models", "show", "tiny:1").stdout  # type: ignore[operator]
+    removed = cli("models", "rm", "tiny:1")  # type: ignore[operator]
+    assert removed.returncode == 0
+    assert "removed tiny:1" in removed.stdout
+    assert as_json(cli("models", "ls", "--json")) == []  # type: ignore[operator]
+
+
+def test_import_json_pin_unpin_gc_and_audit(cli: object, tiny_gguf: Path) -> None:
+    imported = as_json(cli("models", "import", str(tiny_gguf), "--copy", "--json"))  # type: ignore[operator]
+    assert imported["method"] == "copy"
+    assert imported["model"]["name"] == "tiny:latest"
+    assert "pinned tiny:latest" in cli("models", "pin", "tiny").stdout  # type: ignore[operator]
+    assert as_json(cli("models", "show", "tiny", "--json"))["pinned"] is True  # type: ignore[index, operator]
+    assert "unpinned tiny:latest" in cli("models", "unpin", "tiny").stdout  # type: ignore[operator]
+    gc = as_json(cli("models", "gc", "--json"))  # type: ignore[operator]
+    assert gc["orphan_blobs"] == 0  # type: ignore[index]
+    events = as_json(cli("audit", "ls", "--json", "--action", "models.import"))  # type: ignore[operator]
+    assert [event["target"] for event in events] == ["tiny:latest"]  # type: ignore[index, union-attr]
+    assert events[0]["actor"].startswith("cli:")  # type: ignore[index]
+    assert "models.pin" in cli("audit", "ls").stdout  # type: ignore[operator]
+
+
+def test_verify_fails_and_quarantines_a_corrupted_blob(cli: object, tiny_gguf: Path, data_dir: Path) -> None:
+    digest = as_json(cli("models", "import", str(tiny_gguf), "--copy", "--json"))["digest"]  # type: ignore[index, operator]
+    assert cli("models", "verify").returncode == 0  # type: ignore[operator]
+    blob = data_dir / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"!")
+    result = cli("models", "verify")  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout
+    assert "quarantine" in result.stdout
+    assert "error: verification failed" in result.stderr
+    assert not blob.exists()
+
+
+def test_missing_path(cli: object, tmp_path: Path) -> None:
+    result = cli("models", "import", str(tmp_path / "nope.gguf"))  # type: ignore[operator]
+    assert_clean_failure(result, "does not exist", cli)
+
+
+def test_directory(cli: object, tmp_path: Path) -> None:
+    assert_clean_failure(cli("models", "import", str(tmp_path)), "is a directory", cli)  # type: ignore[operator]
+
+
+def test_wrong_format(cli: object, tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("just some text, not a model\n")
+    result = cli("models", "import", str(text), "--format", "gguf")  # type: ignore[operator]
+    assert_clean_failure(result, "is not a GGUF file", cli)
+
+
+def test_bad_name(cli: object, tiny_gguf: Path) -> None:
+    result = cli("models", "import", str(tiny_gguf), "--name", "no spaces allowed")  # type: ignore[operator]
+    assert_clean_failure(result, "invalid model name", cli)
+
+
+def test_unknown_model(cli: object) -> None:
+    result = cli("models", "show", "ghost")  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "model ghost:latest not found" in result.stderr
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory another user can reach (pytest's own temp dirs are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="appliance-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_unprivileged(
+    command: list[str], *, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run as an ordinary user: root passes every permission check, so tests as root drop to nobody."""
+    if os.geteuid() == 0:
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    return subprocess.run(
+        command, capture_output=True, text=True, check=False, cwd=cwd, env={**os.environ, **env}
+    )
+
+
+def test_unreadable_file(world_dir: Path, tiny_gguf: Path) -> None:
+    secret = world_dir / "secret.gguf"
+    shutil.copy(tiny_gguf, secret)
+    secret.chmod(0o000)
+    data = world_dir / "data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)
+    result = run_unprivileged(
+        [*APPLIANCE, "--data-dir", str(data), "models", "import", str(secret)],
+        cwd=world_dir,
+        env={"XDG_CONFIG_HOME": str(world_dir / "config")},
+    )
+    assert result.returncode == 1
+    assert "cannot be read: permission denied" in result.stderr
+    assert "hint:" in result.stderr
+    assert list((data / "blobs" / "sha256").iterdir()) == []
+    assert list((data / "tmp").iterdir()) == []
+
+
+def test_unreachable_config_dir(world_dir: Path) -> None:
+    locked = world_dir / "config"
+    locked.mkdir(mode=0o000)
+    result = run_unprivileged(
+        [*APPLIANCE, "--data-dir", str(world_dir / "data"), "models", "ls"],
+        cwd=world_dir,
+        env={"XDG_CONFIG_HOME": str(locked)},
+    )
+    locked.chmod(0o755)
+    assert result.returncode == 1
+    assert "cannot look for the config file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_full_disk(tmp_path: Path, tiny_gguf: Path, make_gguf: object) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        big = make_gguf("big.gguf", padding_bytes=2 * 1024 * 1024)  # type: ignore[operator]
+        command = [*APPLIANCE, "--data-dir", str(small / "data"), "models"]
+        result = subprocess.run([*command, "import", str(big)], capture_output=True, text=True, check=False)
+        assert result.returncode == 1
+        assert "not enough space" in result.stderr
+        assert "hint:" in result.stderr
+        listed = subprocess.run([*command, "ls", "--json"], capture_output=True, text=True, check=True)
+        assert json.loads(listed.stdout) == []
+        assert list((small / "data" / "tmp").iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_two_processes_importing_one_file_make_one_blob(
+    cli: object, make_gguf: object, data_dir: Path
+) -> None:
+    source = make_gguf("shared.gguf", padding_bytes=64 * 1024 * 1024)  # type: ignore[operator]
+    command = [
+        *APPLIANCE,
+        "--data-dir",
+        str(data_dir),
+        "models",
+        "import",
+        str(source),
+        "--copy",
+        "--name",
+        "shared",
+    ]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    digests = {out.split()[-4] for out, _ in outputs}
+    assert len(digests) == 1
+    assert len(list((data_dir / "blobs" / "sha256").iterdir())) == 1
+    assert [model["name"] for model in as_json(cli("models", "ls", "--json"))] == ["shared:latest"]  # type: ignore[index, union-attr, operator]
+    assert list((data_dir / "tmp").iterdir()) == []
+
+
+KILLED_IMPORT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from appliance.audit import Context
+    from appliance.runtime import Runtime
+    from appliance.settings import Settings
+
+    data_dir, source, marker = (Path(arg) for arg in sys.argv[1:4])
+
+    def stall(done: int) -> None:
+        marker.write_text(str(done))  # halfway: some bytes are in the partial file
+        time.sleep(600)
+
+    runtime = Runtime.open(Settings(data_dir=data_dir))
+    runtime.models.import_file(
+        source, Context(actor="test"), name="killed", allow_link=False, on_progress=stall
+    )
+    """
+)
+
+
+@pytest.mark.parametrize("allow_link", [False, True])
+def test_sigkill_halfway_leaves_no_visible_blob_and_gc_cleans_up(
+    cli: object, make_gguf: object, data_dir: Path, tmp_path: Path, allow_link: bool
+) -> None:
+    source = make_gguf("big.gguf", padding_bytes=32 * 1024 * 1024)  # type: ignore[operator]
+    script = tmp_path / "killed_import.py"
+    script.write_text(KILLED_IMPORT.replace("allow_link=False", f"allow_link={allow_link}"))
+    marker = tmp_path / "marker"
+    process = subprocess.Popen([sys.executable, str(script), str(data_dir), str(source), str(marker)])
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, "the import ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert list((data_dir / "blobs" / "sha256").iterdir()) == []
+    leftovers = list((data_dir / "tmp").iterdir())
+    assert len(leftovers) == 1  # the partial (or link) the killed import was writing
+    assert as_json(cli("models", "ls", "--json")) == []  # type: ignore[operator]
+    gc = as_json(cli("models", "gc", "--json"))  # type: ignore[operator]
+    assert gc["stale_partials"] == 1  # type: ignore[index]
+    assert list((data_dir / "tmp").iterdir()) == []
+    assert source.exists()  # collecting a hard link never touches the user's file
+    # And the same import now succeeds from scratch.
+    retry = cli("models", "import", str(source), "--name", "killed")  # type: ignore[operator]
+    assert retry.returncode == 0, retry.stderr
+
+
+def test_version_and_help_describe_every_command(cli: object) -> None:
+    assert cli("--version").stdout.startswith("appliance, version")  # type: ignore[operator]
+    help_text = cli("models", "--help").stdout  # type: ignore[operator]
+    for command in ("import", "ls", "show", "rm", "verify", "pin", "unpin", "gc"):
+        assert command in help_text

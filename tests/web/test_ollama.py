@@ -1,0 +1,449 @@
+"""The Ollama-compatible API, driven by the real ``ollama`` client against a live ``appliance serve``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from appliance import __version__
+from tests.conftest import CliResult, Server
+from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+
+GREEDY = {"temperature": 0, "num_predict": 5}
+NO_SUCH = "sha256:" + "0" * 64
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[ollama.Client]:
+    with ollama.Client(host=server.url, timeout=60) as client:
+        yield client
+
+
+def import_model(cli: object, path: Path, name: str) -> None:
+    result: CliResult = cli("models", "import", str(path), "--name", name)  # type: ignore[operator]
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def tiny(cli: object, tiny_gguf: Path) -> str:
+    import_model(cli, tiny_gguf, "tiny")
+    return "tiny"
+
+
+@pytest.fixture
+def long_model(cli: object, tmp_path: Path) -> str:
+    """Greedy decoding never stops on its own here: about 4,000 tokens, several seconds of work."""
+    path = write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE)
+    import_model(cli, path, "long")
+    return "long"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def consume(call: Callable[[], Any]) -> None:
+    """Call the client and read a streamed answer to its end, where a stream's error is raised."""
+    result = call()
+    if isinstance(result, Iterator):
+        list(result)
+
+
+def response_error(call: Callable[[], Any]) -> ollama.ResponseError:
+    with pytest.raises(ollama.ResponseError) as caught:
+        consume(call)
+    return caught.value
+
+
+def wait_for(condition: Callable[[], bool], *, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def test_version_and_list(server: Server, client: ollama.Client, tiny: str, tiny_gguf: Path) -> None:
+    assert server.client.get("/api/version").json() == {"version": __version__}
+    listed = client.list().models
+    assert [model.model for model in listed] == ["tiny:latest"]
+    model = listed[0]
+    assert model.digest == sha256(tiny_gguf.read_bytes()).removeprefix("sha256:")
+    assert model.size == tiny_gguf.stat().st_size
+    assert model.modified_at is not None
+    assert model.modified_at.tzinfo is not None
+    assert model.details is not None
+    assert model.details.format == "gguf"
+    assert (model.details.family, model.details.families) == ("llama", ["llama"])
+    assert model.details.parameter_size == "116K"  # 115,520 parameters, shown as Ollama shows them
+    assert model.details.quantization_level == "F32"
+    assert server.client.get("/api/tags").json()["models"][0]["name"] == "tiny:latest"
+
+
+def test_show(server: Server, client: ollama.Client, tiny: str, make_gguf: Any, cli: object) -> None:
+    shown = client.show("tiny")
+    assert shown.template == TINY_CHAT_TEMPLATE
+    assert shown.parameters == ""
+    assert shown.capabilities == ["completion"]
+    assert shown.modelinfo is not None
+    assert shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["general.parameter_count"] == 115520
+    assert shown.modelinfo["llama.context_length"] == 256
+    assert shown.details is not None
+    assert shown.details.family == "llama"
+    assert shown.modelfile is not None
+    assert "\nFROM /" in shown.modelfile
+
+    import_model(cli, make_gguf("plain.gguf"), "plain")  # no chat template: the engine uses ChatML
+    plain = server.client.post("/api/show", json={"name": "plain"})  # "name": the older spelling
+    assert plain.status_code == 200
+    assert (plain.json()["template"], plain.json()["parameters"]) == ("", 'stop "<|im_end|>"')
+
+    assert response_error(lambda: client.show("ghost")).status_code == 404
+    missing = server.client.post("/api/show", json={})
+    assert (missing.status_code, missing.json()) == (400, {"error": "model is required"})
+
+
+def test_delete(server: Server, client: ollama.Client, tiny: str) -> None:
+    assert client.generate(model="tiny").done_reason == "load"
+    assert client.delete("tiny").status == "success"
+    assert client.list().models == []
+    assert client.ps().models == []  # a loaded copy goes with it
+    assert response_error(lambda: client.delete("tiny")).status_code == 404
+    audit = server.client.get("/api/v1/audit", params={"action": "models.delete"}).json()
+    assert [(event["target"], event["outcome"]) for event in audit] == [("tiny:latest", "ok")]
+
+
+# -- generate and chat -------------------------------------------------------------------------
+
+
+def test_generate_streamed_and_whole(client: ollama.Client, tiny: str) -> None:
+    parts = list(client.generate(model="tiny", prompt="hi", stream=True, options=GREEDY))
+    *pieces, last = parts
+    assert pieces
+    assert all(part.done is False and part.model == "tiny" for part in pieces)
+    assert last.done is True
+    assert last.response == ""
+    assert last.done_reason == "length"
+    assert last.eval_count == 5
+    assert last.prompt_eval_count is not None
+    assert last.prompt_eval_count > 0
+    assert last.context == []
+    durations = (last.total_duration, last.load_duration, last.prompt_eval_duration, last.eval_duration)
+    assert all(isinstance(value, int) and value >= 0 for value in durations)
+    assert last.total_duration is not None
+    assert last.total_duration > 0
+    assert last.created_at is not None
+    assert last.created_at.endswith("Z")
+
+    whole = client.generate(model="tiny", prompt="hi", options=GREEDY)
+    assert whole.done is True
+    assert whole.done_reason == "length"
+    assert whole.response == "".join(part.response or "" for part in pieces)  # greedy: the same text
+    assert (whole.eval_count, whole.prompt_eval_count) == (5, last.prompt_eval_count)
+
+
+def test_generate_raw_system_and_format(client: ollama.Client, tiny: str) -> None:
+    templated = client.generate(model="tiny", prompt="hi", options=GREEDY).prompt_eval_count
+    raw = client.generate(model="tiny", prompt="hi", raw=True, options=GREEDY).prompt_eval_count
+    with_system = client.generate(model="tiny", prompt="hi", system="be brief", options=GREEDY)
+    assert templated is not None
+    assert raw is not None
+    assert with_system.prompt_eval_count is not None
+    assert raw < templated < with_system.prompt_eval_count
+
+    options = {"temperature": 0, "num_predict": 8}
+    as_json = client.generate(model="tiny", prompt="hi", format="json", options=options)
+    assert as_json.done is True
+    assert as_json.eval_count == 8
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    as_schema = client.generate(model="tiny", prompt="hi", format=schema, options=options)
+    assert as_schema.response is not None
+    assert re.match(r'\{\s*"a"\s*:', as_schema.response), "the schema's grammar shapes the answer"
+
+    stopped = client.generate(model="tiny", prompt="hi", options={"num_predict": 50, "stop": ["a", "e"]})
+    assert stopped.done is True
+    assert stopped.done_reason in ("stop", "length")
+
+
+def test_chat_streamed_and_whole(client: ollama.Client, tiny: str) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    *pieces, last = list(client.chat(model="tiny", messages=messages, stream=True, options=GREEDY))
+    assert pieces
+    assert all(piece.message.role == "assistant" and piece.done is False for piece in pieces)
+    assert last.done is True
+    assert last.done_reason == "length"
+    assert last.eval_count == 5
+    assert last.message.content == ""
+    assert last.prompt_eval_count is not None
+    assert last.prompt_eval_count > 0
+
+    whole = client.chat(model="tiny", messages=messages, options=GREEDY)
+    assert whole.message.role == "assistant"
+    assert whole.message.content == "".join(piece.message.content or "" for piece in pieces)
+    assert (whole.done_reason, whole.eval_count) == ("length", 5)
+
+
+def test_load_unload_and_ps(client: ollama.Client, tiny: str, tiny_gguf: Path) -> None:
+    assert client.ps().models == []
+    loaded = client.generate(model="tiny")  # no prompt: only load
+    assert (loaded.done, loaded.done_reason, loaded.response) == (True, "load", "")
+    running = client.ps().models
+    assert [model.name for model in running] == ["tiny:latest"]
+    model = running[0]
+    assert model.digest == sha256(tiny_gguf.read_bytes()).removeprefix("sha256:")
+    assert model.size is not None
+    assert model.size > 0
+    assert model.size_vram in (0, model.size)
+    assert model.details is not None
+    assert model.details.family == "llama"
+    assert model.context_length == 256
+    assert model.expires_at is not None
+    assert model.expires_at > datetime.now(UTC)
+
+    unloaded = client.generate(model="tiny", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert client.ps().models == []
+
+    assert client.chat(model="tiny", messages=[]).done_reason == "load"
+    client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], options=GREEDY, keep_alive=-1)
+    kept = client.ps().models[0].expires_at
+    assert kept is not None
+    assert kept.year > datetime.now(UTC).year + 100
+    assert client.chat(model="tiny", messages=[], keep_alive=0).done_reason == "unload"
+    assert client.ps().models == []
+    assert client.generate(model="tiny", keep_alive=0).done_reason == "unload"  # not loaded: fine
+
+    # num_ctx loads with that context; a prompt longer than it is refused, not cut.
+    small = client.generate(model="tiny", prompt="hi", raw=True, options={**GREEDY, "num_ctx": 64})
+    assert small.done is True
+    assert client.ps().models[0].context_length == 64
+    error = response_error(lambda: client.generate(model="tiny", prompt="x" * 100, options={"num_ctx": 64}))
+    assert "context holds 64" in error.error
+
+
+# -- pull --------------------------------------------------------------------------------------
+
+
+def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path, tmp_path: Path) -> None:
+    source = tmp_path / "pulled" / "Other-Model.gguf"
+    source.parent.mkdir()
+    source.write_bytes(tiny_gguf.read_bytes())
+    assert client.pull(str(source)).status == "success"
+    assert [model.model for model in client.list().models] == ["other-model:latest"]
+
+    statuses = list(client.pull(f"file:{tiny_gguf}", stream=True))
+    assert statuses[0].status == "importing"
+    assert statuses[0].total == tiny_gguf.stat().st_size
+    assert statuses[-1].status == "success"
+    assert [model.model for model in client.list().models] == ["other-model:latest", "tiny:latest"]
+    audit = server.client.get("/api/v1/audit", params={"action": "models.import"}).json()
+    assert len(audit) == 2
+
+
+@pytest.mark.parametrize(
+    ("ref", "status", "words"),
+    [
+        ("llama3", 400, "pulls by ModelRef and works offline"),
+        ("library/llama3:8b", 400, "pulls by ModelRef and works offline"),
+        ("hf:org/repo/x.gguf", 501, "network pulls"),
+        ("https://example.com/x.gguf", 501, "network pulls"),
+        ("s3://bucket/x.gguf", 501, "network pulls"),
+        ("oci://registry.example/repo:tag", 501, "network pulls"),
+        (NO_SUCH, 400, "names a blob"),
+        ("/nonexistent/x.gguf", 404, "does not exist"),
+        ("bad name!", 400, "invalid model ref"),
+    ],
+)
+def test_pull_errors(client: ollama.Client, ref: str, status: int, words: str) -> None:
+    error = response_error(lambda: client.pull(ref))
+    assert error.status_code == status
+    assert words in error.error
+    streamed = response_error(lambda: client.pull(ref, stream=True))  # fails before the stream starts
+    assert streamed.status_code == status
+    assert client.list().models == []
+
+
+def test_pull_of_a_file_that_is_not_a_model(client: ollama.Client, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert response_error(lambda: client.pull(str(notes))).status_code == 400
+
+
+# -- blobs -------------------------------------------------------------------------------------
+
+
+def test_blobs(server: Server, client: ollama.Client, data_dir: Path, tiny: str, tiny_gguf: Path) -> None:
+    http = server.client
+    assert http.head(f"/api/blobs/{sha256(tiny_gguf.read_bytes())}").status_code == 200
+
+    content = os.urandom(9 * 1024 * 1024)  # more than one write chunk
+    digest = sha256(content)
+    assert http.head(f"/api/blobs/{digest}").status_code == 404
+    wrong = http.post(f"/api/blobs/{NO_SUCH}", content=content)
+    assert wrong.status_code == 400
+    assert "digest mismatch" in wrong.json()["error"]
+    assert http.head(f"/api/blobs/{NO_SUCH}").status_code == 404
+    assert list((data_dir / "tmp").iterdir()) == []  # nothing left behind
+
+    assert http.post(f"/api/blobs/{digest}", content=content).status_code == 201
+    assert http.head(f"/api/blobs/{digest}").status_code == 200
+    assert (data_dir / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes() == content
+    assert http.post(f"/api/blobs/{digest}", content=content).status_code == 200  # already there
+    dashed = digest.replace(":", "-")  # newer clients write sha256-HEX
+    assert http.head(f"/api/blobs/{dashed}").status_code == 200
+    assert list((data_dir / "tmp").iterdir()) == []
+
+    upload = tiny_gguf.parent / "upload.bin"
+    upload.write_bytes(b"a small blob")
+    assert client.create_blob(upload) == sha256(b"a small blob")
+    assert http.head(f"/api/blobs/{sha256(b'a small blob')}").status_code == 200
+
+    assert http.head("/api/blobs/sha256:nothex").status_code == 400
+    bad = http.post("/api/blobs/md5:abc", content=b"x")
+    assert bad.status_code == 400
+    assert "invalid digest" in bad.json()["error"]
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_404(client: ollama.Client) -> None:
+    calls: list[Callable[[], Any]] = [
+        lambda: client.generate(model="ghost", prompt="hi"),
+        lambda: client.generate(model="ghost", prompt="hi", stream=True),
+        lambda: client.generate(model="ghost"),  # load
+        lambda: client.generate(model="ghost", keep_alive=0),  # unload
+        lambda: client.chat(model="ghost", messages=[{"role": "user", "content": "hi"}]),
+        lambda: client.chat(model="ghost", messages=[{"role": "user", "content": "hi"}], stream=True),
+    ]
+    for call in calls:
+        error = response_error(call)
+        assert error.status_code == 404
+        assert "ghost:latest not found" in error.error
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"options": {"temperature": "hot"}}, "options.temperature"),
+        ({"options": {"num_predict": -5}}, "options.num_predict"),
+        ({"options": {"top_p": 2}}, "options.top_p"),
+        ({"options": {"stop": 5}}, "options.stop"),
+        ({"keep_alive": "forever"}, "keep_alive"),
+        ({"format": "xml"}, "format 'xml' is not supported"),
+        ({"format": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}, "JSON schema"),
+        ({"stream": "sometimes"}, "stream"),
+        ({"model": ""}, "model"),
+    ],
+)
+def test_invalid_generate_requests_are_400(
+    server: Server, client: ollama.Client, tiny: str, body: dict[str, Any], words: str
+) -> None:
+    response = server.client.post("/api/generate", json={"model": "tiny", "prompt": "hi", **body})
+    assert response.status_code == 400
+    assert words in response.json()["error"]
+    chat = server.client.post(
+        "/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
+    )
+    assert chat.status_code == 400
+    assert client.generate(model="tiny", prompt="hi", options=GREEDY).done is True  # still serving
+
+
+def test_malformed_bodies_are_400(server: Server, client: ollama.Client, tiny: str) -> None:
+    http = server.client
+    for path in ("/api/generate", "/api/chat", "/api/show", "/api/pull"):
+        for content in (b"", b"not json", b"[1, 2]"):
+            response = http.post(path, content=content)
+            assert response.status_code == 400, (path, content)
+            assert set(response.json()) == {"error"}
+    assert http.request("DELETE", "/api/delete", content=b"{").status_code == 400
+    no_role = http.post("/api/chat", json={"model": "tiny", "messages": [{"content": "hi"}]})
+    assert no_role.status_code == 400
+    assert "messages.0.role" in no_role.json()["error"]
+    error = response_error(lambda: client.generate(model="tiny", prompt="hi", options={"top_k": -1}))
+    assert error.status_code == 400
+    assert client.list().models[0].model == "tiny:latest"  # still serving
+
+
+def test_a_prompt_too_long_fails_before_the_stream(client: ollama.Client, tiny: str) -> None:
+    error = response_error(lambda: client.generate(model="tiny", prompt="x" * 300, raw=True, stream=True))
+    assert error.status_code == 400
+    assert "context holds 256" in error.error
+
+
+@pytest.fixture
+def one_slot_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Server:
+    """A server whose models decode one request at a time and let one more wait."""
+    monkeypatch.setenv("APPLIANCE_ENGINE__PARALLEL", "1")
+    monkeypatch.setenv("APPLIANCE_ENGINE__QUEUE_SIZE", "1")
+    server: Server = request.getfixturevalue("server")
+    return server
+
+
+def queued(server: Server) -> int:
+    loaded = server.client.get("/api/v1/ps").json()["models"]
+    return sum(model["queued_requests"] for model in loaded)
+
+
+def test_a_full_queue_is_503_with_retry_after(one_slot_server: Server, long_model: str) -> None:
+    server = one_slot_server
+    busy = {"model": "long", "prompt": "hi", "options": {"temperature": 0}}
+    with server.client.stream("POST", "/api/generate", json=busy) as running:  # takes the only slot
+        lines = running.iter_lines()  # kept: a dropped line iterator closes the response
+        assert json.loads(next(lines))["done"] is False
+        waiting: list[httpx.Response] = []
+        short = {**busy, "stream": False, "options": {"num_predict": 1}}
+        thread = threading.Thread(
+            target=lambda: waiting.append(httpx.post(f"{server.url}/api/generate", json=short, timeout=60))
+        )
+        thread.start()  # waits in the queue
+        wait_for(lambda: queued(server) == 1, seconds=10)
+
+        refused = server.client.post("/api/generate", json={**short, "stream": True})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "2"
+        assert "already waiting" in refused.json()["error"]
+        with ollama.Client(host=server.url, timeout=60) as client:
+            assert response_error(
+                lambda: client.chat(model="long", messages=[{"role": "user", "content": "x"}])
+            )
+            error = response_error(lambda: client.generate(model="long", prompt="hi"))
+            assert error.status_code == 503
+    thread.join(timeout=30)  # the running stream was dropped, so the waiting request gets its turn
+    assert [response.status_code for response in waiting] == [200]
+
+
+def test_a_stream_stops_when_its_client_goes_away(server: Server, long_model: str) -> None:
+    body = {"model": "long", "prompt": "hi", "options": {"temperature": 0}}
+    with server.client.stream(
+        "POST", "/api/chat", json={**body, "messages": [{"role": "user", "content": "hi"}]}
+    ) as r:
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        assert json.loads(next(r.iter_lines()))["done"] is False
+
+    def recorded() -> bool:
+        return bool(server.client.get("/api/v1/inference", params={"model": "long"}).json())
+
+    wait_for(recorded, seconds=3)  # the whole answer would take several seconds
+    records = server.client.get("/api/v1/inference", params={"model": "long"}).json()
+    assert [(record["endpoint"], record["outcome"]) for record in records] == [("/api/chat", "cancelled")]
+
+    def slot_freed() -> bool:  # the batcher drops the sequence at its next step
+        return server.client.get("/api/v1/ps").json()["models"][0]["active_requests"] == 0
+
+    wait_for(slot_freed, seconds=1)

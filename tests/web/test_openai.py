@@ -1,0 +1,205 @@
+"""The OpenAI-compatible API, driven by the real ``openai`` client against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import APPLIANCE, Server
+from tests.tiny_model import write_llama_gguf
+
+
+@pytest.fixture
+def client(server: Server, cli: object, tiny_gguf: Path) -> openai.OpenAI:
+    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_are_listed_by_name(client: openai.OpenAI) -> None:
+    assert [model.id for model in client.models.list()] == ["tiny:latest"]
+    assert client.models.retrieve("tiny").id == "tiny:latest"
+
+
+def test_chat_completion(client: openai.OpenAI, server: Server) -> None:
+    response = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0
+    )
+    completion = response.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == "tiny:latest"
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.prompt_tokens > 0
+    assert response.headers["x-appliance-engine"] == "local:llama.cpp"
+    # REQ-MODELS-0118: the routing decision and its reason are recorded for every request.
+    logged = server.client.get("/api/v1/inference").json()[0]
+    assert (logged["engine"], logged["model"], logged["completion_tokens"]) == (
+        "local:llama.cpp",
+        "tiny:latest",
+        12,
+    )
+    assert logged["reason"]
+
+
+def test_streamed_chat_joins_to_the_same_text(client: openai.OpenAI) -> None:
+    request = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 20,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**request).choices[0].message.content  # type: ignore[call-overload]
+    chunks = list(
+        client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    )  # type: ignore[call-overload]
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == whole
+    assert chunks[-1].usage.completion_tokens == 20
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+
+
+def test_completion_and_seed(client: openai.OpenAI) -> None:
+    def complete() -> str:
+        return (
+            client.completions.create(model="tiny", prompt="Once", max_tokens=16, seed=7, temperature=1)
+            .choices[0]
+            .text
+        )
+
+    first = complete()
+    assert first == complete()
+    streamed = client.completions.create(
+        model="tiny", prompt="Once", max_tokens=16, seed=7, temperature=1, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == first
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    completion = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "answer in JSON"}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    )
+    assert isinstance(json.loads(completion.choices[0].message.content or "")["ok"], bool)
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    result = client.embeddings.create(model="tiny", input=["hello", "world"])
+    assert [len(item.embedding) for item in result.data] == [64, 64]
+    assert result.usage.prompt_tokens > 0
+
+
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}])
+    assert too_long.value.body["code"] == "prompt_too_long"  # type: ignore[index]
+    for bad in ({"temperature": 5}, {"n": 2}, {"max_tokens": 0}, {"response_format": {"type": "xml"}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], **bad)  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    assert client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
+
+
+def test_a_missing_or_malformed_body_is_a_clear_400(server: Server) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        empty = server.client.post(path, content=b"")
+        assert empty.status_code == 400
+        assert empty.json()["error"]["message"].startswith("missing request body")
+        broken = server.client.post(path, content=b"{")
+        assert broken.status_code == 400
+        assert "invalid request" in broken.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(
+    client: openai.OpenAI, server: Server, cli: object, tmp_path: Path
+) -> None:
+    long_model = write_llama_gguf(tmp_path / "long.gguf", context=4096)  # long enough to hang up halfway
+    assert cli("models", "import", str(long_model), "--name", "long").returncode == 0  # type: ignore[operator]
+    body = {
+        "model": "long",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4000,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # read one chunk, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = server.client.get("/api/v1/inference").json()
+        if log:
+            break
+        time.sleep(0.05)
+    assert log[0]["outcome"] == "cancelled"
+    deadline = time.monotonic() + 1  # the batcher drops the sequence at its next step
+    while time.monotonic() < deadline:
+        loaded = server.client.get("/api/v1/ps").json()["models"]
+        if loaded[0]["active_requests"] == 0:
+            break
+        time.sleep(0.02)
+    assert [(model["name"], model["active_requests"]) for model in loaded] == [("long:latest", 0)]
+    # The freed slot serves the next request.
+    assert client.chat.completions.create(
+        model="long", messages=[{"role": "user", "content": "y"}], max_tokens=3
+    )
+
+
+def test_metrics(client: openai.OpenAI, server: Server) -> None:
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+    text = server.client.get("/metrics").text
+    assert 'appliance_tokens_generated_total{model="tiny:latest"} 5.0' in text
+    assert "appliance_inference_request_seconds_bucket" in text
+    assert "appliance_loaded_models 1.0" in text
+
+
+def test_cli_load_ps_unload(client: openai.OpenAI, server: Server, data_dir: Path) -> None:
+    port = server.url.rsplit(":", 1)[1]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*APPLIANCE, "--data-dir", str(data_dir), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "APPLIANCE_PORT": port},
+        )
+
+    loaded = cli("models", "load", "tiny", "--keep-alive", "-1", "--context", "128")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded tiny:latest" in loaded.stdout
+    assert "context 128" in loaded.stdout
+    table = cli("ps")
+    assert "tiny:latest" in table.stdout
+    assert "never" in table.stdout
+    assert json.loads(cli("ps", "--json").stdout)["models"][0]["name"] == "tiny:latest"
+    assert "unloaded tiny" in cli("models", "unload", "tiny").stdout
+    assert json.loads(cli("ps", "--json").stdout)["models"] == []
+    missing = cli("models", "load", "ghost")
+    assert missing.returncode == 1
+    assert "model ghost:latest not found" in missing.stderr
+
+
+def test_cli_says_when_no_server_runs(cli: object) -> None:
+    result = cli("ps", env={"APPLIANCE_PORT": "1"})  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "no appliance server answers" in result.stderr
+    assert "appliance serve" in result.stderr
