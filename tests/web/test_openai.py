@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,9 +18,10 @@ from tests.tiny_model import write_llama_gguf
 
 
 @pytest.fixture
-def client(server: Server, cli: object, tiny_gguf: Path) -> openai.OpenAI:
+def client(server: Server, cli: object, tiny_gguf: Path) -> Iterator[openai.OpenAI]:
     assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
 
 
 def test_models_are_listed_by_name(client: openai.OpenAI) -> None:
