@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,20 @@ def _translate(exc: apsw.Error, path: Path) -> Exception:
     return StoreFailure(f"the registry database {path} failed: {exc}")
 
 
+def _enable_wal(connection: apsw.Connection) -> None:
+    """Switch a new database to WAL. The switch needs an exclusive lock and SQLite does not call
+    the busy handler for it, so processes opening a new file together retry here instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except apsw.BusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteStore:
     """Store on one SQLite file. Safe to share between threads and processes."""
 
@@ -65,7 +80,7 @@ class SqliteStore:
         try:
             connection = apsw.Connection(str(self.path))
             connection.set_busy_timeout(BUSY_TIMEOUT_MS)
-            connection.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(connection)
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA synchronous=FULL")
         except apsw.Error as exc:
