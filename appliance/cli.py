@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from appliance import __version__
@@ -23,6 +23,8 @@ from appliance.audit import AuditOut, Context
 from appliance.client import ServerClient
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
+from appliance.provision.schemas import DownloadOut, PullOut
+from appliance.provision.service import PullProgress
 from appliance.runtime import Runtime
 from appliance.settings import Settings, load_settings
 
@@ -81,14 +83,15 @@ class ApplianceGroup(click.Group):
     "--data-dir", type=click.Path(path_type=Path), help="Data dir (default ~/.local/share/appliance)."
 )
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="Config file (TOML).")
+@click.option("--offline", is_flag=True, default=None, help="Make no outbound network call at all.")
 @click.version_option(__version__, prog_name="appliance")
 @click.pass_context
-def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None) -> None:
+def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None, offline: bool | None) -> None:
     """Appliance: keep models, serve them, run jobs, on your own hardware.
 
     Example: appliance models import ./tiny.gguf --name tiny
     """
-    flags: dict[str, Any] = {"data_dir": data_dir}
+    flags: dict[str, Any] = {"data_dir": data_dir, "offline": offline}
 
     def settings(**more: Any) -> Settings:
         return load_settings(config_file=config_file, **flags, **more)
@@ -188,6 +191,60 @@ def import_model(
     click.echo(f"{verb} {result.model.name} {result.digest} ({_human(result.size_bytes)}, {result.method})")
     for evicted in result.evicted:
         click.echo(f"evicted {evicted} to stay within models.cache.max_bytes")
+
+
+@models.command("pull")
+@click.argument("ref")
+@click.option("--name", help="name[:tag] to register it under (default: from the filename).")
+@click.option("--digest", help="sha256:HEX the content must have; a mismatch keeps nothing.")
+@click.option(
+    "--strict", is_flag=True, help="Fail when no digest (given or from the source) covers the file."
+)
+@json_option
+@click.pass_context
+def pull_model(
+    ctx: click.Context, ref: str, name: str | None, digest: str | None, strict: bool, as_json: bool
+) -> None:
+    """Make a model present by reference: download, verify and register it once.
+
+    Already present means no network at all. An interrupted pull resumes where it stopped.
+
+    Example: appliance models pull https://mirror.lan/models/tiny.gguf --digest sha256:0123…
+    """
+    show_progress = stderr.is_terminal and not as_json
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
+    task = progress.add_task(f"pulling {ref}", total=None)
+    announced: set[str] = set()
+
+    def on_progress(update: PullProgress) -> None:
+        if update.state == "pending" and "pending" not in announced:
+            announced.add("pending")
+            waiting = update.download_id
+            stderr.print(f"download {waiting} waits for an admin: appliance downloads approve {waiting}")
+        if show_progress:
+            progress.update(task, completed=update.bytes_done, total=update.bytes_total)
+
+    with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
+        resolved = runtime.provisioner.ensure_present(
+            ref, Context.cli(), name=name, expected_digest=digest, strict=strict, on_progress=on_progress
+        )
+    if as_json:
+        _emit_json(PullOut.of(resolved).model_dump(mode="json"))
+        return
+    if not resolved.downloaded:
+        click.echo(f"already present: {resolved.id} {resolved.digest} ({_human(resolved.size)})")
+        return
+    click.echo(f"pulled {resolved.id} {resolved.digest} ({_human(resolved.size)}, {resolved.verification})")
+    if resolved.verification == "unverified":
+        stderr.print("warning: no digest covered this file; pass --digest to check it next time")
 
 
 def _size_or_none(path: Path) -> int | None:
@@ -392,6 +449,70 @@ def ps(ctx: click.Context, as_json: bool) -> None:
             "never" if expires is None else f"{expires:.0f} s",
         )
     stdout.print(table)
+
+
+# -- downloads --------------------------------------------------------------------------------
+
+
+@cli.group()
+def downloads() -> None:
+    """Pulls that need the network: progress, approval."""
+
+
+@downloads.command("ls")
+@click.option("--state", "states", multiple=True, help="Only these states (pending, running, done, ...).")
+@json_option
+@click.pass_context
+def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -> None:
+    """List downloads, newest first.
+
+    Example: appliance downloads ls --state pending
+    """
+    found = _run(ctx, lambda runtime: runtime.provisioner.list_downloads(states=states))
+    if as_json:
+        _emit_json([DownloadOut.of(download).model_dump(mode="json") for download in found])
+        return
+    table = Table("ID", "REF", "NAME", "STATE", "DONE", "TOTAL", "UPDATED", box=None, pad_edge=False)
+    for download in found:
+        table.add_row(
+            download.id,
+            download.ref,
+            download.model_name or "-",
+            download.state + (f": {download.error}" if download.error else ""),
+            _human(download.bytes_done),
+            _human(download.bytes_total),
+            download.updated_at,
+        )
+    stdout.print(table)
+
+
+def _decide(ctx: click.Context, download_id: str, approve: bool) -> None:
+    decided = _run(
+        ctx, lambda runtime: runtime.provisioner.decide(download_id, approve=approve, context=Context.cli())
+    )
+    click.echo(f"{decided.state} download {decided.id} of {decided.ref}")
+
+
+@downloads.command("approve")
+@click.argument("download_id")
+@click.pass_context
+def approve_download(ctx: click.Context, download_id: str) -> None:
+    """Let a pending download go ahead (when models.download.require_user_approval is on).
+
+    Example: appliance downloads approve 3f2a9c01b7de
+    """
+    _decide(ctx, download_id, approve=True)
+
+
+@downloads.command("deny")
+@click.argument("download_id")
+@click.pass_context
+def deny_download(ctx: click.Context, download_id: str) -> None:
+    """Refuse a pending download; the waiting pull fails with download_denied.
+
+    Example: appliance downloads deny 3f2a9c01b7de
+    """
+    _decide(ctx, download_id, approve=False)
 
 
 # -- audit ------------------------------------------------------------------------------------

@@ -10,12 +10,21 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── InvalidModelName         invalid_model_name
     │   ├── InvalidSetting           invalid_setting
     │   ├── UnsupportedFormat        unsupported_format
-    │   └── SourceUnreadable         source_unreadable
+    │   ├── SourceUnreadable         source_unreadable
+    │   └── DigestRequired           digest_required
+    ├── Forbidden (403)
+    │   ├── Offline                  offline
+    │   ├── SourceNotAllowed         source_not_allowed
+    │   └── DownloadDenied           download_denied
     ├── NotFound (404)
     │   ├── ModelNotFound            model_not_found      (also LookupError)
-    │   └── SourceNotFound           source_not_found     (also FileNotFoundError)
+    │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
+    │   ├── RemoteNotFound           remote_not_found
+    │   └── DownloadNotFound         download_not_found
     ├── Conflict (409)
-    │   └── ModelExists              model_exists
+    │   ├── ModelExists              model_exists
+    │   ├── DownloadNotPending       download_not_pending
+    │   └── DownloadCancelled        download_cancelled
     ├── DigestMismatch (422)         digest_mismatch
     ├── InsufficientStorage (507)
     │   ├── DiskFull                 disk_full
@@ -25,6 +34,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     ├── PromptTooLong (400)          prompt_too_long
     ├── ModelNotLoadable (400)       model_not_loadable
     ├── InsufficientMemory (507)     insufficient_memory
+    ├── DownloadFailed (502)         download_failed
+    ├── SchemeNotSupported (501)     scheme_not_supported
     └── StorageFailure (500)
         ├── StoreFailure             store_failure
         ├── LayoutTooNew             layout_too_new
@@ -40,9 +51,16 @@ __all__ = [
     "CacheFull",
     "Conflict",
     "DigestMismatch",
+    "DigestRequired",
     "DiskFull",
+    "DownloadCancelled",
+    "DownloadDenied",
+    "DownloadFailed",
+    "DownloadNotFound",
+    "DownloadNotPending",
     "EngineBusy",
     "EngineFailure",
+    "Forbidden",
     "InsufficientMemory",
     "InsufficientStorage",
     "InvalidInput",
@@ -55,7 +73,11 @@ __all__ = [
     "ModelNotLoadable",
     "NotFound",
     "NotReady",
+    "Offline",
     "PromptTooLong",
+    "RemoteNotFound",
+    "SchemeNotSupported",
+    "SourceNotAllowed",
     "SourceNotFound",
     "SourceUnreadable",
     "StorageFailure",
@@ -113,6 +135,31 @@ class SourceUnreadable(InvalidInput):
     default_hint = "check the file's permissions; the appliance reads it as the user running it"
 
 
+class DigestRequired(InvalidInput):
+    code = "digest_required"
+    default_hint = "pass --digest sha256:HEX, or pull without --strict to record the digest unverified"
+
+
+class Forbidden(ApplianceError):
+    code = "forbidden"
+    status = 403
+
+
+class Offline(Forbidden):
+    code = "offline"
+    default_hint = "unset offline (APPLIANCE_OFFLINE, --offline or the preference) to allow downloads"
+
+
+class SourceNotAllowed(Forbidden):
+    code = "source_not_allowed"
+    default_hint = "ask an admin to add the source to models.download.allowed_sources"
+
+
+class DownloadDenied(Forbidden):
+    code = "download_denied"
+    default_hint = "an admin denied this download; ask them, or pull another model"
+
+
 class NotFound(ApplianceError):
     code = "not_found"
     status = 404
@@ -128,6 +175,16 @@ class SourceNotFound(NotFound, FileNotFoundError):
     default_hint = "check the path; it is read on the machine that runs the appliance"
 
 
+class RemoteNotFound(NotFound):
+    code = "remote_not_found"
+    default_hint = "check the reference; the remote server answered that it has no such file"
+
+
+class DownloadNotFound(NotFound):
+    code = "download_not_found"
+    default_hint = "list the downloads with `appliance downloads ls`"
+
+
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
@@ -136,6 +193,16 @@ class Conflict(ApplianceError):
 class ModelExists(Conflict):
     code = "model_exists"
     default_hint = "remove it first with `appliance models rm NAME`, or import under another --name"
+
+
+class DownloadNotPending(Conflict):
+    code = "download_not_pending"
+    default_hint = "only a pending download can be approved or denied"
+
+
+class DownloadCancelled(Conflict):
+    code = "download_cancelled"
+    default_hint = "pull again to resume it"
 
 
 class DigestMismatch(ApplianceError):
@@ -186,6 +253,18 @@ class InsufficientMemory(ApplianceError):
     default_hint = (
         "unload a model (`appliance models unload NAME`), lower the context, or raise engine.memory_budget"
     )
+
+
+class DownloadFailed(ApplianceError):
+    code = "download_failed"
+    status = 502
+    default_hint = "check the network and the remote server, then pull again; finished parts are kept"
+
+
+class SchemeNotSupported(ApplianceError):
+    code = "scheme_not_supported"
+    status = 501
+    default_hint = "use an https:// URL to the file for now"
 
 
 class StorageFailure(ApplianceError):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from appliance.errors import StorageFailure
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
+from appliance.provision.service import Provisioner
 from appliance.settings import Settings
 from appliance.store.cache import BlobCache
 from appliance.store.sqlite import SqliteStore
@@ -25,6 +26,7 @@ class Runtime:
     store: SqliteStore
     cache: BlobCache
     models: ModelService
+    provisioner: Provisioner
     metrics: Metrics
     pool: EnginePool | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
@@ -41,7 +43,14 @@ class Runtime:
         cache = BlobCache(settings.data_dir)
         store = SqliteStore(settings.data_dir / "appliance.db")
         models = ModelService(settings, store, cache)
-        runtime = cls(settings=settings, store=store, cache=cache, models=models, metrics=Metrics())
+        runtime = cls(
+            settings=settings,
+            store=store,
+            cache=cache,
+            models=models,
+            provisioner=Provisioner(settings, store, cache, models),
+            metrics=Metrics(),
+        )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
             from appliance.engine.pool import EnginePool

@@ -28,6 +28,7 @@ from appliance.errors import InvalidSetting
 
 __all__ = [
     "CacheSettings",
+    "DownloadSettings",
     "EngineSettings",
     "ModelsSettings",
     "Settings",
@@ -101,10 +102,6 @@ class CacheSettings(BaseModel):
     )
 
 
-class ModelsSettings(BaseModel):
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-
-
 _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -146,6 +143,40 @@ class EngineSettings(BaseModel):
     )
 
 
+class DownloadSettings(BaseModel):
+    allowed_sources: list[str] = Field(
+        default_factory=lambda: ["https", "http", "hf", "s3", "oci"],
+        description="Where pulls may fetch from: a scheme ('https') or scheme://host "
+        "('http://mirror.lan:8000', 'https://*.example.com').",
+    )
+    denied_sources: list[str] = Field(
+        default_factory=list, description="Sources refused even when allowed_sources matches them."
+    )
+    require_user_approval: bool = Field(
+        default=False, description="Pulls wait as pending until an admin approves or denies them."
+    )
+    max_parallel: int = Field(default=2, ge=1, le=64, description="Downloads that may run at once.")
+    connections: int = Field(
+        default=16, ge=1, le=64, description="Parallel Range requests per file when the server allows them."
+    )
+    part_bytes: ByteSize = Field(
+        default=32 * 1024 * 1024, ge=1024 * 1024, description="Size of one Range request's part."
+    )
+    retries: int = Field(
+        default=5, ge=0, le=100, description="Retries of a part that fails without progress."
+    )
+    stall_timeout: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="A connection that sends nothing for this long is dropped and retried.",
+    )
+
+
+class ModelsSettings(BaseModel):
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
+
+
 class Settings(BaseSettings):
     """The appliance's settings; see the module docstring for where they come from."""
 
@@ -164,6 +195,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535, description="Port `appliance serve` listens on.")
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    offline: bool = Field(
+        default=False, description="No outbound network call at all (`--offline`, APPLIANCE_OFFLINE=1)."
+    )
 
     @classmethod
     def settings_customise_sources(

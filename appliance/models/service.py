@@ -15,7 +15,7 @@ from appliance.models.formats import detect_format, read_capabilities
 from appliance.names import ModelName, name_from_filename
 from appliance.settings import Settings
 from appliance.store.base import Model, NewArtifact, Store
-from appliance.store.cache import BlobCache, ProgressCallback, open_source
+from appliance.store.cache import BlobCache, ProgressCallback, StagedBlob, open_source
 
 __all__ = ["GcReport", "ImportResult", "ModelService", "VerifyResult"]
 
@@ -88,6 +88,7 @@ class ModelService:
         name: str | None = None,
         fmt: str | None = None,
         allow_link: bool = True,
+        expected_digest: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> ImportResult:
         """Import a local file into the cache and register it under ``name`` (default: from the filename)."""
@@ -99,30 +100,57 @@ class ModelService:
             fmt = detect_format(header, size=size, filename=source.name, requested=fmt)
             note.detail["format"] = fmt
             self._check_budget(size, keep=model_name)
-            staged = self.cache.stage(source, allow_link=allow_link, on_progress=on_progress)
-            try:
-                note.bytes = staged.size
-                note.detail.update(digest=staged.digest, method=staged.method)
-                capabilities = read_capabilities(staged.path, fmt)
-                self._check_conflict(model_name, source.name, staged.digest)
-                incoming = 0 if self.cache.has(staged.digest) else staged.size
-                evicted = self._make_room(incoming, keep=model_name, context=context)
-                artifact = NewArtifact(
-                    filename=source.name,
-                    format=fmt,
-                    digest=staged.digest,
-                    size_bytes=staged.size,
-                    source_uri=f"file:{source}",
-                )
-                with self.cache.placing():
-                    self.cache.place(staged)
-                    model, added = self.store.add_artifact(
-                        model_name, artifact, capabilities=capabilities, actor=context.actor
-                    )
-            finally:
-                staged.close()
+            staged = self.cache.stage(
+                source, allow_link=allow_link, expected_digest=expected_digest, on_progress=on_progress
+            )
+            note.bytes = staged.size
+            note.detail.update(digest=staged.digest, method=staged.method)
+            model, added, evicted = self.register_staged(
+                staged,
+                model_name,
+                filename=source.name,
+                fmt=fmt,
+                source_uri=f"file:{source}",
+                context=context,
+            )
             note.detail["added"] = added
             return ImportResult(model, staged.digest, staged.size, staged.method, added, tuple(evicted))
+
+    def register_staged(
+        self,
+        staged: StagedBlob,
+        model_name: ModelName,
+        *,
+        filename: str,
+        fmt: str,
+        source_uri: str,
+        context: Context,
+    ) -> tuple[Model, bool, list[str]]:
+        """Place a staged blob and register it under ``model_name``; the staged file is gone afterwards."""
+        try:
+            capabilities = read_capabilities(staged.path, fmt)
+            self._check_conflict(model_name, filename, staged.digest)
+            incoming = 0 if self.cache.has(staged.digest) else staged.size
+            evicted = self._make_room(incoming, keep=model_name, context=context)
+            artifact = NewArtifact(
+                filename=filename,
+                format=fmt,
+                digest=staged.digest,
+                size_bytes=staged.size,
+                source_uri=source_uri,
+            )
+            with self.cache.placing():
+                self.cache.place(staged)
+                model, added = self.store.add_artifact(
+                    model_name, artifact, capabilities=capabilities, actor=context.actor
+                )
+        finally:
+            staged.close()
+        return model, added, evicted
+
+    def check_budget(self, incoming: int, *, keep: ModelName) -> None:
+        """Refuse up front, changing nothing, content that cannot fit even after evicting."""
+        self._check_budget(incoming, keep=keep)
 
     def _check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
         existing = self.store.get_model(name)

@@ -19,6 +19,8 @@ __all__ = [
     "AuditEvent",
     "Blob",
     "BlobState",
+    "Download",
+    "DownloadState",
     "InferenceRecord",
     "Model",
     "NewArtifact",
@@ -28,6 +30,7 @@ __all__ = [
 ]
 
 BlobState = Literal["ok", "quarantined"]
+DownloadState = Literal["pending", "approved", "running", "done", "failed", "denied", "cancelled"]
 
 
 def utcnow() -> str:
@@ -113,6 +116,26 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class Download:
+    """One pull that needed the network: its approval, progress and outcome."""
+
+    id: str
+    ref: str
+    state: DownloadState
+    requested_by: str
+    model_name: str | None = None
+    expected_digest: str | None = None
+    digest: str | None = None
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    rate_bytes_per_s: int = 0
+    error: str | None = None
+    decided_by: str | None = None
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
 class InferenceRecord:
     """One served request: where it ran and why (REQ-MODELS-0118), and what it cost."""
 
@@ -172,6 +195,23 @@ class Store(Protocol):
         until: str | None = None,
         limit: int = 100,
     ) -> list[AuditEvent]: ...
+
+    # downloads
+    def create_download(self, download: Download) -> Download: ...
+    def update_download(self, download_id: str, **changes: Any) -> Download:
+        """Set columns of one download (and ``updated_at``); raises DownloadNotFound."""
+        ...
+
+    def get_download(self, download_id: str) -> Download | None: ...
+    def list_downloads(
+        self, *, states: Sequence[str] = (), ref: str | None = None, limit: int = 100
+    ) -> list[Download]:
+        """Newest first."""
+        ...
+
+    def find_artifact_by_source(self, source_uri: str) -> tuple[Model, Artifact] | None:
+        """The newest registered artifact fetched from ``source_uri``, with its model."""
+        ...
 
     # inference
     def append_inference(self, record: InferenceRecord) -> None: ...

@@ -4,6 +4,8 @@
     <data>/blobs/sha256/<hex>          immutable content, read-only mode, named by its sha256
     <data>/tmp/<random>.partial        an import in flight (copy or reflink); never served
     <data>/tmp/<random>.link           an import in flight (hard link to the source); never served
+    <data>/tmp/downloads/<key>.partial a download, resumable (``<key>.state.json`` says which parts
+                                       are on disk); never served
     <data>/quarantine/sha256/<hex>     blobs whose content no longer matched their name
     <data>/cache.lock                  flock: imports place blobs under a shared lock, deletions
                                        take it exclusively, so a blob is never deleted between
@@ -46,7 +48,7 @@ CHUNK_BYTES = 8 * 1024 * 1024
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 ProgressCallback = Callable[[int], None]
-StageMethod = Literal["copy", "reflink", "hardlink"]
+StageMethod = Literal["copy", "reflink", "hardlink", "download"]
 
 
 def _storage_error(exc: OSError, where: Path) -> Exception:
@@ -82,10 +84,11 @@ class BlobCache:
         self.data_dir = data_dir
         self.blobs_dir = data_dir / "blobs" / "sha256"
         self.tmp_dir = data_dir / "tmp"
+        self.downloads_dir = self.tmp_dir / "downloads"
         self.quarantine_dir = data_dir / "quarantine" / "sha256"
         self._lock_path = data_dir / "cache.lock"
         try:
-            for directory in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
+            for directory in (self.blobs_dir, self.tmp_dir, self.downloads_dir, self.quarantine_dir):
                 directory.mkdir(parents=True, exist_ok=True)
             self._check_layout()
         except OSError as exc:
@@ -168,6 +171,19 @@ class BlobCache:
             staged.close()
             raise DigestMismatch(f"{source} has digest {staged.digest}, expected {expected_digest}")
         return staged
+
+    def open_download(self, key: str) -> tuple[Path, int]:
+        """The partial file of download ``key``, opened and flock'ed (kept if it exists, to resume)."""
+        path = self.downloads_dir / f"{key}.partial"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _storage_error(exc, self.downloads_dir) from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return path, fd
+
+    def free_bytes(self) -> int:
+        return _free_bytes(self.tmp_dir)
 
     def _new_staging_file(self, suffix: str) -> tuple[Path, int]:
         path = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
@@ -283,11 +299,12 @@ class BlobCache:
         return found
 
     def remove_stale_staging(self) -> tuple[int, int]:
-        """Delete staging files whose owner is gone; returns (files, bytes)."""
+        """Delete staging files and download partials whose owner is gone; returns (files, bytes)."""
         files = freed = 0
-        for entry in os.scandir(self.tmp_dir):
-            if not entry.name.endswith((".partial", ".link")):
-                continue
+        candidates = [
+            entry for entry in os.scandir(self.tmp_dir) if entry.name.endswith((".partial", ".link"))
+        ] + [entry for entry in os.scandir(self.downloads_dir) if entry.name.endswith(".partial")]
+        for entry in candidates:
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -296,10 +313,12 @@ class BlobCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                continue  # an import in flight still holds it
+                continue  # an import or download in flight still holds it
             try:
                 size = os.fstat(fd).st_size
                 os.unlink(entry.path)
+                with suppress(FileNotFoundError):
+                    os.unlink(entry.path.removesuffix(".partial") + ".state.json")
                 files += 1
                 freed += size
             except FileNotFoundError:

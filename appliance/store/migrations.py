@@ -141,4 +141,13 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX inference_requests_model_at ON inference_requests (model, at);
         """,
     ),
+    Migration(
+        "0003_download_progress",
+        """
+        ALTER TABLE downloads ADD COLUMN model_name TEXT;
+        ALTER TABLE downloads ADD COLUMN rate_bytes_per_s INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE downloads ADD COLUMN decided_by TEXT;
+        CREATE INDEX downloads_ref ON downloads (ref, created_at);
+        """,
+    ),
 )

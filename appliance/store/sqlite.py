@@ -18,13 +18,14 @@ from typing import Any
 
 import apsw
 
-from appliance.errors import DiskFull, ModelExists, ModelNotFound, StoreFailure
+from appliance.errors import DiskFull, DownloadNotFound, ModelExists, ModelNotFound, StoreFailure
 from appliance.names import ModelName
 from appliance.store.base import (
     Artifact,
     AuditEvent,
     Blob,
     BlobState,
+    Download,
     InferenceRecord,
     Model,
     NewArtifact,
@@ -60,6 +61,25 @@ def _enable_wal(connection: apsw.Connection) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+# In the order of Download's fields.
+_DOWNLOAD_COLUMNS = (
+    "id",
+    "ref",
+    "state",
+    "requested_by",
+    "model_name",
+    "expected_digest",
+    "digest",
+    "bytes_done",
+    "bytes_total",
+    "rate_bytes_per_s",
+    "error",
+    "decided_by",
+    "created_at",
+    "updated_at",
+)
 
 
 class SqliteStore:
@@ -428,6 +448,70 @@ class SqliteStore:
             )
             for row in rows
         ]
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    def create_download(self, download: Download) -> Download:
+        row = {name: getattr(download, name) for name in _DOWNLOAD_COLUMNS}
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO downloads ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return download
+
+    def update_download(self, download_id: str, **changes: Any) -> Download:
+        unknown = set(changes) - set(_DOWNLOAD_COLUMNS) - {"updated_at"}
+        if unknown or "id" in changes:
+            raise ValueError(f"not a download column: {sorted(unknown or {'id'})}")
+        changes["updated_at"] = utcnow()
+        with self._write() as db:
+            db.execute(
+                f"UPDATE downloads SET {', '.join(f'{name} = ?' for name in changes)} WHERE id = ?",
+                [*changes.values(), download_id],
+            )
+            if db.changes() == 0:
+                raise DownloadNotFound(f"download {download_id} not found")
+        found = self.get_download(download_id)
+        assert found is not None
+        return found
+
+    def get_download(self, download_id: str) -> Download | None:
+        rows = self._query(
+            f"SELECT {', '.join(_DOWNLOAD_COLUMNS)} FROM downloads WHERE id = ?", (download_id,)
+        )
+        return Download(*rows[0]) if rows else None
+
+    def list_downloads(
+        self, *, states: Sequence[str] = (), ref: str | None = None, limit: int = 100
+    ) -> list[Download]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)
+        if ref is not None:
+            clauses.append("ref = ?")
+            params.append(ref)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(
+            f"SELECT {', '.join(_DOWNLOAD_COLUMNS)} FROM downloads {where}"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [Download(*row) for row in rows]
+
+    def find_artifact_by_source(self, source_uri: str) -> tuple[Model, Artifact] | None:
+        rows = self._query(
+            "SELECT v.id FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id"
+            " WHERE a.source_uri = ? ORDER BY a.created_at DESC LIMIT 1",
+            (source_uri,),
+        )
+        if not rows:
+            return None
+        (model,) = self._models("WHERE v.id = ?", (rows[0][0],))
+        artifact = next(artifact for artifact in model.artifacts if artifact.source_uri == source_uri)
+        return model, artifact
 
     # -- inference -------------------------------------------------------------------------------
 

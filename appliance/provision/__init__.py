@@ -1,0 +1,1 @@
+"""Pulling models by reference: policy, single-flight, the download engine, verification."""

@@ -1,0 +1,522 @@
+"""``ensure_present``: make a ModelRef present, verified and registered, exactly once.
+
+    parse ─► already present? (no network at all) ─► policy (offline, allow/deny)
+          ─► single-flight (threads: a lock per ref; processes: an flock per ref)
+          ─► approval, when required ─► one download (the transfer engine) ─► verify ─► register
+
+Every pull that needs the network has a ``downloads`` row (progress written at most a few
+times a second) and an audit event; approvals and denials are audited too. A successful pull
+writes the engine handoff (``<data>/runtime/engines/llamacpp.json``) and appends to the
+provenance log (``<data>/runtime/provenance/models.jsonl``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from appliance.audit import AuditNote, Context, audited, record
+from appliance.errors import (
+    DigestMismatch,
+    DigestRequired,
+    DiskFull,
+    DownloadCancelled,
+    DownloadDenied,
+    DownloadNotFound,
+    DownloadNotPending,
+    ModelNotFound,
+    SchemeNotSupported,
+)
+from appliance.models.formats import detect_format
+from appliance.models.service import ModelService
+from appliance.names import ModelName, name_from_filename
+from appliance.provision.policy import SourcePolicy
+from appliance.provision.transfer import RemoteFile, Transfer
+from appliance.refs import DigestRef, FileRef, ModelRef, UrlRef, parse_digest, parse_ref
+from appliance.settings import Settings
+from appliance.store.base import Download, Model, Store, utcnow
+from appliance.store.cache import BlobCache, StagedBlob
+
+__all__ = ["Provisioner", "PullProgress", "ResolvedModel"]
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
+APPROVAL_POLL = 0.25
+HEADER_BYTES = 64
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What ``ensure_present`` hands to an engine: a registered model and its verified blob."""
+
+    id: str  # the model's name:tag
+    digest: str
+    path: Path
+    format: str
+    size: int
+    ref: str
+    downloaded: bool  # False when it was already present (no network was used)
+    verification: str  # expected | source | unverified | present
+    download_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    download_id: str
+    state: str
+    bytes_done: int
+    bytes_total: int | None
+    rate_bytes_per_s: int
+
+
+class _ProgressWriter:
+    """Turns per-chunk progress into a downloads-row update at most every PROGRESS_INTERVAL."""
+
+    def __init__(
+        self, store: Store, download_id: str, listener: Callable[[PullProgress], None] | None
+    ) -> None:
+        self.store = store
+        self.download_id = download_id
+        self.listener = listener
+        self._lock = threading.Lock()
+        self._last_write = 0.0
+        self._last_bytes = 0
+        self._rate = 0
+
+    def __call__(self, done: int, total: int | None, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            elapsed = now - self._last_write
+            if not force and elapsed < PROGRESS_INTERVAL:
+                return
+            if self._last_write and elapsed > 0:
+                self._rate = max(0, round((done - self._last_bytes) / elapsed))
+            self._last_write, self._last_bytes = now, done
+            rate = self._rate
+        self.store.update_download(
+            self.download_id, bytes_done=done, bytes_total=total, rate_bytes_per_s=rate
+        )
+        if self.listener is not None:
+            self.listener(PullProgress(self.download_id, "running", done, total, rate))
+
+
+class Provisioner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        cache: BlobCache,
+        models: ModelService,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.models = models
+        self._transport = transport
+        self._flights: dict[str, threading.Lock] = {}
+        self._flights_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.models.download.max_parallel)
+        self.runtime_dir = settings.data_dir / "runtime"
+
+    # -- settings an admin can override with a preference ----------------------------------------
+
+    def _preference(self, key: str, default: Any) -> Any:
+        value = self.store.get_preference(key)
+        return default if value is None else value
+
+    def policy(self) -> SourcePolicy:
+        download = self.settings.models.download
+        return SourcePolicy(
+            offline=bool(self._preference("offline", self.settings.offline)),
+            allowed=tuple(self._preference("models.download.allowed_sources", download.allowed_sources)),
+            denied=tuple(self._preference("models.download.denied_sources", download.denied_sources)),
+        )
+
+    def approval_required(self) -> bool:
+        default = self.settings.models.download.require_user_approval
+        return bool(self._preference("models.download.require_user_approval", default))
+
+    # -- the contract ----------------------------------------------------------------------------
+
+    def ensure_present(
+        self,
+        ref: str | ModelRef,
+        context: Context,
+        *,
+        name: str | None = None,
+        expected_digest: str | None = None,
+        strict: bool = False,
+        on_progress: Callable[[PullProgress], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ResolvedModel:
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        expected = parse_digest(expected_digest) if expected_digest else None
+        model_name = ModelName.parse(name) if name else None
+        if isinstance(parsed, FileRef):
+            return self._import_local(parsed, context, model_name, expected)
+        if isinstance(parsed, DigestRef):
+            return self._from_cache(parsed)
+        present = self._present(parsed, expected, model_name)
+        if present is not None:
+            return present
+        self.policy().check(parsed)
+        remote = self._resolve(parsed)
+        if strict and expected is None and remote.digest is None:
+            raise DigestRequired(f"--strict needs a digest, and {parsed} does not publish one")
+        with self._single_flight(str(parsed)):
+            present = self._present(parsed, expected, model_name)  # another pull may have finished it
+            if present is not None:
+                return present
+            with self._slots:
+                return self._download(
+                    parsed,
+                    remote,
+                    context,
+                    model_name or name_from_filename(remote.filename),
+                    expected,
+                    on_progress,
+                    cancel or threading.Event(),
+                )
+
+    def _import_local(
+        self, ref: FileRef, context: Context, name: ModelName | None, expected: str | None
+    ) -> ResolvedModel:
+        result = self.models.import_file(
+            ref.path, context, name=str(name) if name else None, expected_digest=expected
+        )
+        artifact = next(a for a in result.model.artifacts if a.digest == result.digest)
+        return ResolvedModel(
+            id=str(result.model.name),
+            digest=result.digest,
+            path=self.cache.path(result.digest),
+            format=artifact.format,
+            size=result.size_bytes,
+            ref=str(ref),
+            downloaded=False,
+            verification="expected" if expected else "unverified",
+        )
+
+    def _from_cache(self, ref: DigestRef) -> ResolvedModel:
+        for model in self.store.list_models():
+            for artifact in model.artifacts:
+                if artifact.digest == ref.digest and artifact.state == "ok" and self.cache.has(ref.digest):
+                    return self._resolved(model, artifact.digest, str(ref), "present")
+        raise ModelNotFound(f"no model in the cache has the blob {ref.digest}")
+
+    def _present(self, ref: ModelRef, expected: str | None, name: ModelName | None) -> ResolvedModel | None:
+        """The fast path: the ref was pulled before and its blob is intact. Reads only the registry."""
+        found = self.store.find_artifact_by_source(str(ref))
+        if found is None:
+            return None
+        model, artifact = found
+        if name is not None and model.name != name:
+            return None
+        if expected is not None and artifact.digest != expected:
+            return None
+        if artifact.state != "ok" or not self.cache.has(artifact.digest):
+            return None
+        return self._resolved(model, artifact.digest, str(ref), "present")
+
+    def _resolved(self, model: Model, digest: str, ref: str, verification: str) -> ResolvedModel:
+        artifact = next(a for a in model.artifacts if a.digest == digest)
+        return ResolvedModel(
+            id=str(model.name),
+            digest=digest,
+            path=self.cache.path(digest),
+            format=artifact.format,
+            size=artifact.size_bytes,
+            ref=ref,
+            downloaded=False,
+            verification=verification,
+        )
+
+    def _resolve(self, ref: ModelRef) -> RemoteFile:
+        if isinstance(ref, UrlRef):
+            path = urlsplit(ref.url).path
+            filename = unquote(path.rsplit("/", 1)[-1]) or "download"
+            return RemoteFile(url=ref.url, filename=filename)
+        scheme = str(ref).split(":", 1)[0]
+        raise SchemeNotSupported(f"{scheme}: refs cannot be pulled yet ({ref})")
+
+    # -- single flight ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _single_flight(self, ref: str) -> Iterator[None]:
+        """One pull per ref at a time: a lock for this process's threads, an flock for other processes."""
+        key = _key(ref)
+        with self._flights_lock:
+            lock = self._flights.setdefault(key, threading.Lock())
+        with lock:
+            fd = os.open(
+                self.cache.downloads_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    # -- downloading -----------------------------------------------------------------------------
+
+    def _download(
+        self,
+        ref: ModelRef,
+        remote: RemoteFile,
+        context: Context,
+        model_name: ModelName,
+        expected: str | None,
+        on_progress: Callable[[PullProgress], None] | None,
+        cancel: threading.Event,
+    ) -> ResolvedModel:
+        download = self._download_row(ref, model_name, expected, context)
+        if on_progress is not None:
+            on_progress(
+                PullProgress(download.id, download.state, download.bytes_done, download.bytes_total, 0)
+            )
+        try:
+            download = self._await_approval(download, context, cancel, on_progress)
+        except DownloadCancelled:
+            self.store.update_download(download.id, state="cancelled", error="cancelled while pending")
+            raise
+        self.store.update_download(download.id, state="running", error=None)
+        progress = _ProgressWriter(self.store, download.id, on_progress)
+        try:
+            with audited(self.store, context, action="models.pull", target=str(ref)) as note:
+                note.detail.update(download_id=download.id, name=str(model_name))
+                resolved = self._fetch_and_register(
+                    ref, remote, context, model_name, expected, progress, cancel, note
+                )
+        except DownloadCancelled as exc:
+            self.store.update_download(download.id, state="cancelled", error=str(exc))
+            raise
+        except Exception as exc:
+            self.store.update_download(download.id, state="failed", error=str(exc))
+            raise
+        self.store.update_download(
+            download.id,
+            state="done",
+            digest=resolved.digest,
+            bytes_done=resolved.size,
+            bytes_total=resolved.size,
+        )
+        if on_progress is not None:
+            on_progress(PullProgress(download.id, "done", resolved.size, resolved.size, 0))
+        self._write_handoff(resolved)
+        return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
+
+    def _download_row(
+        self, ref: ModelRef, model_name: ModelName, expected: str | None, context: Context
+    ) -> Download:
+        """The row of an unfinished earlier pull of this ref (a resumed pull keeps its id), or a new one."""
+        unfinished = self.store.list_downloads(
+            ref=str(ref), states=("pending", "approved", "running", "failed", "cancelled"), limit=1
+        )
+        if unfinished:
+            return self.store.update_download(
+                unfinished[0].id, model_name=str(model_name), expected_digest=expected
+            )
+        return self.store.create_download(
+            Download(
+                id=uuid.uuid4().hex[:12],
+                ref=str(ref),
+                state="running",
+                requested_by=context.actor,
+                model_name=str(model_name),
+                expected_digest=expected,
+            )
+        )
+
+    def _await_approval(
+        self,
+        download: Download,
+        context: Context,
+        cancel: threading.Event,
+        on_progress: Callable[[PullProgress], None] | None,
+    ) -> Download:
+        if not self.approval_required() or download.state == "approved" or download.decided_by is not None:
+            return download
+        if download.state != "pending":
+            download = self.store.update_download(download.id, state="pending")
+            record(
+                self.store,
+                context,
+                action="downloads.request",
+                note=AuditNote(target=download.ref, detail={"download_id": download.id}),
+            )
+        if on_progress is not None:
+            on_progress(PullProgress(download.id, "pending", 0, download.bytes_total, 0))
+        logger.info("download %s of %s waits for approval", download.id, download.ref)
+        while True:
+            current = self.store.get_download(download.id)
+            if current is None:
+                raise DownloadNotFound(f"download {download.id} disappeared while it waited for approval")
+            if current.state == "denied":
+                raise DownloadDenied(
+                    f"download {current.id} of {current.ref} was denied by {current.decided_by}"
+                )
+            if current.state != "pending":
+                return current
+            if cancel.wait(APPROVAL_POLL):
+                raise DownloadCancelled(f"download {current.id} was cancelled while it waited for approval")
+
+    def _fetch_and_register(
+        self,
+        ref: ModelRef,
+        remote: RemoteFile,
+        context: Context,
+        model_name: ModelName,
+        expected: str | None,
+        progress: _ProgressWriter,
+        cancel: threading.Event,
+        note: AuditNote,
+    ) -> ResolvedModel:
+        key = _key(remote.url)
+        path, fd = self.cache.open_download(key)
+
+        def before_body(size: int | None) -> None:
+            if size is None:
+                return
+            self.models.check_budget(size, keep=model_name)
+            free = self.cache.free_bytes() + os.fstat(fd).st_size  # a resumed partial already holds its part
+            if size > free:
+                raise DiskFull(
+                    f"not enough space under {self.settings.data_dir}: {remote.filename} needs {size} bytes,"
+                    f" {free} are free"
+                )
+
+        transfer = Transfer(
+            self._client(),
+            remote,
+            path,
+            self.settings.models.download,
+            on_progress=progress,
+            before_body=before_body,
+            cancel=cancel,
+        )
+        try:
+            try:
+                result = transfer.run(fd)
+            finally:
+                transfer.client.close()
+        except BaseException:
+            os.close(fd)  # the partial and its state stay, to resume
+            raise
+        progress(result.size, result.size, force=True)
+        note.bytes = result.size
+        note.detail.update(digest=result.digest, resumed_bytes=result.resumed_bytes, parts=result.parts)
+        staged = StagedBlob(path, result.digest, result.size, "download", fd)
+        try:
+            verification = self._verify(ref, remote, expected, result.digest, note)
+            with open(path, "rb") as handle:
+                header = handle.read(HEADER_BYTES)
+            fmt = detect_format(header, size=result.size, filename=remote.filename, requested=None)
+        except BaseException:
+            staged.close()
+            transfer.discard()
+            raise
+        try:
+            model, _, evicted = self.models.register_staged(
+                staged, model_name, filename=remote.filename, fmt=fmt, source_uri=str(ref), context=context
+            )
+        finally:
+            transfer.discard()
+        note.detail.update(verification=verification, evicted=evicted, format=fmt)
+        resolved = self._resolved(model, result.digest, str(ref), verification)
+        return ResolvedModel(**{**resolved.__dict__, "downloaded": True})
+
+    def _verify(
+        self, ref: ModelRef, remote: RemoteFile, expected: str | None, actual: str, note: AuditNote
+    ) -> str:
+        """Nothing that fails its digest is kept; content no digest covers is kept and flagged."""
+        for claimed, kind in ((expected, "expected"), (remote.digest, "source")):
+            if claimed is None:
+                continue
+            if claimed != actual:
+                raise DigestMismatch(f"{ref} has digest {actual}, but the {kind} digest is {claimed}")
+            return kind
+        logger.warning("%s has no digest to verify against; recorded %s as it arrived", ref, actual)
+        note.detail["warning"] = "no digest to verify against"
+        return "unverified"
+
+    def _client(self) -> httpx.Client:
+        options = self.settings.models.download
+        timeout = httpx.Timeout(30.0, read=options.stall_timeout)
+        limits = httpx.Limits(
+            max_connections=options.connections + 1, max_keepalive_connections=options.connections
+        )
+        return httpx.Client(timeout=timeout, limits=limits, transport=self._transport, trust_env=False)
+
+    def _write_handoff(self, resolved: ResolvedModel) -> None:
+        """The engine handoff and provenance files of the provisioner spec."""
+        engines = self.runtime_dir / "engines"
+        provenance = self.runtime_dir / "provenance"
+        engines.mkdir(parents=True, exist_ok=True)
+        provenance.mkdir(parents=True, exist_ok=True)
+        model = self.models.get(resolved.id)
+        handoff = {
+            "model": {
+                "id": resolved.ref,
+                "name": resolved.id,
+                "path": str(resolved.path),
+                "digest": resolved.digest,
+            },
+            "metadata": {"size_bytes": resolved.size, "ctx_max": model.capabilities.get("context_length")},
+        }
+        staging = engines / f"llamacpp.json.{uuid.uuid4().hex}"
+        staging.write_text(json.dumps(handoff, indent=2) + "\n")
+        os.replace(staging, engines / "llamacpp.json")
+        line = {
+            "at": utcnow(),
+            "model_id": resolved.ref,
+            "name": resolved.id,
+            "digest": resolved.digest,
+            "path": str(resolved.path),
+            "verification": resolved.verification,
+            "download_id": resolved.download_id,
+        }
+        with open(provenance / "models.jsonl", "a") as log:
+            log.write(json.dumps(line) + "\n")
+
+    # -- downloads -------------------------------------------------------------------------------
+
+    def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
+        return self.store.list_downloads(states=states, limit=limit)
+
+    def get_download(self, download_id: str) -> Download:
+        found = self.store.get_download(download_id)
+        if found is None:
+            raise DownloadNotFound(f"download {download_id} not found")
+        return found
+
+    def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
+        """Approve or deny a pending download; the waiting pull goes on or fails."""
+        action = "downloads.approve" if approve else "downloads.deny"
+        with audited(self.store, context, action=action, target=download_id) as note:
+            current = self.get_download(download_id)
+            note.detail["ref"] = current.ref
+            if current.state != "pending":
+                raise DownloadNotPending(f"download {download_id} is {current.state}, not pending")
+            return self.store.update_download(
+                download_id, state="approved" if approve else "denied", decided_by=context.actor
+            )
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

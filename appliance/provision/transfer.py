@@ -1,0 +1,433 @@
+"""The one download engine every scheme's bytes go through.
+
+A file is fetched into ``<data>/tmp/downloads/<key>.partial`` next to ``<key>.state.json``.
+When the server honours Range, the file is cut into parts of ``part_bytes`` that up to
+``connections`` workers fetch in order, each writing at its own offset; the state file
+records how many bytes of each part are on disk (written after the bytes, at most a few
+times a second and whenever a part completes), so a pull that was killed or failed resumes
+where it stopped, provided the server still reports the same size and validator (ETag or
+Last-Modified). A hashing thread follows the completed prefix of the file, so the sha256 is
+ready soon after the last byte arrives.
+
+A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall_timeout``)
+is retried with exponential backoff; ``retries`` counts failures in a row without progress.
+A server that ignores Range gets one sequential stream, hashed as it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from appliance.errors import DownloadCancelled, DownloadFailed, RemoteNotFound, SourceNotAllowed
+from appliance.settings import DownloadSettings
+
+__all__ = ["RemoteFile", "Transfer", "TransferResult"]
+
+READ_BYTES = 1024 * 1024
+STATE_SAVE_INTERVAL = 0.5
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+# (bytes on disk, total bytes or None)
+TransferProgress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: where from, and what the source says about it."""
+
+    url: str
+    filename: str
+    headers: dict[str, str] = field(default_factory=dict)
+    digest: str | None = None  # the source's own sha256, when it publishes one
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    digest: str
+    size: int
+    resumed_bytes: int  # bytes found on disk from an earlier attempt
+    parts: int
+
+
+class _RetryablePartError(Exception):
+    pass
+
+
+@dataclass
+class _Probe:
+    size: int | None
+    validator: str | None
+    ranges: bool
+
+
+class Transfer:
+    """Fetch one RemoteFile into a partial file; ``run`` returns its sha256 and size."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        remote: RemoteFile,
+        partial: Path,
+        options: DownloadSettings,
+        *,
+        on_progress: TransferProgress | None = None,
+        before_body: Callable[[int | None], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.client = client
+        self.remote = remote
+        self.partial = partial
+        self.state_path = partial.with_suffix(".state.json")
+        self.options = options
+        self.on_progress = on_progress
+        self.before_body = before_body  # told the size before any body byte is written; may refuse
+        self.cancel = cancel or threading.Event()
+        self._lock = threading.Lock()
+        self._done: list[int] = []
+        self._last_save = 0.0
+        self._failed = threading.Event()  # a part failed for good: the others stop
+
+    # -- entry ---------------------------------------------------------------------------------
+
+    def run(self, fd: int) -> TransferResult:
+        """Fill the open (and flock'ed) partial file ``fd``."""
+        probe, first = self._probe()
+        try:
+            if self.before_body is not None:
+                self.before_body(probe.size)
+            if probe.ranges and probe.size is not None:
+                return self._ranged(fd, probe)
+            if first is None:
+                first = self._open_stream({})
+            return self._sequential(fd, first, probe.size)
+        finally:
+            if first is not None:
+                first.close()
+
+    def discard(self) -> None:
+        """Remove the partial and its state (after a verification failure or a finished placement)."""
+        for path in (self.partial, self.state_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # -- probing -------------------------------------------------------------------------------
+
+    def _probe(self) -> tuple[_Probe, httpx.Response | None]:
+        """Ask for the first byte: a 206 says Range works and gives the size; a 200 is the whole body,
+        kept open for the sequential path."""
+        response = self._open_stream({"Range": "bytes=0-0"})
+        etag = response.headers.get("etag")
+        # If-Range only works with a strong validator
+        validator = etag if etag and not etag.startswith("W/") else response.headers.get("last-modified")
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+            response.close()
+            if match and match.group(3) != "*":
+                return _Probe(int(match.group(3)), validator, ranges=True), None
+            return _Probe(None, validator, ranges=False), None
+        if response.status_code == 416:  # an empty file has no byte 0
+            response.close()
+            return _Probe(0, validator, ranges=True), None
+        length = response.headers.get("content-length")
+        return _Probe(int(length) if length is not None else None, validator, ranges=False), response
+
+    def _open_stream(self, headers: dict[str, str]) -> httpx.Response:
+        """GET with retries for transport errors and 5xx/429; 4xx is final."""
+        failures = 0
+        while True:
+            self._check_cancel()
+            try:
+                request = self.client.build_request("GET", self.remote.url, headers=self._headers(headers))
+                response = self.client.send(request, stream=True, follow_redirects=True)
+            except httpx.TransportError as exc:
+                failures += 1
+                self._give_up_or_wait(failures, f"cannot reach {self._where()}: {exc}")
+                continue
+            if response.status_code in (200, 206, 416):
+                return response
+            response.close()
+            self._raise_for_status(response)
+            failures += 1
+            self._give_up_or_wait(failures, f"{self._where()} answered {response.status_code}")
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        # identity: the bytes on disk must be the file itself, not a compressed body
+        return {**self.remote.headers, **extra, "Accept-Encoding": "identity"}
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status == 404 or status == 410:
+            raise RemoteNotFound(f"{self._where()} answered {status}: no such file")
+        if status in (401, 403):
+            raise SourceNotAllowed(
+                f"{self._where()} answered {status}: access denied",
+                hint="the source needs credentials; set the token for it in the settings",
+            )
+        if 400 <= status < 500 and status not in (408, 429):
+            raise DownloadFailed(f"{self._where()} answered {status}", hint="check the reference")
+
+    def _give_up_or_wait(self, failures: int, message: str) -> None:
+        if failures > self.options.retries:
+            raise DownloadFailed(f"{message} (gave up after {failures} tries)")
+        # 0.25 s, 0.5 s, 1 s ... capped at 8 s; cancel wakes it at once
+        if self.cancel.wait(min(0.25 * 2 ** (failures - 1), 8.0)):
+            raise DownloadCancelled("the download was cancelled")
+
+    def _where(self) -> str:
+        split = httpx.URL(self.remote.url)
+        return f"{split.scheme}://{split.host}{':' + str(split.port) if split.port else ''}{split.path}"
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise DownloadCancelled("the download was cancelled")
+
+    # -- ranged, resumable ---------------------------------------------------------------------
+
+    def _ranged(self, fd: int, probe: _Probe) -> TransferResult:
+        assert probe.size is not None
+        size = probe.size
+        part_bytes = self.options.part_bytes
+        count = max(1, -(-size // part_bytes))
+        starts = [index * part_bytes for index in range(count)]
+        lengths = [min(part_bytes, size - start) for start in starts]
+        self._done = self._load_state(probe, count) or [0] * count
+        resumed = sum(self._done)
+        if resumed == 0:
+            os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        self._save_state(probe, force=True)
+
+        work: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(count):
+            if self._done[index] < lengths[index]:
+                work.put(index)
+        errors: list[BaseException] = []
+        changed = threading.Condition(self._lock)
+        workers_done = threading.Event()
+        hasher = _PrefixHasher(fd, starts, lengths, self._done, changed)
+
+        def worker() -> None:
+            while not self._failed.is_set():
+                try:
+                    index = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    self._fetch_part(fd, index, starts[index], lengths[index], probe)
+                except BaseException as exc:  # handed to the caller below
+                    errors.append(exc)
+                    self._failed.set()
+                    return
+                finally:
+                    with changed:
+                        changed.notify_all()
+
+        workers = [
+            threading.Thread(target=worker, name=f"part-{n}", daemon=True)
+            for n in range(min(self.options.connections, work.qsize() or 1))
+        ]
+        hashing = threading.Thread(target=hasher.run, args=(workers_done,), name="hash", daemon=True)
+        hashing.start()
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        with changed:
+            workers_done.set()
+            changed.notify_all()
+        hashing.join()
+        if errors:
+            self._save_state(probe, force=True)
+            raise errors[0]
+        if hasher.error is not None:
+            raise hasher.error
+        os.fsync(fd)
+        return TransferResult(f"sha256:{hasher.hexdigest()}", size, resumed, count)
+
+    def _fetch_part(self, fd: int, index: int, start: int, length: int, probe: _Probe) -> None:
+        failures = 0
+        while self._done[index] < length:
+            self._check_cancel()
+            if self._failed.is_set():
+                return
+            offset = start + self._done[index]
+            before = self._done[index]
+            try:
+                self._stream_range(fd, index, offset, start + length - 1, probe)
+            except _RetryablePartError as exc:
+                failures = 0 if self._done[index] > before else failures + 1
+                self._give_up_or_wait(failures, str(exc))
+
+    def _stream_range(self, fd: int, index: int, first: int, last: int, probe: _Probe) -> None:
+        headers = {"Range": f"bytes={first}-{last}"}
+        if probe.validator:
+            headers["If-Range"] = probe.validator
+        try:
+            with self.client.stream(
+                "GET",
+                self.remote.url,
+                headers=self._headers(headers),
+                follow_redirects=True,
+            ) as response:
+                if response.status_code != 206:
+                    if response.status_code == 200:
+                        raise DownloadFailed(
+                            f"{self._where()} changed while it was downloaded (it no longer answers a Range"
+                            " request with the part asked for)",
+                            hint="pull again; the download starts over",
+                        )
+                    self._raise_for_status(response)
+                    raise _RetryablePartError(f"{self._where()} answered {response.status_code}")
+                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+                if match is None or int(match.group(1)) != first:
+                    raise DownloadFailed(f"{self._where()} sent another range than the one asked for")
+                offset = first
+                for chunk in response.iter_raw(READ_BYTES):
+                    if self.cancel.is_set() or self._failed.is_set():
+                        return
+                    chunk = chunk[: last + 1 - offset]
+                    _pwrite_all(fd, chunk, offset)
+                    offset += len(chunk)
+                    with self._lock:
+                        self._done[index] += len(chunk)
+                    self._report(probe)
+                    if offset > last:
+                        break
+        except httpx.TransportError as exc:  # a dropped connection, or a stall (read timeout)
+            raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
+        if offset <= last:
+            raise _RetryablePartError(f"{self._where()} ended the part early")
+
+    def _report(self, probe: _Probe, *, force: bool = False) -> None:
+        self._save_state(probe, force=force)
+        if self.on_progress is not None:
+            self.on_progress(sum(self._done), probe.size)
+
+    def _load_state(self, probe: _Probe, count: int) -> list[int] | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        expected = {
+            "url": self.remote.url,
+            "size": probe.size,
+            "validator": probe.validator,
+            "part_bytes": self.options.part_bytes,
+        }
+        if any(state.get(key) != value for key, value in expected.items()):
+            return None
+        done = state.get("done")
+        if not isinstance(done, list) or len(done) != count:
+            return None
+        return [int(value) for value in done]
+
+    def _save_state(self, probe: _Probe, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last_save < STATE_SAVE_INTERVAL:
+                return
+            self._last_save = now
+            state: dict[str, Any] = {
+                "url": self.remote.url,
+                "size": probe.size,
+                "validator": probe.validator,
+                "part_bytes": self.options.part_bytes,
+                "done": list(self._done),
+            }
+            staging = self.state_path.with_suffix(f".{threading.get_ident()}.tmp")
+            staging.write_text(json.dumps(state))
+            os.replace(staging, self.state_path)
+
+    # -- sequential ----------------------------------------------------------------------------
+
+    def _sequential(self, fd: int, response: httpx.Response, size: int | None) -> TransferResult:
+        """One stream from the start, hashed as it is written; a failure starts it over."""
+        failures = 0
+        while True:
+            digest = hashlib.sha256()
+            written = 0
+            os.ftruncate(fd, 0)
+            try:
+                for chunk in response.iter_raw(READ_BYTES):
+                    self._check_cancel()
+                    _pwrite_all(fd, chunk, written)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    if self.on_progress is not None:
+                        self.on_progress(written, size)
+                if size is None or written == size:
+                    os.fsync(fd)
+                    return TransferResult(f"sha256:{digest.hexdigest()}", written, 0, 1)
+                message = f"{self._where()} ended the body after {written} of {size} bytes"
+            except httpx.TransportError as exc:
+                message = f"the connection to {self._where()} failed: {exc!r}"
+            finally:
+                response.close()
+            failures += 1
+            self._give_up_or_wait(failures, message)
+            response = self._open_stream({})
+
+
+class _PrefixHasher:
+    """Hashes the file's completed prefix while the parts arrive; the parts are fetched in order,
+    so the prefix grows during the download and little is left to hash at the end."""
+
+    def __init__(
+        self, fd: int, starts: list[int], lengths: list[int], done: list[int], changed: threading.Condition
+    ) -> None:
+        self.fd = fd
+        self.starts = starts
+        self.lengths = lengths
+        self.done = done
+        self.changed = changed
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+    def run(self, workers_done: threading.Event) -> None:
+        try:
+            for index in range(len(self.starts)):
+                with self.changed:
+                    while self.done[index] < self.lengths[index]:
+                        if workers_done.is_set():
+                            return  # a part failed or was cancelled: no digest
+                        self.changed.wait(0.5)
+                self._hash_range(self.starts[index], self.lengths[index])
+        except BaseException as exc:  # the transfer raises it
+            self.error = exc
+
+    def _hash_range(self, start: int, length: int) -> None:
+        buffer = bytearray(READ_BYTES * 8)
+        view = memoryview(buffer)
+        end = start + length
+        offset = start
+        while offset < end:
+            count = os.preadv(self.fd, [view[: min(len(buffer), end - offset)]], offset)
+            if count == 0:
+                raise DownloadFailed("the partial file is shorter than its parts say")
+            self.digest.update(view[:count])
+            offset += count
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
