@@ -61,6 +61,7 @@ class Runtime:
         return runtime
 
     def close(self) -> None:
+        self.provisioner.close()
         if self.pool is not None:
             self.pool.close()
         self.store.close()

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ from appliance.settings import Settings
 from appliance.store.base import Download, Model, Store, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
 
-__all__ = ["Provisioner", "PullProgress", "ResolvedModel"]
+__all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,16 @@ class PullProgress:
     bytes_done: int
     bytes_total: int | None
     rate_bytes_per_s: int
+
+
+@dataclass
+class PullTicket:
+    """A pull running in the background (for the API): its future, and the download it created."""
+
+    future: Future[ResolvedModel]
+    cancel: threading.Event
+    started: threading.Event  # set at the first progress report, or when the pull ends
+    download_id: str | None = None
 
 
 class _ProgressWriter:
@@ -134,6 +145,15 @@ class Provisioner:
         self._flights_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.models.download.max_parallel)
         self.runtime_dir = settings.data_dir / "runtime"
+        self._background: ThreadPoolExecutor | None = None
+        self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
+
+    def close(self) -> None:
+        """Cancel the background pulls (their finished parts stay, to resume) and wait for them."""
+        for cancel in list(self._cancels.values()):
+            cancel.set()
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
 
     # -- settings an admin can override with a preference ----------------------------------------
 
@@ -264,6 +284,7 @@ class Provisioner:
         with self._flights_lock:
             lock = self._flights.setdefault(key, threading.Lock())
         with lock:
+            self.cache.downloads_dir.mkdir(exist_ok=True)
             fd = os.open(
                 self.cache.downloads_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -286,16 +307,14 @@ class Provisioner:
         cancel: threading.Event,
     ) -> ResolvedModel:
         download = self._download_row(ref, model_name, expected, context)
-        if on_progress is not None:
-            on_progress(
-                PullProgress(download.id, download.state, download.bytes_done, download.bytes_total, 0)
-            )
         try:
             download = self._await_approval(download, context, cancel, on_progress)
         except DownloadCancelled:
             self.store.update_download(download.id, state="cancelled", error="cancelled while pending")
             raise
-        self.store.update_download(download.id, state="running", error=None)
+        download = self.store.update_download(download.id, state="running", error=None)
+        if on_progress is not None:
+            on_progress(PullProgress(download.id, "running", download.bytes_done, download.bytes_total, 0))
         progress = _ProgressWriter(self.store, download.id, on_progress)
         try:
             with audited(self.store, context, action="models.pull", target=str(ref)) as note:
@@ -493,6 +512,46 @@ class Provisioner:
         }
         with open(provenance / "models.jsonl", "a") as log:
             log.write(json.dumps(line) + "\n")
+
+    # -- in the background -----------------------------------------------------------------------
+
+    def start(self, ref: str, context: Context, **options: Any) -> PullTicket:
+        """Run ``ensure_present`` on a worker thread; the API answers as soon as the ticket starts."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pull")
+        cancel = threading.Event()
+        started = threading.Event()
+        ticket = PullTicket(future=Future(), cancel=cancel, started=started)
+
+        def on_progress(update: PullProgress) -> None:
+            if ticket.download_id is None:
+                ticket.download_id = update.download_id
+                self._cancels[update.download_id] = cancel
+            started.set()
+
+        def run() -> ResolvedModel:
+            try:
+                return self.ensure_present(ref, context, on_progress=on_progress, cancel=cancel, **options)
+            finally:
+                if ticket.download_id is not None:
+                    self._cancels.pop(ticket.download_id, None)
+                started.set()
+
+        ticket.future = self._background.submit(run)
+        return ticket
+
+    def cancel(self, download_id: str, context: Context) -> Download:
+        """Stop a running or pending pull of this process; its finished parts stay, to resume."""
+        with audited(self.store, context, action="downloads.cancel", target=download_id):
+            download = self.get_download(download_id)
+            cancel = self._cancels.get(download_id)
+            if cancel is None or download.state not in ("pending", "approved", "running"):
+                raise DownloadNotPending(
+                    f"download {download_id} is {download.state}; nothing runs to cancel",
+                    hint="only a pending or running pull of this server can be cancelled",
+                )
+            cancel.set()
+            return download
 
     # -- downloads -------------------------------------------------------------------------------
 

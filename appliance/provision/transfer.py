@@ -296,7 +296,7 @@ class Transfer:
                 if match is None or int(match.group(1)) != first:
                     raise DownloadFailed(f"{self._where()} sent another range than the one asked for")
                 offset = first
-                for chunk in response.iter_raw(READ_BYTES):
+                for chunk in response.iter_raw():
                     if self.cancel.is_set() or self._failed.is_set():
                         return
                     chunk = chunk[: last + 1 - offset]
@@ -362,7 +362,7 @@ class Transfer:
             written = 0
             os.ftruncate(fd, 0)
             try:
-                for chunk in response.iter_raw(READ_BYTES):
+                for chunk in response.iter_raw():
                     self._check_cancel()
                     _pwrite_all(fd, chunk, written)
                     digest.update(chunk)

@@ -88,7 +88,7 @@ class BlobCache:
         self.quarantine_dir = data_dir / "quarantine" / "sha256"
         self._lock_path = data_dir / "cache.lock"
         try:
-            for directory in (self.blobs_dir, self.tmp_dir, self.downloads_dir, self.quarantine_dir):
+            for directory in (self.blobs_dir, self.tmp_dir, self.quarantine_dir):
                 directory.mkdir(parents=True, exist_ok=True)
             self._check_layout()
         except OSError as exc:
@@ -176,6 +176,7 @@ class BlobCache:
         """The partial file of download ``key``, opened and flock'ed (kept if it exists, to resume)."""
         path = self.downloads_dir / f"{key}.partial"
         try:
+            self.downloads_dir.mkdir(exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise _storage_error(exc, self.downloads_dir) from exc
@@ -303,7 +304,11 @@ class BlobCache:
         files = freed = 0
         candidates = [
             entry for entry in os.scandir(self.tmp_dir) if entry.name.endswith((".partial", ".link"))
-        ] + [entry for entry in os.scandir(self.downloads_dir) if entry.name.endswith(".partial")]
+        ]
+        if self.downloads_dir.is_dir():
+            candidates += [
+                entry for entry in os.scandir(self.downloads_dir) if entry.name.endswith(".partial")
+            ]
         for entry in candidates:
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -21,8 +21,10 @@ from appliance.web.dependencies import (
     provide_inference,
     provide_models,
     provide_pool,
+    provide_provisioner,
     provide_store,
 )
+from appliance.web.downloads import DownloadsController, pull_model
 from appliance.web.engine import EngineController, metrics
 from appliance.web.errors import EXCEPTION_HANDLERS
 from appliance.web.health import HealthController
@@ -55,7 +57,9 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             HealthController,
+            pull_model,
             ModelsController,
+            DownloadsController,
             AuditController,
             EngineController,
             metrics,
@@ -69,6 +73,7 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={
             "store": Provide(provide_store, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),
+            "provisioner": Provide(provide_provisioner, sync_to_thread=False),
             "context": Provide(provide_context, sync_to_thread=False),
             "inference": Provide(provide_inference, sync_to_thread=False),
             "pool": Provide(provide_pool, sync_to_thread=False),

@@ -13,10 +13,18 @@ from appliance.audit import Context
 from appliance.engine.pool import EnginePool
 from appliance.engine.service import InferenceService
 from appliance.models.service import ModelService
+from appliance.provision.service import Provisioner
 from appliance.runtime import Runtime
 from appliance.store.base import Store
 
-__all__ = ["provide_context", "provide_inference", "provide_models", "provide_pool", "provide_store"]
+__all__ = [
+    "provide_context",
+    "provide_inference",
+    "provide_models",
+    "provide_pool",
+    "provide_provisioner",
+    "provide_store",
+]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -32,6 +40,10 @@ def provide_store(state: State) -> Store:
 
 def provide_models(state: State) -> ModelService:
     return _runtime(state).models
+
+
+def provide_provisioner(state: State) -> Provisioner:
+    return _runtime(state).provisioner
 
 
 def provide_inference(state: State) -> InferenceService:

@@ -6,8 +6,8 @@ Only concrete paths are registered: ``/api/v1/...`` belongs to the management AP
 
 Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
-no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull imports local
-files only (a ModelRef that is a path or ``file:``); network pulls come with the provisioner.
+no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef:
+a local file is imported, a network ref goes to the provisioner.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from appliance.errors import (
 )
 from appliance.models.service import ImportResult, ModelService
 from appliance.names import ModelName
-from appliance.refs import DigestRef, FileRef, parse_digest, parse_ref
+from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
+from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
 from appliance.store.base import Model, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
@@ -533,8 +534,8 @@ def _is_model_name(text: str) -> bool:
     return True
 
 
-def _local_source(text: str) -> Path:
-    """The file a pull names; only local ModelRefs can be pulled until the provisioner exists."""
+def _pull_ref(text: str) -> ModelRef:
+    """The ModelRef a pull names: a local file, or a network ref for the provisioner."""
     try:
         ref = parse_ref(text)
     except InvalidModelRef as exc:
@@ -542,20 +543,14 @@ def _local_source(text: str) -> Path:
             raise
         raise InvalidInput(
             f"{text!r} is an Ollama library name; this appliance pulls by ModelRef and works offline",
-            hint="pull a local file (/abs/x.gguf, ./x.gguf or file:/abs/x.gguf),"
+            hint="pull a file (/abs/x.gguf, file:/abs/x.gguf) or a URL (https://host/x.gguf),"
             " or import one with `appliance models import`",
         ) from exc
-    if isinstance(ref, FileRef):
-        return ref.path
     if isinstance(ref, DigestRef):
         raise InvalidInput(
-            f"{text!r} names a blob, not a file; pull takes a local file (/abs/x.gguf or file:/abs/x.gguf)"
+            f"{text!r} names a blob, not a file; pull takes a file (/abs/x.gguf) or a URL (https://host/x.gguf)"
         )
-    raise HTTPException(
-        status_code=501,
-        detail=f"network pulls ({ref}) come with the provisioner; for now pull a local file"
-        " (/abs/x.gguf, ./x.gguf or file:/abs/x.gguf)",
-    )
+    return ref
 
 
 async def _import_progress(
@@ -602,10 +597,15 @@ async def _pull_lines(
 
 
 @post("/pull", status_code=200)
-async def pull(request: Request[Any, Any, Any], models: ModelService, context: Context) -> Response[Any]:
-    """Import a local file (a path or file: ModelRef) named after its stem; NDJSON unless stream is false."""
+async def pull(
+    request: Request[Any, Any, Any], models: ModelService, provisioner: Provisioner, context: Context
+) -> Response[Any]:
+    """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
-    source = _local_source(body.target)
+    ref = _pull_ref(body.target)
+    if not isinstance(ref, FileRef):
+        return await _network_pull(provisioner, ref, context, stream=body.stream)
+    source = ref.path
     if not body.stream:
         await anyio.to_thread.run_sync(lambda: models.import_file(source, context))
         return Response({"status": "success"})
@@ -620,6 +620,62 @@ async def pull(request: Request[Any, Any, Any], models: ModelService, context: C
         yield head_line
         async for line in _pull_lines(first, reports, total):
             yield line
+
+    return Stream(lines(), media_type=NDJSON)
+
+
+async def _network_pull(
+    provisioner: Provisioner, ref: ModelRef, context: Context, *, stream: bool
+) -> Response[Any]:
+    """The provisioner's pull, its progress as Ollama's status lines."""
+    if not stream:
+        await anyio.to_thread.run_sync(lambda: provisioner.ensure_present(ref, context))
+        return Response({"status": "success"})
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[PullProgress | ResolvedModel | BaseException] = asyncio.Queue()
+
+    def report(item: PullProgress | ResolvedModel | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody listens
+            loop.call_soon_threadsafe(reports.put_nowait, item)
+
+    def run() -> None:
+        try:
+            report(provisioner.ensure_present(ref, context, on_progress=report))
+        except BaseException as exc:  # handed to the stream, which reports it
+            report(exc)
+
+    loop.run_in_executor(None, run)
+    first = await reports.get()
+    if isinstance(first, BaseException):
+        raise first  # before the stream starts: a plain error response
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _line({"status": "pulling manifest"})
+        item: PullProgress | ResolvedModel | BaseException = first
+        while True:
+            if isinstance(item, ResolvedModel):
+                yield _line({"status": "verifying sha256 digest"})
+                yield _line({"status": "success"})
+                return
+            if isinstance(item, ApplianceError):
+                yield _line({"error": _error_message(item)})
+                return
+            if isinstance(item, BaseException):
+                logger.error("unexpected error while pulling", exc_info=item)
+                yield _line({"error": _unexpected_message(item)})
+                return
+            if item.state == "pending":
+                yield _line({"status": f"waiting for an admin to approve download {item.download_id}"})
+            elif item.state == "running":
+                yield _line(
+                    {
+                        "status": f"pulling {item.download_id}",
+                        "digest": item.download_id,
+                        "total": item.bytes_total,
+                        "completed": item.bytes_done,
+                    }
+                )
+            item = await reports.get()
 
     return Stream(lines(), media_type=NDJSON)
 

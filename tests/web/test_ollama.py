@@ -19,6 +19,7 @@ import pytest
 
 from appliance import __version__
 from tests.conftest import CliResult, Server
+from tests.fileserver import serve_files
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
 GREEDY = {"temperature": 0, "num_predict": 5}
@@ -260,10 +261,9 @@ def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path
     [
         ("llama3", 400, "pulls by ModelRef and works offline"),
         ("library/llama3:8b", 400, "pulls by ModelRef and works offline"),
-        ("hf:org/repo/x.gguf", 501, "network pulls"),
-        ("https://example.com/x.gguf", 501, "network pulls"),
-        ("s3://bucket/x.gguf", 501, "network pulls"),
-        ("oci://registry.example/repo:tag", 501, "network pulls"),
+        ("hf:org/repo/x.gguf", 501, "cannot be pulled yet"),
+        ("s3://bucket/x.gguf", 501, "cannot be pulled yet"),
+        ("oci://registry.example/repo:tag", 501, "cannot be pulled yet"),
         (NO_SUCH, 400, "names a blob"),
         ("/nonexistent/x.gguf", 404, "does not exist"),
         ("bad name!", 400, "invalid model ref"),
@@ -276,6 +276,20 @@ def test_pull_errors(client: ollama.Client, ref: str, status: int, words: str) -
     streamed = response_error(lambda: client.pull(ref, stream=True))  # fails before the stream starts
     assert streamed.status_code == status
     assert client.list().models == []
+
+
+def test_pull_a_url_with_progress(client: ollama.Client, tiny_gguf: Path) -> None:
+    with serve_files() as files:
+        url = files.add("/models/Web-Model.gguf", tiny_gguf.read_bytes())
+        statuses = list(client.pull(url, stream=True))
+        missing = f"{files.url}/models/missing.gguf"
+        error = response_error(lambda: client.pull(missing, stream=True))
+    assert statuses[0].status == "pulling manifest"
+    pulling = [status for status in statuses if (status.status or "").startswith("pulling ") and status.total]
+    assert pulling[-1].total == tiny_gguf.stat().st_size
+    assert [status.status for status in statuses[-2:]] == ["verifying sha256 digest", "success"]
+    assert [model.model for model in client.list().models] == ["web-model:latest"]
+    assert "answered 404: no such file" in error.error  # reported in the stream, as Ollama does
 
 
 def test_pull_of_a_file_that_is_not_a_model(client: ollama.Client, tmp_path: Path) -> None:

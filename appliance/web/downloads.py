@@ -1,0 +1,87 @@
+"""``/api/v1/models/pull`` and ``/api/v1/downloads``: pulls by reference, their progress and approval."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from litestar import Controller, Response, delete, get, post
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+
+from appliance.audit import Context
+from appliance.provision.schemas import DownloadOut, PullIn, PullOut
+from appliance.provision.service import Provisioner
+
+__all__ = ["DownloadsController", "pull_model"]
+
+STARTED_WAIT = 10.0  # seconds a pull may take before the API answers 202 with its download
+EVENTS_INTERVAL = 0.5
+
+
+@post("/api/v1/models/pull", tags=["models"], status_code=200)
+async def pull_model(data: PullIn, provisioner: Provisioner, context: Context) -> Response[Any]:
+    """Make a model present by reference. 200 with the model when it already was (or arrived quickly);
+    otherwise 202 with its download, to follow at /api/v1/downloads/{id} or /api/v1/downloads/events."""
+    ticket = provisioner.start(
+        data.ref, context, name=data.name, expected_digest=data.digest, strict=data.strict
+    )
+    await anyio.to_thread.run_sync(ticket.started.wait, STARTED_WAIT)
+    while ticket.download_id is None and not ticket.future.done():  # local work: an import, a lookup
+        await asyncio.sleep(0.05)
+    if ticket.future.done():
+        return Response(PullOut.of(ticket.future.result()).model_dump(mode="json"))
+    assert ticket.download_id is not None
+    download = provisioner.get_download(ticket.download_id)
+    return Response(DownloadOut.of(download).model_dump(mode="json"), status_code=202)
+
+
+class DownloadsController(Controller):
+    path = "/api/v1/downloads"
+    tags = ["downloads"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+
+    @get("/", sync_to_thread=True)
+    def list_downloads(
+        self, provisioner: Provisioner, states: Annotated[list[str] | None, Parameter(query="state")] = None
+    ) -> list[DownloadOut]:
+        """Downloads, newest first; ``?state=pending`` (repeatable) filters."""
+        return [DownloadOut.of(d) for d in provisioner.list_downloads(states=tuple(states or ()))]
+
+    @get("/events")
+    async def download_events(self, provisioner: Provisioner) -> ServerSentEvent:
+        """Server-sent events: each download row as JSON whenever it changes (progress, state)."""
+
+        async def changes() -> AsyncIterator[str]:
+            seen: dict[str, str] = {}
+            while True:
+                found = await anyio.to_thread.run_sync(lambda: provisioner.list_downloads(limit=50))
+                for download in reversed(found):
+                    if seen.get(download.id) != download.updated_at:
+                        seen[download.id] = download.updated_at
+                        yield json.dumps(DownloadOut.of(download).model_dump(mode="json"))
+                await asyncio.sleep(EVENTS_INTERVAL)
+
+        return ServerSentEvent(changes(), event_type="download")
+
+    @get("/{download_id:str}", sync_to_thread=True)
+    def show_download(self, download_id: str, provisioner: Provisioner) -> DownloadOut:
+        """One download: state, bytes done and total, rate, error."""
+        return DownloadOut.of(provisioner.get_download(download_id))
+
+    @post("/{download_id:str}/approve", sync_to_thread=True, status_code=200)
+    def approve_download(self, download_id: str, provisioner: Provisioner, context: Context) -> DownloadOut:
+        """Let a pending download go ahead."""
+        return DownloadOut.of(provisioner.decide(download_id, approve=True, context=context))
+
+    @post("/{download_id:str}/deny", sync_to_thread=True, status_code=200)
+    def deny_download(self, download_id: str, provisioner: Provisioner, context: Context) -> DownloadOut:
+        """Refuse a pending download; the waiting pull fails with download_denied."""
+        return DownloadOut.of(provisioner.decide(download_id, approve=False, context=context))
+
+    @delete("/{download_id:str}", sync_to_thread=True, status_code=200)
+    def cancel_download(self, download_id: str, provisioner: Provisioner, context: Context) -> DownloadOut:
+        """Cancel a pending or running pull; its finished parts stay for the next pull of the ref."""
+        return DownloadOut.of(provisioner.cancel(download_id, context))

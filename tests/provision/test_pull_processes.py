@@ -1,0 +1,208 @@
+"""Pulls through the real CLI and the real server: SIGKILL and resume, processes racing, approval, the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.store.sqlite import SqliteStore
+from tests.conftest import APPLIANCE, CliResult, Server
+from tests.fileserver import Faults, FileServer, serve_files
+from tests.provision.test_pull import MIB, digest_of
+from tests.tiny_model import write_llama_gguf
+
+SMALL_PARTS = {
+    "APPLIANCE_MODELS__DOWNLOAD__PART_BYTES": str(MIB),
+    "APPLIANCE_MODELS__DOWNLOAD__CONNECTIONS": "2",
+}
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    with serve_files() as server:
+        yield server
+
+
+@pytest.fixture
+def model_bytes(tmp_path: Path) -> bytes:
+    return write_llama_gguf(tmp_path / "served.gguf", padding_bytes=8 * MIB).read_bytes()
+
+
+def pull_process(data_dir: Path, url: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*APPLIANCE, "--data-dir", str(data_dir), "models", "pull", url, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **SMALL_PARTS},
+    )
+
+
+def state_files(data_dir: Path) -> list[Path]:
+    return list((data_dir / "tmp" / "downloads").glob("*.state.json"))
+
+
+def wait_for(condition: object, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cli_pull_then_already_present(cli: object, files: FileServer, model_bytes: bytes) -> None:
+    url = files.add("/m/Pulled.gguf", model_bytes)
+    first: CliResult = cli("models", "pull", url, "--digest", digest_of(model_bytes))  # type: ignore[operator]
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"pulled pulled:latest {digest_of(model_bytes)}")
+    assert first.stdout.rstrip().endswith("expected)")
+    again: CliResult = cli("models", "pull", url, "--json")  # type: ignore[operator]
+    assert json.loads(again.stdout)["downloaded"] is False
+    listed: CliResult = cli("downloads", "ls", "--json")  # type: ignore[operator]
+    (download,) = json.loads(listed.stdout)
+    assert (download["state"], download["bytes_done"], download["model_name"]) == (
+        "done",
+        len(model_bytes),
+        "pulled:latest",
+    )
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_offline_makes_no_call(cli: object, files: FileServer, model_bytes: bytes, how: str) -> None:
+    url = files.add("/m/offline.gguf", model_bytes)
+    if how == "flag":
+        result: CliResult = cli("--offline", "models", "pull", url)  # type: ignore[operator]
+    else:
+        result = cli("models", "pull", url, env={"APPLIANCE_OFFLINE": "1"})  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "offline mode is on" in result.stderr
+    assert files.hits == []
+
+
+def test_a_killed_pull_resumes_without_fetching_finished_parts_again(
+    cli: object, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    faults = Faults(bytes_per_second=MIB)
+    url = files.add("/m/big.gguf", model_bytes, faults)
+    process = pull_process(data_dir, url)
+
+    def finished_parts() -> list[int]:
+        for path in state_files(data_dir):
+            done = json.loads(path.read_text())["done"]
+            return [index for index, count in enumerate(done) if count == MIB]
+        return []
+
+    wait_for(lambda: len(finished_parts()) >= 2, "two finished parts")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    kept = finished_parts()
+    listed: CliResult = cli("models", "ls", "--json")  # type: ignore[operator]
+    assert json.loads(listed.stdout) == []
+    assert list((data_dir / "blobs" / "sha256").iterdir()) == []
+
+    faults.bytes_per_second = None
+    hits_before = len(files.hits)
+    resumed: CliResult = cli("models", "pull", url, "--digest", digest_of(model_bytes), env=SMALL_PARTS)  # type: ignore[operator]
+    assert resumed.returncode == 0, resumed.stderr
+    new_starts = [
+        int((hit.range or "bytes=0-").split("=")[1].split("-")[0])
+        for hit in files.hits[hits_before:]
+        if hit.range != "bytes=0-0"
+    ]
+    assert new_starts
+    assert not {start // MIB for start in new_starts} & set(kept)
+    audit: CliResult = cli("audit", "ls", "--action", "models.pull", "--json")  # type: ignore[operator]
+    (event,) = [e for e in json.loads(audit.stdout) if e["outcome"] == "ok"]
+    assert event["detail"]["resumed_bytes"] >= len(kept) * MIB
+    downloads: CliResult = cli("downloads", "ls", "--json")  # type: ignore[operator]
+    assert [d["state"] for d in json.loads(downloads.stdout)] == ["done"]  # the killed pull's row, finished
+
+
+def test_processes_pulling_one_ref_make_one_download(
+    cli: object, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    url = files.add("/m/shared.gguf", model_bytes, Faults(bytes_per_second=8 * MIB))
+    processes = [pull_process(data_dir, url, "--json") for _ in range(3)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], outputs
+    assert sorted(json.loads(out)["downloaded"] for out, _ in outputs) == [False, False, True]
+    assert len([hit for hit in files.hits if hit.range == "bytes=0-0"]) == 1
+
+
+def test_cli_approval(cli: object, files: FileServer, model_bytes: bytes, data_dir: Path) -> None:
+    url = files.add("/m/approve-me.gguf", model_bytes)
+    process = subprocess.Popen(
+        [*APPLIANCE, "--data-dir", str(data_dir), "models", "pull", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "APPLIANCE_MODELS__DOWNLOAD__REQUIRE_USER_APPROVAL": "true"},
+    )
+    pending: list[dict[str, object]] = []
+
+    def find_pending() -> bool:
+        result: CliResult = cli("downloads", "ls", "--state", "pending", "--json")  # type: ignore[operator]
+        pending.extend(json.loads(result.stdout))
+        return bool(pending)
+
+    wait_for(find_pending, "a pending download")
+    unknown: CliResult = cli("downloads", "approve", "nope")  # type: ignore[operator]
+    assert unknown.returncode == 1
+    assert "download nope not found" in unknown.stderr
+    approved: CliResult = cli("downloads", "approve", str(pending[0]["id"]))  # type: ignore[operator]
+    assert approved.stdout.startswith("approved download")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "waits for an admin: appliance downloads approve" in err
+    assert out.startswith("pulled approve-me:latest")
+
+
+def test_api_pull_progress_approval_and_cancel(
+    server: Server, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    http = server.client
+    url = files.add("/m/api.gguf", model_bytes)
+    started = http.post("/api/v1/models/pull", json={"ref": url, "digest": digest_of(model_bytes)})
+    assert started.status_code in (200, 202), started.text
+    wait_for(lambda: http.get("/api/v1/models/api").status_code == 200, "the pulled model")
+    present = http.post("/api/v1/models/pull", json={"ref": url})
+    assert present.status_code == 200
+    assert present.json()["downloaded"] is False
+
+    bad = http.post("/api/v1/models/pull", json={"ref": "ftp://host/x.gguf"})
+    assert bad.status_code == 400
+    assert "unknown scheme" in bad.json()["detail"]
+
+    store = SqliteStore(data_dir / "appliance.db")
+    store.set_preference("models.download.require_user_approval", True, actor="test")
+    store.close()
+    slow = files.add("/m/slow.gguf", model_bytes, Faults(bytes_per_second=MIB))
+    waiting = http.post("/api/v1/models/pull", json={"ref": slow})
+    assert waiting.status_code == 202
+    assert waiting.json()["state"] == "pending"
+    download_id = waiting.json()["id"]
+    assert [d["id"] for d in http.get("/api/v1/downloads", params={"state": "pending"}).json()] == [
+        download_id
+    ]
+    with http.stream("GET", "/api/v1/downloads/events") as events:
+        lines = events.iter_lines()
+        assert next(line for line in lines if line.startswith("event:")) == "event: download"
+    approved = http.post(f"/api/v1/downloads/{download_id}/approve")
+    assert approved.json()["state"] == "approved"
+    wait_for(lambda: http.get(f"/api/v1/downloads/{download_id}").json()["bytes_done"] > 0, "progress")
+    cancelled = http.delete(f"/api/v1/downloads/{download_id}")
+    assert cancelled.status_code == 200
+    wait_for(lambda: http.get(f"/api/v1/downloads/{download_id}").json()["state"] == "cancelled", "cancel")
+    again = http.delete(f"/api/v1/downloads/{download_id}")
+    assert again.status_code == 409
+    assert http.get("/api/v1/downloads/nope").status_code == 404
+    assert httpx.get(f"{server.url}/api/v1/models/slow").status_code == 404
