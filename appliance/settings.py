@@ -160,7 +160,9 @@ class DownloadSettings(BaseModel):
         default=16, ge=1, le=64, description="Parallel Range requests per file when the server allows them."
     )
     part_bytes: ByteSize = Field(
-        default=32 * 1024 * 1024, ge=1024 * 1024, description="Size of one Range request's part."
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Largest part one Range request fetches (files get about four parts per connection).",
     )
     retries: int = Field(
         default=5, ge=0, le=100, description="Retries of a part that fails without progress."

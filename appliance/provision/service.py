@@ -470,7 +470,7 @@ class Provisioner:
             if claimed != actual:
                 raise DigestMismatch(f"{ref} has digest {actual}, but the {kind} digest is {claimed}")
             return kind
-        logger.warning("%s has no digest to verify against; recorded %s as it arrived", ref, actual)
+        logger.info("%s has no digest to verify against; recorded %s as it arrived", ref, actual)
         note.detail["warning"] = "no digest to verify against"
         return "unverified"
 

@@ -1,13 +1,14 @@
 """The one download engine every scheme's bytes go through.
 
 A file is fetched into ``<data>/tmp/downloads/<key>.partial`` next to ``<key>.state.json``.
-When the server honours Range, the file is cut into parts of ``part_bytes`` that up to
-``connections`` workers fetch in order, each writing at its own offset; the state file
-records how many bytes of each part are on disk (written after the bytes, at most a few
-times a second and whenever a part completes), so a pull that was killed or failed resumes
-where it stopped, provided the server still reports the same size and validator (ETag or
-Last-Modified). A hashing thread follows the completed prefix of the file, so the sha256 is
-ready soon after the last byte arrives.
+When the server honours Range, the file is cut into parts that up to ``connections`` workers
+fetch in order, each writing at its own offset. A hashing thread follows the completed prefix
+of the file, so the sha256 is ready soon after the last byte arrives; that is why parts are
+small (about four per connection, in whole MiB, at most ``part_bytes``): the last wave of
+parts is what is left to hash after the last byte. The state file records how many bytes of
+each part are on disk (written after the bytes, at most a few times a second and whenever a
+part completes), so a pull that was killed or failed resumes where it stopped, provided the
+server still reports the same size and validator (ETag or Last-Modified).
 
 A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall_timeout``)
 is retried with exponential backoff; ``retries`` counts failures in a row without progress.
@@ -37,6 +38,8 @@ from appliance.settings import DownloadSettings
 __all__ = ["RemoteFile", "Transfer", "TransferResult"]
 
 READ_BYTES = 1024 * 1024
+MIB = 1024 * 1024
+PARTS_PER_CONNECTION = 4
 STATE_SAVE_INTERVAL = 0.5
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -99,6 +102,7 @@ class Transfer:
         self._lock = threading.Lock()
         self._done: list[int] = []
         self._last_save = 0.0
+        self._part_bytes = options.part_bytes
         self._failed = threading.Event()  # a part failed for good: the others stop
 
     # -- entry ---------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ class Transfer:
     def _ranged(self, fd: int, probe: _Probe) -> TransferResult:
         assert probe.size is not None
         size = probe.size
-        part_bytes = self.options.part_bytes
+        part_bytes = self._part_bytes = _part_size(size, self.options)
         count = max(1, -(-size // part_bytes))
         starts = [index * part_bytes for index in range(count)]
         lengths = [min(part_bytes, size - start) for start in starts]
@@ -326,7 +330,7 @@ class Transfer:
             "url": self.remote.url,
             "size": probe.size,
             "validator": probe.validator,
-            "part_bytes": self.options.part_bytes,
+            "part_bytes": self._part_bytes,
         }
         if any(state.get(key) != value for key, value in expected.items()):
             return None
@@ -345,7 +349,7 @@ class Transfer:
                 "url": self.remote.url,
                 "size": probe.size,
                 "validator": probe.validator,
-                "part_bytes": self.options.part_bytes,
+                "part_bytes": self._part_bytes,
                 "done": list(self._done),
             }
             staging = self.state_path.with_suffix(f".{threading.get_ident()}.tmp")
@@ -366,6 +370,7 @@ class Transfer:
                     self._check_cancel()
                     _pwrite_all(fd, chunk, written)
                     digest.update(chunk)
+                    os.posix_fadvise(fd, written, len(chunk), os.POSIX_FADV_DONTNEED)
                     written += len(chunk)
                     if self.on_progress is not None:
                         self.on_progress(written, size)
@@ -423,6 +428,13 @@ class _PrefixHasher:
                 raise DownloadFailed("the partial file is shorter than its parts say")
             self.digest.update(view[:count])
             offset += count
+        # Hashed: start writing it back now, so the closing fsync finds little left to do.
+        os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+def _part_size(size: int, options: DownloadSettings) -> int:
+    wanted = -(-size // (options.connections * PARTS_PER_CONNECTION))
+    return max(MIB, min(options.part_bytes, -(-wanted // MIB) * MIB))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
