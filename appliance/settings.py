@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -167,6 +167,11 @@ class DownloadSettings(BaseModel):
     retries: int = Field(
         default=5, ge=0, le=100, description="Retries of a part that fails without progress."
     )
+    hf_endpoint: str = Field(
+        default="https://huggingface.co",
+        description="The Hugging Face-compatible hub hf: refs use (a local mirror works).",
+    )
+    hf_token: SecretStr | None = Field(default=None, description="Access token for the hub (never shown).")
     stall_timeout: Duration = Field(
         default=30.0,
         gt=0,

@@ -7,6 +7,7 @@ error statuses first, cap each connection's bandwidth. Every request is logged.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 __all__ = ["Faults", "FileServer", "Hit", "serve_files"]
 
@@ -39,6 +41,7 @@ class Hit:
     path: str
     range: str | None
     status: int
+    authorization: str | None = None
 
 
 class FileServer:
@@ -46,6 +49,7 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.faults: dict[str, Faults] = {}
         self.hits: list[Hit] = []
+        self.documents: dict[str, tuple[int, bytes, dict[str, str]]] = {}  # JSON answers (a hub's API)
         self._lock = threading.Lock()
         self._faulty_sent: dict[str, int] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -62,6 +66,11 @@ class FileServer:
         self.faults[path] = faults or Faults()
         return f"{self.url}{path}"
 
+    def add_json(
+        self, path: str, document: object, *, status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        self.documents[path] = (status, json.dumps(document).encode(), headers or {})
+
     def hits_for(self, path: str) -> list[Hit]:
         with self._lock:
             return [hit for hit in self.hits if hit.path == path]
@@ -77,9 +86,11 @@ class FileServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def _log(self, path: str, range_header: str | None, status: int) -> None:
+    def _log(
+        self, path: str, range_header: str | None, status: int, authorization: str | None = None
+    ) -> None:
         with self._lock:
-            self.hits.append(Hit(path, range_header, status))
+            self.hits.append(Hit(path, range_header, status, authorization))
 
     def _take_fault(self, path: str) -> bool:
         with self._lock:
@@ -99,8 +110,19 @@ class FileServer:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
+                path = unquote(self.path.split("?", 1)[0])
                 range_header = self.headers.get("Range")
+                authorization = self.headers.get("Authorization")
+                if path in server.documents:
+                    status, body, headers = server.documents[path]
+                    server._log(path, range_header, status, authorization)
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if path not in server.files:
                     server._log(path, range_header, 404)
                     self._empty(404)
@@ -127,7 +149,7 @@ class FileServer:
                         self._empty(416)
                         return
                     status = 206
-                server._log(path, range_header, status)
+                server._log(path, range_header, status, authorization)
                 self.send_response(status)
                 self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "none" if faults.ignore_range else "bytes")

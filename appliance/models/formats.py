@@ -11,7 +11,7 @@ from typing import Any
 from appliance.engine.gguf import GGUF_MAGIC, read_gguf_metadata
 from appliance.errors import UnsupportedFormat
 
-__all__ = ["FORMATS", "detect_format", "read_capabilities"]
+__all__ = ["FORMATS", "detect_format", "guess_format", "read_capabilities"]
 
 FORMATS = ("gguf", "safetensors")
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
@@ -46,6 +46,15 @@ def detect_format(header: bytes, *, size: int, filename: str, requested: str | N
     raise UnsupportedFormat(f"cannot tell the format of {filename}: it is neither GGUF nor safetensors")
 
 
+def guess_format(header: bytes, *, size: int) -> str:
+    """A file of a pulled repo: a model format when it is one, else ``file`` (config, tokenizer, ...)."""
+    if header.startswith(GGUF_MAGIC):
+        return "gguf"
+    if _looks_like_safetensors(header, size):
+        return "safetensors"
+    return "file"
+
+
 def _safetensors_capabilities(path: Path) -> dict[str, Any]:
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
@@ -66,4 +75,6 @@ def read_capabilities(path: Path, fmt: str) -> dict[str, Any]:
     """Full metadata of an artifact; raises UnsupportedFormat when the content is not that format."""
     if fmt == "gguf":
         return read_gguf_metadata(path)
+    if fmt == "file":
+        return {}
     return _safetensors_capabilities(path)

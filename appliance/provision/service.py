@@ -42,12 +42,14 @@ from appliance.errors import (
     ModelNotFound,
     SchemeNotSupported,
 )
-from appliance.models.formats import detect_format
+from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
 from appliance.names import ModelName, name_from_filename
+from appliance.provision.hub import resolve_hf
+from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
-from appliance.provision.transfer import RemoteFile, Transfer
-from appliance.refs import DigestRef, FileRef, ModelRef, UrlRef, parse_digest, parse_ref
+from appliance.provision.transfer import RemoteFile, Transfer, TransferResult
+from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, UrlRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import Download, Model, Store, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
@@ -197,9 +199,9 @@ class Provisioner:
         if present is not None:
             return present
         self.policy().check(parsed)
-        remote = self._resolve(parsed)
-        if strict and expected is None and remote.digest is None:
-            raise DigestRequired(f"--strict needs a digest, and {parsed} does not publish one")
+        plan = self._resolve(parsed)
+        if strict and expected is None and not plan.all_have_digests:
+            raise DigestRequired(f"--strict needs a digest, and {parsed} does not publish one for every file")
         with self._single_flight(str(parsed)):
             present = self._present(parsed, expected, model_name)  # another pull may have finished it
             if present is not None:
@@ -207,9 +209,9 @@ class Provisioner:
             with self._slots:
                 return self._download(
                     parsed,
-                    remote,
+                    plan,
                     context,
-                    model_name or name_from_filename(remote.filename),
+                    model_name or plan.default_name,
                     expected,
                     on_progress,
                     cancel or threading.Event(),
@@ -250,9 +252,17 @@ class Provisioner:
             return None
         if expected is not None and artifact.digest != expected:
             return None
-        if artifact.state != "ok" or not self.cache.has(artifact.digest):
+        if any(a.state != "ok" or not self.cache.has(a.digest) for a in model.artifacts):
             return None
-        return self._resolved(model, artifact.digest, str(ref), "present")
+        members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
+        if not members:
+            return self._resolved(model, artifact.digest, str(ref), "present")
+        primary = _primary([(a.digest, a.format) for a in members])
+        resolved = self._resolved(model, primary, str(ref), "present")
+        size = sum(a.size_bytes for a in members)
+        return ResolvedModel(
+            **{**resolved.__dict__, "digest": _repo_digest([a.digest for a in members]), "size": size}
+        )
 
     def _resolved(self, model: Model, digest: str, ref: str, verification: str) -> ResolvedModel:
         artifact = next(a for a in model.artifacts if a.digest == digest)
@@ -267,11 +277,14 @@ class Provisioner:
             verification=verification,
         )
 
-    def _resolve(self, ref: ModelRef) -> RemoteFile:
+    def _resolve(self, ref: ModelRef) -> Plan:
+        """The files a network ref stands for; the hub's metadata call is the only network use here."""
         if isinstance(ref, UrlRef):
             path = urlsplit(ref.url).path
             filename = unquote(path.rsplit("/", 1)[-1]) or "download"
-            return RemoteFile(url=ref.url, filename=filename)
+            return Plan([RemoteFile(url=ref.url, filename=filename)], name_from_filename(filename))
+        if isinstance(ref, HfRef):
+            return resolve_hf(ref, self.settings.models.download)
         scheme = str(ref).split(":", 1)[0]
         raise SchemeNotSupported(f"{scheme}: refs cannot be pulled yet ({ref})")
 
@@ -299,7 +312,7 @@ class Provisioner:
     def _download(
         self,
         ref: ModelRef,
-        remote: RemoteFile,
+        plan: Plan,
         context: Context,
         model_name: ModelName,
         expected: str | None,
@@ -320,7 +333,7 @@ class Provisioner:
             with audited(self.store, context, action="models.pull", target=str(ref)) as note:
                 note.detail.update(download_id=download.id, name=str(model_name))
                 resolved = self._fetch_and_register(
-                    ref, remote, context, model_name, expected, progress, cancel, note
+                    ref, plan, context, model_name, expected, progress, cancel, note
                 )
         except DownloadCancelled as exc:
             self.store.update_download(download.id, state="cancelled", error=str(exc))
@@ -398,7 +411,7 @@ class Provisioner:
     def _fetch_and_register(
         self,
         ref: ModelRef,
-        remote: RemoteFile,
+        plan: Plan,
         context: Context,
         model_name: ModelName,
         expected: str | None,
@@ -406,26 +419,95 @@ class Provisioner:
         cancel: threading.Event,
         note: AuditNote,
     ) -> ResolvedModel:
-        key = _key(remote.url)
-        path, fd = self.cache.open_download(key)
+        """Fetch every file of the plan, verify each, and only then register them all: a failure
+        anywhere registers nothing (finished files stay as partials, to resume)."""
+        sizes = [remote.size for remote in plan.files]
+        grand_total = sum(size for size in sizes if size is not None) if None not in sizes else None
+        if grand_total is not None and len(plan.files) > 1:
+            self._check_room(grand_total, model_name, held=0, what=str(ref))
+        fetched: list[tuple[RemoteFile, StagedBlob, Transfer]] = []
+        resumed = 0
+        try:
+            base = 0
+            for remote in plan.files:
+                staged, transfer, result = self._fetch(
+                    remote, model_name, progress, cancel, base=base, grand_total=grand_total
+                )
+                fetched.append((remote, staged, transfer))
+                resumed += result.resumed_bytes
+                base += result.size
+            progress(base, base, force=True)
+            digests = [staged.digest for _, staged, _ in fetched]
+            verification = self._verify(ref, plan, fetched, expected)
+            formats = [
+                self._format(staged, remote, single=len(plan.files) == 1) for remote, staged, _ in fetched
+            ]
+        except BaseException:
+            for _, staged, transfer in fetched:
+                staged.close()
+                transfer.discard()
+            raise
+        note.bytes = base
+        note.detail.update(
+            digests=digests, resumed_bytes=resumed, files=len(fetched), verification=verification
+        )
+        if verification == "unverified":
+            note.detail["warning"] = "no digest to verify against; recorded as it arrived"
+        evicted: list[str] = []
+        model: Model | None = None
+        try:
+            for (remote, staged, _), fmt in zip(fetched, formats, strict=True):
+                source_uri = str(ref) if len(fetched) == 1 else f"{ref}#{remote.filename}"
+                model, _, more = self.models.register_staged(
+                    staged,
+                    model_name,
+                    filename=remote.filename,
+                    fmt=fmt,
+                    source_uri=source_uri,
+                    context=context,
+                )
+                evicted.extend(more)
+        finally:
+            for _, staged, transfer in fetched:
+                staged.close()
+                transfer.discard()
+        assert model is not None
+        note.detail["evicted"] = evicted
+        primary = _primary(
+            [(staged.digest, fmt) for (_, staged, _), fmt in zip(fetched, formats, strict=True)]
+        )
+        digest = digests[0] if len(digests) == 1 else _repo_digest(digests)
+        resolved = self._resolved(model, primary, str(ref), verification)
+        return ResolvedModel(**{**resolved.__dict__, "digest": digest, "downloaded": True, "size": base})
+
+    def _fetch(
+        self,
+        remote: RemoteFile,
+        model_name: ModelName,
+        progress: _ProgressWriter,
+        cancel: threading.Event,
+        *,
+        base: int,
+        grand_total: int | None,
+    ) -> tuple[StagedBlob, Transfer, TransferResult]:
+        path, fd = self.cache.open_download(_key(remote.url))
 
         def before_body(size: int | None) -> None:
-            if size is None:
-                return
-            self.models.check_budget(size, keep=model_name)
-            free = self.cache.free_bytes() + os.fstat(fd).st_size  # a resumed partial already holds its part
-            if size > free:
-                raise DiskFull(
-                    f"not enough space under {self.settings.data_dir}: {remote.filename} needs {size} bytes,"
-                    f" {free} are free"
-                )
+            if size is not None:
+                self._check_room(size, model_name, held=os.fstat(fd).st_size, what=remote.filename)
+
+        def on_progress(done: int, total: int | None) -> None:
+            progress(
+                base + done,
+                grand_total if grand_total is not None else (None if total is None else base + total),
+            )
 
         transfer = Transfer(
             self._client(),
             remote,
             path,
             self.settings.models.download,
-            on_progress=progress,
+            on_progress=on_progress,
             before_body=before_body,
             cancel=cancel,
         )
@@ -437,41 +519,49 @@ class Provisioner:
         except BaseException:
             os.close(fd)  # the partial and its state stay, to resume
             raise
-        progress(result.size, result.size, force=True)
-        note.bytes = result.size
-        note.detail.update(digest=result.digest, resumed_bytes=result.resumed_bytes, parts=result.parts)
-        staged = StagedBlob(path, result.digest, result.size, "download", fd)
-        try:
-            verification = self._verify(ref, remote, expected, result.digest, note)
-            with open(path, "rb") as handle:
-                header = handle.read(HEADER_BYTES)
-            fmt = detect_format(header, size=result.size, filename=remote.filename, requested=None)
-        except BaseException:
-            staged.close()
-            transfer.discard()
-            raise
-        try:
-            model, _, evicted = self.models.register_staged(
-                staged, model_name, filename=remote.filename, fmt=fmt, source_uri=str(ref), context=context
+        return StagedBlob(path, result.digest, result.size, "download", fd), transfer, result
+
+    def _check_room(self, size: int, model_name: ModelName, *, held: int, what: str) -> None:
+        """The cache budget and the free disk space, before any body byte (``held``: a partial's bytes)."""
+        self.models.check_budget(size, keep=model_name)
+        free = self.cache.free_bytes() + held
+        if size > free:
+            raise DiskFull(
+                f"not enough space under {self.settings.data_dir}: {what} needs {size} bytes, {free} are free"
             )
-        finally:
-            transfer.discard()
-        note.detail.update(verification=verification, evicted=evicted, format=fmt)
-        resolved = self._resolved(model, result.digest, str(ref), verification)
-        return ResolvedModel(**{**resolved.__dict__, "downloaded": True})
+
+    @staticmethod
+    def _format(staged: StagedBlob, remote: RemoteFile, *, single: bool) -> str:
+        with open(staged.path, "rb") as handle:
+            header = handle.read(HEADER_BYTES)
+        if single:  # a pulled model file must be a model
+            return detect_format(header, size=staged.size, filename=remote.filename, requested=None)
+        return guess_format(header, size=staged.size)
 
     def _verify(
-        self, ref: ModelRef, remote: RemoteFile, expected: str | None, actual: str, note: AuditNote
+        self,
+        ref: ModelRef,
+        plan: Plan,
+        fetched: list[tuple[RemoteFile, StagedBlob, Transfer]],
+        expected: str | None,
     ) -> str:
-        """Nothing that fails its digest is kept; content no digest covers is kept and flagged."""
-        for claimed, kind in ((expected, "expected"), (remote.digest, "source")):
-            if claimed is None:
-                continue
-            if claimed != actual:
-                raise DigestMismatch(f"{ref} has digest {actual}, but the {kind} digest is {claimed}")
-            return kind
-        logger.info("%s has no digest to verify against; recorded %s as it arrived", ref, actual)
-        note.detail["warning"] = "no digest to verify against"
+        """Nothing that fails a digest is kept; content no digest covers is kept and flagged."""
+        for remote, staged, _ in fetched:
+            if remote.digest is not None and remote.digest != staged.digest:
+                raise DigestMismatch(
+                    f"{remote.filename} of {ref} has digest {staged.digest}; the source says {remote.digest}"
+                )
+        if expected is not None:
+            actual = (
+                fetched[0][1].digest if len(fetched) == 1 else _repo_digest([s.digest for _, s, _ in fetched])
+            )
+            if actual != expected:
+                raise DigestMismatch(f"{ref} has digest {actual}, but the expected digest is {expected}")
+            return "expected"
+        if plan.all_have_digests:
+            return "source"
+        uncovered = [remote.filename for remote, _, _ in fetched if remote.digest is None]
+        logger.info("%s: no digest to verify %s against; recorded as they arrived", ref, ", ".join(uncovered))
         return "unverified"
 
     def _client(self) -> httpx.Client:
@@ -575,6 +665,21 @@ class Provisioner:
             return self.store.update_download(
                 download_id, state="approved" if approve else "denied", decided_by=context.actor
             )
+
+
+def _repo_digest(digests: list[str]) -> str:
+    """A repo's digest: the sha256 of its files' digests, sorted, one per line."""
+    return "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
+def _primary(files: list[tuple[str, str]]) -> str:
+    """Of (digest, format) pairs, the digest an engine loads: the first GGUF, else the first
+    safetensors, else the first file."""
+    for wanted in ("gguf", "safetensors"):
+        for digest, fmt in files:
+            if fmt == wanted:
+                return digest
+    return files[0][0]
 
 
 def _key(text: str) -> str:

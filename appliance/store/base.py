@@ -210,7 +210,8 @@ class Store(Protocol):
         ...
 
     def find_artifact_by_source(self, source_uri: str) -> tuple[Model, Artifact] | None:
-        """The newest registered artifact fetched from ``source_uri``, with its model."""
+        """The newest registered artifact fetched from ``source_uri`` (or, for a repo, from
+        ``source_uri#file``), with its model."""
         ...
 
     # inference

@@ -504,13 +504,14 @@ class SqliteStore:
     def find_artifact_by_source(self, source_uri: str) -> tuple[Model, Artifact] | None:
         rows = self._query(
             "SELECT v.id FROM model_artifacts a JOIN model_versions v ON v.id = a.model_version_id"
-            " WHERE a.source_uri = ? ORDER BY a.created_at DESC LIMIT 1",
-            (source_uri,),
+            " WHERE a.source_uri = ? OR substr(a.source_uri, 1, ?) = ?"
+            " ORDER BY a.created_at DESC LIMIT 1",
+            (source_uri, len(source_uri) + 1, f"{source_uri}#"),
         )
         if not rows:
             return None
         (model,) = self._models("WHERE v.id = ?", (rows[0][0],))
-        artifact = next(artifact for artifact in model.artifacts if artifact.source_uri == source_uri)
+        artifact = next(a for a in model.artifacts if (a.source_uri or "").split("#")[0] == source_uri)
         return model, artifact
 
     # -- inference -------------------------------------------------------------------------------

@@ -257,8 +257,8 @@ def test_strict_without_any_digest_is_refused_before_the_download(
 
 
 def test_schemes_without_a_fetcher_yet_say_so(runtime: Runtime, context: Context) -> None:
-    with pytest.raises(SchemeNotSupported, match="hf: refs cannot be pulled yet"):
-        runtime.provisioner.ensure_present("hf:org/repo/model.gguf", context)
+    with pytest.raises(SchemeNotSupported, match="s3: refs cannot be pulled yet"):
+        runtime.provisioner.ensure_present("s3://bucket/model.gguf", context)
 
 
 def test_twenty_concurrent_pulls_of_one_ref_make_one_download(

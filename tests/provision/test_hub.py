@@ -1,0 +1,128 @@
+"""``hf:`` refs against a hub-compatible server on loopback (the endpoints huggingface_hub calls)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.audit import Context
+from appliance.errors import DigestMismatch, DigestRequired, RemoteNotFound
+from appliance.runtime import Runtime
+from appliance.settings import Settings
+from tests.fileserver import FileServer, serve_files
+from tests.tiny_model import write_llama_gguf
+
+COMMIT = "c0ffee" * 6 + "abcd"
+TOKEN = "hf_secret_token_for_tests"
+
+
+def safetensors(values: int) -> bytes:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [values], "data_offsets": [0, 4 * values]}}).encode()
+    return struct.pack("<Q", len(header)) + header + bytes(4 * values)
+
+
+@pytest.fixture
+def hub() -> Iterator[FileServer]:
+    with serve_files() as server:
+        yield server
+
+
+def publish(hub: FileServer, repo: str, files: dict[str, bytes], *, lfs: set[str], lie: bool = False) -> None:
+    """Serve ``repo`` at COMMIT: its metadata (the hub's sha256 for LFS files) and its files."""
+    siblings = []
+    for name, content in files.items():
+        sibling: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": "0" * 40}
+        if name in lfs:
+            digest = hashlib.sha256(b"other content" if lie else content).hexdigest()
+            sibling["lfs"] = {"sha256": digest, "size": len(content), "pointerSize": 130}
+        siblings.append(sibling)
+        hub.add(f"/{repo}/resolve/{COMMIT}/{name}", content)
+    hub.add_json(f"/api/models/{repo}/revision/main", {"id": repo, "sha": COMMIT, "siblings": siblings})
+
+
+@pytest.fixture
+def runtime(data_dir: Path, hub: FileServer) -> Iterator[Runtime]:
+    settings = Settings(data_dir=data_dir, models={"download": {"hf_endpoint": hub.url, "hf_token": TOKEN}})
+    opened = Runtime.open(settings)
+    yield opened
+    opened.close()
+
+
+def test_one_file_is_verified_with_the_hubs_digest(
+    runtime: Runtime, hub: FileServer, tmp_path: Path, context: Context
+) -> None:
+    content = write_llama_gguf(tmp_path / "m.gguf").read_bytes()
+    publish(hub, "org/tiny-repo", {"Tiny.Q8_0.gguf": content, "README.md": b"# tiny"}, lfs={"Tiny.Q8_0.gguf"})
+
+    resolved = runtime.provisioner.ensure_present("hf:org/tiny-repo/Tiny.Q8_0.gguf", context)
+    assert (resolved.id, resolved.verification) == ("tiny.q8_0:latest", "source")
+    assert resolved.path.read_bytes() == content
+    fetched = [hit for hit in hub.hits if "/resolve/" in hit.path]
+    assert {hit.path for hit in fetched} == {f"/org/tiny-repo/resolve/{COMMIT}/Tiny.Q8_0.gguf"}
+    assert {hit.authorization for hit in hub.hits} == {f"Bearer {TOKEN}"}
+
+    (event,) = runtime.store.list_audit(action="models.pull")
+    (download,) = runtime.provisioner.list_downloads()
+    assert TOKEN not in json.dumps(event.detail) + repr(download) + repr(runtime.settings)
+
+
+def test_a_whole_repo_is_one_model_with_every_file(
+    runtime: Runtime, hub: FileServer, context: Context
+) -> None:
+    files = {
+        "config.json": b'{"model_type": "llama"}',
+        "tokenizer.json": b'{"version": "1.0"}',
+        "model-00001-of-00002.safetensors": safetensors(1000),
+        "model-00002-of-00002.safetensors": safetensors(2000),
+    }
+    publish(hub, "org/Small-Model-1.5", files, lfs={name for name in files if name.endswith(".safetensors")})
+
+    with pytest.raises(DigestRequired):  # config.json and tokenizer.json have no sha256 on the hub
+        runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context, strict=True)
+    resolved = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context)
+
+    model = runtime.models.get("small-model-1.5")
+    assert sorted(a.filename for a in model.artifacts) == sorted(files)
+    assert model.formats == ["file", "safetensors"]
+    digests = sorted(f"sha256:{hashlib.sha256(content).hexdigest()}" for content in files.values())
+    assert resolved.digest == "sha256:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    assert resolved.verification == "unverified"
+    assert resolved.size == sum(len(content) for content in files.values())
+    assert resolved.path.read_bytes() == files["model-00001-of-00002.safetensors"]
+
+    requests = len(hub.hits)
+    again = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context)
+    assert (again.downloaded, again.digest) == (False, resolved.digest)
+    assert len(hub.hits) == requests
+
+
+def test_content_that_differs_from_the_hubs_digest_is_not_kept(
+    runtime: Runtime, hub: FileServer, tmp_path: Path, context: Context, data_dir: Path
+) -> None:
+    content = write_llama_gguf(tmp_path / "m.gguf").read_bytes()
+    publish(hub, "org/liar", {"m.gguf": content}, lfs={"m.gguf"}, lie=True)
+    with pytest.raises(DigestMismatch, match="the source says"):
+        runtime.provisioner.ensure_present("hf:org/liar/m.gguf", context)
+    assert runtime.models.list_models() == []
+    assert list((data_dir / "blobs" / "sha256").iterdir()) == []
+
+
+def test_missing_repos_and_files_are_clear_errors(
+    runtime: Runtime, hub: FileServer, context: Context
+) -> None:
+    hub.add_json(
+        "/api/models/org/gone/revision/main",
+        {"error": "nope"},
+        status=404,
+        headers={"X-Error-Code": "RepoNotFound"},
+    )
+    with pytest.raises(RemoteNotFound, match="has no repo org/gone at revision main"):
+        runtime.provisioner.ensure_present("hf:org/gone", context)
+    publish(hub, "org/there", {"config.json": b"{}"}, lfs=set())
+    with pytest.raises(RemoteNotFound, match=r"has no file weights\.gguf"):
+        runtime.provisioner.ensure_present("hf:org/there/weights.gguf", context)
