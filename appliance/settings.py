@@ -172,6 +172,14 @@ class DownloadSettings(BaseModel):
         description="The Hugging Face-compatible hub hf: refs use (a local mirror works).",
     )
     hf_token: SecretStr | None = Field(default=None, description="Access token for the hub (never shown).")
+    oci_plain_http: list[str] = Field(
+        default_factory=list,
+        description="Registries (host:port) oci: refs reach over plain HTTP, such as a mirror on the LAN.",
+    )
+    oci_username: str | None = Field(
+        default=None, description="User for registries that ask for credentials."
+    )
+    oci_password: SecretStr | None = Field(default=None, description="Its password or token (never shown).")
     stall_timeout: Duration = Field(
         default=30.0,
         gt=0,

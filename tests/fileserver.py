@@ -50,6 +50,8 @@ class FileServer:
         self.faults: dict[str, Faults] = {}
         self.hits: list[Hit] = []
         self.documents: dict[str, tuple[int, bytes, dict[str, str]]] = {}  # JSON answers (a hub's API)
+        # (the Authorization every request must carry, the WWW-Authenticate of the 401, exempt paths)
+        self.require_authorization: tuple[str, str, set[str]] | None = None
         self._lock = threading.Lock()
         self._faulty_sent: dict[str, int] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -113,6 +115,14 @@ class FileServer:
                 path = unquote(self.path.split("?", 1)[0])
                 range_header = self.headers.get("Range")
                 authorization = self.headers.get("Authorization")
+                required = server.require_authorization
+                if required is not None and path not in required[2] and authorization != required[0]:
+                    server._log(path, range_header, 401, authorization)
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", required[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path in server.documents:
                     status, body, headers = server.documents[path]
                     server._log(path, range_header, status, authorization)

@@ -1,0 +1,155 @@
+"""``oci://`` refs: a manifest from an OCI distribution registry, its model layer through our transfer engine.
+
+Ollama publishes models as OCI manifests whose ``application/vnd.ollama.image.model`` layer is
+the GGUF; other artifacts name their file in the ``org.opencontainers.image.title`` annotation.
+Every layer is checked against its digest (the transfer verifies it as the source's digest), and a
+manifest pinned by ``@sha256:`` must hash to that digest. Registries that ask for a token get the
+distribution token flow (``WWW-Authenticate: Bearer realm=…``), with the configured credentials
+when there are some; Basic auth likewise.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from typing import Any
+
+import httpx
+
+from appliance.errors import DigestMismatch, DownloadFailed, RemoteNotFound, SourceNotAllowed
+from appliance.names import ModelName, name_from_filename
+from appliance.provision.plan import Plan
+from appliance.provision.transfer import RemoteFile
+from appliance.refs import OciRef
+from appliance.settings import DownloadSettings
+
+__all__ = ["OLLAMA_MODEL_LAYER", "resolve_oci"]
+
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+)
+TITLE = "org.opencontainers.image.title"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def resolve_oci(ref: OciRef, options: DownloadSettings, client: httpx.Client) -> Plan:
+    scheme = "http" if ref.registry in options.oci_plain_http else "https"
+    base = f"{scheme}://{ref.registry}/v2/{ref.repository}"
+    reference = ref.digest or ref.tag or "latest"
+    auth = _RegistryAuth(options, ref.repository)
+    response = auth.get(client, f"{base}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
+    body = response.content
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise DownloadFailed(f"the manifest of {ref} is larger than {MAX_MANIFEST_BYTES} bytes")
+    if ref.digest is not None:
+        actual = f"sha256:{hashlib.sha256(body).hexdigest()}"
+        if actual != ref.digest:
+            raise DigestMismatch(f"the manifest of {ref} has digest {actual}, not the one the ref pins")
+    try:
+        manifest: dict[str, Any] = response.json()
+        layers: list[dict[str, Any]] = manifest["layers"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DownloadFailed(f"{ref} did not answer with an image manifest") from exc
+    layer, filename = _model_layer(ref, layers)
+    digest = str(layer.get("digest", ""))
+    if not digest.startswith("sha256:"):
+        raise DownloadFailed(f"the model layer of {ref} has no sha256 digest")
+    remote = RemoteFile(
+        url=f"{base}/blobs/{digest}",
+        filename=filename,
+        headers=auth.headers,
+        digest=digest,
+        size=int(layer["size"]) if "size" in layer else None,
+    )
+    last = ref.repository.rsplit("/", 1)[-1]
+    name = name_from_filename(f"{last}.oci")
+    if ref.tag and ref.digest is None:
+        name = ModelName.parse(f"{name.name}:{ref.tag.lower()}")
+    return Plan([remote], name)
+
+
+def _model_layer(ref: OciRef, layers: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    last = ref.repository.rsplit("/", 1)[-1]
+    for layer in layers:
+        if layer.get("mediaType") == OLLAMA_MODEL_LAYER:
+            return layer, f"{last}.gguf"
+    for layer in layers:
+        title = str((layer.get("annotations") or {}).get(TITLE, ""))
+        if title.endswith((".gguf", ".safetensors")):
+            return layer, title.rsplit("/", 1)[-1]
+    raise RemoteNotFound(
+        f"{ref} has no model layer (no {OLLAMA_MODEL_LAYER} layer, no layer titled *.gguf or *.safetensors)"
+    )
+
+
+class _RegistryAuth:
+    """Answers a registry's 401 challenge once, then sends the same Authorization to every blob."""
+
+    def __init__(self, options: DownloadSettings, repository: str) -> None:
+        self.options = options
+        self.repository = repository
+        self.headers: dict[str, str] = {}
+
+    def get(self, client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
+        try:
+            response = client.get(url, headers={**headers, **self.headers}, follow_redirects=True)
+            if response.status_code == 401:
+                self._answer(client, response.headers.get("www-authenticate", ""), url)
+                response = client.get(url, headers={**headers, **self.headers}, follow_redirects=True)
+        except httpx.TransportError as exc:
+            raise DownloadFailed(f"cannot reach {httpx.URL(url).host}: {exc!r}") from exc
+        if response.status_code in (401, 403):
+            raise SourceNotAllowed(
+                f"{httpx.URL(url).host} refused access to {self.repository} ({response.status_code})",
+                hint="set models.download.oci_username and oci_password for this registry",
+            )
+        if response.status_code == 404:
+            raise RemoteNotFound(f"{httpx.URL(url).host} has no {self.repository} {url.rsplit('/', 1)[-1]}")
+        if response.status_code != 200:
+            raise DownloadFailed(f"{httpx.URL(url).host} answered {response.status_code} for {url}")
+        return response
+
+    def _credentials(self) -> tuple[str, str] | None:
+        if self.options.oci_username and self.options.oci_password:
+            return self.options.oci_username, self.options.oci_password.get_secret_value()
+        return None
+
+    def _answer(self, client: httpx.Client, challenge: str, url: str) -> None:
+        kind, _, params_text = challenge.partition(" ")
+        params = dict(_CHALLENGE_PARAM.findall(params_text))
+        credentials = self._credentials()
+        if kind.lower() == "basic":
+            if credentials is None:
+                return  # the retry gets 401 again and says which settings to set
+            encoded = base64.b64encode(":".join(credentials).encode()).decode()
+            self.headers = {"Authorization": f"Basic {encoded}"}
+            return
+        if kind.lower() != "bearer" or "realm" not in params:
+            raise DownloadFailed(
+                f"{httpx.URL(url).host} asked for an authentication this client does not speak"
+            )
+        query = {
+            "service": params.get("service", ""),
+            "scope": params.get("scope", f"repository:{self.repository}:pull"),
+        }
+        try:
+            answer = client.get(
+                params["realm"], params=query, auth=httpx.BasicAuth(*credentials) if credentials else None
+            )
+        except httpx.TransportError as exc:
+            raise DownloadFailed(f"cannot reach the token service {params['realm']}: {exc!r}") from exc
+        if answer.status_code != 200:
+            raise SourceNotAllowed(
+                f"the token service of {httpx.URL(url).host} answered {answer.status_code}",
+                hint="set models.download.oci_username and oci_password for this registry",
+            )
+        try:
+            document = answer.json()
+            token = str(document.get("token") or document["access_token"])
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise DownloadFailed(f"the token service of {httpx.URL(url).host} sent no token") from exc
+        self.headers = {"Authorization": f"Bearer {token}"}
