@@ -180,6 +180,12 @@ class DownloadSettings(BaseModel):
         default=None, description="User for registries that ask for credentials."
     )
     oci_password: SecretStr | None = Field(default=None, description="Its password or token (never shown).")
+    s3_endpoint: str | None = Field(
+        default=None, description="S3-compatible endpoint for s3: refs; unset means AWS in s3_region."
+    )
+    s3_region: str = Field(default="us-east-1", description="Region s3: requests are signed for.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 key id; unset means anonymous.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret (never shown).")
     stall_timeout: Duration = Field(
         default=30.0,
         gt=0,

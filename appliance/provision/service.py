@@ -49,8 +49,9 @@ from appliance.provision.hub import resolve_hf
 from appliance.provision.oci import resolve_oci
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
+from appliance.provision.s3 import resolve_s3
 from appliance.provision.transfer import RemoteFile, Transfer, TransferResult
-from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, UrlRef, parse_digest, parse_ref
+from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import Download, Model, Store, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
@@ -286,11 +287,12 @@ class Provisioner:
             return Plan([RemoteFile(url=ref.url, filename=filename)], name_from_filename(filename))
         if isinstance(ref, HfRef):
             return resolve_hf(ref, self.settings.models.download)
+        if isinstance(ref, S3Ref):
+            return resolve_s3(ref, self.settings.models.download)
         if isinstance(ref, OciRef):
             with self._client() as client:
                 return resolve_oci(ref, self.settings.models.download, client)
-        scheme = str(ref).split(":", 1)[0]
-        raise SchemeNotSupported(f"{scheme}: refs cannot be pulled yet ({ref})")
+        raise SchemeNotSupported(f"{ref} is not a network ref")
 
     # -- single flight ---------------------------------------------------------------------------
 

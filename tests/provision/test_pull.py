@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -256,9 +257,16 @@ def test_strict_without_any_digest_is_refused_before_the_download(
     assert files.hits == []
 
 
-def test_schemes_without_a_fetcher_yet_say_so(runtime: Runtime, context: Context) -> None:
-    with pytest.raises(SchemeNotSupported, match="s3: refs cannot be pulled yet"):
-        runtime.provisioner.ensure_present("s3://bucket/model.gguf", context)
+@pytest.mark.parametrize(
+    ("ref", "module"), [("hf:org/repo/m.gguf", "huggingface_hub"), ("s3://bucket/m.gguf", "botocore")]
+)
+def test_a_scheme_whose_extra_is_not_installed_says_which_to_install(
+    runtime: Runtime, context: Context, monkeypatch: pytest.MonkeyPatch, ref: str, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # what a missing package looks like to an import
+    with pytest.raises(SchemeNotSupported, match="is not installed") as raised:
+        runtime.provisioner.ensure_present(ref, context)
+    assert "pip install 'appliance[" in raised.value.hint
 
 
 def test_twenty_concurrent_pulls_of_one_ref_make_one_download(

@@ -261,7 +261,6 @@ def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path
     [
         ("llama3", 400, "pulls by ModelRef and works offline"),
         ("library/llama3:8b", 400, "pulls by ModelRef and works offline"),
-        ("s3://bucket/x.gguf", 501, "cannot be pulled yet"),
         (NO_SUCH, 400, "names a blob"),
         ("/nonexistent/x.gguf", 404, "does not exist"),
         ("bad name!", 400, "invalid model ref"),
