@@ -201,13 +201,15 @@ class Provisioner:
         if present is not None:
             return present
         self.policy().check(parsed)
-        plan = self._resolve(parsed)
-        if strict and expected is None and not plan.all_have_digests:
-            raise DigestRequired(f"--strict needs a digest, and {parsed} does not publish one for every file")
         with self._single_flight(str(parsed)):
             present = self._present(parsed, expected, model_name)  # another pull may have finished it
             if present is not None:
                 return present
+            plan = self._resolve(parsed)
+            if strict and expected is None and not plan.all_have_digests:
+                raise DigestRequired(
+                    f"--strict needs a digest, and {parsed} does not publish one for every file"
+                )
             with self._slots:
                 return self._download(
                     parsed,
@@ -280,7 +282,7 @@ class Provisioner:
         )
 
     def _resolve(self, ref: ModelRef) -> Plan:
-        """The files a network ref stands for; the hub's metadata call is the only network use here."""
+        """The files a network ref stands for (a hub's metadata, an S3 HEAD, a registry's manifest)."""
         if isinstance(ref, UrlRef):
             path = urlsplit(ref.url).path
             filename = unquote(path.rsplit("/", 1)[-1]) or "download"

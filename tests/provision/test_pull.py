@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from appliance.errors import (
     CacheFull,
     DigestMismatch,
     DigestRequired,
+    DiskFull,
     DownloadDenied,
     DownloadFailed,
     DownloadNotFound,
@@ -206,6 +208,52 @@ def test_the_cache_budget_is_checked_before_the_body(
         with pytest.raises(CacheFull):
             runtime.provisioner.ensure_present(url, context)
         assert files.body_requests("/big.gguf") == []
+    finally:
+        runtime.close()
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_the_body(
+    tmp_path: Path, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        runtime = open_runtime(small / "data")
+        try:
+            url = files.add("/too-big.gguf", model_bytes)
+            with pytest.raises(DiskFull, match="not enough space"):
+                runtime.provisioner.ensure_present(url, context)
+            assert files.body_requests("/too-big.gguf") == []
+            assert runtime.models.list_models() == []
+        finally:
+            runtime.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
+def test_downloads_beyond_max_parallel_wait_for_a_slot(
+    data_dir: Path, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    runtime = open_runtime(data_dir, max_parallel=1)
+    try:
+        first = files.add("/first.gguf", model_bytes, Faults(bytes_per_second=MIB // 2))  # about 3 s
+        second = files.add("/second.gguf", model_bytes[:-1] + b"\x01")
+        threads = [
+            threading.Thread(target=runtime.provisioner.ensure_present, args=(url, context))
+            for url in (first, second)
+        ]
+        threads[0].start()
+        _wait_for_state(runtime, "running")
+        threads[1].start()
+        time.sleep(0.3)
+        assert [d.ref for d in runtime.provisioner.list_downloads()] == [
+            first
+        ]  # the second waits for the slot
+        assert files.hits_for("/second.gguf") == []
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(d.state for d in runtime.provisioner.list_downloads()) == ["done", "done"]
     finally:
         runtime.close()
 
