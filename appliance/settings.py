@@ -162,7 +162,7 @@ class DownloadSettings(BaseModel):
     part_bytes: ByteSize = Field(
         default=64 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Largest part one Range request fetches (files get about four parts per connection).",
+        description="Largest part one Range request fetches (files get about eight parts per connection).",
     )
     retries: int = Field(
         default=5, ge=0, le=100, description="Retries of a part that fails without progress."

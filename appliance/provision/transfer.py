@@ -4,7 +4,7 @@ A file is fetched into ``<data>/tmp/downloads/<key>.partial`` next to ``<key>.st
 When the server honours Range, the file is cut into parts that up to ``connections`` workers
 fetch in order, each writing at its own offset. A hashing thread follows the completed prefix
 of the file, so the sha256 is ready soon after the last byte arrives; that is why parts are
-small (about four per connection, in whole MiB, at most ``part_bytes``): the last wave of
+small (about eight per connection, in whole MiB, at most ``part_bytes``): the last wave of
 parts is what is left to hash after the last byte. The state file records how many bytes of
 each part are on disk (written after the bytes, at most a few times a second and whenever a
 part completes), so a pull that was killed or failed resumes where it stopped, provided the
@@ -39,7 +39,7 @@ __all__ = ["RemoteFile", "Transfer", "TransferResult"]
 
 READ_BYTES = 1024 * 1024
 MIB = 1024 * 1024
-PARTS_PER_CONNECTION = 4
+PARTS_PER_CONNECTION = 8
 STATE_SAVE_INTERVAL = 0.5
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
