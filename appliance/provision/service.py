@@ -666,12 +666,12 @@ class Provisioner:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
         action = "downloads.approve" if approve else "downloads.deny"
         with audited(self.store, context, action=action, target=download_id) as note:
-            current = self.get_download(download_id)
-            note.detail["ref"] = current.ref
-            if current.state != "pending":
-                raise DownloadNotPending(f"download {download_id} is {current.state}, not pending")
+            note.detail["ref"] = self.get_download(download_id).ref
             return self.store.update_download(
-                download_id, state="approved" if approve else "denied", decided_by=context.actor
+                download_id,
+                only_from=("pending",),
+                state="approved" if approve else "denied",
+                decided_by=context.actor,
             )
 
 

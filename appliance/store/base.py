@@ -198,8 +198,9 @@ class Store(Protocol):
 
     # downloads
     def create_download(self, download: Download) -> Download: ...
-    def update_download(self, download_id: str, **changes: Any) -> Download:
-        """Set columns of one download (and ``updated_at``); raises DownloadNotFound."""
+    def update_download(self, download_id: str, *, only_from: Sequence[str] = (), **changes: Any) -> Download:
+        """Set columns of one download (and ``updated_at``), atomically checking that its state is one
+        of ``only_from`` when given; raises DownloadNotFound or DownloadNotPending."""
         ...
 
     def get_download(self, download_id: str) -> Download | None: ...

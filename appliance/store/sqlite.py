@@ -18,7 +18,14 @@ from typing import Any
 
 import apsw
 
-from appliance.errors import DiskFull, DownloadNotFound, ModelExists, ModelNotFound, StoreFailure
+from appliance.errors import (
+    DiskFull,
+    DownloadNotFound,
+    DownloadNotPending,
+    ModelExists,
+    ModelNotFound,
+    StoreFailure,
+)
 from appliance.names import ModelName
 from appliance.store.base import (
     Artifact,
@@ -460,20 +467,24 @@ class SqliteStore:
             )
         return download
 
-    def update_download(self, download_id: str, **changes: Any) -> Download:
+    def update_download(self, download_id: str, *, only_from: Sequence[str] = (), **changes: Any) -> Download:
         unknown = set(changes) - set(_DOWNLOAD_COLUMNS) - {"updated_at"}
         if unknown or "id" in changes:
             raise ValueError(f"not a download column: {sorted(unknown or {'id'})}")
         changes["updated_at"] = utcnow()
+        condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
+        assignments = ", ".join(f"{name} = ?" for name in changes)
         with self._write() as db:
             db.execute(
-                f"UPDATE downloads SET {', '.join(f'{name} = ?' for name in changes)} WHERE id = ?",
-                [*changes.values(), download_id],
+                f"UPDATE downloads SET {assignments} WHERE id = ?{condition}",
+                [*changes.values(), download_id, *only_from],
             )
-            if db.changes() == 0:
-                raise DownloadNotFound(f"download {download_id} not found")
+            changed = db.changes()
         found = self.get_download(download_id)
-        assert found is not None
+        if found is None:
+            raise DownloadNotFound(f"download {download_id} not found")
+        if changed == 0:
+            raise DownloadNotPending(f"download {download_id} is {found.state}, not {' or '.join(only_from)}")
         return found
 
     def get_download(self, download_id: str) -> Download | None:

@@ -11,9 +11,9 @@ from typing import Any
 import apsw
 import pytest
 
-from appliance.errors import ModelExists, ModelNotFound, StoreFailure
+from appliance.errors import DownloadNotFound, DownloadNotPending, ModelExists, ModelNotFound, StoreFailure
 from appliance.names import ModelName
-from appliance.store.base import AuditEvent, NewArtifact
+from appliance.store.base import AuditEvent, Download, NewArtifact
 from appliance.store.migrations import SQLITE_MIGRATIONS, Migration
 from appliance.store.sqlite import SqliteStore
 
@@ -216,3 +216,16 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -
         for process in processes:
             process.join(timeout=60)
         assert [process.exitcode for process in processes] == [0, 0, 0]
+
+
+def test_a_download_moves_from_a_state_only_once(store: SqliteStore) -> None:
+    store.create_download(
+        Download(id="d1", ref="https://mirror.lan/m.gguf", state="pending", requested_by="u")
+    )
+    approved = store.update_download("d1", only_from=("pending",), state="approved", decided_by="admin")
+    assert (approved.state, approved.decided_by) == ("approved", "admin")
+    with pytest.raises(DownloadNotPending, match="is approved, not pending"):
+        store.update_download("d1", only_from=("pending",), state="denied", decided_by="other")
+    assert store.get_download("d1").state == "approved"  # type: ignore[union-attr]
+    with pytest.raises(DownloadNotFound):
+        store.update_download("nope", state="done")
