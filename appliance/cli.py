@@ -515,6 +515,64 @@ def deny_download(ctx: click.Context, download_id: str) -> None:
     _decide(ctx, download_id, approve=False)
 
 
+# -- preferences ------------------------------------------------------------------------------
+
+
+@cli.group()
+def prefs() -> None:
+    """Preferences: settings an admin may change while the appliance runs."""
+
+
+@prefs.command("ls")
+@json_option
+@click.pass_context
+def list_prefs(ctx: click.Context, as_json: bool) -> None:
+    """List the preferences with the value in effect and the setting it overrides.
+
+    Example: appliance prefs ls
+    """
+    found = _run(ctx, lambda runtime: runtime.preferences.list())
+    if as_json:
+        _emit_json([preference.__dict__ for preference in found])
+        return
+    table = Table("KEY", "VALUE", "SETTING", "", box=None, pad_edge=False)
+    for preference in found:
+        shown = json.dumps(preference.value)
+        table.add_row(
+            preference.key, shown, json.dumps(preference.setting), "set" if preference.overridden else ""
+        )
+    stdout.print(table)
+
+
+@prefs.command("set")
+@click.argument("key")
+@click.argument("value")
+@click.pass_context
+def set_pref(ctx: click.Context, key: str, value: str) -> None:
+    """Set a preference; VALUE is JSON (true, 5, ["https"]) or else taken as a string.
+
+    Example: appliance prefs set models.cache.max_bytes 500GB
+    """
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value
+    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, parsed, Context.cli()))
+    click.echo(f"{preference.key} = {json.dumps(preference.value)}")
+
+
+@prefs.command("unset")
+@click.argument("key")
+@click.pass_context
+def unset_pref(ctx: click.Context, key: str) -> None:
+    """Remove a preference, so the setting applies again.
+
+    Example: appliance prefs unset offline
+    """
+    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, None, Context.cli()))
+    click.echo(f"{preference.key} = {json.dumps(preference.value)} (the setting)")
+
+
 # -- audit ------------------------------------------------------------------------------------
 
 

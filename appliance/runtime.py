@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from appliance.errors import StorageFailure
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
+from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.settings import Settings
 from appliance.store.cache import BlobCache
@@ -27,6 +28,7 @@ class Runtime:
     cache: BlobCache
     models: ModelService
     provisioner: Provisioner
+    preferences: PreferenceService
     metrics: Metrics
     pool: EnginePool | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
@@ -49,6 +51,7 @@ class Runtime:
             cache=cache,
             models=models,
             provisioner=Provisioner(settings, store, cache, models),
+            preferences=PreferenceService(settings, store),
             metrics=Metrics(),
         )
         if with_engine:

@@ -262,3 +262,25 @@ def test_version_and_help_describe_every_command(cli: object) -> None:
     help_text = cli("models", "--help").stdout  # type: ignore[operator]
     for command in ("import", "ls", "show", "rm", "verify", "pin", "unpin", "gc"):
         assert command in help_text
+
+
+def test_preferences_are_validated_and_can_be_unset(cli: object) -> None:
+    assert (
+        cli("prefs", "set", "models.cache.max_bytes", "2GB").stdout.strip()
+        == "models.cache.max_bytes = 2000000000"
+    )  # type: ignore[operator]
+    unknown = cli("prefs", "set", "engine.threads", "4")  # type: ignore[operator]
+    assert unknown.returncode == 1
+    assert "'engine.threads' is not a preference" in unknown.stderr
+    bad = cli("prefs", "set", "offline", "perhaps")  # type: ignore[operator]
+    assert bad.returncode == 1
+    assert "invalid value for offline" in bad.stderr
+    listed = {p["key"]: p for p in json.loads(cli("prefs", "ls", "--json").stdout)}  # type: ignore[operator]
+    assert listed["models.cache.max_bytes"]["overridden"] is True
+    assert listed["offline"] == {**listed["offline"], "value": False, "overridden": False}
+    assert "(the setting)" in cli("prefs", "unset", "models.cache.max_bytes").stdout  # type: ignore[operator]
+    listed = {p["key"]: p for p in json.loads(cli("prefs", "ls", "--json").stdout)}  # type: ignore[operator]
+    assert listed["models.cache.max_bytes"]["value"] is None
+    events = json.loads(cli("audit", "ls", "--action", "preferences.set", "--json").stdout)  # type: ignore[operator]
+    # newest first: the unset, the refused value, the set (an unknown key is refused before anything)
+    assert [event["outcome"] for event in events] == ["ok", "error", "ok"]

@@ -21,6 +21,7 @@ from appliance.web.dependencies import (
     provide_inference,
     provide_models,
     provide_pool,
+    provide_preferences,
     provide_provisioner,
     provide_store,
 )
@@ -31,6 +32,8 @@ from appliance.web.health import HealthController
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.openai import openai_router
+from appliance.web.system import SystemController
+from appliance.web.ui import ui_assets, ui_page
 
 __all__ = ["create_app"]
 
@@ -56,10 +59,13 @@ def create_app(settings: Settings) -> Litestar:
     )
     return Litestar(
         route_handlers=[
+            ui_page,
+            ui_assets,
             HealthController,
             pull_model,
             ModelsController,
             DownloadsController,
+            SystemController,
             AuditController,
             EngineController,
             metrics,
@@ -74,6 +80,7 @@ def create_app(settings: Settings) -> Litestar:
             "store": Provide(provide_store, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),
             "provisioner": Provide(provide_provisioner, sync_to_thread=False),
+            "preferences": Provide(provide_preferences, sync_to_thread=False),
             "context": Provide(provide_context, sync_to_thread=False),
             "inference": Provide(provide_inference, sync_to_thread=False),
             "pool": Provide(provide_pool, sync_to_thread=False),

@@ -13,6 +13,7 @@ from appliance.audit import Context
 from appliance.engine.pool import EnginePool
 from appliance.engine.service import InferenceService
 from appliance.models.service import ModelService
+from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.runtime import Runtime
 from appliance.store.base import Store
@@ -22,6 +23,7 @@ __all__ = [
     "provide_inference",
     "provide_models",
     "provide_pool",
+    "provide_preferences",
     "provide_provisioner",
     "provide_store",
 ]
@@ -40,6 +42,10 @@ def provide_store(state: State) -> Store:
 
 def provide_models(state: State) -> ModelService:
     return _runtime(state).models
+
+
+def provide_preferences(state: State) -> PreferenceService:
+    return _runtime(state).preferences
 
 
 def provide_provisioner(state: State) -> Provisioner:

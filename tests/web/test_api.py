@@ -105,3 +105,19 @@ def test_the_inference_log_filter_takes_a_model_name(server: Server) -> None:
     refused = server.client.get("/api/v1/inference", params={"model": "Bad Name!"})
     assert refused.status_code == 400
     assert refused.headers["content-type"].startswith(PROBLEM)
+
+
+def test_system_and_preferences_over_http(server: Server) -> None:
+    system = server.client.get("/api/v1/system").json()
+    assert system["cpu_count"] >= 1
+    assert system["memory"]["total_bytes"] > 0
+    assert system["cache"] == {"used_bytes": 0, "max_bytes": None}
+    saved = server.client.put("/api/v1/preferences/models.cache.max_bytes", json={"value": "1GB"})
+    assert saved.json()["value"] == 1_000_000_000
+    assert server.client.get("/api/v1/system").json()["cache"]["max_bytes"] == 1_000_000_000
+    refused = server.client.put("/api/v1/preferences/models.cache.evict_policy", json={"value": "random"})
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "invalid_setting"
+    assert server.client.put("/api/v1/preferences/nope", json={"value": 1}).status_code == 400
+    reset = server.client.put("/api/v1/preferences/models.cache.max_bytes", json={"value": None})
+    assert reset.json()["overridden"] is False

@@ -1,0 +1,375 @@
+// The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
+// No build step and nothing from the network but this server. A later page (tasks, nodes,
+// keys, providers) is one more entry in `pages` and one more link in index.html.
+
+const page = document.getElementById("page");
+const errors = document.getElementById("errors");
+let leaving = [];  // what the current page must stop (timers, event streams) when another opens
+
+// -- helpers -----------------------------------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value === true) node.setAttribute(key, "");
+    else if (value !== false && value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function bytes(count) {
+  if (count === null || count === undefined) return "-";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let value = count, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function showError(message) {
+  errors.replaceChildren(h("p", {}, message));
+  errors.scrollIntoView({ block: "nearest" });
+}
+
+function clearErrors() { errors.replaceChildren(); }
+
+// Every call: JSON in and out; a problem response becomes an Error with the server's own words.
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: body === undefined ? {} : { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = text; }
+  if (!response.ok && !(path === "/readyz" && response.status === 503)) {
+    const detail = data && (data.detail || (data.error && (data.error.message || data.error))) || response.statusText;
+    const hint = data && data.hint ? ` (${data.hint})` : "";
+    throw new Error(`${detail}${hint}`);
+  }
+  return data;
+}
+
+async function attempt(action) {
+  try { clearErrors(); return await action(); } catch (error) { showError(error.message); return undefined; }
+}
+
+function every(seconds, action) {
+  const timer = setInterval(action, seconds * 1000);
+  leaving.push(() => clearInterval(timer));
+}
+
+// -- dashboard ---------------------------------------------------------------------------------
+
+async function dashboard() {
+  page.replaceChildren(h("h1", {}, "Dashboard"), h("div", { id: "dashboard" }, "Loading…"));
+  const draw = async () => {
+    const [ready, ps, system, audit] = await Promise.all([
+      api("GET", "/readyz"), api("GET", "/api/v1/ps"), api("GET", "/api/v1/system"), api("GET", "/api/v1/audit?limit=10"),
+    ]);
+    const cache = system.cache;
+    const gpus = system.gpus.length
+      ? system.gpus.map((gpu) => h("div", {}, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
+      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload available" : "no GPU (CPU inference)")];
+    document.getElementById("dashboard")?.replaceChildren(
+      h("section", { class: "cards" },
+        h("div", { class: "card", id: "readiness" },
+          h("h2", {}, "Readiness"),
+          h("div", { class: ready.ready ? "ok" : "bad" }, ready.ready ? "Ready to serve" : "Not ready"),
+          ready.reasons.map((reason) => h("div", { class: "muted" }, reason))),
+        h("div", { class: "card" },
+          h("h2", {}, "Machine"),
+          h("div", {}, `${system.cpu_count} CPUs, load ${system.load_average.map((x) => x.toFixed(2)).join(" ")}`),
+          h("div", {}, `RAM: ${bytes(system.memory.available_bytes)} free of ${bytes(system.memory.total_bytes)}`),
+          gpus),
+        h("div", { class: "card" },
+          h("h2", {}, "Cache"),
+          h("div", {}, `${bytes(cache.used_bytes)} used of ${cache.max_bytes === null ? "no limit" : bytes(cache.max_bytes)}`),
+          cache.max_bytes ? h("progress", { max: cache.max_bytes, value: cache.used_bytes }) : null,
+          h("div", { class: "muted" }, `${bytes(system.disk_free_bytes)} free on disk`)),
+        h("div", { class: "card" },
+          h("h2", {}, "Loaded models"),
+          ps.models.length ? ps.models.map((m) => h("div", {}, `${m.name} (${bytes(m.memory_bytes)})`)) : h("div", { class: "muted" }, "none"))),
+      h("h2", {}, "Recent activity"),
+      auditTable(audit));
+  };
+  await attempt(draw);
+  every(5, () => attempt(draw));
+}
+
+function auditTable(events) {
+  return h("table", {},
+    h("thead", {}, h("tr", {}, ["When", "Actor", "Action", "Target", "Outcome", "Bytes", "ms"].map((title) => h("th", {}, title)))),
+    h("tbody", {}, events.map((e) => h("tr", {},
+      h("td", { class: "mono" }, e.at.replace("T", " ").slice(0, 19)), h("td", {}, e.actor), h("td", {}, e.action),
+      h("td", { class: "mono" }, e.target),
+      h("td", { class: e.outcome === "ok" ? "ok" : "bad" }, e.outcome === "ok" ? "ok" : `error: ${e.detail.message || ""}`),
+      h("td", {}, e.bytes === null ? "" : bytes(e.bytes)), h("td", {}, e.duration_ms ?? "")))));
+}
+
+// -- models ------------------------------------------------------------------------------------
+
+async function models() {
+  const pullRef = h("input", { id: "pull-ref", name: "ref", size: 48, placeholder: "https://…, hf:org/repo/file.gguf, oci://…", required: true });
+  const pullName = h("input", { id: "pull-name", name: "name", placeholder: "name[:tag] (optional)" });
+  const pullDigest = h("input", { id: "pull-digest", name: "digest", size: 30, placeholder: "sha256:… (optional)" });
+  const importPath = h("input", { id: "import-path", name: "path", size: 48, placeholder: "/path/on/this/machine/model.gguf", required: true });
+  const importName = h("input", { id: "import-name", name: "name", placeholder: "name[:tag] (optional)" });
+  page.replaceChildren(
+    h("h1", {}, "Models"),
+    h("form", { class: "inline", id: "pull-form", onsubmit: (event) => { event.preventDefault(); pull(); } },
+      h("label", {}, "Pull a reference", pullRef), h("label", {}, "Name", pullName), h("label", {}, "Digest", pullDigest),
+      h("button", { type: "submit" }, "Pull")),
+    h("form", { class: "inline", id: "import-form", onsubmit: (event) => { event.preventDefault(); importFile(); } },
+      h("label", {}, "Import a file on the server", importPath), h("label", {}, "Name", importName),
+      h("button", { type: "submit" }, "Import")),
+    h("h2", {}, "Downloads"), h("div", { id: "downloads" }),
+    h("h2", {}, "In the cache"), h("div", { id: "models" }, "Loading…"));
+
+  async function pull() {
+    const body = { ref: pullRef.value.trim() };
+    if (pullName.value.trim()) body.name = pullName.value.trim();
+    if (pullDigest.value.trim()) body.digest = pullDigest.value.trim();
+    const result = await attempt(() => api("POST", "/api/v1/models/pull", body));
+    if (result) { pullRef.value = ""; await Promise.all([drawDownloads(), drawModels()]); }
+  }
+  async function importFile() {
+    const body = { path: importPath.value.trim() };
+    if (importName.value.trim()) body.name = importName.value.trim();
+    const result = await attempt(() => api("POST", "/api/v1/models/import", body));
+    if (result) { importPath.value = ""; await drawModels(); }
+  }
+
+  const downloads = new Map();
+  const drawDownloads = async () => {
+    const found = await attempt(() => api("GET", "/api/v1/downloads"));
+    if (!found) return;
+    for (const download of found) downloads.set(download.id, download);
+    renderDownloads();
+  };
+  const renderDownloads = () => {
+    const rows = [...downloads.values()].sort((a, b) => b.created_at.localeCompare(a.created_at)).slice(0, 20);
+    document.getElementById("downloads")?.replaceChildren(rows.length
+      ? h("table", { id: "downloads-table" },
+        h("thead", {}, h("tr", {}, ["Reference", "Name", "State", "Progress", ""].map((title) => h("th", {}, title)))),
+        h("tbody", {}, rows.map(downloadRow)))
+      : h("p", { class: "muted" }, "No downloads yet."));
+  };
+  const downloadRow = (d) => {
+    const eta = d.rate_bytes_per_s > 0 && d.bytes_total ? Math.round((d.bytes_total - d.bytes_done) / d.rate_bytes_per_s) : null;
+    const progress = d.state === "running"
+      ? [h("progress", { max: d.bytes_total || 1, value: d.bytes_done, "aria-label": `progress of ${d.ref}` }),
+         ` ${bytes(d.bytes_done)} of ${bytes(d.bytes_total)}, ${bytes(d.rate_bytes_per_s)}/s${eta === null ? "" : `, ${eta} s left`}`]
+      : d.state === "done" ? bytes(d.bytes_total) : "";
+    const actions = d.state === "pending"
+      ? [h("button", { onclick: () => decide(d.id, "approve") }, "Approve"), " ",
+         h("button", { class: "danger", onclick: () => decide(d.id, "deny") }, "Deny")]
+      : d.state === "running" ? [h("button", { class: "secondary", onclick: () => cancel(d.id) }, "Cancel")] : [];
+    return h("tr", { "data-download": d.id, "data-state": d.state },
+      h("td", { class: "mono" }, d.ref), h("td", {}, d.model_name || ""),
+      h("td", { class: d.state === "failed" || d.state === "denied" ? "bad" : d.state === "done" ? "ok" : "" },
+        d.state, d.error ? `: ${d.error}` : ""),
+      h("td", {}, progress), h("td", {}, actions));
+  };
+  const decide = async (id, verdict) => { await attempt(() => api("POST", `/api/v1/downloads/${id}/${verdict}`)); await drawDownloads(); };
+  const cancel = async (id) => { await attempt(() => api("DELETE", `/api/v1/downloads/${id}`)); await drawDownloads(); };
+
+  const drawModels = async () => {
+    const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), api("GET", "/api/v1/ps")]);
+    const loaded = new Set(ps.models.map((m) => m.name));
+    document.getElementById("models")?.replaceChildren(list.length ? h("table", { id: "models-table" },
+      h("thead", {}, h("tr", {}, ["Name", "Formats", "Size", "Digest", "Quantization", "Context", "State", ""].map((title) => h("th", {}, title)))),
+      h("tbody", {}, list.map((m) => h("tr", { "data-model": m.name },
+        h("td", {}, m.name, m.pinned ? " 📌" : ""), h("td", {}, m.formats.join(", ")), h("td", {}, bytes(m.size_bytes)),
+        h("td", { class: "mono", title: m.artifacts.map((a) => `${a.filename}: ${a.digest}`).join("\n") },
+          m.artifacts.map((a) => h("div", {}, `${a.filename} ${a.digest.slice(0, 19)}…`))),
+        h("td", {}, m.capabilities.quantization || ""), h("td", {}, m.capabilities.context_length || ""),
+        h("td", { class: m.state === "ok" ? "" : "bad" }, m.state, loaded.has(m.name) ? ", loaded" : ""),
+        h("td", {},
+          h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/verify", { name: m.name })) }, "Verify"), " ",
+          h("button", { class: "secondary", onclick: () => modelAction(() => api("PATCH", `/api/v1/models/${m.name}`, { pinned: !m.pinned })) }, m.pinned ? "Unpin" : "Pin"), " ",
+          loaded.has(m.name)
+            ? h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/unload", { name: m.name })) }, "Unload")
+            : h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/load", { name: m.name })) }, "Load"), " ",
+          h("button", { class: "danger", onclick: () => { if (confirm(`Delete ${m.name}? Its files leave the cache.`)) modelAction(() => api("DELETE", `/api/v1/models/${m.name}`)); } }, "Delete"))))))
+      : h("p", { class: "muted" }, "No models yet: pull a reference or import a file."));
+  };
+  const modelAction = async (action) => {
+    const result = await attempt(action);
+    if (Array.isArray(result) && result.some((check) => !check.ok)) showError(result.filter((c) => !c.ok).map((c) => `${c.digest}: ${c.detail}`).join("; "));
+    await attempt(drawModels);
+  };
+
+  await Promise.all([drawDownloads(), attempt(drawModels)]);
+  const events = new EventSource("/api/v1/downloads/events");
+  events.addEventListener("download", (event) => {
+    const download = JSON.parse(event.data);
+    const before = downloads.get(download.id);
+    downloads.set(download.id, download);
+    renderDownloads();
+    if (download.state === "done" && before && before.state !== "done") attempt(drawModels);
+  });
+  leaving.push(() => events.close());
+}
+
+// -- chat --------------------------------------------------------------------------------------
+
+async function chat() {
+  const choices = ((await attempt(() => api("GET", "/api/v1/models"))) || []).filter((m) => m.formats.includes("gguf"));
+  const model = h("select", { id: "chat-model" }, choices.map((m) => h("option", { value: m.name }, m.name)));
+  const system = h("textarea", { id: "chat-system", rows: 3, placeholder: "You are a helpful assistant." });
+  const temperature = h("input", { id: "chat-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0.7 });
+  const maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: 1, max: 32768, value: 256 });
+  const prompt = h("textarea", { id: "chat-prompt", rows: 3, placeholder: "Ask something; Ctrl+Enter sends", required: true });
+  const log = h("div", { class: "chat-log", id: "chat-log", "aria-live": "polite" });
+  const send = h("button", { type: "submit", id: "chat-send" }, "Send");
+  const stop = h("button", { type: "button", class: "danger", id: "chat-stop", disabled: true }, "Stop");
+  const history = [];
+  let controller = null;
+
+  prompt.addEventListener("keydown", (event) => { if (event.key === "Enter" && event.ctrlKey) form.requestSubmit(); });
+  stop.addEventListener("click", () => controller?.abort());
+  const form = h("form", { onsubmit: (event) => { event.preventDefault(); ask(); } },
+    h("div", { class: "chat-layout" },
+      h("div", {}, log, h("label", {}, "Message", prompt), h("p", {}, send, " ", stop)),
+      h("div", {}, h("label", {}, "Model", model), h("label", {}, "System prompt", system),
+        h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens))));
+  page.replaceChildren(h("h1", {}, "Chat"), choices.length ? form : h("p", { class: "muted" }, "No GGUF model yet: pull or import one on the Models page."));
+  leaving.push(() => controller?.abort());
+
+  async function ask() {
+    const text = prompt.value.trim();
+    if (!text) return;
+    clearErrors();
+    prompt.value = "";
+    history.push({ role: "user", content: text });
+    log.append(h("div", { class: "user" }, text));
+    const answer = h("div", { class: "assistant" });
+    log.append(answer);
+    const messages = system.value.trim() ? [{ role: "system", content: system.value.trim() }, ...history] : [...history];
+    controller = new AbortController();
+    send.disabled = true; stop.disabled = false;
+    try {
+      const response = await fetch("/v1/chat/completions", {
+        method: "POST", headers: { "content-type": "application/json" }, signal: controller.signal,
+        body: JSON.stringify({ model: model.value, messages, stream: true, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }),
+      });
+      if (!response.ok) {
+        const problem = await response.json().catch(() => ({}));
+        throw new Error((problem.error && problem.error.message) || response.statusText);
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        const lines = buffer.split("\n");
+        buffer = lines.pop();
+        for (const line of lines) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const chunk = JSON.parse(line.slice(6));
+          if (chunk.error) throw new Error(chunk.error.message);
+          answer.append(chunk.choices?.[0]?.delta?.content || "");
+        }
+      }
+    } catch (error) {
+      if (error.name === "AbortError") answer.append(h("span", { class: "muted" }, " [stopped]"));
+      else showError(error.message);
+    } finally {
+      history.push({ role: "assistant", content: answer.firstChild ? answer.textContent.replace(/ \[stopped\]$/, "") : "" });
+      send.disabled = false; stop.disabled = true; controller = null;
+      prompt.focus();
+    }
+  }
+}
+
+// -- audit -------------------------------------------------------------------------------------
+
+async function audit() {
+  const action = h("input", { id: "audit-action", placeholder: "models.pull" });
+  const actor = h("input", { id: "audit-actor", placeholder: "cli:alice" });
+  const since = h("input", { id: "audit-since", type: "datetime-local" });
+  const until = h("input", { id: "audit-until", type: "datetime-local" });
+  const results = h("div", { id: "audit-results" });
+  const search = async () => {
+    const query = new URLSearchParams({ limit: "200" });
+    if (action.value.trim()) query.set("action", action.value.trim());
+    if (actor.value.trim()) query.set("actor", actor.value.trim());
+    if (since.value) query.set("since", new Date(since.value).toISOString());
+    if (until.value) query.set("until", new Date(until.value).toISOString());
+    const events = await attempt(() => api("GET", `/api/v1/audit?${query}`));
+    if (events) results.replaceChildren(events.length ? auditTable(events) : h("p", { class: "muted" }, "Nothing matches."));
+  };
+  page.replaceChildren(h("h1", {}, "Audit log"),
+    h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); search(); } },
+      h("label", {}, "Action", action), h("label", {}, "Actor", actor), h("label", {}, "Since", since), h("label", {}, "Until", until),
+      h("button", { type: "submit" }, "Filter")),
+    results);
+  await search();
+}
+
+// -- settings ----------------------------------------------------------------------------------
+
+async function settings() {
+  page.replaceChildren(h("h1", {}, "Settings"), h("p", { class: "muted" },
+    "Preferences override the appliance's settings while it runs; Reset goes back to the setting."), h("div", { id: "preferences" }, "Loading…"));
+  const draw = async () => {
+    const preferences = await api("GET", "/api/v1/preferences");
+    document.getElementById("preferences")?.replaceChildren(...preferences.map(preferenceForm));
+  };
+  const preferenceForm = (p) => {
+    const id = `pref-${p.key.replaceAll(".", "-")}`;
+    let control, read;
+    if (typeof p.setting === "boolean") {
+      control = h("input", { id, type: "checkbox", checked: p.value === true });
+      read = () => control.checked;
+    } else if (Array.isArray(p.setting)) {
+      control = h("textarea", { id, rows: 3, cols: 40 });
+      control.value = p.value.join("\n");
+      read = () => control.value.split("\n").map((line) => line.trim()).filter(Boolean);
+    } else if (p.key === "models.cache.evict_policy") {
+      control = h("select", { id }, ["lru", "none"].map((v) => h("option", { value: v, selected: v === p.value }, v)));
+      read = () => control.value;
+    } else {
+      control = h("input", { id, value: p.value ?? "", placeholder: "e.g. 500GB; empty: no limit" });
+      read = () => control.value.trim() === "" ? null : control.value.trim();
+    }
+    const save = async (value) => {
+      const saved = await attempt(() => api("PUT", `/api/v1/preferences/${p.key}`, { value }));
+      if (saved) await attempt(draw);
+    };
+    return h("form", { class: "inline card", "data-key": p.key, onsubmit: (event) => { event.preventDefault(); save(read()); } },
+      h("label", { for: id }, h("strong", {}, p.key), p.description, control),
+      h("button", { type: "submit" }, "Save"),
+      p.overridden ? h("button", { type: "button", class: "secondary", onclick: () => save(null) }, "Reset") : null,
+      h("span", { class: "muted" }, p.overridden ? `setting: ${JSON.stringify(p.setting)}` : "from the settings"));
+  };
+  await attempt(draw);
+}
+
+// -- routing -----------------------------------------------------------------------------------
+
+const pages = { "": dashboard, models, chat, audit, settings };
+
+async function route() {
+  for (const stop of leaving) stop();
+  leaving = [];
+  clearErrors();
+  const name = location.hash.replace(/^#\/?/, "").split("?")[0];
+  const draw = pages[name] || dashboard;
+  for (const link of document.querySelectorAll("nav a")) {
+    const current = link.dataset.page === (name || "dashboard");
+    if (current) link.setAttribute("aria-current", "page"); else link.removeAttribute("aria-current");
+  }
+  await draw();
+  page.focus({ preventScroll: true });
+}
+
+window.addEventListener("hashchange", route);
+route();

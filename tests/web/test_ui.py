@@ -1,0 +1,152 @@
+"""The browser UI in real headless Chromium (Debian's, driven by Playwright), against a real server.
+
+Screenshots of every page land in test-artifacts/ui/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import Server
+from tests.fileserver import Faults, serve_files
+from tests.tiny_model import write_llama_gguf
+
+ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "ui"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: Server) -> Iterator[Page]:
+    context = browser.new_context(base_url=server.url, viewport={"width": 1366, "height": 800})
+    opened = context.new_page()
+    opened.set_default_timeout(20_000)
+    yield opened
+    context.close()
+
+
+@pytest.fixture
+def tiny(cli: object, tiny_gguf: Path) -> str:
+    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    return "tiny:latest"
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_every_page_renders(page: Page, tiny: str) -> None:
+    page.goto("/")
+    expect(page.locator("#readiness")).to_contain_text("Ready to serve")
+    expect(page.locator("#dashboard")).to_contain_text("models.import")
+    shot(page, "dashboard")
+    for link, heading in [
+        ("Models", "Models"),
+        ("Chat", "Chat"),
+        ("Audit log", "Audit log"),
+        ("Settings", "Settings"),
+    ]:
+        page.get_by_role("link", name=link).click()
+        expect(page.get_by_role("heading", level=1)).to_have_text(heading)
+        expect(page.get_by_role("link", name=link)).to_have_attribute("aria-current", "page")
+        shot(page, link.lower().replace(" ", "-"))
+    expect(page.locator("#errors")).to_be_empty()
+
+
+def test_pull_shows_progress_that_survives_a_reload(page: Page, server: Server, tmp_path: Path) -> None:
+    content = write_llama_gguf(tmp_path / "served.gguf", padding_bytes=3 * 1024 * 1024).read_bytes()
+    with serve_files() as files:
+        url = files.add("/models/Pulled-In-Browser.gguf", content, Faults(bytes_per_second=128 * 1024))
+        page.goto("/#/models")
+        page.get_by_label("Pull a reference").fill(url)
+        page.get_by_role("button", name="Pull").click()
+        running = page.locator("#downloads-table tr[data-state='running']")
+        expect(running.locator("progress")).to_be_visible()
+        expect(running).to_contain_text(re.compile(r"[1-9][0-9.]* [KM]B of 3\.6 MB, .*/s"))  # bytes arrive
+        shot(page, "models-pulling")
+        page.reload()
+        expect(running.locator("progress")).to_be_visible()  # the download is the server's; the page shows it
+        expect(page.locator("#downloads-table tr[data-state='done']")).to_be_visible(timeout=60_000)
+        expect(page.locator("#models-table")).to_contain_text("pulled-in-browser:latest")
+    assert server.client.get("/api/v1/models/pulled-in-browser").status_code == 200
+
+
+def test_a_bad_ref_shows_the_servers_error(page: Page) -> None:
+    page.goto("/#/models")
+    page.get_by_label("Pull a reference").fill("ftp://mirror.lan/model.gguf")
+    page.get_by_role("button", name="Pull").click()
+    expect(page.locator("#errors")).to_contain_text("unknown scheme 'ftp'")
+    shot(page, "models-error")
+
+
+def test_chat_streams_a_reply_from_the_tiny_model(page: Page, tiny: str) -> None:
+    page.goto("/#/chat")
+    expect(page.get_by_label("Model")).to_have_value(tiny)
+    page.get_by_label("Max tokens").fill("24")
+    page.get_by_label("Message").fill("Hello there")
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator("#chat-log .assistant")
+    expect(answer).not_to_be_empty()
+    expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=60_000)
+    expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    shot(page, "chat-answered")
+
+
+def test_deleting_a_model_asks_first(page: Page, server: Server, tiny: str) -> None:
+    page.goto("/#/models")
+    row = page.locator(f"#models-table tr[data-model='{tiny}']")
+    expect(row).to_be_visible()
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    row.get_by_role("button", name="Delete").click()
+    expect(row).to_be_visible()  # dismissed: nothing happens
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="Delete").click()
+    expect(page.locator("#models")).to_contain_text("No models yet")
+    assert server.client.get("/api/v1/models").json() == []
+
+
+def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server) -> None:
+    page.goto("/#/settings")
+    approval = page.get_by_label(re.compile("models.download.require_user_approval"))
+    approval.check()
+    page.locator("form[data-key='models.download.require_user_approval']").get_by_role(
+        "button", name="Save"
+    ).click()
+    expect(page.locator("form[data-key='models.download.require_user_approval']")).to_contain_text(
+        "setting: false"
+    )
+
+    budget = page.locator("form[data-key='models.cache.max_bytes']")
+    budget.get_by_role("textbox").fill("lots")
+    budget.get_by_role("button", name="Save").click()
+    expect(page.locator("#errors")).to_contain_text("invalid value for models.cache.max_bytes")
+    budget.get_by_role("textbox").fill("500GB")
+    budget.get_by_role("button", name="Save").click()
+    expect(page.locator("#errors")).to_be_empty()
+
+    page.reload()
+    expect(page.get_by_label(re.compile("models.download.require_user_approval"))).to_be_checked()
+    expect(page.locator("form[data-key='models.cache.max_bytes']").get_by_role("textbox")).to_have_value(
+        "500000000000"
+    )
+    shot(page, "settings-saved")
+    stored = {p["key"]: p["value"] for p in server.client.get("/api/v1/preferences").json()}
+    assert stored["models.download.require_user_approval"] is True
+    assert stored["models.cache.max_bytes"] == 500_000_000_000
