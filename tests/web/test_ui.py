@@ -150,3 +150,37 @@ def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server
     stored = {p["key"]: p["value"] for p in server.client.get("/api/v1/preferences").json()}
     assert stored["models.download.require_user_approval"] is True
     assert stored["models.cache.max_bytes"] == 500_000_000_000
+
+
+def test_a_pending_download_is_approved_from_the_page(page: Page, server: Server, tmp_path: Path) -> None:
+    server.client.put("/api/v1/preferences/models.download.require_user_approval", json={"value": True})
+    content = write_llama_gguf(tmp_path / "served.gguf").read_bytes()
+    with serve_files() as files:
+        url = files.add("/models/needs-approval.gguf", content)
+        page.goto("/#/models")
+        page.get_by_label("Pull a reference").fill(url)
+        page.get_by_role("button", name="Pull").click()
+        pending = page.locator("#downloads-table tr[data-state='pending']")
+        expect(pending).to_be_visible()
+        assert files.hits == []  # nothing fetched before an admin says yes
+        shot(page, "models-pending")
+        pending.get_by_role("button", name="Approve").click()
+        expect(page.locator("#downloads-table tr[data-state='done']")).to_be_visible(timeout=60_000)
+        expect(page.locator("#models-table")).to_contain_text("needs-approval:latest")
+
+
+def test_pin_load_verify_and_unload_from_the_models_page(page: Page, server: Server, tiny: str) -> None:
+    page.goto("/#/models")
+    row = page.locator(f"#models-table tr[data-model='{tiny}']")
+    row.get_by_role("button", name="Pin").click()
+    expect(row.get_by_role("button", name="Unpin")).to_be_visible()
+    expect(row).to_contain_text("ok, pinned")
+    row.get_by_role("button", name="Load").click()
+    expect(row).to_contain_text("ok, pinned, loaded")
+    row.get_by_role("button", name="Verify").click()
+    expect(page.locator("#errors")).to_be_empty()
+    shot(page, "models-loaded")
+    assert [m["name"] for m in server.client.get("/api/v1/ps").json()["models"]] == [tiny]
+    row.get_by_role("button", name="Unload").click()
+    expect(row.get_by_role("button", name="Load")).to_be_visible()
+    assert server.client.get(f"/api/v1/models/{tiny}").json()["pinned"] is True
