@@ -2,9 +2,9 @@
 
 ``hf:org/repo/path/file[@rev]`` is one file; ``hf:org/repo[@rev]`` is the whole repo (config,
 tokenizer, sharded weights). The revision is pinned to the commit the hub reports, so every
-file of one pull comes from the same commit, and LFS files carry the hub's sha256, which the
-pull verifies. huggingface_hub is an optional extra (``appliance[hf]``): it weighs about 20 MB
-with its dependencies, and only hf: refs need it.
+file of one pull comes from the same commit. LFS files carry the hub's sha256 and small files
+their git blob id, and the pull checks each against it. huggingface_hub is an optional extra
+(``appliance[hf]``): it weighs about 20 MB with its dependencies, and only hf: refs need it.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
             headers=headers,
             digest=f"sha256:{sibling.lfs.sha256}" if sibling.lfs else None,
             size=sibling.lfs.size if sibling.lfs else sibling.size,
+            git_blob=None if sibling.lfs else sibling.blob_id,
         )
         for sibling in siblings
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -36,12 +37,13 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
-def resolve_oci(ref: OciRef, options: DownloadSettings, client: httpx.Client) -> Plan:
+def resolve_oci(ref: OciRef, options: DownloadSettings, new_client: Callable[[], httpx.Client]) -> Plan:
     scheme = "http" if ref.registry in options.oci_plain_http else "https"
     base = f"{scheme}://{ref.registry}/v2/{ref.repository}"
     reference = ref.digest or ref.tag or "latest"
-    auth = _RegistryAuth(options, ref.repository)
-    response = auth.get(client, f"{base}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
+    auth = _RegistryAuth(options, ref.repository, new_client)
+    with new_client() as client:
+        response = auth.get(client, f"{base}/manifests/{reference}", {"Accept": ", ".join(MANIFEST_TYPES)})
     body = response.content
     if len(body) > MAX_MANIFEST_BYTES:
         raise DownloadFailed(f"the manifest of {ref} is larger than {MAX_MANIFEST_BYTES} bytes")
@@ -64,6 +66,7 @@ def resolve_oci(ref: OciRef, options: DownloadSettings, client: httpx.Client) ->
         headers=auth.headers,
         digest=digest,
         size=int(layer["size"]) if "size" in layer else None,
+        reauthorize=auth.renew if auth.headers else None,
     )
     last = ref.repository.rsplit("/", 1)[-1]
     name = name_from_filename(f"{last}.oci")
@@ -89,16 +92,28 @@ def _model_layer(ref: OciRef, layers: list[dict[str, Any]]) -> tuple[dict[str, A
 class _RegistryAuth:
     """Answers a registry's 401 challenge once, then sends the same Authorization to every blob."""
 
-    def __init__(self, options: DownloadSettings, repository: str) -> None:
+    def __init__(
+        self, options: DownloadSettings, repository: str, new_client: Callable[[], httpx.Client]
+    ) -> None:
         self.options = options
         self.repository = repository
+        self.new_client = new_client
         self.headers: dict[str, str] = {}
+        self._challenge: tuple[str, str] | None = None  # the last 401's WWW-Authenticate, and its URL
+
+    def renew(self) -> dict[str, str]:
+        """A fresh token for the blob downloads, when the one they carry has expired."""
+        if self._challenge is not None:
+            with self.new_client() as client:
+                self._answer(client, *self._challenge)
+        return self.headers
 
     def get(self, client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
         try:
             response = client.get(url, headers={**headers, **self.headers}, follow_redirects=True)
             if response.status_code == 401:
-                self._answer(client, response.headers.get("www-authenticate", ""), url)
+                self._challenge = (response.headers.get("www-authenticate", ""), url)
+                self._answer(client, *self._challenge)
                 response = client.get(url, headers={**headers, **self.headers}, follow_redirects=True)
         except httpx.TransportError as exc:
             raise DownloadFailed(f"cannot reach {httpx.URL(url).host}: {exc!r}") from exc

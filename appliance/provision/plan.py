@@ -17,4 +17,4 @@ class Plan:
 
     @property
     def all_have_digests(self) -> bool:
-        return all(remote.digest is not None for remote in self.files)
+        return all(remote.digest is not None or remote.git_blob is not None for remote in self.files)

@@ -292,8 +292,7 @@ class Provisioner:
         if isinstance(ref, S3Ref):
             return resolve_s3(ref, self.settings.models.download)
         if isinstance(ref, OciRef):
-            with self._client() as client:
-                return resolve_oci(ref, self.settings.models.download, client)
+            return resolve_oci(ref, self.settings.models.download, self._client)
         raise SchemeNotSupported(f"{ref} is not a network ref")
 
     # -- single flight ---------------------------------------------------------------------------
@@ -559,6 +558,12 @@ class Provisioner:
                 raise DigestMismatch(
                     f"{remote.filename} of {ref} has digest {staged.digest}; the source says {remote.digest}"
                 )
+            if remote.digest is None and remote.git_blob is not None:
+                actual = _git_blob_id(staged.path, staged.size)
+                if actual != remote.git_blob:
+                    raise DigestMismatch(
+                        f"{remote.filename} of {ref} has git blob id {actual}, not {remote.git_blob}"
+                    )
         if expected is not None:
             actual = (
                 fetched[0][1].digest if len(fetched) == 1 else _repo_digest([s.digest for _, s, _ in fetched])
@@ -568,7 +573,7 @@ class Provisioner:
             return "expected"
         if plan.all_have_digests:
             return "source"
-        uncovered = [remote.filename for remote, _, _ in fetched if remote.digest is None]
+        uncovered = [r.filename for r, _, _ in fetched if r.digest is None and r.git_blob is None]
         logger.info("%s: no digest to verify %s against; recorded as they arrived", ref, ", ".join(uncovered))
         return "unverified"
 
@@ -673,6 +678,15 @@ class Provisioner:
                 state="approved" if approve else "denied",
                 decided_by=context.actor,
             )
+
+
+def _git_blob_id(path: Path, size: int) -> str:
+    """The id git gives a file's content: sha1 of "blob <size>\\0" and the bytes (hub files outside LFS)."""
+    digest = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _repo_digest(digests: list[str]) -> str:

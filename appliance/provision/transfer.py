@@ -41,6 +41,7 @@ READ_BYTES = 1024 * 1024
 MIB = 1024 * 1024
 PARTS_PER_CONNECTION = 8
 STATE_SAVE_INTERVAL = 0.5
+REAUTH_GRACE = 5.0  # seconds in which a fresh token counts as fresh
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 # (bytes on disk, total bytes or None)
@@ -56,6 +57,9 @@ class RemoteFile:
     headers: dict[str, str] = field(default_factory=dict)
     digest: str | None = None  # the source's own sha256, when it publishes one
     size: int | None = None
+    git_blob: str | None = None  # a git blob id (sha1 of "blob <size>\0" + content), for small hub files
+    # asks the source for fresh credentials (new headers) when a short-lived token has expired
+    reauthorize: Callable[[], dict[str, str]] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Transfer:
         self._last_save = 0.0
         self._part_bytes = options.part_bytes
         self._failed = threading.Event()  # a part failed for good: the others stop
+        self._fresh_headers: dict[str, str] = {}
+        self._reauth_lock = threading.Lock()
+        self._renewed_at = 0.0
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -164,18 +171,40 @@ class Transfer:
             if response.status_code in (200, 206, 416):
                 return response
             response.close()
-            self._raise_for_status(response)
+            try:
+                self._raise_for_status(response)
+            except _RetryablePartError as exc:  # fresh credentials: ask again
+                failures += 1
+                self._give_up_or_wait(failures, str(exc))
+                continue
             failures += 1
             self._give_up_or_wait(failures, f"{self._where()} answered {response.status_code}")
 
     def _headers(self, extra: dict[str, str]) -> dict[str, str]:
         # identity: the bytes on disk must be the file itself, not a compressed body
-        return {**self.remote.headers, **extra, "Accept-Encoding": "identity"}
+        return {**self.remote.headers, **self._fresh_headers, **extra, "Accept-Encoding": "identity"}
+
+    def _reauthorize(self) -> bool:
+        """Renew a token that expired mid-download (registries hand out tokens for minutes). A 401
+        right after a renewal (or one from a source that cannot renew) is a refusal, not expiry."""
+        if self.remote.reauthorize is None:
+            return False
+        with self._reauth_lock:
+            now = time.monotonic()
+            if now - self._renewed_at < REAUTH_GRACE:
+                return True  # another part just renewed it: retry with the new token
+            if self._renewed_at and now - self._renewed_at < 2 * REAUTH_GRACE:
+                return False
+            self._fresh_headers = self.remote.reauthorize()
+            self._renewed_at = time.monotonic()
+            return True
 
     def _raise_for_status(self, response: httpx.Response) -> None:
         status = response.status_code
         if status == 404 or status == 410:
             raise RemoteNotFound(f"{self._where()} answered {status}: no such file")
+        if status == 401 and self._reauthorize():
+            raise _RetryablePartError(f"{self._where()} answered 401; asked for fresh credentials")
         if status in (401, 403):
             raise SourceNotAllowed(
                 f"{self._where()} answered {status}: access denied",

@@ -36,7 +36,8 @@ def publish(hub: FileServer, repo: str, files: dict[str, bytes], *, lfs: set[str
     """Serve ``repo`` at COMMIT: its metadata (the hub's sha256 for LFS files) and its files."""
     siblings = []
     for name, content in files.items():
-        sibling: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": "0" * 40}
+        blob_id = hashlib.sha1(b"blob %d\0" % len(content) + (b"tampered" if lie else content)).hexdigest()
+        sibling: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": blob_id}
         if name in lfs:
             digest = hashlib.sha256(b"other content" if lie else content).hexdigest()
             sibling["lfs"] = {"sha256": digest, "size": len(content), "pointerSize": 130}
@@ -82,16 +83,14 @@ def test_a_whole_repo_is_one_model_with_every_file(
     }
     publish(hub, "org/Small-Model-1.5", files, lfs={name for name in files if name.endswith(".safetensors")})
 
-    with pytest.raises(DigestRequired):  # config.json and tokenizer.json have no sha256 on the hub
-        runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context, strict=True)
-    resolved = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context)
+    resolved = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context, strict=True)
 
     model = runtime.models.get("small-model-1.5")
     assert sorted(a.filename for a in model.artifacts) == sorted(files)
     assert model.formats == ["file", "safetensors"]
     digests = sorted(f"sha256:{hashlib.sha256(content).hexdigest()}" for content in files.values())
     assert resolved.digest == "sha256:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()
-    assert resolved.verification == "unverified"
+    assert resolved.verification == "source"  # LFS files by sha256, config and tokenizer by git blob id
     assert resolved.size == sum(len(content) for content in files.values())
     assert resolved.path.read_bytes() == files["model-00001-of-00002.safetensors"]
 
@@ -110,6 +109,33 @@ def test_content_that_differs_from_the_hubs_digest_is_not_kept(
         runtime.provisioner.ensure_present("hf:org/liar/m.gguf", context)
     assert runtime.models.list_models() == []
     assert list((data_dir / "blobs" / "sha256").iterdir()) == []
+
+
+def test_a_small_file_that_differs_from_its_git_blob_id_is_not_kept(
+    runtime: Runtime, hub: FileServer, context: Context, data_dir: Path
+) -> None:
+    publish(
+        hub,
+        "org/bad-config",
+        {"config.json": b'{"a": 1}', "w.safetensors": safetensors(10)},
+        lfs=set(),
+        lie=True,
+    )
+    with pytest.raises(DigestMismatch, match="git blob id"):
+        runtime.provisioner.ensure_present("hf:org/bad-config", context)
+    assert runtime.models.list_models() == []
+    assert list((data_dir / "blobs" / "sha256").iterdir()) == []
+
+
+def test_strict_refuses_a_repo_whose_files_have_no_id(
+    runtime: Runtime, hub: FileServer, context: Context
+) -> None:
+    hub.add_json(
+        "/api/models/org/bare/revision/main",
+        {"id": "org/bare", "sha": COMMIT, "siblings": [{"rfilename": "config.json"}]},
+    )
+    with pytest.raises(DigestRequired):
+        runtime.provisioner.ensure_present("hf:org/bare", context, strict=True)
 
 
 def test_missing_repos_and_files_are_clear_errors(

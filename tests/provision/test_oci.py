@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +225,35 @@ def test_a_refused_token_is_a_clear_error(
             runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
     finally:
         runtime.close()
+
+
+def test_a_token_that_expires_mid_download_is_renewed(
+    token_registry: FileServer, gguf: bytes, data_dir: Path, context: Context
+) -> None:
+    blob_path = next(path for path in token_registry.files if "/blobs/" in path)
+    token_registry.faults[blob_path].bytes_per_second = 1024 * 1024  # a part takes about a second
+    address = token_registry.url.removeprefix("http://")
+    runtime = open_runtime(data_dir, address, connections=1, part_bytes=1024 * 1024)
+
+    def expire_after_the_first_part() -> None:
+        deadline = time.monotonic() + 30
+        while not token_registry.body_requests(blob_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        token_registry.add_json("/token", {"token": "registry-token-456"})
+        assert token_registry.require_authorization is not None
+        token_registry.require_authorization = (
+            "Bearer registry-token-456",
+            *token_registry.require_authorization[1:],
+        )
+
+    rotation = threading.Thread(target=expire_after_the_first_part)
+    rotation.start()
+    try:
+        resolved = runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
+    finally:
+        rotation.join()
+        runtime.close()
+    assert resolved.path.read_bytes() == gguf
+    assert len([hit for hit in token_registry.hits if hit.path == "/token"]) == 2
+    used = {hit.authorization for hit in token_registry.body_requests(blob_path)}
+    assert used == {"Bearer registry-token-123", "Bearer registry-token-456"}
