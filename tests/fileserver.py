@@ -50,6 +50,7 @@ class FileServer:
         self.faults: dict[str, Faults] = {}
         self.hits: list[Hit] = []
         self.documents: dict[str, tuple[int, bytes, dict[str, str]]] = {}  # JSON answers (a hub's API)
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         # (the Authorization every request must carry, the WWW-Authenticate of the 401, exempt paths)
         self.require_authorization: tuple[str, str, set[str]] | None = None
         self._lock = threading.Lock()
@@ -120,6 +121,13 @@ class FileServer:
                     server._log(path, range_header, 401, authorization)
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", required[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if path in server.redirects:
+                    server._log(path, range_header, 302, authorization)
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return

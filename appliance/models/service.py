@@ -148,6 +148,10 @@ class ModelService:
             staged.close()
         return model, added, evicted
 
+    def check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
+        """Raise ModelExists when ``name`` already holds ``filename`` with other content."""
+        self._check_conflict(name, filename, digest)
+
     def check_budget(self, incoming: int, *, keep: ModelName) -> None:
         """Refuse up front, changing nothing, content that cannot fit even after evicting."""
         self._check_budget(incoming, keep=keep)

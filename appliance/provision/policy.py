@@ -68,3 +68,16 @@ class SourcePolicy:
             raise SourceNotAllowed(
                 f"{where} is not in models.download.allowed_sources (which allows: {allowed})"
             )
+
+    def check_redirect(self, origin: str, target: str) -> None:
+        """A redirect is followed only to a source the deny list allows, and never from https to http."""
+        origin_scheme = urlsplit(origin).scheme
+        split = urlsplit(target)
+        if origin_scheme == "https" and split.scheme != "https":
+            raise SourceNotAllowed(f"{origin} redirected to plain {split.scheme}://{split.netloc}; refused")
+        for entry in self.denied:
+            if _matches(entry, split.scheme, split.netloc):
+                raise SourceNotAllowed(
+                    f"{origin} redirected to {split.scheme}://{split.netloc}, which"
+                    f" models.download.denied_sources refuses (entry {entry!r})"
+                )

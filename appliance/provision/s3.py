@@ -76,7 +76,11 @@ def resolve_s3(ref: S3Ref, options: DownloadSettings) -> Plan:
         client.close()
     filename = ref.key.rsplit("/", 1)[-1]
     remote = RemoteFile(
-        url=url, filename=filename, digest=_full_object_sha256(head), size=head.get("ContentLength")
+        url=url,
+        filename=filename,
+        digest=_full_object_sha256(head),
+        size=head.get("ContentLength"),
+        identity=f"{endpoint}/{ref.bucket}/{ref.key}",  # the presigned URL differs on every call
     )
     return Plan([remote], name_from_filename(filename))
 

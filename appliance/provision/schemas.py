@@ -52,7 +52,10 @@ class PullOut(BaseModel):
 class DownloadOut(BaseModel):
     id: str
     ref: str
-    state: str = Field(description="pending, approved, running, done, failed, denied or cancelled")
+    state: str = Field(
+        description="pending (awaits approval), approved, queued (awaits a slot), running, done, failed,"
+        " denied or cancelled"
+    )
     model_name: str | None
     expected_digest: str | None
     digest: str | None

@@ -151,10 +151,11 @@ class Provisioner:
         self.runtime_dir = settings.data_dir / "runtime"
         self._background: ThreadPoolExecutor | None = None
         self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
+        self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
 
     def close(self) -> None:
         """Cancel the background pulls (their finished parts stay, to resume) and wait for them."""
-        for cancel in list(self._cancels.values()):
+        for cancel in [*self._cancels.values(), *self._pending_cancels]:
             cancel.set()
         if self._background is not None:
             self._background.shutdown(wait=True, cancel_futures=True)
@@ -210,16 +211,15 @@ class Provisioner:
                 raise DigestRequired(
                     f"--strict needs a digest, and {parsed} does not publish one for every file"
                 )
-            with self._slots:
-                return self._download(
-                    parsed,
-                    plan,
-                    context,
-                    model_name or plan.default_name,
-                    expected,
-                    on_progress,
-                    cancel or threading.Event(),
-                )
+            return self._download(
+                parsed,
+                plan,
+                context,
+                model_name or plan.default_name,
+                expected,
+                on_progress,
+                cancel or threading.Event(),
+            )
 
     def _import_local(
         self, ref: FileRef, context: Context, name: ModelName | None, expected: str | None
@@ -254,19 +254,18 @@ class Provisioner:
         model, artifact = found
         if name is not None and model.name != name:
             return None
-        if expected is not None and artifact.digest != expected:
-            return None
         if any(a.state != "ok" or not self.cache.has(a.digest) for a in model.artifacts):
             return None
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
+        digest = _repo_digest([a.digest for a in members]) if members else artifact.digest
+        if expected is not None and digest != expected:
+            return None
         if not members:
             return self._resolved(model, artifact.digest, str(ref), "present")
         primary = _primary([(a.digest, a.format) for a in members])
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
-        return ResolvedModel(
-            **{**resolved.__dict__, "digest": _repo_digest([a.digest for a in members]), "size": size}
-        )
+        return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
 
     def _resolved(self, model: Model, digest: str, ref: str, verification: str) -> ResolvedModel:
         artifact = next(a for a in model.artifacts if a.digest == digest)
@@ -332,21 +331,31 @@ class Provisioner:
         except DownloadCancelled:
             self.store.update_download(download.id, state="cancelled", error="cancelled while pending")
             raise
-        download = self.store.update_download(download.id, state="running", error=None)
+        download = self.store.update_download(download.id, state="queued", error=None)
         if on_progress is not None:
-            on_progress(PullProgress(download.id, "running", download.bytes_done, download.bytes_total, 0))
+            on_progress(PullProgress(download.id, "queued", download.bytes_done, download.bytes_total, 0))
         progress = _ProgressWriter(self.store, download.id, on_progress)
         try:
-            with audited(self.store, context, action="models.pull", target=str(ref)) as note:
-                note.detail.update(download_id=download.id, name=str(model_name))
-                resolved = self._fetch_and_register(
-                    ref, plan, context, model_name, expected, progress, cancel, note
-                )
+            # Approved (or no approval needed): now wait for one of the max_parallel slots.
+            with self._slots:
+                download = self.store.update_download(download.id, state="running", error=None)
+                if on_progress is not None:
+                    on_progress(
+                        PullProgress(download.id, "running", download.bytes_done, download.bytes_total, 0)
+                    )
+                with audited(self.store, context, action="models.pull", target=str(ref)) as note:
+                    note.detail.update(download_id=download.id, name=str(model_name))
+                    resolved = self._fetch_and_register(
+                        ref, plan, context, model_name, expected, progress, cancel, note
+                    )
         except DownloadCancelled as exc:
             self.store.update_download(download.id, state="cancelled", error=str(exc))
             raise
         except Exception as exc:
             self.store.update_download(download.id, state="failed", error=str(exc))
+            raise
+        except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
+            self.store.update_download(download.id, state="cancelled", error="interrupted")
             raise
         self.store.update_download(
             download.id,
@@ -365,7 +374,7 @@ class Provisioner:
     ) -> Download:
         """The row of an unfinished earlier pull of this ref (a resumed pull keeps its id), or a new one."""
         unfinished = self.store.list_downloads(
-            ref=str(ref), states=("pending", "approved", "running", "failed", "cancelled"), limit=1
+            ref=str(ref), states=("pending", "approved", "queued", "running", "failed", "cancelled"), limit=1
         )
         if unfinished:
             return self.store.update_download(
@@ -375,7 +384,7 @@ class Provisioner:
             Download(
                 id=uuid.uuid4().hex[:12],
                 ref=str(ref),
-                state="running",
+                state="queued",
                 requested_by=context.actor,
                 model_name=str(model_name),
                 expected_digest=expected,
@@ -449,10 +458,14 @@ class Provisioner:
             formats = [
                 self._format(staged, remote, single=len(plan.files) == 1) for remote, staged, _ in fetched
             ]
-        except BaseException:
+        except DigestMismatch:
             for _, staged, transfer in fetched:
-                staged.close()
+                staged.close()  # wrong content: nothing of it is kept
                 transfer.discard()
+            raise
+        except BaseException:
+            for _, staged, _ in fetched:
+                staged.release()  # finished files stay as partials: the next pull only re-hashes them
             raise
         note.bytes = base
         note.detail.update(
@@ -463,6 +476,8 @@ class Provisioner:
         evicted: list[str] = []
         model: Model | None = None
         try:
+            for remote, staged, _ in fetched:  # a conflict on any file registers none of them
+                self.models.check_conflict(model_name, remote.filename, staged.digest)
             for (remote, staged, _), fmt in zip(fetched, formats, strict=True):
                 source_uri = str(ref) if len(fetched) == 1 else f"{ref}#{remote.filename}"
                 model, _, more = self.models.register_staged(
@@ -497,11 +512,12 @@ class Provisioner:
         base: int,
         grand_total: int | None,
     ) -> tuple[StagedBlob, Transfer, TransferResult]:
-        path, fd = self.cache.open_download(_key(remote.url))
+        path, fd = self.cache.open_download(_key(remote.key))
 
         def before_body(size: int | None) -> None:
             if size is not None:
-                self._check_room(size, model_name, held=os.fstat(fd).st_size, what=remote.filename)
+                # what a resumed partial already occupies (its apparent size is the whole file)
+                self._check_room(size, model_name, held=os.fstat(fd).st_blocks * 512, what=remote.filename)
 
         def on_progress(done: int, total: int | None) -> None:
             progress(
@@ -577,13 +593,25 @@ class Provisioner:
         logger.info("%s: no digest to verify %s against; recorded as they arrived", ref, ", ".join(uncovered))
         return "unverified"
 
+    def _check_redirect(self, response: httpx.Response) -> None:
+        """Every redirect a download follows is held to the policy, not just the ref it started from."""
+        if response.has_redirect_location:
+            target = response.request.url.join(response.headers["location"])
+            self.policy().check_redirect(str(response.request.url), str(target))
+
     def _client(self) -> httpx.Client:
         options = self.settings.models.download
         timeout = httpx.Timeout(30.0, read=options.stall_timeout)
         limits = httpx.Limits(
             max_connections=options.connections + 1, max_keepalive_connections=options.connections
         )
-        return httpx.Client(timeout=timeout, limits=limits, transport=self._transport, trust_env=False)
+        return httpx.Client(
+            timeout=timeout,
+            limits=limits,
+            transport=self._transport,
+            trust_env=False,
+            event_hooks={"response": [self._check_redirect]},
+        )
 
     def _write_handoff(self, resolved: ResolvedModel) -> None:
         """The engine handoff and provenance files of the provisioner spec."""
@@ -620,11 +648,14 @@ class Provisioner:
 
     def start(self, ref: str, context: Context, **options: Any) -> PullTicket:
         """Run ``ensure_present`` on a worker thread; the API answers as soon as the ticket starts."""
-        if self._background is None:
-            self._background = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pull")
+        with self._flights_lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pull")
+            background = self._background
         cancel = threading.Event()
         started = threading.Event()
         ticket = PullTicket(future=Future(), cancel=cancel, started=started)
+        self._pending_cancels.add(cancel)  # close() stops it even before it has a download
 
         def on_progress(update: PullProgress) -> None:
             if ticket.download_id is None:
@@ -638,9 +669,10 @@ class Provisioner:
             finally:
                 if ticket.download_id is not None:
                     self._cancels.pop(ticket.download_id, None)
+                self._pending_cancels.discard(cancel)
                 started.set()
 
-        ticket.future = self._background.submit(run)
+        ticket.future = background.submit(run)
         return ticket
 
     def cancel(self, download_id: str, context: Context) -> Download:
@@ -648,7 +680,7 @@ class Provisioner:
         with audited(self.store, context, action="downloads.cancel", target=download_id):
             download = self.get_download(download_id)
             cancel = self._cancels.get(download_id)
-            if cancel is None or download.state not in ("pending", "approved", "running"):
+            if cancel is None or download.state not in ("pending", "approved", "queued", "running"):
                 raise DownloadNotPending(
                     f"download {download_id} is {download.state}; nothing runs to cancel",
                     hint="only a pending or running pull of this server can be cancelled",

@@ -54,12 +54,19 @@ class RemoteFile:
 
     url: str
     filename: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # may carry credentials
     digest: str | None = None  # the source's own sha256, when it publishes one
     size: int | None = None
     git_blob: str | None = None  # a git blob id (sha1 of "blob <size>\0" + content), for small hub files
     # asks the source for fresh credentials (new headers) when a short-lived token has expired
     reauthorize: Callable[[], dict[str, str]] | None = field(default=None, compare=False, repr=False)
+    # what stays the same between attempts when the URL does not (a presigned URL is new each time)
+    identity: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Names the partial file and its state: the identity, else the URL."""
+        return self.identity or self.url
 
 
 @dataclass(frozen=True)
@@ -275,20 +282,29 @@ class Transfer:
         ]
         hashing = threading.Thread(target=hasher.run, args=(workers_done,), name="hash", daemon=True)
         hashing.start()
-        for thread in workers:
-            thread.start()
-        for thread in workers:
-            thread.join()
-        with changed:
-            workers_done.set()
-            changed.notify_all()
-        hashing.join()
+        try:
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
+        except BaseException:
+            self._failed.set()  # Ctrl-C: the workers stop before the caller closes the file they write to
+            raise
+        finally:
+            for thread in workers:
+                if thread.is_alive():
+                    thread.join()
+            with changed:
+                workers_done.set()
+                changed.notify_all()
+            hashing.join()
         if errors:
             self._save_state(probe, force=True)
             raise errors[0]
         if hasher.error is not None:
             raise hasher.error
         os.fsync(fd)
+        self._save_state(probe, force=True)  # complete: a pull that fails on a later file keeps this one
         return TransferResult(f"sha256:{hasher.hexdigest()}", size, resumed, count)
 
     def _fetch_part(self, fd: int, index: int, start: int, length: int, probe: _Probe) -> None:
@@ -356,11 +372,13 @@ class Transfer:
         except (FileNotFoundError, ValueError):
             return None
         expected = {
-            "url": self.remote.url,
+            "source": self.remote.key,
             "size": probe.size,
             "validator": probe.validator,
             "part_bytes": self._part_bytes,
         }
+        if probe.validator is None:
+            return None  # nothing tells us the remote file is still the one the parts came from
         if any(state.get(key) != value for key, value in expected.items()):
             return None
         done = state.get("done")
@@ -375,7 +393,7 @@ class Transfer:
                 return
             self._last_save = now
             state: dict[str, Any] = {
-                "url": self.remote.url,
+                "source": self.remote.key,
                 "size": probe.size,
                 "validator": probe.validator,
                 "part_bytes": self._part_bytes,

@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 BlobState = Literal["ok", "quarantined"]
-DownloadState = Literal["pending", "approved", "running", "done", "failed", "denied", "cancelled"]
+# queued: cleared to run (no approval needed, or approved), waiting for a download slot
+DownloadState = Literal["pending", "approved", "queued", "running", "done", "failed", "denied", "cancelled"]
 
 
 def utcnow() -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import stat
 import uuid
@@ -66,6 +67,12 @@ class StagedBlob:
     size: int
     method: StageMethod
     _fd: int = field(repr=False)
+
+    def release(self) -> None:
+        """Close the staging file but keep it on disk (a finished download, kept to resume)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def close(self) -> None:
         """Drop the staging file (a no-op once it has been placed)."""
@@ -175,13 +182,22 @@ class BlobCache:
     def open_download(self, key: str) -> tuple[Path, int]:
         """The partial file of download ``key``, opened and flock'ed (kept if it exists, to resume)."""
         path = self.downloads_dir / f"{key}.partial"
-        try:
-            self.downloads_dir.mkdir(exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise _storage_error(exc, self.downloads_dir) from exc
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return path, fd
+        while True:
+            try:
+                self.downloads_dir.mkdir(exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise _storage_error(exc, self.downloads_dir) from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # While we waited for the lock, the holder may have finished and moved this file into
+            # blobs/ (or gc removed it): that inode is no longer the partial, so never write to it.
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                return path, fd
+            os.close(fd)
 
     def free_bytes(self) -> int:
         return _free_bytes(self.tmp_dir)
@@ -378,13 +394,67 @@ def _hash_fd(fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:
 
 
 def _copy_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:
-    """Copy while hashing: the hash of chunk N runs on a second thread while chunk N is written
-    and chunk N+1 is read (hashlib releases the GIL), so the whole takes about as long as the
-    slower of the two, not their sum.
+    """Copy while hashing, in the same pass; the digest is of the bytes written, as written.
 
-    Each written chunk is handed to the kernel's writeback at once (FADV_DONTNEED starts it
+    Where the kernel can copy between the two files (``copy_file_range``: one copy inside the
+    kernel, or shared extents on a filesystem that can), chunk N+1 is copied while a second
+    thread hashes chunk N through a read-only mapping of the destination (no copy into Python);
+    otherwise chunk N is read into a buffer, hashed on the second thread while it is written and
+    chunk N+1 read (hashlib releases the GIL). Either way the whole takes about as long as the
+    slower of copying and hashing, not their sum.
+
+    Each hashed chunk is handed to the kernel's writeback at once (FADV_DONTNEED starts it
     without waiting), so the fsync at the end finds little left to write instead of the whole
     file: the disk works while we copy, not after."""
+    try:
+        first = os.copy_file_range(src_fd, dst_fd, CHUNK_BYTES)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+        return _read_write_and_hash(src_fd, dst_fd, on_progress)
+    return _copy_range_and_hash(src_fd, dst_fd, first, on_progress)
+
+
+def _copy_range_and_hash(
+    src_fd: int, dst_fd: int, first: int, on_progress: ProgressCallback | None
+) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    total = 0
+    count = first
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher:
+        while True:
+            if pending is not None:
+                pending.result()
+            if count == 0:
+                break
+            pending = hasher.submit(_hash_written, dst_fd, digest, total, count)
+            total += count
+            if on_progress is not None:
+                on_progress(total)
+            count = os.copy_file_range(src_fd, dst_fd, CHUNK_BYTES)
+    return digest.hexdigest(), total
+
+
+def _hash_written(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
+    """Hash bytes just written, from the page cache through a mapping, then start their writeback."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(
+        fd,
+        offset + count - start,
+        flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+        prot=mmap.PROT_READ,
+        offset=start,
+    )
+    try:
+        with memoryview(mapped) as view:
+            digest.update(view[offset - start :])
+    finally:
+        mapped.close()
+    os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+
+
+def _read_write_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:
     digest = hashlib.sha256()
     buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
     total = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -29,12 +30,15 @@ async def pull_model(data: PullIn, provisioner: Provisioner, context: Context) -
     ticket = provisioner.start(
         data.ref, context, name=data.name, expected_digest=data.digest, strict=data.strict
     )
+    deadline = time.monotonic() + STARTED_WAIT
     await anyio.to_thread.run_sync(ticket.started.wait, STARTED_WAIT)
-    while ticket.download_id is None and not ticket.future.done():  # local work: an import, a lookup
+    # Local work (an import, a lookup) has no download: give it until the deadline to finish.
+    while ticket.download_id is None and not ticket.future.done() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if ticket.future.done():
         return Response(PullOut.of(ticket.future.result()).model_dump(mode="json"))
-    assert ticket.download_id is not None
+    if ticket.download_id is None:  # still importing, or waiting for a pull of the same ref to end
+        return Response({"ref": data.ref, "state": "working", "download": None}, status_code=202)
     download = provisioner.get_download(ticket.download_id)
     return Response(DownloadOut.of(download).model_dump(mode="json"), status_code=202)
 

@@ -666,6 +666,8 @@ async def _network_pull(
                 return
             if item.state == "pending":
                 yield _line({"status": f"waiting for an admin to approve download {item.download_id}"})
+            elif item.state == "queued":
+                yield _line({"status": f"download {item.download_id} waits for a free download slot"})
             elif item.state == "running":
                 yield _line(
                     {

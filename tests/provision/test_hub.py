@@ -97,7 +97,29 @@ def test_a_whole_repo_is_one_model_with_every_file(
     requests = len(hub.hits)
     again = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context)
     assert (again.downloaded, again.digest) == (False, resolved.digest)
+    pinned = runtime.provisioner.ensure_present(
+        "hf:org/Small-Model-1.5", context, expected_digest=resolved.digest
+    )
+    assert pinned.downloaded is False
     assert len(hub.hits) == requests
+
+
+def test_a_repo_pull_that_fails_on_one_file_keeps_the_finished_ones(
+    runtime: Runtime, hub: FileServer, context: Context
+) -> None:
+    files = {"a.safetensors": safetensors(500), "b.safetensors": safetensors(700), "config.json": b"{}"}
+    publish(hub, "org/flaky-repo", files, lfs={"a.safetensors", "b.safetensors"})
+    missing = f"/org/flaky-repo/resolve/{COMMIT}/config.json"
+    content = hub.files.pop(missing)
+    with pytest.raises(RemoteNotFound):
+        runtime.provisioner.ensure_present("hf:org/flaky-repo", context)
+    assert runtime.models.list_models() == []
+    hub.files[missing] = content
+    runtime.provisioner.ensure_present("hf:org/flaky-repo", context)
+    for name in ("a.safetensors", "b.safetensors"):
+        # fetched once; the second pull only probed it and hashed what was already on disk
+        assert len(hub.body_requests(f"/org/flaky-repo/resolve/{COMMIT}/{name}")) == 1
+    assert sorted(a.filename for a in runtime.models.get("flaky-repo").artifacts) == sorted(files)
 
 
 def test_content_that_differs_from_the_hubs_digest_is_not_kept(

@@ -247,9 +247,8 @@ def test_downloads_beyond_max_parallel_wait_for_a_slot(
         _wait_for_state(runtime, "running")
         threads[1].start()
         time.sleep(0.3)
-        assert [d.ref for d in runtime.provisioner.list_downloads()] == [
-            first
-        ]  # the second waits for the slot
+        waiting = {d.ref: d.state for d in runtime.provisioner.list_downloads()}
+        assert waiting == {first: "running", second: "queued"}  # the second waits for the slot
         assert files.hits_for("/second.gguf") == []
         for thread in threads:
             thread.join(timeout=60)
@@ -287,6 +286,26 @@ def test_sources_outside_the_policy_are_refused_before_any_call(
         assert files.hits == []
     finally:
         runtime.close()
+
+
+def test_a_redirect_is_held_to_the_policy(data_dir: Path, files: FileServer, model_bytes: bytes) -> None:
+    port = files.url.rsplit(":", 1)[1]
+    files.add("/real.gguf", model_bytes)
+    files.redirects["/moved.gguf"] = f"http://localhost:{port}/real.gguf"
+    runtime = open_runtime(data_dir, denied_sources=["http://localhost:*"])
+    try:
+        with pytest.raises(SourceNotAllowed, match="redirected to http://localhost"):
+            runtime.provisioner.ensure_present(f"{files.url}/moved.gguf", Context(actor="test"))
+        assert files.hits_for("/real.gguf") == []
+        assert runtime.models.list_models() == []
+    finally:
+        runtime.close()
+    allowed = open_runtime(data_dir)
+    try:  # without the deny entry the same redirect is followed
+        resolved = allowed.provisioner.ensure_present(f"{files.url}/moved.gguf", Context(actor="test"))
+        assert resolved.path.read_bytes() == model_bytes
+    finally:
+        allowed.close()
 
 
 def test_an_admin_preference_overrides_the_policy_setting(

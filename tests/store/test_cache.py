@@ -43,7 +43,21 @@ def cache(data_dir: Path) -> BlobCache:
     return BlobCache(data_dir)
 
 
-def test_copy_hashes_in_the_same_pass_and_places_a_read_only_blob(cache: BlobCache, source: Path) -> None:
+@pytest.fixture(params=["in-kernel", "through-a-buffer"])
+def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a copy can go: copy_file_range, or (where the kernel refuses it) read and write."""
+    if request.param == "through-a-buffer":
+
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    return str(request.param)
+
+
+def test_copy_hashes_in_the_same_pass_and_places_a_read_only_blob(
+    cache: BlobCache, source: Path, copy_path: str
+) -> None:
     """REQ-MODELS-0101/0102: content-addressed by sha256, size recorded."""
     seen: list[int] = []
     staged = cache.stage(source, allow_link=False, on_progress=seen.append)
@@ -92,8 +106,10 @@ def test_digest_mismatch_leaves_nothing(cache: BlobCache, source: Path) -> None:
 def test_disk_full_mid_write_leaves_nothing(
     cache: BlobCache, source: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The disk fills after the first chunk, whichever way the copy writes (in the kernel or through a buffer).
     written: list[int] = []
     real_write_all = cache_module._write_all
+    real_copy_range = os.copy_file_range
 
     def fill_up(fd: int, data: memoryview) -> None:
         if written:
@@ -101,7 +117,14 @@ def test_disk_full_mid_write_leaves_nothing(
         written.append(len(data))
         real_write_all(fd, data)
 
+    def fill_up_in_kernel(src: int, dst: int, count: int, *args: object) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(count)
+        return real_copy_range(src, dst, count)
+
     monkeypatch.setattr(cache_module, "_write_all", fill_up)
+    monkeypatch.setattr(os, "copy_file_range", fill_up_in_kernel)
     with pytest.raises(DiskFull, match="no space left"):
         cache.stage(source, allow_link=False)
     assert staging(cache) == []
@@ -176,3 +199,26 @@ def test_quarantine_moves_the_blob_out_of_sight(cache: BlobCache, source: Path) 
     moved = cache.quarantine(digest)
     assert not cache.has(digest)
     assert moved.exists()
+
+
+def test_a_download_partial_moved_away_while_waiting_for_its_lock_is_not_reused(
+    cache: BlobCache, tmp_path: Path
+) -> None:
+    path, fd = cache.open_download("same-url")
+    os.write(fd, b"finished content")
+    opened: list[tuple[Path, int]] = []
+    waiter = threading.Thread(target=lambda: opened.append(cache.open_download("same-url")))
+    waiter.start()
+    time.sleep(0.2)  # the waiter now blocks on the lock
+    placed = tmp_path / "placed-blob"
+    os.rename(path, placed)  # what placing a finished download does
+    os.close(fd)
+    waiter.join(timeout=10)
+    ((again, again_fd),) = opened
+    try:
+        assert again == path
+        assert os.fstat(again_fd).st_size == 0  # a new partial, not the placed blob
+        assert os.fstat(again_fd).st_ino != placed.stat().st_ino
+        assert placed.read_bytes() == b"finished content"
+    finally:
+        os.close(again_fd)

@@ -168,7 +168,7 @@ async function models() {
     const actions = d.state === "pending"
       ? [h("button", { onclick: () => decide(d.id, "approve") }, "Approve"), " ",
          h("button", { class: "danger", onclick: () => decide(d.id, "deny") }, "Deny")]
-      : d.state === "running" ? [h("button", { class: "secondary", onclick: () => cancel(d.id) }, "Cancel")] : [];
+      : ["running", "queued", "approved"].includes(d.state) ? [h("button", { class: "secondary", onclick: () => cancel(d.id) }, "Cancel")] : [];
     return h("tr", { "data-download": d.id, "data-state": d.state },
       h("td", { class: "mono" }, d.ref), h("td", {}, d.model_name || ""),
       h("td", { class: d.state === "failed" || d.state === "denied" ? "bad" : d.state === "done" ? "ok" : "" },
