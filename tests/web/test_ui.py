@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import Server
 from tests.fileserver import Faults, serve_files
-from tests.tiny_model import write_llama_gguf
+from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "ui"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -184,3 +185,26 @@ def test_pin_load_verify_and_unload_from_the_models_page(page: Page, server: Ser
     row.get_by_role("button", name="Unload").click()
     expect(row.get_by_role("button", name="Load")).to_be_visible()
     assert server.client.get(f"/api/v1/models/{tiny}").json()["pinned"] is True
+
+
+def test_stop_ends_a_long_answer_and_frees_the_model(
+    page: Page, server: Server, cli: object, tmp_path: Path
+) -> None:
+    long = write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE)
+    assert cli("models", "import", str(long), "--name", "long").returncode == 0  # type: ignore[operator]
+    page.goto("/#/chat")
+    page.get_by_label("Temperature").fill("0")  # greedy decoding of this model never ends on its own
+    page.get_by_label("Max tokens").fill("4000")
+    page.get_by_label("Message").fill("Go on forever")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#chat-log .assistant")).not_to_be_empty()
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#chat-log .assistant")).to_contain_text("[stopped]")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server stops generating for a client that went away
+        if all(m["active_requests"] == 0 for m in server.client.get("/api/v1/ps").json()["models"]):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the stopped request still holds its sequence")
