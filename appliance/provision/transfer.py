@@ -6,9 +6,10 @@ fetch in order, each writing at its own offset. A hashing thread follows the com
 of the file, so the sha256 is ready soon after the last byte arrives; that is why parts are
 small (about eight per connection, in whole MiB, at most ``part_bytes``): the last wave of
 parts is what is left to hash after the last byte. The state file records how many bytes of
-each part are on disk (written after the bytes, at most a few times a second and whenever a
-part completes), so a pull that was killed or failed resumes where it stopped, provided the
-server still reports the same size and validator (ETag or Last-Modified).
+each part are on disk (a few times a second, each time after an fdatasync of the data, so it
+never claims bytes that a power cut could lose), so a pull that was killed or failed resumes
+where it stopped, provided the server still reports the same size and validator (ETag or
+Last-Modified).
 
 A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall_timeout``)
 is retried with exponential backoff; ``retries`` counts failures in a row without progress.
@@ -40,7 +41,7 @@ __all__ = ["RemoteFile", "Transfer", "TransferResult"]
 READ_BYTES = 1024 * 1024
 MIB = 1024 * 1024
 PARTS_PER_CONNECTION = 8
-STATE_SAVE_INTERVAL = 0.5
+STATE_SAVE_INTERVAL = 1.0
 REAUTH_GRACE = 5.0  # seconds in which a fresh token counts as fresh
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -112,8 +113,8 @@ class Transfer:
         self.cancel = cancel or threading.Event()
         self._lock = threading.Lock()
         self._done: list[int] = []
-        self._last_save = 0.0
         self._part_bytes = options.part_bytes
+        self._save_lock = threading.Lock()
         self._failed = threading.Event()  # a part failed for good: the others stop
         self._fresh_headers: dict[str, str] = {}
         self._reauth_lock = threading.Lock()
@@ -138,7 +139,7 @@ class Transfer:
 
     def discard(self) -> None:
         """Remove the partial and its state (after a verification failure or a finished placement)."""
-        for path in (self.partial, self.state_path):
+        for path in (self.partial, self.state_path, self.state_path.with_suffix(".tmp")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -249,7 +250,7 @@ class Transfer:
         if resumed == 0:
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
-        self._save_state(probe, force=True)
+        self._save_state(fd, probe)
 
         work: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(count):
@@ -282,6 +283,11 @@ class Transfer:
         ]
         hashing = threading.Thread(target=hasher.run, args=(workers_done,), name="hash", daemon=True)
         hashing.start()
+        stop_saving = threading.Event()
+        saving = threading.Thread(
+            target=self._keep_saving, args=(fd, probe, stop_saving), name="state", daemon=True
+        )
+        saving.start()
         try:
             for thread in workers:
                 thread.start()
@@ -298,13 +304,14 @@ class Transfer:
                 workers_done.set()
                 changed.notify_all()
             hashing.join()
+            stop_saving.set()
+            saving.join()
+            self._save_state(fd, probe)  # the last word: a later pull resumes from here, or keeps it whole
         if errors:
-            self._save_state(probe, force=True)
             raise errors[0]
         if hasher.error is not None:
             raise hasher.error
         os.fsync(fd)
-        self._save_state(probe, force=True)  # complete: a pull that fails on a later file keeps this one
         return TransferResult(f"sha256:{hasher.hexdigest()}", size, resumed, count)
 
     def _fetch_part(self, fd: int, index: int, start: int, length: int, probe: _Probe) -> None:
@@ -361,8 +368,7 @@ class Transfer:
         if offset <= last:
             raise _RetryablePartError(f"{self._where()} ended the part early")
 
-    def _report(self, probe: _Probe, *, force: bool = False) -> None:
-        self._save_state(probe, force=force)
+    def _report(self, probe: _Probe) -> None:
         if self.on_progress is not None:
             self.on_progress(sum(self._done), probe.size)
 
@@ -386,22 +392,29 @@ class Transfer:
             return None
         return [int(value) for value in done]
 
-    def _save_state(self, probe: _Probe, *, force: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if not force and now - self._last_save < STATE_SAVE_INTERVAL:
-                return
-            self._last_save = now
+    def _save_state(self, fd: int, probe: _Probe) -> None:
+        """Record the bytes on disk per part. The counts are taken first and the data made durable
+        before the record replaces the old one, so even after a power cut no part claims bytes
+        that never reached the disk."""
+        with self._save_lock:
+            with self._lock:
+                done = list(self._done)
+            os.fdatasync(fd)
             state: dict[str, Any] = {
                 "source": self.remote.key,
                 "size": probe.size,
                 "validator": probe.validator,
                 "part_bytes": self._part_bytes,
-                "done": list(self._done),
+                "done": done,
             }
-            staging = self.state_path.with_suffix(f".{threading.get_ident()}.tmp")
+            staging = self.state_path.with_suffix(".tmp")
             staging.write_text(json.dumps(state))
             os.replace(staging, self.state_path)
+
+    def _keep_saving(self, fd: int, probe: _Probe, stop: threading.Event) -> None:
+        """A thread of its own: the workers never wait for the disk."""
+        while not stop.wait(STATE_SAVE_INTERVAL):
+            self._save_state(fd, probe)
 
     # -- sequential ----------------------------------------------------------------------------
 

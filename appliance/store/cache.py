@@ -338,8 +338,9 @@ class BlobCache:
             try:
                 size = os.fstat(fd).st_size
                 os.unlink(entry.path)
-                with suppress(FileNotFoundError):
-                    os.unlink(entry.path.removesuffix(".partial") + ".state.json")
+                for leftover in (".state.json", ".state.tmp"):
+                    with suppress(FileNotFoundError):
+                        os.unlink(entry.path.removesuffix(".partial") + leftover)
                 files += 1
                 freed += size
             except FileNotFoundError:
