@@ -440,19 +440,35 @@ def _copy_range_and_hash(
 def _hash_written(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
     """Hash bytes just written, from the page cache through a mapping, then start their writeback."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = mmap.mmap(
-        fd,
-        offset + count - start,
-        flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-        prot=mmap.PROT_READ,
-        offset=start,
-    )
     try:
-        with memoryview(mapped) as view:
-            digest.update(view[offset - start :])
-    finally:
-        mapped.close()
+        mapped = mmap.mmap(
+            fd,
+            offset + count - start,
+            flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=start,
+        )
+    except OSError:  # a filesystem that cannot map files: read the bytes back instead
+        _hash_range(fd, digest, offset, count)
+    else:
+        try:
+            with memoryview(mapped) as view:
+                digest.update(view[offset - start :])
+        finally:
+            mapped.close()
     os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+
+
+def _hash_range(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
+    buffer = bytearray(min(count, CHUNK_BYTES))
+    view = memoryview(buffer)
+    end = offset + count
+    while offset < end:
+        read = os.preadv(fd, [view[: min(len(buffer), end - offset)]], offset)
+        if read == 0:
+            raise StorageFailure(f"the staging file ended {end - offset} bytes early")
+        digest.update(view[:read])
+        offset += read
 
 
 def _read_write_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | None) -> tuple[str, int]:

@@ -43,15 +43,18 @@ def cache(data_dir: Path) -> BlobCache:
     return BlobCache(data_dir)
 
 
-@pytest.fixture(params=["in-kernel", "through-a-buffer"])
+@pytest.fixture(params=["in-kernel", "in-kernel-no-mmap", "through-a-buffer"])
 def copy_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a copy can go: copy_file_range, or (where the kernel refuses it) read and write."""
+    """Every way a copy can go: copy_file_range with the written pages hashed through a mapping
+    or (where mapping fails) read back, or read and write where the kernel refuses to copy."""
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EXDEV, "refused by the test")
+
     if request.param == "through-a-buffer":
-
-        def refuse(*args: object) -> int:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-
         monkeypatch.setattr(os, "copy_file_range", refuse)
+    if request.param == "in-kernel-no-mmap":
+        monkeypatch.setattr(cache_module.mmap, "mmap", refuse)
     return str(request.param)
 
 
