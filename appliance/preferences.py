@@ -6,9 +6,9 @@ setting. Each key has a type, so a bad value is refused with the reason and noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from appliance.audit import Context, audited
 from appliance.errors import InvalidSetting
@@ -26,7 +26,8 @@ class Editable:
 
 EDITABLE: dict[str, Editable] = {
     "models.cache.max_bytes": Editable(
-        TypeAdapter(ByteSize | None), "Cache budget in bytes, or a size like '500GB'; empty means no limit."
+        TypeAdapter(ByteSize),
+        "Cache budget in bytes, or a size like '500GB'; Reset goes back to the setting.",
     ),
     "models.cache.evict_policy": Editable(
         TypeAdapter(Literal["lru", "none"]),
@@ -39,7 +40,12 @@ EDITABLE: dict[str, Editable] = {
     "models.download.require_user_approval": Editable(
         TypeAdapter(bool), "Pulls wait as pending until an admin approves them."
     ),
-    "offline": Editable(TypeAdapter(bool), "No outbound network call at all."),
+    "offline": Editable(
+        TypeAdapter(bool), "No outbound network call at all (on when either this or the setting says so)."
+    ),
+    "engine.context_length": Editable(
+        TypeAdapter(Annotated[int, Field(ge=64)]), "Tokens of context per request, capped at the model's own."
+    ),
 }
 
 

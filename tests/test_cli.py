@@ -275,12 +275,16 @@ def test_preferences_are_validated_and_can_be_unset(cli: object) -> None:
     bad = cli("prefs", "set", "offline", "perhaps")  # type: ignore[operator]
     assert bad.returncode == 1
     assert "invalid value for offline" in bad.stderr
+    assert cli("prefs", "set", "engine.context_length", "2048").returncode == 0  # type: ignore[operator]
+    tiny_context = cli("prefs", "set", "engine.context_length", "10")  # type: ignore[operator]
+    assert "invalid value for engine.context_length" in tiny_context.stderr
     listed = {p["key"]: p for p in json.loads(cli("prefs", "ls", "--json").stdout)}  # type: ignore[operator]
     assert listed["models.cache.max_bytes"]["overridden"] is True
+    assert listed["engine.context_length"]["value"] == 2048
     assert listed["offline"] == {**listed["offline"], "value": False, "overridden": False}
     assert "(the setting)" in cli("prefs", "unset", "models.cache.max_bytes").stdout  # type: ignore[operator]
     listed = {p["key"]: p for p in json.loads(cli("prefs", "ls", "--json").stdout)}  # type: ignore[operator]
     assert listed["models.cache.max_bytes"]["value"] is None
     events = json.loads(cli("audit", "ls", "--action", "preferences.set", "--json").stdout)  # type: ignore[operator]
-    # newest first: the unset, the refused value, the set (an unknown key is refused before anything)
-    assert [event["outcome"] for event in events] == ["ok", "error", "ok"]
+    # newest first (an unknown key is refused before anything is recorded)
+    assert [event["outcome"] for event in events] == ["ok", "error", "ok", "error", "ok"]

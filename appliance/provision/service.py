@@ -169,7 +169,8 @@ class Provisioner:
     def policy(self) -> SourcePolicy:
         download = self.settings.models.download
         return SourcePolicy(
-            offline=bool(self._preference("offline", self.settings.offline)),
+            # offline if either says so: a stored preference never overrides --offline
+            offline=self.settings.offline or bool(self._preference("offline", False)),
             allowed=tuple(self._preference("models.download.allowed_sources", download.allowed_sources)),
             denied=tuple(self._preference("models.download.denied_sources", download.denied_sources)),
         )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import mmap
 import os
 import stat
 import uuid
@@ -336,6 +335,8 @@ class BlobCache:
                 os.close(fd)
                 continue  # an import or download in flight still holds it
             try:
+                if os.stat(entry.path).st_ino != os.fstat(fd).st_ino:
+                    continue  # replaced since we opened it: that file belongs to someone else
                 size = os.fstat(fd).st_size
                 os.unlink(entry.path)
                 for leftover in (".state.json", ".state.tmp"):
@@ -399,7 +400,7 @@ def _copy_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | Non
 
     Where the kernel can copy between the two files (``copy_file_range``: one copy inside the
     kernel, or shared extents on a filesystem that can), chunk N+1 is copied while a second
-    thread hashes chunk N through a read-only mapping of the destination (no copy into Python);
+    thread hashes chunk N as read back from the destination, so the digest is of what was written;
     otherwise chunk N is read into a buffer, hashed on the second thread while it is written and
     chunk N+1 read (hashlib releases the GIL). Either way the whole takes about as long as the
     slower of copying and hashing, not their sum.
@@ -407,13 +408,20 @@ def _copy_and_hash(src_fd: int, dst_fd: int, on_progress: ProgressCallback | Non
     Each hashed chunk is handed to the kernel's writeback at once (FADV_DONTNEED starts it
     without waiting), so the fsync at the end finds little left to write instead of the whole
     file: the disk works while we copy, not after."""
+    size = os.fstat(src_fd).st_size
     try:
         first = os.copy_file_range(src_fd, dst_fd, CHUNK_BYTES)
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
             raise
-        return _read_write_and_hash(src_fd, dst_fd, on_progress)
-    return _copy_range_and_hash(src_fd, dst_fd, first, on_progress)
+        first = 0
+    if first == 0 and size > 0:  # refused, or a filesystem that copies nothing this way
+        hex_digest, total = _read_write_and_hash(src_fd, dst_fd, on_progress)
+    else:
+        hex_digest, total = _copy_range_and_hash(src_fd, dst_fd, first, on_progress)
+    if total != size:
+        raise SourceUnreadable(f"the file changed while it was imported: {size} bytes became {total}")
+    return hex_digest, total
 
 
 def _copy_range_and_hash(
@@ -438,24 +446,9 @@ def _copy_range_and_hash(
 
 
 def _hash_written(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
-    """Hash bytes just written, from the page cache through a mapping, then start their writeback."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    try:
-        mapped = mmap.mmap(
-            fd,
-            offset + count - start,
-            flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-            prot=mmap.PROT_READ,
-            offset=start,
-        )
-    except OSError:  # a filesystem that cannot map files: read the bytes back instead
-        _hash_range(fd, digest, offset, count)
-    else:
-        try:
-            with memoryview(mapped) as view:
-                digest.update(view[offset - start :])
-        finally:
-            mapped.close()
+    """Hash bytes just written, read back from the page cache, then start their writeback.
+    (Read, not mapped: a read error on a mapping would be a SIGBUS that kills the server.)"""
+    _hash_range(fd, digest, offset, count)
     os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
 
 import swagger_ui_bundle
-from litestar import Litestar
+from litestar import Litestar, Request
+from litestar.config.allowed_hosts import AllowedHostsConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from appliance import __version__
+from appliance.errors import Forbidden
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.web.audit import AuditController
@@ -38,6 +42,22 @@ from appliance.web.ui import ui_assets, ui_page
 __all__ = ["create_app"]
 
 DOCS_ASSETS = "/schema/assets"
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+async def refuse_cross_site(request: Request[Any, Any, Any]) -> None:
+    """A web page the admin happens to visit must not drive the appliance: a browser's
+    state-changing request from another origin is refused (API clients send no Origin)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise Forbidden(
+            f"refused a cross-site {request.method} from {origin}",
+            hint="use the UI served by the appliance itself, or a client that is not a web page",
+        )
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -86,6 +106,15 @@ def create_app(settings: Settings) -> Litestar:
             "pool": Provide(provide_pool, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=refuse_cross_site,
+        # Only loopback names: a DNS-rebinding page on another name gets 400, never our API.
+        allowed_hosts=AllowedHostsConfig(
+            allowed_hosts=[
+                name
+                for host in {*LOOPBACK_NAMES, settings.host}
+                for name in (host, f"{host}:{settings.port}")
+            ]
+        ),
         openapi_config=OpenAPIConfig(
             title="Appliance", version=__version__, path="/schema", render_plugins=[docs]
         ),

@@ -63,9 +63,21 @@ def _gpus() -> list[dict[str, Any]]:
         return []
     gpus = []
     for line in output.strip().splitlines():
-        name, total, used = (part.strip() for part in line.split(","))
-        gpus.append({"name": name, "vram_total_bytes": int(total) << 20, "vram_used_bytes": int(used) << 20})
+        name, _, rest = line.partition(",")
+        gpus.append({"name": name.strip(), **_vram(rest)})
     return gpus
+
+
+def _vram(fields: str) -> dict[str, int | None]:
+    """MiB as nvidia-smi prints them; some GPUs (unified memory) print [N/A] instead."""
+    values: list[int | None] = []
+    for field in fields.split(","):
+        try:
+            values.append(int(field.strip()) << 20)
+        except ValueError:
+            values.append(None)
+    total, used = [*values, None, None][:2]
+    return {"vram_total_bytes": total, "vram_used_bytes": used}
 
 
 class SystemController(Controller):

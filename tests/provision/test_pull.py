@@ -269,6 +269,19 @@ def test_offline_mode_makes_no_outbound_call(data_dir: Path, files: FileServer, 
         runtime.close()
 
 
+def test_a_stored_preference_never_overrides_offline_mode(
+    data_dir: Path, files: FileServer, model_bytes: bytes
+) -> None:
+    runtime = Runtime.open(Settings(data_dir=data_dir, offline=True))
+    try:
+        runtime.store.set_preference("offline", False, actor="admin")
+        with pytest.raises(Offline):
+            runtime.provisioner.ensure_present(files.add("/tiny.gguf", model_bytes), Context(actor="test"))
+        assert files.hits == []
+    finally:
+        runtime.close()
+
+
 @pytest.mark.parametrize(
     ("download", "message"),
     [

@@ -121,3 +121,26 @@ def test_system_and_preferences_over_http(server: Server) -> None:
     assert server.client.put("/api/v1/preferences/nope", json={"value": 1}).status_code == 400
     reset = server.client.put("/api/v1/preferences/models.cache.max_bytes", json={"value": None})
     assert reset.json()["overridden"] is False
+
+
+def test_cross_site_requests_and_foreign_host_names_are_refused(server: Server) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    body = {"ref": "ftp://mirror.lan/x.gguf"}  # would be a 400 if it got through
+    evil = server.client.post("/api/v1/models/pull", json=body, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403
+    assert evil.json()["code"] == "forbidden"
+    same = server.client.post(
+        "/api/v1/models/pull", json=body, headers={"Origin": f"http://127.0.0.1:{port}"}
+    )
+    assert same.status_code == 400  # same origin: the request reaches the handler
+    assert server.client.post("/api/v1/models/pull", json=body).status_code == 400  # no Origin: an API client
+    rebound = server.client.get("/api/v1/models", headers={"Host": f"attacker.example:{port}"})
+    assert rebound.status_code == 400
+    assert server.client.get("/api/v1/models", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
+def test_gpus_without_memory_figures_do_not_break_the_system_page() -> None:
+    from appliance.web.system import _vram
+
+    assert _vram(" 81559, 1024") == {"vram_total_bytes": 81559 << 20, "vram_used_bytes": 1024 << 20}
+    assert _vram(" [N/A], [N/A]") == {"vram_total_bytes": None, "vram_used_bytes": None}

@@ -208,3 +208,15 @@ def test_stop_ends_a_long_answer_and_frees_the_model(
         time.sleep(0.1)
     else:
         raise AssertionError("the stopped request still holds its sequence")
+
+
+def test_an_action_that_fails_keeps_its_message_on_screen(page: Page, cli: object, tmp_path: Path) -> None:
+    weights = tmp_path / "weights.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    assert cli("models", "import", str(weights), "--name", "weights").returncode == 0  # type: ignore[operator]
+    page.goto("/#/models")
+    page.locator("#models-table tr[data-model='weights:latest']").get_by_role("button", name="Load").click()
+    expect(page.locator("#errors")).to_contain_text("GGUF")
+    page.wait_for_timeout(1000)  # the table has been redrawn since; the message stays
+    expect(page.locator("#errors")).to_contain_text("GGUF")

@@ -5,6 +5,7 @@
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
 let leaving = [];  // what the current page must stop (timers, event streams) when another opens
+let generation = 0;  // counts page changes: work that finishes after its page has gone is dropped
 
 // -- helpers -----------------------------------------------------------------------------------
 
@@ -54,18 +55,30 @@ async function api(method, path, body) {
   return data;
 }
 
+// A user's action: the old message goes, a failure shows.
 async function attempt(action) {
   try { clearErrors(); return await action(); } catch (error) { showError(error.message); return undefined; }
 }
 
-function every(seconds, action) {
+// A redraw after an action, or a timer's: it must not wipe the message the action left.
+async function refresh(action) {
+  try { return await action(); } catch (error) { showError(error.message); return undefined; }
+}
+
+// Stop `stop` when the page that asked for it goes (at once, if it has gone already).
+function onLeave(token, stop) {
+  if (token !== generation) stop(); else leaving.push(stop);
+}
+
+function every(token, seconds, action) {
   const timer = setInterval(action, seconds * 1000);
-  leaving.push(() => clearInterval(timer));
+  onLeave(token, () => clearInterval(timer));
 }
 
 // -- dashboard ---------------------------------------------------------------------------------
 
 async function dashboard() {
+  const token = generation;
   page.replaceChildren(h("h1", {}, "Dashboard"), h("div", { id: "dashboard" }, "Loading…"));
   const draw = async () => {
     const [ready, ps, system, audit] = await Promise.all([
@@ -97,8 +110,8 @@ async function dashboard() {
       h("h2", {}, "Recent activity"),
       auditTable(audit));
   };
-  await attempt(draw);
-  every(5, () => attempt(draw));
+  await refresh(draw);
+  every(token, 5, () => refresh(draw));
 }
 
 function auditTable(events) {
@@ -114,6 +127,7 @@ function auditTable(events) {
 // -- models ------------------------------------------------------------------------------------
 
 async function models() {
+  const token = generation;
   const pullRef = h("input", { id: "pull-ref", name: "ref", size: 48, placeholder: "https://…, hf:org/repo/file.gguf, oci://…", required: true });
   const pullName = h("input", { id: "pull-name", name: "name", placeholder: "name[:tag] (optional)" });
   const pullDigest = h("input", { id: "pull-digest", name: "digest", size: 30, placeholder: "sha256:… (optional)" });
@@ -135,18 +149,18 @@ async function models() {
     if (pullName.value.trim()) body.name = pullName.value.trim();
     if (pullDigest.value.trim()) body.digest = pullDigest.value.trim();
     const result = await attempt(() => api("POST", "/api/v1/models/pull", body));
-    if (result) { pullRef.value = ""; await Promise.all([drawDownloads(), drawModels()]); }
+    if (result) { pullRef.value = ""; await Promise.all([drawDownloads(), refresh(drawModels)]); }
   }
   async function importFile() {
     const body = { path: importPath.value.trim() };
     if (importName.value.trim()) body.name = importName.value.trim();
     const result = await attempt(() => api("POST", "/api/v1/models/import", body));
-    if (result) { importPath.value = ""; await drawModels(); }
+    if (result) { importPath.value = ""; await refresh(drawModels); }
   }
 
   const downloads = new Map();
   const drawDownloads = async () => {
-    const found = await attempt(() => api("GET", "/api/v1/downloads"));
+    const found = await refresh(() => api("GET", "/api/v1/downloads"));
     if (!found) return;
     for (const download of found) downloads.set(download.id, download);
     renderDownloads();
@@ -201,25 +215,28 @@ async function models() {
   const modelAction = async (action) => {
     const result = await attempt(action);
     if (Array.isArray(result) && result.some((check) => !check.ok)) showError(result.filter((c) => !c.ok).map((c) => `${c.digest}: ${c.detail}`).join("; "));
-    await attempt(drawModels);
+    await refresh(drawModels);
   };
 
-  await Promise.all([drawDownloads(), attempt(drawModels)]);
+  await Promise.all([drawDownloads(), refresh(drawModels)]);
+  if (token !== generation) return;
   const events = new EventSource("/api/v1/downloads/events");
   events.addEventListener("download", (event) => {
     const download = JSON.parse(event.data);
     const before = downloads.get(download.id);
     downloads.set(download.id, download);
     renderDownloads();
-    if (download.state === "done" && before && before.state !== "done") attempt(drawModels);
+    if (download.state === "done" && before && before.state !== "done") refresh(drawModels);
   });
-  leaving.push(() => events.close());
+  onLeave(token, () => events.close());
 }
 
 // -- chat --------------------------------------------------------------------------------------
 
 async function chat() {
+  const token = generation;
   const choices = ((await attempt(() => api("GET", "/api/v1/models"))) || []).filter((m) => m.formats.includes("gguf"));
+  if (token !== generation) return;  // the user went elsewhere while the list loaded
   const model = h("select", { id: "chat-model" }, choices.map((m) => h("option", { value: m.name }, m.name)));
   const system = h("textarea", { id: "chat-system", rows: 3, placeholder: "You are a helpful assistant." });
   const temperature = h("input", { id: "chat-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0.7 });
@@ -239,7 +256,7 @@ async function chat() {
       h("div", {}, h("label", {}, "Model", model), h("label", {}, "System prompt", system),
         h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens))));
   page.replaceChildren(h("h1", {}, "Chat"), choices.length ? form : h("p", { class: "muted" }, "No GGUF model yet: pull or import one on the Models page."));
-  leaving.push(() => controller?.abort());
+  onLeave(token, () => controller?.abort());
 
   async function ask() {
     const text = prompt.value.trim();
@@ -292,6 +309,7 @@ async function chat() {
 // -- audit -------------------------------------------------------------------------------------
 
 async function audit() {
+  const token = generation;
   const action = h("input", { id: "audit-action", placeholder: "models.pull" });
   const actor = h("input", { id: "audit-actor", placeholder: "cli:alice" });
   const since = h("input", { id: "audit-since", type: "datetime-local" });
@@ -304,7 +322,7 @@ async function audit() {
     if (since.value) query.set("since", new Date(since.value).toISOString());
     if (until.value) query.set("until", new Date(until.value).toISOString());
     const events = await attempt(() => api("GET", `/api/v1/audit?${query}`));
-    if (events) results.replaceChildren(events.length ? auditTable(events) : h("p", { class: "muted" }, "Nothing matches."));
+    if (events && token === generation) results.replaceChildren(events.length ? auditTable(events) : h("p", { class: "muted" }, "Nothing matches."));
   };
   page.replaceChildren(h("h1", {}, "Audit log"),
     h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); search(); } },
@@ -337,12 +355,12 @@ async function settings() {
       control = h("select", { id }, ["lru", "none"].map((v) => h("option", { value: v, selected: v === p.value }, v)));
       read = () => control.value;
     } else {
-      control = h("input", { id, value: p.value ?? "", placeholder: "e.g. 500GB; empty: no limit" });
+      control = h("input", { id, value: p.value ?? "", placeholder: p.key === "models.cache.max_bytes" ? "e.g. 500GB" : "" });
       read = () => control.value.trim() === "" ? null : control.value.trim();
     }
     const save = async (value) => {
       const saved = await attempt(() => api("PUT", `/api/v1/preferences/${p.key}`, { value }));
-      if (saved) await attempt(draw);
+      if (saved) await refresh(draw);
     };
     return h("form", { class: "inline card", "data-key": p.key, onsubmit: (event) => { event.preventDefault(); save(read()); } },
       h("label", { for: id }, h("strong", {}, p.key), p.description, control),
@@ -358,6 +376,7 @@ async function settings() {
 const pages = { "": dashboard, models, chat, audit, settings };
 
 async function route() {
+  generation += 1;
   for (const stop of leaving) stop();
   leaving = [];
   clearErrors();
