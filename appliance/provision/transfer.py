@@ -6,7 +6,7 @@ fetch in order, each writing at its own offset. A hashing thread follows the com
 of the file, so the sha256 is ready soon after the last byte arrives; that is why parts are
 small (about eight per connection, in whole MiB, at most ``part_bytes``): the last wave of
 parts is what is left to hash after the last byte. The state file records how many bytes of
-each part are on disk (a few times a second, each time after an fdatasync of the data, so it
+each part are on disk (once a second, each time after an fdatasync of the data, so it
 never claims bytes that a power cut could lose), so a pull that was killed or failed resumes
 where it stopped, provided the server still reports the same size and validator (ETag or
 Last-Modified).
