@@ -228,17 +228,7 @@ class Provisioner:
         result = self.models.import_file(
             ref.path, context, name=str(name) if name else None, expected_digest=expected
         )
-        artifact = next(a for a in result.model.artifacts if a.digest == result.digest)
-        return ResolvedModel(
-            id=str(result.model.name),
-            digest=result.digest,
-            path=self.cache.path(result.digest),
-            format=artifact.format,
-            size=result.size_bytes,
-            ref=str(ref),
-            downloaded=False,
-            verification="expected" if expected else "unverified",
-        )
+        return self._resolved(result.model, result.digest, str(ref), "expected" if expected else "unverified")
 
     def _from_cache(self, ref: DigestRef) -> ResolvedModel:
         for model in self.store.list_models():

@@ -114,6 +114,7 @@ class Transfer:
         self._lock = threading.Lock()
         self._done: list[int] = []
         self._part_bytes = options.part_bytes
+        self._bytes_done = 0
         self._save_lock = threading.Lock()
         self._failed = threading.Event()  # a part failed for good: the others stop
         self._fresh_headers: dict[str, str] = {}
@@ -246,7 +247,7 @@ class Transfer:
         starts = [index * part_bytes for index in range(count)]
         lengths = [min(part_bytes, size - start) for start in starts]
         self._done = self._load_state(probe, count) or [0] * count
-        resumed = sum(self._done)
+        resumed = self._bytes_done = sum(self._done)
         if resumed == 0:
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
@@ -360,6 +361,7 @@ class Transfer:
                     offset += len(chunk)
                     with self._lock:
                         self._done[index] += len(chunk)
+                        self._bytes_done += len(chunk)
                     self._report(probe)
                     if offset > last:
                         break
@@ -370,7 +372,7 @@ class Transfer:
 
     def _report(self, probe: _Probe) -> None:
         if self.on_progress is not None:
-            self.on_progress(sum(self._done), probe.size)
+            self.on_progress(self._bytes_done, probe.size)  # a running total: this runs for every chunk
 
     def _load_state(self, probe: _Probe, count: int) -> list[int] | None:
         try:

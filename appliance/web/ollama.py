@@ -22,6 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,9 @@ from appliance.errors import (
     StorageFailure,
     UnsupportedFormat,
 )
-from appliance.models.service import ImportResult, ModelService
+from appliance.models.service import ModelService
 from appliance.names import ModelName
-from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
+from appliance.provision.service import Provisioner, PullProgress
 from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
 from appliance.store.base import Model, utcnow
@@ -553,21 +554,28 @@ def _pull_ref(text: str) -> ModelRef:
     return ref
 
 
-async def _import_progress(
-    models: ModelService, source: Path, context: Context
-) -> tuple[int | ImportResult, asyncio.Queue[int | ImportResult | BaseException]]:
-    """Start an import on a worker thread; returns its first report (progress or result) and the rest."""
-    loop = asyncio.get_running_loop()
-    reports: asyncio.Queue[int | ImportResult | BaseException] = asyncio.Queue()
+@dataclass(frozen=True)
+class _Finished:
+    result: Any
 
-    def report(item: int | ImportResult | BaseException) -> None:
+
+async def _in_thread_with_reports(
+    work: Callable[[Callable[[Any], None]], Any],
+) -> tuple[Any, asyncio.Queue[Any]]:
+    """Run ``work(report)`` on a worker thread. Its reports, then its result (as _Finished) or its
+    exception, arrive on a queue; returns the first item (raised when it is an exception, so the
+    request fails before any stream starts) and the queue with the rest."""
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[Any] = asyncio.Queue()
+
+    def report(item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody listens
             loop.call_soon_threadsafe(reports.put_nowait, item)
 
     def run() -> None:
         try:
-            report(models.import_file(source, context, on_progress=report))
-        except BaseException as exc:  # handed to the request, which raises it
+            report(_Finished(work(report)))
+        except BaseException as exc:  # handed to the request or the stream, which report it
             report(exc)
 
     loop.run_in_executor(None, run)  # the executor holds the future; the queue carries the outcome
@@ -577,13 +585,18 @@ async def _import_progress(
     return first, reports
 
 
-async def _pull_lines(
-    first: int | ImportResult, reports: asyncio.Queue[int | ImportResult | BaseException], total: int | None
+async def _status_lines(
+    first: Any,
+    reports: asyncio.Queue[Any],
+    progress_line: Callable[[Any], dict[str, Any] | None],
+    closing: tuple[str, ...] = (),
 ) -> AsyncIterator[bytes]:
-    item: int | ImportResult | BaseException = first
+    """Ollama's pull lines: one per progress report, then the closing statuses and success, or an error."""
+    item = first
     while True:
-        if isinstance(item, ImportResult):
-            yield _line({"status": "success"})
+        if isinstance(item, _Finished):
+            for status in (*closing, "success"):
+                yield _line({"status": status})
             return
         if isinstance(item, ApplianceError):
             yield _line({"error": _error_message(item)})
@@ -592,7 +605,9 @@ async def _pull_lines(
             logger.error("unexpected error while pulling", exc_info=item)
             yield _line({"error": _unexpected_message(item)})
             return
-        yield _line({"status": "importing", "total": total, "completed": item})
+        line = progress_line(item)
+        if line is not None:
+            yield _line(line)
         item = await reports.get()
 
 
@@ -603,83 +618,51 @@ async def pull(
     """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
     ref = _pull_ref(body.target)
-    if not isinstance(ref, FileRef):
-        return await _network_pull(provisioner, ref, context, stream=body.stream)
-    source = ref.path
     if not body.stream:
-        await anyio.to_thread.run_sync(lambda: models.import_file(source, context))
-        return Response({"status": "success"})
-    first, reports = await _import_progress(models, source, context)
-    try:
-        total: int | None = source.stat().st_size
-    except OSError:
-        total = None
-    head_line = _line({"status": "importing", "total": total, "completed": 0})
-
-    async def lines() -> AsyncIterator[bytes]:
-        yield head_line
-        async for line in _pull_lines(first, reports, total):
-            yield line
-
-    return Stream(lines(), media_type=NDJSON)
-
-
-async def _network_pull(
-    provisioner: Provisioner, ref: ModelRef, context: Context, *, stream: bool
-) -> Response[Any]:
-    """The provisioner's pull, its progress as Ollama's status lines."""
-    if not stream:
         await anyio.to_thread.run_sync(lambda: provisioner.ensure_present(ref, context))
         return Response({"status": "success"})
-    loop = asyncio.get_running_loop()
-    reports: asyncio.Queue[PullProgress | ResolvedModel | BaseException] = asyncio.Queue()
-
-    def report(item: PullProgress | ResolvedModel | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody listens
-            loop.call_soon_threadsafe(reports.put_nowait, item)
-
-    def run() -> None:
+    if isinstance(ref, FileRef):
+        source = ref.path
+        first, reports = await _in_thread_with_reports(
+            lambda report: models.import_file(source, context, on_progress=report)
+        )
         try:
-            report(provisioner.ensure_present(ref, context, on_progress=report))
-        except BaseException as exc:  # handed to the stream, which reports it
-            report(exc)
+            total: int | None = source.stat().st_size
+        except OSError:
+            total = None
+        head = {"status": "importing", "total": total, "completed": 0}
+        lines = _status_lines(
+            first, reports, lambda done: {"status": "importing", "total": total, "completed": done}
+        )
+    else:
+        first, reports = await _in_thread_with_reports(
+            lambda report: provisioner.ensure_present(ref, context, on_progress=report)
+        )
+        head = {"status": "pulling manifest"}
+        lines = _status_lines(first, reports, _download_line, closing=("verifying sha256 digest",))
 
-    loop.run_in_executor(None, run)
-    first = await reports.get()
-    if isinstance(first, BaseException):
-        raise first  # before the stream starts: a plain error response
+    async def stream() -> AsyncIterator[bytes]:
+        yield _line(head)
+        async for line in lines:
+            yield line
 
-    async def lines() -> AsyncIterator[bytes]:
-        yield _line({"status": "pulling manifest"})
-        item: PullProgress | ResolvedModel | BaseException = first
-        while True:
-            if isinstance(item, ResolvedModel):
-                yield _line({"status": "verifying sha256 digest"})
-                yield _line({"status": "success"})
-                return
-            if isinstance(item, ApplianceError):
-                yield _line({"error": _error_message(item)})
-                return
-            if isinstance(item, BaseException):
-                logger.error("unexpected error while pulling", exc_info=item)
-                yield _line({"error": _unexpected_message(item)})
-                return
-            if item.state == "pending":
-                yield _line({"status": f"waiting for an admin to approve download {item.download_id}"})
-            elif item.state == "queued":
-                yield _line({"status": f"download {item.download_id} waits for a free download slot"})
-            elif item.state == "running":
-                yield _line(
-                    {
-                        "status": f"pulling {item.download_id}",
-                        "digest": item.download_id,
-                        "total": item.bytes_total,
-                        "completed": item.bytes_done,
-                    }
-                )
-            item = await reports.get()
+    return Stream(stream(), media_type=NDJSON)
 
-    return Stream(lines(), media_type=NDJSON)
+
+def _download_line(update: PullProgress) -> dict[str, Any] | None:
+    if update.state == "pending":
+        return {"status": f"waiting for an admin to approve download {update.download_id}"}
+    if update.state == "queued":
+        return {"status": f"download {update.download_id} waits for a free download slot"}
+    if update.state == "running":
+        total, done = update.bytes_total, update.bytes_done
+        return {
+            "status": f"pulling {update.download_id}",
+            "digest": update.download_id,
+            "total": total,
+            "completed": done,
+        }
+    return None
 
 
 # -- blobs -------------------------------------------------------------------------------------

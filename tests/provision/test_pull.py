@@ -30,16 +30,10 @@ from appliance.errors import (
 )
 from appliance.runtime import Runtime
 from appliance.settings import Settings
-from tests.fileserver import Faults, FileServer, serve_files
+from tests.fileserver import Faults, FileServer
 from tests.tiny_model import write_llama_gguf
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def files() -> Iterator[FileServer]:
-    with serve_files() as server:
-        yield server
 
 
 @pytest.fixture

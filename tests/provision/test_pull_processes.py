@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 
 from appliance.store.sqlite import SqliteStore
 from tests.conftest import APPLIANCE, CliResult, Server
-from tests.fileserver import Faults, FileServer, serve_files
+from tests.fileserver import Faults, FileServer
 from tests.provision.test_pull import MIB, digest_of
 from tests.tiny_model import write_llama_gguf
 
@@ -23,12 +22,6 @@ SMALL_PARTS = {
     "APPLIANCE_MODELS__DOWNLOAD__PART_BYTES": str(MIB),
     "APPLIANCE_MODELS__DOWNLOAD__CONNECTIONS": "2",
 }
-
-
-@pytest.fixture
-def files() -> Iterator[FileServer]:
-    with serve_files() as server:
-        yield server
 
 
 @pytest.fixture
