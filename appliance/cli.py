@@ -5,8 +5,10 @@ Errors print one line saying what went wrong and one saying what to do, and exit
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -15,25 +17,42 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from appliance import __version__
 from appliance.audit import AuditOut, Context
-from appliance.client import ServerClient
+from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
 from appliance.provision.schemas import DownloadOut, PullOut
 from appliance.provision.service import PullProgress
+from appliance.queries import DOWNLOAD_STATES, check_download_states, parse_timestamp
 from appliance.runtime import Runtime
 from appliance.settings import Settings, load_settings
 
 __all__ = ["main"]
 
 T = TypeVar("T")
+# Paths, refs, ids and stored text are printed as they are: no Rich markup, no :emoji: codes
+# (a path like ./[/x]y.gguf must neither crash the command nor lose its brackets).
 # Piped output keeps whole columns instead of cutting them to 80 characters.
-stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(
+    highlight=False,
+    markup=False,
+    emoji=False,
+    soft_wrap=True,
+    width=None if sys.stdout.isatty() else 240,
+)
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def _human(size: int | None) -> str:
@@ -45,6 +64,18 @@ def _human(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     raise AssertionError("unreachable")
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message))
+    if hint:
+        stderr.print(Text.assemble(("hint:", "bold"), " ", hint))
+
+
+def _progress(*columns: Any) -> Progress:
+    # The description holds a path or a ref: plain text, never markup.
+    description = TextColumn("{task.description}", style="progress.description", markup=False)
+    return Progress(description, *columns, console=stderr, transient=True)
 
 
 def _emit_json(value: Any) -> None:
@@ -72,9 +103,7 @@ class ApplianceGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ApplianceError as exc:
-            stderr.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
-            if exc.hint:
-                stderr.print(f"[bold]hint:[/] {exc.hint}", markup=True, highlight=False)
+            _print_error(exc.message, exc.hint)
             ctx.exit(1)
 
 
@@ -122,10 +151,50 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
             hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy",
         )
     Runtime.open(settings).close()  # fail here, with a clear message, if the data dir is unusable
+    listener = _listen(settings.host, settings.port)
+    port = listener.getsockname()[1]  # the one the system chose, for --port 0
     stderr.print(
-        f"appliance {__version__} serving on http://{settings.host}:{settings.port} ({settings.data_dir})"
+        f"appliance {__version__} serving on http://{url_host(settings.host)}:{port} ({settings.data_dir})"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # uvicorn serves on the socket bound above, so a port taken meanwhile cannot reach it as a raw OSError.
+    config = uvicorn.Config(create_app(settings), host=settings.host.strip("[]"), port=port, log_level="info")
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (as uvicorn binds it), or our error saying why not."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((bare, port))
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        address = f"{url_host(host)}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidSetting(
+                f"cannot listen on {address}: the port is in use",
+                hint="stop what listens there (is an appliance already serving?), or pass another --port",
+            ) from exc
+        raise InvalidSetting(
+            f"cannot listen on {address}: {exc.strerror or exc}",
+            hint="pass a --host this machine has (127.0.0.1, ::1) and a --port from 1024 to 65535",
+        ) from exc
+    return listener
+
+
+def _server_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--host/--port for commands that talk to the running server: the ones it was started with."""
+    command = click.option("--port", type=click.IntRange(1, 65535), help="The server's port (default 8080).")(
+        command
+    )
+    return click.option("--host", help="The server's address (default 127.0.0.1).")(command)
+
+
+def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerClient:
+    return ServerClient(ctx.obj["settings"](host=host, port=port))
 
 
 def _is_loopback(host: str) -> bool:
@@ -166,14 +235,7 @@ def import_model(
     Example: appliance models import ./tinyllama.Q4_K_M.gguf --name tinyllama:1.1b
     """
     show_progress = stderr.is_terminal and not as_json
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=stderr,
-        transient=True,
-    )
+    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
         task = progress.add_task(f"importing {path.name}", total=_size_or_none(path))
         result = runtime.models.import_file(
@@ -212,15 +274,7 @@ def pull_model(
     Example: appliance models pull https://mirror.lan/models/tiny.gguf --digest sha256:0123…
     """
     show_progress = stderr.is_terminal and not as_json
-    progress = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    )
+    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     task = progress.add_task(f"pulling {ref}", total=None)
     announced: set[str] = set()
 
@@ -338,8 +392,10 @@ def verify_models(ctx: click.Context, name: str | None, as_json: bool) -> None:
                 + ("" if result.ok else f": {result.detail}")
             )
     if not all(result.ok for result in results):
-        stderr.print("[bold red]error:[/] verification failed; the bad blobs are quarantined")
-        stderr.print("[bold]hint:[/] remove the affected models and import them again")
+        _print_error(
+            "verification failed; the bad blobs are quarantined",
+            "remove the affected models and import them again",
+        )
         ctx.exit(1)
 
 
@@ -396,14 +452,22 @@ def collect_garbage(ctx: click.Context, as_json: bool) -> None:
     type=click.IntRange(min=1),
     help="Tokens per request (capped at the model's); reloads an idle model loaded with another.",
 )
+@_server_options
 @click.pass_context
-def load_model(ctx: click.Context, name: str, keep_alive: str | None, context_length: int | None) -> None:
+def load_model(
+    ctx: click.Context,
+    name: str,
+    keep_alive: str | None,
+    context_length: int | None,
+    host: str | None,
+    port: int | None,
+) -> None:
     """Load a model into the running server's engine now, rather than on its first request.
 
     Example: appliance models load tinyllama:1.1b --keep-alive 1h --context 8192
     """
     body: dict[str, Any] = {"name": name, "keep_alive": keep_alive, "context_length": context_length}
-    with ServerClient(ctx.obj["settings"]()) as server:
+    with _server(ctx, host, port) as server:
         loaded = server.request("POST", "/api/v1/models/load", json=body)
     click.echo(
         f"loaded {loaded['name']} ({_human(loaded['memory_bytes'])}, context {loaded['context_length']})"
@@ -412,26 +476,28 @@ def load_model(ctx: click.Context, name: str, keep_alive: str | None, context_le
 
 @models.command("unload")
 @click.argument("name")
+@_server_options
 @click.pass_context
-def unload_model(ctx: click.Context, name: str) -> None:
+def unload_model(ctx: click.Context, name: str, host: str | None, port: int | None) -> None:
     """Unload a model from the running server's engine.
 
     Example: appliance models unload tinyllama:1.1b
     """
-    with ServerClient(ctx.obj["settings"]()) as server:
+    with _server(ctx, host, port) as server:
         unloaded = server.request("POST", "/api/v1/models/unload", json={"name": name})["unloaded"]
     click.echo(f"unloaded {name}" if unloaded else f"{name} was not loaded")
 
 
 @cli.command("ps")
 @json_option
+@_server_options
 @click.pass_context
-def ps(ctx: click.Context, as_json: bool) -> None:
+def ps(ctx: click.Context, as_json: bool, host: str | None, port: int | None) -> None:
     """Show the models loaded in the running server.
 
-    Example: appliance ps
+    Example: appliance ps --port 8080
     """
-    with ServerClient(ctx.obj["settings"]()) as server:
+    with _server(ctx, host, port) as server:
         state = server.request("GET", "/api/v1/ps")
     if as_json:
         _emit_json(state)
@@ -460,7 +526,12 @@ def downloads() -> None:
 
 
 @downloads.command("ls")
-@click.option("--state", "states", multiple=True, help="Only these states (pending, running, done, ...).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    help=f"Only this state; repeatable. One of: {', '.join(DOWNLOAD_STATES)}.",
+)
 @json_option
 @click.pass_context
 def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -> None:
@@ -468,7 +539,8 @@ def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -
 
     Example: appliance downloads ls --state pending
     """
-    found = _run(ctx, lambda runtime: runtime.provisioner.list_downloads(states=states))
+    checked = check_download_states(states)
+    found = _run(ctx, lambda runtime: runtime.provisioner.list_downloads(states=checked))
     if as_json:
         _emit_json([DownloadOut.of(download).model_dump(mode="json") for download in found])
         return
@@ -544,7 +616,8 @@ def list_prefs(ctx: click.Context, as_json: bool) -> None:
     stdout.print(table)
 
 
-@prefs.command("set")
+# A VALUE such as -5 is a value to validate, not an unknown option.
+@prefs.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("key")
 @click.argument("value")
 @click.pass_context
@@ -584,8 +657,8 @@ def audit() -> None:
 @audit.command("ls")
 @click.option("--action", help="e.g. models.import, models.delete, models.evict")
 @click.option("--actor", help="e.g. cli:alice, api:127.0.0.1")
-@click.option("--since", help="ISO 8601 UTC, inclusive (e.g. 2026-11-01T00:00:00Z)")
-@click.option("--until", help="ISO 8601 UTC, exclusive")
+@click.option("--since", help="ISO 8601, inclusive (e.g. 2026-11-01 or 2026-11-01T09:30:00Z)")
+@click.option("--until", help="ISO 8601, exclusive")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @json_option
 @click.pass_context
@@ -602,10 +675,12 @@ def list_audit(
 
     Example: appliance audit ls --action models.import --limit 10
     """
+    start = parse_timestamp(since) if since is not None else None
+    end = parse_timestamp(until) if until is not None else None
     events = _run(
         ctx,
         lambda runtime: runtime.store.list_audit(
-            action=action, actor=actor, since=since, until=until, limit=limit
+            action=action, actor=actor, since=start, until=end, limit=limit
         ),
     )
     rows = [AuditOut.of(event) for event in events]

@@ -9,7 +9,13 @@ import httpx
 from appliance.errors import ApplianceError, NotReady
 from appliance.settings import Settings
 
-__all__ = ["ServerClient", "ServerError"]
+__all__ = ["ServerClient", "ServerError", "url_host"]
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), once."""
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
 
 
 class ServerError(ApplianceError):
@@ -23,8 +29,7 @@ class ServerError(ApplianceError):
 
 class ServerClient:
     def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host
-        self.url = f"http://{host}:{settings.port}"
+        self.url = f"http://{url_host(settings.host)}:{settings.port}"
         self._client = httpx.Client(base_url=self.url, timeout=timeout)
 
     def __enter__(self) -> ServerClient:
@@ -39,7 +44,7 @@ class ServerClient:
         except httpx.TransportError as exc:
             raise NotReady(
                 f"no appliance server answers at {self.url}",
-                hint="start it with `appliance serve`, or pass the same --config/--port it runs with",
+                hint="start it with `appliance serve`, or pass the --host/--port (or --config) it runs with",
             ) from exc
         if response.is_error:
             try:

@@ -1,0 +1,108 @@
+"""CLI commands that start or reach the running server: addresses, ports and what they print."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import APPLIANCE, CliResult, Server, free_port
+
+
+def test_ps_load_and_unload_reach_the_server_given_by_port(
+    cli: object, server: Server, tiny_gguf: Path
+) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    assert cli("models", "import", str(tiny_gguf)).returncode == 0  # type: ignore[operator]
+    listed: CliResult = cli("ps", "--json", "--port", port)  # type: ignore[operator]
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == {**json.loads(listed.stdout), "models": []}
+    table: CliResult = cli("ps", "--host", "127.0.0.1", "--port", port)  # type: ignore[operator]
+    assert table.returncode == 0, table.stderr
+    assert "UNLOADS IN" in table.stdout
+    unloaded: CliResult = cli("models", "unload", "tiny", "--port", port)  # type: ignore[operator]
+    assert unloaded.returncode == 0, unloaded.stderr
+    assert "tiny was not loaded" in unloaded.stdout
+    missing: CliResult = cli("models", "load", "ghost", "--port", port)  # type: ignore[operator]
+    assert missing.returncode == 1
+    assert "model ghost:latest not found" in missing.stderr
+
+
+def test_no_server_hint_names_options_the_command_takes(cli: object) -> None:
+    for command in (["ps"], ["models", "load", "tiny"], ["models", "unload", "tiny"]):
+        result: CliResult = cli(*command, "--port", str(free_port()))  # type: ignore[operator]
+        assert result.returncode == 1
+        assert "no appliance server answers at http://127.0.0.1:" in result.stderr
+        assert "--host/--port" in result.stderr
+        help_text: CliResult = cli(*command[:-1] if len(command) > 1 else command, "--help")  # type: ignore[operator]
+        assert "--host" in help_text.stdout
+        assert "--port" in help_text.stdout
+
+
+def test_ps_on_ipv6_loopback_builds_a_bracketed_url(cli: object) -> None:
+    result: CliResult = cli("ps", "--host", "::1", "--port", str(free_port()))  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "no appliance server answers at http://[::1]:" in result.stderr
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def test_serve_on_a_port_in_use_says_so(cli: object, taken_port: int) -> None:
+    result: CliResult = cli("serve", "--port", str(taken_port))  # type: ignore[operator]
+    assert result.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{taken_port}: the port is in use" in result.stderr
+    assert "hint: " in result.stderr
+    assert "Errno" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_serve_on_ipv6_loopback_prints_a_url_that_works(data_dir: Path, host: str) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--host", host, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first_line = process.stderr.readline()
+        url = f"http://[::1]:{port}"
+        assert f"serving on {url} (" in first_line
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while True:
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "the server did not answer"
+                time.sleep(0.1)
+        listed = subprocess.run(
+            [*APPLIANCE, "--data-dir", str(data_dir), "ps", "--json", "--host", host, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout)["models"] == []
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        assert process.stderr is not None
+        process.stderr.close()
