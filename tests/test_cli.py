@@ -8,10 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,37 +105,42 @@ def test_unknown_model(cli: object) -> None:
     assert "model ghost:latest not found" in result.stderr
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A directory another user can reach (pytest's own temp dirs are private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="appliance-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+# Root passes every file-mode check through two capabilities; without them it meets the modes as an
+# ordinary owner would. Staying root (unlike switching to another user) keeps the checkout, its .venv
+# and pytest's private temp dirs reachable wherever they are.
+IGNORE_FILE_MODES = "-dac_override,-dac_read_search"
 
 
-def run_unprivileged(
+def run_without_root_file_access(
     command: list[str], *, cwd: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    """Run as an ordinary user: root passes every permission check, so tests as root drop to nobody."""
+    """Run ``command`` so that file modes apply to it, even when the tests run as root."""
     if os.geteuid() == 0:
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        drop = f"--inh-caps={IGNORE_FILE_MODES}", f"--bounding-set={IGNORE_FILE_MODES}"
+        command = ["setpriv", *drop, *command]
     return subprocess.run(
         command, capture_output=True, text=True, check=False, cwd=cwd, env={**os.environ, **env}
     )
 
 
-def test_unreadable_file(world_dir: Path, tiny_gguf: Path) -> None:
-    secret = world_dir / "secret.gguf"
+def test_a_command_run_that_way_meets_file_modes(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.write_text("secret")
+    locked.chmod(0o000)
+    result = run_without_root_file_access(["cat", str(locked)], cwd=tmp_path, env={})
+    assert result.returncode != 0
+    assert "Permission denied" in result.stderr
+
+
+def test_unreadable_file(tmp_path: Path, tiny_gguf: Path) -> None:
+    secret = tmp_path / "secret.gguf"
     shutil.copy(tiny_gguf, secret)
     secret.chmod(0o000)
-    data = world_dir / "data"
-    data.mkdir()
-    os.chown(data, 65534, 65534)
-    result = run_unprivileged(
+    data = tmp_path / "data"
+    result = run_without_root_file_access(
         [*APPLIANCE, "--data-dir", str(data), "models", "import", str(secret)],
-        cwd=world_dir,
-        env={"XDG_CONFIG_HOME": str(world_dir / "config")},
+        cwd=tmp_path,
+        env={"XDG_CONFIG_HOME": str(tmp_path / "config")},
     )
     assert result.returncode == 1
     assert "cannot be read: permission denied" in result.stderr
@@ -146,12 +149,12 @@ def test_unreadable_file(world_dir: Path, tiny_gguf: Path) -> None:
     assert list((data / "tmp").iterdir()) == []
 
 
-def test_unreachable_config_dir(world_dir: Path) -> None:
-    locked = world_dir / "config"
+def test_unreachable_config_dir(tmp_path: Path) -> None:
+    locked = tmp_path / "config"
     locked.mkdir(mode=0o000)
-    result = run_unprivileged(
-        [*APPLIANCE, "--data-dir", str(world_dir / "data"), "models", "ls"],
-        cwd=world_dir,
+    result = run_without_root_file_access(
+        [*APPLIANCE, "--data-dir", str(tmp_path / "data"), "models", "ls"],
+        cwd=tmp_path,
         env={"XDG_CONFIG_HOME": str(locked)},
     )
     locked.chmod(0o755)
