@@ -152,13 +152,23 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
         )
     Runtime.open(settings).close()  # fail here, with a clear message, if the data dir is unusable
     listener = _listen(settings.host, settings.port)
-    port = listener.getsockname()[1]  # the one the system chose, for --port 0
-    stderr.print(
-        f"appliance {__version__} serving on http://{url_host(settings.host)}:{port} ({settings.data_dir})"
-    )
+    if settings.port == 0:  # the system chose one; the app checks Host headers against the real one
+        settings = settings.model_copy(update={"port": listener.getsockname()[1]})
+    address = f"{url_host(settings.host)}:{settings.port}"
+    stderr.print(f"appliance {__version__} serving on http://{address} ({settings.data_dir})")
     # uvicorn serves on the socket bound above, so a port taken meanwhile cannot reach it as a raw OSError.
-    config = uvicorn.Config(create_app(settings), host=settings.host.strip("[]"), port=port, log_level="info")
-    uvicorn.Server(config).run(sockets=[listener])
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host.strip("[]"), port=settings.port, log_level="info"
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a foreground server stops
+    finally:
+        listener.close()
+    if not server.started:  # uvicorn has logged why
+        ctx.exit(1)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -68,11 +68,20 @@ def test_serve_on_a_port_in_use_says_so(cli: object, taken_port: int) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("host", ["::1", "[::1]"])
-def test_serve_on_ipv6_loopback_prints_a_url_that_works(data_dir: Path, host: str) -> None:
-    port = free_port()
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("::1", "free", "http://[::1]:{port}"),
+        ("[::1]", "free", "http://[::1]:{port}"),
+        ("127.0.0.1", "0", "http://127.0.0.1:"),  # the port the system chose is printed and served
+    ],
+)
+def test_serve_prints_a_url_that_works(data_dir: Path, host: str, port: str, url: str) -> None:
+    if port == "free":
+        port = str(free_port())
+        url = url.format(port=port)
     process = subprocess.Popen(
-        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--host", host, "--port", str(port)],
+        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--host", host, "--port", port],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -80,8 +89,8 @@ def test_serve_on_ipv6_loopback_prints_a_url_that_works(data_dir: Path, host: st
     try:
         assert process.stderr is not None
         first_line = process.stderr.readline()
-        url = f"http://[::1]:{port}"
-        assert f"serving on {url} (" in first_line
+        assert f"serving on {url}" in first_line
+        url = first_line.split("serving on ", 1)[1].split(" ", 1)[0]
         deadline = time.monotonic() + 30
         with httpx.Client(base_url=url, timeout=10) as client:
             while True:
@@ -93,8 +102,9 @@ def test_serve_on_ipv6_loopback_prints_a_url_that_works(data_dir: Path, host: st
                 assert process.poll() is None, process.stderr.read()
                 assert time.monotonic() < deadline, "the server did not answer"
                 time.sleep(0.1)
+        served_port = url.rsplit(":", 1)[1]
         listed = subprocess.run(
-            [*APPLIANCE, "--data-dir", str(data_dir), "ps", "--json", "--host", host, "--port", str(port)],
+            [*APPLIANCE, "--data-dir", str(data_dir), "ps", "--json", "--host", host, "--port", served_port],
             capture_output=True,
             text=True,
             check=False,
