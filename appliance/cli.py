@@ -44,13 +44,13 @@ __all__ = ["main"]
 T = TypeVar("T")
 # Paths, refs, ids and stored text are printed as they are: no Rich markup, no :emoji: codes
 # (a path like ./[/x]y.gguf must neither crash the command nor lose its brackets).
-# Piped output keeps whole columns instead of cutting them to 80 characters.
+# Piped output keeps each row on one line, however long its cells, so it can be grepped and cut.
 stdout = Console(
     highlight=False,
     markup=False,
     emoji=False,
     soft_wrap=True,
-    width=None if sys.stdout.isatty() else 240,
+    width=None if sys.stdout.isatty() else 100_000,
 )
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
@@ -70,6 +70,14 @@ def _print_error(message: str, hint: str | None) -> None:
     stderr.print(Text.assemble(("error:", "bold red"), " ", message))
     if hint:
         stderr.print(Text.assemble(("hint:", "bold"), " ", hint))
+
+
+def _table(*headers: str, pad_edge: bool = True) -> Table:
+    """A table that never cuts a cell: on a narrow terminal long text folds onto more lines."""
+    table = Table(box=None, pad_edge=pad_edge)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 def _progress(*columns: Any) -> Progress:
@@ -330,7 +338,7 @@ def list_models(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json([ModelOut.of(model).model_dump(mode="json") for model in found])
         return
-    table = Table("NAME", "FORMATS", "SIZE", "QUANT", "DIGEST", "PINNED", "STATE", box=None)
+    table = _table("NAME", "FORMATS", "SIZE", "QUANT", "DIGEST", "PINNED", "STATE")
     for model in found:
         digest = model.artifacts[0].digest.removeprefix("sha256:")[:12] if model.artifacts else "-"
         table.add_row(
@@ -512,7 +520,7 @@ def ps(ctx: click.Context, as_json: bool, host: str | None, port: int | None) ->
     if as_json:
         _emit_json(state)
         return
-    table = Table("NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "ACTIVE", "QUEUED", "UNLOADS IN", box=None)
+    table = _table("NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "ACTIVE", "QUEUED", "UNLOADS IN")
     for loaded in state["models"]:
         expires = loaded["expires_in_seconds"]
         table.add_row(
@@ -554,7 +562,7 @@ def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -
     if as_json:
         _emit_json([DownloadOut.of(download).model_dump(mode="json") for download in found])
         return
-    table = Table("ID", "REF", "NAME", "STATE", "DONE", "TOTAL", "UPDATED", box=None, pad_edge=False)
+    table = _table("ID", "REF", "NAME", "STATE", "DONE", "TOTAL", "UPDATED", pad_edge=False)
     for download in found:
         table.add_row(
             download.id,
@@ -617,7 +625,7 @@ def list_prefs(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json([preference.__dict__ for preference in found])
         return
-    table = Table("KEY", "VALUE", "SETTING", "", box=None, pad_edge=False)
+    table = _table("KEY", "VALUE", "SETTING", "", pad_edge=False)
     for preference in found:
         shown = json.dumps(preference.value)
         table.add_row(
@@ -697,7 +705,7 @@ def list_audit(
     if as_json:
         _emit_json([row.model_dump(mode="json") for row in rows])
         return
-    table = Table("AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "BYTES", "MS", box=None)
+    table = _table("AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "BYTES", "MS")
     for row in rows:
         table.add_row(
             row.at,

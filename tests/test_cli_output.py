@@ -58,8 +58,9 @@ def test_an_id_is_printed_as_typed(cli: object, download_id: str) -> None:
 
 
 def test_stored_text_is_listed_as_stored(cli: object, tmp_path: Path) -> None:
-    """A failed pull leaves a download row and audit events holding the ref; listing them keeps working."""
-    ref = "http://127.0.0.1:1/[/x]/[red]y.gguf"  # nothing listens on port 1: the pull fails at once
+    """A failed pull leaves a download row and audit events holding the ref; listing them shows it whole."""
+    # Nothing listens on port 1, so the pull fails at once. Longer than any terminal: piped, it stays whole.
+    ref = f"http://127.0.0.1:1/{'a' * 300}/[/x]/[red]y.gguf"
     pulled: CliResult = cli("models", "pull", ref)  # type: ignore[operator]
     assert pulled.returncode == 1
     assert ref in pulled.stderr
