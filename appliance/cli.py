@@ -203,14 +203,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _server_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--host/--port for commands that talk to the running server: the ones it was started with."""
-    command = click.option("--port", type=click.IntRange(1, 65535), help="The server's port (default 8080).")(
-        command
-    )
-    return click.option("--host", help="The server's address (default 127.0.0.1).")(command)
-
-
 def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerClient:
     return ServerClient(ctx.obj["settings"](host=host, port=port))
 
@@ -233,6 +225,11 @@ def models() -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+# For commands that talk to the running server: the address it was started with.
+host_option = click.option("--host", help="The server's address (default: the host setting, 127.0.0.1).")
+port_option = click.option(
+    "--port", type=click.IntRange(1, 65535), help="The server's port (default: the port setting, 8080)."
+)
 
 
 @models.command("import")
@@ -470,7 +467,8 @@ def collect_garbage(ctx: click.Context, as_json: bool) -> None:
     type=click.IntRange(min=1),
     help="Tokens per request (capped at the model's); reloads an idle model loaded with another.",
 )
-@_server_options
+@host_option
+@port_option
 @click.pass_context
 def load_model(
     ctx: click.Context,
@@ -494,7 +492,8 @@ def load_model(
 
 @models.command("unload")
 @click.argument("name")
-@_server_options
+@host_option
+@port_option
 @click.pass_context
 def unload_model(ctx: click.Context, name: str, host: str | None, port: int | None) -> None:
     """Unload a model from the running server's engine.
@@ -508,7 +507,8 @@ def unload_model(ctx: click.Context, name: str, host: str | None, port: int | No
 
 @cli.command("ps")
 @json_option
-@_server_options
+@host_option
+@port_option
 @click.pass_context
 def ps(ctx: click.Context, as_json: bool, host: str | None, port: int | None) -> None:
     """Show the models loaded in the running server.
