@@ -34,15 +34,16 @@ def test_ps_load_and_unload_reach_the_server_given_by_port(
     assert "model ghost:latest not found" in missing.stderr
 
 
-def test_no_server_hint_names_options_the_command_takes(cli: object) -> None:
-    for command in (["ps"], ["models", "load", "tiny"], ["models", "unload", "tiny"]):
-        result: CliResult = cli(*command, "--port", str(free_port()))  # type: ignore[operator]
-        assert result.returncode == 1
-        assert "no appliance server answers at http://127.0.0.1:" in result.stderr
-        assert "--host/--port" in result.stderr
-        help_text: CliResult = cli(*command[:-1] if len(command) > 1 else command, "--help")  # type: ignore[operator]
-        assert "--host" in help_text.stdout
-        assert "--port" in help_text.stdout
+@pytest.mark.parametrize("command", [["ps"], ["models", "load"], ["models", "unload"]])
+def test_no_server_hint_names_options_the_command_takes(cli: object, command: list[str]) -> None:
+    arguments = [] if command == ["ps"] else ["tiny"]
+    result: CliResult = cli(*command, *arguments, "--port", str(free_port()))  # type: ignore[operator]
+    assert result.returncode == 1
+    assert "no appliance server answers at http://127.0.0.1:" in result.stderr
+    assert "hint: start it with `appliance serve`, or pass the --host/--port" in result.stderr
+    help_text: CliResult = cli(*command, "--help")  # type: ignore[operator]
+    assert "--host" in help_text.stdout
+    assert "--port" in help_text.stdout
 
 
 def test_ps_on_ipv6_loopback_builds_a_bracketed_url(cli: object) -> None:
