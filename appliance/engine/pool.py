@@ -118,10 +118,12 @@ class EnginePool:
         """
         model = self.models.get(name)
         wanted = self._context_length(model, context_length)
+        gguf = next((a.digest for a in model.artifacts if a.format == "gguf"), None)
 
         def reload_needed(loaded: LoadedModel) -> bool:
             idle = loaded.in_use == 0 and loaded.batcher.idle
-            return context_length is not None and loaded.seq_ctx != wanted and idle
+            replaced = loaded.digest != gguf  # another GGUF was imported under this name
+            return idle and (replaced or (context_length is not None and loaded.seq_ctx != wanted))
 
         with self._lock:
             loaded = self._loaded.get(model.name)
@@ -134,6 +136,7 @@ class EnginePool:
             with self._lock:
                 loaded = self._loaded.get(model.name)
                 reload = loaded is not None and reload_needed(loaded)
+                file_replaced = reload and loaded is not None and loaded.digest != gguf
                 fresh = loaded is None
                 if reload:
                     del self._loaded[model.name]
@@ -145,7 +148,9 @@ class EnginePool:
                 self._loaded[model.name] = loaded
                 loaded.in_use += 1
                 loaded.expires_at = None
-        if reload:
+        if file_replaced:
+            reason = "reloaded: the model's file was replaced"
+        elif reload:
             reason = f"reloaded with the requested context of {wanted} tokens"
         elif fresh:
             reason = "loaded from the local cache on demand"
@@ -197,6 +202,7 @@ class EnginePool:
                 f"model {model.name}'s file failed verification and is quarantined",
                 hint="remove the model and import it again",
             )
+        self.models.ensure_intact(artifact.digest)
         capabilities = model.capabilities
         n_seq = self.settings.parallel
         memory = estimate_memory(capabilities, weights=artifact.size_bytes, n_ctx=seq_ctx * n_seq)

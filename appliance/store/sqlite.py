@@ -234,15 +234,22 @@ class SqliteStore:
         return self._models()
 
     def add_artifact(
-        self, name: ModelName, artifact: NewArtifact, *, capabilities: dict[str, Any], actor: str
+        self,
+        name: ModelName,
+        artifact: NewArtifact,
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        replacing: Sequence[str] = (),
     ) -> tuple[Model, bool]:
         now = utcnow()
         added = False
         with self._write() as db:
             db.execute(
-                "INSERT OR IGNORE INTO blobs (digest, size_bytes, state, created_at, last_verified_at)"
-                " VALUES (?, ?, 'ok', ?, ?)",
-                (artifact.digest, artifact.size_bytes, now, now),
+                "INSERT INTO blobs (digest, size_bytes, state, created_at, last_verified_at, link_stat)"
+                " VALUES (?, ?, 'ok', ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " link_stat = excluded.link_stat WHERE excluded.link_stat IS NOT NULL",
+                (artifact.digest, artifact.size_bytes, now, now, artifact.link_stat),
             )
             db.execute(
                 "INSERT OR IGNORE INTO models (id, name, vendor, created_at, updated_at, updated_by)"
@@ -267,6 +274,11 @@ class SqliteStore:
                     "INSERT INTO model_versions (id, model_id, version, capabilities, last_used_at,"
                     " created_at, updated_at) VALUES (?, ?, ?, '{}', ?, ?, ?)",
                     (version_id, model_id, name.tag, now, now, now),
+                )
+            for filename in replacing:
+                db.execute(
+                    "DELETE FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
+                    (version_id, filename),
                 )
             existing = list(
                 db.execute(
@@ -360,7 +372,7 @@ class SqliteStore:
 
     def _blobs(self, where: str = "", params: Sequence[Any] = ()) -> list[Blob]:
         rows = self._query(
-            "SELECT digest, size_bytes, state, created_at, last_verified_at"
+            "SELECT digest, size_bytes, state, created_at, last_verified_at, link_stat"
             f" FROM blobs {where} ORDER BY digest",
             params,
         )
@@ -377,10 +389,12 @@ class SqliteStore:
         ((total,),) = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM blobs")
         return int(total)
 
-    def mark_verified(self, digest: str, *, state: BlobState) -> None:
+    def mark_verified(self, digest: str, *, state: BlobState, link_stat: str | None = None) -> None:
         with self._write() as db:
             db.execute(
-                "UPDATE blobs SET state = ?, last_verified_at = ? WHERE digest = ?", (state, utcnow(), digest)
+                "UPDATE blobs SET state = ?, last_verified_at = ?, link_stat = COALESCE(?, link_stat)"
+                " WHERE digest = ?",
+                (state, utcnow(), link_stat, digest),
             )
 
     def forget_blobs(self, digests: Sequence[str]) -> None:
