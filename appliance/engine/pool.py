@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.batcher import Batcher, Event, Finished, GenerationRequest
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.llama import LlamaContext, LlamaModel, SamplingParams, gpu_offload_supported
-from appliance.errors import EngineFailure, InsufficientMemory, ModelNotLoadable, PromptTooLong
+from appliance.errors import DiskFull, EngineFailure, InsufficientMemory, ModelNotLoadable, PromptTooLong
 from appliance.models.service import ModelService
 from appliance.names import ModelName
 from appliance.settings import EngineSettings
@@ -227,7 +228,8 @@ class EnginePool:
             bos_token=llama_model.token_text(llama_model.bos) if llama_model.bos >= 0 else "",
             eos_token=llama_model.token_text(llama_model.eos) if llama_model.eos >= 0 else "",
         )
-        self.models.store.touch_model(model.name)
+        with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
+            self.models.store.touch_model(model.name)
         return LoadedModel(
             name=model.name,
             digest=artifact.digest,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import APPLIANCE, CliResult
+from tests.models.conftest import fill
 
 
 def ok(result: CliResult) -> str:
@@ -46,29 +43,6 @@ def test_another_gguf_is_refused_then_replaced(cli: object, tiny_gguf: Path, mak
     shown = json.loads(ok(cli("models", "show", "m", "--json")))  # type: ignore[operator]
     assert [artifact["digest"] for artifact in shown["artifacts"]] == [replaced["digest"]]
     assert len(replaced["replaced"]) == 1
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB tmpfs (the tests run as root in CI)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
-def fill(disk: Path) -> None:
-    with (disk / "filler").open("wb") as handle:
-        chunk = b"\0" * 65536
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError:
-            pass
-    stats = os.statvfs(disk)
-    assert stats.f_bavail == 0
 
 
 def test_reads_work_on_a_full_disk_and_writes_say_disk_full(

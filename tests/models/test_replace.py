@@ -12,8 +12,9 @@ from appliance.audit import Context
 from appliance.engine.pool import EnginePool
 from appliance.errors import ModelExists, ModelNotLoadable
 from appliance.runtime import Runtime
-from appliance.settings import EngineSettings
+from appliance.settings import EngineSettings, Settings
 from tests.fileserver import serve_files
+from tests.models.conftest import fill
 from tests.models.test_service import registry_rows
 
 
@@ -117,3 +118,15 @@ def test_a_hard_linked_blob_is_re_hashed_once_when_its_source_is_deleted(
     runtime.models.ensure_intact(result.digest)
     assert [e.outcome for e in runtime.store.list_audit(action="models.verify")] == ["ok"]
     assert runtime.cache.has(result.digest)
+
+
+def test_a_model_loads_on_a_full_disk(small_disk: Path, tiny_gguf: Path, context: Context) -> None:
+    runtime = Runtime.open(Settings(data_dir=small_disk / "data"))
+    pool = EnginePool(EngineSettings(), runtime.models, runtime.cache)
+    try:
+        runtime.models.import_file(tiny_gguf, context, name="m")
+        fill(small_disk)
+        assert pool.load("m").digest == runtime.models.get("m").artifacts[0].digest
+    finally:
+        pool.close()
+        runtime.close()
