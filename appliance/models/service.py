@@ -22,7 +22,7 @@ __all__ = ["GcReport", "ImportResult", "ModelService", "VerifyResult"]
 HEADER_BYTES = 64
 _REPLACE_HINT = (
     'import it with --replace (API: "replace": true) to put it in place of the old file,'
-    " or under another --name"
+    " or import or pull it under another --name"
 )
 
 

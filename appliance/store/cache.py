@@ -176,16 +176,16 @@ class BlobCache:
             info = os.fstat(src_fd)
             size = info.st_size
             same_fs = info.st_dev == os.stat(self.tmp_dir).st_dev
-            if hard_link and allow_link and info.st_uid != os.geteuid():
-                raise InvalidInput(
-                    f"{source} belongs to uid {info.st_uid}, not to the user the appliance runs as"
-                    f" (uid {os.geteuid()}): through a hard link its owner could change the cached model",
-                    hint="import it without --link (it is then copied), or chown the file first",
-                )
             staged: StagedBlob | None = None
             if allow_link and same_fs:
                 staged = self._try_reflink(src_fd, size, on_progress)
                 if staged is None and hard_link:
+                    if info.st_uid != os.geteuid():
+                        raise InvalidInput(
+                            f"{source} belongs to uid {info.st_uid}, not to the user the appliance runs as"
+                            f" (uid {os.geteuid()}): through a hard link its owner could change the model",
+                            hint="import it without --link (it is then copied), or chown the file first",
+                        )
                     staged = self._try_hardlink(source, size, on_progress)
             if staged is None:
                 staged = self._copy(src_fd, size, on_progress)

@@ -118,6 +118,10 @@ def test_an_asked_for_hard_link_protects_and_records_the_shared_inode(
 def test_a_hard_link_to_another_users_file_is_refused(cache: BlobCache, data_dir: Path) -> None:
     source = data_dir.parent / "theirs.bin"
     source.write_bytes(os.urandom(1000))
+    probe = cache.stage(source)
+    probe.close()
+    if probe.method == "reflink":
+        pytest.skip("this filesystem reflinks, so nothing is hard-linked")
     os.chown(source, os.geteuid() + 12345, -1)
     with pytest.raises(InvalidInput, match="not to the user the appliance runs as") as caught:
         cache.stage(source, hard_link=True)
