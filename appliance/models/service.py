@@ -380,8 +380,9 @@ class ModelService:
                 freed = sum(self.cache.remove(digest) for digest in orphans)
                 for quarantined in self.cache.quarantine_dir.iterdir():
                     if f"sha256:{quarantined.name}" not in registered:
-                        freed += quarantined.stat().st_size
+                        info = quarantined.stat()
                         quarantined.unlink()
+                        freed += info.st_size if info.st_nlink == 1 else 0  # a linked source keeps it
                 partials, partial_bytes = self.cache.remove_stale_staging()
             missing = tuple(
                 digest for digest, blob in registered.items() if digest not in on_disk and blob.state == "ok"

@@ -322,14 +322,15 @@ class BlobCache:
         return target
 
     def remove(self, digest: str) -> int:
-        """Delete a blob file; returns the bytes freed (0 when it was already gone)."""
+        """Delete a blob file; returns the bytes freed (0 when it was already gone, or when a
+        hard-linked source still holds them)."""
         path = self.path(digest)
         try:
-            size = path.stat().st_size
+            info = path.stat()
             path.unlink()
         except FileNotFoundError:
             return 0
-        return size
+        return info.st_size if info.st_nlink == 1 else 0
 
     def blob_files(self) -> dict[str, int]:
         """Every blob on disk, digest → size."""

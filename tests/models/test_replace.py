@@ -130,3 +130,14 @@ def test_a_model_loads_on_a_full_disk(small_disk: Path, tiny_gguf: Path, context
     finally:
         pool.close()
         runtime.close()
+
+
+def test_removing_a_hard_linked_model_frees_nothing_while_the_source_exists(
+    runtime: Runtime, tiny_gguf: Path, context: Context
+) -> None:
+    result = runtime.models.import_file(tiny_gguf, context, name="m", hard_link=True)
+    if result.method != "hardlink":
+        pytest.skip("this filesystem reflinks, so nothing is hard-linked")
+    assert runtime.models.remove("m", context) == 0
+    assert runtime.store.list_audit(action="models.delete")[0].bytes == 0
+    assert tiny_gguf.exists()
