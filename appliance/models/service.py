@@ -171,7 +171,7 @@ class ModelService:
         try:
             capabilities = read_capabilities(staged.path, fmt)
             old = self._conflicts(
-                model_name, filename, staged.digest, fmt=fmt, source_uri=source_uri, refuse=not replace
+                model_name, filename, digest=staged.digest, fmt=fmt, source_uri=source_uri, refuse=not replace
             )
             incoming = 0 if self.cache.has(staged.digest) else staged.size
             evicted = self._make_room(incoming, keep=model_name, context=context)
@@ -191,6 +191,8 @@ class ModelService:
                     capabilities=capabilities,
                     actor=context.actor,
                     replacing=[artifact.filename for artifact in old],
+                    # checked again in the write: a concurrent import may have added one meanwhile
+                    sole_format=fmt in ONE_PER_MODEL and "#" not in source_uri,
                 )
         finally:
             staged.close()
@@ -209,7 +211,7 @@ class ModelService:
         """Raise ModelExists when ``name`` already holds ``filename``, or (for a ``.gguf``)
         another GGUF, with other content."""
         fmt = "gguf" if filename.lower().endswith(".gguf") else None
-        self._conflicts(name, filename, digest, fmt=fmt, source_uri=None)
+        self._conflicts(name, filename, digest=digest, fmt=fmt, source_uri=None)
 
     def check_budget(self, incoming: int, *, keep: ModelName) -> None:
         """Refuse up front, changing nothing, content that cannot fit even after evicting."""
@@ -219,8 +221,8 @@ class ModelService:
         self,
         name: ModelName,
         filename: str,
-        digest: str,
         *,
+        digest: str,
         fmt: str | None,
         source_uri: str | None,
         refuse: bool = True,

@@ -174,12 +174,14 @@ class Store(Protocol):
         capabilities: dict[str, Any],
         actor: str,
         replacing: Sequence[str] = (),
+        sole_format: bool = False,
     ) -> tuple[Model, bool]:
         """Register an artifact under ``name``; returns the model and whether anything was added.
 
         The files named in ``replacing`` leave the model in the same transaction (their blob rows
         stay: ``forget_blobs`` drops the ones nothing references any more). Raises ModelExists
-        when ``name`` still has a file of that filename with other content.
+        when ``name`` still has a file of that filename with other content or, with
+        ``sole_format``, another file of the artifact's format with other content.
         """
         ...
 

@@ -269,6 +269,7 @@ class SqliteStore:
         capabilities: dict[str, Any],
         actor: str,
         replacing: Sequence[str] = (),
+        sole_format: bool = False,
     ) -> tuple[Model, bool]:
         now = utcnow()
         added = False
@@ -317,6 +318,18 @@ class SqliteStore:
             if existing and existing[0][0] != artifact.digest:
                 raise ModelExists(
                     f"model {name} already has a file {artifact.filename!r} with digest {existing[0][0]}"
+                )
+            other = sole_format and list(
+                db.execute(
+                    "SELECT filename FROM model_artifacts WHERE model_version_id = ? AND artifact_type = ?"
+                    " AND sha256 != ? LIMIT 1",
+                    (version_id, artifact.format, artifact.digest),
+                )
+            )
+            if other:
+                raise ModelExists(
+                    f"model {name} already has a {artifact.format} file, {other[0][0]!r};"
+                    f" a model holds one {artifact.format} file"
                 )
             if not existing:
                 added = True
