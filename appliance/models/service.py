@@ -190,7 +190,7 @@ class ModelService:
                     artifact,
                     capabilities=capabilities,
                     actor=context.actor,
-                    replacing=[artifact.filename for artifact in old],
+                    replacing=[replaced.filename for replaced in old],
                     # checked again in the write: a concurrent import may have added one meanwhile
                     sole_format=fmt in ONE_PER_MODEL and "#" not in source_uri,
                 )
@@ -201,11 +201,13 @@ class ModelService:
             self._drop_orphans(replaced)
         return model, added, evicted, replaced
 
-    def _drop_orphans(self, digests: list[str]) -> int:
-        """Delete the blobs of ``digests`` that no model uses any more; returns the bytes freed."""
+    def _drop_orphans(self, digests: list[str]) -> None:
+        """Delete the blobs of ``digests`` that no model uses any more."""
         with self.cache.deleting():
             self.store.forget_blobs(digests)
-            return sum(self.cache.remove(digest) for digest in digests if self.store.get_blob(digest) is None)
+            for digest in digests:
+                if self.store.get_blob(digest) is None:
+                    self.cache.remove(digest)
 
     def check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
         """Raise ModelExists when ``name`` already holds ``filename``, or (for a ``.gguf``)

@@ -19,8 +19,9 @@ filesystem is reflinked (copy-on-write: later writes to the source never reach t
 the filesystem can, else copied. A hard link shares the inode with the user's file, so anyone
 who may write that file (its owner, root) could change the blob: it is made only when asked,
 for a file the appliance's own user owns, and the blob's inode identity (``link_stat``) is
-recorded so that a change is noticed, and the blob re-hashed, before the engine maps it. A staging file is
-flock'ed by its owner for as long as it lives, so ``stale_partials`` can tell an import that
+recorded so that a change is noticed, and the blob re-hashed, before the engine maps it.
+
+A staging file is flock'ed by its owner for as long as it lives, so ``stale_partials`` can tell an import that
 is still running from one whose process died.
 """
 
@@ -75,6 +76,7 @@ class StagedBlob:
     method: StageMethod
     _fd: int = field(repr=False)
     link_stat: str | None = None  # set by ``place`` when the blob is a hard link to the source
+    _linked: tuple[int, int] | None = field(default=None, repr=False)  # its (size, mtime) as hashed
 
     def release(self) -> None:
         """Close the staging file but keep it on disk (a finished download, kept to resume)."""
@@ -248,8 +250,10 @@ class BlobCache:
             return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.fchmod(fd, 0o444)  # before hashing: the owner's own edits now need a chmod first
-        return self._finish_linked(path, fd, size, "hardlink", on_progress)
+        linked = _content_stat(os.fstat(fd))
+        staged = self._finish_linked(path, fd, size, "hardlink", on_progress)
+        staged._linked = linked
+        return staged
 
     def _finish_linked(
         self, path: Path, fd: int, size: int, method: StageMethod, on_progress: ProgressCallback | None
@@ -288,7 +292,13 @@ class BlobCache:
             if target.exists():
                 staged.close()
                 return target
-            os.chmod(staged.path, 0o444)
+            if staged._linked is not None and _content_stat(os.fstat(staged._fd)) != staged._linked:
+                staged.close()
+                raise SourceUnreadable(
+                    "the file was written to while it was imported (it is hard-linked, not copied)",
+                    hint="import it again once nothing writes to it",
+                )
+            os.chmod(staged.path, 0o444)  # a hard-linked source too: edits now need a chmod first
             os.rename(staged.path, target)
             _fsync_dir(self.blobs_dir)
             if staged.method == "hardlink":
@@ -424,6 +434,10 @@ def open_source(source: Path) -> int:
         what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise SourceUnreadable(f"{source} is {what}", hint="pass the model file itself")
     return fd
+
+
+def _content_stat(info: os.stat_result) -> tuple[int, int]:
+    return info.st_size, info.st_mtime_ns
 
 
 def _inode_stat(info: os.stat_result) -> str:

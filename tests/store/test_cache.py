@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import DigestMismatch, DiskFull, InvalidInput, LayoutTooNew, StorageFailure
+from appliance.errors import (
+    DigestMismatch,
+    DiskFull,
+    InvalidInput,
+    LayoutTooNew,
+    SourceUnreadable,
+    StorageFailure,
+)
 from appliance.store import cache as cache_module
 from appliance.store.cache import LAYOUT_VERSION, BlobCache
 
@@ -113,6 +120,27 @@ def test_an_asked_for_hard_link_protects_and_records_the_shared_inode(
         with source.open("ab") as handle:  # root can still write: the recorded identity shows it
             handle.write(b"appended later")
         assert staged.link_stat != cache.link_stat(staged.digest)
+
+
+def test_a_hard_linked_source_written_to_while_it_is_hashed_is_not_placed(
+    cache: BlobCache, data_dir: Path
+) -> None:
+    source = data_dir.parent / "same-fs.bin"
+    source.write_bytes(os.urandom(3 * cache_module.CHUNK_BYTES))
+
+    def write_once(done: int) -> None:
+        if done == cache_module.CHUNK_BYTES:
+            with source.open("r+b") as handle:
+                handle.write(b"changed")
+
+    staged = cache.stage(source, hard_link=True, on_progress=write_once)
+    if staged.method != "hardlink":
+        pytest.skip("this filesystem reflinks, so nothing is hard-linked")
+    with pytest.raises(SourceUnreadable, match="written to while it was imported"):
+        cache.place(staged)
+    assert visible(cache) == []
+    assert staging(cache) == []
+    assert stat.S_IMODE(source.stat().st_mode) == 0o644  # a failed import leaves the file as it was
 
 
 def test_a_hard_link_to_another_users_file_is_refused(cache: BlobCache, data_dir: Path) -> None:
