@@ -236,19 +236,33 @@ port_option = click.option(
 @click.argument("path", type=click.Path(path_type=Path, readable=False))
 @click.option("--name", help="name[:tag] to register it under (default: from the filename).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "safetensors"]), help="Default: detected.")
-@click.option("--copy", "force_copy", is_flag=True, help="Always copy, never hard-link or reflink.")
+@click.option("--copy", "force_copy", is_flag=True, help="Always copy, never reflink or hard-link.")
+@click.option(
+    "--link", "hard_link", is_flag=True, help="Hard-link when no reflink is possible (see the README)."
+)
+@click.option("--replace", is_flag=True, help="Put the file in place of the model's file (or GGUF).")
 @json_option
 @click.pass_context
 def import_model(
-    ctx: click.Context, path: Path, name: str | None, fmt: str | None, force_copy: bool, as_json: bool
+    ctx: click.Context,
+    path: Path,
+    name: str | None,
+    fmt: str | None,
+    force_copy: bool,
+    hard_link: bool,
+    replace: bool,
+    as_json: bool,
 ) -> None:
     """Import a local model file into the cache (hash, verify, register).
 
-    On the same filesystem the file is reflinked or hard-linked (a hard-linked source becomes
-    read-only: it now shares storage with the cache); elsewhere it is copied while hashing.
+    The file is reflinked (copy-on-write) where the filesystem can, else copied while hashing.
+    --link hard-links instead of copying: no second copy on disk, but the file becomes
+    read-only and must belong to the appliance's user. --replace swaps the model's file.
 
     Example: appliance models import ./tinyllama.Q4_K_M.gguf --name tinyllama:1.1b
     """
+    if force_copy and hard_link:
+        raise click.UsageError("--copy and --link contradict each other; pass one")
     show_progress = stderr.is_terminal and not as_json
     progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
@@ -259,6 +273,8 @@ def import_model(
             name=name,
             fmt=fmt,
             allow_link=not force_copy,
+            hard_link=hard_link,
+            replace=replace,
             on_progress=(lambda done: progress.update(task, completed=done)) if show_progress else None,
         )
     if as_json:

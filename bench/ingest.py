@@ -8,7 +8,7 @@ Run from the repo root:
 It writes a GGUF file of about ``--size-gib`` GiB, then times, ``--repeat`` times each and
 interleaved: ``openssl dgst -sha256`` (the hashing limit), ``cp`` and ``cp`` plus an fsync of the
 copy (the copying limits), and ``ModelService.import_file`` with ``allow_link=False`` (copy) and
-``allow_link=True`` (reflink or hard link, hashed once). Before every timed run, dirty pages are
+``hard_link=True`` (reflink or hard link, hashed once). Before every timed run, dirty pages are
 flushed (``sync``) and the source is read once, so every tool reads it from the page cache.
 ``--breakdown`` also times the pieces of the copy path (staging alone, ``_copy_and_hash``
 without the fsync, a copy through a buffer and one inside the kernel, hashing alone). Medians
@@ -82,7 +82,7 @@ def importing(allow_link: bool) -> Case:
             name = "bench:link" if allow_link else "bench:copy"
             start = time.perf_counter()
             result = runtime.models.import_file(
-                source, Context(actor="bench"), name=name, allow_link=allow_link
+                source, Context(actor="bench"), name=name, allow_link=allow_link, hard_link=allow_link
             )
             elapsed = time.perf_counter() - start
         finally:

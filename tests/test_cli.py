@@ -236,7 +236,8 @@ def test_sigkill_halfway_leaves_no_visible_blob_and_gc_cleans_up(
 ) -> None:
     source = make_gguf("big.gguf", padding_bytes=32 * 1024 * 1024)  # type: ignore[operator]
     script = tmp_path / "killed_import.py"
-    script.write_text(KILLED_IMPORT.replace("allow_link=False", f"allow_link={allow_link}"))
+    options = f"allow_link={allow_link}, hard_link={allow_link}"  # True: the asked-for hard link
+    script.write_text(KILLED_IMPORT.replace("allow_link=False", options))
     marker = tmp_path / "marker"
     process = subprocess.Popen([sys.executable, str(script), str(data_dir), str(source), str(marker)])
     deadline = time.monotonic() + 60

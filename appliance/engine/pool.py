@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.batcher import Batcher, Event, Finished, GenerationRequest
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.llama import LlamaContext, LlamaModel, SamplingParams, gpu_offload_supported
-from appliance.errors import EngineFailure, InsufficientMemory, ModelNotLoadable, PromptTooLong
+from appliance.errors import DiskFull, EngineFailure, InsufficientMemory, ModelNotLoadable, PromptTooLong
 from appliance.models.service import ModelService
 from appliance.names import ModelName
 from appliance.settings import EngineSettings
@@ -118,10 +119,12 @@ class EnginePool:
         """
         model = self.models.get(name)
         wanted = self._context_length(model, context_length)
+        gguf = next((a.digest for a in model.artifacts if a.format == "gguf"), None)
 
         def reload_needed(loaded: LoadedModel) -> bool:
             idle = loaded.in_use == 0 and loaded.batcher.idle
-            return context_length is not None and loaded.seq_ctx != wanted and idle
+            replaced = loaded.digest != gguf  # another GGUF was imported under this name
+            return idle and (replaced or (context_length is not None and loaded.seq_ctx != wanted))
 
         with self._lock:
             loaded = self._loaded.get(model.name)
@@ -134,6 +137,7 @@ class EnginePool:
             with self._lock:
                 loaded = self._loaded.get(model.name)
                 reload = loaded is not None and reload_needed(loaded)
+                file_replaced = reload and loaded is not None and loaded.digest != gguf
                 fresh = loaded is None
                 if reload:
                     del self._loaded[model.name]
@@ -145,7 +149,9 @@ class EnginePool:
                 self._loaded[model.name] = loaded
                 loaded.in_use += 1
                 loaded.expires_at = None
-        if reload:
+        if file_replaced:
+            reason = "reloaded: the model's file was replaced"
+        elif reload:
             reason = f"reloaded with the requested context of {wanted} tokens"
         elif fresh:
             reason = "loaded from the local cache on demand"
@@ -197,6 +203,7 @@ class EnginePool:
                 f"model {model.name}'s file failed verification and is quarantined",
                 hint="remove the model and import it again",
             )
+        self.models.ensure_intact(artifact.digest)
         capabilities = model.capabilities
         n_seq = self.settings.parallel
         memory = estimate_memory(capabilities, weights=artifact.size_bytes, n_ctx=seq_ctx * n_seq)
@@ -221,7 +228,8 @@ class EnginePool:
             bos_token=llama_model.token_text(llama_model.bos) if llama_model.bos >= 0 else "",
             eos_token=llama_model.token_text(llama_model.eos) if llama_model.eos >= 0 else "",
         )
-        self.models.store.touch_model(model.name)
+        with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
+            self.models.store.touch_model(model.name)
         return LoadedModel(
             name=model.name,
             digest=artifact.digest,

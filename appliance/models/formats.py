@@ -11,9 +11,11 @@ from typing import Any
 from appliance.engine.gguf import GGUF_MAGIC, read_gguf_metadata
 from appliance.errors import UnsupportedFormat
 
-__all__ = ["FORMATS", "detect_format", "guess_format", "read_capabilities"]
+__all__ = ["FORMATS", "ONE_PER_MODEL", "detect_format", "guess_format", "read_capabilities"]
 
 FORMATS = ("gguf", "safetensors")
+# Formats the engine loads as one file: a model holds at most one (safetensors come in shards).
+ONE_PER_MODEL = ("gguf",)
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -54,6 +54,14 @@ class ImportIn(BaseModel):
     path: str = Field(description="a file on the machine that runs the appliance")
     name: str | None = Field(default=None, description="name[:tag]; default: from the filename")
     format: str | None = Field(default=None, description="gguf or safetensors; default: detected")
+    link: bool = Field(
+        default=False,
+        description="hard-link where no reflink is possible, instead of copying (the file becomes"
+        " read-only and must belong to the appliance's user)",
+    )
+    replace: bool = Field(
+        default=False, description="put the file in place of the model's file of that name, or its GGUF"
+    )
 
 
 class ImportOut(BaseModel):
@@ -63,6 +71,7 @@ class ImportOut(BaseModel):
     method: str
     added: bool
     evicted: list[str]
+    replaced: list[str] = Field(description="digests of the files this import took the place of")
 
     @classmethod
     def of(cls, result: ImportResult) -> ImportOut:
@@ -73,6 +82,7 @@ class ImportOut(BaseModel):
             method=result.method,
             added=result.added,
             evicted=list(result.evicted),
+            replaced=list(result.replaced),
         )
 
 

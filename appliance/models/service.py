@@ -10,16 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.audit import Context, audited
-from appliance.errors import CacheFull, ModelExists, ModelNotFound, SourceUnreadable
-from appliance.models.formats import detect_format, read_capabilities
+from appliance.errors import CacheFull, ModelExists, ModelNotFound, ModelNotLoadable, SourceUnreadable
+from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
 from appliance.names import ModelName, name_from_filename
 from appliance.settings import Settings
-from appliance.store.base import Model, NewArtifact, Store
+from appliance.store.base import Artifact, Model, NewArtifact, Store
 from appliance.store.cache import BlobCache, ProgressCallback, StagedBlob, open_source
 
 __all__ = ["GcReport", "ImportResult", "ModelService", "VerifyResult"]
 
 HEADER_BYTES = 64
+_REPLACE_HINT = (
+    'import it with --replace (API: "replace": true) to put it in place of the old file,'
+    " or import or pull it under another --name"
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class ImportResult:
     method: str  # copy, reflink or hardlink
     added: bool  # False when the same content was already registered under this name
     evicted: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()  # digests of the files this import took the place of
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,17 @@ class ModelService:
         name: str | None = None,
         fmt: str | None = None,
         allow_link: bool = True,
+        hard_link: bool = False,
+        replace: bool = False,
         expected_digest: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> ImportResult:
-        """Import a local file into the cache and register it under ``name`` (default: from the filename)."""
+        """Import a local file into the cache and register it under ``name`` (default: from the filename).
+
+        ``allow_link=False`` always copies; ``hard_link`` hard-links where no reflink is possible
+        (see ``BlobCache.stage``). ``replace`` puts the file in place of the model's file of the
+        same name or, for a GGUF, of its GGUF; without it such an import raises ModelExists.
+        """
         source = Path(os.path.abspath(source))
         model_name = ModelName.parse(name) if name else name_from_filename(source.name)
         with audited(self.store, context, action="models.import", target=str(model_name)) as note:
@@ -99,22 +111,32 @@ class ModelService:
             header, size = _read_header(source)
             fmt = detect_format(header, size=size, filename=source.name, requested=fmt)
             note.detail["format"] = fmt
+            source_uri = f"file:{source}"
             self._check_budget(size, keep=model_name)
             staged = self.cache.stage(
-                source, allow_link=allow_link, expected_digest=expected_digest, on_progress=on_progress
+                source,
+                allow_link=allow_link,
+                hard_link=hard_link,
+                expected_digest=expected_digest,
+                on_progress=on_progress,
             )
             note.bytes = staged.size
             note.detail.update(digest=staged.digest, method=staged.method)
-            model, added, evicted = self.register_staged(
+            model, added, evicted, replaced = self._register(
                 staged,
                 model_name,
                 filename=source.name,
                 fmt=fmt,
-                source_uri=f"file:{source}",
+                source_uri=source_uri,
                 context=context,
+                replace=replace,
             )
             note.detail["added"] = added
-            return ImportResult(model, staged.digest, staged.size, staged.method, added, tuple(evicted))
+            if replaced:
+                note.detail["replaced"] = list(replaced)
+            return ImportResult(
+                model, staged.digest, staged.size, staged.method, added, tuple(evicted), tuple(replaced)
+            )
 
     def register_staged(
         self,
@@ -126,45 +148,115 @@ class ModelService:
         source_uri: str,
         context: Context,
     ) -> tuple[Model, bool, list[str]]:
-        """Place a staged blob and register it under ``model_name``; the staged file is gone afterwards."""
+        """Place a staged blob and register it under ``model_name``; the staged file is gone afterwards.
+
+        Raises ModelExists when the model holds ``filename``, or (for a GGUF) another GGUF, with
+        other content."""
+        model, added, evicted, _ = self._register(
+            staged, model_name, filename=filename, fmt=fmt, source_uri=source_uri, context=context
+        )
+        return model, added, evicted
+
+    def _register(
+        self,
+        staged: StagedBlob,
+        model_name: ModelName,
+        *,
+        filename: str,
+        fmt: str,
+        source_uri: str,
+        context: Context,
+        replace: bool = False,
+    ) -> tuple[Model, bool, list[str], list[str]]:
         try:
             capabilities = read_capabilities(staged.path, fmt)
-            self._check_conflict(model_name, filename, staged.digest)
+            old = self._conflicts(
+                model_name, filename, digest=staged.digest, fmt=fmt, source_uri=source_uri, refuse=not replace
+            )
             incoming = 0 if self.cache.has(staged.digest) else staged.size
             evicted = self._make_room(incoming, keep=model_name, context=context)
-            artifact = NewArtifact(
-                filename=filename,
-                format=fmt,
-                digest=staged.digest,
-                size_bytes=staged.size,
-                source_uri=source_uri,
-            )
             with self.cache.placing():
                 self.cache.place(staged)
+                artifact = NewArtifact(
+                    filename=filename,
+                    format=fmt,
+                    digest=staged.digest,
+                    size_bytes=staged.size,
+                    source_uri=source_uri,
+                    link_stat=staged.link_stat,
+                )
                 model, added = self.store.add_artifact(
-                    model_name, artifact, capabilities=capabilities, actor=context.actor
+                    model_name,
+                    artifact,
+                    capabilities=capabilities,
+                    actor=context.actor,
+                    replacing=[replaced.filename for replaced in old],
+                    # checked again in the write: a concurrent import may have added one meanwhile
+                    sole_format=fmt in ONE_PER_MODEL and "#" not in source_uri,
                 )
         finally:
             staged.close()
-        return model, added, evicted
+        replaced = [artifact.digest for artifact in old]
+        if replaced:
+            self._drop_orphans(replaced)
+        return model, added, evicted, replaced
+
+    def _drop_orphans(self, digests: list[str]) -> None:
+        """Delete the blobs of ``digests`` that no model uses any more."""
+        with self.cache.deleting():
+            self.store.forget_blobs(digests)
+            for digest in digests:
+                if self.store.get_blob(digest) is None:
+                    self.cache.remove(digest)
 
     def check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
-        """Raise ModelExists when ``name`` already holds ``filename`` with other content."""
-        self._check_conflict(name, filename, digest)
+        """Raise ModelExists when ``name`` already holds ``filename``, or (for a ``.gguf``)
+        another GGUF, with other content."""
+        fmt = "gguf" if filename.lower().endswith(".gguf") else None
+        self._conflicts(name, filename, digest=digest, fmt=fmt, source_uri=None)
 
     def check_budget(self, incoming: int, *, keep: ModelName) -> None:
         """Refuse up front, changing nothing, content that cannot fit even after evicting."""
         self._check_budget(incoming, keep=keep)
 
-    def _check_conflict(self, name: ModelName, filename: str, digest: str) -> None:
+    def _conflicts(
+        self,
+        name: ModelName,
+        filename: str,
+        *,
+        digest: str,
+        fmt: str | None,
+        source_uri: str | None,
+        refuse: bool = True,
+    ) -> list[Artifact]:
+        """The model's files that content ``digest`` would take the place of: the file of the
+        same name and, for a GGUF, the model's GGUF (the engine loads one; nobody could choose
+        which). Raises ModelExists for them when ``refuse``."""
         existing = self.store.get_model(name)
         if existing is None:
-            return
+            return []
+        found: list[Artifact] = []
         for artifact in existing.artifacts:
-            if artifact.filename == filename and artifact.digest != digest:
-                raise ModelExists(
-                    f"model {name} already has a file {filename!r} with digest {artifact.digest}"
-                )
+            if artifact.digest == digest:
+                continue
+            if artifact.filename == filename:
+                found.append(artifact)
+                if refuse:
+                    raise ModelExists(
+                        f"model {name} already has a file {filename!r} with digest {artifact.digest}",
+                        hint=_REPLACE_HINT,
+                    )
+            elif fmt in ONE_PER_MODEL and artifact.format == fmt and not _same_pull(artifact, source_uri):
+                if any(other.digest == digest for other in existing.artifacts):
+                    continue  # this content is already one of the model's files (a repo pulled again)
+                found.append(artifact)
+                if refuse:
+                    raise ModelExists(
+                        f"model {name} already has a {fmt} file, {artifact.filename!r} ({artifact.digest});"
+                        f" a model holds one {fmt} file",
+                        hint=_REPLACE_HINT,
+                    )
+        return found
 
     def _evictable(self, keep: ModelName | None) -> list[Model]:
         """Unpinned models other than ``keep``, least recently used first."""
@@ -208,6 +300,25 @@ class ModelService:
         """Remove a model; returns the bytes freed (blobs other models share are kept)."""
         return self._remove(ModelName.parse(name), context, action="models.delete")
 
+    def ensure_intact(self, digest: str) -> None:
+        """Before the engine maps a blob that shares its inode with a file outside the cache (a
+        hard-linked import): when that inode changed since the blob was last verified, re-hash it;
+        content that no longer matches is quarantined, never served."""
+        blob = self.store.get_blob(digest)
+        if blob is None or blob.link_stat is None or blob.link_stat == self.cache.link_stat(digest):
+            return
+        owners = tuple(
+            str(model.name)
+            for model in self.store.list_models()
+            if any(artifact.digest == digest for artifact in model.artifacts)
+        )
+        result = self._verify_blob(digest, owners, Context(actor="engine"))
+        if not result.ok:
+            raise ModelNotLoadable(
+                f"the file of {', '.join(owners)} was changed through its hard link: {result.detail}",
+                hint="remove the model and import it again (without --link, it is copied)",
+            )
+
     def _remove(self, name: ModelName, context: Context, *, action: str) -> int:
         with audited(self.store, context, action=action, target=str(name)) as note:
             with self.cache.deleting():
@@ -244,10 +355,13 @@ class ModelService:
                 detail = "the blob is missing or quarantined"
                 self.store.mark_verified(digest, state="quarantined")
             else:
+                blob = self.store.get_blob(digest)
+                # Taken before hashing, so a write while we hash is noticed next time.
+                link_stat = self.cache.link_stat(digest) if blob is not None and blob.link_stat else None
                 actual = self.cache.hash_blob(digest)
                 note.bytes = self.cache.path(digest).stat().st_size
                 if actual == digest:
-                    self.store.mark_verified(digest, state="ok")
+                    self.store.mark_verified(digest, state="ok", link_stat=link_stat)
                     return VerifyResult(digest, names, ok=True, detail="ok")
                 with self.cache.deleting():
                     self.cache.quarantine(digest)
@@ -270,8 +384,9 @@ class ModelService:
                 freed = sum(self.cache.remove(digest) for digest in orphans)
                 for quarantined in self.cache.quarantine_dir.iterdir():
                     if f"sha256:{quarantined.name}" not in registered:
-                        freed += quarantined.stat().st_size
+                        info = quarantined.stat()
                         quarantined.unlink()
+                        freed += info.st_size if info.st_nlink == 1 else 0  # a linked source keeps it
                 partials, partial_bytes = self.cache.remove_stale_staging()
             missing = tuple(
                 digest for digest, blob in registered.items() if digest not in on_disk and blob.state == "ok"
@@ -289,6 +404,13 @@ class ModelService:
                 orphans=orphans, stale_partials=partials, evicted=evicted, missing=list(missing)
             )
             return report
+
+
+def _same_pull(artifact: Artifact, source_uri: str | None) -> bool:
+    """Whether both files came from one pull of a repo (``ref#file``): a repo may hold several GGUFs."""
+    if source_uri is None or artifact.source_uri is None or "#" not in source_uri:
+        return False
+    return artifact.source_uri.split("#")[0] == source_uri.split("#")[0]
 
 
 def _read_header(source: Path) -> tuple[bytes, int]:

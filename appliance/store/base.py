@@ -46,6 +46,8 @@ class Blob:
     state: BlobState
     created_at: str
     last_verified_at: str | None
+    # A blob hard-linked to a file outside the cache: its inode identity when last verified.
+    link_stat: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class NewArtifact:
     digest: str
     size_bytes: int
     source_uri: str | None
+    link_stat: str | None = None  # see Blob.link_stat
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,21 @@ class Store(Protocol):
     def get_model(self, name: ModelName) -> Model | None: ...
     def list_models(self) -> list[Model]: ...
     def add_artifact(
-        self, name: ModelName, artifact: NewArtifact, *, capabilities: dict[str, Any], actor: str
+        self,
+        name: ModelName,
+        artifact: NewArtifact,
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        replacing: Sequence[str] = (),
+        sole_format: bool = False,
     ) -> tuple[Model, bool]:
         """Register an artifact under ``name``; returns the model and whether anything was added.
 
-        Raises ModelExists when ``name`` already has a file of that filename with other content.
+        The files named in ``replacing`` leave the model in the same transaction (their blob rows
+        stay: ``forget_blobs`` drops the ones nothing references any more). Raises ModelExists
+        when ``name`` still has a file of that filename with other content or, with
+        ``sole_format``, another file of the artifact's format with other content.
         """
         ...
 
@@ -180,7 +193,10 @@ class Store(Protocol):
     def get_blob(self, digest: str) -> Blob | None: ...
     def list_blobs(self) -> list[Blob]: ...
     def cache_bytes(self) -> int: ...
-    def mark_verified(self, digest: str, *, state: BlobState) -> None: ...
+    def mark_verified(self, digest: str, *, state: BlobState, link_stat: str | None = None) -> None:
+        """Record a verification; ``link_stat`` (when given) is the linked inode's identity as hashed."""
+        ...
+
     def forget_blobs(self, digests: Sequence[str]) -> None:
         """Drop blob rows no artifact references (after their files are gone)."""
         ...

@@ -3,17 +3,25 @@
     <data>/VERSION                     layout version (an int); a newer layout migrates an older one
     <data>/blobs/sha256/<hex>          immutable content, read-only mode, named by its sha256
     <data>/tmp/<random>.partial        an import in flight (copy or reflink); never served
-    <data>/tmp/<random>.link           an import in flight (hard link to the source); never served
+    <data>/tmp/<random>.link           an import in flight (hard link to the source, asked for
+                                       explicitly); never served
     <data>/tmp/downloads/<key>.partial a download, resumable (``<key>.state.json`` says which parts
                                        are on disk); never served
+    <data>/tmp/downloads/<key>.lock    flock: one pull of a ref at a time
     <data>/quarantine/sha256/<hex>     blobs whose content no longer matched their name
     <data>/cache.lock                  flock: imports place blobs under a shared lock, deletions
                                        take it exclusively, so a blob is never deleted between
                                        being placed and being registered
 
 Staging writes to a unique temp file while hashing, verifies, fsyncs, and only then renames
-into ``blobs/``: nothing partial or unverified is ever visible there. A staging file is
-flock'ed by its owner for as long as it lives, so ``stale_partials`` can tell an import that
+into ``blobs/``: nothing partial or unverified is ever visible there. A source on the same
+filesystem is reflinked (copy-on-write: later writes to the source never reach the blob) where
+the filesystem can, else copied. A hard link shares the inode with the user's file, so anyone
+who may write that file (its owner, root) could change the blob: it is made only when asked,
+for a file the appliance's own user owns, and the blob's inode identity (``link_stat``) is
+recorded so that a change is noticed, and the blob re-hashed, before the engine maps it.
+
+A staging file is flock'ed by its owner for as long as it lives, so ``stale_partials`` can tell an import that
 is still running from one whose process died.
 """
 
@@ -35,6 +43,7 @@ from typing import Literal
 from appliance.errors import (
     DigestMismatch,
     DiskFull,
+    InvalidInput,
     LayoutTooNew,
     SourceNotFound,
     SourceUnreadable,
@@ -66,6 +75,8 @@ class StagedBlob:
     size: int
     method: StageMethod
     _fd: int = field(repr=False)
+    link_stat: str | None = None  # set by ``place`` when the blob is a hard link to the source
+    _linked: tuple[int, int] | None = field(default=None, repr=False)  # its (size, mtime) as hashed
 
     def release(self) -> None:
         """Close the staging file but keep it on disk (a finished download, kept to resume)."""
@@ -151,24 +162,33 @@ class BlobCache:
         source: Path,
         *,
         allow_link: bool = True,
+        hard_link: bool = False,
         expected_digest: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> StagedBlob:
         """Bring ``source`` into ``tmp/``, hashed and fsynced.
 
-        On the same filesystem it is reflinked (copy-on-write) or, failing that, hard-linked
-        and hashed once; otherwise it is copied and hashed in the same pass. Raises
+        On the same filesystem it is reflinked (copy-on-write) where the filesystem can and
+        ``allow_link``; with ``hard_link`` it is otherwise hard-linked (the source becomes
+        read-only) and hashed once; else it is copied and hashed in the same pass. Raises
         DigestMismatch when ``expected_digest`` is given and the content differs.
         """
         src_fd = open_source(source)
         try:
-            size = os.fstat(src_fd).st_size
-            same_fs = os.fstat(src_fd).st_dev == os.stat(self.tmp_dir).st_dev
+            info = os.fstat(src_fd)
+            size = info.st_size
+            same_fs = info.st_dev == os.stat(self.tmp_dir).st_dev
             staged: StagedBlob | None = None
             if allow_link and same_fs:
-                staged = self._try_reflink(src_fd, size, on_progress) or self._try_hardlink(
-                    source, size, on_progress
-                )
+                staged = self._try_reflink(src_fd, size, on_progress)
+                if staged is None and hard_link:
+                    if info.st_uid != os.geteuid():
+                        raise InvalidInput(
+                            f"{source} belongs to uid {info.st_uid}, not to the user the appliance runs as"
+                            f" (uid {os.geteuid()}): through a hard link its owner could change the model",
+                            hint="import it without --link (it is then copied), or chown the file first",
+                        )
+                    staged = self._try_hardlink(source, size, on_progress)
             if staged is None:
                 staged = self._copy(src_fd, size, on_progress)
         finally:
@@ -230,7 +250,10 @@ class BlobCache:
             return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return self._finish_linked(path, fd, size, "hardlink", on_progress)
+        linked = _content_stat(os.fstat(fd))
+        staged = self._finish_linked(path, fd, size, "hardlink", on_progress)
+        staged._linked = linked
+        return staged
 
     def _finish_linked(
         self, path: Path, fd: int, size: int, method: StageMethod, on_progress: ProgressCallback | None
@@ -269,9 +292,17 @@ class BlobCache:
             if target.exists():
                 staged.close()
                 return target
-            os.chmod(staged.path, 0o444)
+            if staged._linked is not None and _content_stat(os.fstat(staged._fd)) != staged._linked:
+                staged.close()
+                raise SourceUnreadable(
+                    "the file was written to while it was imported (it is hard-linked, not copied)",
+                    hint="import it again once nothing writes to it",
+                )
+            os.chmod(staged.path, 0o444)  # a hard-linked source too: edits now need a chmod first
             os.rename(staged.path, target)
             _fsync_dir(self.blobs_dir)
+            if staged.method == "hardlink":
+                staged.link_stat = _inode_stat(os.fstat(staged._fd))
         except OSError as exc:
             staged.close()
             raise _storage_error(exc, self.blobs_dir) from exc
@@ -280,6 +311,10 @@ class BlobCache:
         return target
 
     # -- verification, deletion, garbage -------------------------------------------------------
+
+    def link_stat(self, digest: str) -> str:
+        """The blob's inode identity now (what a write through a hard link to it would change)."""
+        return _inode_stat(os.stat(self.path(digest)))
 
     def hash_blob(self, digest: str) -> str:
         """Re-hash a blob; returns the digest its content has now."""
@@ -297,14 +332,15 @@ class BlobCache:
         return target
 
     def remove(self, digest: str) -> int:
-        """Delete a blob file; returns the bytes freed (0 when it was already gone)."""
+        """Delete a blob file; returns the bytes freed (0 when it was already gone, or when a
+        hard-linked source still holds them)."""
         path = self.path(digest)
         try:
-            size = path.stat().st_size
+            info = path.stat()
             path.unlink()
         except FileNotFoundError:
             return 0
-        return size
+        return info.st_size if info.st_nlink == 1 else 0
 
     def blob_files(self) -> dict[str, int]:
         """Every blob on disk, digest → size."""
@@ -315,40 +351,71 @@ class BlobCache:
         return found
 
     def remove_stale_staging(self) -> tuple[int, int]:
-        """Delete staging files and download partials whose owner is gone; returns (files, bytes)."""
+        """Delete staging files and download partials whose owner is gone, with their part state,
+        and pull locks nobody holds; returns (partial files, bytes really freed on the disk)."""
         files = freed = 0
         candidates = [
             entry for entry in os.scandir(self.tmp_dir) if entry.name.endswith((".partial", ".link"))
         ]
         if self.downloads_dir.is_dir():
             candidates += [
-                entry for entry in os.scandir(self.downloads_dir) if entry.name.endswith(".partial")
+                entry
+                for entry in os.scandir(self.downloads_dir)
+                if entry.name.endswith((".partial", ".lock"))
             ]
         for entry in candidates:
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            removed = _remove_unheld(Path(entry.path))
+            if removed is None or entry.name.endswith(".lock"):
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # an import or download in flight still holds it
-            try:
-                if os.stat(entry.path).st_ino != os.fstat(fd).st_ino:
-                    continue  # replaced since we opened it: that file belongs to someone else
-                size = os.fstat(fd).st_size
-                os.unlink(entry.path)
-                for leftover in (".state.json", ".state.tmp"):
-                    with suppress(FileNotFoundError):
-                        os.unlink(entry.path.removesuffix(".partial") + leftover)
-                files += 1
-                freed += size
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(fd)
+            files += 1
+            freed += removed
+            for leftover in (".state.json", ".state.tmp"):
+                freed += _remove_allocated(Path(entry.path.removesuffix(".partial") + leftover))
+        if self.downloads_dir.is_dir():
+            # Part state whose partial is gone: a partial is always created before its state.
+            for entry in os.scandir(self.downloads_dir):
+                for suffix in (".state.json", ".state.tmp"):
+                    stem = entry.name.removesuffix(suffix)
+                    if stem != entry.name and not (self.downloads_dir / f"{stem}.partial").exists():
+                        freed += _remove_allocated(Path(entry.path))
         return files, freed
+
+
+def _allocated(info: os.stat_result) -> int:
+    """The bytes that unlinking this name gives back: a sparse or preallocated file's blocks, not
+    its nominal size, and nothing while another name (a hard-linked source) still holds them."""
+    return info.st_blocks * 512 if info.st_nlink <= 1 else 0
+
+
+def _remove_allocated(path: Path) -> int:
+    try:
+        info = os.stat(path)
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return _allocated(info)
+
+
+def _remove_unheld(path: Path) -> int | None:
+    """Unlink a file nobody holds an flock on; returns the bytes freed, or None when it was kept."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # an import, download or pull in flight still holds it
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return None  # replaced since we opened it: that file belongs to someone else
+        os.unlink(path)
+        info = os.fstat(fd)
+        return info.st_blocks * 512 if info.st_nlink == 0 else 0
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def open_source(source: Path) -> int:
@@ -367,6 +434,15 @@ def open_source(source: Path) -> int:
         what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise SourceUnreadable(f"{source} is {what}", hint="pass the model file itself")
     return fd
+
+
+def _content_stat(info: os.stat_result) -> tuple[int, int]:
+    return info.st_size, info.st_mtime_ns
+
+
+def _inode_stat(info: os.stat_result) -> str:
+    # ctime moves on any write, chmod or link-count change, and cannot be set back by a caller.
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
 
 def _free_bytes(path: Path) -> int:

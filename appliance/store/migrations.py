@@ -182,4 +182,10 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX downloads_ref ON downloads (ref, created_at);
         """,
     ),
+    Migration(
+        "0005_blob_link_stat",
+        """
+        ALTER TABLE blobs ADD COLUMN link_stat TEXT;
+        """,
+    ),
 )

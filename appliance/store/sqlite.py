@@ -7,7 +7,9 @@ behind a lock, while reads use a connection per thread.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ from appliance.store.migrations import SQLITE_MIGRATIONS, Migration
 __all__ = ["SqliteStore"]
 
 BUSY_TIMEOUT_MS = 30_000
+DISK_FULL_BYTES = 1024 * 1024  # below this much free space, an I/O error is the disk being full
 
 _MODEL_COLUMNS = """
     m.name, v.id, v.version, v.capabilities, v.pinned, v.created_at, v.updated_at, v.last_used_at
@@ -51,9 +54,18 @@ _MODEL_COLUMNS = """
 
 
 def _translate(exc: apsw.Error, path: Path) -> Exception:
-    if isinstance(exc, apsw.FullError):
+    # On a full disk SQLite says FULL, or IOERR when it cannot grow its shared-memory file.
+    if isinstance(exc, apsw.FullError) or (isinstance(exc, apsw.IOError) and _disk_full(path)):
         return DiskFull(f"the disk holding {path} is full")
     return StoreFailure(f"the registry database {path} failed: {exc}")
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < DISK_FULL_BYTES
 
 
 def _enable_wal(connection: apsw.Connection) -> None:
@@ -62,7 +74,12 @@ def _enable_wal(connection: apsw.Connection) -> None:
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     while True:
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            if connection.execute("PRAGMA journal_mode").fetchall() != [("wal",)]:
+                connection.execute("PRAGMA journal_mode=WAL")
+            # Keep -wal and -shm when the last connection closes: opening the file again then
+            # needs no new disk space, so reads still work on a full disk.
+            persist = ctypes.c_int(1)
+            connection.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(persist))
             return
         except apsw.BusyError:
             if time.monotonic() > deadline:
@@ -138,14 +155,22 @@ class SqliteStore:
                 raise _translate(exc, self.path) from exc
             try:
                 yield self._writer
+            except apsw.Error as exc:
+                self._rollback()
+                raise _translate(exc, self.path) from exc
             except BaseException:
-                self._writer.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._writer.execute("COMMIT")
             except apsw.Error as exc:
-                self._writer.execute("ROLLBACK")
+                self._rollback()
                 raise _translate(exc, self.path) from exc
+
+    def _rollback(self) -> None:
+        # SQLite has already rolled back after some errors (a full disk among them).
+        if self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
 
     def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -154,12 +179,15 @@ class SqliteStore:
             raise _translate(exc, self.path) from exc
 
     def _migrate(self, migrations: Sequence[Migration]) -> None:
+        """Apply missing migrations; an up-to-date file is only read (so it opens on a full disk)."""
         try:
-            with self._write() as db:
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)"
-                )
+            tables = self._query("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if ("schema_migrations",) not in tables:
+                with self._write() as db:
+                    db.execute(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                        " id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)"
+                    )
             applied = {row[0] for row in self._query("SELECT name FROM schema_migrations")}
             for migration in migrations:
                 if migration.name in applied:
@@ -234,15 +262,23 @@ class SqliteStore:
         return self._models()
 
     def add_artifact(
-        self, name: ModelName, artifact: NewArtifact, *, capabilities: dict[str, Any], actor: str
+        self,
+        name: ModelName,
+        artifact: NewArtifact,
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        replacing: Sequence[str] = (),
+        sole_format: bool = False,
     ) -> tuple[Model, bool]:
         now = utcnow()
         added = False
         with self._write() as db:
             db.execute(
-                "INSERT OR IGNORE INTO blobs (digest, size_bytes, state, created_at, last_verified_at)"
-                " VALUES (?, ?, 'ok', ?, ?)",
-                (artifact.digest, artifact.size_bytes, now, now),
+                "INSERT INTO blobs (digest, size_bytes, state, created_at, last_verified_at, link_stat)"
+                " VALUES (?, ?, 'ok', ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " link_stat = excluded.link_stat WHERE excluded.link_stat IS NOT NULL",
+                (artifact.digest, artifact.size_bytes, now, now, artifact.link_stat),
             )
             db.execute(
                 "INSERT OR IGNORE INTO models (id, name, vendor, created_at, updated_at, updated_by)"
@@ -268,6 +304,11 @@ class SqliteStore:
                     " created_at, updated_at) VALUES (?, ?, ?, '{}', ?, ?, ?)",
                     (version_id, model_id, name.tag, now, now, now),
                 )
+            for filename in replacing:
+                db.execute(
+                    "DELETE FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
+                    (version_id, filename),
+                )
             existing = list(
                 db.execute(
                     "SELECT sha256 FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
@@ -277,6 +318,18 @@ class SqliteStore:
             if existing and existing[0][0] != artifact.digest:
                 raise ModelExists(
                     f"model {name} already has a file {artifact.filename!r} with digest {existing[0][0]}"
+                )
+            other = sole_format and list(
+                db.execute(
+                    "SELECT filename FROM model_artifacts WHERE model_version_id = ? AND artifact_type = ?"
+                    " AND sha256 != ? LIMIT 1",
+                    (version_id, artifact.format, artifact.digest),
+                )
+            )
+            if other:
+                raise ModelExists(
+                    f"model {name} already has a {artifact.format} file, {other[0][0]!r};"
+                    f" a model holds one {artifact.format} file"
                 )
             if not existing:
                 added = True
@@ -360,7 +413,7 @@ class SqliteStore:
 
     def _blobs(self, where: str = "", params: Sequence[Any] = ()) -> list[Blob]:
         rows = self._query(
-            "SELECT digest, size_bytes, state, created_at, last_verified_at"
+            "SELECT digest, size_bytes, state, created_at, last_verified_at, link_stat"
             f" FROM blobs {where} ORDER BY digest",
             params,
         )
@@ -377,10 +430,12 @@ class SqliteStore:
         ((total,),) = self._query("SELECT COALESCE(SUM(size_bytes), 0) FROM blobs")
         return int(total)
 
-    def mark_verified(self, digest: str, *, state: BlobState) -> None:
+    def mark_verified(self, digest: str, *, state: BlobState, link_stat: str | None = None) -> None:
         with self._write() as db:
             db.execute(
-                "UPDATE blobs SET state = ?, last_verified_at = ? WHERE digest = ?", (state, utcnow(), digest)
+                "UPDATE blobs SET state = ?, last_verified_at = ?, link_stat = COALESCE(?, link_stat)"
+                " WHERE digest = ?",
+                (state, utcnow(), link_stat, digest),
             )
 
     def forget_blobs(self, digests: Sequence[str]) -> None:

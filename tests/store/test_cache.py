@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import stat
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import DigestMismatch, DiskFull, LayoutTooNew, StorageFailure
+from appliance.errors import (
+    DigestMismatch,
+    DiskFull,
+    InvalidInput,
+    LayoutTooNew,
+    SourceUnreadable,
+    StorageFailure,
+)
 from appliance.store import cache as cache_module
 from appliance.store.cache import LAYOUT_VERSION, BlobCache
 
@@ -80,16 +88,75 @@ def test_copy_hashes_in_the_same_pass_and_places_a_read_only_blob(
     assert staging(cache) == []
 
 
-def test_same_filesystem_links_and_hashes_once(cache: BlobCache, data_dir: Path, tmp_path: Path) -> None:
+def test_by_default_the_blob_never_shares_an_inode_with_the_source(cache: BlobCache, data_dir: Path) -> None:
+    """A reflink (copy-on-write) or a copy: writes to the user's file, even root's, never reach the blob."""
     source = data_dir.parent / "same-fs.bin"
     source.write_bytes(os.urandom(100_000))
-    staged = cache.stage(source, allow_link=True)
+    mode = stat.S_IMODE(source.stat().st_mode)
+    staged = cache.stage(source)
+    assert staged.method in ("reflink", "copy")
+    path = cache.place(staged)
+    digest = staged.digest
+    assert path.stat().st_ino != source.stat().st_ino
+    assert stat.S_IMODE(source.stat().st_mode) == mode  # the user's file is left as it was
+    with source.open("ab") as handle:
+        handle.write(b"appended later")
+    assert sha256_of(path) == digest
+
+
+def test_an_asked_for_hard_link_protects_and_records_the_shared_inode(
+    cache: BlobCache, data_dir: Path
+) -> None:
+    source = data_dir.parent / "same-fs.bin"
+    source.write_bytes(os.urandom(100_000))
+    staged = cache.stage(source, hard_link=True)
     assert staged.method in ("reflink", "hardlink")
     path = cache.place(staged)
     assert sha256_of(path) == sha256_of(source)
     if staged.method == "hardlink":
         assert path.stat().st_ino == source.stat().st_ino
         assert stat.S_IMODE(source.stat().st_mode) == 0o444  # the shared inode is protected from edits
+        assert staged.link_stat == cache.link_stat(staged.digest)
+        with source.open("ab") as handle:  # root can still write: the recorded identity shows it
+            handle.write(b"appended later")
+        assert staged.link_stat != cache.link_stat(staged.digest)
+
+
+def test_a_hard_linked_source_written_to_while_it_is_hashed_is_not_placed(
+    cache: BlobCache, data_dir: Path
+) -> None:
+    source = data_dir.parent / "same-fs.bin"
+    source.write_bytes(os.urandom(3 * cache_module.CHUNK_BYTES))
+
+    def write_once(done: int) -> None:
+        if done == cache_module.CHUNK_BYTES:
+            with source.open("r+b") as handle:
+                handle.write(b"changed")
+
+    staged = cache.stage(source, hard_link=True, on_progress=write_once)
+    if staged.method != "hardlink":
+        pytest.skip("this filesystem reflinks, so nothing is hard-linked")
+    with pytest.raises(SourceUnreadable, match="written to while it was imported"):
+        cache.place(staged)
+    assert visible(cache) == []
+    assert staging(cache) == []
+    assert stat.S_IMODE(source.stat().st_mode) == 0o644  # a failed import leaves the file as it was
+
+
+def test_a_hard_link_to_another_users_file_is_refused(cache: BlobCache, data_dir: Path) -> None:
+    source = data_dir.parent / "theirs.bin"
+    source.write_bytes(os.urandom(1000))
+    probe = cache.stage(source)
+    probe.close()
+    if probe.method == "reflink":
+        pytest.skip("this filesystem reflinks, so nothing is hard-linked")
+    os.chown(source, os.geteuid() + 12345, -1)
+    with pytest.raises(InvalidInput, match="not to the user the appliance runs as") as caught:
+        cache.stage(source, hard_link=True)
+    assert "without --link" in caught.value.hint
+    assert stat.S_IMODE(source.stat().st_mode) == 0o644
+    assert staging(cache) == []
+    assert cache.stage(source).method in ("reflink", "copy")  # without --link it imports
 
 
 def test_same_content_twice_is_one_blob(cache: BlobCache, source: Path, tmp_path: Path) -> None:
@@ -163,13 +230,46 @@ def test_stale_staging_files_are_collected_but_live_ones_kept(cache: BlobCache) 
     live_path, live_fd = cache._new_staging_file(".partial")  # held by an import in flight
     dead = cache.tmp_dir / "dead.partial"
     dead.write_bytes(b"x" * 100)  # left by a killed process: nobody holds its lock
+    allocated = dead.stat().st_blocks * 512
     unrelated = cache.tmp_dir / "VERSION.tmp"
     unrelated.write_text("1")
-    assert cache.remove_stale_staging() == (1, 100)
+    assert cache.remove_stale_staging() == (1, allocated)
     assert live_path.exists()
     assert not dead.exists()
     os.close(live_fd)
     assert cache.remove_stale_staging() == (1, 0)
+
+
+def test_gc_reports_the_bytes_a_partial_really_held_and_takes_its_state_and_lock(cache: BlobCache) -> None:
+    cache.downloads_dir.mkdir()
+    sparse = cache.downloads_dir / "k1.partial"
+    with sparse.open("wb") as handle:
+        handle.truncate(50 * 1024 * 1024)  # a resumable download's nominal size, barely written
+        handle.write(b"x" * 10_000)
+    state = cache.downloads_dir / "k1.state.json"
+    state.write_text("{}")
+    orphan_state = cache.downloads_dir / "k2.state.json"  # its partial is already gone
+    orphan_state.write_text("{}")
+    dead_lock = cache.downloads_dir / "k1.lock"
+    dead_lock.touch()
+    expected = sum(path.stat().st_blocks * 512 for path in (sparse, state, orphan_state))
+    assert expected < 1024 * 1024
+    assert cache.remove_stale_staging() == (1, expected)
+    assert os.listdir(cache.downloads_dir) == []
+
+
+def test_gc_keeps_a_pull_lock_that_is_held(cache: BlobCache) -> None:
+    cache.downloads_dir.mkdir()
+    held = cache.downloads_dir / "k3.lock"
+    fd = os.open(held, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert cache.remove_stale_staging() == (0, 0)
+        assert held.exists()
+    finally:
+        os.close(fd)
+    cache.remove_stale_staging()
+    assert not held.exists()
 
 
 def test_deleting_waits_for_placing(cache: BlobCache) -> None:

@@ -229,3 +229,24 @@ def test_a_download_moves_from_a_state_only_once(store: SqliteStore) -> None:
     assert store.get_download("d1").state == "approved"  # type: ignore[union-attr]
     with pytest.raises(DownloadNotFound):
         store.update_download("nope", state="done")
+
+
+def test_replacing_takes_the_old_file_out_in_the_same_write(store: SqliteStore) -> None:
+    name = ModelName("m")
+    store.add_artifact(name, artifact(DIGEST_A), capabilities={}, actor="t")
+    with pytest.raises(ModelExists, match="a model holds one gguf file"):
+        store.add_artifact(
+            name, artifact(DIGEST_B, "other.gguf"), capabilities={}, actor="t", sole_format=True
+        )
+    model, added = store.add_artifact(
+        name,
+        artifact(DIGEST_B, "other.gguf"),
+        capabilities={},
+        actor="t",
+        replacing=["m.gguf"],
+        sole_format=True,
+    )
+    assert added
+    assert [(a.filename, a.digest) for a in model.artifacts] == [("other.gguf", DIGEST_B)]
+    store.forget_blobs([DIGEST_A])
+    assert [blob.digest for blob in store.list_blobs()] == [DIGEST_B]
