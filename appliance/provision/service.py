@@ -5,13 +5,18 @@
           ─► approval, when required ─► one download (the transfer engine) ─► verify ─► register
 
 Every pull that needs the network has a ``downloads`` row (progress written at most a few
-times a second) and an audit event; approvals and denials are audited too. A successful pull
+times a second) and an audit event; approvals and denials are audited too. Pulls that wait on
+the same ref share how it ends: a cancel, a denial or a failure is not run again by each waiter.
+A row whose process ended before it did (killed, or stopped with the server) is marked
+``interrupted`` when a Provisioner opens and when downloads are listed, and a later pull of the
+ref resumes it under the same id. A successful pull
 writes the engine handoff (``<data>/runtime/engines/llamacpp.json``) and appends to the
 provenance log (``<data>/runtime/provenance/models.jsonl``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,15 +37,19 @@ import httpx
 
 from appliance.audit import AuditNote, Context, audited, record
 from appliance.errors import (
+    ApplianceError,
     DigestMismatch,
     DigestRequired,
     DiskFull,
     DownloadCancelled,
     DownloadDenied,
+    DownloadFailed,
     DownloadNotFound,
     DownloadNotPending,
     ModelNotFound,
     SchemeNotSupported,
+    UnsupportedFormat,
+    all_error_classes,
 )
 from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
@@ -50,10 +59,18 @@ from appliance.provision.oci import resolve_oci
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
 from appliance.provision.s3 import resolve_s3
-from appliance.provision.transfer import RemoteFile, Transfer, TransferResult
+from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
 from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
 from appliance.settings import Settings
-from appliance.store.base import Download, Model, Store, utcnow
+from appliance.store.base import (
+    ACTIVE_DOWNLOAD_STATES,
+    Artifact,
+    Download,
+    Model,
+    NewArtifact,
+    Store,
+    utcnow,
+)
 from appliance.store.cache import BlobCache, StagedBlob
 
 __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
@@ -62,7 +79,9 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
 APPROVAL_POLL = 0.25
-HEADER_BYTES = 64
+# a row in one of these states is resumed by the next pull of its ref; a cancel is final
+RESUMABLE_STATES = (*ACTIVE_DOWNLOAD_STATES, "failed", "interrupted")
+INTERRUPTED_NOTE = "the process that ran it ended before it finished; pull the ref again to resume"
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,7 @@ class PullProgress:
     bytes_done: int
     bytes_total: int | None
     rate_bytes_per_s: int
+    note: str | None = None  # something the user should know, e.g. why the download starts over
 
 
 @dataclass
@@ -129,6 +149,15 @@ class _ProgressWriter:
         if self.listener is not None:
             self.listener(PullProgress(self.download_id, "running", done, total, rate))
 
+    def note(self, text: str) -> None:
+        """Tell the user (the row, the progress listener, the log) something about how it runs."""
+        logger.info("download %s: %s", self.download_id, text)
+        download = self.store.update_download(self.download_id, note=text)
+        if self.listener is not None:
+            self.listener(
+                PullProgress(self.download_id, "running", download.bytes_done, download.bytes_total, 0, text)
+            )
+
 
 class Provisioner:
     def __init__(
@@ -152,9 +181,12 @@ class Provisioner:
         self._background: ThreadPoolExecutor | None = None
         self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
         self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
+        self._closing = False  # a pull stopped by close() is interrupted, not cancelled
+        self._mark_interrupted()
 
     def close(self) -> None:
-        """Cancel the background pulls (their finished parts stay, to resume) and wait for them."""
+        """Stop the background pulls (interrupted: their finished parts stay, to resume) and wait for them."""
+        self._closing = True
         for cancel in [*self._cancels.values(), *self._pending_cancels]:
             cancel.set()
         if self._background is not None:
@@ -199,15 +231,21 @@ class Provisioner:
             return self._import_local(parsed, context, model_name, expected)
         if isinstance(parsed, DigestRef):
             return self._from_cache(parsed)
-        present = self._present(parsed, expected, model_name)
+        present = self._present(parsed, expected, model_name, context)
         if present is not None:
             return present
         self.policy().check(parsed)
+        waiting_since = utcnow()
         with self._single_flight(str(parsed)):
-            present = self._present(parsed, expected, model_name)  # another pull may have finished it
+            present = self._present(parsed, expected, model_name, context)  # another pull finished it
             if present is not None:
                 return present
-            plan = self._resolve(parsed)
+            self._raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
+            try:
+                plan = self._resolve(parsed)
+            except Exception as exc:  # a refused manifest or missing repo is a failed download too
+                self._failed_before_download(parsed, model_name, expected, context, exc)
+                raise
             if strict and expected is None and not plan.all_have_digests:
                 raise DigestRequired(
                     f"--strict needs a digest, and {parsed} does not publish one for every file"
@@ -237,26 +275,79 @@ class Provisioner:
                     return self._resolved(model, artifact.digest, str(ref), "present")
         raise ModelNotFound(f"no model in the cache has the blob {ref.digest}")
 
-    def _present(self, ref: ModelRef, expected: str | None, name: ModelName | None) -> ResolvedModel | None:
-        """The fast path: the ref was pulled before and its blob is intact. Reads only the registry."""
-        found = self.store.find_artifact_by_source(str(ref))
+    def _present(
+        self, ref: ModelRef, expected: str | None, name: ModelName | None, context: Context
+    ) -> ResolvedModel | None:
+        """The fast path: the ref was pulled before and its blobs are intact. No network: under a new
+        name, the blobs already in the cache are registered under it too."""
+        found = self._pulled_before(ref)
         if found is None:
             return None
         model, artifact = found
-        if name is not None and model.name != name:
-            return None
-        if any(a.state != "ok" or not self.cache.has(a.digest) for a in model.artifacts):
-            return None
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
+        if any(a.state != "ok" or not self.cache.has(a.digest) for a in members or [artifact]):
+            return None
         digest = _repo_digest([a.digest for a in members]) if members else artifact.digest
         if expected is not None and digest != expected:
             return None
+        if name is not None and model.name != name:
+            model = self._register_as(name, ref, model, members or [artifact], context)
         if not members:
             return self._resolved(model, artifact.digest, str(ref), "present")
         primary = _primary([(a.digest, a.format) for a in members])
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
+
+    def _pulled_before(self, ref: ModelRef) -> tuple[Model, Artifact] | None:
+        """The newest artifact fetched from ``ref``. A pull whose bytes were already registered from
+        another source adds no artifact: its finished download row maps the ref to the digest."""
+        found = self.store.find_artifact_by_source(str(ref))
+        if found is not None:
+            return found
+        for download in self.store.list_downloads(ref=str(ref), states=("done",), limit=1):
+            holders = [
+                (model, artifact)
+                for model in self.store.list_models()
+                for artifact in model.artifacts
+                if artifact.digest == download.digest
+            ]
+            holders.sort(key=lambda pair: str(pair[0].name) != download.model_name)  # its own name first
+            return holders[0] if holders else None
+        return None
+
+    def _register_as(
+        self, name: ModelName, ref: ModelRef, model: Model, artifacts: list[Artifact], context: Context
+    ) -> Model:
+        """Register blobs already in the cache under another name: a pull of a known ref, no network."""
+        with audited(self.store, context, action="models.pull", target=str(ref)) as note:
+            note.detail.update(
+                name=str(name),
+                registered_from=str(model.name),
+                digests=[a.digest for a in artifacts],
+                network=False,
+            )
+            for artifact in artifacts:  # a conflict on any file registers none of them
+                self.models.check_conflict(name, artifact.filename, artifact.digest)
+            with self.cache.placing():  # gc cannot delete the blobs while they gain a reference
+                for artifact in artifacts:
+                    if not self.cache.has(artifact.digest):
+                        raise ModelNotFound(f"the blob {artifact.digest} of {ref} left the cache")
+                    registered, _ = self.store.add_artifact(
+                        name,
+                        NewArtifact(
+                            filename=artifact.filename,
+                            format=artifact.format,
+                            digest=artifact.digest,
+                            size_bytes=artifact.size_bytes,
+                            source_uri=artifact.source_uri
+                            if (artifact.source_uri or "").startswith(f"{ref}#")
+                            else str(ref),
+                        ),
+                        capabilities=model.capabilities,
+                        actor=context.actor,
+                    )
+            return registered
 
     def _resolved(self, model: Model, digest: str, ref: str, verification: str) -> ResolvedModel:
         artifact = next(a for a in model.artifacts if a.digest == digest)
@@ -293,16 +384,77 @@ class Provisioner:
         key = _key(ref)
         with self._flights_lock:
             lock = self._flights.setdefault(key, threading.Lock())
-        with lock:
-            self.cache.downloads_dir.mkdir(exist_ok=True)
-            fd = os.open(
-                self.cache.downloads_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+        with lock, self._flock(ref, blocking=True):
+            yield
+
+    @contextmanager
+    def _flock(self, ref: str, *, blocking: bool) -> Iterator[bool]:
+        """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
+        self.cache.downloads_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(
+            self.cache.downloads_dir / f"{_key(ref)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _mark_interrupted(self) -> None:
+        """A row some process should be running, whose pull lock nobody holds, lost its process
+        (killed, or stopped with the server): it becomes ``interrupted``, to resume."""
+        for download in self.store.list_downloads(states=ACTIVE_DOWNLOAD_STATES, limit=1000):
+            with self._flock(download.ref, blocking=False) as free:
+                if free:
+                    with contextlib.suppress(DownloadNotPending):  # it ended meanwhile
+                        self.store.update_download(
+                            download.id,
+                            only_from=ACTIVE_DOWNLOAD_STATES,
+                            state="interrupted",
+                            rate_bytes_per_s=0,
+                            note=INTERRUPTED_NOTE,
+                        )
+                        logger.info("download %s of %s was interrupted", download.id, download.ref)
+
+    def _raise_if_ended_while_waiting(self, ref: ModelRef, *, since: str, expected: str | None) -> None:
+        """A pull that waited on another pull of the same ref shares how that one ended: a cancel
+        ends it for every waiter, and a failure (a refusal, a file that is not a model) is not
+        repeated by each of them."""
+        latest = self.store.list_downloads(ref=str(ref), limit=1)
+        if not latest or latest[0].updated_at < since:
+            return
+        ended = latest[0]
+        if ended.state == "cancelled":
+            raise DownloadCancelled(
+                f"download {ended.id} of {ended.ref} was cancelled while this pull waited for it",
+                hint="pull again to start it anew",
+            )
+        if ended.state == "denied":
+            raise DownloadDenied(f"download {ended.id} of {ended.ref} was denied by {ended.decided_by}")
+        # a mismatch with another caller's --digest says nothing about this pull
+        if ended.state == "failed" and (
+            ended.error_code != "digest_mismatch" or ended.expected_digest == expected
+        ):
+            raise _error_of(ended)
+
+    def _failed_before_download(
+        self, ref: ModelRef, name: ModelName | None, expected: str | None, context: Context, exc: Exception
+    ) -> None:
+        """A pull that failed while it read the source's metadata still leaves a failed row, audited."""
+        download = self._download_row(ref, name, expected, context)
+        code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
+        self.store.update_download(download.id, state="failed", error=str(exc), error_code=code)
+        detail = {"download_id": download.id, "error": code, "message": str(exc)}
+        record(
+            self.store,
+            context,
+            action="models.pull",
+            note=AuditNote(target=str(ref), outcome="error", detail=detail),
+        )
 
     # -- downloading -----------------------------------------------------------------------------
 
@@ -319,8 +471,8 @@ class Provisioner:
         download = self._download_row(ref, model_name, expected, context)
         try:
             download = self._await_approval(download, context, cancel, on_progress)
-        except DownloadCancelled:
-            self.store.update_download(download.id, state="cancelled", error="cancelled while pending")
+        except DownloadCancelled as exc:
+            self._stopped(download, exc)
             raise
         download = self.store.update_download(download.id, state="queued", error=None)
         if on_progress is not None:
@@ -340,13 +492,18 @@ class Provisioner:
                         ref, plan, context, model_name, expected, progress, cancel, note
                     )
         except DownloadCancelled as exc:
-            self.store.update_download(download.id, state="cancelled", error=str(exc))
+            self._stopped(download, exc)
             raise
         except Exception as exc:
-            self.store.update_download(download.id, state="failed", error=str(exc))
+            code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
+            self.store.update_download(
+                download.id, state="failed", error=str(exc), error_code=code, rate_bytes_per_s=0
+            )
             raise
         except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
-            self.store.update_download(download.id, state="cancelled", error="interrupted")
+            self.store.update_download(
+                download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
+            )
             raise
         self.store.update_download(
             download.id,
@@ -360,16 +517,33 @@ class Provisioner:
         self._write_handoff(resolved)
         return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
 
+    def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
+        """A cancel ends the download; close() (the server stopping) only interrupts it."""
+        if self._closing:
+            self.store.update_download(
+                download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
+            )
+        else:
+            self.store.update_download(
+                download.id, state="cancelled", error=str(exc), error_code=exc.code, rate_bytes_per_s=0
+            )
+
     def _download_row(
-        self, ref: ModelRef, model_name: ModelName, expected: str | None, context: Context
+        self, ref: ModelRef, model_name: ModelName | None, expected: str | None, context: Context
     ) -> Download:
-        """The row of an unfinished earlier pull of this ref (a resumed pull keeps its id), or a new one."""
-        unfinished = self.store.list_downloads(
-            ref=str(ref), states=("pending", "approved", "queued", "running", "failed", "cancelled"), limit=1
-        )
-        if unfinished:
+        """The row of an unfinished earlier pull of this ref, or a new one. A resumed pull keeps the
+        row (its id, its progress and its approval) because it continues the same bytes on disk; a
+        cancelled pull's row stays cancelled, and a pull after it is a new download."""
+        latest = self.store.list_downloads(ref=str(ref), limit=1)
+        name = str(model_name) if model_name is not None else None
+        if latest and latest[0].state in RESUMABLE_STATES:
             return self.store.update_download(
-                unfinished[0].id, model_name=str(model_name), expected_digest=expected
+                latest[0].id,
+                model_name=name or latest[0].model_name,
+                expected_digest=expected,
+                error=None,
+                error_code=None,
+                note=None,
             )
         return self.store.create_download(
             Download(
@@ -377,7 +551,7 @@ class Provisioner:
                 ref=str(ref),
                 state="queued",
                 requested_by=context.actor,
-                model_name=str(model_name),
+                model_name=name,
                 expected_digest=expected,
             )
         )
@@ -436,9 +610,18 @@ class Provisioner:
         resumed = 0
         try:
             base = 0
+            single = len(plan.files) == 1
             for remote in plan.files:
                 staged, transfer, result = self._fetch(
-                    remote, model_name, progress, cancel, base=base, grand_total=grand_total
+                    remote,
+                    model_name,
+                    progress,
+                    cancel,
+                    base=base,
+                    grand_total=grand_total,
+                    # a single file's expected digest is its own: enough to resume without a validator
+                    known_digest=remote.digest or (expected if single else None),
+                    single=single,
                 )
                 fetched.append((remote, staged, transfer))
                 resumed += result.resumed_bytes
@@ -446,10 +629,8 @@ class Provisioner:
             progress(base, base, force=True)
             digests = [staged.digest for _, staged, _ in fetched]
             verification = self._verify(ref, plan, fetched, expected)
-            formats = [
-                self._format(staged, remote, single=len(plan.files) == 1) for remote, staged, _ in fetched
-            ]
-        except DigestMismatch:
+            formats = [self._format(staged, remote, single=single) for remote, staged, _ in fetched]
+        except (DigestMismatch, UnsupportedFormat):
             for _, staged, transfer in fetched:
                 staged.close()  # wrong content: nothing of it is kept
                 transfer.discard()
@@ -502,6 +683,8 @@ class Provisioner:
         *,
         base: int,
         grand_total: int | None,
+        known_digest: str | None,
+        single: bool,
     ) -> tuple[StagedBlob, Transfer, TransferResult]:
         path, fd = self.cache.open_download(_key(remote.key))
 
@@ -516,6 +699,10 @@ class Provisioner:
                 grand_total if grand_total is not None else (None if total is None else base + total),
             )
 
+        def check_header(header: bytes, size: int) -> None:
+            # a pulled model file must be a model: refused from its first bytes, not after all of them
+            detect_format(header, size=size, filename=remote.filename, requested=None)
+
         transfer = Transfer(
             self._client(),
             remote,
@@ -524,12 +711,19 @@ class Provisioner:
             on_progress=on_progress,
             before_body=before_body,
             cancel=cancel,
+            known_digest=known_digest,
+            check_header=check_header if single else None,
+            on_note=progress.note,
         )
         try:
             try:
                 result = transfer.run(fd)
             finally:
                 transfer.client.close()
+        except UnsupportedFormat:
+            os.close(fd)
+            transfer.discard()  # not a model: nothing of it is kept
+            raise
         except BaseException:
             os.close(fd)  # the partial and its state stay, to resume
             raise
@@ -729,3 +923,10 @@ def _primary(files: list[tuple[str, str]]) -> str:
 
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _error_of(download: Download) -> ApplianceError:
+    """The error a failed download ended with, for the pulls that waited on it."""
+    kinds = {kind.code: kind for kind in all_error_classes()}
+    kind = kinds.get(download.error_code or "", DownloadFailed)
+    return kind(f"{download.error} (download {download.id}, which this pull waited for)")
