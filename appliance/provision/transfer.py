@@ -438,8 +438,6 @@ class Transfer:
                 f"{self._where()} sends no ETag or Last-Modified and no digest was given, so nothing"
                 " tells whether the bytes on disk are of the same file (pass --digest to resume)"
             )
-        if probe.validator is None and state.get("digest") != self.known_digest:
-            return "the bytes on disk were fetched for another digest"
         if state.get("part_bytes") != self._part_bytes or len(state["done"]) != count:
             return "the download settings (part size) changed"
         return None
@@ -457,7 +455,6 @@ class Transfer:
                 "size": probe.size,
                 "validator": probe.validator,
                 "part_bytes": self._part_bytes,
-                "digest": self.known_digest,
                 "done": done,
             }
             staging = self.state_path.with_suffix(".tmp")
