@@ -108,7 +108,8 @@ def test_a_ref_pulled_before_under_a_new_name_uses_no_network_and_no_approval(
     requests_before = len(files.hits)
     runtime = open_runtime(data_dir, require_user_approval=True)
     try:
-        again = runtime.provisioner.ensure_present(url, context, name="renamed:v2")
+        # in the background: a pull that asked for approval would wait, not hang the test
+        again = runtime.provisioner.start(url, context, name="renamed:v2").future.result(timeout=30)
         assert (again.id, again.digest, again.downloaded) == ("renamed:v2", pulled.digest, False)
         assert len(files.hits) == requests_before  # no network
         assert runtime.provisioner.list_downloads(states=("pending",)) == []  # no approval asked
