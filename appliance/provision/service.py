@@ -430,8 +430,7 @@ class Provisioner:
         ended = latest[0]
         if ended.state == "cancelled":
             raise DownloadCancelled(
-                f"download {ended.id} of {ended.ref} was cancelled while this pull waited for it",
-                hint="pull again to start it anew",
+                f"download {ended.id} of {ended.ref} was cancelled while this pull waited for it"
             )
         if ended.state == "denied":
             raise DownloadDenied(f"download {ended.id} of {ended.ref} was denied by {ended.decided_by}")
@@ -876,6 +875,7 @@ class Provisioner:
     # -- downloads -------------------------------------------------------------------------------
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
+        self._mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
         return self.store.list_downloads(states=states, limit=limit)
 
     def get_download(self, download_id: str) -> Download:

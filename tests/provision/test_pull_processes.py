@@ -286,3 +286,21 @@ def test_a_pull_of_a_killed_server_is_interrupted_when_the_next_one_starts(
         assert (download.state, download.rate_bytes_per_s) == ("interrupted", 0)
     finally:
         runtime.close()
+
+
+def test_a_killed_cli_pull_shows_interrupted_in_a_running_servers_list(
+    server: Server, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    url = files.add("/m/cli-pull.gguf", model_bytes, Faults(bytes_per_second=MIB))
+    process = pull_process(data_dir, url)
+
+    def states() -> list[str]:
+        return [d["state"] for d in server.client.get("/api/v1/downloads").json()]
+
+    wait_for(lambda: states() == ["running"], "the CLI's pull running")
+    assert states() == ["running"]  # listing leaves a pull whose process runs alone
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    (download,) = server.client.get("/api/v1/downloads").json()
+    assert (download["state"], download["rate_bytes_per_s"]) == ("interrupted", 0)
+    assert server.client.get(f"/api/v1/downloads/{download['id']}").json()["state"] == "interrupted"
