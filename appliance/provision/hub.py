@@ -93,6 +93,7 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
             url=hf_hub_url(ref.repo, sibling.rfilename, revision=commit, endpoint=endpoint),
             filename=sibling.rfilename,
             headers=headers,
+            credentials="models.download.hf_token" if token else None,
             digest=f"sha256:{sibling.lfs.sha256}" if sibling.lfs else None,
             size=sibling.lfs.size if sibling.lfs else sibling.size,
             git_blob=None if sibling.lfs else sibling.blob_id,

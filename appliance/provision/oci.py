@@ -40,6 +40,7 @@ MANIFEST_TYPES = (
 )
 TITLE = "org.opencontainers.image.title"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+CREDENTIALS = "models.download.oci_username and oci_password"
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -70,6 +71,7 @@ def resolve_oci(ref: OciRef, options: DownloadSettings, new_client: Callable[[],
         url=f"{base}/blobs/{digest}",
         filename=filename,
         headers=auth.headers,
+        credentials=CREDENTIALS if auth.has_credentials else None,
         digest=digest,
         size=int(layer["size"]) if "size" in layer else None,
         reauthorize=auth.renew if auth.headers else None,
@@ -135,15 +137,16 @@ class _RegistryAuth:
 
     def _refused(self, message: str) -> NoReturn:
         """Without credentials the registry wants some; with them, it refused the ones sent."""
-        if self._credentials() is None:
-            raise SourceNotAllowed(
-                message, hint="set models.download.oci_username and oci_password for this registry"
-            )
+        if not self.has_credentials:
+            raise SourceNotAllowed(message, hint=f"set {CREDENTIALS} for this registry")
         raise CredentialsRefused(
             f"{message}: the registry refused the credentials sent",
-            hint="check models.download.oci_username and oci_password, and that this account may pull"
-            f" {self.repository}",
+            hint=f"check {CREDENTIALS}, and that this account may pull {self.repository}",
         )
+
+    @property
+    def has_credentials(self) -> bool:
+        return self._credentials() is not None
 
     def _credentials(self) -> tuple[str, str] | None:
         if self.options.oci_username and self.options.oci_password:

@@ -93,6 +93,7 @@ def resolve_s3(ref: S3Ref, options: DownloadSettings) -> Plan:
         digest=_full_object_sha256(head),
         size=head.get("ContentLength"),
         identity=f"{endpoint}/{ref.bucket}/{ref.key}",  # the presigned URL differs on every call
+        credentials="models.download.s3_access_key_id and s3_secret_access_key" if keyed else None,
     )
     return Plan([remote], name_from_filename(filename))
 

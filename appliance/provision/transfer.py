@@ -75,6 +75,8 @@ class RemoteFile:
     reauthorize: Callable[[], dict[str, str]] | None = field(default=None, compare=False, repr=False)
     # what stays the same between attempts when the URL does not (a presigned URL is new each time)
     identity: str | None = None
+    # the settings that hold the credentials the request carries, when the user set some
+    credentials: str | None = None
 
     @property
     def key(self) -> str:
@@ -233,10 +235,10 @@ class Transfer:
             raise RemoteNotFound(f"{self._where()} answered {status}: no such file")
         if status == 401 and self._reauthorize():
             raise _RetryablePartError(f"{self._where()} answered 401; asked for fresh credentials")
-        if status in (401, 403) and "Authorization" in self._headers({}):
+        if status in (401, 403) and self.remote.credentials is not None:
             raise CredentialsRefused(
                 f"{self._where()} answered {status}: it refused the credentials sent",
-                hint="check the source's token or password in the settings and its access to this file",
+                hint=f"check {self.remote.credentials}, and that they give access to this file",
             )
         if status in (401, 403):
             raise SourceNotAllowed(

@@ -280,6 +280,27 @@ def test_a_registry_that_refuses_the_token_it_issued_is_refusing_the_credentials
         anonymous.close()
 
 
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_blob_the_registry_refuses_says_whether_credentials_were_sent(
+    token_registry: FileServer, data_dir: Path, context: Context, credentials: bool
+) -> None:
+    blob_path = next(path for path in token_registry.files if "/blobs/" in path)
+    token_registry.faults[blob_path].statuses = [403]
+    address = token_registry.url.removeprefix("http://")
+    login = {"oci_username": "puller", "oci_password": "s3cret"} if credentials else {}
+    runtime = open_runtime(data_dir, address, **login)
+    try:
+        expected = CredentialsRefused if credentials else SourceNotAllowed
+        with pytest.raises(expected, match="answered 403") as raised:
+            runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
+        if credentials:  # an anonymous token is not the user's credentials
+            assert "check models.download.oci_username and oci_password" in raised.value.hint
+        (download,) = runtime.provisioner.list_downloads()
+        assert (download.state, download.error_code) == ("failed", expected.code)
+    finally:
+        runtime.close()
+
+
 def test_a_token_that_expires_mid_download_is_renewed(
     token_registry: FileServer, gguf: bytes, data_dir: Path, context: Context
 ) -> None:
