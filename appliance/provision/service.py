@@ -16,14 +16,11 @@ provenance log (``<data>/runtime/provenance/models.jsonl``).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,23 +34,21 @@ import httpx
 
 from appliance.audit import AuditNote, Context, audited, record
 from appliance.errors import (
-    ApplianceError,
     DigestMismatch,
     DigestRequired,
     DiskFull,
     DownloadCancelled,
     DownloadDenied,
-    DownloadFailed,
     DownloadNotFound,
     DownloadNotPending,
     ModelNotFound,
     SchemeNotSupported,
     UnsupportedFormat,
-    all_error_classes,
 )
 from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
 from appliance.names import ModelName, name_from_filename
+from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProgress, flight_key
 from appliance.provision.hub import resolve_hf
 from appliance.provision.oci import resolve_oci
 from appliance.provision.plan import Plan
@@ -63,7 +58,6 @@ from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, Tra
 from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
-    ACTIVE_DOWNLOAD_STATES,
     Artifact,
     Download,
     Model,
@@ -77,11 +71,7 @@ __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
 APPROVAL_POLL = 0.25
-# a row in one of these states is resumed by the next pull of its ref; a cancel is final
-RESUMABLE_STATES = (*ACTIVE_DOWNLOAD_STATES, "failed", "interrupted")
-INTERRUPTED_NOTE = "the process that ran it ended before it finished; pull the ref again to resume"
 
 
 @dataclass(frozen=True)
@@ -99,16 +89,6 @@ class ResolvedModel:
     download_id: str | None = None
 
 
-@dataclass(frozen=True)
-class PullProgress:
-    download_id: str
-    state: str
-    bytes_done: int
-    bytes_total: int | None
-    rate_bytes_per_s: int
-    note: str | None = None  # something the user should know, e.g. why the download starts over
-
-
 @dataclass
 class PullTicket:
     """A pull running in the background (for the API): its future, and the download it created."""
@@ -117,46 +97,6 @@ class PullTicket:
     cancel: threading.Event
     started: threading.Event  # set at the first progress report, or when the pull ends
     download_id: str | None = None
-
-
-class _ProgressWriter:
-    """Turns per-chunk progress into a downloads-row update at most every PROGRESS_INTERVAL."""
-
-    def __init__(
-        self, store: Store, download_id: str, listener: Callable[[PullProgress], None] | None
-    ) -> None:
-        self.store = store
-        self.download_id = download_id
-        self.listener = listener
-        self._lock = threading.Lock()
-        self._last_write = 0.0
-        self._last_bytes = 0
-        self._rate = 0
-
-    def __call__(self, done: int, total: int | None, *, force: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            elapsed = now - self._last_write
-            if not force and elapsed < PROGRESS_INTERVAL:
-                return
-            if self._last_write and elapsed > 0:
-                self._rate = max(0, round((done - self._last_bytes) / elapsed))
-            self._last_write, self._last_bytes = now, done
-            rate = self._rate
-        self.store.update_download(
-            self.download_id, bytes_done=done, bytes_total=total, rate_bytes_per_s=rate
-        )
-        if self.listener is not None:
-            self.listener(PullProgress(self.download_id, "running", done, total, rate))
-
-    def note(self, text: str) -> None:
-        """Tell the user (the row, the progress listener, the log) something about how it runs."""
-        logger.info("download %s: %s", self.download_id, text)
-        download = self.store.update_download(self.download_id, note=text)
-        if self.listener is not None:
-            self.listener(
-                PullProgress(self.download_id, "running", download.bytes_done, download.bytes_total, 0, text)
-            )
 
 
 class Provisioner:
@@ -181,8 +121,9 @@ class Provisioner:
         self._background: ThreadPoolExecutor | None = None
         self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
         self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
+        self._rows = DownloadRows(store, cache.downloads_dir)
         self._closing = False  # a pull stopped by close() is interrupted, not cancelled
-        self._mark_interrupted()
+        self._rows.mark_interrupted()
 
     def close(self) -> None:
         """Stop the background pulls (interrupted: their finished parts stay, to resume) and wait for them."""
@@ -240,11 +181,11 @@ class Provisioner:
             present = self._present(parsed, expected, model_name, context)  # another pull finished it
             if present is not None:
                 return present
-            self._raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
+            self._rows.raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
             try:
                 plan = self._resolve(parsed)
             except Exception as exc:  # a refused manifest or missing repo is a failed download too
-                self._failed_before_download(parsed, model_name, expected, context, exc)
+                self._rows.failed_before_download(parsed, model_name, expected, context, exc)
                 raise
             if strict and expected is None and not plan.all_have_digests:
                 raise DigestRequired(
@@ -381,79 +322,11 @@ class Provisioner:
     @contextmanager
     def _single_flight(self, ref: str) -> Iterator[None]:
         """One pull per ref at a time: a lock for this process's threads, an flock for other processes."""
-        key = _key(ref)
+        key = flight_key(ref)
         with self._flights_lock:
             lock = self._flights.setdefault(key, threading.Lock())
-        with lock, self._flock(ref, blocking=True):
+        with lock, self._rows.lock(ref, blocking=True):
             yield
-
-    @contextmanager
-    def _flock(self, ref: str, *, blocking: bool) -> Iterator[bool]:
-        """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
-        self.cache.downloads_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(
-            self.cache.downloads_dir / f"{_key(ref)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
-
-    def _mark_interrupted(self) -> None:
-        """A row some process should be running, whose pull lock nobody holds, lost its process
-        (killed, or stopped with the server): it becomes ``interrupted``, to resume."""
-        for download in self.store.list_downloads(states=ACTIVE_DOWNLOAD_STATES, limit=1000):
-            with self._flock(download.ref, blocking=False) as free:
-                if free:
-                    with contextlib.suppress(DownloadNotPending):  # it ended meanwhile
-                        self.store.update_download(
-                            download.id,
-                            only_from=ACTIVE_DOWNLOAD_STATES,
-                            state="interrupted",
-                            rate_bytes_per_s=0,
-                            note=INTERRUPTED_NOTE,
-                        )
-                        logger.info("download %s of %s was interrupted", download.id, download.ref)
-
-    def _raise_if_ended_while_waiting(self, ref: ModelRef, *, since: str, expected: str | None) -> None:
-        """A pull that waited on another pull of the same ref shares how that one ended: a cancel
-        ends it for every waiter, and a failure (a refusal, a file that is not a model) is not
-        repeated by each of them."""
-        latest = self.store.list_downloads(ref=str(ref), limit=1)
-        if not latest or latest[0].updated_at < since:
-            return
-        ended = latest[0]
-        if ended.state == "cancelled":
-            raise DownloadCancelled(
-                f"download {ended.id} of {ended.ref} was cancelled while this pull waited for it"
-            )
-        if ended.state == "denied":
-            raise DownloadDenied(f"download {ended.id} of {ended.ref} was denied by {ended.decided_by}")
-        # a mismatch with another caller's --digest says nothing about this pull
-        if ended.state == "failed" and (
-            ended.error_code != "digest_mismatch" or ended.expected_digest == expected
-        ):
-            raise _error_of(ended)
-
-    def _failed_before_download(
-        self, ref: ModelRef, name: ModelName | None, expected: str | None, context: Context, exc: Exception
-    ) -> None:
-        """A pull that failed while it read the source's metadata still leaves a failed row, audited."""
-        download = self._download_row(ref, name, expected, context)
-        code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
-        self.store.update_download(download.id, state="failed", error=str(exc), error_code=code)
-        detail = {"download_id": download.id, "error": code, "message": str(exc)}
-        record(
-            self.store,
-            context,
-            action="models.pull",
-            note=AuditNote(target=str(ref), outcome="error", detail=detail),
-        )
 
     # -- downloading -----------------------------------------------------------------------------
 
@@ -467,7 +340,7 @@ class Provisioner:
         on_progress: Callable[[PullProgress], None] | None,
         cancel: threading.Event,
     ) -> ResolvedModel:
-        download = self._download_row(ref, model_name, expected, context)
+        download = self._rows.row_for(ref, model_name, expected, context)
         try:
             download = self._await_approval(download, context, cancel, on_progress)
         except DownloadCancelled as exc:
@@ -476,7 +349,7 @@ class Provisioner:
         download = self.store.update_download(download.id, state="queued", error=None)
         if on_progress is not None:
             on_progress(PullProgress(download.id, "queued", download.bytes_done, download.bytes_total, 0))
-        progress = _ProgressWriter(self.store, download.id, on_progress)
+        progress = ProgressWriter(self.store, download.id, on_progress)
         try:
             # Approved (or no approval needed): now wait for one of the max_parallel slots.
             with self._slots:
@@ -494,15 +367,10 @@ class Provisioner:
             self._stopped(download, exc)
             raise
         except Exception as exc:
-            code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
-            self.store.update_download(
-                download.id, state="failed", error=str(exc), error_code=code, rate_bytes_per_s=0
-            )
+            self._rows.failed(download, exc)
             raise
         except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
-            self.store.update_download(
-                download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
-            )
+            self._rows.interrupted(download)
             raise
         self.store.update_download(
             download.id,
@@ -519,41 +387,9 @@ class Provisioner:
     def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
         """A cancel ends the download; close() (the server stopping) only interrupts it."""
         if self._closing:
-            self.store.update_download(
-                download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
-            )
+            self._rows.interrupted(download)
         else:
-            self.store.update_download(
-                download.id, state="cancelled", error=str(exc), error_code=exc.code, rate_bytes_per_s=0
-            )
-
-    def _download_row(
-        self, ref: ModelRef, model_name: ModelName | None, expected: str | None, context: Context
-    ) -> Download:
-        """The row of an unfinished earlier pull of this ref, or a new one. A resumed pull keeps the
-        row (its id, its progress and its approval) because it continues the same bytes on disk; a
-        cancelled pull's row stays cancelled, and a pull after it is a new download."""
-        latest = self.store.list_downloads(ref=str(ref), limit=1)
-        name = str(model_name) if model_name is not None else None
-        if latest and latest[0].state in RESUMABLE_STATES:
-            return self.store.update_download(
-                latest[0].id,
-                model_name=name or latest[0].model_name,
-                expected_digest=expected,
-                error=None,
-                error_code=None,
-                note=None,
-            )
-        return self.store.create_download(
-            Download(
-                id=uuid.uuid4().hex[:12],
-                ref=str(ref),
-                state="queued",
-                requested_by=context.actor,
-                model_name=name,
-                expected_digest=expected,
-            )
-        )
+            self._rows.cancelled(download, exc)
 
     def _await_approval(
         self,
@@ -595,7 +431,7 @@ class Provisioner:
         context: Context,
         model_name: ModelName,
         expected: str | None,
-        progress: _ProgressWriter,
+        progress: ProgressWriter,
         cancel: threading.Event,
         note: AuditNote,
     ) -> ResolvedModel:
@@ -677,7 +513,7 @@ class Provisioner:
         self,
         remote: RemoteFile,
         model_name: ModelName,
-        progress: _ProgressWriter,
+        progress: ProgressWriter,
         cancel: threading.Event,
         *,
         base: int,
@@ -685,7 +521,7 @@ class Provisioner:
         known_digest: str | None,
         single: bool,
     ) -> tuple[StagedBlob, Transfer, TransferResult]:
-        path, fd = self.cache.open_download(_key(remote.key))
+        path, fd = self.cache.open_download(flight_key(remote.key))
 
         def before_body(size: int | None) -> None:
             if size is not None:
@@ -875,7 +711,7 @@ class Provisioner:
     # -- downloads -------------------------------------------------------------------------------
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
-        self._mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
+        self._rows.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
         return self.store.list_downloads(states=states, limit=limit)
 
     def get_download(self, download_id: str) -> Download:
@@ -919,14 +755,3 @@ def _primary(files: list[tuple[str, str]]) -> str:
             if fmt == wanted:
                 return digest
     return files[0][0]
-
-
-def _key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _error_of(download: Download) -> ApplianceError:
-    """The error a failed download ended with, for the pulls that waited on it."""
-    kinds = {kind.code: kind for kind in all_error_classes()}
-    kind = kinds.get(download.error_code or "", DownloadFailed)
-    return kind(f"{download.error} (download {download.id}, which this pull waited for)")
