@@ -454,8 +454,8 @@ class Provisioner:
                     cancel,
                     base=base,
                     grand_total=grand_total,
-                    # a single file's expected digest is its own: enough to resume without a validator
-                    known_digest=remote.digest or (expected if single else None),
+                    # what will check the result: enough to resume from a server with no validator
+                    checked_against=remote.digest or remote.git_blob or (expected if single else None),
                     single=single,
                 )
                 fetched.append((remote, staged, transfer))
@@ -518,7 +518,7 @@ class Provisioner:
         *,
         base: int,
         grand_total: int | None,
-        known_digest: str | None,
+        checked_against: str | None,
         single: bool,
     ) -> tuple[StagedBlob, Transfer, TransferResult]:
         path, fd = self.cache.open_download(flight_key(remote.key))
@@ -546,7 +546,7 @@ class Provisioner:
             on_progress=on_progress,
             before_body=before_body,
             cancel=cancel,
-            known_digest=known_digest,
+            checked_against=checked_against,
             check_header=check_header if single else None,
             on_note=progress.note,
         )

@@ -9,9 +9,8 @@ parts is what is left to hash after the last byte. The state file records how ma
 each part are on disk (once a second, each time after an fdatasync of the data, so it
 never claims bytes that a power cut could lose), so a pull that was killed or failed resumes
 where it stopped, provided the server still reports the same size and validator (ETag or
-Last-Modified), or, from a server that sends no validator, when the file's digest is known
-(the caller's or the source's: the finished file is verified against it, so stale parts cannot
-pass). Otherwise the download starts over, and ``on_note`` says why.
+Last-Modified), or, from a server that sends no validator, when something will check the result
+(the caller's digest, the source's, or a git blob id), so stale parts cannot pass. Otherwise the download starts over, and ``on_note`` says why.
 
 A caller may check the file's first bytes (``check_header``) as soon as they are on disk, to
 refuse a file that is not what it should be before the rest of it is fetched.
@@ -116,7 +115,7 @@ class Transfer:
         on_progress: TransferProgress | None = None,
         before_body: Callable[[int | None], None] | None = None,
         cancel: threading.Event | None = None,
-        known_digest: str | None = None,
+        checked_against: str | None = None,
         check_header: Callable[[bytes, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
     ) -> None:
@@ -128,7 +127,8 @@ class Transfer:
         self.on_progress = on_progress
         self.before_body = before_body  # told the size before any body byte is written; may refuse
         self.cancel = cancel or threading.Event()
-        self.known_digest = known_digest  # what the finished file will be verified against, if anything
+        # the digest (or git blob id) the finished file will be verified against, if any
+        self.checked_against = checked_against
         self.check_header = check_header  # given the first bytes and the size; may refuse the file
         self.on_note = on_note
         self._header_checked = False
@@ -431,11 +431,13 @@ class Transfer:
         return None
 
     def _why_not_resume(self, state: dict[str, Any], probe: _Probe, count: int) -> str | None:
-        if state.get("source") != self.remote.key or state.get("size") != probe.size:
+        if state.get("source") != self.remote.key:
+            return "the bytes on disk are of another source"
+        if state.get("size") != probe.size:
             return f"{self._where()} now reports another size"
         if probe.validator is not None and state.get("validator") != probe.validator:
             return f"{self._where()} now reports another ETag or Last-Modified: the file changed"
-        if probe.validator is None and self.known_digest is None:
+        if probe.validator is None and self.checked_against is None:
             return (
                 f"{self._where()} sends no ETag or Last-Modified and no digest was given, so nothing"
                 " tells whether the bytes on disk are of the same file (pass --digest to resume)"
