@@ -10,7 +10,8 @@ each part are on disk (once a second, each time after an fdatasync of the data, 
 never claims bytes that a power cut could lose), so a pull that was killed or failed resumes
 where it stopped, provided the server still reports the same size and validator (ETag or
 Last-Modified), or, from a server that sends no validator, when something will check the result
-(the caller's digest, the source's, or a git blob id), so stale parts cannot pass. Otherwise the download starts over, and ``on_note`` says why.
+(the caller's digest, the source's, or a git blob id), so stale parts cannot pass. Otherwise
+the download starts over, and ``on_note`` says why.
 
 A caller may check the file's first bytes (``check_header``) as soon as they are on disk, to
 refuse a file that is not what it should be before the rest of it is fetched.
