@@ -101,6 +101,9 @@ def test_a_whole_repo_is_one_model_with_every_file(
         "hf:org/Small-Model-1.5", context, expected_digest=resolved.digest
     )
     assert pinned.downloaded is False
+    renamed = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context, name="small:copy")
+    assert (renamed.id, renamed.digest, renamed.downloaded) == ("small:copy", resolved.digest, False)
+    assert sorted(a.filename for a in runtime.models.get("small:copy").artifacts) == sorted(files)
     assert len(hub.hits) == requests
 
 
