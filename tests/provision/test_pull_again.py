@@ -47,13 +47,13 @@ def test_without_a_validator_a_partial_resumes_only_when_a_digest_covers_it(
     caplog: pytest.LogCaptureFixture,
     with_digest: bool,
 ) -> None:
-    faults = Faults(etag=None, bytes_per_second=MIB // 2)  # no ETag, no Last-Modified
+    faults = Faults(etag=None, bytes_per_second=MIB // 4)  # no ETag, no Last-Modified
     url = files.add("/no-etag.gguf", model_bytes, faults)
     digest = digest_of(model_bytes) if with_digest else None
     cancel = threading.Event()
 
     def stop_midway(update: PullProgress) -> None:
-        if update.bytes_done >= 4 * MIB + MIB // 2:  # parts 0-3 are done, 4-6 are not
+        if update.bytes_done >= 4 * MIB + MIB // 4:  # parts 0-3 are done, 4-6 are not
             cancel.set()
 
     with pytest.raises(DownloadCancelled):

@@ -29,7 +29,8 @@ def model_bytes(tmp_path: Path) -> bytes:
 
 
 def probes(files: FileServer, path: str) -> int:
-    return len([hit for hit in files.hits_for(path) if hit.range == "bytes=0-0"])
+    """Downloads started: each begins with a one-byte probe."""
+    return len([hit for hit in files.hits_for(path) if hit.range == "bytes=0-0" and hit.status == 206])
 
 
 def test_a_cancel_ends_the_download_for_every_waiter(
@@ -71,7 +72,8 @@ def test_a_file_that_is_not_a_model_is_fetched_once_and_refused_from_its_first_b
     runtime: Runtime, files: FileServer, context: Context, data_dir: Path
 ) -> None:
     junk = b"<!doctype html><title>not a model</title>" + bytes(6 * MIB)
-    url = files.add("/junk.gguf", junk, Faults(bytes_per_second=MIB))  # each part takes a second
+    # each part takes a second; the first answer, a 503, holds the download back while all eight start
+    url = files.add("/junk.gguf", junk, Faults(bytes_per_second=MIB, statuses=[503]))
     outcomes: list[object] = []
 
     def pull() -> None:
