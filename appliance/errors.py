@@ -15,6 +15,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     ├── Forbidden (403)
     │   ├── Offline                  offline
     │   ├── SourceNotAllowed         source_not_allowed
+    │   ├── CredentialsRefused       credentials_refused
     │   └── DownloadDenied           download_denied
     ├── NotFound (404)
     │   ├── ModelNotFound            model_not_found      (also LookupError)
@@ -50,6 +51,7 @@ __all__ = [
     "ApplianceError",
     "CacheFull",
     "Conflict",
+    "CredentialsRefused",
     "DigestMismatch",
     "DigestRequired",
     "DiskFull",
@@ -153,6 +155,11 @@ class Offline(Forbidden):
 class SourceNotAllowed(Forbidden):
     code = "source_not_allowed"
     default_hint = "ask an admin to add the source to models.download.allowed_sources"
+
+
+class CredentialsRefused(Forbidden):
+    code = "credentials_refused"
+    default_hint = "check the source's credentials in the settings, and that they give access to it"
 
 
 class DownloadDenied(Forbidden):

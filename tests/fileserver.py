@@ -33,7 +33,7 @@ class Faults:
     corrupt: bool = False  # flip one byte in the middle of the file
     statuses: list[int] = field(default_factory=list)  # answered (and consumed) before the file
     bytes_per_second: int | None = None  # per connection
-    etag: str = '"v1"'
+    etag: str | None = '"v1"'  # None: send no ETag (nor Last-Modified), as some servers do
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,8 @@ class FileServer:
                 self.send_response(status)
                 self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "none" if faults.ignore_range else "bytes")
-                self.send_header("ETag", faults.etag)
+                if faults.etag is not None:
+                    self.send_header("ETag", faults.etag)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(content)}")
                 self.end_headers()

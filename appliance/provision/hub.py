@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.errors import DownloadFailed, RemoteNotFound, SchemeNotSupported, SourceNotAllowed
+from appliance.errors import (
+    CredentialsRefused,
+    DownloadFailed,
+    RemoteNotFound,
+    SchemeNotSupported,
+    SourceNotAllowed,
+)
 from appliance.names import name_from_filename
 from appliance.provision.plan import Plan
 from appliance.provision.transfer import RemoteFile
@@ -45,6 +51,11 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
     try:
         info: Any = api.model_info(ref.repo, revision=revision, files_metadata=True)
     except GatedRepoError as exc:
+        if token:
+            raise CredentialsRefused(
+                f"{ref.repo} on {endpoint} is gated or private, and it refused the token sent",
+                hint="check models.download.hf_token, and that its account was granted access to the repo",
+            ) from exc
         raise SourceNotAllowed(
             f"{ref.repo} on {endpoint} is gated or private",
             hint="set models.download.hf_token to a token with access",
@@ -55,6 +66,16 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
         status = exc.response.status_code if exc.response is not None else None
         if status == 404:
             raise RemoteNotFound(f"{endpoint} has no repo {ref.repo} at revision {revision}") from exc
+        if status in (401, 403) and token:
+            raise CredentialsRefused(
+                f"{endpoint} answered {status} for {ref.repo}: it refused the token sent",
+                hint="check models.download.hf_token, and that its account has access to the repo",
+            ) from exc
+        if status in (401, 403):
+            raise SourceNotAllowed(
+                f"{endpoint} answered {status} for {ref.repo}: it needs a token",
+                hint="set models.download.hf_token to a token with access",
+            ) from exc
         raise DownloadFailed(f"{endpoint} answered {status} for {ref.repo}@{revision}") from exc
     except Exception as exc:  # the client's own transport errors (it brings its HTTP library)
         raise DownloadFailed(f"cannot reach {endpoint} for {ref.repo}: {exc}") from exc
@@ -72,6 +93,7 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
             url=hf_hub_url(ref.repo, sibling.rfilename, revision=commit, endpoint=endpoint),
             filename=sibling.rfilename,
             headers=headers,
+            credentials="models.download.hf_token" if token else None,
             digest=f"sha256:{sibling.lfs.sha256}" if sibling.lfs else None,
             size=sibling.lfs.size if sibling.lfs else sibling.size,
             git_blob=None if sibling.lfs else sibling.blob_id,

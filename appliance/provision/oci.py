@@ -14,11 +14,17 @@ import base64
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
-from appliance.errors import DigestMismatch, DownloadFailed, RemoteNotFound, SourceNotAllowed
+from appliance.errors import (
+    CredentialsRefused,
+    DigestMismatch,
+    DownloadFailed,
+    RemoteNotFound,
+    SourceNotAllowed,
+)
 from appliance.names import ModelName, name_from_filename
 from appliance.provision.plan import Plan
 from appliance.provision.transfer import RemoteFile
@@ -34,6 +40,7 @@ MANIFEST_TYPES = (
 )
 TITLE = "org.opencontainers.image.title"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+CREDENTIALS = "models.download.oci_username and oci_password"
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -64,6 +71,7 @@ def resolve_oci(ref: OciRef, options: DownloadSettings, new_client: Callable[[],
         url=f"{base}/blobs/{digest}",
         filename=filename,
         headers=auth.headers,
+        credentials=CREDENTIALS if auth.has_credentials else None,
         digest=digest,
         size=int(layer["size"]) if "size" in layer else None,
         reauthorize=auth.renew if auth.headers else None,
@@ -118,15 +126,27 @@ class _RegistryAuth:
         except httpx.TransportError as exc:
             raise DownloadFailed(f"cannot reach {httpx.URL(url).host}: {exc!r}") from exc
         if response.status_code in (401, 403):
-            raise SourceNotAllowed(
-                f"{httpx.URL(url).host} refused access to {self.repository} ({response.status_code})",
-                hint="set models.download.oci_username and oci_password for this registry",
+            self._refused(
+                f"{httpx.URL(url).host} refused access to {self.repository} ({response.status_code})"
             )
         if response.status_code == 404:
             raise RemoteNotFound(f"{httpx.URL(url).host} has no {self.repository} {url.rsplit('/', 1)[-1]}")
         if response.status_code != 200:
             raise DownloadFailed(f"{httpx.URL(url).host} answered {response.status_code} for {url}")
         return response
+
+    def _refused(self, message: str) -> NoReturn:
+        """Without credentials the registry wants some; with them, it refused the ones sent."""
+        if not self.has_credentials:
+            raise SourceNotAllowed(message, hint=f"set {CREDENTIALS} for this registry")
+        raise CredentialsRefused(
+            f"{message}: the registry refused the credentials sent",
+            hint=f"check {CREDENTIALS}, and that this account may pull {self.repository}",
+        )
+
+    @property
+    def has_credentials(self) -> bool:
+        return self._credentials() is not None
 
     def _credentials(self) -> tuple[str, str] | None:
         if self.options.oci_username and self.options.oci_password:
@@ -157,11 +177,10 @@ class _RegistryAuth:
             )
         except httpx.TransportError as exc:
             raise DownloadFailed(f"cannot reach the token service {params['realm']}: {exc!r}") from exc
+        if answer.status_code in (401, 403):
+            self._refused(f"the token service of {httpx.URL(url).host} answered {answer.status_code}")
         if answer.status_code != 200:
-            raise SourceNotAllowed(
-                f"the token service of {httpx.URL(url).host} answered {answer.status_code}",
-                hint="set models.download.oci_username and oci_password for this registry",
-            )
+            raise DownloadFailed(f"the token service of {httpx.URL(url).host} answered {answer.status_code}")
         try:
             document = answer.json()
             token = str(document.get("token") or document["access_token"])

@@ -13,7 +13,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from appliance.errors import DownloadFailed, RemoteNotFound, SchemeNotSupported, SourceNotAllowed
+from appliance.errors import (
+    CredentialsRefused,
+    DownloadFailed,
+    RemoteNotFound,
+    SchemeNotSupported,
+    SourceNotAllowed,
+)
 from appliance.names import name_from_filename
 from appliance.provision.plan import Plan
 from appliance.provision.transfer import RemoteFile
@@ -64,6 +70,12 @@ def resolve_s3(ref: S3Ref, options: DownloadSettings) -> Plan:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status == 404:
             raise RemoteNotFound(f"{endpoint} has no object {ref.key} in bucket {ref.bucket}") from exc
+        if status in (401, 403) and keyed:
+            raise CredentialsRefused(
+                f"{endpoint} refused access to {ref} ({status}): it refused the credentials sent",
+                hint="check models.download.s3_access_key_id and s3_secret_access_key, and that this key"
+                " may read the object",
+            ) from exc
         if status in (401, 403):
             raise SourceNotAllowed(
                 f"{endpoint} refused access to {ref} ({status})",
@@ -81,6 +93,7 @@ def resolve_s3(ref: S3Ref, options: DownloadSettings) -> Plan:
         digest=_full_object_sha256(head),
         size=head.get("ContentLength"),
         identity=f"{endpoint}/{ref.bucket}/{ref.key}",  # the presigned URL differs on every call
+        credentials="models.download.s3_access_key_id and s3_secret_access_key" if keyed else None,
     )
     return Plan([remote], name_from_filename(filename))
 

@@ -54,7 +54,7 @@ class DownloadOut(BaseModel):
     ref: str
     state: str = Field(
         description="pending (awaits approval), approved, queued (awaits a slot), running, done, failed,"
-        " denied or cancelled"
+        " denied, cancelled, or interrupted (its process ended before it did; pull again to resume)"
     )
     model_name: str | None
     expected_digest: str | None
@@ -63,6 +63,8 @@ class DownloadOut(BaseModel):
     bytes_total: int | None
     rate_bytes_per_s: int
     error: str | None
+    error_code: str | None = Field(description="the error's stable code, when it failed")
+    note: str | None = Field(description="how it runs, e.g. why it started over instead of resuming")
     requested_by: str
     decided_by: str | None
     created_at: str

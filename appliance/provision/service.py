@@ -5,20 +5,22 @@
           ─► approval, when required ─► one download (the transfer engine) ─► verify ─► register
 
 Every pull that needs the network has a ``downloads`` row (progress written at most a few
-times a second) and an audit event; approvals and denials are audited too. A successful pull
+times a second) and an audit event; approvals and denials are audited too. Pulls that wait on
+the same ref share how it ends: a cancel, a denial or a failure is not run again by each waiter.
+A row whose process ended before it did (killed, or stopped with the server) is marked
+``interrupted`` when a Provisioner opens and when downloads are listed, and a later pull of the
+ref resumes it under the same id. A successful pull
 writes the engine handoff (``<data>/runtime/engines/llamacpp.json``) and appends to the
 provenance log (``<data>/runtime/provenance/models.jsonl``).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,28 +43,35 @@ from appliance.errors import (
     DownloadNotPending,
     ModelNotFound,
     SchemeNotSupported,
+    UnsupportedFormat,
 )
 from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
 from appliance.names import ModelName, name_from_filename
+from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProgress, flight_key
 from appliance.provision.hub import resolve_hf
 from appliance.provision.oci import resolve_oci
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
 from appliance.provision.s3 import resolve_s3
-from appliance.provision.transfer import RemoteFile, Transfer, TransferResult
+from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
 from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
 from appliance.settings import Settings
-from appliance.store.base import Download, Model, Store, utcnow
+from appliance.store.base import (
+    Artifact,
+    Download,
+    Model,
+    NewArtifact,
+    Store,
+    utcnow,
+)
 from appliance.store.cache import BlobCache, StagedBlob
 
 __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
 APPROVAL_POLL = 0.25
-HEADER_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -80,15 +89,6 @@ class ResolvedModel:
     download_id: str | None = None
 
 
-@dataclass(frozen=True)
-class PullProgress:
-    download_id: str
-    state: str
-    bytes_done: int
-    bytes_total: int | None
-    rate_bytes_per_s: int
-
-
 @dataclass
 class PullTicket:
     """A pull running in the background (for the API): its future, and the download it created."""
@@ -97,37 +97,6 @@ class PullTicket:
     cancel: threading.Event
     started: threading.Event  # set at the first progress report, or when the pull ends
     download_id: str | None = None
-
-
-class _ProgressWriter:
-    """Turns per-chunk progress into a downloads-row update at most every PROGRESS_INTERVAL."""
-
-    def __init__(
-        self, store: Store, download_id: str, listener: Callable[[PullProgress], None] | None
-    ) -> None:
-        self.store = store
-        self.download_id = download_id
-        self.listener = listener
-        self._lock = threading.Lock()
-        self._last_write = 0.0
-        self._last_bytes = 0
-        self._rate = 0
-
-    def __call__(self, done: int, total: int | None, *, force: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            elapsed = now - self._last_write
-            if not force and elapsed < PROGRESS_INTERVAL:
-                return
-            if self._last_write and elapsed > 0:
-                self._rate = max(0, round((done - self._last_bytes) / elapsed))
-            self._last_write, self._last_bytes = now, done
-            rate = self._rate
-        self.store.update_download(
-            self.download_id, bytes_done=done, bytes_total=total, rate_bytes_per_s=rate
-        )
-        if self.listener is not None:
-            self.listener(PullProgress(self.download_id, "running", done, total, rate))
 
 
 class Provisioner:
@@ -152,9 +121,13 @@ class Provisioner:
         self._background: ThreadPoolExecutor | None = None
         self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
         self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
+        self._rows = DownloadRows(store, cache.downloads_dir)
+        self._closing = False  # a pull stopped by close() is interrupted, not cancelled
+        self._rows.mark_interrupted()
 
     def close(self) -> None:
-        """Cancel the background pulls (their finished parts stay, to resume) and wait for them."""
+        """Stop the background pulls (interrupted: their finished parts stay, to resume) and wait for them."""
+        self._closing = True
         for cancel in [*self._cancels.values(), *self._pending_cancels]:
             cancel.set()
         if self._background is not None:
@@ -199,15 +172,21 @@ class Provisioner:
             return self._import_local(parsed, context, model_name, expected)
         if isinstance(parsed, DigestRef):
             return self._from_cache(parsed)
-        present = self._present(parsed, expected, model_name)
+        present = self._present(parsed, expected, model_name, context)
         if present is not None:
             return present
         self.policy().check(parsed)
+        waiting_since = utcnow()
         with self._single_flight(str(parsed)):
-            present = self._present(parsed, expected, model_name)  # another pull may have finished it
+            present = self._present(parsed, expected, model_name, context)  # another pull finished it
             if present is not None:
                 return present
-            plan = self._resolve(parsed)
+            self._rows.raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
+            try:
+                plan = self._resolve(parsed)
+            except Exception as exc:  # a refused manifest or missing repo is a failed download too
+                self._rows.failed_before_download(parsed, model_name, expected, context, exc)
+                raise
             if strict and expected is None and not plan.all_have_digests:
                 raise DigestRequired(
                     f"--strict needs a digest, and {parsed} does not publish one for every file"
@@ -237,26 +216,79 @@ class Provisioner:
                     return self._resolved(model, artifact.digest, str(ref), "present")
         raise ModelNotFound(f"no model in the cache has the blob {ref.digest}")
 
-    def _present(self, ref: ModelRef, expected: str | None, name: ModelName | None) -> ResolvedModel | None:
-        """The fast path: the ref was pulled before and its blob is intact. Reads only the registry."""
-        found = self.store.find_artifact_by_source(str(ref))
+    def _present(
+        self, ref: ModelRef, expected: str | None, name: ModelName | None, context: Context
+    ) -> ResolvedModel | None:
+        """The fast path: the ref was pulled before and its blobs are intact. No network: under a new
+        name, the blobs already in the cache are registered under it too."""
+        found = self._pulled_before(ref)
         if found is None:
             return None
         model, artifact = found
-        if name is not None and model.name != name:
-            return None
-        if any(a.state != "ok" or not self.cache.has(a.digest) for a in model.artifacts):
-            return None
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
+        if any(a.state != "ok" or not self.cache.has(a.digest) for a in members or [artifact]):
+            return None
         digest = _repo_digest([a.digest for a in members]) if members else artifact.digest
         if expected is not None and digest != expected:
             return None
+        if name is not None and model.name != name:
+            model = self._register_as(name, ref, model, members or [artifact], context)
         if not members:
             return self._resolved(model, artifact.digest, str(ref), "present")
         primary = _primary([(a.digest, a.format) for a in members])
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
+
+    def _pulled_before(self, ref: ModelRef) -> tuple[Model, Artifact] | None:
+        """The newest artifact fetched from ``ref``. A pull whose bytes were already registered from
+        another source adds no artifact: its finished download row maps the ref to the digest."""
+        found = self.store.find_artifact_by_source(str(ref))
+        if found is not None:
+            return found
+        for download in self.store.list_downloads(ref=str(ref), states=("done",), limit=1):
+            holders = [
+                (model, artifact)
+                for model in self.store.list_models()
+                for artifact in model.artifacts
+                if artifact.digest == download.digest
+            ]
+            holders.sort(key=lambda pair: str(pair[0].name) != download.model_name)  # its own name first
+            return holders[0] if holders else None
+        return None
+
+    def _register_as(
+        self, name: ModelName, ref: ModelRef, model: Model, artifacts: list[Artifact], context: Context
+    ) -> Model:
+        """Register blobs already in the cache under another name: a pull of a known ref, no network."""
+        with audited(self.store, context, action="models.pull", target=str(ref)) as note:
+            note.detail.update(
+                name=str(name),
+                registered_from=str(model.name),
+                digests=[a.digest for a in artifacts],
+                network=False,
+            )
+            for artifact in artifacts:  # a conflict on any file registers none of them
+                self.models.check_conflict(name, artifact.filename, artifact.digest)
+            with self.cache.placing():  # gc cannot delete the blobs while they gain a reference
+                for artifact in artifacts:
+                    if not self.cache.has(artifact.digest):
+                        raise ModelNotFound(f"the blob {artifact.digest} of {ref} left the cache")
+                    registered, _ = self.store.add_artifact(
+                        name,
+                        NewArtifact(
+                            filename=artifact.filename,
+                            format=artifact.format,
+                            digest=artifact.digest,
+                            size_bytes=artifact.size_bytes,
+                            source_uri=artifact.source_uri
+                            if (artifact.source_uri or "").startswith(f"{ref}#")
+                            else str(ref),
+                        ),
+                        capabilities=model.capabilities,
+                        actor=context.actor,
+                    )
+            return registered
 
     def _resolved(self, model: Model, digest: str, ref: str, verification: str) -> ResolvedModel:
         artifact = next(a for a in model.artifacts if a.digest == digest)
@@ -290,19 +322,11 @@ class Provisioner:
     @contextmanager
     def _single_flight(self, ref: str) -> Iterator[None]:
         """One pull per ref at a time: a lock for this process's threads, an flock for other processes."""
-        key = _key(ref)
+        key = flight_key(ref)
         with self._flights_lock:
             lock = self._flights.setdefault(key, threading.Lock())
-        with lock:
-            self.cache.downloads_dir.mkdir(exist_ok=True)
-            fd = os.open(
-                self.cache.downloads_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
+        with lock, self._rows.lock(ref, blocking=True):
+            yield
 
     # -- downloading -----------------------------------------------------------------------------
 
@@ -316,16 +340,16 @@ class Provisioner:
         on_progress: Callable[[PullProgress], None] | None,
         cancel: threading.Event,
     ) -> ResolvedModel:
-        download = self._download_row(ref, model_name, expected, context)
+        download = self._rows.row_for(ref, model_name, expected, context)
         try:
             download = self._await_approval(download, context, cancel, on_progress)
-        except DownloadCancelled:
-            self.store.update_download(download.id, state="cancelled", error="cancelled while pending")
+        except DownloadCancelled as exc:
+            self._stopped(download, exc)
             raise
         download = self.store.update_download(download.id, state="queued", error=None)
         if on_progress is not None:
             on_progress(PullProgress(download.id, "queued", download.bytes_done, download.bytes_total, 0))
-        progress = _ProgressWriter(self.store, download.id, on_progress)
+        progress = ProgressWriter(self.store, download.id, on_progress)
         try:
             # Approved (or no approval needed): now wait for one of the max_parallel slots.
             with self._slots:
@@ -340,13 +364,13 @@ class Provisioner:
                         ref, plan, context, model_name, expected, progress, cancel, note
                     )
         except DownloadCancelled as exc:
-            self.store.update_download(download.id, state="cancelled", error=str(exc))
+            self._stopped(download, exc)
             raise
         except Exception as exc:
-            self.store.update_download(download.id, state="failed", error=str(exc))
+            self._rows.failed(download, exc)
             raise
         except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
-            self.store.update_download(download.id, state="cancelled", error="interrupted")
+            self._rows.interrupted(download)
             raise
         self.store.update_download(
             download.id,
@@ -360,27 +384,12 @@ class Provisioner:
         self._write_handoff(resolved)
         return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
 
-    def _download_row(
-        self, ref: ModelRef, model_name: ModelName, expected: str | None, context: Context
-    ) -> Download:
-        """The row of an unfinished earlier pull of this ref (a resumed pull keeps its id), or a new one."""
-        unfinished = self.store.list_downloads(
-            ref=str(ref), states=("pending", "approved", "queued", "running", "failed", "cancelled"), limit=1
-        )
-        if unfinished:
-            return self.store.update_download(
-                unfinished[0].id, model_name=str(model_name), expected_digest=expected
-            )
-        return self.store.create_download(
-            Download(
-                id=uuid.uuid4().hex[:12],
-                ref=str(ref),
-                state="queued",
-                requested_by=context.actor,
-                model_name=str(model_name),
-                expected_digest=expected,
-            )
-        )
+    def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
+        """A cancel ends the download; close() (the server stopping) only interrupts it."""
+        if self._closing:
+            self._rows.interrupted(download)
+        else:
+            self._rows.cancelled(download, exc)
 
     def _await_approval(
         self,
@@ -422,7 +431,7 @@ class Provisioner:
         context: Context,
         model_name: ModelName,
         expected: str | None,
-        progress: _ProgressWriter,
+        progress: ProgressWriter,
         cancel: threading.Event,
         note: AuditNote,
     ) -> ResolvedModel:
@@ -436,9 +445,18 @@ class Provisioner:
         resumed = 0
         try:
             base = 0
+            single = len(plan.files) == 1
             for remote in plan.files:
                 staged, transfer, result = self._fetch(
-                    remote, model_name, progress, cancel, base=base, grand_total=grand_total
+                    remote,
+                    model_name,
+                    progress,
+                    cancel,
+                    base=base,
+                    grand_total=grand_total,
+                    # what will check the result: enough to resume from a server with no validator
+                    checked_against=remote.digest or remote.git_blob or (expected if single else None),
+                    single=single,
                 )
                 fetched.append((remote, staged, transfer))
                 resumed += result.resumed_bytes
@@ -446,10 +464,8 @@ class Provisioner:
             progress(base, base, force=True)
             digests = [staged.digest for _, staged, _ in fetched]
             verification = self._verify(ref, plan, fetched, expected)
-            formats = [
-                self._format(staged, remote, single=len(plan.files) == 1) for remote, staged, _ in fetched
-            ]
-        except DigestMismatch:
+            formats = [self._format(staged, remote, single=single) for remote, staged, _ in fetched]
+        except (DigestMismatch, UnsupportedFormat):
             for _, staged, transfer in fetched:
                 staged.close()  # wrong content: nothing of it is kept
                 transfer.discard()
@@ -497,13 +513,15 @@ class Provisioner:
         self,
         remote: RemoteFile,
         model_name: ModelName,
-        progress: _ProgressWriter,
+        progress: ProgressWriter,
         cancel: threading.Event,
         *,
         base: int,
         grand_total: int | None,
+        checked_against: str | None,
+        single: bool,
     ) -> tuple[StagedBlob, Transfer, TransferResult]:
-        path, fd = self.cache.open_download(_key(remote.key))
+        path, fd = self.cache.open_download(flight_key(remote.key))
 
         def before_body(size: int | None) -> None:
             if size is not None:
@@ -516,6 +534,10 @@ class Provisioner:
                 grand_total if grand_total is not None else (None if total is None else base + total),
             )
 
+        def check_header(header: bytes, size: int) -> None:
+            # a pulled model file must be a model: refused from its first bytes, not after all of them
+            detect_format(header, size=size, filename=remote.filename, requested=None)
+
         transfer = Transfer(
             self._client(),
             remote,
@@ -524,12 +546,19 @@ class Provisioner:
             on_progress=on_progress,
             before_body=before_body,
             cancel=cancel,
+            checked_against=checked_against,
+            check_header=check_header if single else None,
+            on_note=progress.note,
         )
         try:
             try:
                 result = transfer.run(fd)
             finally:
                 transfer.client.close()
+        except UnsupportedFormat:
+            os.close(fd)
+            transfer.discard()  # not a model: nothing of it is kept
+            raise
         except BaseException:
             os.close(fd)  # the partial and its state stay, to resume
             raise
@@ -682,6 +711,7 @@ class Provisioner:
     # -- downloads -------------------------------------------------------------------------------
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
+        self._rows.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
         return self.store.list_downloads(states=states, limit=limit)
 
     def get_download(self, download_id: str) -> Download:
@@ -725,7 +755,3 @@ def _primary(files: list[tuple[str, str]]) -> str:
             if fmt == wanted:
                 return digest
     return files[0][0]
-
-
-def _key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]

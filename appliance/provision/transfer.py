@@ -9,7 +9,12 @@ parts is what is left to hash after the last byte. The state file records how ma
 each part are on disk (once a second, each time after an fdatasync of the data, so it
 never claims bytes that a power cut could lose), so a pull that was killed or failed resumes
 where it stopped, provided the server still reports the same size and validator (ETag or
-Last-Modified).
+Last-Modified), or, from a server that sends no validator, when something will check the result
+(the caller's digest, the source's, or a git blob id), so stale parts cannot pass. Otherwise
+the download starts over, and ``on_note`` says why.
+
+A caller may check the file's first bytes (``check_header``) as soon as they are on disk, to
+refuse a file that is not what it should be before the rest of it is fetched.
 
 A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall_timeout``)
 is retried with exponential backoff; ``retries`` counts failures in a row without progress.
@@ -33,16 +38,23 @@ from typing import Any
 
 import httpx
 
-from appliance.errors import DownloadCancelled, DownloadFailed, RemoteNotFound, SourceNotAllowed
+from appliance.errors import (
+    CredentialsRefused,
+    DownloadCancelled,
+    DownloadFailed,
+    RemoteNotFound,
+    SourceNotAllowed,
+)
 from appliance.settings import DownloadSettings
 
-__all__ = ["RemoteFile", "Transfer", "TransferResult"]
+__all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
 READ_BYTES = 1024 * 1024
 MIB = 1024 * 1024
 PARTS_PER_CONNECTION = 8
 STATE_SAVE_INTERVAL = 1.0
 REAUTH_GRACE = 5.0  # seconds in which a fresh token counts as fresh
+HEADER_BYTES = 64  # what check_header is given: enough for any format's magic and header length
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 # (bytes on disk, total bytes or None)
@@ -63,6 +75,8 @@ class RemoteFile:
     reauthorize: Callable[[], dict[str, str]] | None = field(default=None, compare=False, repr=False)
     # what stays the same between attempts when the URL does not (a presigned URL is new each time)
     identity: str | None = None
+    # the settings that hold the credentials the request carries, when the user set some
+    credentials: str | None = None
 
     @property
     def key(self) -> str:
@@ -102,6 +116,9 @@ class Transfer:
         on_progress: TransferProgress | None = None,
         before_body: Callable[[int | None], None] | None = None,
         cancel: threading.Event | None = None,
+        checked_against: str | None = None,
+        check_header: Callable[[bytes, int], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.remote = remote
@@ -111,6 +128,11 @@ class Transfer:
         self.on_progress = on_progress
         self.before_body = before_body  # told the size before any body byte is written; may refuse
         self.cancel = cancel or threading.Event()
+        # the digest (or git blob id) the finished file will be verified against, if any
+        self.checked_against = checked_against
+        self.check_header = check_header  # given the first bytes and the size; may refuse the file
+        self.on_note = on_note
+        self._header_checked = False
         self._lock = threading.Lock()
         self._done: list[int] = []
         self._part_bytes = options.part_bytes
@@ -214,6 +236,11 @@ class Transfer:
             raise RemoteNotFound(f"{self._where()} answered {status}: no such file")
         if status == 401 and self._reauthorize():
             raise _RetryablePartError(f"{self._where()} answered 401; asked for fresh credentials")
+        if status in (401, 403) and self.remote.credentials is not None:
+            raise CredentialsRefused(
+                f"{self._where()} answered {status}: it refused the credentials sent",
+                hint=f"check {self.remote.credentials}, and that they give access to this file",
+            )
         if status in (401, 403):
             raise SourceNotAllowed(
                 f"{self._where()} answered {status}: access denied",
@@ -252,6 +279,8 @@ class Transfer:
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
         self._save_state(fd, probe)
+        if self._done[0] >= min(HEADER_BYTES, lengths[0]):  # the first bytes are on disk already
+            self._check_header(fd, size)
 
         work: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(count):
@@ -362,6 +391,8 @@ class Transfer:
                     with self._lock:
                         self._done[index] += len(chunk)
                         self._bytes_done += len(chunk)
+                    if index == 0 and (offset >= HEADER_BYTES or offset > last):
+                        self._check_header(fd, probe.size)
                     self._report(probe)
                     if offset > last:
                         break
@@ -370,29 +401,51 @@ class Transfer:
         if offset <= last:
             raise _RetryablePartError(f"{self._where()} ended the part early")
 
+    def _check_header(self, fd: int, size: int | None) -> None:
+        """Once per transfer, as soon as the file's first bytes are on disk (a file of unknown size
+        is checked when it has arrived whole, by the caller)."""
+        if self.check_header is None or self._header_checked or size is None:
+            return
+        self._header_checked = True
+        self.check_header(os.pread(fd, HEADER_BYTES, 0), size)
+
+    def _note(self, text: str) -> None:
+        if self.on_note is not None:
+            self.on_note(text)
+
     def _report(self, probe: _Probe) -> None:
         if self.on_progress is not None:
             self.on_progress(self._bytes_done, probe.size)  # a running total: this runs for every chunk
 
     def _load_state(self, probe: _Probe, count: int) -> list[int] | None:
+        """The bytes per part an earlier attempt left, when they are still parts of this file."""
         try:
             state = json.loads(self.state_path.read_text())
-        except (FileNotFoundError, ValueError):
+            done = [int(value) for value in state["done"]]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        expected = {
-            "source": self.remote.key,
-            "size": probe.size,
-            "validator": probe.validator,
-            "part_bytes": self._part_bytes,
-        }
-        if probe.validator is None:
-            return None  # nothing tells us the remote file is still the one the parts came from
-        if any(state.get(key) != value for key, value in expected.items()):
-            return None
-        done = state.get("done")
-        if not isinstance(done, list) or len(done) != count:
-            return None
-        return [int(value) for value in done]
+        why = self._why_not_resume(state, probe, count)
+        if why is None:
+            return done
+        if sum(done):
+            self._note(f"the download starts over ({sum(done)} bytes were on disk): {why}")
+        return None
+
+    def _why_not_resume(self, state: dict[str, Any], probe: _Probe, count: int) -> str | None:
+        if state.get("source") != self.remote.key:
+            return "the bytes on disk are of another source"
+        if state.get("size") != probe.size:
+            return f"{self._where()} now reports another size"
+        if probe.validator is not None and state.get("validator") != probe.validator:
+            return f"{self._where()} now reports another ETag or Last-Modified: the file changed"
+        if probe.validator is None and self.checked_against is None:
+            return (
+                f"{self._where()} sends no ETag or Last-Modified and no digest was given, so nothing"
+                " tells whether the bytes on disk are of the same file (pass --digest to resume)"
+            )
+        if state.get("part_bytes") != self._part_bytes or len(state["done"]) != count:
+            return "the download settings (part size) changed"
+        return None
 
     def _save_state(self, fd: int, probe: _Probe) -> None:
         """Record the bytes on disk per part. The counts are taken first and the data made durable
@@ -434,6 +487,8 @@ class Transfer:
                     digest.update(chunk)
                     os.posix_fadvise(fd, written, len(chunk), os.POSIX_FADV_DONTNEED)
                     written += len(chunk)
+                    if written >= HEADER_BYTES or written == size:
+                        self._check_header(fd, size)
                     if self.on_progress is not None:
                         self.on_progress(written, size)
                 if size is None or written == size:

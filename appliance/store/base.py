@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from appliance.names import ModelName
 
 __all__ = [
+    "ACTIVE_DOWNLOAD_STATES",
     "Artifact",
     "AuditEvent",
     "Blob",
@@ -30,8 +31,12 @@ __all__ = [
 ]
 
 BlobState = Literal["ok", "quarantined"]
-# queued: cleared to run (no approval needed, or approved), waiting for a download slot
-DownloadState = Literal["pending", "approved", "queued", "running", "done", "failed", "denied", "cancelled"]
+# queued: cleared to run (no approval needed, or approved), waiting for a download slot;
+# interrupted: the process that ran it ended (killed, stopped) before it did; a later pull resumes it
+DownloadState = Literal[
+    "pending", "approved", "queued", "running", "done", "failed", "denied", "cancelled", "interrupted"
+]
+ACTIVE_DOWNLOAD_STATES = ("pending", "approved", "queued", "running")  # a process owns the download
 
 
 def utcnow() -> str:
@@ -137,6 +142,8 @@ class Download:
     decided_by: str | None = None
     created_at: str = field(default_factory=utcnow)
     updated_at: str = field(default_factory=utcnow)
+    error_code: str | None = None  # the error's stable code, so a pull waiting on this one can raise it
+    note: str | None = None  # what the user should know about how it runs (e.g. why it starts over)
 
 
 @dataclass(frozen=True)

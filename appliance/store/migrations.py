@@ -188,4 +188,39 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE blobs ADD COLUMN link_stat TEXT;
         """,
     ),
+    Migration(
+        "0006_download_interrupted_state",
+        """
+        CREATE TABLE downloads_new (
+            id TEXT PRIMARY KEY,
+            ref TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (
+                state IN ('pending', 'approved', 'queued', 'running', 'done', 'failed', 'denied', 'cancelled',
+                    'interrupted')
+            ),
+            expected_digest TEXT,
+            digest TEXT,
+            bytes_done INTEGER NOT NULL DEFAULT 0,
+            bytes_total INTEGER,
+            requested_by TEXT NOT NULL,
+            error TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            model_name TEXT,
+            rate_bytes_per_s INTEGER NOT NULL DEFAULT 0,
+            decided_by TEXT,
+            error_code TEXT,
+            note TEXT
+        );
+        INSERT INTO downloads_new (id, ref, state, expected_digest, digest, bytes_done, bytes_total,
+            requested_by, error, created_at, updated_at, model_name, rate_bytes_per_s, decided_by)
+        SELECT id, ref, state, expected_digest, digest, bytes_done, bytes_total,
+            requested_by, error, created_at, updated_at, model_name, rate_bytes_per_s, decided_by
+        FROM downloads;
+        DROP TABLE downloads;
+        ALTER TABLE downloads_new RENAME TO downloads;
+        CREATE INDEX downloads_state ON downloads (state, created_at);
+        CREATE INDEX downloads_ref ON downloads (ref, created_at);
+        """,
+    ),
 )

@@ -103,6 +103,8 @@ _DOWNLOAD_COLUMNS = (
     "decided_by",
     "created_at",
     "updated_at",
+    "error_code",
+    "note",
 )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import Context
-from appliance.errors import DigestMismatch, DigestRequired, RemoteNotFound
+from appliance.errors import CredentialsRefused, DigestMismatch, DigestRequired, RemoteNotFound
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from tests.fileserver import FileServer, serve_files
@@ -101,6 +101,9 @@ def test_a_whole_repo_is_one_model_with_every_file(
         "hf:org/Small-Model-1.5", context, expected_digest=resolved.digest
     )
     assert pinned.downloaded is False
+    renamed = runtime.provisioner.ensure_present("hf:org/Small-Model-1.5", context, name="small:copy")
+    assert (renamed.id, renamed.digest, renamed.downloaded) == ("small:copy", resolved.digest, False)
+    assert sorted(a.filename for a in runtime.models.get("small:copy").artifacts) == sorted(files)
     assert len(hub.hits) == requests
 
 
@@ -174,3 +177,26 @@ def test_missing_repos_and_files_are_clear_errors(
     publish(hub, "org/there", {"config.json": b"{}"}, lfs=set())
     with pytest.raises(RemoteNotFound, match=r"has no file weights\.gguf"):
         runtime.provisioner.ensure_present("hf:org/there/weights.gguf", context)
+    # a pull that fails on the hub's metadata is a failed download like any other, with its error
+    failed = [(d.ref, d.state, d.error_code) for d in runtime.provisioner.list_downloads()]
+    assert failed == [
+        ("hf:org/there/weights.gguf", "failed", "remote_not_found"),
+        ("hf:org/gone", "failed", "remote_not_found"),
+    ]
+
+
+@pytest.mark.parametrize("error_code", ["GatedRepo", None])
+def test_a_token_the_hub_refuses_is_a_clear_error(
+    runtime: Runtime, hub: FileServer, context: Context, error_code: str | None
+) -> None:
+    hub.add_json(
+        "/api/models/org/private/revision/main",
+        {"error": "Access to model org/private is restricted."},
+        status=403,
+        headers={"X-Error-Code": error_code} if error_code else {},
+    )
+    with pytest.raises(CredentialsRefused, match="refused the token sent") as raised:
+        runtime.provisioner.ensure_present("hf:org/private", context)
+    assert "models.download.hf_token" in raised.value.hint
+    (download,) = runtime.provisioner.list_downloads()
+    assert (download.state, download.error_code) == ("failed", "credentials_refused")

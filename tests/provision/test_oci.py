@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from appliance.audit import Context
-from appliance.errors import RemoteNotFound, SourceNotAllowed
+from appliance.errors import CredentialsRefused, RemoteNotFound, SourceNotAllowed
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from tests.conftest import free_port
@@ -168,6 +168,13 @@ def test_missing_tags_and_manifests_without_a_model_are_clear_errors(
         with pytest.raises(RemoteNotFound, match="has no model layer"):
             runtime.provisioner.ensure_present(f"oci://{registry}/library/notes", context)
         assert runtime.models.list_models() == []
+        # a pull that fails on its manifest is a failed download like any other, with its error
+        failed = [(d.ref, d.state, d.error_code) for d in runtime.provisioner.list_downloads()]
+        assert failed == [
+            (f"oci://{registry}/library/notes:latest", "failed", "remote_not_found"),
+            (f"oci://{registry}/library/notes:nothere", "failed", "remote_not_found"),
+        ]
+        assert "has no model layer" in (runtime.provisioner.list_downloads()[0].error or "")
     finally:
         runtime.close()
 
@@ -223,6 +230,73 @@ def test_a_refused_token_is_a_clear_error(
     try:
         with pytest.raises(SourceNotAllowed, match="token service"):
             runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_credentials_the_registry_refuses_are_not_reported_as_missing(
+    token_registry: FileServer, data_dir: Path, context: Context, status: int
+) -> None:
+    token_registry.add_json("/token", {"errors": ["denied"]}, status=status)
+    address = token_registry.url.removeprefix("http://")
+    runtime = open_runtime(data_dir, address, oci_username="puller", oci_password="wrong")
+    ref = f"oci://{address}/private/model"
+    try:
+        with pytest.raises(CredentialsRefused, match="refused the credentials sent") as raised:
+            runtime.provisioner.ensure_present(ref, context)
+        assert raised.value.code == "credentials_refused"
+        assert "oci_username and oci_password" in raised.value.hint
+        (download,) = runtime.provisioner.list_downloads()
+        assert (download.ref, download.state, download.error_code) == (
+            f"{ref}:latest",
+            "failed",
+            "credentials_refused",
+        )
+        (event,) = runtime.store.list_audit(action="models.pull")
+        assert (event.outcome, event.detail["error"]) == ("error", "credentials_refused")
+    finally:
+        runtime.close()
+
+
+def test_a_registry_that_refuses_the_token_it_issued_is_refusing_the_credentials(
+    token_registry: FileServer, data_dir: Path, context: Context
+) -> None:
+    token_registry.add_json("/v2/private/model/manifests/latest", {"errors": ["denied"]}, status=403)
+    token_registry.require_authorization = None
+    address = token_registry.url.removeprefix("http://")
+    runtime = open_runtime(data_dir, address, oci_username="puller", oci_password="s3cret")
+    try:
+        with pytest.raises(CredentialsRefused):
+            runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
+    finally:
+        runtime.close()
+    anonymous = open_runtime(data_dir, address)
+    try:  # without credentials, a 403 asks for them
+        with pytest.raises(SourceNotAllowed, match="refused access") as raised:
+            anonymous.provisioner.ensure_present(f"oci://{address}/private/model", context)
+        assert "set models.download.oci_username" in raised.value.hint
+    finally:
+        anonymous.close()
+
+
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_blob_the_registry_refuses_says_whether_credentials_were_sent(
+    token_registry: FileServer, data_dir: Path, context: Context, credentials: bool
+) -> None:
+    blob_path = next(path for path in token_registry.files if "/blobs/" in path)
+    token_registry.faults[blob_path].statuses = [403]
+    address = token_registry.url.removeprefix("http://")
+    login = {"oci_username": "puller", "oci_password": "s3cret"} if credentials else {}
+    runtime = open_runtime(data_dir, address, **login)
+    try:
+        expected = CredentialsRefused if credentials else SourceNotAllowed
+        with pytest.raises(expected, match="answered 403") as raised:
+            runtime.provisioner.ensure_present(f"oci://{address}/private/model", context)
+        if credentials:  # an anonymous token is not the user's credentials
+            assert "check models.download.oci_username and oci_password" in raised.value.hint
+        (download,) = runtime.provisioner.list_downloads()
+        assert (download.state, download.error_code) == ("failed", expected.code)
     finally:
         runtime.close()
 

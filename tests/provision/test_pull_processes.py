@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.runtime import Runtime
+from appliance.settings import Settings
 from appliance.store.sqlite import SqliteStore
-from tests.conftest import APPLIANCE, CliResult, Server
+from tests.conftest import APPLIANCE, CliResult, Server, free_port
 from tests.fileserver import Faults, FileServer
 from tests.provision.test_pull import MIB, digest_of
 from tests.tiny_model import write_llama_gguf
@@ -202,3 +204,103 @@ def test_api_pull_progress_approval_and_cancel(
     assert again.status_code == 409
     assert http.get("/api/v1/downloads/nope").status_code == 404
     assert httpx.get(f"{server.url}/api/v1/models/slow").status_code == 404
+
+
+def finished_parts(data_dir: Path) -> set[int]:
+    for path in state_files(data_dir):
+        done = json.loads(path.read_text())["done"]
+        return {index for index, count in enumerate(done) if count == MIB}
+    return set()
+
+
+def test_a_killed_cli_pull_shows_interrupted_and_a_pull_with_a_digest_resumes_it(
+    cli: object, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    faults = Faults(etag=None, bytes_per_second=MIB)  # a server that sends no ETag or Last-Modified
+    url = files.add("/m/no-etag.gguf", model_bytes, faults)
+    process = pull_process(data_dir, url)
+    wait_for(lambda: len(finished_parts(data_dir)) >= 2, "two finished parts")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    kept = finished_parts(data_dir)
+
+    listed: CliResult = cli("downloads", "ls", "--json")  # type: ignore[operator]
+    (download,) = json.loads(listed.stdout)
+    assert download["state"] == "interrupted"
+    assert "pull the ref again to resume" in download["note"]
+    table: CliResult = cli("downloads", "ls")  # type: ignore[operator]
+    assert "interrupted" in table.stdout
+
+    faults.bytes_per_second = None
+    hits_before = len(files.hits)
+    resumed: CliResult = cli("models", "pull", url, "--digest", digest_of(model_bytes), env=SMALL_PARTS)  # type: ignore[operator]
+    assert resumed.returncode == 0, resumed.stderr
+    new_starts = {
+        int((hit.range or "bytes=0-").split("=")[1].split("-")[0]) // MIB
+        for hit in files.hits[hits_before:]
+        if hit.range != "bytes=0-0"
+    }
+    assert not new_starts & kept  # the digest vouches for the parts on disk
+    after: CliResult = cli("downloads", "ls", "--json")  # type: ignore[operator]
+    assert [(d["id"], d["state"]) for d in json.loads(after.stdout)] == [(download["id"], "done")]
+
+
+def test_a_pull_of_a_killed_server_is_interrupted_when_the_next_one_starts(
+    files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    url = files.add("/m/server-pull.gguf", model_bytes, Faults(bytes_per_second=MIB))
+    port = free_port()
+    server = subprocess.Popen(
+        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **SMALL_PARTS},
+    )
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+        def ready() -> bool:
+            try:
+                return client.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, "the server")
+        started = client.post("/api/v1/models/pull", json={"ref": url})
+        assert started.status_code == 202, started.text
+        download_id = started.json()["id"]
+        wait_for(lambda: client.get(f"/api/v1/downloads/{download_id}").json()["bytes_done"] > 0, "bytes")
+        client.close()
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.communicate()
+    store = SqliteStore(data_dir / "appliance.db")
+    try:
+        assert store.get_download(download_id).state == "running"  # type: ignore[union-attr]
+    finally:
+        store.close()
+    runtime = Runtime.open(Settings(data_dir=data_dir))  # what the restarted server opens
+    try:
+        download = runtime.store.get_download(download_id)
+        assert download is not None
+        assert (download.state, download.rate_bytes_per_s) == ("interrupted", 0)
+    finally:
+        runtime.close()
+
+
+def test_a_killed_cli_pull_shows_interrupted_in_a_running_servers_list(
+    server: Server, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    url = files.add("/m/cli-pull.gguf", model_bytes, Faults(bytes_per_second=MIB))
+    process = pull_process(data_dir, url)
+
+    def states() -> list[str]:
+        return [d["state"] for d in server.client.get("/api/v1/downloads").json()]
+
+    wait_for(lambda: states() == ["running"], "the CLI's pull running")
+    assert states() == ["running"]  # listing leaves a pull whose process runs alone
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    (download,) = server.client.get("/api/v1/downloads").json()
+    assert (download["state"], download["rate_bytes_per_s"]) == ("interrupted", 0)
+    assert server.client.get(f"/api/v1/downloads/{download['id']}").json()["state"] == "interrupted"

@@ -107,5 +107,11 @@ def test_missing_objects_and_refused_access_are_clear_errors(
         with pytest.raises(SourceNotAllowed, match="refused access"):
             anonymous.provisioner.ensure_present("s3://private/m.gguf", context)
         assert anonymous.models.list_models() == []
+        # a pull that fails on the object's HEAD is a failed download like any other, with its error
+        failed = [(d.ref, d.state, d.error_code) for d in anonymous.provisioner.list_downloads()]
+        assert failed == [
+            ("s3://private/m.gguf", "failed", "source_not_allowed"),
+            ("s3://private/nothing.gguf", "failed", "remote_not_found"),
+        ]
     finally:
         anonymous.close()

@@ -1,0 +1,218 @@
+"""The ``downloads`` rows of pulls: which row a pull writes, who runs it, and how it ended.
+
+A pull's single-flight lock (an flock on ``<data>/tmp/downloads/<key>.lock``) is held by the
+process that runs it, CLI or server, from before its row is written until it ends. So a row in
+an active state whose lock nobody holds lost its process (killed, or stopped with the server): it
+becomes ``interrupted``, and the next pull of its ref resumes it under the same id. A pull that
+waited on the lock while another pull of its ref ended reads that row: a cancel or a denial ends
+every waiter, and a failure is handed to them rather than run again by each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.audit import AuditNote, Context, record
+from appliance.errors import (
+    ApplianceError,
+    DownloadCancelled,
+    DownloadDenied,
+    DownloadFailed,
+    DownloadNotPending,
+    all_error_classes,
+)
+from appliance.names import ModelName
+from appliance.refs import ModelRef
+from appliance.store.base import ACTIVE_DOWNLOAD_STATES, Download, Store
+
+__all__ = ["DownloadRows", "ProgressWriter", "PullProgress", "flight_key"]
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
+# a row in one of these states is resumed by the next pull of its ref; a cancel is final
+RESUMABLE_STATES = (*ACTIVE_DOWNLOAD_STATES, "failed", "interrupted")
+INTERRUPTED_NOTE = "the process that ran it ended before it finished; pull the ref again to resume"
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    download_id: str
+    state: str
+    bytes_done: int
+    bytes_total: int | None
+    rate_bytes_per_s: int
+    note: str | None = None  # something the user should know, e.g. why the download starts over
+
+
+class ProgressWriter:
+    """Turns per-chunk progress into a downloads-row update at most every PROGRESS_INTERVAL."""
+
+    def __init__(
+        self, store: Store, download_id: str, listener: Callable[[PullProgress], None] | None
+    ) -> None:
+        self.store = store
+        self.download_id = download_id
+        self.listener = listener
+        self._lock = threading.Lock()
+        self._last_write = 0.0
+        self._last_bytes = 0
+        self._rate = 0
+
+    def __call__(self, done: int, total: int | None, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            elapsed = now - self._last_write
+            if not force and elapsed < PROGRESS_INTERVAL:
+                return
+            if self._last_write and elapsed > 0:
+                self._rate = max(0, round((done - self._last_bytes) / elapsed))
+            self._last_write, self._last_bytes = now, done
+            rate = self._rate
+        self.store.update_download(
+            self.download_id, bytes_done=done, bytes_total=total, rate_bytes_per_s=rate
+        )
+        if self.listener is not None:
+            self.listener(PullProgress(self.download_id, "running", done, total, rate))
+
+    def note(self, text: str) -> None:
+        """Tell the user (the row, the progress listener, the log) something about how it runs."""
+        logger.info("download %s: %s", self.download_id, text)
+        download = self.store.update_download(self.download_id, note=text)
+        if self.listener is not None:
+            self.listener(
+                PullProgress(self.download_id, "running", download.bytes_done, download.bytes_total, 0, text)
+            )
+
+
+class DownloadRows:
+    def __init__(self, store: Store, locks_dir: Path) -> None:
+        self.store = store
+        self.locks_dir = locks_dir
+
+    @contextmanager
+    def lock(self, ref: str, *, blocking: bool) -> Iterator[bool]:
+        """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.locks_dir / f"{flight_key(ref)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def mark_interrupted(self) -> None:
+        """Rows some process should be running, whose pull lock nobody holds, lost their process."""
+        for download in self.store.list_downloads(states=ACTIVE_DOWNLOAD_STATES, limit=1000):
+            with self.lock(download.ref, blocking=False) as free:
+                if free:
+                    with contextlib.suppress(DownloadNotPending):  # it ended meanwhile
+                        self.store.update_download(
+                            download.id,
+                            only_from=ACTIVE_DOWNLOAD_STATES,
+                            state="interrupted",
+                            rate_bytes_per_s=0,
+                            note=INTERRUPTED_NOTE,
+                        )
+                        logger.info("download %s of %s was interrupted", download.id, download.ref)
+
+    def raise_if_ended_while_waiting(self, ref: ModelRef, *, since: str, expected: str | None) -> None:
+        """Hand a pull that waited (since ``since``) how the pull of its ref it waited on ended."""
+        latest = self.store.list_downloads(ref=str(ref), limit=1)
+        if not latest or latest[0].updated_at < since:
+            return
+        ended = latest[0]
+        if ended.state == "cancelled":
+            raise DownloadCancelled(
+                f"download {ended.id} of {ended.ref} was cancelled while this pull waited for it"
+            )
+        if ended.state == "denied":
+            raise DownloadDenied(f"download {ended.id} of {ended.ref} was denied by {ended.decided_by}")
+        # a mismatch with another caller's --digest says nothing about this pull
+        if ended.state == "failed" and (
+            ended.error_code != "digest_mismatch" or ended.expected_digest == expected
+        ):
+            raise _error_of(ended)
+
+    def row_for(
+        self, ref: ModelRef, model_name: ModelName | None, expected: str | None, context: Context
+    ) -> Download:
+        """The row of an unfinished earlier pull of this ref, or a new one. A resumed pull keeps the
+        row (its id, its progress and its approval) because it continues the same bytes on disk; a
+        cancelled pull's row stays cancelled, and a pull after it is a new download."""
+        latest = self.store.list_downloads(ref=str(ref), limit=1)
+        name = str(model_name) if model_name is not None else None
+        if latest and latest[0].state in RESUMABLE_STATES:
+            return self.store.update_download(
+                latest[0].id,
+                model_name=name or latest[0].model_name,
+                expected_digest=expected,
+                error=None,
+                error_code=None,
+                note=None,
+            )
+        return self.store.create_download(
+            Download(
+                id=uuid.uuid4().hex[:12],
+                ref=str(ref),
+                state="queued",
+                requested_by=context.actor,
+                model_name=name,
+                expected_digest=expected,
+            )
+        )
+
+    def failed(self, download: Download, exc: BaseException) -> None:
+        code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
+        self.store.update_download(
+            download.id, state="failed", error=str(exc), error_code=code, rate_bytes_per_s=0
+        )
+
+    def failed_before_download(
+        self, ref: ModelRef, name: ModelName | None, expected: str | None, context: Context, exc: Exception
+    ) -> None:
+        """A pull that failed while it read the source's metadata still leaves a failed row, audited."""
+        download = self.row_for(ref, name, expected, context)
+        self.failed(download, exc)
+        code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
+        detail = {"download_id": download.id, "error": code, "message": str(exc)}
+        note = AuditNote(target=str(ref), outcome="error", detail=detail)
+        record(self.store, context, action="models.pull", note=note)
+
+    def cancelled(self, download: Download, exc: DownloadCancelled) -> None:
+        self.store.update_download(
+            download.id, state="cancelled", error=str(exc), error_code=exc.code, rate_bytes_per_s=0
+        )
+
+    def interrupted(self, download: Download) -> None:
+        """Stopped without a cancel (Ctrl-C, the server stopping): the next pull resumes it."""
+        self.store.update_download(
+            download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
+        )
+
+
+def flight_key(text: str) -> str:
+    """A ref's (or a file's) name on disk: its pull lock, its partial."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _error_of(download: Download) -> ApplianceError:
+    """The error a failed download ended with, for the pulls that waited on it."""
+    kinds = {kind.code: kind for kind in all_error_classes()}
+    kind = kinds.get(download.error_code or "", DownloadFailed)
+    return kind(f"{download.error} (download {download.id}, which this pull waited for)")
