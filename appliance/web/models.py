@@ -31,17 +31,17 @@ class ModelsController(Controller):
         """Every model (name:tag) with its artifacts, sizes and digests."""
         return [ModelOut.of(model) for model in models.list_models()]
 
-    @post("/import", sync_to_thread=True)
+    @post("/import", status_code=200, sync_to_thread=True)
     def import_model(self, data: ImportIn, models: ModelService, context: Context) -> ImportOut:
         """Import a file that is on the appliance's own machine."""
         return ImportOut.of(models.import_file(Path(data.path), context, name=data.name, fmt=data.format))
 
-    @post("/verify", sync_to_thread=True)
+    @post("/verify", status_code=200, sync_to_thread=True)
     def verify_models(self, data: VerifyIn, models: ModelService, context: Context) -> list[VerifyOut]:
         """Re-hash one model's blobs (or every blob); a mismatch is quarantined and reported with ok=false."""
         return [VerifyOut.of(result) for result in models.verify(context, name=data.name)]
 
-    @post("/gc", sync_to_thread=True)
+    @post("/gc", status_code=200, sync_to_thread=True)
     def collect_garbage(self, models: ModelService, context: Context) -> GcOut:
         """Remove orphan blobs and stale partial files; evict down to the cache budget."""
         return GcOut.of(models.gc(context))

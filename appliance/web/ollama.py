@@ -21,7 +21,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ from appliance import __version__
 from appliance.audit import Context
 from appliance.engine.batcher import Finished, TextChunk
 from appliance.engine.pool import EnginePool, LoadedModel
-from appliance.engine.service import GenerationOptions, InferenceService, Started
+from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.errors import (
     ApplianceError,
     DiskFull,
@@ -59,6 +59,7 @@ from appliance.store.base import Model, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
 from appliance.web.bodies import parse_body
 from appliance.web.errors import logger
+from appliance.web.generation import Events, Generation
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
 
@@ -66,8 +67,6 @@ NDJSON = "application/x-ndjson"
 UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
 # Ollama keeps a model "for good" as now + Go's largest time.Duration; its expires_at says so.
 _FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
-
-Events = AsyncIterator[Started | TextChunk | Finished]
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -85,7 +84,7 @@ class Options(_Body):
 
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
     seed: int | None = None  # negative: random, as in Ollama
     num_predict: int | None = Field(default=None, ge=-2)  # -1 and -2: until the context is full
     stop: str | list[str] | None = None
@@ -342,65 +341,6 @@ async def delete_model(
 # -- generate and chat -------------------------------------------------------------------------
 
 
-class _Generation:
-    """One request's events, opened up to its first text so that a bad model, a prompt that is
-    too long or a full queue fails as an HTTP error, not as a line in a stream already sent.
-
-    Ollama's durations, in nanoseconds: load until the engine took the request, prompt eval
-    until the first text, eval from there to the end.
-    """
-
-    def __init__(self, events: Events) -> None:
-        self.events = events
-        self.began = self.opened = time.perf_counter_ns()
-        self.first_token: int | None = None
-        self.model = ""
-        self._peeked: TextChunk | Finished | None = None
-
-    async def open(self) -> None:
-        started = await anext(self.events)
-        assert isinstance(started, Started)
-        self.model = started.model
-        self.opened = time.perf_counter_ns()
-        try:
-            self._peeked = await self._fetch()
-        except BaseException:
-            await self.close()
-            raise
-
-    async def _fetch(self) -> TextChunk | Finished:
-        event = await anext(self.events)
-        assert not isinstance(event, Started)
-        if isinstance(event, TextChunk) and self.first_token is None:
-            self.first_token = time.perf_counter_ns()
-        return event
-
-    async def next(self) -> TextChunk | Finished:
-        if self._peeked is None:
-            return await self._fetch()
-        event, self._peeked = self._peeked, None
-        return event
-
-    async def close(self) -> None:
-        """Close the inner stream now, which frees its sequence, even while being cancelled."""
-        if isinstance(self.events, AsyncGenerator):
-            with anyio.CancelScope(shield=True):
-                await self.events.aclose()
-
-    def counters(self, finished: Finished) -> dict[str, Any]:
-        now = time.perf_counter_ns()
-        first = self.first_token or now
-        return {
-            "done_reason": "length" if finished.reason == "length" else "stop",
-            "total_duration": now - self.began,
-            "load_duration": self.opened - self.began,
-            "prompt_eval_count": finished.prompt_tokens,
-            "prompt_eval_duration": first - self.opened,
-            "eval_count": finished.completion_tokens,
-            "eval_duration": now - first,
-        }
-
-
 def _line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
@@ -414,7 +354,7 @@ def _unexpected_message(exc: BaseException) -> str:
 
 
 async def _ndjson(
-    generation: _Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
+    generation: Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
 ) -> AsyncIterator[bytes]:
     """One line per text piece, then the final line with the counters; errors become an error line."""
     try:
@@ -430,7 +370,7 @@ async def _ndjson(
         await generation.close()
 
 
-async def _collect(generation: _Generation) -> tuple[str, Finished]:
+async def _collect(generation: Generation) -> tuple[str, Finished]:
     parts: list[str] = []
     try:
         while isinstance(event := await generation.next(), TextChunk):
@@ -461,7 +401,7 @@ async def _respond(
     events: Events, *, stream: bool, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
 ) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
-    generation = _Generation(events)
+    generation = Generation(events)
     await generation.open()
     if stream:
         return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
