@@ -8,6 +8,7 @@ from litestar import Controller, delete, get, patch, post
 from pydantic import BaseModel
 
 from appliance.audit import Context
+from appliance.engine.pool import EnginePool
 from appliance.models.schemas import GcOut, ImportIn, ImportOut, ModelOut, VerifyOut
 from appliance.models.service import ModelService
 
@@ -57,6 +58,7 @@ class ModelsController(Controller):
         return ModelOut.of(models.set_pinned(name.lstrip("/"), data.pinned, context))
 
     @delete("/{name:path}", status_code=200, sync_to_thread=True)
-    def remove_model(self, name: str, models: ModelService, context: Context) -> dict[str, int]:
-        """Remove a model; blobs that other models share stay."""
-        return {"freed_bytes": models.remove(name.lstrip("/"), context)}
+    def remove_model(self, name: str, pool: EnginePool, context: Context) -> dict[str, int]:
+        """Remove a model; blobs that other models share stay. A loaded copy leaves ps at once and
+        unloads when the requests in flight on it have finished."""
+        return {"freed_bytes": pool.remove_model(name.lstrip("/"), context)}

@@ -57,7 +57,7 @@ from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
 from appliance.store.base import Model, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
-from appliance.web.bodies import parse_body
+from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import logger
 from appliance.web.generation import Events, Generation
 
@@ -73,11 +73,39 @@ _FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Ollama clients send fields this appliance ignores
+    # Ollama clients send fields this appliance ignores; the ones that would change the answer are
+    # refused by refuse_unsupported unless they hold a value that asks for nothing.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# Sampling options the engine does not implement, with the values that ask for nothing (Ollama's
+# defaults among them). Hardware options (num_gpu, num_thread, use_mmap, ...) are the appliance's
+# own settings, so those are ignored.
+_UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "repeat_penalty": (1.0, 1.1),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "min_p": (0,),
+    "typical_p": (1,),
+    "tfs_z": (1,),
+    "mirostat": (0,),
+    "mirostat_tau": (5,),
+    "mirostat_eta": (0.1,),
+}
+_UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {
+    "images": ([],),
+    "suffix": ("",),
+    "think": (False,),
+    "context": ([],),
+    "template": ("",),
+}
+_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {"tools": ([],), "think": (False,)}
+_ROLES = ("system", "user", "assistant")
 
 
 class Options(_Body):
-    """Ollama's runtime options. The ones the engine honours are checked; others are ignored.
+    """Ollama's runtime options. The ones the engine honours are checked; sampling options it
+    does not implement are refused unless neutral; hardware ones are ignored.
 
     ``num_ctx`` reloads an idle model with that context (capped at the model's own), as Ollama does.
     """
@@ -98,7 +126,13 @@ class _GenerationBody(_Body):
     options: Options | None = None
     keep_alive: Duration | None = None
 
+    def _refuse_unsupported(self) -> None:
+        """Each body refuses the fields of its own that the engine would otherwise ignore."""
+
     def generation_options(self) -> GenerationOptions:
+        self._refuse_unsupported()
+        if self.options is not None:
+            refuse_unsupported(self.options, _UNSUPPORTED_OPTIONS, where="options.")
         if isinstance(self.format, str) and self.format not in ("", "json"):
             raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
         options = self.options or Options()
@@ -123,6 +157,9 @@ class GenerateBody(_GenerationBody):
     system: str | None = None
     raw: bool = False
 
+    def _refuse_unsupported(self) -> None:
+        refuse_unsupported(self, _UNSUPPORTED_GENERATE)
+
     def messages(self) -> list[dict[str, Any]]:
         """The prompt as a chat turn for the model's template (what Ollama does unless raw)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -133,12 +170,21 @@ class ChatMessage(_Body):
     role: str = Field(min_length=1)
     content: str | None = None
 
-    def turn(self) -> dict[str, Any]:
+    def turn(self, index: int) -> dict[str, Any]:
+        where = f"messages.{index}."
+        if self.role not in _ROLES:
+            raise InvalidInput(f"{where}role {self.role!r} is not supported; use one of {', '.join(_ROLES)}")
+        refuse_unsupported(self, {"images": ([],), "tool_calls": ([],), "thinking": ("",)}, where=where)
         return {**self.model_dump(exclude_none=True), "content": self.content or ""}
 
 
 class ChatBody(_GenerationBody):
     messages: list[ChatMessage] = Field(default_factory=list)
+
+    def _refuse_unsupported(self) -> None:
+        refuse_unsupported(self, _UNSUPPORTED_CHAT)
+        for index, message in enumerate(self.messages):
+            message.turn(index)
 
 
 class ModelBody(_Body):
@@ -325,16 +371,11 @@ def ps(pool: EnginePool) -> dict[str, Any]:
 
 @delete("/delete", status_code=200)
 async def delete_model(
-    request: Request[Any, Any, Any], models: ModelService, pool: EnginePool, context: Context
+    request: Request[Any, Any, Any], pool: EnginePool, context: Context
 ) -> Response[bytes]:
-    """Remove a model; a loaded copy is unloaded first (requests in flight on it end with an error)."""
+    """Remove a model; a loaded copy leaves ps at once and unloads when its requests in flight end."""
     body = parse_body(ModelBody, await request.body())
-
-    def remove() -> None:
-        pool.unload(body.target)
-        models.remove(body.target, context)
-
-    await anyio.to_thread.run_sync(remove)
+    await anyio.to_thread.run_sync(lambda: pool.remove_model(body.target, context))
     return Response(b"", status_code=200)
 
 
@@ -457,7 +498,7 @@ async def chat(
     if not body.messages:
         reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
         return Response({**piece(""), "done": True, "done_reason": reason})
-    messages = [message.turn() for message in body.messages]
+    messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )
