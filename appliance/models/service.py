@@ -92,6 +92,8 @@ class ModelService:
         on_progress: ProgressCallback | None = None,
     ) -> ImportResult:
         """Import a local file into the cache and register it under ``name`` (default: from the filename)."""
+        if "\0" in str(source):  # the OS cannot even look such a path up (Python raises ValueError)
+            raise SourceUnreadable(f"{str(source)!r} contains a NUL byte", hint="pass the file's real path")
         source = Path(os.path.abspath(source))
         model_name = ModelName.parse(name) if name else name_from_filename(source.name)
         with audited(self.store, context, action="models.import", target=str(model_name)) as note:

@@ -52,6 +52,8 @@ def _validation_detail(exc: ValidationException) -> str:
     first = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
     if not isinstance(first, dict) or not first.get("message"):
         return exc.detail
+    if first.get("key") == "data" and first.get("source") == "body":
+        return "missing request body: send a JSON object"  # Litestar says only "'data'"
     where = first.get("key") or "body"
     return f"invalid request: {where}: {first['message']}"
 
