@@ -33,6 +33,7 @@ from appliance.web.health import HealthController
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.openai import openai_router
+from appliance.web.openapi import complete_openapi
 from appliance.web.system import SystemController
 from appliance.web.ui import UI_DIR, ui_assets, ui_page
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings) -> Litestar:
             ),
         ],
         lifespan=[runtime_lifespan],
+        on_startup=[complete_openapi],
         dependencies={
             "store": Provide(provide_store, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),

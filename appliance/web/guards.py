@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from litestar import Request
+from litestar import Request, Response
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,13 +32,26 @@ SECURITY_HEADERS: dict[str, str] = {
 }
 
 
-def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+def _allow(request: Request[Any, Any, Any]) -> Response[None]:
+    """OPTIONS: every method of the path. (Litestar's own answer lists only some of them when a
+    path's handlers are declared separately: its handler keeps the first route it was made for.)"""
+    template = request.scope.get("path_template")
+    methods = {
+        method
+        for route in request.app.routes
+        if template in (route.path, route.path_format)
+        for method in route.methods
+    }
+    return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods or {"OPTIONS"}))})
+
+
+def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
     """The check every request passes before its handler, as an error each surface shapes its own way."""
     allowed = {
         name for host in {*LOOPBACK_NAMES, settings.host} for name in (host, f"{host}:{settings.port}")
     }
 
-    async def guard(request: Request[Any, Any, Any]) -> None:
+    async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
         host = request.headers.get("host")
         # Only loopback names: a DNS-rebinding page on another name gets 400, never our API.
         if host not in allowed:
@@ -48,14 +61,17 @@ def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awai
             )
         # A page the admin happens to visit must not change anything: a browser's state-changing
         # request from another origin is refused (API clients send no Origin).
-        if request.method in ("GET", "HEAD", "OPTIONS"):
-            return
+        if request.method == "OPTIONS":
+            return _allow(request)
+        if request.method in ("GET", "HEAD"):
+            return None
         origin = request.headers.get("origin")
         if origin is not None and urlsplit(origin).netloc != host:
             raise Forbidden(
                 f"refused a cross-site {request.method} from {origin}",
                 hint="use the UI served by the appliance itself, or a client that is not a web page",
             )
+        return None
 
     return guard
 

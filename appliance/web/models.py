@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from litestar import Controller, delete, get, patch, post
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from appliance.audit import Context
 from appliance.engine.pool import EnginePool
@@ -20,7 +20,7 @@ class PinIn(BaseModel):
 
 
 class VerifyIn(BaseModel):
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1, description="one model; leave it out for all")
 
 
 class ModelsController(Controller):

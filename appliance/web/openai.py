@@ -12,7 +12,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
@@ -144,15 +144,12 @@ class CompletionBody(_GenerationBody):
 
 class EmbeddingBody(_Body):
     model: str
-    input: str | list[str]
+    input: str | Annotated[list[str], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
 
     def inputs(self) -> list[str]:
         refuse_unsupported(self, {"dimensions": ()})
-        inputs = [self.input] if isinstance(self.input, str) else self.input
-        if not inputs:
-            raise InvalidField("input is empty", param="input")
-        return inputs
+        return [self.input] if isinstance(self.input, str) else self.input
 
 
 def _usage(started: Started, finished: Finished) -> dict[str, int]:
