@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -122,7 +122,8 @@ class Options(_Body):
 class _GenerationBody(_Body):
     model: str = Field(min_length=1)
     stream: bool = True
-    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
+    # "json" or a JSON schema; checked in generation_options, to say which forms it takes
+    format: Annotated[str, Field(json_schema_extra={"enum": ["", "json"]})] | dict[str, Any] | None = None
     options: Options | None = None
     keep_alive: Duration | None = None
 
@@ -167,7 +168,7 @@ class GenerateBody(_GenerationBody):
 
 
 class ChatMessage(_Body):
-    role: str = Field(min_length=1)
+    role: str = Field(min_length=1, json_schema_extra={"enum": list(_ROLES)})  # checked in turn()
     content: str | None = None
 
     def turn(self, index: int) -> dict[str, Any]:

@@ -53,7 +53,7 @@ _ROLES = ("system", "developer", "user", "assistant")
 
 
 class ChatMessage(_Body):
-    role: str
+    role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in turn(), to name the field
     content: str | list[dict[str, Any]] | None = None
 
     def turn(self, index: int) -> dict[str, Any]:
@@ -128,7 +128,7 @@ class ChatCompletionBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
 
     def options(self) -> GenerationOptions:
         refuse_unsupported(self, _UNSUPPORTED_COMPLETION)

@@ -36,7 +36,6 @@ _NAME = {"pattern": NAME_PATTERN, "maxLength": 200}
 _FIELDS: dict[str, dict[str, Any]] = {
     "name": _NAME,
     "model": _NAME,
-    "format": {"enum": list(FORMATS)},
     "digest": {"pattern": "^sha256:[0-9a-fA-F]{64}$"},
     "path": {"minLength": 1, "pattern": "^[^\\x00]+$"},
     "ref": {"minLength": 1},
@@ -59,6 +58,14 @@ _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/api/pull", "post"): PullBody,
 }
 
+# Answers that stream unless the body says "stream": false.
+_STREAMS = {
+    "/v1/chat/completions": "text/event-stream",
+    "/v1/completions": "text/event-stream",
+    "/api/generate": "application/x-ndjson",
+    "/api/chat": "application/x-ndjson",
+    "/api/pull": "application/x-ndjson",
+}
 _NAMED = ("model", "name")
 
 _ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -125,9 +132,12 @@ def _surface(path: str) -> str:
     return "Problem"
 
 
+_FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {"ImportIn": {"format": {"enum": list(FORMATS)}}}
+
+
 def _constrain(schema: dict[str, Any]) -> None:
     """Adds _FIELDS' constraints to the string form of each such property of an object schema."""
-    for field, constraint in _FIELDS.items():
+    for field, constraint in {**_FIELDS, **_FIELDS_OF.get(schema.get("title", ""), {})}.items():
         prop = schema.get("properties", {}).get(field)
         if prop is None:
             continue
@@ -166,6 +176,8 @@ def complete_document(document: dict[str, Any]) -> None:
                 "description": "An error, in this surface's error shape",
                 "content": {media_type: {"schema": {"$ref": f"#/components/schemas/{error}"}}},
             }
+            if path in _STREAMS and "200" in responses:
+                responses["200"].setdefault("content", {})[_STREAMS[path]] = {"schema": {"type": "string"}}
             model = _BODIES.get((path, method))
             if model is not None:
                 operation["requestBody"] = {
