@@ -4,6 +4,11 @@ A model is loaded on first use (or by ``load``) and stays loaded for ``keep_aliv
 last request ends (Ollama's semantics: 0 unloads at once, negative keeps it for good). When a
 model does not fit the memory budget, idle models are unloaded least recently used first;
 models serving requests are never unloaded under them.
+
+Deleting a model goes through ``remove_model`` on every surface: the model leaves the pool at
+once (``ps`` no longer lists it, no new request reaches it), requests in flight on it finish
+(its blob stays readable through the memory map even once unlinked), and the last one to end
+unloads it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.audit import Context
 from appliance.engine.batcher import Batcher, Event, Finished, GenerationRequest
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.llama import LlamaContext, LlamaModel, SamplingParams, gpu_offload_supported
@@ -59,6 +65,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None  # monotonic; None keeps it loaded
     in_use: int = 0
+    retired: bool = False  # deleted: unloaded when its last request ends
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
     embedder: LlamaContext | None = None
 
@@ -94,7 +101,8 @@ class EnginePool:
         self.cache = cache
         self.budget = settings.memory_budget or int(_physical_memory() * 0.75)
         self._loaded: dict[ModelName, LoadedModel] = {}
-        self._lock = threading.RLock()  # guards _loaded and in_use counts
+        self._retired: list[LoadedModel] = []  # deleted, still serving: their memory is still held
+        self._lock = threading.RLock()  # guards _loaded, _retired and in_use counts
         self._load_locks: dict[ModelName, threading.Lock] = {}
         self._closing = threading.Event()
         self._reaper = threading.Thread(target=self._reap_forever, name="model-reaper", daemon=True)
@@ -175,7 +183,12 @@ class EnginePool:
             loaded.last_used = time.monotonic()
             if loaded.in_use == 0:
                 loaded.expires_at = None if keep < 0 else loaded.last_used + keep
-        if keep == 0:
+            finished_retired = loaded.retired and loaded.in_use == 0
+            if finished_retired:
+                self._retired.remove(loaded)
+        if finished_retired:
+            self._close(loaded)
+        elif keep == 0:
             self._reap()
 
     def load(
@@ -193,6 +206,20 @@ class EnginePool:
             return False
         self._close(loaded)
         return True
+
+    def remove_model(self, name: str, context: Context) -> int:
+        """Delete a model from the registry and the pool (see the module docstring); the bytes freed."""
+        model_name = self.models.get(name).name  # an unknown name is a 404, as on every other route
+        freed = self.models.remove(str(model_name), context)
+        with self._lock:
+            loaded = self._loaded.pop(model_name, None)
+            idle = loaded is not None and loaded.in_use == 0
+            if loaded is not None and not idle:
+                loaded.retired = True
+                self._retired.append(loaded)
+        if loaded is not None and idle:
+            self._close(loaded)
+        return freed
 
     def _load(self, model: Model, seq_ctx: int) -> LoadedModel:
         artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
@@ -251,7 +278,7 @@ class EnginePool:
             )
         while True:
             with self._lock:
-                used = sum(loaded.memory_bytes for loaded in self._loaded.values())
+                used = sum(loaded.memory_bytes for loaded in (*self._loaded.values(), *self._retired))
                 if used + needed <= self.budget:
                     return
                 idle = [
@@ -291,8 +318,9 @@ class EnginePool:
         self._closing.set()
         self._reaper.join()
         with self._lock:
-            everything = list(self._loaded.values())
+            everything = [*self._loaded.values(), *self._retired]
             self._loaded.clear()
+            self._retired.clear()
         for loaded in everything:
             self._close(loaded)
 

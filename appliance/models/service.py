@@ -104,6 +104,8 @@ class ModelService:
         (see ``BlobCache.stage``). ``replace`` puts the file in place of the model's file of the
         same name or, for a GGUF, of its GGUF; without it such an import raises ModelExists.
         """
+        if "\0" in str(source):  # the OS cannot even look such a path up (Python raises ValueError)
+            raise SourceUnreadable(f"{str(source)!r} contains a NUL byte", hint="pass the file's real path")
         source = Path(os.path.abspath(source))
         model_name = ModelName.parse(name) if name else name_from_filename(source.name)
         with audited(self.store, context, action="models.import", target=str(model_name)) as note:

@@ -6,6 +6,7 @@ from litestar import Controller, get
 from litestar.params import Parameter
 
 from appliance.audit import AuditOut
+from appliance.queries import parse_timestamp
 from appliance.store.base import Store
 
 __all__ = ["AuditController"]
@@ -25,5 +26,6 @@ class AuditController(Controller):
         until: str | None = Parameter(default=None, description="ISO 8601 UTC, exclusive"),
         limit: int = Parameter(default=100, ge=1, le=10_000),
     ) -> list[AuditOut]:
+        since, until = (None if text is None else parse_timestamp(text) for text in (since, until))
         events = store.list_audit(action=action, actor=actor, since=since, until=until, limit=limit)
         return [AuditOut.of(event) for event in events]

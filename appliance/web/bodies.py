@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from appliance.errors import InvalidInput
 
-__all__ = ["parse_body"]
+__all__ = ["InvalidField", "parse_body", "refuse_unsupported"]
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+class InvalidField(InvalidInput):
+    """A body field that is wrong or not supported; ``param`` names it (OpenAI's errors carry it)."""
+
+    def __init__(self, message: str, *, param: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
 
 
 def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
@@ -22,4 +32,29 @@ def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidInput(f"invalid request: {where}: {first['msg']}") from exc
+        message = first["msg"]
+        if first["type"] == "finite_number" or _not_finite(first.get("input")):
+            message = "not a finite number"  # NaN passes no bound, so pydantic would name the bound
+        raise InvalidField(f"invalid request: {where}: {message}", param=where) from exc
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def refuse_unsupported(body: BaseModel, accepted: Mapping[str, tuple[Any, ...]], *, where: str = "") -> None:
+    """Refuse a field this appliance does not implement yet, unless it holds a value that asks for
+    nothing (null, empty, false, the default): silently ignoring it would answer another question."""
+    given = body.model_extra or {}
+    for field, neutral in accepted.items():
+        value = given.get(field)
+        if value is None or any(value == ok and type(value) is type(ok) for ok in neutral):
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool) and value in neutral:
+            continue  # 0 and 0.0 are the same request
+        shown = ", ".join("null" if ok is None else repr(ok) for ok in (None, *neutral))
+        raise InvalidField(
+            f"{where}{field} is not supported by this appliance",
+            param=f"{where}{field}",
+            hint=f"leave {field} out (or send {shown})",
+        )

@@ -11,11 +11,12 @@ from typing import Annotated, Any
 import anyio
 from litestar import Controller, Response, delete, get, post
 from litestar.params import Parameter
-from litestar.response import ServerSentEvent
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from appliance.audit import Context
 from appliance.provision.schemas import DownloadOut, PullIn, PullOut
 from appliance.provision.service import Provisioner
+from appliance.queries import DOWNLOAD_STATES, check_download_states
 
 __all__ = ["DownloadsController", "pull_model"]
 
@@ -49,26 +50,37 @@ class DownloadsController(Controller):
 
     @get("/", sync_to_thread=True)
     def list_downloads(
-        self, provisioner: Provisioner, states: Annotated[list[str] | None, Parameter(query="state")] = None
+        self,
+        provisioner: Provisioner,
+        states: Annotated[
+            list[str] | None,
+            Parameter(
+                query="state", schema_extra={"items": {"type": "string", "enum": list(DOWNLOAD_STATES)}}
+            ),
+        ] = None,
     ) -> list[DownloadOut]:
         """Downloads, newest first; ``?state=pending`` (repeatable) filters."""
-        return [DownloadOut.of(d) for d in provisioner.list_downloads(states=tuple(states or ()))]
+        wanted = check_download_states(states or ())
+        return [DownloadOut.of(d) for d in provisioner.list_downloads(states=wanted)]
 
     @get("/events")
     async def download_events(self, provisioner: Provisioner) -> ServerSentEvent:
         """Server-sent events: each download row as JSON whenever it changes (progress, state)."""
 
-        async def changes() -> AsyncIterator[str]:
+        async def changes() -> AsyncIterator[ServerSentEventMessage]:
             seen: dict[str, str] = {}
             while True:
                 found = await anyio.to_thread.run_sync(lambda: provisioner.list_downloads(limit=50))
                 for download in reversed(found):
                     if seen.get(download.id) != download.updated_at:
                         seen[download.id] = download.updated_at
-                        yield json.dumps(DownloadOut.of(download).model_dump(mode="json"))
+                        row = json.dumps(DownloadOut.of(download).model_dump(mode="json"))
+                        yield ServerSentEventMessage(data=row, event="download")
                 await asyncio.sleep(EVENTS_INTERVAL)
 
-        return ServerSentEvent(changes(), event_type="download")
+        # Each message names its event type itself: Litestar's event_type would also send a stray
+        # "event:" line before the first message, which then carries the field twice.
+        return ServerSentEvent(changes())
 
     @get("/{download_id:str}", sync_to_thread=True)
     def show_download(self, download_id: str, provisioner: Provisioner) -> DownloadOut:

@@ -7,19 +7,23 @@ from typing import Any
 
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
-from pydantic import BaseModel, Field
+from litestar.params import Parameter
+from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.engine.pool import EnginePool, LoadedModel
 from appliance.names import ModelName
-from appliance.settings import parse_duration
+from appliance.settings import Duration
 from appliance.store.base import Store
 
 __all__ = ["EngineController", "LoadIn", "metrics"]
 
 
 class LoadIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     name: str
-    keep_alive: float | str | None = None
+    keep_alive: Duration | None = Field(
+        default=None, description="seconds, or a number with ms, s, m or h ('5m'); negative keeps it loaded"
+    )
     context_length: int | None = Field(default=None, ge=1, description="tokens per sequence")
 
 
@@ -56,20 +60,21 @@ class EngineController(Controller):
             "gpu_offload": pool.gpu_offload,
         }
 
-    @post("/models/load", sync_to_thread=True)
+    @post("/models/load", status_code=200, sync_to_thread=True)
     def load(self, data: LoadIn, pool: EnginePool) -> dict[str, Any]:
         """Load a model now (instead of on its first request); keep_alive as in Ollama."""
-        keep_alive = parse_duration(data.keep_alive) if data.keep_alive is not None else None
-        loaded = pool.load(data.name, keep_alive=keep_alive, context_length=data.context_length)
+        loaded = pool.load(data.name, keep_alive=data.keep_alive, context_length=data.context_length)
         return describe_loaded(loaded)
 
-    @post("/models/unload", sync_to_thread=True)
+    @post("/models/unload", status_code=200, sync_to_thread=True)
     def unload(self, data: UnloadIn, pool: EnginePool) -> dict[str, bool]:
         """Unload a model; requests in flight on it end with an error."""
         return {"unloaded": pool.unload(data.name)}
 
     @get("/inference", sync_to_thread=True)
-    def inference_log(self, store: Store, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def inference_log(
+        self, store: Store, model: str | None = None, limit: int = Parameter(default=100, ge=1, le=10_000)
+    ) -> list[dict[str, Any]]:
         """Served requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
         wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
         return [record.__dict__ for record in store.list_inference(model=wanted, limit=limit)]

@@ -11,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from appliance.errors import ApplianceError
 
-__all__ = ["EXCEPTION_HANDLERS", "problem"]
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "http_error_code", "problem"]
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("appliance.web")
@@ -33,6 +33,31 @@ def problem(
     return Response(content=body, status_code=status, media_type=PROBLEM_JSON)
 
 
+# Litestar's own refusals (routing, body size, validation) get stable codes like our errors'.
+_HTTP_CODES = {
+    400: "invalid_input",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def http_error_code(status: int) -> str:
+    return _HTTP_CODES.get(status, "internal_error" if status >= 500 else f"http_{status}")
+
+
+def _validation_detail(exc: ValidationException) -> str:
+    """The first problem, with where it is, rather than Litestar's "Validation failed for POST ..."."""
+    first = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
+    if not isinstance(first, dict) or not first.get("message"):
+        return exc.detail
+    if first.get("key") == "data" and first.get("source") == "body":
+        return "missing request body: send a JSON object"  # Litestar says only "'data'"
+    where = first.get("key") or "body"
+    return f"invalid request: {where}: {first['message']}"
+
+
 def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     assert isinstance(exc, ApplianceError)
     return problem(
@@ -45,12 +70,16 @@ def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     if exc.status_code >= 500:
         logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
     extra: dict[str, Any] = {}
+    detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         extra["errors"] = exc.extra
-    code = "invalid_input" if exc.status_code == 400 else f"http_{exc.status_code}"
-    return problem(
-        status=exc.status_code, code=code, title=code.replace("_", " "), detail=exc.detail, **extra
+        detail = _validation_detail(exc)
+    code = http_error_code(exc.status_code)
+    response = problem(
+        status=exc.status_code, code=code, title=code.replace("_", " "), detail=detail, **extra
     )
+    response.headers.update(exc.headers or {})  # 405's Allow, for one
+    return response
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

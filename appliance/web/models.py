@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from litestar import Controller, delete, get, patch, post
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from appliance.audit import Context
+from appliance.engine.pool import EnginePool
 from appliance.models.schemas import GcOut, ImportIn, ImportOut, ModelOut, VerifyOut
 from appliance.models.service import ModelService
 
@@ -19,7 +20,7 @@ class PinIn(BaseModel):
 
 
 class VerifyIn(BaseModel):
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1, description="one model; leave it out for all")
 
 
 class ModelsController(Controller):
@@ -31,17 +32,17 @@ class ModelsController(Controller):
         """Every model (name:tag) with its artifacts, sizes and digests."""
         return [ModelOut.of(model) for model in models.list_models()]
 
-    @post("/import", sync_to_thread=True)
+    @post("/import", status_code=200, sync_to_thread=True)
     def import_model(self, data: ImportIn, models: ModelService, context: Context) -> ImportOut:
         """Import a file that is on the appliance's own machine."""
         return ImportOut.of(models.import_file(Path(data.path), context, name=data.name, fmt=data.format))
 
-    @post("/verify", sync_to_thread=True)
+    @post("/verify", status_code=200, sync_to_thread=True)
     def verify_models(self, data: VerifyIn, models: ModelService, context: Context) -> list[VerifyOut]:
         """Re-hash one model's blobs (or every blob); a mismatch is quarantined and reported with ok=false."""
         return [VerifyOut.of(result) for result in models.verify(context, name=data.name)]
 
-    @post("/gc", sync_to_thread=True)
+    @post("/gc", status_code=200, sync_to_thread=True)
     def collect_garbage(self, models: ModelService, context: Context) -> GcOut:
         """Remove orphan blobs and stale partial files; evict down to the cache budget."""
         return GcOut.of(models.gc(context))
@@ -57,6 +58,7 @@ class ModelsController(Controller):
         return ModelOut.of(models.set_pinned(name.lstrip("/"), data.pinned, context))
 
     @delete("/{name:path}", status_code=200, sync_to_thread=True)
-    def remove_model(self, name: str, models: ModelService, context: Context) -> dict[str, int]:
-        """Remove a model; blobs that other models share stay."""
-        return {"freed_bytes": models.remove(name.lstrip("/"), context)}
+    def remove_model(self, name: str, pool: EnginePool, context: Context) -> dict[str, int]:
+        """Remove a model; blobs that other models share stay. A loaded copy leaves ps at once and
+        unloads when the requests in flight on it have finished."""
+        return {"freed_bytes": pool.remove_model(name.lstrip("/"), context)}

@@ -21,11 +21,11 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -39,7 +39,7 @@ from appliance import __version__
 from appliance.audit import Context
 from appliance.engine.batcher import Finished, TextChunk
 from appliance.engine.pool import EnginePool, LoadedModel
-from appliance.engine.service import GenerationOptions, InferenceService, Started
+from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.errors import (
     ApplianceError,
     DiskFull,
@@ -57,8 +57,9 @@ from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
 from appliance.store.base import Model, utcnow
 from appliance.store.cache import BlobCache, StagedBlob
-from appliance.web.bodies import parse_body
+from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import logger
+from appliance.web.generation import Events, Generation
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
 
@@ -67,25 +68,51 @@ UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024
 # Ollama keeps a model "for good" as now + Go's largest time.Duration; its expires_at says so.
 _FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
 
-Events = AsyncIterator[Started | TextChunk | Finished]
-
 
 # -- request bodies ----------------------------------------------------------------------------
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Ollama clients send fields this appliance ignores
+    # Ollama clients send fields this appliance ignores; the ones that would change the answer are
+    # refused by refuse_unsupported unless they hold a value that asks for nothing.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# Sampling options the engine does not implement, with the values that ask for nothing (Ollama's
+# defaults among them). Hardware options (num_gpu, num_thread, use_mmap, ...) are the appliance's
+# own settings, so those are ignored.
+_UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "repeat_penalty": (1.0, 1.1),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "min_p": (0,),
+    "typical_p": (1,),
+    "tfs_z": (1,),
+    "mirostat": (0,),
+    "mirostat_tau": (5,),
+    "mirostat_eta": (0.1,),
+}
+_UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {
+    "images": ([],),
+    "suffix": ("",),
+    "think": (False,),
+    "context": ([],),
+    "template": ("",),
+}
+_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {"tools": ([],), "think": (False,)}
+_ROLES = ("system", "user", "assistant")
 
 
 class Options(_Body):
-    """Ollama's runtime options. The ones the engine honours are checked; others are ignored.
+    """Ollama's runtime options. The ones the engine honours are checked; sampling options it
+    does not implement are refused unless neutral; hardware ones are ignored.
 
     ``num_ctx`` reloads an idle model with that context (capped at the model's own), as Ollama does.
     """
 
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
     seed: int | None = None  # negative: random, as in Ollama
     num_predict: int | None = Field(default=None, ge=-2)  # -1 and -2: until the context is full
     stop: str | list[str] | None = None
@@ -95,11 +122,18 @@ class Options(_Body):
 class _GenerationBody(_Body):
     model: str = Field(min_length=1)
     stream: bool = True
-    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
+    # "json" or a JSON schema; checked in generation_options, to say which forms it takes
+    format: Annotated[str, Field(json_schema_extra={"enum": ["", "json"]})] | dict[str, Any] | None = None
     options: Options | None = None
     keep_alive: Duration | None = None
 
+    def _refuse_unsupported(self) -> None:
+        """Each body refuses the fields of its own that the engine would otherwise ignore."""
+
     def generation_options(self) -> GenerationOptions:
+        self._refuse_unsupported()
+        if self.options is not None:
+            refuse_unsupported(self.options, _UNSUPPORTED_OPTIONS, where="options.")
         if isinstance(self.format, str) and self.format not in ("", "json"):
             raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
         options = self.options or Options()
@@ -124,6 +158,9 @@ class GenerateBody(_GenerationBody):
     system: str | None = None
     raw: bool = False
 
+    def _refuse_unsupported(self) -> None:
+        refuse_unsupported(self, _UNSUPPORTED_GENERATE)
+
     def messages(self) -> list[dict[str, Any]]:
         """The prompt as a chat turn for the model's template (what Ollama does unless raw)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -131,15 +168,24 @@ class GenerateBody(_GenerationBody):
 
 
 class ChatMessage(_Body):
-    role: str = Field(min_length=1)
+    role: str = Field(min_length=1, json_schema_extra={"enum": list(_ROLES)})  # checked in turn()
     content: str | None = None
 
-    def turn(self) -> dict[str, Any]:
+    def turn(self, index: int) -> dict[str, Any]:
+        where = f"messages.{index}."
+        if self.role not in _ROLES:
+            raise InvalidInput(f"{where}role {self.role!r} is not supported; use one of {', '.join(_ROLES)}")
+        refuse_unsupported(self, {"images": ([],), "tool_calls": ([],), "thinking": ("",)}, where=where)
         return {**self.model_dump(exclude_none=True), "content": self.content or ""}
 
 
 class ChatBody(_GenerationBody):
     messages: list[ChatMessage] = Field(default_factory=list)
+
+    def _refuse_unsupported(self) -> None:
+        refuse_unsupported(self, _UNSUPPORTED_CHAT)
+        for index, message in enumerate(self.messages):
+            message.turn(index)
 
 
 class ModelBody(_Body):
@@ -326,79 +372,15 @@ def ps(pool: EnginePool) -> dict[str, Any]:
 
 @delete("/delete", status_code=200)
 async def delete_model(
-    request: Request[Any, Any, Any], models: ModelService, pool: EnginePool, context: Context
+    request: Request[Any, Any, Any], pool: EnginePool, context: Context
 ) -> Response[bytes]:
-    """Remove a model; a loaded copy is unloaded first (requests in flight on it end with an error)."""
+    """Remove a model; a loaded copy leaves ps at once and unloads when its requests in flight end."""
     body = parse_body(ModelBody, await request.body())
-
-    def remove() -> None:
-        pool.unload(body.target)
-        models.remove(body.target, context)
-
-    await anyio.to_thread.run_sync(remove)
+    await anyio.to_thread.run_sync(lambda: pool.remove_model(body.target, context))
     return Response(b"", status_code=200)
 
 
 # -- generate and chat -------------------------------------------------------------------------
-
-
-class _Generation:
-    """One request's events, opened up to its first text so that a bad model, a prompt that is
-    too long or a full queue fails as an HTTP error, not as a line in a stream already sent.
-
-    Ollama's durations, in nanoseconds: load until the engine took the request, prompt eval
-    until the first text, eval from there to the end.
-    """
-
-    def __init__(self, events: Events) -> None:
-        self.events = events
-        self.began = self.opened = time.perf_counter_ns()
-        self.first_token: int | None = None
-        self.model = ""
-        self._peeked: TextChunk | Finished | None = None
-
-    async def open(self) -> None:
-        started = await anext(self.events)
-        assert isinstance(started, Started)
-        self.model = started.model
-        self.opened = time.perf_counter_ns()
-        try:
-            self._peeked = await self._fetch()
-        except BaseException:
-            await self.close()
-            raise
-
-    async def _fetch(self) -> TextChunk | Finished:
-        event = await anext(self.events)
-        assert not isinstance(event, Started)
-        if isinstance(event, TextChunk) and self.first_token is None:
-            self.first_token = time.perf_counter_ns()
-        return event
-
-    async def next(self) -> TextChunk | Finished:
-        if self._peeked is None:
-            return await self._fetch()
-        event, self._peeked = self._peeked, None
-        return event
-
-    async def close(self) -> None:
-        """Close the inner stream now, which frees its sequence, even while being cancelled."""
-        if isinstance(self.events, AsyncGenerator):
-            with anyio.CancelScope(shield=True):
-                await self.events.aclose()
-
-    def counters(self, finished: Finished) -> dict[str, Any]:
-        now = time.perf_counter_ns()
-        first = self.first_token or now
-        return {
-            "done_reason": "length" if finished.reason == "length" else "stop",
-            "total_duration": now - self.began,
-            "load_duration": self.opened - self.began,
-            "prompt_eval_count": finished.prompt_tokens,
-            "prompt_eval_duration": first - self.opened,
-            "eval_count": finished.completion_tokens,
-            "eval_duration": now - first,
-        }
 
 
 def _line(payload: dict[str, Any]) -> bytes:
@@ -414,7 +396,7 @@ def _unexpected_message(exc: BaseException) -> str:
 
 
 async def _ndjson(
-    generation: _Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
+    generation: Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
 ) -> AsyncIterator[bytes]:
     """One line per text piece, then the final line with the counters; errors become an error line."""
     try:
@@ -430,7 +412,7 @@ async def _ndjson(
         await generation.close()
 
 
-async def _collect(generation: _Generation) -> tuple[str, Finished]:
+async def _collect(generation: Generation) -> tuple[str, Finished]:
     parts: list[str] = []
     try:
         while isinstance(event := await generation.next(), TextChunk):
@@ -461,7 +443,7 @@ async def _respond(
     events: Events, *, stream: bool, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
 ) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
-    generation = _Generation(events)
+    generation = Generation(events)
     await generation.open()
     if stream:
         return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
@@ -517,7 +499,7 @@ async def chat(
     if not body.messages:
         reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
         return Response({**piece(""), "done": True, "done_reason": reason})
-    messages = [message.turn() for message in body.messages]
+    messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )

@@ -6,13 +6,13 @@ Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
@@ -24,25 +24,60 @@ from appliance.engine.batcher import Finished, TextChunk
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.errors import ApplianceError, EngineBusy, InvalidInput
 from appliance.models.service import ModelService
-from appliance.web.bodies import parse_body
-from appliance.web.errors import logger
+from appliance.settings import Duration
+from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
+from appliance.web.errors import http_error_code, logger
+from appliance.web.generation import Generation
 
 __all__ = ["openai_router"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
+# OpenAI fields this appliance does not implement yet, with the values that ask for nothing.
+_UNSUPPORTED = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+}
+_UNSUPPORTED_COMPLETION = {"echo": (False,), "best_of": (1,), "suffix": ("",)}
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+class ChatMessage(_Body):
+    role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in turn(), to name the field
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-        return self.content or ""
+    def turn(self, index: int) -> dict[str, Any]:
+        """The message for the chat template; a role or content part it cannot show is refused."""
+        where = f"messages.{index}"
+        if self.role not in _ROLES:
+            raise InvalidField(
+                f"{where}.role {self.role!r} is not supported; use one of {', '.join(_ROLES)}",
+                param=f"{where}.role",
+            )
+        refuse_unsupported(self, {"tool_calls": ([],), "function_call": ()}, where=f"{where}.")
+        if isinstance(self.content, list):
+            for number, part in enumerate(self.content):
+                if part.get("type") != "text":
+                    raise InvalidField(
+                        f"{where}.content.{number}.type {part.get('type')!r} is not supported; send text",
+                        param=f"{where}.content.{number}.type",
+                    )
+            text = "".join(str(part.get("text", "")) for part in self.content)
+        else:
+            text = self.content or ""
+        # OpenAI's developer role is its newer name for system, which chat templates know.
+        role = "system" if self.role == "developer" else self.role
+        return {**self.model_dump(exclude_none=True), "role": role, "content": text}
 
 
 class _GenerationBody(_Body):
@@ -57,11 +92,10 @@ class _GenerationBody(_Body):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    keep_alive: float | str | None = None
+    keep_alive: Duration | None = None
 
     def options(self) -> GenerationOptions:
-        from appliance.settings import parse_duration
-
+        refuse_unsupported(self, _UNSUPPORTED)
         fmt = (self.response_format or {}).get("type", "text")
         if fmt not in ("text", "json_object", "json_schema"):
             raise InvalidInput(
@@ -81,7 +115,7 @@ class _GenerationBody(_Body):
             stop=stop,
             json_mode=fmt == "json_object",
             json_schema=schema,
-            keep_alive=parse_duration(self.keep_alive) if self.keep_alive is not None else None,
+            keep_alive=self.keep_alive,
         )
 
     @property
@@ -94,7 +128,11 @@ class ChatCompletionBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
+
+    def options(self) -> GenerationOptions:
+        refuse_unsupported(self, _UNSUPPORTED_COMPLETION)
+        return super().options()
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -106,8 +144,12 @@ class CompletionBody(_GenerationBody):
 
 class EmbeddingBody(_Body):
     model: str
-    input: str | list[str]
+    input: str | Annotated[list[str], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
+
+    def inputs(self) -> list[str]:
+        refuse_unsupported(self, {"dimensions": ()})
+        return [self.input] if isinstance(self.input, str) else self.input
 
 
 def _usage(started: Started, finished: Finished) -> dict[str, int]:
@@ -126,13 +168,6 @@ def _route_headers(started: Started) -> dict[str, str]:
     return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
 
 
-async def _open(events: AsyncGenerator[Started | TextChunk | Finished]) -> Started:
-    """Run the stream up to its first event, so that a bad model or prompt fails as an HTTP error."""
-    first = await anext(events)
-    assert isinstance(first, Started)
-    return first
-
-
 @get("/models", sync_to_thread=True)
 def list_models(models: ModelService) -> dict[str, Any]:
     return {
@@ -147,35 +182,37 @@ def retrieve_model(name: str, models: ModelService) -> dict[str, Any]:
 
 
 def _model_entry(model: Any) -> dict[str, Any]:
-    created = int(time.mktime(time.strptime(model.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
+    # created_at is UTC: timegm reads it as such (mktime would shift it by the server's zone).
+    created = calendar.timegm(time.strptime(model.created_at[:19], "%Y-%m-%dT%H:%M:%S"))
     return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
 
 
-@post("/chat/completions")
+@post("/chat/completions", status_code=200)
 async def chat_completions(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
 ) -> Response[Any]:
     body = parse_body(ChatCompletionBody, await request.body())
-    messages = [
-        {**message.model_dump(exclude_none=True), "content": message.text()} for message in body.messages
-    ]
-    events = inference.chat(
-        body.model,
-        messages,
-        body.options(),
-        endpoint="/v1/chat/completions",
-        correlation_id=context.correlation_id,
+    messages = [message.turn(index) for index, message in enumerate(body.messages)]
+    options = body.options()
+    generation = Generation(
+        inference.chat(
+            body.model,
+            messages,
+            options,
+            endpoint="/v1/chat/completions",
+            correlation_id=context.correlation_id,
+        )
     )
-    started = await _open(events)
+    started = await generation.open()
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         return Stream(
-            _chat_chunks(events, started, completion_id, created, include_usage=body.include_usage),
+            _chat_chunks(generation, started, completion_id, created, include_usage=body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, finished = await _collect(events)
+    text, finished = await _collect(generation)
     return Response(
         {
             "id": completion_id,
@@ -196,17 +233,32 @@ async def chat_completions(
     )
 
 
-async def _collect(events: AsyncGenerator[Started | TextChunk | Finished]) -> tuple[str, Finished]:
+async def _collect(generation: Generation) -> tuple[str, Finished]:
     parts: list[str] = []
-    finished: Finished | None = None
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TextChunk):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                finished = event
-    assert finished is not None, "a stream always ends with Finished"
-    return "".join(parts), finished
+    try:
+        while isinstance(event := await generation.next(), TextChunk):
+            parts.append(event.text)
+    finally:
+        await generation.close()
+    return "".join(parts), event
+
+
+async def _sse_events(generation: Generation, chunk: Any, final: Any) -> AsyncIterator[bytes]:
+    """The SSE body: ``chunk(text)`` per piece, ``final(finished)``'s payloads, then [DONE];
+    an error after the headers went out can only be said inside the stream."""
+    try:
+        while isinstance(event := await generation.next(), TextChunk):
+            yield _sse(chunk(event.text))
+        for payload in final(event):
+            yield _sse(payload)
+    except ApplianceError as exc:
+        yield _sse(_error_body(exc))
+    except Exception as exc:
+        logger.error("unexpected error while streaming %s", generation.model, exc_info=exc)
+        yield _sse(_unexpected_body(exc))
+    finally:
+        await generation.close()
+    yield b"data: [DONE]\n\n"
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -214,7 +266,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 async def _chat_chunks(
-    events: AsyncGenerator[Started | TextChunk | Finished],
+    generation: Generation,
     started: Started,
     completion_id: str,
     created: int,
@@ -230,34 +282,29 @@ async def _chat_chunks(
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
 
+    def final(finished: Finished) -> list[dict[str, Any]]:
+        last = [chunk({}, _finish_reason(finished))]
+        if include_usage:
+            last.append({**chunk({}, None), "choices": [], "usage": _usage(started, finished)})
+        return last
+
     yield _sse(chunk({"role": "assistant", "content": ""}, None))
-    try:
-        async with aclosing(events):
-            async for event in events:
-                if isinstance(event, TextChunk):
-                    yield _sse(chunk({"content": event.text}, None))
-                elif isinstance(event, Finished):
-                    yield _sse(chunk({}, _finish_reason(event)))
-                    if include_usage:
-                        yield _sse({**chunk({}, None), "choices": [], "usage": _usage(started, event)})
-    except ApplianceError as exc:
-        yield _sse(_error_body(exc))
-    yield b"data: [DONE]\n\n"
+    async for line in _sse_events(generation, lambda text: chunk({"content": text}, None), final):
+        yield line
 
 
-@post("/completions")
+@post("/completions", status_code=200)
 async def completions(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
 ) -> Response[Any]:
     body = parse_body(CompletionBody, await request.body())
-    events = inference.complete(
-        body.model,
-        body.prompt_text(),
-        body.options(),
-        endpoint="/v1/completions",
-        correlation_id=context.correlation_id,
+    options, prompt = body.options(), body.prompt_text()
+    generation = Generation(
+        inference.complete(
+            body.model, prompt, options, endpoint="/v1/completions", correlation_id=context.correlation_id
+        )
     )
-    started = await _open(events)
+    started = await generation.open()
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -272,38 +319,30 @@ async def completions(
 
     if body.stream:
 
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                async with aclosing(events):
-                    async for event in events:
-                        if isinstance(event, TextChunk):
-                            yield _sse(payload(event.text, None))
-                        elif isinstance(event, Finished):
-                            yield _sse(payload("", _finish_reason(event)))
-                            if body.include_usage:
-                                yield _sse(
-                                    {**payload("", None), "choices": [], "usage": _usage(started, event)}
-                                )
-            except ApplianceError as exc:
-                yield _sse(_error_body(exc))
-            yield b"data: [DONE]\n\n"
+        def final(finished: Finished) -> list[dict[str, Any]]:
+            last = [payload("", _finish_reason(finished))]
+            if body.include_usage:
+                last.append({**payload("", None), "choices": [], "usage": _usage(started, finished)})
+            return last
 
-        return Stream(chunks(), media_type="text/event-stream", headers=_route_headers(started))
-    text, finished = await _collect(events)
+        return Stream(
+            _sse_events(generation, lambda text: payload(text, None), final),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+        )
+    text, finished = await _collect(generation)
     return Response(
         {**payload(text, _finish_reason(finished)), "usage": _usage(started, finished)},
         headers=_route_headers(started),
     )
 
 
-@post("/embeddings")
+@post("/embeddings", status_code=200)
 async def embeddings(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
 ) -> dict[str, Any]:
     body = parse_body(EmbeddingBody, await request.body())
-    inputs = [body.input] if isinstance(body.input, str) else body.input
-    if not inputs:
-        raise InvalidInput("input is empty")
+    inputs = body.inputs()
     vectors, tokens, _, model = await inference.embed(
         body.model, inputs, keep_alive=None, endpoint="/v1/embeddings", correlation_id=context.correlation_id
     )
@@ -331,7 +370,13 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409:
 def _error_body(exc: ApplianceError) -> dict[str, Any]:
     kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-    return {"error": {"message": message, "type": kind, "param": None, "code": exc.code}}
+    param = exc.param if isinstance(exc, InvalidField) else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": exc.code}}
+
+
+def _unexpected_body(exc: BaseException) -> dict[str, Any]:
+    message = f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}}
 
 
 def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -340,19 +385,19 @@ def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     return Response(_error_body(exc), status_code=exc.status, headers=headers)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     assert isinstance(exc, HTTPException)
-    body = {"error": {"message": exc.detail, "type": "invalid_request_error", "param": None, "code": None}}
-    return Response(body, status_code=exc.status_code)
+    if exc.status_code >= 500:
+        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
+    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    code = http_error_code(exc.status_code)
+    body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": code}}
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    message = f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
-    return Response(
-        {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}},
-        status_code=500,
-    )
+    return Response(_unexpected_body(exc), status_code=500)
 
 
 openai_router = Router(

@@ -9,7 +9,7 @@ from pathlib import Path
 from litestar import MediaType, Response, get
 from litestar.static_files import create_static_files_router
 
-__all__ = ["ui_assets", "ui_page"]
+__all__ = ["UI_DIR", "ui_assets", "ui_page"]
 
 UI_DIR = Path(str(files("appliance.web") / "ui"))
 

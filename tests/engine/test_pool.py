@@ -299,3 +299,19 @@ def test_embeddings(pool: EnginePool, tiny: str) -> None:
     assert [len(vector) for vector in vectors] == [64, 64]
     assert vectors[0] != vectors[1]
     assert tokens > 2
+
+
+def test_a_removed_model_in_use_leaves_the_pool_at_once_and_unloads_when_released(
+    room_for_one: EnginePool, tiny: str, context: Context
+) -> None:
+    """Its memory still counts while it serves, so a model loaded meanwhile cannot overcommit."""
+    pool = room_for_one
+    loaded, _ = pool.acquire(tiny)
+    assert pool.remove_model(tiny, context) > 0
+    assert pool.loaded() == []  # no longer listed, nor offered to new requests
+    with pytest.raises(InsufficientMemory):
+        pool.acquire("other")
+    pool.release(loaded)  # its last request ended: unloaded, its memory free
+    other, _ = pool.acquire("other")
+    pool.release(other)
+    assert [str(model.name) for model in pool.loaded()] == ["other:latest"]

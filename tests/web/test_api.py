@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import Server
+import httpx
+import pytest
+
+from tests.conftest import APPLIANCE, Server
+from tests.fileserver import serve_files
 
 PROBLEM = "application/problem+json"
 
@@ -31,7 +40,7 @@ def test_models_lifecycle_over_http(server: Server, tiny_gguf: Path) -> None:
         json={"path": str(tiny_gguf), "name": "library/tiny:1"},
         headers={"X-Request-ID": "req-42"},
     )
-    assert imported.status_code == 201, imported.text
+    assert imported.status_code == 200, imported.text
     digest = imported.json()["digest"]
     assert digest.startswith("sha256:")
     listed = client.get("/api/v1/models").json()
@@ -144,3 +153,162 @@ def test_gpus_without_memory_figures_do_not_break_the_system_page() -> None:
 
     assert _vram(" 81559, 1024") == {"vram_total_bytes": 81559 << 20, "vram_used_bytes": 1024 << 20}
     assert _vram(" [N/A], [N/A]") == {"vram_total_bytes": None, "vram_used_bytes": None}
+
+
+def test_every_post_that_creates_nothing_answers_200(server: Server, tiny_gguf: Path) -> None:
+    client = server.client
+    assert (
+        client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "tiny"}).status_code == 200
+    )
+    assert client.post("/api/v1/models/load", json={"name": "tiny"}).status_code == 200
+    assert client.post("/api/v1/models/unload", json={"name": "tiny"}).status_code == 200
+    assert client.post("/api/v1/models/verify", json={}).status_code == 200
+    assert client.post("/api/v1/models/gc").status_code == 200
+
+
+@pytest.mark.parametrize("keep_alive", ["bogus", "", "5 minutes"])
+def test_load_refuses_a_keep_alive_that_is_not_a_duration(
+    server: Server, tiny_gguf: Path, data_dir: Path, keep_alive: object
+) -> None:
+    assert server.client.post("/api/v1/models/import", json={"path": str(tiny_gguf)}).is_success
+    refused = server.client.post("/api/v1/models/load", json={"name": "tiny", "keep_alive": keep_alive})
+    assert refused.status_code == 400
+    assert refused.headers["content-type"].startswith(PROBLEM)
+    assert "keep_alive" in refused.json()["detail"]
+    assert "'5m'" in refused.json()["detail"]  # the accepted forms
+    assert server.client.get("/api/v1/ps").json()["models"] == []  # nothing loaded
+    if keep_alive == "bogus":  # the CLI shows the server's own message
+        port = server.url.rsplit(":", 1)[1]
+        cli = subprocess.run(
+            [*APPLIANCE, "--data-dir", str(data_dir), "models", "load", "tiny", "--keep-alive", "bogus"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "APPLIANCE_PORT": port},
+        )
+        assert cli.returncode == 1
+        assert "'bogus' is not a duration" in cli.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("/api/v1/inference", "99999999999999999999"),
+        ("/api/v1/inference", "-99999999999999999999"),
+        ("/api/v1/inference", "-1"),
+        ("/api/v1/inference", "0"),
+        ("/api/v1/inference", "10001"),
+        ("/api/v1/audit", "99999999999999999999"),
+        ("/api/v1/audit", "-1"),
+    ],
+)
+def test_a_limit_out_of_bounds_is_refused(server: Server, path: str, value: str) -> None:
+    refused = server.client.get(path, params={"limit": value})
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "invalid_input"
+    assert "limit" in refused.json()["detail"]
+
+
+def test_a_nul_byte_in_an_import_path_is_a_clear_400(server: Server, tmp_path: Path) -> None:
+    refused = server.client.post("/api/v1/models/import", json={"path": f"{tmp_path}/a\u0000b.gguf"})
+    assert refused.status_code == 400
+    assert refused.json()["code"] == "source_unreadable"
+    assert "NUL byte" in refused.json()["detail"]
+    assert server.client.get("/api/v1/models").json() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "words"),
+    [
+        ("/api/v1/audit", {"since": "garbage"}, "ISO 8601"),
+        ("/api/v1/audit", {"until": "2026-13-45"}, "ISO 8601"),
+        ("/api/v1/downloads", {"state": "bogus"}, "pending, approved"),
+        ("/api/v1/downloads", [("state", "done"), ("state", "3.4e38")], "pending, approved"),
+    ],
+)
+def test_a_filter_that_cannot_match_is_refused_with_the_accepted_forms(
+    server: Server, path: str, params: Any, words: str
+) -> None:
+    refused = server.client.get(path, params=params)
+    assert refused.status_code == 400
+    assert refused.headers["content-type"].startswith(PROBLEM)
+    assert words in refused.json()["hint"]
+
+
+def test_a_valid_filter_still_filters(server: Server, tiny_gguf: Path) -> None:
+    assert server.client.post("/api/v1/models/import", json={"path": str(tiny_gguf)}).is_success
+    assert len(server.client.get("/api/v1/audit", params={"since": "2000-01-01"}).json()) == 1
+    assert server.client.get("/api/v1/audit", params={"until": "2000-01-01T00:00:00Z"}).json() == []
+    assert server.client.get("/api/v1/downloads", params={"state": "done"}).json() == []
+
+
+def error_message(body: dict[str, Any], shape: str) -> str:
+    if shape == "problem":
+        return str(body["detail"])
+    return str(body["error"]["message"] if shape == "openai" else body["error"])
+
+
+def test_refusals_before_a_handler_are_well_formed_on_every_surface(server: Server) -> None:
+    client = server.client
+    no_body = client.post("/api/v1/models/import")
+    assert no_body.status_code == 400
+    assert no_body.headers["content-type"].startswith(PROBLEM)
+    assert no_body.json()["detail"].startswith("missing request body")
+
+    port = server.url.rsplit(":", 1)[1]
+    for path, shape in (("/api/v1/models", "problem"), ("/v1/models", "openai"), ("/api/tags", "ollama")):
+        rebound = client.get(path, headers={"Host": f"attacker.example:{port}"})
+        assert rebound.status_code == 400, path
+        assert "attacker.example" in error_message(rebound.json(), shape)
+    assert client.get("/api/v1/models", headers={"Host": "x"}).headers["content-type"].startswith(PROBLEM)
+
+    too_big = b"[" + b"0," * (6 * 1024 * 1024) + b"0]"  # past the 10 MB body limit
+    large = client.post(
+        "/api/v1/models/import", content=too_big, headers={"content-type": "application/json"}
+    )
+    assert (large.status_code, large.json()["code"]) == (413, "payload_too_large")
+    large = client.post("/v1/chat/completions", content=too_big, headers={"content-type": "application/json"})
+    assert (large.status_code, large.json()["error"]["code"]) == (413, "payload_too_large")
+    not_allowed = client.put("/api/v1/models")
+    assert (not_allowed.status_code, not_allowed.json()["code"]) == (405, "method_not_allowed")
+    assert not_allowed.headers["allow"]
+
+
+@contextmanager
+def client_stream(server: Server, path: str) -> Iterator[httpx.Response]:
+    with httpx.Client(base_url=server.url, timeout=30) as client, client.stream("GET", path) as response:
+        yield response
+
+
+def test_download_events_are_each_well_formed(server: Server, tiny_gguf: Path) -> None:
+    """Every event is one block of `event:` and `data:` lines ended by a blank line, once each."""
+    with serve_files() as files, client_stream(server, "/api/v1/downloads/events") as response:
+        served = files.add("/events.gguf", tiny_gguf.read_bytes())
+        assert server.client.post("/api/v1/models/pull", json={"ref": served}).status_code in (200, 202)
+        raw = b""
+        for chunk in response.iter_raw():
+            raw += chunk
+            if b"\r\n\r\n" in raw or b"\n\n" in raw:
+                break
+    first = raw.replace(b"\r\n", b"\n").split(b"\n\n")[0].decode()
+    fields = [line.split(":", 1)[0] for line in first.splitlines()]
+    assert fields == ["event", "data"], first
+    assert first.startswith("event: download\n")
+
+
+def test_every_response_carries_the_security_headers(server: Server) -> None:
+    for path in (
+        "/",
+        "/ui/app.js",
+        "/schema",
+        "/api/v1/models",
+        "/api/v1/models/ghost",
+        "/nowhere",
+        "/v1/models",
+    ):
+        headers = server.client.get(path).headers
+        assert headers["x-frame-options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"

@@ -129,6 +129,43 @@ def test_delete(server: Server, client: ollama.Client, tiny: str) -> None:
     assert [(event["target"], event["outcome"]) for event in audit] == [("tiny:latest", "ok")]
 
 
+def delete_over(server: Server, surface: str, name: str) -> httpx.Response:
+    if surface == "ollama":
+        return server.client.request("DELETE", "/api/delete", json={"model": name})
+    return server.client.delete(f"/api/v1/models/{name}")
+
+
+def loaded_names(server: Server) -> list[str]:
+    return [model["name"] for model in server.client.get("/api/v1/ps").json()["models"]]
+
+
+@pytest.mark.parametrize("surface", ["ollama", "api"])
+def test_deleting_a_model_unloads_it_once_its_requests_end(
+    server: Server, client: ollama.Client, tiny: str, long_model: str, surface: str
+) -> None:
+    """One behaviour on every surface: an idle model unloads at once; one serving a request leaves
+    ps at once, lets the request finish, then unloads."""
+    assert client.generate(model="tiny", keep_alive=-1).done_reason == "load"
+    assert delete_over(server, surface, "tiny").status_code == 200
+    assert loaded_names(server) == []
+    assert [model["name"] for model in client.ps().models] == []
+
+    body = {"model": "long", "prompt": "hi", "options": {"temperature": 0, "num_predict": 2000}}
+    with server.client.stream("POST", "/api/generate", json=body) as running:
+        lines = running.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        assert loaded_names(server) == ["long:latest"]
+        assert delete_over(server, surface, "long").status_code == 200
+        assert loaded_names(server) == []  # no longer offered, though still finishing
+        last = json.loads(list(lines)[-1])
+    assert (last.get("error"), last["done"], last["done_reason"]) == (None, True, "length")
+    assert last["eval_count"] == 2000
+    records = server.client.get("/api/v1/inference", params={"model": "long"}).json()
+    assert [record["outcome"] for record in records] == ["length"]
+    assert client.list().models == []
+    assert response_error(lambda: client.generate(model="long", prompt="hi")).status_code == 404
+
+
 # -- generate and chat -------------------------------------------------------------------------
 
 
@@ -373,6 +410,65 @@ def test_invalid_generate_requests_are_400(
     )
     assert chat.status_code == 400
     assert client.generate(model="tiny", prompt="hi", options=GREEDY).done is True  # still serving
+
+
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.generate(model="tiny", prompt="hi", images=[b"\x89PNG"]), "images"),
+        (lambda c: c.generate(model="tiny", prompt="hi", suffix="end"), "suffix"),
+        (lambda c: c.generate(model="tiny", prompt="hi", think=True), "think"),
+        (lambda c: c.generate(model="tiny", prompt="hi", context=[1, 2, 3]), "context"),
+        (lambda c: c.generate(model="tiny", prompt="hi", template="{{ .Prompt }}"), "template"),
+        (lambda c: c.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[TOOL]), "tools"),
+        (
+            lambda c: c.chat(model="tiny", messages=[{"role": "user", "content": "hi", "images": [b"x"]}]),
+            "messages.0.images",
+        ),
+        (lambda c: c.chat(model="tiny", messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
+        (
+            lambda c: c.generate(model="tiny", prompt="hi", options={"repeat_penalty": 1.5}),
+            "options.repeat_penalty",
+        ),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"min_p": 0.1}), "options.min_p"),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"mirostat": 2}), "options.mirostat"),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"typical_p": 0.5}), "options.typical_p"),
+        (
+            lambda c: c.chat(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], options={"presence_penalty": 1}
+            ),
+            "options.presence_penalty",
+        ),
+    ],
+)
+def test_fields_it_cannot_honour_are_refused_by_name(
+    server: Server, client: ollama.Client, tiny: str, call: Callable[[ollama.Client], Any], field: str
+) -> None:
+    error = response_error(lambda: call(client))
+    assert error.status_code == 400
+    assert field in error.error
+    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client: ollama.Client, tiny: str) -> None:
+    neutral = {"repeat_penalty": 1.1, "min_p": 0.0, "mirostat": 0, "num_thread": 2, **GREEDY}
+    assert client.generate(model="tiny", prompt="hi", think=False, images=[], options=neutral).done
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi", "images": []}]
+    assert client.chat(model="tiny", messages=messages, tools=[], options=neutral).done
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity"])
+def test_a_number_that_is_not_finite_is_refused_as_such(server: Server, tiny: str, number: str) -> None:
+    for body in (
+        f'{{"model": "tiny", "prompt": "hi", "options": {{"temperature": {number}}}}}',
+        f'{{"model": "tiny", "prompt": "hi", "keep_alive": {number}}}',
+    ):
+        refused = server.client.post("/api/generate", content=body)
+        assert refused.status_code == 400
+        assert "not a finite number" in refused.json()["error"]
 
 
 def test_malformed_bodies_are_400(server: Server, client: ollama.Client, tiny: str) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -205,3 +208,148 @@ def test_cli_says_when_no_server_runs(cli: object) -> None:
     assert result.returncode == 1
     assert "no appliance server answers" in result.stderr
     assert "appliance serve" in result.stderr
+
+
+def wait_for(condition: Callable[[], bool], *, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def one_slot_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Server:
+    """A server whose models decode one request at a time and let one more wait."""
+    monkeypatch.setenv("APPLIANCE_ENGINE__PARALLEL", "1")
+    monkeypatch.setenv("APPLIANCE_ENGINE__QUEUE_SIZE", "1")
+    server: Server = request.getfixturevalue("server")
+    return server
+
+
+def test_a_full_queue_refuses_a_stream_before_it_starts(
+    one_slot_server: Server, cli: object, tmp_path: Path
+) -> None:
+    """A stream that cannot be queued is a 503 with Retry-After, which OpenAI clients retry,
+    not an error inside a stream whose success status is already sent."""
+    server = one_slot_server
+    long_model = write_llama_gguf(tmp_path / "long.gguf", context=4096)
+    assert cli("models", "import", str(long_model), "--name", "long").returncode == 0  # type: ignore[operator]
+    busy = {"model": "long", "messages": [{"role": "user", "content": "x"}], "stream": True, "temperature": 0}
+    with server.client.stream("POST", "/v1/chat/completions", json=busy) as running:  # the only slot
+        lines = running.iter_lines()  # kept: a dropped line iterator closes the response
+        assert next(line for line in lines if line.startswith("data:"))
+        waiting: list[httpx.Response] = []
+        short = {**busy, "stream": False, "max_tokens": 1}
+        thread = threading.Thread(
+            target=lambda: waiting.append(
+                httpx.post(f"{server.url}/v1/chat/completions", json=short, timeout=60)
+            )
+        )
+        thread.start()  # waits in the queue
+
+        def queued() -> int:
+            return sum(model["queued_requests"] for model in server.client.get("/api/v1/ps").json()["models"])
+
+        wait_for(lambda: queued() == 1, seconds=10)
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+            calls: list[Callable[[], Any]] = [
+                lambda: client.chat.completions.create(
+                    model="long", messages=[{"role": "user", "content": "y"}], stream=True
+                ),
+                lambda: client.completions.create(model="long", prompt="y", stream=True),
+            ]
+            for call in calls:
+                with pytest.raises(openai.APIStatusError) as refused:
+                    list(call())
+                assert refused.value.status_code == 503
+                assert refused.value.response.headers["retry-after"] == "2"
+                assert refused.value.body["code"] == "engine_busy"  # type: ignore[index]
+    thread.join(timeout=30)  # the running stream was dropped, so the waiting request gets its turn
+    assert [response.status_code for response in waiting] == [200]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+        ),
+        ({"keep_alive": "bogus"}, "keep_alive"),
+    ],
+)
+def test_fields_it_cannot_honour_are_refused_by_name(
+    client: openai.OpenAI, server: Server, extra: dict[str, Any], param: str
+) -> None:
+    messages = extra.pop("messages", [{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=extra)
+    assert refused.value.body["param"] == param  # type: ignore[index]
+    assert param in refused.value.body["message"]  # type: ignore[index]
+    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_a_number_that_is_not_finite_is_refused_as_such(server: Server, number: str) -> None:
+    for field in ("temperature", "top_p", "keep_alive"):
+        body = f'{{"model": "tiny", "messages": [{{"role": "user", "content": "x"}}], "{field}": {number}}}'
+        refused = server.client.post("/v1/chat/completions", content=body)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"] == f"invalid request: {field}: not a finite number"
+        assert refused.json()["error"]["param"] == field
+
+
+def test_fields_that_ask_for_nothing_are_accepted(client: openai.OpenAI) -> None:
+    neutral: dict[str, Any] = {
+        "tools": [],
+        "logprobs": False,
+        "n": 1,
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}],
+    }
+    completion = client.chat.completions.create(model="tiny", max_tokens=2, **neutral)
+    assert completion.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, echo=True)
+    assert refused.value.body["param"] == "echo"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="tiny", input="x", dimensions=8)
+    assert refused.value.body["param"] == "dimensions"  # type: ignore[index]
+
+
+def test_every_post_answers_200(client: openai.OpenAI, server: Server) -> None:
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    answers = [
+        server.client.post("/v1/chat/completions", json=chat),
+        server.client.post("/v1/chat/completions", json={**chat, "stream": True}),
+        server.client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}),
+        server.client.post("/v1/embeddings", json={"model": "tiny", "input": "x"}),
+    ]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 200]
+
+
+@pytest.fixture
+def far_east_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Server:
+    monkeypatch.setenv("TZ", "XST-9")  # nine hours east of UTC, a POSIX zone that needs no tzdata
+    server: Server = request.getfixturevalue("server")
+    return server
+
+
+def test_created_is_utc_whatever_the_servers_zone(
+    far_east_server: Server, cli: object, tiny_gguf: Path
+) -> None:
+    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    created_at = far_east_server.client.get("/api/v1/models/tiny").json()["created_at"]
+    expected = int(datetime.fromisoformat(created_at.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp())
+    listed = far_east_server.client.get("/v1/models").json()["data"][0]["created"]
+    assert abs(listed - expected) <= 1  # created_at keeps fractions of a second; created does not
+    assert abs(listed - time.time()) < 600

@@ -1,0 +1,81 @@
+"""A generation as both compatible APIs serve it: opened up to its first text before any byte is sent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import anyio
+
+from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.service import Started
+
+__all__ = ["Events", "Generation"]
+
+Events = AsyncIterator[Started | TextChunk | Finished]
+
+
+class Generation:
+    """One request's events, opened up to its first text so that a bad model, a prompt that is
+    too long or a full queue fails as an HTTP error (a 503 with Retry-After that clients retry),
+    not as a line in a stream whose 200 is already sent.
+
+    Ollama's durations, in nanoseconds: load until the engine took the request, prompt eval
+    until the first text, eval from there to the end.
+    """
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.began = self.opened = time.perf_counter_ns()
+        self.first_token: int | None = None
+        self.started: Started | None = None
+        self._peeked: TextChunk | Finished | None = None
+
+    @property
+    def model(self) -> str:
+        return self.started.model if self.started is not None else ""
+
+    async def open(self) -> Started:
+        try:
+            started = await anext(self.events)
+            assert isinstance(started, Started)
+            self.started = started
+            self.opened = time.perf_counter_ns()
+            self._peeked = await self._fetch()
+        except BaseException:
+            await self.close()
+            raise
+        return started
+
+    async def _fetch(self) -> TextChunk | Finished:
+        event = await anext(self.events)
+        assert not isinstance(event, Started)
+        if isinstance(event, TextChunk) and self.first_token is None:
+            self.first_token = time.perf_counter_ns()
+        return event
+
+    async def next(self) -> TextChunk | Finished:
+        if self._peeked is None:
+            return await self._fetch()
+        event, self._peeked = self._peeked, None
+        return event
+
+    async def close(self) -> None:
+        """Close the inner stream now, which frees its sequence, even while being cancelled."""
+        if isinstance(self.events, AsyncGenerator):
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+
+    def counters(self, finished: Finished) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        first = self.first_token or now
+        return {
+            "done_reason": "length" if finished.reason == "length" else "stop",
+            "total_duration": now - self.began,
+            "load_duration": self.opened - self.began,
+            "prompt_eval_count": finished.prompt_tokens,
+            "prompt_eval_duration": first - self.opened,
+            "eval_count": finished.completion_tokens,
+            "eval_duration": now - first,
+        }

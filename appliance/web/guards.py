@@ -1,0 +1,98 @@
+"""What keeps web pages from driving or framing the appliance: a host and origin check before
+every handler, and the security headers on every response (errors and static files included)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from litestar import Request, Response
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.errors import Forbidden, InvalidInput
+from appliance.settings import Settings
+
+__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "request_guard"]
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+# The UI and the docs page load only their own scripts, styles and data (images from data: URIs are
+# Swagger UI's icons); nothing may frame them, and no page learns where the admin came from.
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+def _allow(request: Request[Any, Any, Any]) -> Response[None]:
+    """OPTIONS: every method of the path. (Litestar's own answer lists only some of them when a
+    path's handlers are declared separately: its handler keeps the first route it was made for.)"""
+    template = request.scope.get("path_template")
+    methods = {
+        method
+        for route in request.app.routes
+        if template in (route.path, route.path_format)
+        for method in route.methods
+    }
+    return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods or {"OPTIONS"}))})
+
+
+def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
+    """The check every request passes before its handler, as an error each surface shapes its own way."""
+    allowed = {
+        name for host in {*LOOPBACK_NAMES, settings.host} for name in (host, f"{host}:{settings.port}")
+    }
+
+    async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
+        host = request.headers.get("host")
+        # Only loopback names: a DNS-rebinding page on another name gets 400, never our API.
+        if host not in allowed:
+            raise InvalidInput(
+                f"refused a request for host {host!r}: this appliance answers only to {settings.host}",
+                hint="use http://127.0.0.1 (or the address the appliance binds) in the URL",
+            )
+        # A page the admin happens to visit must not change anything: a browser's state-changing
+        # request from another origin is refused (API clients send no Origin).
+        if request.method == "OPTIONS":
+            return _allow(request)
+        if request.method in ("GET", "HEAD"):
+            return None
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != host:
+            raise Forbidden(
+                f"refused a cross-site {request.method} from {origin}",
+                hint="use the UI served by the appliance itself, or a client that is not a web page",
+            )
+        return None
+
+    return guard
+
+
+class SecurityHeaders:
+    """ASGI middleware: adds SECURITY_HEADERS to every HTTP response that does not set its own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(name, value) for name, value in self.headers if name not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -1,0 +1,220 @@
+"""Makes the OpenAPI document (``/schema/openapi.json``) say what the API really does.
+
+Litestar documents what it can see in the handlers' signatures. This adds, at startup, what it
+cannot: the error answers of each surface (problem details on ``/api/v1``, OpenAI's and Ollama's
+``{"error": …}`` on theirs) as every operation's ``default`` response; the JSON bodies the
+compatible APIs parse themselves; and the forms a path parameter must take. The test suite runs
+schemathesis against the live document so that it stays true.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar._openapi.plugin import OpenAPIPlugin  # the plugin that builds and serves the document
+from pydantic import BaseModel
+
+from appliance.models.formats import FORMATS
+from appliance.preferences import EDITABLE
+from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
+from appliance.web.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+
+__all__ = ["complete_openapi"]
+
+# A name[:tag], as names.ModelName parses it (case-insensitive, up to two namespaces).
+_COMPONENT = "[A-Za-z0-9][A-Za-z0-9._-]*"
+NAME_PATTERN = f"^{_COMPONENT}(/{_COMPONENT}){{0,2}}(:[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})?$"
+_PARAMETERS: dict[str, dict[str, Any]] = {
+    "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 200},
+    "download_id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
+    "digest": {"type": "string", "pattern": "^sha256[:-][0-9a-fA-F]{64}$"},
+    "key": {"type": "string", "enum": sorted(EDITABLE)},
+}
+# Body fields checked by the service rather than by the schema's types: what they must look like.
+_NAME = {"pattern": NAME_PATTERN, "maxLength": 200}
+_FIELDS: dict[str, dict[str, Any]] = {
+    "name": _NAME,
+    "model": _NAME,
+    "digest": {"pattern": "^sha256:[0-9a-fA-F]{64}$"},
+    "path": {"minLength": 1, "pattern": "^[^\\x00]+$"},
+    "ref": {"minLength": 1},
+}
+_QUERIES: dict[str, dict[str, Any]] = {
+    "since": {"type": "string", "format": "date-time"},
+    "until": {"type": "string", "format": "date-time"},
+    "model": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 200},
+}
+
+# Bodies the compatible APIs parse themselves (to answer in their own error shapes).
+_BODIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("/v1/chat/completions", "post"): ChatCompletionBody,
+    ("/v1/completions", "post"): CompletionBody,
+    ("/v1/embeddings", "post"): EmbeddingBody,
+    ("/api/show", "post"): ModelBody,
+    ("/api/delete", "delete"): ModelBody,
+    ("/api/generate", "post"): GenerateBody,
+    ("/api/chat", "post"): ChatBody,
+    ("/api/pull", "post"): PullBody,
+}
+
+# Answers that stream unless the body says "stream": false.
+_STREAMS = {
+    "/v1/chat/completions": "text/event-stream",
+    "/v1/completions": "text/event-stream",
+    "/api/generate": "application/x-ndjson",
+    "/api/chat": "application/x-ndjson",
+    "/api/pull": "application/x-ndjson",
+}
+_NAMED = ("model", "name")
+
+_ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Problem": (
+        "application/problem+json",
+        {
+            "type": "object",
+            "description": "Problem details (RFC 9457) with the appliance's stable error code and a hint.",
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "code": {"type": "string"},
+                "hint": {"type": "string"},
+                "errors": {"type": "array", "items": {"type": "object"}},
+            },
+            "required": ["type", "title", "status", "detail", "code"],
+        },
+    ),
+    "OpenAIError": (
+        "application/json",
+        {
+            "type": "object",
+            "description": "OpenAI's error shape; param names the field at fault, when one is.",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                    "required": ["message", "type", "param", "code"],
+                }
+            },
+            "required": ["error"],
+        },
+    ),
+    "OllamaError": (
+        "application/json",
+        {
+            "type": "object",
+            "description": "Ollama's error shape.",
+            "properties": {"error": {"type": "string"}},
+            "required": ["error"],
+        },
+    ),
+}
+
+_READINESS = {
+    "type": "object",
+    "properties": {"ready": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}},
+    "required": ["ready", "reasons"],
+}
+
+
+def _surface(path: str) -> str:
+    if path.startswith("/v1/"):
+        return "OpenAIError"
+    if path.startswith("/api/") and not path.startswith("/api/v1/"):
+        return "OllamaError"
+    return "Problem"
+
+
+_FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {"ImportIn": {"format": {"enum": list(FORMATS)}}}
+
+
+def _constrain(schema: dict[str, Any]) -> None:
+    """Adds _FIELDS' constraints to the string form of each such property of an object schema."""
+    for field, constraint in {**_FIELDS, **_FIELDS_OF.get(schema.get("title", ""), {})}.items():
+        prop = schema.get("properties", {}).get(field)
+        if prop is None:
+            continue
+        forms = [prop, *prop.get("oneOf", []), *prop.get("anyOf", [])]
+        for form in forms:
+            if form.get("type") == "string":
+                form.update(constraint)
+
+
+def _body_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    if issubclass(model, ModelBody):  # Ollama names the model as model or, in older clients, name
+        schema["anyOf"] = [
+            {"required": [field], "properties": {field: {"type": "string"}}} for field in _NAMED
+        ]
+    _constrain(schema)
+    components[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def complete_document(document: dict[str, Any]) -> None:
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, (_, schema) in _ERRORS.items():
+        components[name] = schema
+    for path, item in document.get("paths", {}).items():
+        error = _surface(path)
+        media_type = _ERRORS[error][0]
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            # Litestar's generic 400 describes its own exception, not the body this API sends.
+            responses.pop("400", None)
+            responses["default"] = {
+                "description": "An error, in this surface's error shape",
+                "content": {media_type: {"schema": {"$ref": f"#/components/schemas/{error}"}}},
+            }
+            if path in _STREAMS and "200" in responses:
+                responses["200"].setdefault("content", {})[_STREAMS[path]] = {"schema": {"type": "string"}}
+            model = _BODIES.get((path, method))
+            if model is not None:
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": _body_schema(model, components)}},
+                }
+            elif "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+                for media in operation["requestBody"].get("content", {}).values():
+                    ref = media.get("schema", {}).get("$ref", "")
+                    _constrain(components.get(ref.rsplit("/", 1)[-1], {}))
+            for parameter in operation.get("parameters", []):
+                where = _PARAMETERS if parameter.get("in") == "path" else _QUERIES
+                if parameter["name"] in where:
+                    parameter["schema"] = where[parameter["name"]]
+            if method == "head":  # never a body, so no error shape either
+                plain: dict[str, Any] = {"text/plain": {}, "application/json": {}}
+                operation["responses"] = {
+                    "200": {"description": "The blob is in the cache", "content": plain},
+                    "404": {"description": "The blob is not in the cache", "content": plain},
+                    "default": {"description": "The digest is malformed", "content": plain},
+                }
+            if (path, method) == ("/api/blobs/{digest}", "post"):
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                    },
+                }
+    readyz = document.get("paths", {}).get("/readyz", {}).get("get")
+    if readyz is not None:
+        readyz["responses"]["503"] = {
+            "description": "Not ready, with the reasons",
+            "content": {"application/json": {"schema": _READINESS}},
+        }
+
+
+def complete_openapi(app: Litestar) -> None:
+    """Startup hook: completes the document Litestar serves (it builds it once and keeps it)."""
+    complete_document(app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
