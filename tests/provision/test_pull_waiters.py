@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def test_a_cancel_ends_the_download_for_every_waiter(
     url = files.add("/slow.gguf", model_bytes, Faults(bytes_per_second=MIB // 2))
     tickets = [runtime.provisioner.start(url, context) for _ in range(2)]
     running = _wait_for_state(runtime, "running")
+    deadline = time.monotonic() + 30
+    while probes(files, "/slow.gguf") == 0:  # the download has really started fetching
+        assert time.monotonic() < deadline, "the download never probed the file"
+        time.sleep(0.05)
     runtime.provisioner.cancel(running.id, Context(actor="admin"))  # type: ignore[attr-defined]
     for ticket in tickets:
         with pytest.raises(DownloadCancelled, match="cancelled") as raised:
