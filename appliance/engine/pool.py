@@ -8,7 +8,8 @@ models serving requests are never unloaded under them.
 Deleting a model goes through ``remove_model`` on every surface: the model leaves the pool at
 once (``ps`` no longer lists it, no new request reaches it), requests in flight on it finish
 (its blob stays readable through the memory map even once unlinked), and the last one to end
-unloads it.
+unloads it. A model removed from the registry by another process (the CLI) is noticed by the
+reaper and leaves the pool the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from appliance.audit import Context
 from appliance.engine.batcher import Batcher, Event, Finished, GenerationRequest
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.llama import LlamaContext, LlamaModel, SamplingParams, gpu_offload_supported
-from appliance.errors import DiskFull, EngineFailure, InsufficientMemory, ModelNotLoadable, PromptTooLong
+from appliance.errors import (
+    ApplianceError,
+    DiskFull,
+    EngineFailure,
+    InsufficientMemory,
+    ModelNotFound,
+    ModelNotLoadable,
+    PromptTooLong,
+)
 from appliance.models.service import ModelService
 from appliance.names import ModelName
 from appliance.settings import EngineSettings
@@ -212,14 +221,37 @@ class EnginePool:
         model_name = self.models.get(name).name  # an unknown name is a 404, as on every other route
         freed = self.models.remove(str(model_name), context)
         with self._lock:
-            loaded = self._loaded.pop(model_name, None)
-            idle = loaded is not None and loaded.in_use == 0
-            if loaded is not None and not idle:
+            loaded = self._loaded.get(model_name)
+        if loaded is not None:
+            self._retire(loaded)
+        return freed
+
+    def _retire(self, loaded: LoadedModel) -> None:
+        """Take a model out of the pool; it unloads now if idle, else when its last request ends."""
+        with self._lock:
+            if self._loaded.get(loaded.name) is not loaded:
+                return  # already gone, or reloaded meanwhile
+            del self._loaded[loaded.name]
+            idle = loaded.in_use == 0
+            if not idle:
                 loaded.retired = True
                 self._retired.append(loaded)
-        if loaded is not None and idle:
+        if idle:
             self._close(loaded)
-        return freed
+
+    def _retire_removed(self) -> None:
+        """A model removed behind the pool's back (``appliance models rm`` works on the registry
+        directly), or replaced by another file under its name, leaves the pool like any removal."""
+        for loaded in self.loaded():
+            try:
+                current = self.models.get(str(loaded.name))
+            except ModelNotFound:
+                self._retire(loaded)
+                continue
+            except ApplianceError:
+                return  # the registry cannot answer now: try again at the next round
+            if loaded.digest not in {artifact.digest for artifact in current.artifacts}:
+                self._retire(loaded)
 
     def _load(self, model: Model, seq_ctx: int) -> LoadedModel:
         artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
@@ -313,6 +345,7 @@ class EnginePool:
     def _reap_forever(self) -> None:
         while not self._closing.wait(timeout=0.5):
             self._reap()
+            self._retire_removed()
 
     def close(self) -> None:
         self._closing.set()

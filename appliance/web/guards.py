@@ -47,9 +47,10 @@ def _allow(request: Request[Any, Any, Any]) -> Response[None]:
 
 def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
     """The check every request passes before its handler, as an error each surface shapes its own way."""
-    allowed = {
-        name for host in {*LOOPBACK_NAMES, settings.host} for name in (host, f"{host}:{settings.port}")
-    }
+    bound = (
+        f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    )
+    allowed = {name for host in {*LOOPBACK_NAMES, bound} for name in (host, f"{host}:{settings.port}")}
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
         host = request.headers.get("host")

@@ -166,6 +166,15 @@ def test_deleting_a_model_unloads_it_once_its_requests_end(
     assert response_error(lambda: client.generate(model="long", prompt="hi")).status_code == 404
 
 
+def test_a_model_removed_by_the_cli_leaves_the_servers_pool(
+    server: Server, client: ollama.Client, tiny: str, cli: object
+) -> None:
+    assert client.generate(model="tiny", keep_alive=-1).done_reason == "load"
+    removed: CliResult = cli("models", "rm", "tiny")  # type: ignore[operator]
+    assert removed.returncode == 0, removed.stderr
+    wait_for(lambda: loaded_names(server) == [], seconds=10)  # the pool notices within a reap round
+
+
 # -- generate and chat -------------------------------------------------------------------------
 
 

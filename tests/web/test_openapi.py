@@ -76,5 +76,6 @@ def test_the_api_does_what_its_openapi_document_says(quiet_server: str, tmp_path
         text=True,
         timeout=300,
         check=False,
+        cwd=tmp_path,  # its caches land there, not in the checkout
     )
     assert run.returncode == 0, run.stdout[-20_000:] + run.stderr[-5_000:]
