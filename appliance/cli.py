@@ -314,6 +314,9 @@ def pull_model(
             announced.add("pending")
             waiting = update.download_id
             stderr.print(f"download {waiting} waits for an admin: appliance downloads approve {waiting}")
+        if update.note and update.note not in announced:  # e.g. why it starts over instead of resuming
+            announced.add(update.note)
+            stderr.print(f"note: {update.note}")
         if show_progress:
             progress.update(task, completed=update.bytes_done, total=update.bytes_total)
 
@@ -584,7 +587,9 @@ def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -
             download.id,
             download.ref,
             download.model_name or "-",
-            download.state + (f": {download.error}" if download.error else ""),
+            download.state
+            + (f": {download.error}" if download.error else "")
+            + (f" ({download.note})" if download.note else ""),
             _human(download.bytes_done),
             _human(download.bytes_total),
             download.updated_at,

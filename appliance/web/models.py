@@ -35,7 +35,15 @@ class ModelsController(Controller):
     @post("/import", status_code=200, sync_to_thread=True)
     def import_model(self, data: ImportIn, models: ModelService, context: Context) -> ImportOut:
         """Import a file that is on the appliance's own machine."""
-        return ImportOut.of(models.import_file(Path(data.path), context, name=data.name, fmt=data.format))
+        imported = models.import_file(
+            Path(data.path),
+            context,
+            name=data.name,
+            fmt=data.format,
+            hard_link=data.link,
+            replace=data.replace,
+        )
+        return ImportOut.of(imported)
 
     @post("/verify", status_code=200, sync_to_thread=True)
     def verify_models(self, data: VerifyIn, models: ModelService, context: Context) -> list[VerifyOut]:

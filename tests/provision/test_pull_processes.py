@@ -230,6 +230,7 @@ def test_a_killed_cli_pull_shows_interrupted_and_a_pull_with_a_digest_resumes_it
     assert "pull the ref again to resume" in download["note"]
     table: CliResult = cli("downloads", "ls")  # type: ignore[operator]
     assert "interrupted" in table.stdout
+    assert "pull the ref again to resume" in table.stdout
 
     faults.bytes_per_second = None
     hits_before = len(files.hits)
@@ -243,6 +244,23 @@ def test_a_killed_cli_pull_shows_interrupted_and_a_pull_with_a_digest_resumes_it
     assert not new_starts & kept  # the digest vouches for the parts on disk
     after: CliResult = cli("downloads", "ls", "--json")  # type: ignore[operator]
     assert [(d["id"], d["state"]) for d in json.loads(after.stdout)] == [(download["id"], "done")]
+
+
+def test_a_cli_pull_that_cannot_resume_says_why_it_starts_over(
+    cli: object, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    faults = Faults(etag=None, bytes_per_second=MIB)  # nothing vouches for the bytes already on disk
+    url = files.add("/m/unvouched.gguf", model_bytes, faults)
+    process = pull_process(data_dir, url)
+    wait_for(lambda: len(finished_parts(data_dir)) >= 1, "a finished part")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    faults.bytes_per_second = None
+    again: CliResult = cli("models", "pull", url, env=SMALL_PARTS)  # type: ignore[operator]
+    assert again.returncode == 0, again.stderr
+    (note,) = [line for line in again.stderr.splitlines() if line.startswith("note: ")]
+    assert "starts over" in note
+    assert "--digest" in note
 
 
 def test_a_pull_of_a_killed_server_is_interrupted_when_the_next_one_starts(

@@ -312,3 +312,33 @@ def test_every_response_carries_the_security_headers(server: Server) -> None:
         assert "default-src 'self'" in headers["content-security-policy"]
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_import_over_http_refuses_a_second_gguf_then_replaces_it_when_asked(
+    server: Server, tiny_gguf: Path, make_gguf: Any
+) -> None:
+    client = server.client
+    first = client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "swap"})
+    assert first.status_code == 200, first.text
+    other = make_gguf("other.gguf", seed=7)
+    refused = client.post("/api/v1/models/import", json={"path": str(other), "name": "swap"})
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "model_exists"
+    assert "--replace" in refused.json()["hint"]
+    assert client.get("/api/v1/models/swap").json()["artifacts"][0]["digest"] == first.json()["digest"]
+    replaced = client.post(
+        "/api/v1/models/import", json={"path": str(other), "name": "swap", "replace": True}
+    )
+    assert replaced.status_code == 200, replaced.text
+    artifacts = client.get("/api/v1/models/swap").json()["artifacts"]
+    assert [artifact["digest"] for artifact in artifacts] == [replaced.json()["digest"]]
+    assert replaced.json()["digest"] != first.json()["digest"]
+
+
+def test_import_over_http_hard_links_only_when_asked(server: Server, tiny_gguf: Path) -> None:
+    linked = server.client.post(
+        "/api/v1/models/import", json={"path": str(tiny_gguf), "name": "linked", "link": True}
+    )
+    assert linked.status_code == 200, linked.text
+    assert linked.json()["method"] in ("hardlink", "reflink")
+    assert linked.json()["method"] == "reflink" or os.stat(tiny_gguf).st_nlink == 2

@@ -104,6 +104,26 @@ def test_every_page_renders(page: Page, tiny: str) -> None:
     expect(page.locator("#errors")).to_be_empty()
 
 
+def test_a_cancelled_pull_can_be_resumed_from_the_page(page: Page, tmp_path: Path) -> None:
+    content = write_llama_gguf(tmp_path / "served.gguf", padding_bytes=3 * 1024 * 1024).read_bytes()
+    with serve_files() as files:
+        faults = Faults(bytes_per_second=128 * 1024)
+        url = files.add("/models/resumed.gguf", content, faults)
+        page.goto("/#/models")
+        page.get_by_label("Pull a reference").fill(url)
+        page.get_by_role("button", name="Pull").click()
+        running = page.locator("#downloads-table tr[data-state='running']")
+        expect(running.locator("progress")).to_be_visible()
+        running.get_by_role("button", name="Cancel").click()
+        cancelled = page.locator("#downloads-table tr[data-state='cancelled']")
+        expect(cancelled).to_be_visible()
+        faults.bytes_per_second = None
+        cancelled.get_by_role("button", name="Resume").click()
+        expect(page.locator("#downloads-table tr[data-state='done']")).to_be_visible(timeout=60_000)
+        expect(page.locator("#models-table tr[data-model='resumed:latest']")).to_be_visible()
+        expect(page.locator("#errors")).to_be_empty()
+
+
 def test_pull_shows_progress_that_survives_a_reload(page: Page, server: Server, tmp_path: Path) -> None:
     content = write_llama_gguf(tmp_path / "served.gguf", padding_bytes=3 * 1024 * 1024).read_bytes()
     with serve_files() as files:

@@ -182,15 +182,24 @@ async function models() {
     const actions = d.state === "pending"
       ? [h("button", { onclick: () => decide(d.id, "approve") }, "Approve"), " ",
          h("button", { class: "danger", onclick: () => decide(d.id, "deny") }, "Deny")]
-      : ["running", "queued", "approved"].includes(d.state) ? [h("button", { class: "secondary", onclick: () => cancel(d.id) }, "Cancel")] : [];
+      : ["running", "queued", "approved"].includes(d.state) ? [h("button", { class: "secondary", onclick: () => cancel(d.id) }, "Cancel")]
+      : ["interrupted", "failed", "cancelled"].includes(d.state) ? [h("button", { class: "secondary", onclick: () => resume(d) }, "Resume")] : [];
     return h("tr", { "data-download": d.id, "data-state": d.state },
       h("td", { class: "mono" }, d.ref), h("td", {}, d.model_name || ""),
       h("td", { class: d.state === "failed" || d.state === "denied" ? "bad" : d.state === "done" ? "ok" : "" },
-        d.state, d.error ? `: ${d.error}` : ""),
+        d.state, d.error ? `: ${d.error}` : "", d.note ? h("div", { class: "muted" }, d.note) : ""),
       h("td", {}, progress), h("td", {}, actions));
   };
   const decide = async (id, verdict) => { await attempt(() => api("POST", `/api/v1/downloads/${id}/${verdict}`)); await drawDownloads(); };
   const cancel = async (id) => { await attempt(() => api("DELETE", `/api/v1/downloads/${id}`)); await drawDownloads(); };
+  // Pulling the ref again resumes from the parts on disk (same name and digest as the first pull).
+  const resume = async (d) => {
+    const body = { ref: d.ref };
+    if (d.model_name) body.name = d.model_name;
+    if (d.expected_digest) body.digest = d.expected_digest;
+    await attempt(() => api("POST", "/api/v1/models/pull", body));
+    await Promise.all([drawDownloads(), refresh(drawModels)]);
+  };
 
   const drawModels = async () => {
     const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), api("GET", "/api/v1/ps")]);
