@@ -27,6 +27,7 @@ from pydantic_settings import (
 from appliance.errors import InvalidSetting
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "CacheSettings",
     "DownloadSettings",
     "EngineSettings",

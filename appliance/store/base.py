@@ -37,7 +37,8 @@ BlobState = Literal["ok", "quarantined"]
 DownloadState = Literal[
     "pending", "approved", "queued", "running", "done", "failed", "denied", "cancelled", "interrupted"
 ]
-ACTIVE_DOWNLOAD_STATES = ("pending", "approved", "queued", "running")  # a process owns the download
+# A process owns a download in these states.
+ACTIVE_DOWNLOAD_STATES: tuple[DownloadState, ...] = ("pending", "approved", "queued", "running")
 
 
 def utcnow() -> str:
@@ -159,6 +160,8 @@ class DownloadChanges(TypedDict, total=False):
     rate_bytes_per_s: int
     error: str | None
     decided_by: str | None
+    error_code: str | None
+    note: str | None
 
 
 @dataclass(frozen=True)

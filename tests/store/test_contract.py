@@ -24,6 +24,7 @@ APPLIED_SQLITE_SQL = {
     "0003_download_progress": "123ce6c80bf104bead1cf6dade58f881040b009f6287fd436cb3129b8201d6e5",
     "0004_download_queued_state": "b22e10b379b997d7e7cb426d28fa9bdafba806fcc076601773d9382b0c504764",
     "0005_blob_link_stat": "6c0eee7f80ac5ea0151eb10c057f6673588c8951fb3dc921930d916bb0ed763a",
+    "0006_download_interrupted_state": "34d47da49c1b580e5c3e8278787efe6354243779796799744fded89cbc9bac27",
 }
 
 
@@ -215,12 +216,17 @@ def test_download_progress_and_outcome_are_stored_as_given(store: Store) -> None
     )
     store.update_download("d1", state="running", model_name="m:latest", expected_digest=DIGEST_A)
     store.update_download("d1", bytes_done=5, bytes_total=10, rate_bytes_per_s=100)
-    failed = store.update_download("d1", state="failed", error="connection reset")
+    store.update_download("d1", note="the server ignores Range: starting over")
+    failed = store.update_download("d1", state="failed", error="reset", error_code="download_failed")
     assert (failed.model_name, failed.expected_digest) == ("m:latest", DIGEST_A)
-    assert failed.error == "connection reset"
+    assert (failed.error, failed.error_code) == ("reset", "download_failed")
+    assert failed.note == "the server ignores Range: starting over"
     assert (failed.bytes_done, failed.bytes_total, failed.rate_bytes_per_s) == (5, 10, 100)
-    done = store.update_download("d1", state="done", digest=DIGEST_A, bytes_done=10, error=None)
+    done = store.update_download(
+        "d1", state="done", digest=DIGEST_A, bytes_done=10, error=None, error_code=None, note=None
+    )
     assert (done.state, done.digest, done.bytes_done, done.error) == ("done", DIGEST_A, 10, None)
+    assert (done.error_code, done.note) == (None, None)
     assert (done.ref, done.requested_by, done.created_at) == (created.ref, "u", created.created_at)
     assert done.updated_at > created.updated_at
     assert store.list_downloads(states=("done",)) == [done]
