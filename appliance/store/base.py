@@ -1,8 +1,9 @@
 """The Store protocol and the typed records it returns.
 
-SQL lives only in this package. Callers get these records, never cursors. The SQLite
-backend (``sqlite.py``) is the embedded default; a PostgreSQL backend implements the same
-protocol and passes the same tests.
+SQL lives only in this package. Callers get these records, never cursors, and hold a
+``Store``, never a backend: ``factory.open_store`` picks the backend ``store.url`` names.
+The SQLite backend (``sqlite.py``) is the embedded default; a PostgreSQL backend will
+implement the same protocol, and every backend passes ``tests/store/test_contract.py``.
 """
 
 from __future__ import annotations
