@@ -4,43 +4,45 @@ Every error has a stable ``code`` (used by the API, the CLI and the docs), an HT
 ``status`` and a message that says what went wrong, plus a ``hint`` that says what to do.
 Where a stdlib type fits, the error inherits it too, so callers can catch either.
 
-    ApplianceError
-    ├── InvalidInput (400)
+    ApplianceError (500)             internal_error
+    ├── InvalidInput (400)           invalid_input
     │   ├── InvalidModelRef          invalid_model_ref
     │   ├── InvalidModelName         invalid_model_name
     │   ├── InvalidSetting           invalid_setting
     │   ├── UnsupportedFormat        unsupported_format
     │   ├── SourceUnreadable         source_unreadable
-    │   └── DigestRequired           digest_required
-    ├── Forbidden (403)
+    │   ├── DigestRequired           digest_required
+    │   ├── PromptTooLong            prompt_too_long
+    │   └── ModelNotLoadable         model_not_loadable
+    ├── Forbidden (403)              forbidden
     │   ├── Offline                  offline
     │   ├── SourceNotAllowed         source_not_allowed
     │   ├── CredentialsRefused       credentials_refused
     │   └── DownloadDenied           download_denied
-    ├── NotFound (404)
+    ├── NotFound (404)               not_found
     │   ├── ModelNotFound            model_not_found      (also LookupError)
     │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
     │   ├── RemoteNotFound           remote_not_found
     │   └── DownloadNotFound         download_not_found
-    ├── Conflict (409)
+    ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
     │   └── DownloadCancelled        download_cancelled
     ├── DigestMismatch (422)         digest_mismatch
-    ├── InsufficientStorage (507)
+    ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
     ├── NotReady (503)               not_ready
     │   └── EngineBusy               engine_busy          (Retry-After)
-    ├── PromptTooLong (400)          prompt_too_long
-    ├── ModelNotLoadable (400)       model_not_loadable
     ├── InsufficientMemory (507)     insufficient_memory
     ├── DownloadFailed (502)         download_failed
     ├── SchemeNotSupported (501)     scheme_not_supported
-    └── StorageFailure (500)
+    └── StorageFailure (500)         storage_failure
         ├── StoreFailure             store_failure
         ├── LayoutTooNew             layout_too_new
         └── EngineFailure            engine_failure
+
+A status in parentheses holds for the whole branch below it.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.settings import Settings
+from appliance.store.base import Store
 from appliance.store.cache import BlobCache
-from appliance.store.sqlite import SqliteStore
+from appliance.store.factory import open_store
 
 if TYPE_CHECKING:
     from appliance.engine.pool import EnginePool
@@ -24,7 +25,7 @@ __all__ = ["Runtime"]
 @dataclass
 class Runtime:
     settings: Settings
-    store: SqliteStore
+    store: Store
     cache: BlobCache
     models: ModelService
     provisioner: Provisioner
@@ -42,8 +43,8 @@ class Runtime:
                 f"cannot create the data dir {settings.data_dir}: {exc.strerror or exc}",
                 hint="pass --data-dir or set APPLIANCE_DATA_DIR to a writable directory",
             ) from exc
-        cache = BlobCache(settings.data_dir)
-        store = SqliteStore(settings.data_dir / "appliance.db")
+        cache = BlobCache(settings.data_dir)  # first: it refuses a data dir of a newer layout
+        store = open_store(settings)
         models = ModelService(settings, store, cache)
         runtime = cls(
             settings=settings,

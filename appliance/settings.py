@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,11 +27,13 @@ from pydantic_settings import (
 from appliance.errors import InvalidSetting
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "CacheSettings",
     "DownloadSettings",
     "EngineSettings",
     "ModelsSettings",
     "Settings",
+    "StoreSettings",
     "load_settings",
     "parse_duration",
     "parse_size",
@@ -198,6 +200,35 @@ class ModelsSettings(BaseModel):
     download: DownloadSettings = Field(default_factory=DownloadSettings)
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class StoreSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="Where the registry lives: sqlite:///ABS/PATH.db; unset means appliance.db in data_dir.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _a_store_url(cls, value: str | None) -> str | None:
+        # Only the scheme is ever echoed: a database URL may carry a password.
+        if value is None:
+            return None
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            raise ValueError("not a store URL; write a file as sqlite:///ABS/PATH.db")
+        if scheme in POSTGRES_SCHEMES:
+            return value  # well formed; whether this build can open it is the store's to say
+        if scheme != "sqlite":
+            raise ValueError(f"{scheme}:// is not a store; use sqlite:///ABS/PATH.db")
+        if not rest.startswith("/") or rest.endswith("/"):
+            raise ValueError(f"{value!r} does not name a file by its absolute path, as sqlite:///ABS/PATH.db")
+        if "?" in rest or "#" in rest:
+            raise ValueError(f"{value!r} has a query or fragment; a sqlite URL takes only the file's path")
+        return value
+
+
 class Settings(BaseSettings):
     """The appliance's settings; see the module docstring for where they come from."""
 
@@ -214,6 +245,7 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `appliance serve` binds to.")
     port: int = Field(default=8080, ge=0, le=65535, description="Port `appliance serve` listens on.")
+    store: StoreSettings = Field(default_factory=StoreSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     offline: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import click
 import pytest
 from pydantic import BaseModel
 
+import appliance.errors
 from appliance.cli import cli
-from appliance.errors import all_error_classes
+from appliance.errors import ApplianceError, all_error_classes
 from appliance.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -47,6 +49,37 @@ def test_every_command_is_documented(command: str) -> None:
 @pytest.mark.parametrize("error", all_error_classes(), ids=lambda error: error.code)
 def test_every_error_code_is_documented(error: type) -> None:
     assert f"| `{error.code}` | {error.status} |" in README  # type: ignore[attr-defined]
+
+
+_TREE_LINE = re.compile(
+    r"^    (?P<indent>[ │├└─]*)(?P<name>[A-Z]\w+)(?: \((?P<status>\d+)\))? +(?P<code>[a-z_]+)"
+)
+
+
+def test_the_error_tree_drawing_matches_the_classes() -> None:
+    """Each class sits under its real parent, with its own code and status, and none is missing."""
+    drawn: dict[str, tuple[str | None, int, str]] = {}  # name: (parent, status, code)
+    parents: list[str] = []
+    for line in (appliance.errors.__doc__ or "").splitlines():
+        match = _TREE_LINE.match(line)
+        if match is None:
+            continue
+        depth = len(match["indent"]) // 4
+        del parents[depth:]
+        parent = parents[-1] if parents else None
+        status = int(match["status"]) if match["status"] else drawn[parent][1] if parent else 0
+        drawn[match["name"]] = (parent, status, match["code"])
+        parents.append(match["name"])
+    actual = {
+        cls.__name__: (
+            next((base.__name__ for base in cls.__bases__ if issubclass(base, ApplianceError)), None),
+            cls.status,
+            cls.code,
+        )
+        for cls in all_error_classes()
+        if cls.__module__ == "appliance.errors"  # not the CLI client's relay of a server's error
+    }
+    assert drawn == actual
 
 
 def test_every_command_has_an_example_in_its_help() -> None:

@@ -87,3 +87,32 @@ def test_settings_accept_human_sizes() -> None:
         Settings.model_validate({"models": {"cache": {"max_bytes": "1.5 GB"}}}).models.cache.max_bytes
         == 1_500_000_000
     )
+
+
+def test_store_url_is_unset_by_default_and_names_a_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().store.url is None
+    monkeypatch.setenv("APPLIANCE_STORE__URL", f"sqlite:///{tmp_path}/registry.db")
+    assert load_settings().store.url == f"sqlite:///{tmp_path}/registry.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("/srv/appliance/registry.db", "not a store URL; write a file as sqlite:///ABS/PATH.db"),
+        ("sqlite://registry.db", "does not name a file by its absolute path"),
+        ("sqlite:///srv/appliance/", "does not name a file by its absolute path"),
+        ("sqlite:///srv/registry.db?mode=ro", "has a query or fragment"),
+        ("mysql://root:hunter2@db.lan/appliance", "mysql:// is not a store"),
+    ],
+)
+def test_a_bad_store_url_is_a_clear_error_that_never_shows_a_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, message: str
+) -> None:
+    monkeypatch.setenv("APPLIANCE_STORE__URL", url)
+    with pytest.raises(InvalidSetting) as caught:
+        load_settings()
+    assert "store.url" in str(caught.value)
+    assert message in str(caught.value)
+    assert "hunter2" not in f"{caught.value} {caught.value.hint}"

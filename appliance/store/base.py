@@ -1,8 +1,9 @@
 """The Store protocol and the typed records it returns.
 
-SQL lives only in this package. Callers get these records, never cursors. The SQLite
-backend (``sqlite.py``) is the embedded default; a PostgreSQL backend implements the same
-protocol and passes the same tests.
+SQL lives only in this package. Callers get these records, never cursors, and hold a
+``Store``, never a backend: ``factory.open_store`` picks the backend ``store.url`` names.
+The SQLite backend (``sqlite.py``) is the embedded default; a PostgreSQL backend will
+implement the same protocol, and every backend passes ``tests/store/test_contract.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 from appliance.names import ModelName
 
@@ -21,6 +22,7 @@ __all__ = [
     "Blob",
     "BlobState",
     "Download",
+    "DownloadChanges",
     "DownloadState",
     "InferenceRecord",
     "Model",
@@ -36,7 +38,8 @@ BlobState = Literal["ok", "quarantined"]
 DownloadState = Literal[
     "pending", "approved", "queued", "running", "done", "failed", "denied", "cancelled", "interrupted"
 ]
-ACTIVE_DOWNLOAD_STATES = ("pending", "approved", "queued", "running")  # a process owns the download
+# A process owns a download in these states.
+ACTIVE_DOWNLOAD_STATES: tuple[DownloadState, ...] = ("pending", "approved", "queued", "running")
 
 
 def utcnow() -> str:
@@ -146,6 +149,22 @@ class Download:
     note: str | None = None  # what the user should know about how it runs (e.g. why it starts over)
 
 
+class DownloadChanges(TypedDict, total=False):
+    """The columns of a download row that ``update_download`` may set (the others never change)."""
+
+    state: DownloadState
+    model_name: str | None
+    expected_digest: str | None
+    digest: str | None
+    bytes_done: int
+    bytes_total: int | None
+    rate_bytes_per_s: int
+    error: str | None
+    decided_by: str | None
+    error_code: str | None
+    note: str | None
+
+
 @dataclass(frozen=True)
 class InferenceRecord:
     """One served request: where it ran and why (REQ-MODELS-0118), and what it cost."""
@@ -169,6 +188,11 @@ class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
 
     def close(self) -> None: ...
+
+    # schema
+    def applied_migrations(self) -> list[str]:
+        """The names of the migrations applied, in the order they were."""
+        ...
 
     # models
     def get_model(self, name: ModelName) -> Model | None: ...
@@ -222,7 +246,13 @@ class Store(Protocol):
 
     # downloads
     def create_download(self, download: Download) -> Download: ...
-    def update_download(self, download_id: str, *, only_from: Sequence[str] = (), **changes: Any) -> Download:
+    def update_download(
+        self,
+        download_id: str,
+        *,
+        only_from: Sequence[DownloadState] = (),
+        **changes: Unpack[DownloadChanges],
+    ) -> Download:
         """Set columns of one download (and ``updated_at``), atomically checking that its state is one
         of ``only_from`` when given; raises DownloadNotFound or DownloadNotPending."""
         ...

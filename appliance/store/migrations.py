@@ -1,22 +1,26 @@
 """Append-only schema migrations. An applied migration is never edited; add a new one instead.
 
-Each entry is applied in its own transaction and recorded in ``schema_migrations``.
-The PostgreSQL backend keeps a list with the same names, in its own dialect.
+One ordered list for every backend: each entry has a name and its SQL per backend. Each backend
+applies them in order, each in its own transaction, and records their names in
+``schema_migrations``. ``postgres`` is None until the PostgreSQL backend is built; that
+backend then fills in every entry, in its own dialect, without renaming or reordering any.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
-__all__ = ["SQLITE_MIGRATIONS", "Migration"]
+__all__ = ["MIGRATIONS", "Migration"]
 
 
-class Migration(NamedTuple):
+@dataclass(frozen=True)
+class Migration:
     name: str
-    sql: str
+    sqlite: str
+    postgres: str | None = None
 
 
-SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         "0001_registry",
         """

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import apsw
 
@@ -35,13 +35,15 @@ from appliance.store.base import (
     Blob,
     BlobState,
     Download,
+    DownloadChanges,
+    DownloadState,
     InferenceRecord,
     Model,
     NewArtifact,
     RemovedModel,
     utcnow,
 )
-from appliance.store.migrations import SQLITE_MIGRATIONS, Migration
+from appliance.store.migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStore"]
 
@@ -111,7 +113,7 @@ _DOWNLOAD_COLUMNS = (
 class SqliteStore:
     """Store on one SQLite file. Safe to share between threads and processes."""
 
-    def __init__(self, path: Path, *, migrations: Sequence[Migration] = SQLITE_MIGRATIONS) -> None:
+    def __init__(self, path: Path, *, migrations: Sequence[Migration] = MIGRATIONS) -> None:
         self.path = path
         self._write_lock = threading.Lock()
         self._local = threading.local()
@@ -198,7 +200,7 @@ class SqliteStore:
                     # Another process may have applied it while we waited for the write lock.
                     if list(db.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (migration.name,))):
                         continue
-                    db.execute(migration.sql)
+                    db.execute(migration.sqlite)
                     db.execute(
                         "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
                         (migration.name, utcnow()),
@@ -524,17 +526,24 @@ class SqliteStore:
             )
         return download
 
-    def update_download(self, download_id: str, *, only_from: Sequence[str] = (), **changes: Any) -> Download:
-        unknown = set(changes) - set(_DOWNLOAD_COLUMNS) - {"updated_at"}
-        if unknown or "id" in changes:
-            raise ValueError(f"not a download column: {sorted(unknown or {'id'})}")
-        changes["updated_at"] = utcnow()
+    def update_download(
+        self,
+        download_id: str,
+        *,
+        only_from: Sequence[DownloadState] = (),
+        **changes: Unpack[DownloadChanges],
+    ) -> Download:
+        # The names become SQL: refuse any a caller outside the type checker's sight made up.
+        unknown = set(changes) - DownloadChanges.__optional_keys__
+        if unknown:
+            raise ValueError(f"not a download column: {sorted(unknown)}")
+        columns: dict[str, object] = {**changes, "updated_at": utcnow()}
         condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
-        assignments = ", ".join(f"{name} = ?" for name in changes)
+        assignments = ", ".join(f"{name} = ?" for name in columns)
         with self._write() as db:
             db.execute(
                 f"UPDATE downloads SET {assignments} WHERE id = ?{condition}",
-                [*changes.values(), download_id, *only_from],
+                [*columns.values(), download_id, *only_from],
             )
             changed = db.changes()
         found = self.get_download(download_id)

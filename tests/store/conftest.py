@@ -1,0 +1,66 @@
+"""The store fixtures: each store backend at a fresh location. A backend added later adds a param."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import apsw
+import pytest
+
+from appliance.settings import Settings, StoreSettings
+from appliance.store.base import Store
+from appliance.store.factory import open_store
+from appliance.store.migrations import MIGRATIONS, Migration
+from appliance.store.sqlite import SqliteStore
+
+
+class Backend(Protocol):
+    """One backend's database, fresh for each test, reached the way the contract tests need."""
+
+    settings: Settings  # whose store.url names the database
+
+    def open(self, *, migrations: Sequence[Migration] = MIGRATIONS) -> Store:
+        """Another store on the same database (the factory only opens the built-in migrations)."""
+        ...
+
+    def tables(self) -> set[str]:
+        """The tables as the database itself lists them, past the store."""
+        ...
+
+
+class SqliteBackend:
+    """A SQLite file of its own, named by ``store.url`` as a user would."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "appliance.db"
+        self.settings = Settings(
+            data_dir=tmp_path / "data", store=StoreSettings(url=f"sqlite:///{self.path}")
+        )
+
+    def open(self, *, migrations: Sequence[Migration] = MIGRATIONS) -> Store:
+        return SqliteStore(self.path, migrations=migrations)
+
+    def tables(self) -> set[str]:
+        connection = apsw.Connection(str(self.path))
+        try:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {row[0] for row in rows}
+        finally:
+            connection.close()
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": SqliteBackend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    opened = open_store(backend.settings)
+    yield opened
+    opened.close()

@@ -1,0 +1,46 @@
+"""The store a process opens is the one ``store.url`` names, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from appliance.settings import Settings
+from appliance.store.factory import open_store
+from appliance.store.sqlite import SqliteStore
+
+
+def test_unset_store_url_means_the_sqlite_file_in_the_data_dir(settings: Settings, data_dir: Path) -> None:
+    data_dir.mkdir()
+    store = open_store(settings)
+    store.set_preference("opened", True, actor="test")
+    store.close()
+    direct = SqliteStore(data_dir / "appliance.db")
+    assert direct.get_preference("opened") is True
+    direct.close()
+
+
+def test_a_sqlite_url_keeps_the_registry_in_that_file(
+    cli: object, tiny_gguf: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    registry = tmp_path / "elsewhere" / "registry.db"
+    registry.parent.mkdir()
+    elsewhere = {"APPLIANCE_STORE__URL": f"sqlite:///{registry}"}
+    imported = cli("models", "import", str(tiny_gguf), "--name", "tiny", env=elsewhere)  # type: ignore[operator]
+    assert imported.returncode == 0, imported.stderr
+    listed = cli("models", "ls", "--json", env=elsewhere)  # type: ignore[operator]
+    assert [model["name"] for model in json.loads(listed.stdout)] == ["tiny:latest"]
+    assert registry.is_file()
+    assert json.loads(cli("models", "ls", "--json").stdout) == []  # type: ignore[operator]
+
+
+def test_a_postgresql_url_is_refused_until_that_backend_is_built(cli: object, data_dir: Path) -> None:
+    url = "postgresql://appliance:s3cret@db.lan:5432/appliance"
+    result = cli("models", "ls", env={"APPLIANCE_STORE__URL": url})  # type: ignore[operator]
+    assert result.returncode != 0
+    assert "error: store.url names a PostgreSQL database" in result.stderr
+    assert "no PostgreSQL backend yet" in result.stderr
+    assert "hint: unset store.url (APPLIANCE_STORE__URL)" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert not (data_dir / "appliance.db").exists()
