@@ -44,14 +44,15 @@ class Runtime:
             ) from exc
         cache = BlobCache(settings.data_dir)
         store = SqliteStore(settings.data_dir / "appliance.db")
-        models = ModelService(settings, store, cache)
+        preferences = PreferenceService(settings, store)
+        models = ModelService(settings, store, cache, preferences=preferences)
         runtime = cls(
             settings=settings,
             store=store,
             cache=cache,
             models=models,
-            provisioner=Provisioner(settings, store, cache, models),
-            preferences=PreferenceService(settings, store),
+            provisioner=Provisioner(settings, store, cache, models, preferences=preferences),
+            preferences=preferences,
             metrics=Metrics(),
         )
         if with_engine:

@@ -17,45 +17,45 @@ provenance log (``<data>/runtime/provenance/models.jsonl``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from appliance.audit import AuditNote, Context, audited, record
+from appliance.audit import AuditNote, Context, audited
 from appliance.errors import (
     DigestMismatch,
     DigestRequired,
     DiskFull,
     DownloadCancelled,
-    DownloadDenied,
-    DownloadNotFound,
     DownloadNotPending,
     ModelNotFound,
-    SchemeNotSupported,
     UnsupportedFormat,
 )
 from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
-from appliance.names import ModelName, name_from_filename
+from appliance.names import ModelName
+from appliance.preferences import (
+    ALLOWED_SOURCES,
+    DENIED_SOURCES,
+    OFFLINE,
+    REQUIRE_APPROVAL,
+    PreferenceService,
+)
 from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProgress, flight_key
-from appliance.provision.hub import resolve_hf
-from appliance.provision.oci import resolve_oci
+from appliance.provision.handoff import append_provenance, write_handoff
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
-from appliance.provision.s3 import resolve_s3
+from appliance.provision.sources import source_for
 from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
-from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
+from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
     Artifact,
@@ -70,8 +70,6 @@ from appliance.store.cache import BlobCache, StagedBlob
 __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
 
 logger = logging.getLogger(__name__)
-
-APPROVAL_POLL = 0.25
 
 
 @dataclass(frozen=True)
@@ -107,12 +105,14 @@ class Provisioner:
         cache: BlobCache,
         models: ModelService,
         *,
+        preferences: PreferenceService,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
         self.models = models
+        self.preferences = preferences
         self._transport = transport
         self._flights: dict[str, threading.Lock] = {}
         self._flights_lock = threading.Lock()
@@ -135,22 +135,15 @@ class Provisioner:
 
     # -- settings an admin can override with a preference ----------------------------------------
 
-    def _preference(self, key: str, default: Any) -> Any:
-        value = self.store.get_preference(key)
-        return default if value is None else value
-
     def policy(self) -> SourcePolicy:
-        download = self.settings.models.download
         return SourcePolicy(
-            # offline if either says so: a stored preference never overrides --offline
-            offline=self.settings.offline or bool(self._preference("offline", False)),
-            allowed=tuple(self._preference("models.download.allowed_sources", download.allowed_sources)),
-            denied=tuple(self._preference("models.download.denied_sources", download.denied_sources)),
+            offline=self.preferences.effective(OFFLINE),
+            allowed=tuple(self.preferences.effective(ALLOWED_SOURCES)),
+            denied=tuple(self.preferences.effective(DENIED_SOURCES)),
         )
 
     def approval_required(self) -> bool:
-        default = self.settings.models.download.require_user_approval
-        return bool(self._preference("models.download.require_user_approval", default))
+        return self.preferences.effective(REQUIRE_APPROVAL)
 
     # -- the contract ----------------------------------------------------------------------------
 
@@ -304,18 +297,8 @@ class Provisioner:
         )
 
     def _resolve(self, ref: ModelRef) -> Plan:
-        """The files a network ref stands for (a hub's metadata, an S3 HEAD, a registry's manifest)."""
-        if isinstance(ref, UrlRef):
-            path = urlsplit(ref.url).path
-            filename = unquote(path.rsplit("/", 1)[-1]) or "download"
-            return Plan([RemoteFile(url=ref.url, filename=filename)], name_from_filename(filename))
-        if isinstance(ref, HfRef):
-            return resolve_hf(ref, self.settings.models.download)
-        if isinstance(ref, S3Ref):
-            return resolve_s3(ref, self.settings.models.download)
-        if isinstance(ref, OciRef):
-            return resolve_oci(ref, self.settings.models.download, self._client)
-        raise SchemeNotSupported(f"{ref} is not a network ref")
+        """The files a network ref stands for, from its source (sources.py)."""
+        return source_for(ref).resolve(ref, self.settings.models.download, self._client)
 
     # -- single flight ---------------------------------------------------------------------------
 
@@ -342,7 +325,9 @@ class Provisioner:
     ) -> ResolvedModel:
         download = self._rows.row_for(ref, model_name, expected, context)
         try:
-            download = self._await_approval(download, context, cancel, on_progress)
+            download = self._rows.await_approval(
+                download, context, cancel, on_progress, required=self.approval_required()
+            )
         except DownloadCancelled as exc:
             self._stopped(download, exc)
             raise
@@ -381,7 +366,9 @@ class Provisioner:
         )
         if on_progress is not None:
             on_progress(PullProgress(download.id, "done", resolved.size, resolved.size, 0))
-        self._write_handoff(resolved)
+        model = self.models.get(resolved.id)
+        write_handoff(self.runtime_dir, resolved, ctx_max=model.capabilities.get("context_length"))
+        append_provenance(self.runtime_dir, resolved)
         return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
 
     def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
@@ -390,39 +377,6 @@ class Provisioner:
             self._rows.interrupted(download)
         else:
             self._rows.cancelled(download, exc)
-
-    def _await_approval(
-        self,
-        download: Download,
-        context: Context,
-        cancel: threading.Event,
-        on_progress: Callable[[PullProgress], None] | None,
-    ) -> Download:
-        if not self.approval_required() or download.state == "approved" or download.decided_by is not None:
-            return download
-        if download.state != "pending":
-            download = self.store.update_download(download.id, state="pending")
-            record(
-                self.store,
-                context,
-                action="downloads.request",
-                note=AuditNote(target=download.ref, detail={"download_id": download.id}),
-            )
-        if on_progress is not None:
-            on_progress(PullProgress(download.id, "pending", 0, download.bytes_total, 0))
-        logger.info("download %s of %s waits for approval", download.id, download.ref)
-        while True:
-            current = self.store.get_download(download.id)
-            if current is None:
-                raise DownloadNotFound(f"download {download.id} disappeared while it waited for approval")
-            if current.state == "denied":
-                raise DownloadDenied(
-                    f"download {current.id} of {current.ref} was denied by {current.decided_by}"
-                )
-            if current.state != "pending":
-                return current
-            if cancel.wait(APPROVAL_POLL):
-                raise DownloadCancelled(f"download {current.id} was cancelled while it waited for approval")
 
     def _fetch_and_register(
         self,
@@ -633,37 +587,6 @@ class Provisioner:
             event_hooks={"response": [self._check_redirect]},
         )
 
-    def _write_handoff(self, resolved: ResolvedModel) -> None:
-        """The engine handoff and provenance files of the provisioner spec."""
-        engines = self.runtime_dir / "engines"
-        provenance = self.runtime_dir / "provenance"
-        engines.mkdir(parents=True, exist_ok=True)
-        provenance.mkdir(parents=True, exist_ok=True)
-        model = self.models.get(resolved.id)
-        handoff = {
-            "model": {
-                "id": resolved.ref,
-                "name": resolved.id,
-                "path": str(resolved.path),
-                "digest": resolved.digest,
-            },
-            "metadata": {"size_bytes": resolved.size, "ctx_max": model.capabilities.get("context_length")},
-        }
-        staging = engines / f"llamacpp.json.{uuid.uuid4().hex}"
-        staging.write_text(json.dumps(handoff, indent=2) + "\n")
-        os.replace(staging, engines / "llamacpp.json")
-        line = {
-            "at": utcnow(),
-            "model_id": resolved.ref,
-            "name": resolved.id,
-            "digest": resolved.digest,
-            "path": str(resolved.path),
-            "verification": resolved.verification,
-            "download_id": resolved.download_id,
-        }
-        with open(provenance / "models.jsonl", "a") as log:
-            log.write(json.dumps(line) + "\n")
-
     # -- in the background -----------------------------------------------------------------------
 
     def start(self, ref: str, context: Context, **options: Any) -> PullTicket:
@@ -711,26 +634,14 @@ class Provisioner:
     # -- downloads -------------------------------------------------------------------------------
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
-        self._rows.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
-        return self.store.list_downloads(states=states, limit=limit)
+        return self._rows.list_downloads(states=states, limit=limit)
 
     def get_download(self, download_id: str) -> Download:
-        found = self.store.get_download(download_id)
-        if found is None:
-            raise DownloadNotFound(f"download {download_id} not found")
-        return found
+        return self._rows.get(download_id)
 
     def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
-        action = "downloads.approve" if approve else "downloads.deny"
-        with audited(self.store, context, action=action, target=download_id) as note:
-            note.detail["ref"] = self.get_download(download_id).ref
-            return self.store.update_download(
-                download_id,
-                only_from=("pending",),
-                state="approved" if approve else "denied",
-                decided_by=context.actor,
-            )
+        return self._rows.decide(download_id, approve=approve, context=context)
 
 
 def _git_blob_id(path: Path, size: int) -> str:
