@@ -35,6 +35,20 @@ def visible(cache: BlobCache) -> list[str]:
     return sorted(os.listdir(cache.blobs_dir))
 
 
+def wait_for_flock_waiter(path: Path) -> None:
+    """Poll /proc/locks until someone waits for an flock on ``path`` (a "->" line on its inode)."""
+    inode = str(os.stat(path).st_ino)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if fields[1:3] == ["->", "FLOCK"] and fields[6].rsplit(":", 1)[-1] == inode:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing waits for the lock on {path}")
+
+
 def staging(cache: BlobCache) -> list[str]:
     return sorted(os.listdir(cache.tmp_dir))
 
@@ -282,7 +296,7 @@ def test_deleting_waits_for_placing(cache: BlobCache) -> None:
     with cache.placing():
         deleter = threading.Thread(target=delete)
         deleter.start()
-        time.sleep(0.2)
+        wait_for_flock_waiter(cache.data_dir / "cache.lock")
         order.append("placed")
     deleter.join(timeout=5)
     assert order == ["placed", "deleted"]
@@ -315,7 +329,7 @@ def test_a_download_partial_moved_away_while_waiting_for_its_lock_is_not_reused(
     opened: list[tuple[Path, int]] = []
     waiter = threading.Thread(target=lambda: opened.append(cache.open_download("same-url")))
     waiter.start()
-    time.sleep(0.2)  # the waiter now blocks on the lock
+    wait_for_flock_waiter(path)
     placed = tmp_path / "placed-blob"
     os.rename(path, placed)  # what placing a finished download does
     os.close(fd)
