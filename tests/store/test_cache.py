@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from appliance.errors import (
 )
 from appliance.store import cache as cache_module
 from appliance.store.cache import LAYOUT_VERSION, BlobCache
+from tests.locks import wait_for_flock_waiter
 
 
 def sha256_of(path: Path) -> str:
@@ -33,20 +33,6 @@ def sha256_of(path: Path) -> str:
 
 def visible(cache: BlobCache) -> list[str]:
     return sorted(os.listdir(cache.blobs_dir))
-
-
-def wait_for_flock_waiter(path: Path) -> None:
-    """Poll /proc/locks until someone waits for an flock on ``path`` (a "->" line on its inode)."""
-    inode = str(os.stat(path).st_ino)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open("/proc/locks") as locks:
-            for line in locks:
-                fields = line.split()
-                if fields[1:3] == ["->", "FLOCK"] and fields[6].rsplit(":", 1)[-1] == inode:
-                    return
-        time.sleep(0.01)
-    raise AssertionError(f"nothing waits for the lock on {path}")
 
 
 def staging(cache: BlobCache) -> list[str]:
