@@ -9,15 +9,18 @@ times a second) and an audit event; approvals and denials are audited too. Pulls
 the same ref share how it ends: a cancel, a denial or a failure is not run again by each waiter.
 A row whose process ended before it did (killed, or stopped with the server) is marked
 ``interrupted`` when a Provisioner opens and when downloads are listed, and a later pull of the
-ref resumes it under the same id. A successful pull
-writes the engine handoff (``<data>/runtime/engines/llamacpp.json``) and appends to the
-provenance log (``<data>/runtime/provenance/models.jsonl``).
+ref resumes it under the same id. A successful pull writes the engine handoff and appends to the
+provenance log.
+
+Here: the single flight, ``ensure_present``, and a download's fetch and register. Elsewhere in
+this package: the rows, their approval and the pull lock (downloads.py), the resolver of each
+scheme (sources.py), the allow and deny lists (policy.py), the digest checks (verify.py), the
+handoff and provenance files (handoff.py), moving bytes (transfer.py). May import: audit, errors, names,
+refs, settings, preferences, models (the registry service and formats), store.base, store.cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -55,6 +58,7 @@ from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
 from appliance.provision.sources import source_for
 from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
+from appliance.provision.verify import primary_digest, repo_digest, verify
 from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
@@ -68,8 +72,6 @@ from appliance.store.base import (
 from appliance.store.cache import BlobCache, StagedBlob
 
 __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,14 @@ class Provisioner:
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
         if any(a.state != "ok" or not self.cache.has(a.digest) for a in members or [artifact]):
             return None
-        digest = _repo_digest([a.digest for a in members]) if members else artifact.digest
+        digest = repo_digest([a.digest for a in members]) if members else artifact.digest
         if expected is not None and digest != expected:
             return None
         if name is not None and model.name != name:
             model = self._register_as(name, ref, model, members or [artifact], context)
         if not members:
             return self._resolved(model, artifact.digest, str(ref), "present")
-        primary = _primary([(a.digest, a.format) for a in members])
+        primary = primary_digest([(a.digest, a.format) for a in members])
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
@@ -417,7 +419,7 @@ class Provisioner:
                 base += result.size
             progress(base, base, force=True)
             digests = [staged.digest for _, staged, _ in fetched]
-            verification = self._verify(ref, plan, fetched, expected)
+            verification = verify(ref, plan, [(remote, staged) for remote, staged, _ in fetched], expected)
             formats = [self._format(staged, remote, single=single) for remote, staged, _ in fetched]
         except (DigestMismatch, UnsupportedFormat):
             for _, staged, transfer in fetched:
@@ -456,10 +458,10 @@ class Provisioner:
                 transfer.discard()
         assert model is not None
         note.detail["evicted"] = evicted
-        primary = _primary(
+        primary = primary_digest(
             [(staged.digest, fmt) for (_, staged, _), fmt in zip(fetched, formats, strict=True)]
         )
-        digest = digests[0] if len(digests) == 1 else _repo_digest(digests)
+        digest = digests[0] if len(digests) == 1 else repo_digest(digests)
         resolved = self._resolved(model, primary, str(ref), verification)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "downloaded": True, "size": base})
 
@@ -534,38 +536,6 @@ class Provisioner:
         if single:  # a pulled model file must be a model
             return detect_format(header, size=staged.size, filename=remote.filename, requested=None)
         return guess_format(header, size=staged.size)
-
-    def _verify(
-        self,
-        ref: ModelRef,
-        plan: Plan,
-        fetched: list[tuple[RemoteFile, StagedBlob, Transfer]],
-        expected: str | None,
-    ) -> str:
-        """Nothing that fails a digest is kept; content no digest covers is kept and flagged."""
-        for remote, staged, _ in fetched:
-            if remote.digest is not None and remote.digest != staged.digest:
-                raise DigestMismatch(
-                    f"{remote.filename} of {ref} has digest {staged.digest}; the source says {remote.digest}"
-                )
-            if remote.digest is None and remote.git_blob is not None:
-                actual = _git_blob_id(staged.path, staged.size)
-                if actual != remote.git_blob:
-                    raise DigestMismatch(
-                        f"{remote.filename} of {ref} has git blob id {actual}, not {remote.git_blob}"
-                    )
-        if expected is not None:
-            actual = (
-                fetched[0][1].digest if len(fetched) == 1 else _repo_digest([s.digest for _, s, _ in fetched])
-            )
-            if actual != expected:
-                raise DigestMismatch(f"{ref} has digest {actual}, but the expected digest is {expected}")
-            return "expected"
-        if plan.all_have_digests:
-            return "source"
-        uncovered = [r.filename for r, _, _ in fetched if r.digest is None and r.git_blob is None]
-        logger.info("%s: no digest to verify %s against; recorded as they arrived", ref, ", ".join(uncovered))
-        return "unverified"
 
     def _check_redirect(self, response: httpx.Response) -> None:
         """Every redirect a download follows is held to the policy, not just the ref it started from."""
@@ -642,27 +612,3 @@ class Provisioner:
     def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
         return self._rows.decide(download_id, approve=approve, context=context)
-
-
-def _git_blob_id(path: Path, size: int) -> str:
-    """The id git gives a file's content: sha1 of "blob <size>\\0" and the bytes (hub files outside LFS)."""
-    digest = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _repo_digest(digests: list[str]) -> str:
-    """A repo's digest: the sha256 of its files' digests, sorted, one per line."""
-    return "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-
-
-def _primary(files: list[tuple[str, str]]) -> str:
-    """Of (digest, format) pairs, the digest an engine loads: the first GGUF, else the first
-    safetensors, else the first file."""
-    for wanted in ("gguf", "safetensors"):
-        for digest, fmt in files:
-            if fmt == wanted:
-                return digest
-    return files[0][0]
