@@ -15,8 +15,10 @@ provenance log.
 Here: the single flight, ``ensure_present``, and a download's fetch and register. Elsewhere in
 this package: the rows, their approval and the pull lock (downloads.py), the resolver of each
 scheme (sources.py), the allow and deny lists (policy.py), the digest checks (verify.py), the
-handoff and provenance files (handoff.py), moving bytes (transfer.py). May import: audit, errors, names,
-refs, settings, preferences, models (the registry service and formats), store.base, store.cache.
+handoff and provenance files (handoff.py), moving bytes (transfer.py).
+
+May import: audit, errors, names, refs, settings, preferences, models (the registry service and
+formats), store.base, store.cache; never the engine or the web layer.
 """
 
 from __future__ import annotations
