@@ -45,14 +45,15 @@ class Runtime:
             ) from exc
         cache = BlobCache(settings.data_dir)  # first: it refuses a data dir of a newer layout
         store = open_store(settings)
-        models = ModelService(settings, store, cache)
+        preferences = PreferenceService(settings, store)
+        models = ModelService(settings, store, cache, preferences=preferences)
         runtime = cls(
             settings=settings,
             store=store,
             cache=cache,
             models=models,
-            provisioner=Provisioner(settings, store, cache, models),
-            preferences=PreferenceService(settings, store),
+            provisioner=Provisioner(settings, store, cache, models, preferences=preferences),
+            preferences=preferences,
             metrics=Metrics(),
         )
         if with_engine:

@@ -13,6 +13,7 @@ from appliance.audit import Context, audited
 from appliance.errors import CacheFull, ModelExists, ModelNotFound, ModelNotLoadable, SourceUnreadable
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
 from appliance.names import ModelName, name_from_filename
+from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
 from appliance.settings import Settings
 from appliance.store.base import Artifact, Model, NewArtifact, Store
 from appliance.store.cache import BlobCache, ProgressCallback, StagedBlob, open_source
@@ -55,10 +56,13 @@ class GcReport:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, store: Store, cache: BlobCache) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, cache: BlobCache, *, preferences: PreferenceService
+    ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
+        self.preferences = preferences
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -73,12 +77,10 @@ class ModelService:
         return model
 
     def max_bytes(self) -> int | None:
-        preference = self.store.get_preference("models.cache.max_bytes")
-        return int(preference) if preference is not None else self.settings.models.cache.max_bytes
+        return self.preferences.effective(MAX_BYTES)
 
     def evict_policy(self) -> str:
-        preference = self.store.get_preference("models.cache.evict_policy")
-        return str(preference) if preference is not None else self.settings.models.cache.evict_policy
+        return self.preferences.effective(EVICT_POLICY)
 
     def cache_usage(self) -> dict[str, int | None]:
         return {"used_bytes": self.store.cache_bytes(), "max_bytes": self.max_bytes()}

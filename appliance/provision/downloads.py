@@ -1,4 +1,4 @@
-"""The ``downloads`` rows of pulls: which row a pull writes, who runs it, and how it ended.
+"""The ``downloads`` rows of pulls: which row a pull writes, who runs it, its approval, how it ended.
 
 A pull's single-flight lock (an flock on ``<data>/tmp/downloads/<key>.lock``) is held by the
 process that runs it, CLI or server, from before its row is written until it ends. So a row in
@@ -6,6 +6,9 @@ an active state whose lock nobody holds lost its process (killed, or stopped wit
 becomes ``interrupted``, and the next pull of its ref resumes it under the same id. A pull that
 waited on the lock while another pull of its ref ended reads that row: a cancel or a denial ends
 every waiter, and a failure is handed to them rather than run again by each.
+
+A pull that needs approval waits here as ``pending`` until an admin approves or denies its row.
+May import: audit, errors, names, refs, store.base.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.audit import AuditNote, Context, record
+from appliance.audit import AuditNote, Context, audited, record
 from appliance.errors import (
     ApplianceError,
     DownloadCancelled,
     DownloadDenied,
     DownloadFailed,
+    DownloadNotFound,
     DownloadNotPending,
     all_error_classes,
 )
@@ -41,6 +45,7 @@ __all__ = ["DownloadRows", "ProgressWriter", "PullProgress", "flight_key"]
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
+APPROVAL_POLL = 0.25  # seconds between looks at a pending row, for an admin's decision
 # a row in one of these states is resumed by the next pull of its ref; a cancel is final
 RESUMABLE_STATES = (*ACTIVE_DOWNLOAD_STATES, "failed", "interrupted")
 INTERRUPTED_NOTE = "the process that ran it ended before it finished; pull the ref again to resume"
@@ -104,17 +109,38 @@ class DownloadRows:
     @contextmanager
     def lock(self, ref: str, *, blocking: bool) -> Iterator[bool]:
         """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
-        self.locks_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.locks_dir / f"{flight_key(ref)}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
+        path = self.locks_dir / f"{flight_key(ref)}.lock"
+        while True:
+            self.locks_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
                 yield False
                 return
+            except BaseException:
+                os.close(fd)
+                raise
+            # gc removes a lock file nobody holds: between our open and our flock it may have removed
+            # this one, and another pull may hold a new file at the path. Ours would lock nothing.
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        try:
             yield True
         finally:
             os.close(fd)
+
+    def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
+        self.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
+        return self.store.list_downloads(states=states, limit=limit)
+
+    def get(self, download_id: str) -> Download:
+        found = self.store.get_download(download_id)
+        if found is None:
+            raise DownloadNotFound(f"download {download_id} not found")
+        return found
 
     def mark_interrupted(self) -> None:
         """Rows some process should be running, whose pull lock nobody holds, lost their process."""
@@ -177,6 +203,59 @@ class DownloadRows:
             )
         )
 
+    # -- approval --------------------------------------------------------------------------------
+
+    def await_approval(
+        self,
+        download: Download,
+        context: Context,
+        cancel: threading.Event,
+        on_progress: Callable[[PullProgress], None] | None,
+        *,
+        required: bool,
+    ) -> Download:
+        """Hold the pull as ``pending`` until an admin decides (polled: the decision may come from
+        another process); a denial or a cancel raises. A resumed row keeps its earlier decision."""
+        if not required or download.state == "approved" or download.decided_by is not None:
+            return download
+        if download.state != "pending":
+            download = self.store.update_download(download.id, state="pending")
+            record(
+                self.store,
+                context,
+                action="downloads.request",
+                note=AuditNote(target=download.ref, detail={"download_id": download.id}),
+            )
+        if on_progress is not None:
+            on_progress(PullProgress(download.id, "pending", 0, download.bytes_total, 0))
+        logger.info("download %s of %s waits for approval", download.id, download.ref)
+        while True:
+            current = self.store.get_download(download.id)
+            if current is None:
+                raise DownloadNotFound(f"download {download.id} disappeared while it waited for approval")
+            if current.state == "denied":
+                raise DownloadDenied(
+                    f"download {current.id} of {current.ref} was denied by {current.decided_by}"
+                )
+            if current.state != "pending":
+                return current
+            if cancel.wait(APPROVAL_POLL):
+                raise DownloadCancelled(f"download {current.id} was cancelled while it waited for approval")
+
+    def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
+        """Approve or deny a pending download; the waiting pull goes on or fails."""
+        action = "downloads.approve" if approve else "downloads.deny"
+        with audited(self.store, context, action=action, target=download_id) as note:
+            note.detail["ref"] = self.get(download_id).ref
+            return self.store.update_download(
+                download_id,
+                only_from=("pending",),
+                state="approved" if approve else "denied",
+                decided_by=context.actor,
+            )
+
+    # -- how a pull ended ------------------------------------------------------------------------
+
     def failed(self, download: Download, exc: BaseException) -> None:
         code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
         self.store.update_download(
@@ -204,6 +283,15 @@ class DownloadRows:
         self.store.update_download(
             download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
         )
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def flight_key(text: str) -> str:

@@ -3,7 +3,8 @@
 An entry is a scheme (``https``, ``hf``) or ``scheme://host`` where the host may hold shell
 wildcards and a port (``http://mirror.lan:8000``, ``https://*.example.com``); ``*`` is any source.
 A deny entry wins over an allow entry. The settings are the defaults; the preferences of the
-same name (set by an admin, in the UI) override them.
+same name (set by an admin, in the UI) override them. Where a ref comes from is its source's
+``origin`` (sources.py). May import: errors, refs, provision.sources.
 """
 
 from __future__ import annotations
@@ -13,23 +14,10 @@ from fnmatch import fnmatchcase
 from urllib.parse import urlsplit
 
 from appliance.errors import Offline, SourceNotAllowed
-from appliance.refs import HfRef, ModelRef, OciRef, S3Ref, UrlRef
+from appliance.provision.sources import source_for
+from appliance.refs import ModelRef
 
-__all__ = ["SourcePolicy", "source_of"]
-
-
-def source_of(ref: ModelRef) -> tuple[str, str]:
-    """(scheme, host) of a network ref, as the lists match it."""
-    if isinstance(ref, UrlRef):
-        split = urlsplit(ref.url)
-        return split.scheme, split.netloc
-    if isinstance(ref, HfRef):
-        return "hf", ""
-    if isinstance(ref, S3Ref):
-        return "s3", ref.bucket
-    if isinstance(ref, OciRef):
-        return "oci", ref.registry
-    raise ValueError(f"{ref} is not a network ref")
+__all__ = ["SourcePolicy"]
 
 
 def _matches(entry: str, scheme: str, host: str) -> bool:
@@ -55,7 +43,7 @@ class SourcePolicy:
         """Raise Offline or SourceNotAllowed, naming the setting, before any outbound call."""
         if self.offline:
             raise Offline(f"offline mode is on: {ref} would need the network, and no outbound call is made")
-        scheme, host = source_of(ref)
+        scheme, host = source_for(ref).origin(ref)
         where = f"{scheme}://{host}" if host else scheme
         for entry in self.denied:
             if _matches(entry, scheme, host):

@@ -9,53 +9,59 @@ times a second) and an audit event; approvals and denials are audited too. Pulls
 the same ref share how it ends: a cancel, a denial or a failure is not run again by each waiter.
 A row whose process ended before it did (killed, or stopped with the server) is marked
 ``interrupted`` when a Provisioner opens and when downloads are listed, and a later pull of the
-ref resumes it under the same id. A successful pull
-writes the engine handoff (``<data>/runtime/engines/llamacpp.json``) and appends to the
-provenance log (``<data>/runtime/provenance/models.jsonl``).
+ref resumes it under the same id. A successful pull writes the engine handoff and appends to the
+provenance log.
+
+Here: the single flight, ``ensure_present``, and a download's fetch and register. Elsewhere in
+this package: the rows, their approval and the pull lock (downloads.py), the resolver of each
+scheme (sources.py), the allow and deny lists (policy.py), the digest checks (verify.py), the
+handoff and provenance files (handoff.py), moving bytes (transfer.py).
+
+May import: audit, errors, names, refs, settings, preferences, models (the registry service and
+formats), store.base, store.cache; never the engine or the web layer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from appliance.audit import AuditNote, Context, audited, record
+from appliance.audit import AuditNote, Context, audited
 from appliance.errors import (
     DigestMismatch,
     DigestRequired,
     DiskFull,
     DownloadCancelled,
-    DownloadDenied,
-    DownloadNotFound,
     DownloadNotPending,
     ModelNotFound,
-    SchemeNotSupported,
     UnsupportedFormat,
 )
 from appliance.models.formats import detect_format, guess_format
 from appliance.models.service import ModelService
-from appliance.names import ModelName, name_from_filename
+from appliance.names import ModelName
+from appliance.preferences import (
+    ALLOWED_SOURCES,
+    DENIED_SOURCES,
+    OFFLINE,
+    REQUIRE_APPROVAL,
+    PreferenceService,
+)
 from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProgress, flight_key
-from appliance.provision.hub import resolve_hf
-from appliance.provision.oci import resolve_oci
+from appliance.provision.handoff import append_provenance, write_handoff
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
-from appliance.provision.s3 import resolve_s3
+from appliance.provision.sources import source_for
 from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
-from appliance.refs import DigestRef, FileRef, HfRef, ModelRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
+from appliance.provision.verify import primary_digest, repo_digest, verify
+from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
     Artifact,
@@ -68,10 +74,6 @@ from appliance.store.base import (
 from appliance.store.cache import BlobCache, StagedBlob
 
 __all__ = ["Provisioner", "PullProgress", "PullTicket", "ResolvedModel"]
-
-logger = logging.getLogger(__name__)
-
-APPROVAL_POLL = 0.25
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,14 @@ class Provisioner:
         cache: BlobCache,
         models: ModelService,
         *,
+        preferences: PreferenceService,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
         self.models = models
+        self.preferences = preferences
         self._transport = transport
         self._flights: dict[str, threading.Lock] = {}
         self._flights_lock = threading.Lock()
@@ -135,22 +139,15 @@ class Provisioner:
 
     # -- settings an admin can override with a preference ----------------------------------------
 
-    def _preference(self, key: str, default: Any) -> Any:
-        value = self.store.get_preference(key)
-        return default if value is None else value
-
     def policy(self) -> SourcePolicy:
-        download = self.settings.models.download
         return SourcePolicy(
-            # offline if either says so: a stored preference never overrides --offline
-            offline=self.settings.offline or bool(self._preference("offline", False)),
-            allowed=tuple(self._preference("models.download.allowed_sources", download.allowed_sources)),
-            denied=tuple(self._preference("models.download.denied_sources", download.denied_sources)),
+            offline=self.preferences.effective(OFFLINE),
+            allowed=tuple(self.preferences.effective(ALLOWED_SOURCES)),
+            denied=tuple(self.preferences.effective(DENIED_SOURCES)),
         )
 
     def approval_required(self) -> bool:
-        default = self.settings.models.download.require_user_approval
-        return bool(self._preference("models.download.require_user_approval", default))
+        return self.preferences.effective(REQUIRE_APPROVAL)
 
     # -- the contract ----------------------------------------------------------------------------
 
@@ -228,14 +225,14 @@ class Provisioner:
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
         if any(a.state != "ok" or not self.cache.has(a.digest) for a in members or [artifact]):
             return None
-        digest = _repo_digest([a.digest for a in members]) if members else artifact.digest
+        digest = repo_digest([a.digest for a in members]) if members else artifact.digest
         if expected is not None and digest != expected:
             return None
         if name is not None and model.name != name:
             model = self._register_as(name, ref, model, members or [artifact], context)
         if not members:
             return self._resolved(model, artifact.digest, str(ref), "present")
-        primary = _primary([(a.digest, a.format) for a in members])
+        primary = primary_digest([(a.digest, a.format) for a in members])
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
@@ -304,18 +301,8 @@ class Provisioner:
         )
 
     def _resolve(self, ref: ModelRef) -> Plan:
-        """The files a network ref stands for (a hub's metadata, an S3 HEAD, a registry's manifest)."""
-        if isinstance(ref, UrlRef):
-            path = urlsplit(ref.url).path
-            filename = unquote(path.rsplit("/", 1)[-1]) or "download"
-            return Plan([RemoteFile(url=ref.url, filename=filename)], name_from_filename(filename))
-        if isinstance(ref, HfRef):
-            return resolve_hf(ref, self.settings.models.download)
-        if isinstance(ref, S3Ref):
-            return resolve_s3(ref, self.settings.models.download)
-        if isinstance(ref, OciRef):
-            return resolve_oci(ref, self.settings.models.download, self._client)
-        raise SchemeNotSupported(f"{ref} is not a network ref")
+        """The files a network ref stands for, from its source (sources.py)."""
+        return source_for(ref).resolve(ref, self.settings.models.download, self._client)
 
     # -- single flight ---------------------------------------------------------------------------
 
@@ -342,7 +329,9 @@ class Provisioner:
     ) -> ResolvedModel:
         download = self._rows.row_for(ref, model_name, expected, context)
         try:
-            download = self._await_approval(download, context, cancel, on_progress)
+            download = self._rows.await_approval(
+                download, context, cancel, on_progress, required=self.approval_required()
+            )
         except DownloadCancelled as exc:
             self._stopped(download, exc)
             raise
@@ -381,7 +370,9 @@ class Provisioner:
         )
         if on_progress is not None:
             on_progress(PullProgress(download.id, "done", resolved.size, resolved.size, 0))
-        self._write_handoff(resolved)
+        model = self.models.get(resolved.id)
+        write_handoff(self.runtime_dir, resolved, ctx_max=model.capabilities.get("context_length"))
+        append_provenance(self.runtime_dir, resolved)
         return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
 
     def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
@@ -390,39 +381,6 @@ class Provisioner:
             self._rows.interrupted(download)
         else:
             self._rows.cancelled(download, exc)
-
-    def _await_approval(
-        self,
-        download: Download,
-        context: Context,
-        cancel: threading.Event,
-        on_progress: Callable[[PullProgress], None] | None,
-    ) -> Download:
-        if not self.approval_required() or download.state == "approved" or download.decided_by is not None:
-            return download
-        if download.state != "pending":
-            download = self.store.update_download(download.id, state="pending")
-            record(
-                self.store,
-                context,
-                action="downloads.request",
-                note=AuditNote(target=download.ref, detail={"download_id": download.id}),
-            )
-        if on_progress is not None:
-            on_progress(PullProgress(download.id, "pending", 0, download.bytes_total, 0))
-        logger.info("download %s of %s waits for approval", download.id, download.ref)
-        while True:
-            current = self.store.get_download(download.id)
-            if current is None:
-                raise DownloadNotFound(f"download {download.id} disappeared while it waited for approval")
-            if current.state == "denied":
-                raise DownloadDenied(
-                    f"download {current.id} of {current.ref} was denied by {current.decided_by}"
-                )
-            if current.state != "pending":
-                return current
-            if cancel.wait(APPROVAL_POLL):
-                raise DownloadCancelled(f"download {current.id} was cancelled while it waited for approval")
 
     def _fetch_and_register(
         self,
@@ -463,7 +421,7 @@ class Provisioner:
                 base += result.size
             progress(base, base, force=True)
             digests = [staged.digest for _, staged, _ in fetched]
-            verification = self._verify(ref, plan, fetched, expected)
+            verification = verify(ref, plan, [(remote, staged) for remote, staged, _ in fetched], expected)
             formats = [self._format(staged, remote, single=single) for remote, staged, _ in fetched]
         except (DigestMismatch, UnsupportedFormat):
             for _, staged, transfer in fetched:
@@ -502,10 +460,10 @@ class Provisioner:
                 transfer.discard()
         assert model is not None
         note.detail["evicted"] = evicted
-        primary = _primary(
+        primary = primary_digest(
             [(staged.digest, fmt) for (_, staged, _), fmt in zip(fetched, formats, strict=True)]
         )
-        digest = digests[0] if len(digests) == 1 else _repo_digest(digests)
+        digest = digests[0] if len(digests) == 1 else repo_digest(digests)
         resolved = self._resolved(model, primary, str(ref), verification)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "downloaded": True, "size": base})
 
@@ -581,38 +539,6 @@ class Provisioner:
             return detect_format(header, size=staged.size, filename=remote.filename, requested=None)
         return guess_format(header, size=staged.size)
 
-    def _verify(
-        self,
-        ref: ModelRef,
-        plan: Plan,
-        fetched: list[tuple[RemoteFile, StagedBlob, Transfer]],
-        expected: str | None,
-    ) -> str:
-        """Nothing that fails a digest is kept; content no digest covers is kept and flagged."""
-        for remote, staged, _ in fetched:
-            if remote.digest is not None and remote.digest != staged.digest:
-                raise DigestMismatch(
-                    f"{remote.filename} of {ref} has digest {staged.digest}; the source says {remote.digest}"
-                )
-            if remote.digest is None and remote.git_blob is not None:
-                actual = _git_blob_id(staged.path, staged.size)
-                if actual != remote.git_blob:
-                    raise DigestMismatch(
-                        f"{remote.filename} of {ref} has git blob id {actual}, not {remote.git_blob}"
-                    )
-        if expected is not None:
-            actual = (
-                fetched[0][1].digest if len(fetched) == 1 else _repo_digest([s.digest for _, s, _ in fetched])
-            )
-            if actual != expected:
-                raise DigestMismatch(f"{ref} has digest {actual}, but the expected digest is {expected}")
-            return "expected"
-        if plan.all_have_digests:
-            return "source"
-        uncovered = [r.filename for r, _, _ in fetched if r.digest is None and r.git_blob is None]
-        logger.info("%s: no digest to verify %s against; recorded as they arrived", ref, ", ".join(uncovered))
-        return "unverified"
-
     def _check_redirect(self, response: httpx.Response) -> None:
         """Every redirect a download follows is held to the policy, not just the ref it started from."""
         if response.has_redirect_location:
@@ -632,37 +558,6 @@ class Provisioner:
             trust_env=False,
             event_hooks={"response": [self._check_redirect]},
         )
-
-    def _write_handoff(self, resolved: ResolvedModel) -> None:
-        """The engine handoff and provenance files of the provisioner spec."""
-        engines = self.runtime_dir / "engines"
-        provenance = self.runtime_dir / "provenance"
-        engines.mkdir(parents=True, exist_ok=True)
-        provenance.mkdir(parents=True, exist_ok=True)
-        model = self.models.get(resolved.id)
-        handoff = {
-            "model": {
-                "id": resolved.ref,
-                "name": resolved.id,
-                "path": str(resolved.path),
-                "digest": resolved.digest,
-            },
-            "metadata": {"size_bytes": resolved.size, "ctx_max": model.capabilities.get("context_length")},
-        }
-        staging = engines / f"llamacpp.json.{uuid.uuid4().hex}"
-        staging.write_text(json.dumps(handoff, indent=2) + "\n")
-        os.replace(staging, engines / "llamacpp.json")
-        line = {
-            "at": utcnow(),
-            "model_id": resolved.ref,
-            "name": resolved.id,
-            "digest": resolved.digest,
-            "path": str(resolved.path),
-            "verification": resolved.verification,
-            "download_id": resolved.download_id,
-        }
-        with open(provenance / "models.jsonl", "a") as log:
-            log.write(json.dumps(line) + "\n")
 
     # -- in the background -----------------------------------------------------------------------
 
@@ -711,47 +606,11 @@ class Provisioner:
     # -- downloads -------------------------------------------------------------------------------
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
-        self._rows.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
-        return self.store.list_downloads(states=states, limit=limit)
+        return self._rows.list_downloads(states=states, limit=limit)
 
     def get_download(self, download_id: str) -> Download:
-        found = self.store.get_download(download_id)
-        if found is None:
-            raise DownloadNotFound(f"download {download_id} not found")
-        return found
+        return self._rows.get(download_id)
 
     def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
-        action = "downloads.approve" if approve else "downloads.deny"
-        with audited(self.store, context, action=action, target=download_id) as note:
-            note.detail["ref"] = self.get_download(download_id).ref
-            return self.store.update_download(
-                download_id,
-                only_from=("pending",),
-                state="approved" if approve else "denied",
-                decided_by=context.actor,
-            )
-
-
-def _git_blob_id(path: Path, size: int) -> str:
-    """The id git gives a file's content: sha1 of "blob <size>\\0" and the bytes (hub files outside LFS)."""
-    digest = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _repo_digest(digests: list[str]) -> str:
-    """A repo's digest: the sha256 of its files' digests, sorted, one per line."""
-    return "sha256:" + hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
-
-
-def _primary(files: list[tuple[str, str]]) -> str:
-    """Of (digest, format) pairs, the digest an engine loads: the first GGUF, else the first
-    safetensors, else the first file."""
-    for wanted in ("gguf", "safetensors"):
-        for digest, fmt in files:
-            if fmt == wanted:
-                return digest
-    return files[0][0]
+        return self._rows.decide(download_id, approve=approve, context=context)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,20 +233,26 @@ def test_downloads_beyond_max_parallel_wait_for_a_slot(
     try:
         first = files.add("/first.gguf", model_bytes, Faults(bytes_per_second=MIB // 2))  # about 3 s
         second = files.add("/second.gguf", model_bytes[:-1] + b"\x01")
-        threads = [
-            threading.Thread(target=runtime.provisioner.ensure_present, args=(url, context))
-            for url in (first, second)
-        ]
+        events: list[tuple[str, str]] = []  # (ref, state) in the order the pulls report them
+
+        def pull(url: str) -> None:
+            runtime.provisioner.ensure_present(
+                url, context, on_progress=lambda update: events.append((url, update.state))
+            )
+
+        threads = [threading.Thread(target=pull, args=(url,)) for url in (first, second)]
         threads[0].start()
         _wait_for_state(runtime, "running")
         threads[1].start()
-        time.sleep(0.3)
+        wait_until(lambda: (second, "queued") in events, "the second pull is queued")
         waiting = {d.ref: d.state for d in runtime.provisioner.list_downloads()}
         assert waiting == {first: "running", second: "queued"}  # the second waits for the slot
         assert files.hits_for("/second.gguf") == []
         for thread in threads:
             thread.join(timeout=60)
         assert sorted(d.state for d in runtime.provisioner.list_downloads()) == ["done", "done"]
+        # the second ran only once the first had given its slot back
+        assert events.index((first, "done")) < events.index((second, "running"))
     finally:
         runtime.close()
 
@@ -425,6 +431,15 @@ def test_a_denied_download_fails_the_waiting_pull(
         assert runtime.models.list_models() == []
     finally:
         runtime.close()
+
+
+def wait_until(condition: Callable[[], object], what: str) -> None:
+    """Poll ``condition`` until it holds, for at most 30 seconds."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting: {what}")
+        time.sleep(0.02)
 
 
 def _wait_for_state(runtime: Runtime, state: str) -> object:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from appliance.audit import Context
 from appliance.errors import ApplianceError, DownloadCancelled, UnsupportedFormat
 from appliance.runtime import Runtime
 from tests.fileserver import Faults, FileServer
-from tests.provision.test_pull import MIB, _wait_for_state, leftover_partials, open_runtime
+from tests.provision.test_pull import MIB, _wait_for_state, leftover_partials, open_runtime, wait_until
 from tests.tiny_model import write_llama_gguf
 
 
@@ -40,10 +39,7 @@ def test_a_cancel_ends_the_download_for_every_waiter(
     url = files.add("/slow.gguf", model_bytes, Faults(bytes_per_second=MIB // 2))
     tickets = [runtime.provisioner.start(url, context) for _ in range(2)]
     running = _wait_for_state(runtime, "running")
-    deadline = time.monotonic() + 30
-    while probes(files, "/slow.gguf") == 0:  # the download has really started fetching
-        assert time.monotonic() < deadline, "the download never probed the file"
-        time.sleep(0.05)
+    wait_until(lambda: probes(files, "/slow.gguf") == 1, "the download's first request")
     runtime.provisioner.cancel(running.id, Context(actor="admin"))  # type: ignore[attr-defined]
     for ticket in tickets:
         with pytest.raises(DownloadCancelled, match="cancelled") as raised:

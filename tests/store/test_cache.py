@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from appliance.errors import (
 )
 from appliance.store import cache as cache_module
 from appliance.store.cache import LAYOUT_VERSION, BlobCache
+from tests.locks import wait_for_flock_waiter
 
 
 def sha256_of(path: Path) -> str:
@@ -282,7 +282,7 @@ def test_deleting_waits_for_placing(cache: BlobCache) -> None:
     with cache.placing():
         deleter = threading.Thread(target=delete)
         deleter.start()
-        time.sleep(0.2)
+        wait_for_flock_waiter(cache.data_dir / "cache.lock")
         order.append("placed")
     deleter.join(timeout=5)
     assert order == ["placed", "deleted"]
@@ -315,7 +315,7 @@ def test_a_download_partial_moved_away_while_waiting_for_its_lock_is_not_reused(
     opened: list[tuple[Path, int]] = []
     waiter = threading.Thread(target=lambda: opened.append(cache.open_download("same-url")))
     waiter.start()
-    time.sleep(0.2)  # the waiter now blocks on the lock
+    wait_for_flock_waiter(path)
     placed = tmp_path / "placed-blob"
     os.rename(path, placed)  # what placing a finished download does
     os.close(fd)
