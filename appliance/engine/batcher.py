@@ -16,24 +16,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.engine.llama import LlamaContext, LlamaModel, Sampler, SamplingParams
+from appliance.engine.base import Finished, SamplingParams, TextChunk
+from appliance.engine.llama import LlamaContext, LlamaModel, Sampler
 from appliance.errors import ApplianceError, EngineBusy, PromptTooLong
 
-__all__ = ["Batcher", "Finished", "GenerationRequest", "TextChunk"]
-
-
-@dataclass(frozen=True)
-class TextChunk:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop", "length", "cancelled" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    error: ApplianceError | None = None
-
+__all__ = ["Batcher", "Event", "Finished", "GenerationRequest", "TextChunk"]
 
 Event = TextChunk | Finished
 

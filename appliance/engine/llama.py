@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
+from appliance.engine.base import SamplingParams
 from appliance.errors import EngineFailure
 
 __all__ = ["LlamaContext", "LlamaModel", "Sampler", "SamplingParams", "gpu_offload_supported"]
@@ -179,15 +179,6 @@ class LlamaContext:
         if not pointer:
             raise EngineFailure("this model produced no embedding", hint="use an embedding model")
         return [float(pointer[index]) for index in range(size)]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    seed: int | None = None
-    grammar: str | None = None  # GBNF, e.g. to force JSON
 
 
 class Sampler:
