@@ -1,7 +1,8 @@
 """A thin, typed layer over llama-cpp-python's low-level API (llama.cpp's C API through ctypes).
 
 Only this module touches ``llama_cpp``; its errors are translated here. ctypes releases the
-GIL during every C call, so decoding on a worker thread never blocks the event loop.
+GIL during every C call, so decoding on a worker thread never blocks the event loop. May import
+``appliance.engine.base`` and ``appliance.errors`` only.
 """
 
 from __future__ import annotations
