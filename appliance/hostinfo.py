@@ -3,7 +3,8 @@
 One place for them, outside ``web/``: the system page shows them and the engine sizes its memory
 budget with them. Reads ``/proc`` and runs ``nvidia-smi`` (where there is one); every probe that
 fails answers "unknown" (None, or no GPUs) rather than raising, since a dashboard must still load.
-May import the standard library only, plus ``llama_cpp`` lazily for the engine build.
+May import the standard library only, plus the llama.cpp layer (``appliance.engine.llama``),
+lazily, for the engine build.
 """
 
 from __future__ import annotations
@@ -110,10 +111,8 @@ def disk_free(path: Path) -> int:
 
 
 def engine_build() -> EngineBuild:
-    """What the installed llama.cpp can do; importing it loads its shared library."""
-    import llama_cpp
+    """What the installed llama.cpp can do. Imported here: it loads llama.cpp's shared library,
+    which only the serving process needs."""
+    from appliance.engine.llama import gpu_offload_supported, llama_cpp_version
 
-    return EngineBuild(
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
-        llama_cpp_version=str(getattr(llama_cpp, "__version__", "unknown")),
-    )
+    return EngineBuild(gpu_offload=gpu_offload_supported(), llama_cpp_version=llama_cpp_version())

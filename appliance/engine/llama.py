@@ -16,7 +16,14 @@ import llama_cpp
 from appliance.engine.base import SamplingParams
 from appliance.errors import EngineFailure
 
-__all__ = ["LlamaContext", "LlamaModel", "Sampler", "SamplingParams", "gpu_offload_supported"]
+__all__ = [
+    "LlamaContext",
+    "LlamaModel",
+    "Sampler",
+    "SamplingParams",
+    "gpu_offload_supported",
+    "llama_cpp_version",
+]
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -42,6 +49,10 @@ def _ensure_backend() -> None:
 
 def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def llama_cpp_version() -> str:
+    return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
 class LlamaModel:

@@ -370,3 +370,10 @@ def test_the_engine_loads_from_a_spec_without_a_registry(runtime: Runtime, tiny:
         assert [info.key for info in pool.loaded()] == ["anything"]
     finally:
         pool.close()
+
+
+def test_a_request_records_the_models_use(runtime: Runtime, pool: Router, tiny: str) -> None:
+    """Last use orders the cache's LRU eviction: the router records it, the engine never does."""
+    before = runtime.models.get(tiny).last_used_at
+    pool.load(tiny)
+    assert runtime.models.get(tiny).last_used_at > before
