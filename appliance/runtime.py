@@ -1,4 +1,9 @@
-"""The long-lived parts (store, cache, services), opened once per process and closed on exit."""
+"""The long-lived parts (store, cache, services), opened once per process and closed on exit.
+
+The server opens it with its engine: the in-process pool behind the router, and the inference
+service over both. May import every service, the store and the cache; nothing imports it but
+the entry points (CLI, web app).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from appliance.store.cache import BlobCache
 from appliance.store.factory import open_store
 
 if TYPE_CHECKING:
-    from appliance.engine.pool import EnginePool
+    from appliance.engine.router import Router
     from appliance.engine.service import InferenceService
 
 __all__ = ["Runtime"]
@@ -31,7 +36,7 @@ class Runtime:
     provisioner: Provisioner
     preferences: PreferenceService
     metrics: Metrics
-    pool: EnginePool | None = None  # only the server loads models; CLI commands never do
+    router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
 
     @classmethod
@@ -59,14 +64,16 @@ class Runtime:
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
             from appliance.engine.pool import EnginePool
+            from appliance.engine.router import Router
             from appliance.engine.service import InferenceService
 
-            runtime.pool = EnginePool(settings.engine, models, cache)
-            runtime.inference = InferenceService(runtime.pool, store, runtime.metrics)
+            engine = EnginePool(settings.engine)
+            runtime.router = Router(settings.engine, models, store=store, cache=cache, engine=engine)
+            runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
         return runtime
 
     def close(self) -> None:
         self.provisioner.close()
-        if self.pool is not None:
-            self.pool.close()
+        if self.router is not None:
+            self.router.close()
         self.store.close()

@@ -4,7 +4,8 @@ One thread per loaded model owns a llama.cpp context whose KV cache holds one se
 active request. Each step decodes one batch holding the next token of every generating
 sequence plus prompt chunks of newly admitted ones, then samples each sequence's next token
 from its own row of logits. Requests join and leave between steps; a cancelled request
-(its client went away) is dropped from the KV cache at the next step and its slot reused.
+(its client went away) is dropped from the KV cache at the next step and its slot reused. May
+import ``appliance.engine`` (base, llama) and ``appliance.errors`` only.
 """
 
 from __future__ import annotations
@@ -16,24 +17,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.engine.llama import LlamaContext, LlamaModel, Sampler, SamplingParams
+from appliance.engine.base import Finished, SamplingParams, TextChunk
+from appliance.engine.llama import LlamaContext, LlamaModel, Sampler
 from appliance.errors import ApplianceError, EngineBusy, PromptTooLong
 
-__all__ = ["Batcher", "Finished", "GenerationRequest", "TextChunk"]
-
-
-@dataclass(frozen=True)
-class TextChunk:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop", "length", "cancelled" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    error: ApplianceError | None = None
-
+__all__ = ["Batcher", "Event", "Finished", "GenerationRequest", "TextChunk"]
 
 Event = TextChunk | Finished
 

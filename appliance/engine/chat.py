@@ -1,4 +1,7 @@
-"""Chat prompts: the GGUF's own Jinja chat template, rendered in a sandbox, or ChatML when it has none."""
+"""Chat prompts: the GGUF's own Jinja chat template, rendered in a sandbox, or ChatML when it has none.
+
+Part of the in-process engine; may import ``appliance.errors`` only.
+"""
 
 from __future__ import annotations
 

@@ -1,21 +1,29 @@
 """A thin, typed layer over llama-cpp-python's low-level API (llama.cpp's C API through ctypes).
 
 Only this module touches ``llama_cpp``; its errors are translated here. ctypes releases the
-GIL during every C call, so decoding on a worker thread never blocks the event loop.
+GIL during every C call, so decoding on a worker thread never blocks the event loop. May import
+``appliance.engine.base`` and ``appliance.errors`` only.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
+from appliance.engine.base import SamplingParams
 from appliance.errors import EngineFailure
 
-__all__ = ["LlamaContext", "LlamaModel", "Sampler", "SamplingParams", "gpu_offload_supported"]
+__all__ = [
+    "LlamaContext",
+    "LlamaModel",
+    "Sampler",
+    "SamplingParams",
+    "gpu_offload_supported",
+    "llama_cpp_version",
+]
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -41,6 +49,10 @@ def _ensure_backend() -> None:
 
 def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def llama_cpp_version() -> str:
+    return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
 class LlamaModel:
@@ -179,15 +191,6 @@ class LlamaContext:
         if not pointer:
             raise EngineFailure("this model produced no embedding", hint="use an embedding model")
         return [float(pointer[index]) for index in range(size)]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    seed: int | None = None
-    grammar: str | None = None  # GBNF, e.g. to force JSON
 
 
 class Sampler:

@@ -1,65 +1,64 @@
-"""The pool of loaded models: load from the cache (mmap, no copy), keep alive, unload LRU to fit a budget.
+"""The in-process engine: a pool of llama.cpp models loaded from the cache (mmap, no copy), kept
+alive, unloaded least recently used first to fit a memory budget. It implements ``Engine``.
 
-A model is loaded on first use (or by ``load``) and stays loaded for ``keep_alive`` after its
-last request ends (Ollama's semantics: 0 unloads at once, negative keeps it for good). When a
-model does not fit the memory budget, idle models are unloaded least recently used first;
-models serving requests are never unloaded under them.
+Models are loaded from a ``LoadSpec`` and listed by its ``key``; the pool never resolves a
+name, reads a preference or records use (the router above does). A model is loaded on first use
+(or by ``load``) and stays loaded for ``keep_alive`` after its last request ends (Ollama's
+semantics: 0 unloads at once, negative keeps it for good). When a model does not fit the memory
+budget, idle models are unloaded least recently used first; models serving requests are never
+unloaded under them.
 
-Deleting a model goes through ``remove_model`` on every surface: the model leaves the pool at
-once (``ps`` no longer lists it, no new request reaches it), requests in flight on it finish
-(its blob stays readable through the memory map even once unlinked), and the last one to end
-unloads it. A model removed from the registry by another process (the CLI) is noticed by the
-reaper and leaves the pool the same way.
+A retired model (deleted from the registry) leaves the pool at once (``loaded`` no longer lists
+it, no new request reaches it), requests in flight on it finish (its blob stays readable through
+the memory map even once unlinked), and the last one to end unloads it.
+
+May import ``appliance.engine`` (base, llama, batcher, chat), ``appliance.hostinfo``,
+``appliance.errors`` and ``appliance.settings``; never the registry, the store or the web layer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import AsyncGenerator
-from contextlib import suppress
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.audit import Context
-from appliance.engine.batcher import Batcher, Event, Finished, GenerationRequest
-from appliance.engine.chat import ChatTemplate
-from appliance.engine.llama import LlamaContext, LlamaModel, SamplingParams, gpu_offload_supported
-from appliance.errors import (
-    ApplianceError,
-    DiskFull,
-    EngineFailure,
-    InsufficientMemory,
-    ModelNotFound,
-    ModelNotLoadable,
-    PromptTooLong,
-)
-from appliance.models.service import ModelService
-from appliance.names import ModelName
-from appliance.settings import EngineSettings
-from appliance.store.base import Model
-from appliance.store.cache import BlobCache
+import anyio
+import anyio.to_thread
 
-__all__ = ["EnginePool", "LoadedModel", "Route", "estimate_memory"]
+from appliance import hostinfo
+from appliance.engine.base import (
+    Embeddings,
+    EngineEvent,
+    Finished,
+    LoadedInfo,
+    LoadSpec,
+    Prompt,
+    Ready,
+    SamplingParams,
+)
+from appliance.engine.batcher import Batcher, Event, GenerationRequest
+from appliance.engine.chat import ChatTemplate
+from appliance.engine.llama import LlamaContext, LlamaModel, gpu_offload_supported
+from appliance.errors import EngineFailure, InsufficientMemory, PromptTooLong
+from appliance.settings import EngineSettings
+
+__all__ = ["ENGINE_NAME", "EnginePool", "LoadedModel", "estimate_memory"]
 
 ENGINE_NAME = "local:llama.cpp"
 _COMPUTE_OVERHEAD = 64 * 1024 * 1024
 
-
-@dataclass(frozen=True)
-class Route:
-    """Which engine serves a request and why (REQ-MODELS-0118)."""
-
-    engine: str
-    node: str
-    reason: str
+ALREADY_LOADED = "the model was already loaded"
+LOADED_ON_DEMAND = "loaded from the local cache on demand"
+FILE_REPLACED = "reloaded: the model's file was replaced"
 
 
 @dataclass
 class LoadedModel:
-    name: ModelName
+    key: str
     digest: str
     size_bytes: int
     memory_bytes: int
@@ -75,12 +74,29 @@ class LoadedModel:
     expires_at: float | None = None  # monotonic; None keeps it loaded
     in_use: int = 0
     retired: bool = False  # deleted: unloaded when its last request ends
+    expire_when_idle: bool = False  # asked to unload while busy: the last request's end unloads it
     embed_lock: threading.Lock = field(default_factory=threading.Lock)
     embedder: LlamaContext | None = None
 
     def tokenize(self, text: str) -> list[int]:
         add_bos = not text.startswith(self.template.bos_token) if self.template.bos_token else True
         return self.model.tokenize(text, add_special=add_bos)
+
+    def info(self) -> LoadedInfo:
+        expires_in = None if self.expires_at is None else max(0.0, self.expires_at - time.monotonic())
+        return LoadedInfo(
+            key=self.key,
+            digest=self.digest,
+            size_bytes=self.size_bytes,
+            memory_bytes=self.memory_bytes,
+            context_length=self.seq_ctx,
+            gpu_layers=self.gpu_layers,
+            active_requests=self.batcher.active,
+            queued_requests=self.batcher.queued,
+            loaded_at=self.loaded_at,
+            expires_in=expires_in,
+            capabilities=self.capabilities,
+        )
 
     def close(self) -> None:
         self.context.close()
@@ -99,23 +115,24 @@ def estimate_memory(capabilities: dict[str, Any], *, weights: int, n_ctx: int) -
     return weights + kv_cache + _COMPUTE_OVERHEAD
 
 
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 class EnginePool:
-    def __init__(self, settings: EngineSettings, models: ModelService, cache: BlobCache) -> None:
+    name = ENGINE_NAME
+    node = "local"
+
+    def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
-        self.models = models
-        self.cache = cache
-        self.budget = settings.memory_budget or int(_physical_memory() * 0.75)
-        self._loaded: dict[ModelName, LoadedModel] = {}
+        self.budget = settings.memory_budget or int((hostinfo.memory().total_bytes or 0) * 0.75)
+        self._loaded: dict[str, LoadedModel] = {}
         self._retired: list[LoadedModel] = []  # deleted, still serving: their memory is still held
-        self._lock = threading.RLock()  # guards _loaded, _retired and in_use counts
-        self._load_locks: dict[ModelName, threading.Lock] = {}
+        self._lock = threading.RLock()  # guards _loaded, _retired, in_use counts and expiry flags
+        self._load_locks: dict[str, threading.Lock] = {}
         self._closing = threading.Event()
         self._reaper = threading.Thread(target=self._reap_forever, name="model-reaper", daemon=True)
         self._reaper.start()
+
+    @property
+    def memory_budget(self) -> int:
+        return self.budget
 
     @property
     def gpu_offload(self) -> bool:
@@ -123,73 +140,66 @@ class EnginePool:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def loaded(self) -> list[LoadedModel]:
+    def loaded(self) -> list[LoadedInfo]:
         with self._lock:
-            return sorted(self._loaded.values(), key=lambda loaded: str(loaded.name))
+            return [loaded.info() for loaded in sorted(self._loaded.values(), key=lambda it: it.key)]
 
-    def acquire(self, name: str, *, context_length: int | None = None) -> tuple[LoadedModel, Route]:
-        """The loaded model for ``name`` (loading it if needed), held until ``release``.
+    def acquire(self, spec: LoadSpec) -> tuple[LoadedModel, str]:
+        """The loaded model for ``spec`` (loading it if needed), held until ``release``; and why.
 
-        ``context_length`` asks for that context per request (capped at the model's own). An idle
-        model loaded with another context is reloaded, as Ollama does for ``num_ctx``; one that is
-        serving requests keeps its context, since reloading would cut those requests off.
+        An idle model loaded from another digest (its file was replaced) is reloaded; so is one
+        with another context when the request asked for one, as Ollama does for ``num_ctx``. One
+        that is serving requests keeps its context, since reloading would cut those requests off.
         """
-        model = self.models.get(name)
-        wanted = self._context_length(model, context_length)
-        gguf = next((a.digest for a in model.artifacts if a.format == "gguf"), None)
 
         def reload_needed(loaded: LoadedModel) -> bool:
             idle = loaded.in_use == 0 and loaded.batcher.idle
-            replaced = loaded.digest != gguf  # another GGUF was imported under this name
-            return idle and (replaced or (context_length is not None and loaded.seq_ctx != wanted))
+            replaced = loaded.digest != spec.digest
+            resized = spec.context_requested and loaded.seq_ctx != spec.context_length
+            return idle and (replaced or resized)
 
         with self._lock:
-            loaded = self._loaded.get(model.name)
+            loaded = self._loaded.get(spec.key)
             if loaded is not None and not reload_needed(loaded):
-                loaded.in_use += 1
-                loaded.expires_at = None
-                return loaded, Route(ENGINE_NAME, "local", "the model was already loaded")
-            load_lock = self._load_locks.setdefault(model.name, threading.Lock())
+                self._hold(loaded)
+                return loaded, ALREADY_LOADED
+            load_lock = self._load_locks.setdefault(spec.key, threading.Lock())
         with load_lock:  # one load per model, however many requests arrive at once
             with self._lock:
-                loaded = self._loaded.get(model.name)
+                loaded = self._loaded.get(spec.key)
                 reload = loaded is not None and reload_needed(loaded)
-                file_replaced = reload and loaded is not None and loaded.digest != gguf
+                file_replaced = reload and loaded is not None and loaded.digest != spec.digest
                 fresh = loaded is None
                 if reload:
-                    del self._loaded[model.name]
+                    del self._loaded[spec.key]
             if loaded is None or reload:
                 if loaded is not None:
                     self._close(loaded)
-                loaded = self._load(model, wanted)
+                loaded = self._load(spec)
             with self._lock:
-                self._loaded[model.name] = loaded
-                loaded.in_use += 1
-                loaded.expires_at = None
+                self._loaded[spec.key] = loaded
+                self._hold(loaded)
         if file_replaced:
-            reason = "reloaded: the model's file was replaced"
+            reason = FILE_REPLACED
         elif reload:
-            reason = f"reloaded with the requested context of {wanted} tokens"
+            reason = f"reloaded with the requested context of {spec.context_length} tokens"
         elif fresh:
-            reason = "loaded from the local cache on demand"
+            reason = LOADED_ON_DEMAND
         else:
-            reason = "the model was already loaded"
-        return loaded, Route(ENGINE_NAME, "local", reason)
+            reason = ALREADY_LOADED
+        return loaded, reason
 
-    def _context_length(self, model: Model, requested: int | None) -> int:
-        """Tokens per sequence: the request's, else the stored preference (set from the UI), else
-        the setting; never more than the model was trained for."""
-        configured = requested or int(
-            self.models.store.get_preference("engine.context_length") or self.settings.context_length
-        )
-        trained = int(model.capabilities.get("context_length") or configured)
-        return min(configured, trained)
+    def _hold(self, loaded: LoadedModel) -> None:
+        loaded.in_use += 1
+        loaded.expires_at = None
 
     def release(self, loaded: LoadedModel, *, keep_alive: float | None = None) -> None:
         keep = self.settings.keep_alive if keep_alive is None else keep_alive
         with self._lock:
             loaded.in_use -= 1
             loaded.last_used = time.monotonic()
+            if loaded.in_use == 0 and loaded.expire_when_idle:
+                keep, loaded.expire_when_idle = 0, False
             if loaded.in_use == 0:
                 loaded.expires_at = None if keep < 0 else loaded.last_used + keep
             finished_retired = loaded.retired and loaded.in_use == 0
@@ -200,78 +210,53 @@ class EnginePool:
         elif keep == 0:
             self._reap()
 
-    def load(
-        self, name: str, *, keep_alive: float | None = None, context_length: int | None = None
-    ) -> LoadedModel:
-        loaded, _ = self.acquire(name, context_length=context_length)
+    def load(self, spec: LoadSpec, *, keep_alive: float | None = None) -> tuple[LoadedInfo, str]:
+        loaded, reason = self.acquire(spec)
+        info = loaded.info()
         self.release(loaded, keep_alive=keep_alive)
-        return loaded
+        return info, reason
 
-    def unload(self, name: str) -> bool:
-        model_name = self.models.get(name).name
+    def unload(self, key: str) -> bool:
         with self._lock:
-            loaded = self._loaded.pop(model_name, None)
+            loaded = self._loaded.pop(key, None)
         if loaded is None:
             return False
         self._close(loaded)
         return True
 
-    def remove_model(self, name: str, context: Context) -> int:
-        """Delete a model from the registry and the pool (see the module docstring); the bytes freed."""
-        model_name = self.models.get(name).name  # an unknown name is a 404, as on every other route
-        freed = self.models.remove(str(model_name), context)
+    def unload_when_idle(self, key: str) -> None:
         with self._lock:
-            loaded = self._loaded.get(model_name)
-        if loaded is not None:
-            self._retire(loaded)
-        return freed
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                return
+            if loaded.in_use > 0:
+                loaded.expire_when_idle = True
+                return
+            loaded.expires_at = time.monotonic()
+        self._reap()
 
-    def _retire(self, loaded: LoadedModel) -> None:
-        """Take a model out of the pool; it unloads now if idle, else when its last request ends."""
+    def retire(self, key: str) -> None:
         with self._lock:
-            if self._loaded.get(loaded.name) is not loaded:
-                return  # already gone, or reloaded meanwhile
-            del self._loaded[loaded.name]
-            idle = loaded.in_use == 0
-            if not idle:
+            loaded = self._loaded.pop(key, None)
+            idle = loaded is not None and loaded.in_use == 0
+            if loaded is not None and not idle:
                 loaded.retired = True
                 self._retired.append(loaded)
         if idle:
             self._close(loaded)
 
-    def _retire_removed(self) -> None:
-        """A model removed behind the pool's back (``appliance models rm`` works on the registry
-        directly), or replaced by another file under its name, leaves the pool like any removal."""
-        for loaded in self.loaded():
-            try:
-                current = self.models.get(str(loaded.name))
-            except ModelNotFound:
-                self._retire(loaded)
-                continue
-            except ApplianceError:
-                return  # the registry cannot answer now: try again at the next round
-            if loaded.digest not in {artifact.digest for artifact in current.artifacts}:
-                self._retire(loaded)
-
-    def _load(self, model: Model, seq_ctx: int) -> LoadedModel:
-        artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
-        if artifact is None:
-            raise ModelNotLoadable(f"model {model.name} has no GGUF file ({', '.join(model.formats)})")
-        if artifact.state != "ok" or not self.cache.has(artifact.digest):
-            raise ModelNotLoadable(
-                f"model {model.name}'s file failed verification and is quarantined",
-                hint="remove the model and import it again",
-            )
-        self.models.ensure_intact(artifact.digest)
-        capabilities = model.capabilities
+    def _load(self, spec: LoadSpec) -> LoadedModel:
         n_seq = self.settings.parallel
-        memory = estimate_memory(capabilities, weights=artifact.size_bytes, n_ctx=seq_ctx * n_seq)
-        self._make_room(memory, model.name)
-        gpu_layers = self.settings.n_gpu_layers
+        memory = estimate_memory(
+            spec.capabilities, weights=spec.size_bytes, n_ctx=spec.context_length * n_seq
+        )
+        self._make_room(memory, spec.key)
+        gpu_layers = spec.n_gpu_layers
         if gpu_layers is None:
             gpu_layers = -1 if gpu_offload_supported() else 0
-        threads = self.settings.threads or os.cpu_count() or 1
-        llama_model = LlamaModel(self.cache.path(artifact.digest), n_gpu_layers=gpu_layers)
+        threads = self.settings.threads or hostinfo.cpu_count()
+        llama_model = LlamaModel(spec.path, n_gpu_layers=gpu_layers)
+        seq_ctx = spec.context_length
         try:
             context = LlamaContext(
                 llama_model, n_ctx=seq_ctx * n_seq, n_seq=n_seq, n_batch=max(512, seq_ctx), threads=threads
@@ -287,12 +272,10 @@ class EnginePool:
             bos_token=llama_model.token_text(llama_model.bos) if llama_model.bos >= 0 else "",
             eos_token=llama_model.token_text(llama_model.eos) if llama_model.eos >= 0 else "",
         )
-        with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
-            self.models.store.touch_model(model.name)
         return LoadedModel(
-            name=model.name,
-            digest=artifact.digest,
-            size_bytes=artifact.size_bytes,
+            key=spec.key,
+            digest=spec.digest,
+            size_bytes=spec.size_bytes,
             memory_bytes=memory,
             seq_ctx=seq_ctx,
             gpu_layers=gpu_layers,
@@ -300,10 +283,10 @@ class EnginePool:
             context=context,
             batcher=batcher,
             template=template,
-            capabilities=capabilities,
+            capabilities=spec.capabilities,
         )
 
-    def _make_room(self, needed: int, incoming: ModelName) -> None:
+    def _make_room(self, needed: int, incoming: str) -> None:
         if needed > self.budget:
             raise InsufficientMemory(
                 f"model {incoming} needs about {needed} bytes; the engine's budget is {self.budget}"
@@ -322,11 +305,11 @@ class EnginePool:
                         " models that are serving requests"
                     )
                 victim = min(idle, key=lambda loaded: loaded.last_used)
-                del self._loaded[victim.name]
+                del self._loaded[victim.key]
             self._close(victim)
 
     def _close(self, loaded: LoadedModel) -> None:
-        loaded.batcher.stop(EngineFailure(f"model {loaded.name} was unloaded"))
+        loaded.batcher.stop(EngineFailure(f"model {loaded.key} was unloaded"))
         loaded.close()
 
     def _reap(self) -> None:
@@ -338,14 +321,13 @@ class EnginePool:
                 if loaded.in_use == 0 and loaded.expires_at is not None and loaded.expires_at <= now
             ]
             for loaded in expired:
-                del self._loaded[loaded.name]
+                del self._loaded[loaded.key]
         for loaded in expired:
             self._close(loaded)
 
     def _reap_forever(self) -> None:
         while not self._closing.wait(timeout=0.5):
             self._reap()
-            self._retire_removed()
 
     def close(self) -> None:
         self._closing.set()
@@ -359,7 +341,28 @@ class EnginePool:
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def generate(
+    async def generate(self, spec: LoadSpec, prompt: Prompt) -> AsyncGenerator[EngineEvent]:
+        """Ready, then the request's events (see ``Engine.generate``)."""
+        loaded, reason = await anyio.to_thread.run_sync(lambda: self.acquire(spec))
+        try:
+            if prompt.messages is not None:
+                text = loaded.template.render(prompt.messages)
+                stop = (*prompt.stop, *loaded.template.stop_strings)
+            else:
+                text, stop = prompt.text or "", prompt.stop
+            tokens = loaded.tokenize(text)
+            max_tokens = prompt.max_tokens if prompt.max_tokens is not None else loaded.seq_ctx
+            yield Ready(reason=reason, prompt_tokens=len(tokens), queued=loaded.batcher.queued)
+            stream = self.stream_tokens(
+                loaded, tokens, max_tokens=max_tokens, sampling=prompt.sampling, stop=stop
+            )
+            async with aclosing(stream):
+                async for event in stream:
+                    yield event
+        finally:
+            self.release(loaded, keep_alive=prompt.keep_alive)
+
+    async def stream_tokens(
         self,
         loaded: LoadedModel,
         prompt: list[int],
@@ -368,7 +371,7 @@ class EnginePool:
         sampling: SamplingParams,
         stop: tuple[str, ...] = (),
     ) -> AsyncGenerator[Event]:
-        """Stream events for one request; closing the iterator early frees its sequence."""
+        """Stream events for one tokenized request; closing the iterator early frees its sequence."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -392,7 +395,15 @@ class EnginePool:
             request.cancelled.set()
             loaded.batcher.wake()
 
-    def embed(self, loaded: LoadedModel, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None) -> Embeddings:
+        loaded, reason = await anyio.to_thread.run_sync(lambda: self.acquire(spec))
+        try:
+            vectors, tokens = await anyio.to_thread.run_sync(lambda: self.embed_loaded(loaded, texts))
+        finally:
+            self.release(loaded, keep_alive=keep_alive)
+        return Embeddings(vectors=vectors, tokens=tokens, reason=reason)
+
+    def embed_loaded(self, loaded: LoadedModel, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled embeddings, one input at a time on a context of their own (blocking)."""
         vectors: list[list[float]] = []
         tokens_used = 0
@@ -403,7 +414,7 @@ class EnginePool:
                     n_ctx=loaded.seq_ctx,
                     n_seq=1,
                     n_batch=loaded.seq_ctx,
-                    threads=self.settings.threads or os.cpu_count() or 1,
+                    threads=self.settings.threads or hostinfo.cpu_count(),
                     embeddings=True,
                 )
             for text in texts:

@@ -1,7 +1,10 @@
 """Inference as the APIs see it: chat, completion and embeddings on a named model.
 
-The OpenAI and Ollama surfaces both call this; it acquires the model from the pool (loading
-it if needed), streams events, and records the routing decision, token counts and timings.
+The OpenAI and Ollama surfaces both call this. The router resolves the name and picks the
+engine; the engine loads the model if needed, renders and tokenizes the prompt, and streams
+events; this records the routing decision, token counts and timings. A service over the
+engine: may import the engine's base and router, metrics and the store's types; never the web
+layer, and never an engine implementation (it talks to the ``Engine`` protocol).
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import anyio
 import anyio.to_thread
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from appliance.engine.batcher import Finished, TextChunk
-from appliance.engine.llama import SamplingParams
-from appliance.engine.pool import EnginePool, Route
+from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk
+from appliance.engine.router import Router
 from appliance.errors import InvalidInput
 from appliance.metrics import Metrics
 from appliance.store.base import InferenceRecord, Store
@@ -73,8 +75,8 @@ class _Tracker:
 
 
 class InferenceService:
-    def __init__(self, pool: EnginePool, store: Store, metrics: Metrics) -> None:
-        self.pool = pool
+    def __init__(self, router: Router, store: Store, metrics: Metrics) -> None:
+        self.router = router
         self.store = store
         self.metrics = metrics
 
@@ -107,24 +109,29 @@ class InferenceService:
         prompt: str | None = None,
     ) -> AsyncGenerator[Started | TextChunk | Finished]:
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        sampling = options.sampling()
-        loaded, route = await anyio.to_thread.run_sync(
-            lambda: self.pool.acquire(name, context_length=options.context_length)
+        request = Prompt(
+            messages=messages,
+            text=prompt,
+            max_tokens=options.max_tokens,
+            sampling=options.sampling(),
+            stop=options.stop,
+            keep_alive=options.keep_alive,
         )
-        tracker.model = str(loaded.name)
+        engine, spec, model_name = await anyio.to_thread.run_sync(
+            lambda: self.router.route(name, context_length=options.context_length)
+        )
+        tracker.model = str(model_name)
+        route: Route | None = None  # set once the engine has the model loaded
         finished: Finished | None = None
         try:
-            text = loaded.template.render(messages) if messages is not None else (prompt or "")
-            tokens = loaded.tokenize(text)
-            stop = (*options.stop, *loaded.template.stop_strings) if messages is not None else options.stop
-            max_tokens = options.max_tokens if options.max_tokens is not None else loaded.seq_ctx
-            yield Started(route=route, model=str(loaded.name), prompt_tokens=len(tokens))
-            self.metrics.queue_depth.labels(model=tracker.model).set(loaded.batcher.queued)
-            generation = self.pool.generate(
-                loaded, tokens, max_tokens=max_tokens, sampling=sampling, stop=stop
-            )
+            generation = engine.generate(spec, request)
             async with aclosing(generation):  # closing this stream cancels the request at once
                 async for event in generation:
+                    if isinstance(event, Ready):
+                        route = self.router.route_of(engine, event.reason)
+                        self.metrics.queue_depth.labels(model=tracker.model).set(event.queued)
+                        yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
+                        continue
                     if isinstance(event, TextChunk) and tracker.first_token is None:
                         tracker.first_token = time.monotonic()
                     if isinstance(event, Finished):
@@ -133,22 +140,23 @@ class InferenceService:
                             raise event.error
                     yield event
         finally:
-            self.pool.release(loaded, keep_alive=options.keep_alive)
-            with anyio.CancelScope(shield=True):  # a client that hung up still gets its request recorded
-                await anyio.to_thread.run_sync(lambda: self._record(tracker, route, finished))
+            if route is not None:  # a model that never loaded served nothing to log
+                served = route
+                with anyio.CancelScope(shield=True):  # a client that hung up still gets its request recorded
+                    await anyio.to_thread.run_sync(lambda: self._record(tracker, served, finished))
 
     async def embed(
         self, name: str, inputs: list[str], *, keep_alive: float | None, endpoint: str, correlation_id: str
     ) -> tuple[list[list[float]], int, Route, str]:
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        loaded, route = await anyio.to_thread.run_sync(lambda: self.pool.acquire(name))
-        tracker.model = str(loaded.name)
-        try:
-            vectors, tokens = await anyio.to_thread.run_sync(lambda: self.pool.embed(loaded, inputs))
-        finally:
-            self.pool.release(loaded, keep_alive=keep_alive)
-        await anyio.to_thread.run_sync(lambda: self._record(tracker, route, Finished("stop", tokens, 0)))
-        return vectors, tokens, route, str(loaded.name)
+        engine, spec, model_name = await anyio.to_thread.run_sync(lambda: self.router.route(name))
+        tracker.model = str(model_name)
+        result = await engine.embed(spec, inputs, keep_alive=keep_alive)
+        route = self.router.route_of(engine, result.reason)
+        await anyio.to_thread.run_sync(
+            lambda: self._record(tracker, route, Finished("stop", result.tokens, 0))
+        )
+        return result.vectors, result.tokens, route, tracker.model
 
     def _record(self, tracker: _Tracker, route: Route, finished: Finished | None) -> None:
         elapsed = time.monotonic() - tracker.started
@@ -162,7 +170,7 @@ class InferenceService:
             completion_tokens=completion,
             first_token_seconds=(tracker.first_token - tracker.started) if tracker.first_token else None,
         )
-        self.metrics.loaded_models.set(len(self.pool.loaded()))
+        self.metrics.loaded_models.set(len(self.router.engine.loaded()))
         self.store.append_inference(
             InferenceRecord(
                 model=tracker.model,

@@ -8,8 +8,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from appliance.engine.gguf import GGUF_MAGIC, read_gguf_metadata
 from appliance.errors import UnsupportedFormat
+from appliance.models.gguf import GGUF_MAGIC, read_gguf_metadata
 
 __all__ = ["FORMATS", "ONE_PER_MODEL", "detect_format", "guess_format", "read_capabilities"]
 

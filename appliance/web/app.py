@@ -19,9 +19,9 @@ from appliance.web.dependencies import (
     provide_context,
     provide_inference,
     provide_models,
-    provide_pool,
     provide_preferences,
     provide_provisioner,
+    provide_router,
     provide_store,
 )
 from appliance.web.docs import DOCS_ASSETS, DocsPage
@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> Litestar:
             "preferences": Provide(provide_preferences, sync_to_thread=False),
             "context": Provide(provide_context, sync_to_thread=False),
             "inference": Provide(provide_inference, sync_to_thread=False),
-            "pool": Provide(provide_pool, sync_to_thread=False),
+            "router": Provide(provide_router, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=request_guard(settings),

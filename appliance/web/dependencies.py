@@ -10,7 +10,7 @@ from litestar import Request
 from litestar.datastructures import State
 
 from appliance.audit import Context
-from appliance.engine.pool import EnginePool
+from appliance.engine.router import Router
 from appliance.engine.service import InferenceService
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
@@ -22,9 +22,9 @@ __all__ = [
     "provide_context",
     "provide_inference",
     "provide_models",
-    "provide_pool",
     "provide_preferences",
     "provide_provisioner",
+    "provide_router",
     "provide_store",
 ]
 
@@ -58,10 +58,10 @@ def provide_inference(state: State) -> InferenceService:
     return inference
 
 
-def provide_pool(state: State) -> EnginePool:
-    pool = _runtime(state).pool
-    assert pool is not None, "the server always opens the runtime with its engine"
-    return pool
+def provide_router(state: State) -> Router:
+    router = _runtime(state).router
+    assert router is not None, "the server always opens the runtime with its engine"
+    return router
 
 
 def provide_context(request: Request[Any, Any, Any]) -> Context:

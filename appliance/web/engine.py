@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from litestar import Controller, Response, get, post
@@ -10,7 +9,7 @@ from litestar.datastructures import State
 from litestar.params import Parameter
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.engine.pool import EnginePool, LoadedModel
+from appliance.engine.router import Loaded, Router
 from appliance.names import ModelName
 from appliance.settings import Duration
 from appliance.store.base import Store
@@ -31,19 +30,19 @@ class UnloadIn(BaseModel):
     name: str
 
 
-def describe_loaded(loaded: LoadedModel) -> dict[str, Any]:
-    expires_in = None if loaded.expires_at is None else max(0.0, loaded.expires_at - time.monotonic())
+def describe_loaded(loaded: Loaded) -> dict[str, Any]:
+    info = loaded.info
     return {
         "name": str(loaded.name),
-        "digest": loaded.digest,
-        "size_bytes": loaded.size_bytes,
-        "memory_bytes": loaded.memory_bytes,
-        "context_length": loaded.seq_ctx,
-        "gpu_layers": loaded.gpu_layers,
-        "active_requests": loaded.batcher.active,
-        "queued_requests": loaded.batcher.queued,
-        "loaded_at": loaded.loaded_at,
-        "expires_in_seconds": expires_in,
+        "digest": info.digest,
+        "size_bytes": info.size_bytes,
+        "memory_bytes": info.memory_bytes,
+        "context_length": info.context_length,
+        "gpu_layers": info.gpu_layers,
+        "active_requests": info.active_requests,
+        "queued_requests": info.queued_requests,
+        "loaded_at": info.loaded_at,
+        "expires_in_seconds": info.expires_in,
     }
 
 
@@ -52,24 +51,24 @@ class EngineController(Controller):
     tags = ["engine"]  # noqa: RUF012 (Litestar reads it as a class attribute)
 
     @get("/ps", sync_to_thread=False)
-    def ps(self, pool: EnginePool) -> dict[str, Any]:
+    def ps(self, router: Router) -> dict[str, Any]:
         """Models loaded now, with memory, context and when they unload."""
         return {
-            "models": [describe_loaded(loaded) for loaded in pool.loaded()],
-            "memory_budget_bytes": pool.budget,
-            "gpu_offload": pool.gpu_offload,
+            "models": [describe_loaded(loaded) for loaded in router.loaded()],
+            "memory_budget_bytes": router.memory_budget,
+            "gpu_offload": router.gpu_offload,
         }
 
     @post("/models/load", status_code=200, sync_to_thread=True)
-    def load(self, data: LoadIn, pool: EnginePool) -> dict[str, Any]:
+    def load(self, data: LoadIn, router: Router) -> dict[str, Any]:
         """Load a model now (instead of on its first request); keep_alive as in Ollama."""
-        loaded = pool.load(data.name, keep_alive=data.keep_alive, context_length=data.context_length)
+        loaded, _ = router.load(data.name, keep_alive=data.keep_alive, context_length=data.context_length)
         return describe_loaded(loaded)
 
     @post("/models/unload", status_code=200, sync_to_thread=True)
-    def unload(self, data: UnloadIn, pool: EnginePool) -> dict[str, bool]:
+    def unload(self, data: UnloadIn, router: Router) -> dict[str, bool]:
         """Unload a model; requests in flight on it end with an error."""
-        return {"unloaded": pool.unload(data.name)}
+        return {"unloaded": router.unload(data.name)}
 
     @get("/inference", sync_to_thread=True)
     def inference_log(

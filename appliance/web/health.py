@@ -24,6 +24,6 @@ class HealthController(Controller):
     @get("/readyz", sync_to_thread=True)
     def readyz(self, models: ModelService, state: State) -> Response[dict[str, Any]]:
         """Readiness: 200 once an inference path exists; otherwise 503 with the reasons."""
-        readiness = check_readiness(models, engine_running=state.runtime.pool is not None)
+        readiness = check_readiness(models, engine_running=state.runtime.router is not None)
         body = {"ready": readiness.ready, "reasons": list(readiness.reasons)}
         return Response(content=body, status_code=200 if readiness.ready else 503)

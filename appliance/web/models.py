@@ -8,7 +8,7 @@ from litestar import Controller, delete, get, patch, post
 from pydantic import BaseModel, Field
 
 from appliance.audit import Context
-from appliance.engine.pool import EnginePool
+from appliance.engine.router import Router
 from appliance.models.schemas import GcOut, ImportIn, ImportOut, ModelOut, VerifyOut
 from appliance.models.service import ModelService
 
@@ -66,7 +66,7 @@ class ModelsController(Controller):
         return ModelOut.of(models.set_pinned(name.lstrip("/"), data.pinned, context))
 
     @delete("/{name:path}", status_code=200, sync_to_thread=True)
-    def remove_model(self, name: str, pool: EnginePool, context: Context) -> dict[str, int]:
+    def remove_model(self, name: str, router: Router, context: Context) -> dict[str, int]:
         """Remove a model; blobs that other models share stay. A loaded copy leaves ps at once and
         unloads when the requests in flight on it have finished."""
-        return {"freed_bytes": pool.remove_model(name.lstrip("/"), context)}
+        return {"freed_bytes": router.remove_model(name.lstrip("/"), context)}

@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance import __version__
 from appliance.audit import Context
 from appliance.engine.batcher import Finished, TextChunk
-from appliance.engine.pool import EnginePool, LoadedModel
+from appliance.engine.router import Loaded
+from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.errors import (
     ApplianceError,
@@ -324,21 +324,20 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
+def _ps_entry(loaded: Loaded) -> dict[str, Any]:
     now = datetime.now(UTC)
-    if loaded.expires_at is None:  # kept for good, or serving a request now
-        expires = now + _FOREVER
-    else:
-        expires = now + timedelta(seconds=max(0.0, loaded.expires_at - time.monotonic()))
+    info = loaded.info
+    # None: kept for good, or serving a request now
+    expires = now + (_FOREVER if info.expires_in is None else timedelta(seconds=info.expires_in))
     return {
         "name": str(loaded.name),
         "model": str(loaded.name),
-        "size": loaded.memory_bytes,
-        "digest": _hex(loaded.digest),
-        "details": _details(loaded.capabilities, "gguf"),
+        "size": info.memory_bytes,
+        "digest": _hex(info.digest),
+        "details": _details(info.capabilities, "gguf"),
         "expires_at": _rfc3339(expires),
-        "size_vram": loaded.memory_bytes if loaded.gpu_layers != 0 else 0,
-        "context_length": loaded.seq_ctx,
+        "size_vram": info.memory_bytes if info.gpu_layers != 0 else 0,
+        "context_length": info.context_length,
     }
 
 
@@ -365,18 +364,18 @@ async def show(request: Request[Any, Any, Any], models: ModelService) -> dict[st
 
 
 @get("/ps", sync_to_thread=False)
-def ps(pool: EnginePool) -> dict[str, Any]:
+def ps(router: EngineRouter) -> dict[str, Any]:
     """Models loaded now."""
-    return {"models": [_ps_entry(loaded) for loaded in pool.loaded()]}
+    return {"models": [_ps_entry(loaded) for loaded in router.loaded()]}
 
 
 @delete("/delete", status_code=200)
 async def delete_model(
-    request: Request[Any, Any, Any], pool: EnginePool, context: Context
+    request: Request[Any, Any, Any], router: EngineRouter, context: Context
 ) -> Response[bytes]:
     """Remove a model; a loaded copy leaves ps at once and unloads when its requests in flight end."""
     body = parse_body(ModelBody, await request.body())
-    await anyio.to_thread.run_sync(lambda: pool.remove_model(body.target, context))
+    await anyio.to_thread.run_sync(lambda: router.remove_model(body.target, context))
     return Response(b"", status_code=200)
 
 
@@ -423,17 +422,15 @@ async def _collect(generation: Generation) -> tuple[str, Finished]:
 
 
 async def _load_or_unload(
-    pool: EnginePool, name: str, keep_alive: float | None, context_length: int | None
+    router: EngineRouter, name: str, keep_alive: float | None, context_length: int | None
 ) -> str:
     """Ollama's empty request: load the model, or with keep_alive 0 unload it once idle."""
 
     def run() -> str:
         if keep_alive == 0:
-            wanted = pool.models.get(name).name  # 404 for an unknown model, loaded or not
-            if any(loaded.name == wanted for loaded in pool.loaded()):
-                pool.load(name, keep_alive=0)  # releasing with keep_alive 0 unloads it when idle
+            router.unload_when_idle(name)
             return "unload"
-        pool.load(name, keep_alive=keep_alive, context_length=context_length)
+        router.load(name, keep_alive=keep_alive, context_length=context_length)
         return "load"
 
     return await anyio.to_thread.run_sync(run)
@@ -453,7 +450,7 @@ async def _respond(
 
 @post("/generate", status_code=200)
 async def generate(
-    request: Request[Any, Any, Any], inference: InferenceService, pool: EnginePool, context: Context
+    request: Request[Any, Any, Any], inference: InferenceService, router: EngineRouter, context: Context
 ) -> Response[Any]:
     """Complete a prompt (through the chat template unless raw); NDJSON unless stream is false."""
     body = parse_body(GenerateBody, await request.body())
@@ -463,7 +460,7 @@ async def generate(
         return {"model": body.model, "created_at": utcnow(), "response": text}
 
     if not body.prompt:
-        reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
+        reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
         return Response({**piece(""), "done": True, "done_reason": reason})
     if body.raw:
         events = inference.complete(
@@ -483,7 +480,7 @@ async def generate(
 
 @post("/chat", status_code=200)
 async def chat(
-    request: Request[Any, Any, Any], inference: InferenceService, pool: EnginePool, context: Context
+    request: Request[Any, Any, Any], inference: InferenceService, router: EngineRouter, context: Context
 ) -> Response[Any]:
     """Answer a conversation through the model's chat template; NDJSON unless stream is false."""
     body = parse_body(ChatBody, await request.body())
@@ -497,7 +494,7 @@ async def chat(
         }
 
     if not body.messages:
-        reason = await _load_or_unload(pool, body.model, body.keep_alive, options.context_length)
+        reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
         return Response({**piece(""), "done": True, "done_reason": reason})
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+from dataclasses import asdict
 from typing import Any
 
 from litestar import Controller, get, put
 from litestar.datastructures import State
 from pydantic import BaseModel
 
+from appliance import hostinfo
 from appliance.audit import Context
 from appliance.preferences import Preference, PreferenceService
 from appliance.runtime import Runtime
@@ -34,52 +33,6 @@ class PreferenceOut(BaseModel):
         return cls(**preference.__dict__)
 
 
-def _memory() -> dict[str, int | None]:
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                name, _, rest = line.partition(":")
-                fields[name] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return {"total_bytes": fields.get("MemTotal"), "available_bytes": fields.get("MemAvailable")}
-
-
-def _gpus() -> list[dict[str, Any]]:
-    """NVIDIA GPUs as nvidia-smi reports them; none where it is missing."""
-    binary = shutil.which("nvidia-smi")
-    if binary is None:
-        return []
-    try:
-        output = subprocess.run(
-            [binary, "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in output.strip().splitlines():
-        name, _, rest = line.partition(",")
-        gpus.append({"name": name.strip(), **_vram(rest)})
-    return gpus
-
-
-def _vram(fields: str) -> dict[str, int | None]:
-    """MiB as nvidia-smi prints them; some GPUs (unified memory) print [N/A] instead."""
-    values: list[int | None] = []
-    for field in fields.split(","):
-        try:
-            values.append(int(field.strip()) << 20)
-        except ValueError:
-            values.append(None)
-    total, used = [*values, None, None][:2]
-    return {"vram_total_bytes": total, "vram_used_bytes": used}
-
-
 class SystemController(Controller):
     path = "/api/v1"
     tags = ["system"]  # noqa: RUF012 (Litestar reads it as a class attribute)
@@ -88,14 +41,16 @@ class SystemController(Controller):
     def system(self, state: State) -> dict[str, Any]:
         """CPU, memory, GPUs and VRAM, the cache against its budget, and the data dir's free space."""
         runtime: Runtime = state.runtime
+        build = hostinfo.engine_build()
         return {
-            "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()),
-            "memory": _memory(),
-            "gpus": _gpus(),
-            "gpu_offload": runtime.pool.gpu_offload if runtime.pool is not None else False,
+            "cpu_count": hostinfo.cpu_count(),
+            "load_average": list(hostinfo.load_average()),
+            "memory": asdict(hostinfo.memory()),
+            "gpus": [asdict(gpu) for gpu in hostinfo.gpus()],
+            "gpu_offload": build.gpu_offload,
+            "llama_cpp_version": build.llama_cpp_version,
             "cache": runtime.models.cache_usage(),
-            "disk_free_bytes": shutil.disk_usage(runtime.settings.data_dir).free,
+            "disk_free_bytes": hostinfo.disk_free(runtime.settings.data_dir),
         }
 
     @get("/preferences", sync_to_thread=True)

@@ -1,4 +1,6 @@
-"""The engine in-process: continuous batching, cancellation, keep-alive and LRU unload, on real llama.cpp."""
+"""The engine in-process: continuous batching, cancellation, keep-alive and LRU unload, on real llama.cpp.
+
+Name-level operations (load, remove, the context preference) go through the router, as the APIs do."""
 
 from __future__ import annotations
 
@@ -11,19 +13,32 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import Context
-from appliance.engine.batcher import Finished, GenerationRequest, TextChunk, _stop_prefix_length
-from appliance.engine.llama import SamplingParams
-from appliance.engine.pool import EnginePool, estimate_memory
+from appliance.engine.base import Finished, LoadSpec, Prompt, Ready, SamplingParams, TextChunk
+from appliance.engine.batcher import GenerationRequest, _stop_prefix_length
+from appliance.engine.pool import EnginePool, LoadedModel, estimate_memory
+from appliance.engine.router import Router
 from appliance.errors import EngineBusy, InsufficientMemory, ModelNotLoadable, PromptTooLong
 from appliance.runtime import Runtime
 from appliance.settings import EngineSettings
+from tests.engine.routers import make_router
 from tests.tiny_model import write_llama_gguf
 
 GREEDY = SamplingParams(temperature=0)
 
 
-def make_pool(runtime: Runtime, **settings: object) -> EnginePool:
-    return EnginePool(EngineSettings(**settings), runtime.models, runtime.cache)  # type: ignore[arg-type]
+def engine(router: Router) -> EnginePool:
+    assert isinstance(router.engine, EnginePool)
+    return router.engine
+
+
+def acquire(router: Router, name: str, *, context_length: int | None = None) -> tuple[LoadedModel, str]:
+    """What a request does: resolve the name, then hold the loaded model until ``release``."""
+    _, spec = router.resolve(name, context_length=context_length)
+    return engine(router).acquire(spec)
+
+
+def loaded_names(router: Router) -> list[str]:
+    return [str(loaded.name) for loaded in router.loaded()]
 
 
 @pytest.fixture
@@ -41,14 +56,14 @@ def tiny(runtime: Runtime, tiny_gguf: Path, context: Context) -> str:
 
 
 @pytest.fixture
-def pool(runtime: Runtime) -> Iterator[EnginePool]:
-    opened = make_pool(runtime, parallel=4)
+def pool(runtime: Runtime) -> Iterator[Router]:
+    opened = make_router(runtime, parallel=4)
     yield opened
     opened.close()
 
 
 async def run(
-    pool: EnginePool,
+    pool: Router,
     name: str,
     prompt: str,
     *,
@@ -56,11 +71,11 @@ async def run(
     sampling: SamplingParams = GREEDY,
     stop: tuple[str, ...] = (),
 ) -> tuple[str, Finished, list[float]]:
-    loaded, _ = pool.acquire(name)
+    loaded, _ = acquire(pool, name)
     try:
         times: list[float] = []
         parts: list[str] = []
-        async for event in pool.generate(
+        async for event in engine(pool).stream_tokens(
             loaded, loaded.tokenize(prompt), max_tokens=max_tokens, sampling=sampling, stop=stop
         ):
             times.append(time.monotonic())
@@ -69,13 +84,11 @@ async def run(
             else:
                 return "".join(parts), event, times
     finally:
-        pool.release(loaded)
+        engine(pool).release(loaded)
     raise AssertionError("no Finished event")
 
 
-def test_requests_are_decoded_together_not_one_after_another(
-    pool: EnginePool, long_context_model: str
-) -> None:
+def test_requests_are_decoded_together_not_one_after_another(pool: Router, long_context_model: str) -> None:
     async def main() -> list[tuple[str, Finished, list[float]]]:
         return await asyncio.gather(
             *(run(pool, long_context_model, f"request {index}", max_tokens=300) for index in range(4))
@@ -89,7 +102,7 @@ def test_requests_are_decoded_together_not_one_after_another(
     assert max(first_tokens) < min(last_tokens)
 
 
-def test_greedy_output_is_reproducible_and_seeded_sampling_too(pool: EnginePool, tiny: str) -> None:
+def test_greedy_output_is_reproducible_and_seeded_sampling_too(pool: Router, tiny: str) -> None:
     first = asyncio.run(run(pool, tiny, "hello", max_tokens=40))[0]
     assert asyncio.run(run(pool, tiny, "hello", max_tokens=40))[0] == first
     seeded = SamplingParams(temperature=1.0, seed=1234)
@@ -99,7 +112,7 @@ def test_greedy_output_is_reproducible_and_seeded_sampling_too(pool: EnginePool,
     )
 
 
-def test_stop_strings_end_the_text_before_them(pool: EnginePool, tiny: str) -> None:
+def test_stop_strings_end_the_text_before_them(pool: Router, tiny: str) -> None:
     full, _, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=60))
     assert len(full) > 12
     stop = full[8:11]
@@ -123,148 +136,160 @@ def test_stop_prefix_length(text: str, stops: tuple[str, ...], held: int) -> Non
 
 
 def test_a_cancelled_request_frees_its_sequence(runtime: Runtime, long_context_model: str) -> None:
-    pool = make_pool(runtime, parallel=1)
+    router = make_router(runtime, parallel=1)
     try:
-        loaded, _ = pool.acquire(long_context_model)
+        loaded, _ = acquire(router, long_context_model)
 
         async def abandon() -> None:
-            stream = pool.generate(loaded, loaded.tokenize("x"), max_tokens=4000, sampling=GREEDY)
+            stream = engine(router).stream_tokens(
+                loaded, loaded.tokenize("x"), max_tokens=4000, sampling=GREEDY
+            )
             async for event in stream:
                 if isinstance(event, TextChunk):
                     break
             await stream.aclose()  # what a client disconnect does
 
         asyncio.run(abandon())
-        pool.release(loaded)
+        engine(router).release(loaded)
         # With one sequence, a second request only runs if the first one's slot came back.
-        _, finished, _ = asyncio.run(run(pool, long_context_model, "y", max_tokens=5))
+        _, finished, _ = asyncio.run(run(router, long_context_model, "y", max_tokens=5))
         assert finished.completion_tokens == 5
         deadline = time.monotonic() + 5
         while loaded.batcher.active and time.monotonic() < deadline:
             time.sleep(0.01)
         assert loaded.batcher.active == 0
     finally:
-        pool.close()
+        router.close()
 
 
 def test_a_full_queue_answers_busy(runtime: Runtime, long_context_model: str) -> None:
-    pool = make_pool(runtime, parallel=1, queue_size=1)
+    router = make_router(runtime, parallel=1, queue_size=1)
     try:
-        loaded, _ = pool.acquire(long_context_model)
-        finished = threading.Event()
+        loaded, _ = acquire(router, long_context_model)
+        generating = threading.Event()
 
         def request(max_tokens: int) -> GenerationRequest:
             return GenerationRequest(
                 prompt=loaded.tokenize("x"),
                 max_tokens=max_tokens,
                 sampling=GREEDY,
-                emit=lambda event: finished.set() if isinstance(event, Finished) else None,
+                emit=lambda event: generating.set() if isinstance(event, TextChunk) else None,
             )
 
         running = request(4000)
         loaded.batcher.submit(running)
-        deadline = time.monotonic() + 5
-        while loaded.batcher.active == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        assert generating.wait(timeout=30)  # the first request holds the only sequence
         loaded.batcher.submit(request(1))  # waits in the queue
         with pytest.raises(EngineBusy, match="already waiting"):
             loaded.batcher.submit(request(1))
         running.cancelled.set()
         loaded.batcher.wake()
-        pool.release(loaded)
+        engine(router).release(loaded)
     finally:
-        pool.close()
+        router.close()
 
 
-def test_a_prompt_longer_than_the_context_is_refused(pool: EnginePool, tiny: str) -> None:
-    loaded, _ = pool.acquire(tiny)
+def test_a_prompt_longer_than_the_context_is_refused(pool: Router, tiny: str) -> None:
+    loaded, _ = acquire(pool, tiny)
     try:
         with pytest.raises(PromptTooLong, match="context holds 256"):
             loaded.batcher.submit(
                 GenerationRequest(prompt=[1] * 300, max_tokens=1, sampling=GREEDY, emit=lambda event: None)
             )
     finally:
-        pool.release(loaded)
+        engine(pool).release(loaded)
 
 
 def test_context_length_from_a_preference_capped_at_the_models(
-    runtime: Runtime, pool: EnginePool, long_context_model: str
+    runtime: Runtime, pool: Router, long_context_model: str
 ) -> None:
-    assert pool.load(long_context_model, keep_alive=0).seq_ctx == 4096
+    assert pool.load(long_context_model, keep_alive=0)[0].info.context_length == 4096
     runtime.store.set_preference("engine.context_length", 1024, actor="test")
-    assert pool.load(long_context_model, keep_alive=0).seq_ctx == 1024
+    assert pool.load(long_context_model, keep_alive=0)[0].info.context_length == 1024
     runtime.store.set_preference("engine.context_length", 100_000, actor="test")
-    assert pool.load(long_context_model, keep_alive=0).seq_ctx == 4096
+    assert pool.load(long_context_model, keep_alive=0)[0].info.context_length == 4096
 
 
 def test_a_request_for_another_context_reloads_an_idle_model_only(
-    pool: EnginePool, long_context_model: str
+    pool: Router, long_context_model: str
 ) -> None:
-    assert pool.load(long_context_model, keep_alive=-1, context_length=512).seq_ctx == 512
-    same, route = pool.acquire(long_context_model, context_length=512)
-    assert route.reason == "the model was already loaded"
+    assert pool.load(long_context_model, keep_alive=-1, context_length=512)[0].info.context_length == 512
+    same, reason = acquire(pool, long_context_model, context_length=512)
+    assert reason == "the model was already loaded"
     # In use: a request for another context is served by the loaded model, not by a reload.
-    busy, route = pool.acquire(long_context_model, context_length=2048)
+    busy, reason = acquire(pool, long_context_model, context_length=2048)
     assert busy is same
     assert busy.seq_ctx == 512
-    pool.release(busy, keep_alive=-1)
-    pool.release(same, keep_alive=-1)
+    engine(pool).release(busy, keep_alive=-1)
+    engine(pool).release(same, keep_alive=-1)
     # Idle: reloaded, capped at the 4096 tokens the model was trained for.
-    reloaded, route = pool.acquire(long_context_model, context_length=100_000)
+    reloaded, reason = acquire(pool, long_context_model, context_length=100_000)
     assert reloaded is not same
     assert reloaded.seq_ctx == 4096
-    assert route.reason == "reloaded with the requested context of 4096 tokens"
-    pool.release(reloaded, keep_alive=-1)
+    assert reason == "reloaded with the requested context of 4096 tokens"
+    engine(pool).release(reloaded, keep_alive=-1)
     # No request for a context: whatever is loaded serves.
-    assert pool.load(long_context_model).seq_ctx == 4096
-    assert [loaded.seq_ctx for loaded in pool.loaded()] == [4096]
+    assert pool.load(long_context_model)[0].info.context_length == 4096
+    assert [loaded.info.context_length for loaded in pool.loaded()] == [4096]
 
 
-def test_idle_models_unload_after_keep_alive(pool: EnginePool, tiny: str) -> None:
+def test_idle_models_unload_after_keep_alive(pool: Router, tiny: str) -> None:
     pool.load(tiny, keep_alive=0.3)
-    assert [str(loaded.name) for loaded in pool.loaded()] == ["tiny:latest"]
+    assert loaded_names(pool) == ["tiny:latest"]
     deadline = time.monotonic() + 5
     while pool.loaded() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool.loaded() == []
     pool.load(tiny, keep_alive=-1)
-    time.sleep(1.0)
-    assert len(pool.loaded()) == 1  # a negative keep-alive keeps it
+    engine(pool)._reap()  # what the reaper does every half second
+    assert loaded_names(pool) == ["tiny:latest"]  # a negative keep-alive keeps it
+    assert pool.loaded()[0].info.expires_in is None
 
 
-def test_keep_alive_zero_unloads_as_soon_as_the_request_ends(pool: EnginePool, tiny: str) -> None:
-    loaded, _ = pool.acquire(tiny)
-    pool.release(loaded, keep_alive=0)
+def test_keep_alive_zero_unloads_as_soon_as_the_request_ends(pool: Router, tiny: str) -> None:
+    loaded, _ = acquire(pool, tiny)
+    engine(pool).release(loaded, keep_alive=0)
+    assert pool.loaded() == []
+
+
+def test_unloading_when_idle_waits_for_the_request_in_flight(pool: Router, tiny: str) -> None:
+    """Ollama's keep_alive 0 without a prompt, while another request runs on the model."""
+    held, _ = acquire(pool, tiny)
+    pool.unload_when_idle(tiny)
+    assert loaded_names(pool) == ["tiny:latest"]  # serving: it stays until that request ends
+    engine(pool).release(held, keep_alive=-1)
+    assert pool.loaded() == []
+    pool.unload_when_idle(tiny)  # not loaded: nothing to do, and nothing is loaded for it
     assert pool.loaded() == []
 
 
 @pytest.fixture
-def room_for_one(runtime: Runtime, tiny: str, tmp_path: Path, context: Context) -> Iterator[EnginePool]:
+def room_for_one(runtime: Runtime, tiny: str, tmp_path: Path, context: Context) -> Iterator[Router]:
     """Two models, "tiny" and "other", and a pool whose budget holds one of them."""
     runtime.models.import_file(write_llama_gguf(tmp_path / "other.gguf", seed=3), context, name="other")
     model = runtime.models.get(tiny)
     one = estimate_memory(model.capabilities, weights=model.size_bytes, n_ctx=256 * 4)
-    pool = make_pool(runtime, parallel=4, memory_budget=int(one * 1.5))
-    yield pool
-    pool.close()
+    router = make_router(runtime, parallel=4, memory_budget=int(one * 1.5))
+    yield router
+    router.close()
 
 
-def test_a_second_model_past_the_budget_unloads_the_least_recently_used(room_for_one: EnginePool) -> None:
+def test_a_second_model_past_the_budget_unloads_the_least_recently_used(room_for_one: Router) -> None:
     room_for_one.load("tiny")
     room_for_one.load("other")
-    assert [str(loaded.name) for loaded in room_for_one.loaded()] == ["other:latest"]
+    assert loaded_names(room_for_one) == ["other:latest"]
 
 
-def test_a_model_in_use_is_never_unloaded_to_make_room(room_for_one: EnginePool) -> None:
-    held, _ = room_for_one.acquire("tiny")
+def test_a_model_in_use_is_never_unloaded_to_make_room(room_for_one: Router) -> None:
+    held, _ = acquire(room_for_one, "tiny")
     with pytest.raises(InsufficientMemory, match="serving requests"):
         room_for_one.load("other")
-    room_for_one.release(held)
+    engine(room_for_one).release(held)
 
 
 def test_a_model_larger_than_the_budget_is_refused(runtime: Runtime, tiny: str) -> None:
     model = runtime.models.get(tiny)
-    too_small = make_pool(runtime, memory_budget=model.size_bytes)
+    too_small = make_router(runtime, memory_budget=model.size_bytes)
     try:
         with pytest.raises(InsufficientMemory, match="budget"):
             too_small.load(tiny)
@@ -273,7 +298,7 @@ def test_a_model_larger_than_the_budget_is_refused(runtime: Runtime, tiny: str) 
 
 
 def test_only_gguf_models_are_loadable(
-    runtime: Runtime, pool: EnginePool, tmp_path: Path, context: Context
+    runtime: Runtime, pool: Router, tmp_path: Path, context: Context
 ) -> None:
     from tests.models.test_service import write_safetensors
 
@@ -283,7 +308,7 @@ def test_only_gguf_models_are_loadable(
 
 
 def test_a_quarantined_model_is_never_loaded(
-    runtime: Runtime, pool: EnginePool, tiny: str, context: Context
+    runtime: Runtime, pool: Router, tiny: str, context: Context
 ) -> None:
     blob = runtime.cache.path(runtime.models.get(tiny).artifacts[0].digest)
     blob.chmod(0o644)
@@ -293,25 +318,62 @@ def test_a_quarantined_model_is_never_loaded(
         pool.load(tiny)
 
 
-def test_embeddings(pool: EnginePool, tiny: str) -> None:
-    loaded = pool.load(tiny)
-    vectors, tokens = pool.embed(loaded, ["hello", "world"])
-    assert [len(vector) for vector in vectors] == [64, 64]
-    assert vectors[0] != vectors[1]
-    assert tokens > 2
+def test_embeddings(pool: Router, tiny: str) -> None:
+    _, spec = pool.resolve(tiny)
+    result = asyncio.run(engine(pool).embed(spec, ["hello", "world"], keep_alive=None))
+    assert [len(vector) for vector in result.vectors] == [64, 64]
+    assert result.vectors[0] != result.vectors[1]
+    assert result.tokens > 2
+    assert result.reason == "loaded from the local cache on demand"
 
 
 def test_a_removed_model_in_use_leaves_the_pool_at_once_and_unloads_when_released(
-    room_for_one: EnginePool, tiny: str, context: Context
+    room_for_one: Router, tiny: str, context: Context
 ) -> None:
     """Its memory still counts while it serves, so a model loaded meanwhile cannot overcommit."""
     pool = room_for_one
-    loaded, _ = pool.acquire(tiny)
+    loaded, _ = acquire(pool, tiny)
     assert pool.remove_model(tiny, context) > 0
     assert pool.loaded() == []  # no longer listed, nor offered to new requests
     with pytest.raises(InsufficientMemory):
-        pool.acquire("other")
-    pool.release(loaded)  # its last request ended: unloaded, its memory free
-    other, _ = pool.acquire("other")
-    pool.release(other)
-    assert [str(model.name) for model in pool.loaded()] == ["other:latest"]
+        acquire(pool, "other")
+    engine(pool).release(loaded)  # its last request ended: unloaded, its memory free
+    other, _ = acquire(pool, "other")
+    engine(pool).release(other)
+    assert loaded_names(pool) == ["other:latest"]
+
+
+def test_the_engine_loads_from_a_spec_without_a_registry(runtime: Runtime, tiny: str) -> None:
+    """What a worker with a cache and no registry does: a digest and a path are enough."""
+    model = runtime.models.get(tiny)
+    artifact = model.artifacts[0]
+    pool = EnginePool(EngineSettings(parallel=1))
+    try:
+        spec = LoadSpec(
+            key="anything",
+            digest=artifact.digest,
+            path=runtime.cache.path(artifact.digest),
+            size_bytes=artifact.size_bytes,
+            context_length=128,
+            capabilities=model.capabilities,
+        )
+
+        async def generate() -> list[object]:
+            prompt = Prompt(text="hello", max_tokens=5, sampling=GREEDY)
+            return [event async for event in pool.generate(spec, prompt)]
+
+        events = asyncio.run(generate())
+        assert isinstance(events[0], Ready)
+        assert events[0].reason == "loaded from the local cache on demand"
+        assert isinstance(events[-1], Finished)
+        assert events[-1].completion_tokens == 5
+        assert [info.key for info in pool.loaded()] == ["anything"]
+    finally:
+        pool.close()
+
+
+def test_a_request_records_the_models_use(runtime: Runtime, pool: Router, tiny: str) -> None:
+    """Last use orders the cache's LRU eviction: the router records it, the engine never does."""
+    before = runtime.models.get(tiny).last_used_at
+    pool.load(tiny)
+    assert runtime.models.get(tiny).last_used_at > before

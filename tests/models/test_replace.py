@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import Context
-from appliance.engine.pool import EnginePool
 from appliance.errors import ModelExists, ModelNotLoadable
 from appliance.runtime import Runtime
-from appliance.settings import EngineSettings, Settings
+from appliance.settings import Settings
+from tests.engine.routers import make_router
 from tests.fileserver import serve_files
 from tests.models.conftest import fill
 from tests.models.test_service import registry_rows
@@ -74,14 +74,13 @@ def test_a_loaded_model_whose_gguf_was_replaced_is_reloaded_when_idle(
     runtime: Runtime, tiny_gguf: Path, make_gguf: object, context: Context
 ) -> None:
     runtime.models.import_file(tiny_gguf, context, name="m")
-    pool = EnginePool(EngineSettings(), runtime.models, runtime.cache)
+    pool = make_router(runtime)
     try:
-        first = pool.load("m")
+        first, _ = pool.load("m")
         result = runtime.models.import_file(make_gguf("other.gguf", seed=7), context, name="m", replace=True)  # type: ignore[operator]
-        loaded, route = pool.acquire("m")
-        pool.release(loaded)
-        assert loaded is not first
-        assert loaded.digest == result.digest
+        loaded, route = pool.load("m")
+        assert first.info.digest != result.digest
+        assert loaded.info.digest == result.digest
         assert route.reason == "reloaded: the model's file was replaced"
     finally:
         pool.close()
@@ -97,7 +96,7 @@ def test_a_hard_linked_blob_changed_through_its_link_is_never_loaded(
     assert runtime.store.list_audit(action="models.verify") == []
     with tiny_gguf.open("ab") as handle:  # root may write a read-only file
         handle.write(b"appended")
-    pool = EnginePool(EngineSettings(), runtime.models, runtime.cache)
+    pool = make_router(runtime)
     try:
         with pytest.raises(ModelNotLoadable, match="changed through its hard link"):
             pool.load("m")
@@ -122,11 +121,11 @@ def test_a_hard_linked_blob_is_re_hashed_once_when_its_source_is_deleted(
 
 def test_a_model_loads_on_a_full_disk(small_disk: Path, tiny_gguf: Path, context: Context) -> None:
     runtime = Runtime.open(Settings(data_dir=small_disk / "data"))
-    pool = EnginePool(EngineSettings(), runtime.models, runtime.cache)
+    pool = make_router(runtime)
     try:
         runtime.models.import_file(tiny_gguf, context, name="m")
         fill(small_disk)
-        assert pool.load("m").digest == runtime.models.get("m").artifacts[0].digest
+        assert pool.load("m")[0].info.digest == runtime.models.get("m").artifacts[0].digest
     finally:
         pool.close()
         runtime.close()

@@ -1,4 +1,7 @@
-"""GGUF metadata, read with the llama.cpp project's own ``gguf`` reader.
+"""GGUF metadata, read with the llama.cpp project's own ``gguf`` reader (pure Python, no llama.cpp).
+
+The registry reads capabilities when a model is imported. It may import ``appliance.errors`` only,
+so the registry needs no engine (and the engine no registry) for it.
 
 Only the header is parsed (the reader memory-maps the file; tensor data is never read), so
 this is cheap even for large models.

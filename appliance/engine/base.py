@@ -1,0 +1,164 @@
+"""The seam between inference and what runs it: the ``Engine`` protocol and the types it speaks.
+
+An engine loads models from a ``LoadSpec`` (a blob digest and path, never a model name: the
+router above resolves names) and streams generations and embeddings for resolved requests. The
+in-process llama.cpp pool (``engine/pool.py``) is the first implementation; a remote worker is
+the next. May import ``appliance.errors`` and the standard library only, so anything can depend
+on it without loading llama.cpp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.errors import ApplianceError
+
+__all__ = [
+    "Embeddings",
+    "Engine",
+    "EngineEvent",
+    "Finished",
+    "LoadSpec",
+    "LoadedInfo",
+    "Prompt",
+    "Ready",
+    "Route",
+    "SamplingParams",
+    "TextChunk",
+]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to load and how: everything an engine needs, with no registry behind it."""
+
+    key: str  # what the loaded copy is listed and unloaded by (the router uses the model's name)
+    digest: str  # the GGUF blob; another digest under the same key is a replaced file
+    path: Path
+    size_bytes: int
+    context_length: int  # tokens per sequence, already capped at the model's own
+    context_requested: bool = False  # asked for by the request: an idle copy with another is reloaded
+    n_gpu_layers: int | None = None  # None: all layers when the build can offload, else none
+    capabilities: dict[str, Any] = field(default_factory=dict)  # GGUF metadata, for memory estimates
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which engine serves a request, on which node, and why (REQ-MODELS-0118)."""
+
+    engine: str
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    grammar: str | None = None  # GBNF, e.g. to force JSON
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A resolved generation request: a conversation (rendered with the model's template) or raw text."""
+
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+    max_tokens: int | None = None  # None: until the context is full
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    keep_alive: float | None = None  # None: the engine's setting
+
+
+@dataclass(frozen=True)
+class Ready:
+    """First event of a generation: the model is loaded and the prompt is queued."""
+
+    reason: str  # how the model came to be loaded ("the model was already loaded", ...)
+    prompt_tokens: int
+    queued: int  # requests waiting for this model, this one included
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: ApplianceError | None = None
+
+
+EngineEvent = Ready | TextChunk | Finished
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    tokens: int
+    reason: str  # as Ready.reason
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    """A loaded model as ``ps`` shows it."""
+
+    key: str
+    digest: str
+    size_bytes: int
+    memory_bytes: int
+    context_length: int
+    gpu_layers: int
+    active_requests: int
+    queued_requests: int
+    loaded_at: float  # wall clock
+    expires_in: float | None  # seconds; None while serving or kept for good
+    capabilities: dict[str, Any]
+
+
+class Engine(Protocol):
+    """Runs models. Blocking methods are called from worker threads, never on the event loop."""
+
+    name: str  # "local:llama.cpp"
+    node: str  # where it runs: "local" for the in-process engine
+
+    @property
+    def memory_budget(self) -> int: ...
+
+    @property
+    def gpu_offload(self) -> bool: ...
+
+    def generate(self, spec: LoadSpec, prompt: Prompt) -> AsyncGenerator[EngineEvent]:
+        """Ready, then TextChunks, then Finished (an error ends it with an exception). Closing the
+        iterator early cancels the request and frees its slot."""
+        ...
+
+    async def embed(self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None) -> Embeddings: ...
+
+    def load(self, spec: LoadSpec, *, keep_alive: float | None) -> tuple[LoadedInfo, str]:
+        """Load now (blocking); the loaded model and how it came to be loaded."""
+        ...
+
+    def loaded(self) -> list[LoadedInfo]: ...
+
+    def unload(self, key: str) -> bool:
+        """Unload now (blocking); requests in flight on it end with an error. False when not loaded."""
+        ...
+
+    def unload_when_idle(self, key: str) -> None:
+        """Unload at once if nothing runs on it; else leave it to expire when its requests end."""
+        ...
+
+    def retire(self, key: str) -> None:
+        """The model is gone: unlist it at once, let requests in flight finish, then unload it."""
+        ...
+
+    def close(self) -> None: ...

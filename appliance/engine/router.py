@@ -1,0 +1,167 @@
+"""From a model name to an engine: resolve it through the registry into a ``LoadSpec``, pick the
+engine that serves it, and record why (REQ-MODELS-0118).
+
+This is the service layer above the engines: what a name means (load, unload, remove) lives here,
+so the engines deal in digests and paths only. Only the in-process engine exists today; workers
+will be other ``Engine`` implementations to choose between. May import the engine's base, the
+registry (``appliance.models``), the store's types and the cache; never the web layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import suppress
+from dataclasses import dataclass
+
+from appliance.audit import Context
+from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
+from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable
+from appliance.models.service import ModelService
+from appliance.names import ModelName
+from appliance.settings import EngineSettings
+from appliance.store.base import Model, Store
+from appliance.store.cache import BlobCache
+
+__all__ = ["Loaded", "Router"]
+
+REGISTRY_CHECK_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model as the APIs list it: by its registry name."""
+
+    name: ModelName
+    info: LoadedInfo
+
+
+class Router:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        models: ModelService,
+        *,
+        store: Store,
+        cache: BlobCache,
+        engine: Engine,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.cache = cache
+        self.engine = engine
+        self._closing = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
+        self._watcher.start()
+
+    # -- resolving -----------------------------------------------------------------------------
+
+    def resolve(self, name: str, *, context_length: int | None = None) -> tuple[ModelName, LoadSpec]:
+        """The model's GGUF as a load spec (blocking: it may re-hash a hard-linked blob)."""
+        model = self.models.get(name)
+        artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
+        if artifact is None:
+            raise ModelNotLoadable(f"model {model.name} has no GGUF file ({', '.join(model.formats)})")
+        if artifact.state != "ok" or not self.cache.has(artifact.digest):
+            raise ModelNotLoadable(
+                f"model {model.name}'s file failed verification and is quarantined",
+                hint="remove the model and import it again",
+            )
+        self.models.ensure_intact(artifact.digest)
+        spec = LoadSpec(
+            key=str(model.name),
+            digest=artifact.digest,
+            path=self.cache.path(artifact.digest),
+            size_bytes=artifact.size_bytes,
+            context_length=self._context_length(model, context_length),
+            context_requested=context_length is not None,
+            n_gpu_layers=self.settings.n_gpu_layers,
+            capabilities=model.capabilities,
+        )
+        return model.name, spec
+
+    def _context_length(self, model: Model, requested: int | None) -> int:
+        """Tokens per sequence: the request's, else the stored preference (set from the UI), else
+        the setting; never more than the model was trained for."""
+        configured = requested or int(
+            self.store.get_preference("engine.context_length") or self.settings.context_length
+        )
+        trained = int(model.capabilities.get("context_length") or configured)
+        return min(configured, trained)
+
+    def route(self, name: str, *, context_length: int | None = None) -> tuple[Engine, LoadSpec, ModelName]:
+        """The engine that serves ``name`` and what it loads; records the use (LRU eviction order)."""
+        model_name, spec = self.resolve(name, context_length=context_length)
+        self.touch(model_name)
+        return self.engine, spec, model_name
+
+    def touch(self, name: ModelName) -> None:
+        with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
+            self.store.touch_model(name)
+
+    def route_of(self, engine: Engine, reason: str) -> Route:
+        return Route(engine.name, engine.node, reason)
+
+    # -- what a name means -------------------------------------------------------------------------
+
+    def loaded(self) -> list[Loaded]:
+        return [Loaded(ModelName.parse(info.key), info) for info in self.engine.loaded()]
+
+    def load(
+        self, name: str, *, keep_alive: float | None = None, context_length: int | None = None
+    ) -> tuple[Loaded, Route]:
+        """Load now (blocking), rather than on the first request."""
+        engine, spec, model_name = self.route(name, context_length=context_length)
+        info, reason = engine.load(spec, keep_alive=keep_alive)
+        return Loaded(model_name, info), self.route_of(engine, reason)
+
+    def unload(self, name: str) -> bool:
+        """Unload now; requests in flight on it end with an error. False when it was not loaded."""
+        return self.engine.unload(str(self.models.get(name).name))
+
+    def unload_when_idle(self, name: str) -> None:
+        """Ollama's keep_alive 0 without a prompt: unload once no request runs on it. An unknown
+        name is a 404 whether loaded or not; a model that is not loaded stays so."""
+        self.engine.unload_when_idle(str(self.models.get(name).name))
+
+    def remove_model(self, name: str, context: Context) -> int:
+        """Delete a model from the registry and retire it from the engine; the bytes freed.
+
+        The model leaves ``loaded`` at once (no new request reaches it), requests in flight on it
+        finish, and the last one to end unloads it.
+        """
+        model_name = self.models.get(name).name  # an unknown name is a 404, as on every other route
+        freed = self.models.remove(str(model_name), context)
+        self.engine.retire(str(model_name))
+        return freed
+
+    def retire_removed(self) -> None:
+        """A model removed behind the server's back (``appliance models rm`` works on the registry
+        directly), or whose file was replaced under its name, leaves the engine like any removal."""
+        for loaded in self.loaded():
+            try:
+                current = self.models.get(loaded.name)
+            except ModelNotFound:
+                self.engine.retire(loaded.info.key)
+                continue
+            except ApplianceError:
+                return  # the registry cannot answer now: try again at the next round
+            if loaded.info.digest not in {artifact.digest for artifact in current.artifacts}:
+                self.engine.retire(loaded.info.key)
+
+    def _watch_registry(self) -> None:
+        while not self._closing.wait(timeout=REGISTRY_CHECK_SECONDS):
+            self.retire_removed()
+
+    @property
+    def memory_budget(self) -> int:
+        return self.engine.memory_budget
+
+    @property
+    def gpu_offload(self) -> bool:
+        return self.engine.gpu_offload
+
+    def close(self) -> None:
+        self._closing.set()
+        self._watcher.join()
+        self.engine.close()

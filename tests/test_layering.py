@@ -1,0 +1,145 @@
+"""The import rules between layers, read from the source with ``ast`` so they cannot drift.
+
+Each rule names the modules it covers (a package or a module, by prefix), the prefixes they may
+not import, and the modules under that prefix it leaves to a rule of their own. Imports under
+``if TYPE_CHECKING:`` count too: the rules are about what a module knows of, not only what it loads.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import appliance
+
+PACKAGE_ROOT = Path(appliance.__file__).parent
+
+ENGINE_SERVICES = ("appliance.engine.router", "appliance.engine.service")
+ENGINE_IMPLEMENTATIONS = ("appliance.engine.pool", "appliance.engine.batcher", "appliance.engine.llama")
+
+
+@dataclass(frozen=True)
+class Rule:
+    modules: str
+    forbidden: tuple[str, ...]
+    why: str
+    except_modules: tuple[str, ...] = ()
+
+
+RULES = [
+    Rule(
+        "appliance.engine",
+        (
+            "appliance.models",
+            "appliance.store",
+            "appliance.provision",
+            "appliance.web",
+            "appliance.audit",
+            "appliance.runtime",
+        ),
+        "the engine loads from a LoadSpec: a worker with an engine and a cache but no registry runs it",
+        except_modules=ENGINE_SERVICES,
+    ),
+    Rule(
+        "appliance.engine.router",
+        ("appliance.web", "appliance.runtime", "appliance.provision", *ENGINE_IMPLEMENTATIONS),
+        "the router resolves names for any Engine; the runtime picks the implementation",
+    ),
+    Rule(
+        "appliance.engine.service",
+        ("appliance.web", "appliance.runtime", "appliance.provision", *ENGINE_IMPLEMENTATIONS),
+        "inference goes through the router and the Engine protocol",
+    ),
+    Rule(
+        "appliance.models",
+        ("appliance.engine", "appliance.web", "appliance.runtime"),
+        "the registry is a service below the engine's router and the web layer",
+    ),
+]
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, module: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, names) per import statement; ``from x import y`` names x, then x.y (y may be a module)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, [alias.name]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield node.lineno, [base, *(f"{base}.{alias.name}" for alias in node.names)]
+
+
+def _covered(rule: Rule, module: str) -> bool:
+    def under(prefix: str) -> bool:
+        return module == prefix or module.startswith(prefix + ".")
+
+    return under(rule.modules) and not any(under(excepted) for excepted in rule.except_modules)
+
+
+def _matches(imported: str, prefix: str) -> bool:
+    return imported == prefix or imported.startswith(prefix + ".")
+
+
+def violations(root: Path, rules: list[Rule]) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = _module_name(path, root)
+        for rule in rules:
+            if not _covered(rule, module):
+                continue
+            for line, names in _imports(path, module):
+                offending = [name for name in names if any(_matches(name, p) for p in rule.forbidden)]
+                if offending:
+                    where = path.relative_to(root.parent)
+                    found.append(f"{where}:{line}: {module} imports {offending[0]} ({rule.why})")
+    return sorted(set(found))
+
+
+def test_every_module_follows_the_import_rules() -> None:
+    found = violations(PACKAGE_ROOT, RULES)
+    assert not found, "imports that break the layering:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("module_path", "source", "offending"),
+    [
+        ("engine/pool.py", "from appliance.models.service import ModelService\n", "appliance.models.service"),
+        ("engine/pool.py", "from ..store import cache\n", "appliance.store"),
+        ("engine/batcher.py", "import appliance.web.app\n", "appliance.web.app"),
+        ("engine/service.py", "from appliance.engine.pool import EnginePool\n", "appliance.engine.pool"),
+        ("models/formats.py", "from appliance.engine import llama\n", "appliance.engine"),
+    ],
+)
+def test_a_forbidden_import_is_reported_with_its_place(
+    tmp_path: Path, module_path: str, source: str, offending: str
+) -> None:
+    root = tmp_path / "appliance"
+    target = root / module_path
+    target.parent.mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (target.parent / "__init__.py").write_text("")
+    target.write_text('"""A module."""\n\n' + source)
+    found = violations(root, RULES)
+    assert len(found) == 1
+    assert found[0].startswith(f"appliance/{module_path}:3: ")
+    assert f"imports {offending} (" in found[0]
+
+
+def test_the_router_and_the_inference_service_may_use_the_registry(tmp_path: Path) -> None:
+    root = tmp_path / "appliance"
+    (root / "engine").mkdir(parents=True)
+    (root / "engine" / "router.py").write_text("from appliance.models.service import ModelService\n")
+    assert violations(root, RULES) == []
