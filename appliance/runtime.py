@@ -68,7 +68,9 @@ class Runtime:
             from appliance.engine.service import InferenceService
 
             engine = EnginePool(settings.engine)
-            runtime.router = Router(settings.engine, models, store=store, cache=cache, engine=engine)
+            runtime.router = Router(
+                settings.engine, models, store=store, cache=cache, preferences=preferences, engine=engine
+            )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
         return runtime
 

@@ -18,6 +18,7 @@ from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
 from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable
 from appliance.models.service import ModelService
 from appliance.names import ModelName
+from appliance.preferences import CONTEXT_LENGTH, PreferenceService
 from appliance.settings import EngineSettings
 from appliance.store.base import Model, Store
 from appliance.store.cache import BlobCache
@@ -43,12 +44,14 @@ class Router:
         *,
         store: Store,
         cache: BlobCache,
+        preferences: PreferenceService,
         engine: Engine,
     ) -> None:
         self.settings = settings
         self.models = models
         self.store = store
         self.cache = cache
+        self.preferences = preferences
         self.engine = engine
         self._closing = threading.Event()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
@@ -83,9 +86,7 @@ class Router:
     def _context_length(self, model: Model, requested: int | None) -> int:
         """Tokens per sequence: the request's, else the stored preference (set from the UI), else
         the setting; never more than the model was trained for."""
-        configured = requested or int(
-            self.store.get_preference("engine.context_length") or self.settings.context_length
-        )
+        configured = requested or self.preferences.effective(CONTEXT_LENGTH)
         trained = int(model.capabilities.get("context_length") or configured)
         return min(configured, trained)
 

@@ -11,4 +11,11 @@ from appliance.settings import EngineSettings
 def make_router(runtime: Runtime, **settings: object) -> Router:
     engine_settings = EngineSettings(**settings)  # type: ignore[arg-type]
     engine = EnginePool(engine_settings)
-    return Router(engine_settings, runtime.models, store=runtime.store, cache=runtime.cache, engine=engine)
+    return Router(
+        engine_settings,
+        runtime.models,
+        store=runtime.store,
+        cache=runtime.cache,
+        preferences=runtime.preferences,
+        engine=engine,
+    )
