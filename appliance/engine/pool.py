@@ -242,7 +242,7 @@ class EnginePool:
             if loaded is not None and not idle:
                 loaded.retired = True
                 self._retired.append(loaded)
-        if idle:
+        if loaded is not None and idle:
             self._close(loaded)
 
     def _load(self, spec: LoadSpec) -> LoadedModel:
