@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from appliance import __version__
-from appliance.audit import AuditOut, Context
+from appliance.audit import AuditService, Context
 from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
@@ -716,13 +716,12 @@ def list_audit(
     """
     start = parse_timestamp(since) if since is not None else None
     end = parse_timestamp(until) if until is not None else None
-    events = _run(
+    rows = _run(
         ctx,
-        lambda runtime: runtime.store.list_audit(
+        lambda runtime: AuditService(runtime.store).list_events(
             action=action, actor=actor, since=start, until=end, limit=limit
         ),
     )
-    rows = [AuditOut.of(event) for event in events]
     if as_json:
         _emit_json([row.model_dump(mode="json") for row in rows])
         return
