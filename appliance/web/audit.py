@@ -1,4 +1,7 @@
-"""``/api/v1/audit``: the audit log, newest first, filtered by action, actor and time."""
+"""``/api/v1/audit``: the audit log, newest first, filtered by action, actor and time.
+
+Imports: the audit service (``AuditService``), never the store.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""``/api/v1/models/pull`` and ``/api/v1/downloads``: pulls by reference, their progress and approval."""
+"""``/api/v1/models/pull`` and ``/api/v1/downloads``: pulls by reference, their progress and approval.
+
+A pull is the provisioner's background ``start`` (its ``ensure_present``, as the CLI and Ollama's
+pull use); the request awaits it through the bridge, never by polling.
+
+Imports: the provision service, the bridge and the web helpers.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``."""
+"""Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``.
+
+Imports: the engine and its service (the routing log is ``InferenceService.history``), never the store.
+"""
 
 from __future__ import annotations
 

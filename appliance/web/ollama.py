@@ -6,8 +6,13 @@ Only concrete paths are registered: ``/api/v1/...`` belongs to the management AP
 
 Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
-no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef:
-a local file is imported, a network ref goes to the provisioner.
+no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef
+(a local file is imported, a network ref downloaded) and goes through the provisioner's
+``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
+Errors, streamed or not, come from the one mapping in ``web/errors.py``.
+
+Imports: the services (models, provision, engine service), the bridge and the web helpers;
+never the store or the cache (blobs arrive through ``ModelService.receive_blob``).
 """
 
 from __future__ import annotations

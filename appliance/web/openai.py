@@ -1,6 +1,9 @@
 """The OpenAI-compatible API under ``/v1``: models, chat completions, completions, embeddings.
 
-Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape.
+Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape,
+from the one mapping in ``web/errors.py`` (a stream's late error too).
+
+Imports: the services (models, engine service) and the web helpers; never the store or the cache.
 """
 
 from __future__ import annotations
