@@ -539,6 +539,8 @@ async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, contex
 
 
 def _download_line(update: PullProgress) -> dict[str, Any] | None:
+    if update.state == "importing":
+        return {"status": "importing", "total": update.bytes_total, "completed": update.bytes_done}
     if update.state == "pending":
         return {"status": f"waiting for an admin to approve download {update.download_id}"}
     if update.state == "queued":
