@@ -42,7 +42,7 @@ from appliance.errors import (
 )
 from appliance.models.service import Model, ModelService
 from appliance.names import ModelName
-from appliance.provision.service import Provisioner, PullProgress
+from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
 from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
 from appliance.web.bodies import parse_body, refuse_unsupported
@@ -508,7 +508,7 @@ async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, contex
     """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
     ref = _pull_ref(body.target)
-    call: ThreadCall[PullProgress, Any] = ThreadCall(
+    call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
         lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)
     )
     if not body.stream:
