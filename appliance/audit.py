@@ -3,11 +3,13 @@
 Each event says who (``actor``), what (``action``, ``target``), how it ended (``outcome``),
 how many bytes and how long, and carries the correlation id of the request or command that
 caused it, so one CLI command or API call can be followed through every row it wrote.
+``AuditService`` reads the log back.
+
+Imports: the store (its protocol and row types), errors and identity.
 """
 
 from __future__ import annotations
 
-import getpass
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,21 +20,30 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from appliance.errors import ApplianceError
+from appliance.identity import Actor
 from appliance.store.base import AuditEvent, Store
 
-__all__ = ["AuditNote", "AuditOut", "Context", "audited", "record"]
+__all__ = ["AuditNote", "AuditOut", "AuditService", "Context", "audited", "record"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Context:
-    """Who is acting, and the id that ties together everything one command or request does."""
+    """Who is acting (``who``; ``actor`` is its label as rows store it), and the id that ties
+    together everything one command or request does."""
 
     actor: str
-    correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    correlation_id: str
+    who: Actor
+
+    def __init__(self, actor: Actor | str, correlation_id: str | None = None) -> None:
+        who = actor if isinstance(actor, Actor) else Actor.from_label(actor)
+        object.__setattr__(self, "actor", actor.label if isinstance(actor, Actor) else actor)
+        object.__setattr__(self, "correlation_id", correlation_id or uuid.uuid4().hex)
+        object.__setattr__(self, "who", who)
 
     @classmethod
     def cli(cls) -> Context:
-        return cls(actor=f"cli:{getpass.getuser()}")
+        return cls(Actor.cli())
 
 
 class AuditOut(BaseModel):
@@ -62,6 +73,26 @@ class AuditNote:
     bytes: int | None = None
     outcome: Literal["ok", "error"] = "ok"
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+class AuditService:
+    """Reading the audit log, for the API and the CLI."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def list_events(
+        self,
+        *,
+        action: str | None = None,
+        actor: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditOut]:
+        """Events newest first; ``since`` inclusive, ``until`` exclusive (stored UTC timestamps)."""
+        events = self.store.list_audit(action=action, actor=actor, since=since, until=until, limit=limit)
+        return [AuditOut.of(event) for event in events]
 
 
 def record(

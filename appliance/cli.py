@@ -6,7 +6,6 @@ Errors print one line saying what went wrong and one saying what to do, and exit
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import socket
 import sys
@@ -29,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from appliance import __version__
-from appliance.audit import AuditOut, Context
+from appliance.audit import AuditService, Context
 from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
@@ -151,13 +150,10 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from appliance.web.app import create_app
+    from appliance.web.guards import require_loopback
 
     settings: Settings = ctx.obj["settings"](host=host, port=port)
-    if not _is_loopback(settings.host):
-        raise InvalidSetting(
-            f"refusing to bind {settings.host}: only loopback addresses are allowed until API keys exist",
-            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy",
-        )
+    require_loopback(settings)
     Runtime.open(settings).close()  # fail here, with a clear message, if the data dir is unusable
     listener = _listen(settings.host, settings.port)
     if settings.port == 0:  # the system chose one; the app checks Host headers against the real one
@@ -205,15 +201,6 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerClient:
     return ServerClient(ctx.obj["settings"](host=host, port=port))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -716,13 +703,12 @@ def list_audit(
     """
     start = parse_timestamp(since) if since is not None else None
     end = parse_timestamp(until) if until is not None else None
-    events = _run(
+    rows = _run(
         ctx,
-        lambda runtime: runtime.store.list_audit(
+        lambda runtime: AuditService(runtime.store).list_events(
             action=action, actor=actor, since=start, until=end, limit=limit
         ),
     )
-    rows = [AuditOut.of(event) for event in events]
     if as_json:
         _emit_json([row.model_dump(mode="json") for row in rows])
         return

@@ -59,6 +59,21 @@ RULES = [
         ("appliance.engine", "appliance.web", "appliance.runtime"),
         "the registry is a service below the engine's router and the web layer",
     ),
+    Rule(
+        "appliance.web",
+        ("appliance.store",),
+        "the web layer reaches data through the services, never the store or the cache",
+    ),
+    Rule(
+        "appliance.identity",
+        ("appliance",),
+        "identity sits below everything, so every layer may use it",
+    ),
+    Rule(
+        "appliance.bridge",
+        ("appliance",),
+        "the thread bridge sits below everything, so every layer may use it",
+    ),
 ]
 
 
@@ -121,8 +136,16 @@ def test_every_module_follows_the_import_rules() -> None:
         ("engine/batcher.py", "import appliance.web.app\n", "appliance.web.app"),
         ("engine/service.py", "from appliance.engine.pool import EnginePool\n", "appliance.engine.pool"),
         ("models/formats.py", "from appliance.engine import llama\n", "appliance.engine"),
+        ("web/handler.py", "from appliance.store.cache import BlobCache\n", "appliance.store.cache"),
+        ("bridge.py", "from appliance.errors import ApplianceError\n", "appliance.errors"),
     ],
 )
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.modules)
+def test_every_rule_covers_a_module(rule: Rule) -> None:
+    modules = [_module_name(path, PACKAGE_ROOT) for path in PACKAGE_ROOT.rglob("*.py")]
+    assert any(_covered(rule, module) for module in modules), f"{rule.modules}: the rule checks nothing"
+
+
 def test_a_forbidden_import_is_reported_with_its_place(
     tmp_path: Path, module_path: str, source: str, offending: str
 ) -> None:

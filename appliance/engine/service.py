@@ -24,6 +24,7 @@ from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams
 from appliance.engine.router import Router
 from appliance.errors import InvalidInput
 from appliance.metrics import Metrics
+from appliance.names import ModelName
 from appliance.store.base import InferenceRecord, Store
 
 __all__ = ["GenerationOptions", "InferenceService", "Started"]
@@ -79,6 +80,11 @@ class InferenceService:
         self.router = router
         self.store = store
         self.metrics = metrics
+
+    def history(self, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Served requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
+        wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
+        return [record.__dict__ for record in self.store.list_inference(model=wanted, limit=limit)]
 
     def chat(
         self,

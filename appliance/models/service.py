@@ -8,17 +8,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import gguf
 
 from appliance.audit import Context, audited
-from appliance.errors import CacheFull, ModelExists, ModelNotFound, ModelNotLoadable, SourceUnreadable
+from appliance.errors import (
+    CacheFull,
+    ModelExists,
+    ModelNotFound,
+    ModelNotLoadable,
+    SourceUnreadable,
+    UnsupportedFormat,
+)
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
 from appliance.names import ModelName, name_from_filename
 from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
 from appliance.settings import Settings
 from appliance.store.base import Artifact, Model, NewArtifact, Store
-from appliance.store.cache import BlobCache, ProgressCallback, StagedBlob, open_source
+from appliance.store.cache import BlobCache, IncomingBlob, ProgressCallback, StagedBlob, open_source
 
-__all__ = ["GcReport", "ImportResult", "ModelService", "VerifyResult"]
+__all__ = ["GcReport", "ImportResult", "Model", "ModelService", "VerifyResult"]
 
 HEADER_BYTES = 64
 _REPLACE_HINT = (
@@ -84,6 +94,29 @@ class ModelService:
 
     def cache_usage(self) -> dict[str, int | None]:
         return {"used_bytes": self.store.cache_bytes(), "max_bytes": self.max_bytes()}
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        return self.cache.has(digest)
+
+    def blob_path(self, digest: str) -> Path:
+        """Where a blob lives on disk (for display, as in a Modelfile's FROM line)."""
+        return self.cache.path(digest)
+
+    def receive_blob(self) -> IncomingBlob:
+        """Staging for content that arrives in pieces (an upload); ``finish(digest)`` places it.
+        The blob is not a model by itself: ``gc`` removes it unless a model comes to use it."""
+        return self.cache.receive()
+
+    def chat_template(self, model: Model) -> str:
+        """The model's own chat template (Jinja) from its GGUF header; "" when it has none."""
+        artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
+        if artifact is None or not model.capabilities.get("chat_template"):
+            return ""
+        if not self.has_blob(artifact.digest):
+            return ""
+        return _read_chat_template(self.cache.path(artifact.digest))
 
     # -- import ------------------------------------------------------------------------------
 
@@ -425,3 +458,18 @@ def _read_header(source: Path) -> tuple[bytes, int]:
         raise SourceUnreadable(f"{source} cannot be read: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+
+
+def _read_chat_template(path: Path) -> str:
+    """The GGUF's ``tokenizer.chat_template``, read from its header."""
+    reader: Any = None
+    try:
+        reader = gguf.GGUFReader(path)
+        entry = reader.fields.get("tokenizer.chat_template")
+        return str(entry.contents()) if entry is not None else ""
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct and numpy errors
+        raise UnsupportedFormat(
+            f"{path.name} cannot be read as GGUF: {exc}", hint="run `appliance models verify`"
+        ) from exc
+    finally:
+        reader = None  # drop the memory map

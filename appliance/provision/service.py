@@ -166,7 +166,7 @@ class Provisioner:
         expected = parse_digest(expected_digest) if expected_digest else None
         model_name = ModelName.parse(name) if name else None
         if isinstance(parsed, FileRef):
-            return self._import_local(parsed, context, model_name, expected)
+            return self._import_local(parsed, context, model_name, expected, on_progress)
         if isinstance(parsed, DigestRef):
             return self._from_cache(parsed)
         present = self._present(parsed, expected, model_name, context)
@@ -199,10 +199,28 @@ class Provisioner:
             )
 
     def _import_local(
-        self, ref: FileRef, context: Context, name: ModelName | None, expected: str | None
+        self,
+        ref: FileRef,
+        context: Context,
+        name: ModelName | None,
+        expected: str | None,
+        on_progress: Callable[[PullProgress], None] | None,
     ) -> ResolvedModel:
+        """Import a local file; its progress is reported in state ``importing``, with no download
+        (``download_id`` is empty), so every pull reports through the same callback."""
+        report: Callable[[int], None] | None = None
+        if on_progress is not None:
+            progress = on_progress
+            try:
+                total: int | None = ref.path.stat().st_size
+            except OSError:
+                total = None  # import_file says why it cannot read it
+
+            def report(done: int) -> None:
+                progress(PullProgress("", "importing", done, total, 0))
+
         result = self.models.import_file(
-            ref.path, context, name=str(name) if name else None, expected_digest=expected
+            ref.path, context, name=str(name) if name else None, expected_digest=expected, on_progress=report
         )
         return self._resolved(result.model, result.digest, str(ref), "expected" if expected else "unverified")
 
@@ -573,6 +591,8 @@ class Provisioner:
         self._pending_cancels.add(cancel)  # close() stops it even before it has a download
 
         def on_progress(update: PullProgress) -> None:
+            if not update.download_id:  # a local import's progress: no download to show
+                return
             if ticket.download_id is None:
                 ticket.download_id = update.download_id
                 self._cancels[update.download_id] = cancel

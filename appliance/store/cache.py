@@ -50,7 +50,7 @@ from appliance.errors import (
     StorageFailure,
 )
 
-__all__ = ["LAYOUT_VERSION", "BlobCache", "StagedBlob", "open_source"]
+__all__ = ["LAYOUT_VERSION", "BlobCache", "IncomingBlob", "StagedBlob", "open_source"]
 
 LAYOUT_VERSION = 1
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -92,6 +92,53 @@ class StagedBlob:
             self.path.unlink()
         os.close(self._fd)
         self._fd = -1
+
+
+class IncomingBlob:
+    """Bytes arriving in pieces (an upload) on their way into ``blobs/``: a unique staging file,
+    flock'ed like every staging file (so garbage collection leaves it alone while it lives) and
+    hashed as it is written. ``finish`` verifies, fsyncs and places it; ``close`` (or leaving the
+    ``with`` block) removes it on every other path."""
+
+    def __init__(self, cache: BlobCache) -> None:
+        self._cache = cache
+        self._hasher = hashlib.sha256()
+        path, fd = cache._new_staging_file(".partial")
+        self._staged = StagedBlob(path=path, digest="", size=0, method="copy", _fd=fd)
+
+    def __enter__(self) -> IncomingBlob:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def write(self, data: bytes) -> None:
+        try:
+            _write_all(self._staged._fd, memoryview(data))
+        except OSError as exc:
+            raise _storage_error(exc, self._cache.tmp_dir) from exc
+        self._hasher.update(data)
+        self._staged.size += len(data)
+
+    def finish(self, expected: str) -> Path:
+        """Place the content under ``expected``; a 400 (changing nothing) when it hashes otherwise:
+        the sender named the wrong digest, as Ollama's blob upload answers it."""
+        actual = f"sha256:{self._hasher.hexdigest()}"
+        if actual != expected:
+            raise InvalidInput(
+                f"digest mismatch: the body hashes to {actual}, not {expected}",
+                hint="send the file whose sha256 is in the path",
+            )
+        try:
+            os.fsync(self._staged._fd)
+        except OSError as exc:
+            raise _storage_error(exc, self._cache.tmp_dir) from exc
+        self._staged.digest = actual
+        with self._cache.placing():
+            return self._cache.place(self._staged)
+
+    def close(self) -> None:
+        self._staged.close()  # a no-op once placed
 
 
 class BlobCache:
@@ -197,6 +244,10 @@ class BlobCache:
             staged.close()
             raise DigestMismatch(f"{source} has digest {staged.digest}, expected {expected_digest}")
         return staged
+
+    def receive(self) -> IncomingBlob:
+        """A new staging file for content that arrives in pieces (see IncomingBlob)."""
+        return IncomingBlob(self)
 
     def open_download(self, key: str) -> tuple[Path, int]:
         """The partial file of download ``key``, opened and flock'ed (kept if it exists, to resume)."""

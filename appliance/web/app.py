@@ -16,18 +16,18 @@ from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.web.audit import AuditController
 from appliance.web.dependencies import (
+    provide_audit,
     provide_context,
     provide_inference,
     provide_models,
     provide_preferences,
     provide_provisioner,
     provide_router,
-    provide_store,
 )
 from appliance.web.docs import DOCS_ASSETS, DocsPage
 from appliance.web.downloads import DownloadsController, pull_model
 from appliance.web.engine import EngineController, metrics
-from appliance.web.errors import EXCEPTION_HANDLERS
+from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.guards import SecurityHeaders, request_guard
 from appliance.web.health import HealthController
 from appliance.web.models import ModelsController
@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[runtime_lifespan],
         on_startup=[complete_openapi],
         dependencies={
-            "store": Provide(provide_store, sync_to_thread=False),
+            "audit": Provide(provide_audit, sync_to_thread=False),
             "models": Provide(provide_models, sync_to_thread=False),
             "provisioner": Provide(provide_provisioner, sync_to_thread=False),
             "preferences": Provide(provide_preferences, sync_to_thread=False),
@@ -80,7 +80,7 @@ def create_app(settings: Settings) -> Litestar:
             "inference": Provide(provide_inference, sync_to_thread=False),
             "router": Provide(provide_router, sync_to_thread=False),
         },
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=PROBLEM_HANDLERS,
         before_request=request_guard(settings),
         openapi_config=OpenAPIConfig(
             title="Appliance", version=__version__, path="/schema", render_plugins=[DocsPage()]

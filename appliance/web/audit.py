@@ -1,13 +1,15 @@
-"""``/api/v1/audit``: the audit log, newest first, filtered by action, actor and time."""
+"""``/api/v1/audit``: the audit log, newest first, filtered by action, actor and time.
+
+Imports: the audit service (``AuditService``), never the store.
+"""
 
 from __future__ import annotations
 
 from litestar import Controller, get
 from litestar.params import Parameter
 
-from appliance.audit import AuditOut
+from appliance.audit import AuditOut, AuditService
 from appliance.queries import parse_timestamp
-from appliance.store.base import Store
 
 __all__ = ["AuditController"]
 
@@ -19,7 +21,7 @@ class AuditController(Controller):
     @get("/", sync_to_thread=True)
     def list_audit(
         self,
-        store: Store,
+        audit: AuditService,
         action: str | None = None,
         actor: str | None = None,
         since: str | None = Parameter(default=None, description="ISO 8601 UTC, inclusive"),
@@ -27,5 +29,4 @@ class AuditController(Controller):
         limit: int = Parameter(default=100, ge=1, le=10_000),
     ) -> list[AuditOut]:
         since, until = (None if text is None else parse_timestamp(text) for text in (since, until))
-        events = store.list_audit(action=action, actor=actor, since=since, until=until, limit=limit)
-        return [AuditOut.of(event) for event in events]
+        return audit.list_events(action=action, actor=actor, since=since, until=until, limit=limit)

@@ -1,4 +1,7 @@
-"""What handlers get injected: the services opened in the lifespan, and the request's audit context."""
+"""What handlers get injected: the services opened in the lifespan, and the request's audit context.
+
+Imports services only (never the store or the cache): the web layer reaches data through them.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +12,23 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import State
 
-from appliance.audit import Context
+from appliance.audit import AuditService, Context
 from appliance.engine.router import Router
 from appliance.engine.service import InferenceService
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.runtime import Runtime
-from appliance.store.base import Store
+from appliance.web.guards import request_actor
 
 __all__ = [
+    "provide_audit",
     "provide_context",
     "provide_inference",
     "provide_models",
     "provide_preferences",
     "provide_provisioner",
     "provide_router",
-    "provide_store",
 ]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -36,8 +39,8 @@ def _runtime(state: State) -> Runtime:
     return runtime
 
 
-def provide_store(state: State) -> Store:
-    return _runtime(state).store
+def provide_audit(state: State) -> AuditService:
+    return AuditService(_runtime(state).store)
 
 
 def provide_models(state: State) -> ModelService:
@@ -65,8 +68,7 @@ def provide_router(state: State) -> Router:
 
 
 def provide_context(request: Request[Any, Any, Any]) -> Context:
-    """Actor from the client address (accounts come later); correlation id from X-Request-ID when sane."""
+    """The actor the guard identified; correlation id from X-Request-ID when sane."""
     given = request.headers.get("x-request-id", "")
     correlation_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    client = request.client.host if request.client else "unknown"
-    return Context(actor=f"api:{client}", correlation_id=correlation_id)
+    return Context(request_actor(request), correlation_id)

@@ -1,4 +1,10 @@
-"""``/api/v1/models/pull`` and ``/api/v1/downloads``: pulls by reference, their progress and approval."""
+"""``/api/v1/models/pull`` and ``/api/v1/downloads``: pulls by reference, their progress and approval.
+
+A pull is the provisioner's background ``start`` (its ``ensure_present``, as the CLI and Ollama's
+pull use); the request awaits it through the bridge, never by polling.
+
+Imports: the provision service, the bridge and the web helpers.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from appliance.audit import Context
+from appliance.bridge import settled
 from appliance.provision.schemas import DownloadOut, PullIn, PullOut
 from appliance.provision.service import Provisioner
 from appliance.queries import DOWNLOAD_STATES, check_download_states
+from appliance.web.errors import ErrorInfo, error_tail, problem_body
 
 __all__ = ["DownloadsController", "pull_model"]
 
@@ -34,8 +42,8 @@ async def pull_model(data: PullIn, provisioner: Provisioner, context: Context) -
     deadline = time.monotonic() + STARTED_WAIT
     await anyio.to_thread.run_sync(ticket.started.wait, STARTED_WAIT)
     # Local work (an import, a lookup) has no download: give it until the deadline to finish.
-    while ticket.download_id is None and not ticket.future.done() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if ticket.download_id is None:
+        await settled(ticket.future, timeout=max(0.0, deadline - time.monotonic()))
     if ticket.future.done():
         return Response(PullOut.of(ticket.future.result()).model_dump(mode="json"))
     if ticket.download_id is None:  # still importing, or waiting for a pull of the same ref to end
@@ -80,7 +88,10 @@ class DownloadsController(Controller):
 
         # Each message names its event type itself: Litestar's event_type would also send a stray
         # "event:" line before the first message, which then carries the field twice.
-        return ServerSentEvent(changes())
+        def error(info: ErrorInfo) -> ServerSentEventMessage:
+            return ServerSentEventMessage(data=json.dumps(problem_body(info)), event="error")
+
+        return ServerSentEvent(error_tail(changes(), error, where="GET /api/v1/downloads/events"))
 
     @get("/{download_id:str}", sync_to_thread=True)
     def show_download(self, download_id: str, provisioner: Provisioner) -> DownloadOut:

@@ -1,4 +1,7 @@
-"""Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``."""
+"""Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``.
+
+Imports: the engine and its service (the routing log is ``InferenceService.history``), never the store.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,8 @@ from litestar.params import Parameter
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.engine.router import Loaded, Router
-from appliance.names import ModelName
+from appliance.engine.service import InferenceService
 from appliance.settings import Duration
-from appliance.store.base import Store
 
 __all__ = ["EngineController", "LoadIn", "metrics"]
 
@@ -72,11 +74,13 @@ class EngineController(Controller):
 
     @get("/inference", sync_to_thread=True)
     def inference_log(
-        self, store: Store, model: str | None = None, limit: int = Parameter(default=100, ge=1, le=10_000)
+        self,
+        inference: InferenceService,
+        model: str | None = None,
+        limit: int = Parameter(default=100, ge=1, le=10_000),
     ) -> list[dict[str, Any]]:
         """Served requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
-        wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
-        return [record.__dict__ for record in store.list_inference(model=wanted, limit=limit)]
+        return inference.history(model=model, limit=limit)
 
 
 @get("/metrics", sync_to_thread=False, include_in_schema=False)

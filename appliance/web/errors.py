@@ -1,37 +1,45 @@
-"""One error mapping per surface. ``/api/v1`` answers with problem details (RFC 9457)."""
+"""The one error mapping of the three HTTP surfaces.
+
+``describe`` decides, for any exception, the status, stable code, message, hint and extra
+headers (Retry-After for EngineBusy, Allow for a 405); three renderers give it each surface's
+shape: problem details (RFC 9457) for ``/api/v1``, OpenAI's ``{"error": {...}}`` for ``/v1``,
+Ollama's ``{"error": "..."}`` for ``/api``. A stream whose headers already went out says its
+error in the stream instead, through ``error_tail``, the same way for SSE and NDJSON.
+
+Imports: ``appliance.errors`` and the web layer's body parsing only.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, EngineBusy
+from appliance.web.bodies import InvalidField
 
-__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "http_error_code", "problem"]
+__all__ = [
+    "OLLAMA_HANDLERS",
+    "OPENAI_HANDLERS",
+    "PROBLEM_HANDLERS",
+    "PROBLEM_JSON",
+    "ErrorInfo",
+    "describe",
+    "error_tail",
+    "ollama_body",
+    "openai_body",
+    "problem",
+    "problem_body",
+]
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("appliance.web")
-
-
-def problem(
-    *, status: int, code: str, title: str, detail: str, hint: str = "", **extra: Any
-) -> Response[Any]:
-    body: dict[str, Any] = {
-        "type": f"urn:appliance:error:{code}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
-    if hint:
-        body["hint"] = hint
-    body.update(extra)
-    return Response(content=body, status_code=status, media_type=PROBLEM_JSON)
-
+T = TypeVar("T")
 
 # Litestar's own refusals (routing, body size, validation) get stable codes like our errors'.
 _HTTP_CODES = {
@@ -43,7 +51,25 @@ _HTTP_CODES = {
 }
 
 
-def http_error_code(status: int) -> str:
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What every surface says about one error; only the shape differs."""
+
+    status: int
+    code: str
+    message: str
+    hint: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    param: str | None = None  # the body field at fault, where known (OpenAI's errors carry it)
+    errors: list[Any] | None = None  # a validation failure's full list
+
+    @property
+    def text(self) -> str:
+        """Message and hint in one line, for the shapes that have one string only."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def _http_code(status: int) -> str:
     return _HTTP_CODES.get(status, "internal_error" if status >= 500 else f"http_{status}")
 
 
@@ -58,43 +84,95 @@ def _validation_detail(exc: ValidationException) -> str:
     return f"invalid request: {where}: {first['message']}"
 
 
-def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, ApplianceError)
-    return problem(
-        status=exc.status, code=exc.code, title=exc.code.replace("_", " "), detail=exc.message, hint=exc.hint
+def describe(exc: BaseException, *, where: str) -> ErrorInfo:
+    """The one decision: status, code, message, hint and headers for ``exc``. Server faults are
+    logged here (``where`` says what was being served), so no surface forgets to."""
+    if isinstance(exc, ApplianceError):
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else {}
+        param = exc.param if isinstance(exc, InvalidField) else None
+        return ErrorInfo(exc.status, exc.code, exc.message, exc.hint, headers, param=param)
+    if isinstance(exc, HTTPException):
+        if exc.status_code >= 500 and exc.status_code != 501:
+            logger.error("server error on %s", where, exc_info=exc)
+        if isinstance(exc, ValidationException) and exc.extra:
+            errors = exc.extra if isinstance(exc.extra, list) else [exc.extra]
+            detail = _validation_detail(exc)
+        else:
+            errors, detail = None, exc.detail
+        code = _http_code(exc.status_code)
+        return ErrorInfo(exc.status_code, code, detail, headers=dict(exc.headers or {}), errors=errors)
+    logger.error("unexpected error on %s", where, exc_info=exc)
+    return ErrorInfo(
+        500,
+        "internal_error",
+        f"the appliance failed unexpectedly ({type(exc).__name__})",
+        "see the server log; please report it",
     )
 
 
-def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code >= 500:
-        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
-    extra: dict[str, Any] = {}
-    detail = exc.detail
-    if isinstance(exc, ValidationException) and exc.extra:
-        extra["errors"] = exc.extra
-        detail = _validation_detail(exc)
-    code = http_error_code(exc.status_code)
-    response = problem(
-        status=exc.status_code, code=code, title=code.replace("_", " "), detail=detail, **extra
+# -- the three shapes --------------------------------------------------------------------------
+
+
+def problem_body(info: ErrorInfo) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": f"urn:appliance:error:{info.code}",
+        "title": info.code.replace("_", " "),
+        "status": info.status,
+        "detail": info.message,
+        "code": info.code,
+    }
+    if info.hint:
+        body["hint"] = info.hint
+    if info.errors is not None:
+        body["errors"] = info.errors
+    return body
+
+
+def openai_body(info: ErrorInfo) -> dict[str, Any]:
+    kind = "server_error" if info.status >= 500 else "invalid_request_error"
+    return {"error": {"message": info.text, "type": kind, "param": info.param, "code": info.code}}
+
+
+def ollama_body(info: ErrorInfo) -> dict[str, Any]:
+    return {"error": info.text}
+
+
+def problem(info: ErrorInfo) -> Response[Any]:
+    return Response(
+        content=problem_body(info), status_code=info.status, media_type=PROBLEM_JSON, headers=info.headers
     )
-    response.headers.update(exc.headers or {})  # 405's Allow, for one
-    return response
 
 
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem(
-        status=500,
-        code="internal_error",
-        title="internal error",
-        detail=f"the appliance failed unexpectedly ({type(exc).__name__})",
-        hint="see the server log; please report it",
-    )
+Handlers = dict[int | type[Exception], Callable[[Request[Any, Any, Any], Any], Response[Any]]]
 
 
-EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request[Any, Any, Any], Any], Response[Any]]] = {
-    ApplianceError: _appliance_error,
-    HTTPException: _http_error,
-    Exception: _unexpected,
-}
+def _handlers(render: Callable[[ErrorInfo], Response[Any]]) -> Handlers:
+    def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return render(describe(exc, where=f"{request.method} {request.url.path}"))
+
+    return {ApplianceError: handle, HTTPException: handle, Exception: handle}
+
+
+PROBLEM_HANDLERS = _handlers(problem)
+OPENAI_HANDLERS = _handlers(
+    lambda info: Response(openai_body(info), status_code=info.status, headers=info.headers)
+)
+OLLAMA_HANDLERS = _handlers(
+    lambda info: Response(ollama_body(info), status_code=info.status, headers=info.headers)
+)
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+
+async def error_tail(
+    items: AsyncIterator[T], render: Callable[[ErrorInfo], T], *, where: str
+) -> AsyncIterator[T]:
+    """``items`` as they come; an error after the headers went out becomes one last item, the
+    only place left to say it. Closing this closes ``items`` (which frees what they hold)."""
+    async with aclosing(items) as source:  # type: ignore[type-var]
+        try:
+            async for item in source:
+                yield item
+        except Exception as exc:
+            yield render(describe(exc, where=where))

@@ -1,8 +1,17 @@
-"""What keeps web pages from driving or framing the appliance: a host and origin check before
-every handler, and the security headers on every response (errors and static files included)."""
+"""The guards of the web layer, and only here:
+
+- serving binds loopback only (until API keys exist), checked before the server starts;
+- who is calling: the ``Actor``, identified once per request and kept in its state;
+- the host and cross-site checks before every handler, which keep web pages from driving the
+  appliance, and the security headers on every response (errors and static files included),
+  which keep them from framing it.
+
+Imports: identity, errors and settings only.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,10 +20,11 @@ from litestar import Request, Response
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.errors import Forbidden, InvalidInput
+from appliance.errors import Forbidden, InvalidInput, InvalidSetting
+from appliance.identity import Actor
 from appliance.settings import Settings
 
-__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "request_guard"]
+__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "request_actor", "request_guard", "require_loopback"]
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -45,6 +55,34 @@ def _allow(request: Request[Any, Any, Any]) -> Response[None]:
     return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods or {"OPTIONS"}))})
 
 
+def require_loopback(settings: Settings) -> None:
+    """Serving is loopback-only until API keys exist: anyone who can reach the port is an admin."""
+    if not _is_loopback(settings.host):
+        raise InvalidSetting(
+            f"refusing to bind {settings.host}: only loopback addresses are allowed until API keys exist",
+            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def request_actor(request: Request[Any, Any, Any]) -> Actor:
+    """Who sent the request, identified once per request: an anonymous client by its address
+    until accounts and API keys arrive."""
+    actor: Actor | None = request.state.get("actor")
+    if actor is None:
+        actor = Actor.client(request.client.host if request.client else "unknown")
+        request.state.actor = actor
+    return actor
+
+
 def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
     """The check every request passes before its handler, as an error each surface shapes its own way."""
     bound = (
@@ -53,6 +91,7 @@ def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awai
     allowed = {name for host in {*LOOPBACK_NAMES, bound} for name in (host, f"{host}:{settings.port}")}
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
+        request_actor(request)
         host = request.headers.get("host")
         # Only loopback names: a DNS-rebinding page on another name gets 400, never our API.
         if host not in allowed:

@@ -6,59 +6,47 @@ Only concrete paths are registered: ``/api/v1/...`` belongs to the management AP
 
 Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
-no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef:
-a local file is imported, a network ref goes to the provisioner.
+no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef
+(a local file is imported, a network ref downloaded) and goes through the provisioner's
+``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
+Errors, streamed or not, come from the one mapping in ``web/errors.py``.
+
+Imports: the services (models, provision, engine service), the bridge and the web helpers;
+never the store or the cache (blobs arrive through ``ModelService.receive_blob``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
-import fcntl
-import hashlib
 import json
-import os
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
-import gguf
 from litestar import MediaType, Request, Response, Router, delete, get, head, post
-from litestar.exceptions import HTTPException
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance import __version__
 from appliance.audit import Context
+from appliance.bridge import ThreadCall
 from appliance.engine.batcher import Finished, TextChunk
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.errors import (
-    ApplianceError,
-    DiskFull,
-    EngineBusy,
     InvalidInput,
     InvalidModelName,
     InvalidModelRef,
-    StorageFailure,
-    UnsupportedFormat,
 )
-from appliance.models.service import ModelService
+from appliance.models.service import Model, ModelService
 from appliance.names import ModelName
-from appliance.provision.service import Provisioner, PullProgress
+from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
 from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
 from appliance.settings import Duration
-from appliance.store.base import Model, utcnow
-from appliance.store.cache import BlobCache, StagedBlob
 from appliance.web.bodies import parse_body, refuse_unsupported
-from appliance.web.errors import logger
+from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
@@ -255,21 +243,6 @@ def _tag_entry(model: Model) -> dict[str, Any]:
     }
 
 
-def _read_chat_template(path: Path) -> str:
-    """The GGUF's own chat template (Jinja), read from its header."""
-    reader: Any = None
-    try:
-        reader = gguf.GGUFReader(path)
-        field = reader.fields.get("tokenizer.chat_template")
-        return str(field.contents()) if field is not None else ""
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct and numpy errors
-        raise UnsupportedFormat(
-            f"{path.name} cannot be read as GGUF: {exc}", hint="run `appliance models verify`"
-        ) from exc
-    finally:
-        reader = None  # drop the memory map
-
-
 def _model_info(capabilities: dict[str, Any]) -> dict[str, Any]:
     architecture = str(capabilities.get("architecture", "unknown"))
     info: dict[str, Any] = {
@@ -292,10 +265,8 @@ def _model_info(capabilities: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def _show(model: Model, cache: BlobCache) -> dict[str, Any]:
-    digest = _gguf_artifact_digest(model)
-    has_template = bool(model.capabilities.get("chat_template")) and cache.has(digest)
-    template = _read_chat_template(cache.path(digest)) if has_template else ""
+def _show(model: Model, models: ModelService) -> dict[str, Any]:
+    template = models.chat_template(model)
     # Without a template of its own the engine falls back to ChatML, which stops at <|im_end|>.
     parameters = "" if template else 'stop "<|im_end|>"'
     modelfile = [
@@ -303,7 +274,7 @@ def _show(model: Model, cache: BlobCache) -> dict[str, Any]:
         "# To build a new Modelfile based on this, replace FROM with:",
         f"# FROM {model.name}",
         "",
-        f"FROM {cache.path(digest)}",
+        f"FROM {models.blob_path(_gguf_artifact_digest(model))}",
     ]
     if template:
         modelfile.append(f'TEMPLATE """{template}"""')
@@ -360,7 +331,7 @@ def tags(models: ModelService) -> dict[str, Any]:
 async def show(request: Request[Any, Any, Any], models: ModelService) -> dict[str, Any]:
     """A model's details, model_info and chat template."""
     body = parse_body(ModelBody, await request.body())
-    return await anyio.to_thread.run_sync(lambda: _show(models.get(body.target), models.cache))
+    return await anyio.to_thread.run_sync(lambda: _show(models.get(body.target), models))
 
 
 @get("/ps", sync_to_thread=False)
@@ -386,29 +357,25 @@ def _line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
-def _error_message(exc: ApplianceError) -> str:
-    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-
-
-def _unexpected_message(exc: BaseException) -> str:
-    return f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
-
-
 async def _ndjson(
     generation: Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
 ) -> AsyncIterator[bytes]:
     """One line per text piece, then the final line with the counters; errors become an error line."""
-    try:
-        while isinstance(event := await generation.next(), TextChunk):
-            yield _line({**piece(event.text), "done": False})
-        yield _line({**piece(""), "done": True, **final, **generation.counters(event)})
-    except ApplianceError as exc:
-        yield _line({"error": _error_message(exc)})
-    except Exception as exc:  # the headers are sent: all that is left is to say so in the stream
-        logger.error("unexpected error while streaming %s", generation.model, exc_info=exc)
-        yield _line({"error": _unexpected_message(exc)})
-    finally:
-        await generation.close()
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            while isinstance(event := await generation.next(), TextChunk):
+                yield _line({**piece(event.text), "done": False})
+            yield _line({**piece(""), "done": True, **final, **generation.counters(event)})
+        finally:
+            await generation.close()
+
+    async for line in error_tail(lines(), _error_line, where=f"a stream of {generation.model}"):
+        yield line
+
+
+def _error_line(info: ErrorInfo) -> bytes:
+    return _line(ollama_body(info))
 
 
 async def _collect(generation: Generation) -> tuple[str, Finished]:
@@ -457,7 +424,7 @@ async def generate(
     options = body.generation_options()
 
     def piece(text: str) -> dict[str, Any]:
-        return {"model": body.model, "created_at": utcnow(), "response": text}
+        return {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "response": text}
 
     if not body.prompt:
         reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
@@ -489,7 +456,7 @@ async def chat(
     def piece(text: str) -> dict[str, Any]:
         return {
             "model": body.model,
-            "created_at": utcnow(),
+            "created_at": _rfc3339(datetime.now(UTC)),
             "message": {"role": "assistant", "content": text},
         }
 
@@ -533,102 +500,44 @@ def _pull_ref(text: str) -> ModelRef:
     return ref
 
 
-@dataclass(frozen=True)
-class _Finished:
-    result: Any
-
-
-async def _in_thread_with_reports(
-    work: Callable[[Callable[[Any], None]], Any],
-) -> tuple[Any, asyncio.Queue[Any]]:
-    """Run ``work(report)`` on a worker thread. Its reports, then its result (as _Finished) or its
-    exception, arrive on a queue; returns the first item (raised when it is an exception, so the
-    request fails before any stream starts) and the queue with the rest."""
-    loop = asyncio.get_running_loop()
-    reports: asyncio.Queue[Any] = asyncio.Queue()
-
-    def report(item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown); nobody listens
-            loop.call_soon_threadsafe(reports.put_nowait, item)
-
-    def run() -> None:
-        try:
-            report(_Finished(work(report)))
-        except BaseException as exc:  # handed to the request or the stream, which report it
-            report(exc)
-
-    loop.run_in_executor(None, run)  # the executor holds the future; the queue carries the outcome
-    first = await reports.get()
-    if isinstance(first, BaseException):
-        raise first
-    return first, reports
-
-
-async def _status_lines(
-    first: Any,
-    reports: asyncio.Queue[Any],
-    progress_line: Callable[[Any], dict[str, Any] | None],
-    closing: tuple[str, ...] = (),
-) -> AsyncIterator[bytes]:
-    """Ollama's pull lines: one per progress report, then the closing statuses and success, or an error."""
-    item = first
-    while True:
-        if isinstance(item, _Finished):
-            for status in (*closing, "success"):
-                yield _line({"status": status})
-            return
-        if isinstance(item, ApplianceError):
-            yield _line({"error": _error_message(item)})
-            return
-        if isinstance(item, BaseException):
-            logger.error("unexpected error while pulling", exc_info=item)
-            yield _line({"error": _unexpected_message(item)})
-            return
-        line = progress_line(item)
-        if line is not None:
-            yield _line(line)
-        item = await reports.get()
-
-
 @post("/pull", status_code=200)
-async def pull(
-    request: Request[Any, Any, Any], models: ModelService, provisioner: Provisioner, context: Context
-) -> Response[Any]:
+async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, context: Context) -> Response[Any]:
     """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
     ref = _pull_ref(body.target)
+    call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
+        lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)
+    )
     if not body.stream:
-        await anyio.to_thread.run_sync(lambda: provisioner.ensure_present(ref, context))
+        await call.result()
         return Response({"status": "success"})
+    await call.ready()  # a refused ref fails the request before any stream starts
     if isinstance(ref, FileRef):
-        source = ref.path
-        first, reports = await _in_thread_with_reports(
-            lambda report: models.import_file(source, context, on_progress=report)
-        )
         try:
-            total: int | None = source.stat().st_size
+            total: int | None = ref.path.stat().st_size
         except OSError:
             total = None
-        head = {"status": "importing", "total": total, "completed": 0}
-        lines = _status_lines(
-            first, reports, lambda done: {"status": "importing", "total": total, "completed": done}
-        )
+        head: dict[str, Any] = {"status": "importing", "total": total, "completed": 0}
+        closing: tuple[str, ...] = ()
     else:
-        first, reports = await _in_thread_with_reports(
-            lambda report: provisioner.ensure_present(ref, context, on_progress=report)
-        )
-        head = {"status": "pulling manifest"}
-        lines = _status_lines(first, reports, _download_line, closing=("verifying sha256 digest",))
+        head, closing = {"status": "pulling manifest"}, ("verifying sha256 digest",)
 
-    async def stream() -> AsyncIterator[bytes]:
+    async def lines() -> AsyncIterator[bytes]:
         yield _line(head)
-        async for line in lines:
-            yield line
+        async for update in call:
+            line = _download_line(update)
+            if line is not None:
+                yield _line(line)
+        await call.result()
+        for status in (*closing, "success"):
+            yield _line({"status": status})
 
-    return Stream(stream(), media_type=NDJSON)
+    return Stream(error_tail(lines(), _error_line, where=f"a pull of {ref}"), media_type=NDJSON)
 
 
 def _download_line(update: PullProgress) -> dict[str, Any] | None:
+    if update.state == "importing":
+        return {"status": "importing", "total": update.bytes_total, "completed": update.bytes_done}
     if update.state == "pending":
         return {"status": f"waiting for an admin to approve download {update.download_id}"}
     if update.state == "queued":
@@ -655,62 +564,8 @@ def _blob_digest(text: str) -> str:
 @head("/blobs/{digest:str}")
 async def blob_exists(digest: str, models: ModelService) -> Response[None]:
     """200 when the blob is in the cache, else 404."""
-    present = models.cache.has(_blob_digest(digest))
+    present = models.has_blob(_blob_digest(digest))
     return Response(None, status_code=200 if present else 404, media_type=MediaType.TEXT)
-
-
-def _storage_error(exc: OSError, where: Path) -> ApplianceError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"no space left on the disk holding {where}")
-    return StorageFailure(f"cannot write under {where}: {exc.strerror or exc}")
-
-
-class _Upload:
-    """A request body on its way into the cache: a unique staging file, written while hashed.
-
-    The file is flock'ed like the cache's own staging files, so garbage collection leaves it
-    alone while it lives; ``finish`` verifies, fsyncs and renames it into ``blobs/``, and
-    ``close`` removes it on every other path.
-    """
-
-    def __init__(self, cache: BlobCache) -> None:
-        self.cache = cache
-        self.hasher = hashlib.sha256()
-        path = cache.tmp_dir / f"{uuid.uuid4().hex}.partial"
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise _storage_error(exc, cache.tmp_dir) from exc
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self.staged = StagedBlob(path=path, digest="", size=0, method="copy", _fd=self.fd)
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as exc:
-            raise _storage_error(exc, self.cache.tmp_dir) from exc
-        self.hasher.update(data)
-        self.staged.size += len(data)
-
-    def finish(self, expected: str) -> None:
-        actual = f"sha256:{self.hasher.hexdigest()}"
-        if actual != expected:
-            raise InvalidInput(
-                f"digest mismatch: the body hashes to {actual}, not {expected}",
-                hint="send the file whose sha256 is in the path",
-            )
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise _storage_error(exc, self.cache.tmp_dir) from exc
-        self.staged.digest = actual
-        with self.cache.placing():
-            self.cache.place(self.staged)
-
-    def close(self) -> None:
-        self.staged.close()  # a no-op once placed
 
 
 @post("/blobs/{digest:str}", request_max_body_size=None)
@@ -721,43 +576,18 @@ async def create_blob(digest: str, request: Request[Any, Any, Any], models: Mode
     itself: ``appliance models gc`` removes it unless a model comes to use it.
     """
     expected = _blob_digest(digest)
-    cache = models.cache
-    if cache.has(expected):
+    if models.has_blob(expected):
         return Response(b"", status_code=200)
-    upload = _Upload(cache)
-    try:
+    with models.receive_blob() as incoming:
         pending = bytearray()
         async for chunk in request.stream():
             pending += chunk
             if len(pending) >= UPLOAD_CHUNK_BYTES:
-                await anyio.to_thread.run_sync(upload.write, bytes(pending))
+                await anyio.to_thread.run_sync(incoming.write, bytes(pending))
                 pending.clear()
-        await anyio.to_thread.run_sync(upload.write, bytes(pending))
-        await anyio.to_thread.run_sync(upload.finish, expected)
-    finally:
-        upload.close()
+        await anyio.to_thread.run_sync(incoming.write, bytes(pending))
+        await anyio.to_thread.run_sync(incoming.finish, expected)
     return Response(b"", status_code=201)
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, ApplianceError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else None
-    return Response({"error": _error_message(exc)}, status_code=exc.status, headers=headers)
-
-
-def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code >= 500 and exc.status_code != 501:
-        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response({"error": _unexpected_message(exc)}, status_code=500)
 
 
 ollama_router = Router(
@@ -774,6 +604,6 @@ ollama_router = Router(
         blob_exists,
         create_blob,
     ],
-    exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error, Exception: _unexpected},
+    exception_handlers=OLLAMA_HANDLERS,
     tags=["ollama"],
 )

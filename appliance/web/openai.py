@@ -1,6 +1,9 @@
 """The OpenAI-compatible API under ``/v1``: models, chat completions, completions, embeddings.
 
-Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape.
+Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape,
+from the one mapping in ``web/errors.py`` (a stream's late error too).
+
+Imports: the services (models, engine service) and the web helpers; never the store or the cache.
 """
 
 from __future__ import annotations
@@ -15,18 +18,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, get, post
-from litestar.exceptions import HTTPException
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.engine.batcher import Finished, TextChunk
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.errors import ApplianceError, EngineBusy, InvalidInput
+from appliance.errors import InvalidInput
 from appliance.models.service import ModelService
 from appliance.settings import Duration
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
-from appliance.web.errors import http_error_code, logger
+from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
 from appliance.web.generation import Generation
 
 __all__ = ["openai_router"]
@@ -246,18 +248,20 @@ async def _collect(generation: Generation) -> tuple[str, Finished]:
 async def _sse_events(generation: Generation, chunk: Any, final: Any) -> AsyncIterator[bytes]:
     """The SSE body: ``chunk(text)`` per piece, ``final(finished)``'s payloads, then [DONE];
     an error after the headers went out can only be said inside the stream."""
-    try:
-        while isinstance(event := await generation.next(), TextChunk):
-            yield _sse(chunk(event.text))
-        for payload in final(event):
-            yield _sse(payload)
-    except ApplianceError as exc:
-        yield _sse(_error_body(exc))
-    except Exception as exc:
-        logger.error("unexpected error while streaming %s", generation.model, exc_info=exc)
-        yield _sse(_unexpected_body(exc))
-    finally:
-        await generation.close()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            while isinstance(event := await generation.next(), TextChunk):
+                yield _sse(chunk(event.text))
+            for payload in final(event):
+                yield _sse(payload)
+        finally:
+            await generation.close()
+
+    async for line in error_tail(
+        events(), lambda info: _sse(openai_body(info)), where=f"a stream of {generation.model}"
+    ):
+        yield line
     yield b"data: [DONE]\n\n"
 
 
@@ -364,45 +368,9 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error"}
-
-
-def _error_body(exc: ApplianceError) -> dict[str, Any]:
-    kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
-    message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-    param = exc.param if isinstance(exc, InvalidField) else None
-    return {"error": {"message": message, "type": kind, "param": param, "code": exc.code}}
-
-
-def _unexpected_body(exc: BaseException) -> dict[str, Any]:
-    message = f"the appliance failed unexpectedly ({type(exc).__name__}); see the server log"
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": "internal_error"}}
-
-
-def _appliance_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, ApplianceError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else None
-    return Response(_error_body(exc), status_code=exc.status, headers=headers)
-
-
-def _http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code >= 500:
-        logger.error("server error on %s %s", request.method, request.url.path, exc_info=exc)
-    kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    code = http_error_code(exc.status_code)
-    body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": code}}
-    return Response(body, status_code=exc.status_code, headers=exc.headers)
-
-
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response(_unexpected_body(exc), status_code=500)
-
-
 openai_router = Router(
     path="/v1",
     route_handlers=[list_models, retrieve_model, chat_completions, completions, embeddings],
-    exception_handlers={ApplianceError: _appliance_error, HTTPException: _http_error, Exception: _unexpected},
+    exception_handlers=OPENAI_HANDLERS,
     tags=["openai"],
 )

@@ -328,3 +328,36 @@ def test_a_download_partial_moved_away_while_waiting_for_its_lock_is_not_reused(
         assert placed.read_bytes() == b"finished content"
     finally:
         os.close(again_fd)
+
+
+def test_received_pieces_are_placed_only_once_they_match_their_digest(cache: BlobCache) -> None:
+    content = b"GGUF" + os.urandom(3000)
+    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+    with cache.receive() as incoming:
+        for start in range(0, len(content), 1000):
+            incoming.write(content[start : start + 1000])
+            assert visible(cache) == []  # nothing partial is ever visible
+        placed = incoming.finish(digest)
+    assert placed.read_bytes() == content
+    assert visible(cache) == [digest.removeprefix("sha256:")]
+    assert stat.S_IMODE(placed.stat().st_mode) == 0o444
+    assert staging(cache) == []
+
+
+def test_received_content_that_hashes_otherwise_leaves_nothing(cache: BlobCache) -> None:
+    claimed = "sha256:" + hashlib.sha256(b"what the sender said").hexdigest()
+    with cache.receive() as incoming:
+        incoming.write(b"what the sender sent")
+        with pytest.raises(InvalidInput, match="digest mismatch") as refused:
+            incoming.finish(claimed)
+    assert "sha256 is in the path" in refused.value.hint
+    assert visible(cache) == []
+    assert staging(cache) == []
+
+
+def test_a_receive_in_flight_is_not_a_stale_partial(cache: BlobCache) -> None:
+    with cache.receive() as incoming:
+        incoming.write(b"half")
+        assert cache.remove_stale_staging() == (0, 0)
+        assert len(staging(cache)) == 1
+    assert staging(cache) == []

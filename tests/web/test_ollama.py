@@ -296,6 +296,8 @@ def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path
     statuses = list(client.pull(f"file:{tiny_gguf}", stream=True))
     assert statuses[0].status == "importing"
     assert statuses[0].total == tiny_gguf.stat().st_size
+    # the provisioner reports the import's bytes, as it reports a download's
+    assert (statuses[-2].status, statuses[-2].completed) == ("importing", tiny_gguf.stat().st_size)
     assert statuses[-1].status == "success"
     assert [model.model for model in client.list().models] == ["other-model:latest", "tiny:latest"]
     audit = server.client.get("/api/v1/audit", params={"action": "models.import"}).json()
