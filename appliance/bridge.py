@@ -1,9 +1,10 @@
-"""The one bridge between blocking calls on threads and async code.
+"""The one bridge between threads and async code.
 
-``ThreadCall`` runs ``work(report, cancel)`` on a worker thread; the event loop receives its
-reports as an async iterator, then its result or its exception. ``cancel`` is a
-``threading.Event`` the work may watch: ``ThreadCall.cancel()`` sets it, which is how an async
-caller that gives up (a client gone) stops the work. ``settled`` awaits a
+``LoopInbox`` carries items put from any thread to the event loop that made it: the engine's
+decode thread streams tokens through one. ``ThreadCall`` runs ``work(report, cancel)`` on a worker
+thread; the event loop receives its reports as an async iterator, then its result or its
+exception. ``cancel`` is a ``threading.Event`` the work may watch: ``ThreadCall.cancel()`` sets it,
+which is how an async caller that gives up (a client gone) stops the work. ``settled`` awaits a
 ``concurrent.futures.Future`` without a thread and without polling.
 
 Imports: the standard library only, so that every layer (web, provision, engine) may use it.
@@ -19,10 +20,31 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ThreadCall", "settled"]
+__all__ = ["LoopInbox", "ThreadCall", "settled"]
 
 P = TypeVar("P")
 R = TypeVar("R")
+T = TypeVar("T")
+
+
+class LoopInbox(Generic[T]):
+    """Items put from any thread, received in order by the event loop that made the inbox.
+    Create it inside a running event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[T] = asyncio.Queue()
+
+    def put(self, item: T) -> bool:
+        """Hand ``item`` to the loop, from any thread; False when the loop is gone (nobody listens)."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+    async def get(self) -> T:
+        return await self._queue.get()
 
 
 @dataclass(frozen=True)
@@ -43,13 +65,12 @@ class ThreadCall(Generic[P, R]):
     def __init__(self, work: Callable[[Callable[[P], None], threading.Event], R]) -> None:
         loop = asyncio.get_running_loop()
         self.cancelled = threading.Event()
-        self._items: asyncio.Queue[P | _Returned[R] | _Raised] = asyncio.Queue()
+        self._items: LoopInbox[P | _Returned[R] | _Raised] = LoopInbox()
         self._peeked: list[P] = []
         self._outcome: _Returned[R] | _Raised | None = None
 
         def put(item: P | _Returned[R] | _Raised) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody listens
-                loop.call_soon_threadsafe(self._items.put_nowait, item)
+            self._items.put(item)  # False only once the event loop is gone: nobody listens then
 
         def run() -> None:
             try:

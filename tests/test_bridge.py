@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -9,7 +10,7 @@ from concurrent.futures import Future
 import anyio
 import pytest
 
-from appliance.bridge import ThreadCall, settled
+from appliance.bridge import LoopInbox, ThreadCall, settled
 from appliance.errors import SourceNotFound
 
 
@@ -80,3 +81,23 @@ def test_settled_wakes_when_the_future_ends_and_says_when_it_has_not() -> None:
         return early, await settled(future, timeout=30)
 
     assert anyio.run(main) == (False, True)
+
+
+def test_an_inbox_carries_items_from_threads_in_order() -> None:
+    async def main() -> list[int]:
+        inbox: LoopInbox[int] = LoopInbox()
+        sender = threading.Thread(target=lambda: [inbox.put(n) for n in range(100)])
+        sender.start()
+        received = [await inbox.get() for _ in range(100)]
+        sender.join()
+        return received
+
+    assert asyncio.run(main()) == list(range(100))
+
+
+def test_an_inbox_whose_loop_is_gone_says_nobody_listens() -> None:
+    async def make() -> LoopInbox[int]:
+        return LoopInbox()
+
+    inbox = asyncio.run(make())  # the loop is closed once run returns
+    assert inbox.put(1) is False

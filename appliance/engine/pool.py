@@ -18,7 +18,6 @@ May import ``appliance.engine`` (base, llama, batcher, chat), ``appliance.hostin
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -30,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from appliance import hostinfo
+from appliance.bridge import LoopInbox
 from appliance.engine.base import (
     Embeddings,
     EngineEvent,
@@ -372,13 +372,10 @@ class EnginePool:
         stop: tuple[str, ...] = (),
     ) -> AsyncGenerator[Event]:
         """Stream events for one tokenized request; closing the iterator early frees its sequence."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: LoopInbox[Event] = LoopInbox()
 
         def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
+            if not events.put(event):  # the event loop is gone (shutdown); nobody is listening
                 request.cancelled.set()
 
         request = GenerationRequest(
