@@ -79,3 +79,13 @@ class Generation:
             "eval_count": finished.completion_tokens,
             "eval_duration": now - first,
         }
+
+    async def collect(self) -> tuple[str, Finished]:
+        """The whole text and how it finished (a non-streamed answer); closes the stream."""
+        parts: list[str] = []
+        try:
+            while isinstance(event := await self.next(), TextChunk):
+                parts.append(event.text)
+        finally:
+            await self.close()
+        return "".join(parts), event

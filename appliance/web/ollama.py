@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance import __version__
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
-from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.batcher import TextChunk
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
@@ -378,16 +378,6 @@ def _error_line(info: ErrorInfo) -> bytes:
     return _line(ollama_body(info))
 
 
-async def _collect(generation: Generation) -> tuple[str, Finished]:
-    parts: list[str] = []
-    try:
-        while isinstance(event := await generation.next(), TextChunk):
-            parts.append(event.text)
-    finally:
-        await generation.close()
-    return "".join(parts), event
-
-
 async def _load_or_unload(
     router: EngineRouter, name: str, keep_alive: float | None, context_length: int | None
 ) -> str:
@@ -411,7 +401,7 @@ async def _respond(
     await generation.open()
     if stream:
         return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
-    text, finished = await _collect(generation)
+    text, finished = await generation.collect()
     return Response({**piece(text), "done": True, **final, **generation.counters(finished)})
 
 

@@ -214,7 +214,7 @@ async def chat_completions(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, finished = await _collect(generation)
+    text, finished = await generation.collect()
     return Response(
         {
             "id": completion_id,
@@ -233,16 +233,6 @@ async def chat_completions(
         },
         headers=_route_headers(started),
     )
-
-
-async def _collect(generation: Generation) -> tuple[str, Finished]:
-    parts: list[str] = []
-    try:
-        while isinstance(event := await generation.next(), TextChunk):
-            parts.append(event.text)
-    finally:
-        await generation.close()
-    return "".join(parts), event
 
 
 async def _sse_events(generation: Generation, chunk: Any, final: Any) -> AsyncIterator[bytes]:
@@ -334,7 +324,7 @@ async def completions(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, finished = await _collect(generation)
+    text, finished = await generation.collect()
     return Response(
         {**payload(text, _finish_reason(finished)), "usage": _usage(started, finished)},
         headers=_route_headers(started),
