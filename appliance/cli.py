@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -65,15 +66,32 @@ def _human(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+# C0 and C1 controls but tab and newline: a terminal would act on them (move, clear, retitle).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\x1b``): a stored error or path
+    from elsewhere is shown, never run by the terminal."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
 def _print_error(message: str, hint: str | None) -> None:
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message))
+    stderr.print(Text.assemble(("error:", "bold red"), " ", _visible(message)))
     if hint:
-        stderr.print(Text.assemble(("hint:", "bold"), " ", hint))
+        stderr.print(Text.assemble(("hint:", "bold"), " ", _visible(hint)))
+
+
+class _Table(Table):
+    """Cells are text as it is, with control characters made visible."""
+
+    def add_row(self, *cells: RenderableType | None, **options: Any) -> None:
+        super().add_row(*(_visible(cell) if isinstance(cell, str) else cell for cell in cells), **options)
 
 
 def _table(*headers: str, pad_edge: bool = True) -> Table:
     """A table that never cuts a cell: on a narrow terminal long text folds onto more lines."""
-    table = Table(box=None, pad_edge=pad_edge)
+    table = _Table(box=None, pad_edge=pad_edge)
     for header in headers:
         table.add_column(header, overflow="fold")
     return table
@@ -303,7 +321,7 @@ def pull_model(
             stderr.print(f"download {waiting} waits for an admin: appliance downloads approve {waiting}")
         if update.note and update.note not in announced:  # e.g. why it starts over instead of resuming
             announced.add(update.note)
-            stderr.print(f"note: {update.note}")
+            stderr.print(f"note: {_visible(update.note)}")
         if show_progress:
             progress.update(task, completed=update.bytes_done, total=update.bytes_total)
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InvalidModelRef
+from appliance.settings import Settings
+from appliance.store import open_store
+from appliance.store.base import Download
 from tests.conftest import APPLIANCE, CliResult
 
 # Each would be a Rich markup tag, a broken one, or an emoji code if it were printed as markup.
@@ -129,3 +132,19 @@ def test_pull_progress_shows_the_ref_as_it_is(tmp_path: Path) -> None:
     assert returncode == 1
     assert "MarkupError" not in output
     assert f"pulling {ref}" in output
+
+
+def test_control_characters_in_stored_text_are_shown_not_run(cli: object, data_dir: Path) -> None:
+    """An error a remote server wrote (clear the screen, retitle the terminal) is listed as escapes."""
+    hostile = "refused\x1b[2J\x1b]0;owned\x07\r"
+    cli("downloads", "ls")  # type: ignore[operator]  # creates the data dir and its registry
+    store = open_store(Settings(data_dir=data_dir))
+    store.create_download(
+        Download(id="d1", ref="https://h/x.gguf", state="failed", requested_by="test", error=hostile)
+    )
+    store.close()
+    listed: CliResult = cli("downloads", "ls")  # type: ignore[operator]
+    assert listed.returncode == 0, listed.stderr
+    assert "refused\\x1b[2J\\x1b]0;owned\\x07\\x0d" in listed.stdout
+    assert not any(ord(char) < 0x20 and char not in "\n" for char in listed.stdout)
+    assert json.loads(cli("downloads", "ls", "--json").stdout)[0]["error"] == hostile  # type: ignore[operator]
