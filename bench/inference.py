@@ -3,7 +3,7 @@
 Run from the repo root (``make bench`` installs the ``bench`` extra, which brings ``llama_cpp.server``):
 
     .venv/bin/python bench/inference.py [--max-tokens 128] [--requests 2] [--concurrency 1 4 8]
-        [--llama-server PATH]
+        [--llama-server PATH] [--appliance NAME=PYTHON ...]
 
 It writes a random-weight llama GGUF of a few hundred MB (F16, ``--dim``/``--layers``), then
 runs the same chat requests (distinct prompts, greedy sampling, ``max_tokens`` each) through:
@@ -24,12 +24,17 @@ its first streamed text. All engines are started first, then their runs take tur
 ``--rounds`` rounds; the report gives the median round's tokens/s and the median TTFT of all
 rounds. Every engine gets the same threads, context and prompt format (the GGUF's own chat
 template). The exit status is 0 whatever the ratios.
+
+``--appliance NAME=PYTHON`` (repeatable) measures other builds in the same run, each as engine
+NAME: PYTHON is the interpreter of a venv with that build installed (``PYTHON -m appliance``).
+The report then gives each build's ratios side by side and each build against the first one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -93,9 +98,10 @@ def run_clients(engine: str, request: Request, concurrency: int, per_client: int
 def chat_prompt(text: str) -> str:
     """The GGUF's chat template rendered as Llama's chat handler does; Llama adds the BOS token."""
     template = jinja2.Template(TINY_CHAT_TEMPLATE)
-    return template.render(
+    rendered: str = template.render(
         messages=[{"role": "user", "content": text}], bos_token="", add_generation_prompt=True
     )
+    return rendered
 
 
 def direct_request(model: Path, args: argparse.Namespace) -> Request:
@@ -210,19 +216,21 @@ def start(command: list[str], env: dict[str, str], ready_url: str, log: Path) ->
     return Server(process)
 
 
-def appliance_server(model: Path, work: Path, args: argparse.Namespace) -> tuple[Server, Request]:
+def appliance_server(
+    model: Path, work: Path, args: argparse.Namespace, *, name: str, python: str
+) -> tuple[Server, Request]:
     port = free_port()
     env = {
         **os.environ,
-        "APPLIANCE_DATA_DIR": str(work / "appliance-data"),
+        "APPLIANCE_DATA_DIR": str(work / f"{name}-data"),
         "APPLIANCE_ENGINE__PARALLEL": str(max(args.concurrency)),
         "APPLIANCE_ENGINE__CONTEXT_LENGTH": str(args.context),
         "APPLIANCE_ENGINE__THREADS": str(args.threads),
     }
-    appliance = [sys.executable, "-m", "appliance"]
+    appliance = [python, "-P", "-m", "appliance"]  # -P: this checkout must not shadow the build
     subprocess.run([*appliance, "models", "import", str(model), "--name", "bench"], env=env, check=True)
     command = [*appliance, "serve", "--port", str(port)]
-    server = start(command, env, f"http://127.0.0.1:{port}/healthz", work / "appliance.log")
+    server = start(command, env, f"http://127.0.0.1:{port}/healthz", work / f"{name}.log")
     return server, streamed_request(f"http://127.0.0.1:{port}", "bench", args)
 
 
@@ -299,7 +307,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
+    parser.add_argument("--appliance", action="append", metavar="NAME=PYTHON", help="a build to measure")
     args = parser.parse_args()
+    entries = [entry.partition("=") for entry in args.appliance or [f"appliance={sys.executable}"]]
+    if any(not name or not python for name, _, python in entries):
+        raise SystemExit("--appliance takes NAME=PYTHON, e.g. before=../old/.venv/bin/python")
+    builds = {name: python for name, _, python in entries}
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch, contextlib.ExitStack() as servers:
         work = Path(scratch)
@@ -326,7 +339,11 @@ def main() -> None:
         # Every engine is started (an idle server uses no CPU), then the runs take turns, so that
         # a slow moment of the machine does not fall on one engine only.
         engines: dict[str, Request] = {"direct": direct_request(model, args)}
-        launchers = [("appliance", appliance_server), ("llama_cpp.server", llama_cpp_server)]
+        launchers: list[tuple[str, Callable[[Path, Path, argparse.Namespace], tuple[Server, Request]]]] = [
+            (name, functools.partial(appliance_server, name=name, python=python))
+            for name, python in builds.items()
+        ]
+        launchers.append(("llama_cpp.server", llama_cpp_server))
         if args.llama_server:
             launchers.append(("llama-server", cpp_llama_server))
         for name, launch in launchers:
@@ -354,10 +371,12 @@ def main() -> None:
     results = {
         name: [median_result(runs[name, concurrency]) for concurrency in args.concurrency] for name in engines
     }
-    report(results, args)
+    report(results, args, builds=list(builds))
+    if len(builds) > 1:
+        compare(results, runs, list(builds), args)
 
 
-def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
+def report(results: dict[str, list[Result]], args: argparse.Namespace, *, builds: list[str]) -> None:
     def at(engine: str, concurrency: int) -> Result | None:
         return next((r for r in results.get(engine, []) if r.concurrency == concurrency), None)
 
@@ -367,25 +386,53 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
         cells = " | ".join(f"{r.tokens_per_second:.1f} | {r.ttft_ms:.0f}" for r in rows)
         print(f"| {engine} | {cells} |")
 
-    ours_1, direct_1 = at("appliance", 1), at("direct", 1)
-    ours_top = at("appliance", max(args.concurrency))
     print()
-    if ours_1 and direct_1:
-        ratio = ours_1.tokens_per_second / direct_1.tokens_per_second
-        print(
-            f"appliance / direct at c=1: {ratio:.2f} (target >= 0.97: {'PASS' if ratio >= 0.97 else 'MISS'})"
-        )
-    if ours_1 and ours_top:
-        ratio = ours_top.tokens_per_second / ours_1.tokens_per_second
-        print(
-            f"appliance c={ours_top.concurrency} / appliance c=1: {ratio:.2f}"
-            f" (target >= 3: {'PASS' if ratio >= 3 else 'MISS'})"
-        )
-    for other in ("llama_cpp.server", "llama-server"):
-        other_top = at(other, max(args.concurrency))
-        if ours_top and other_top:
-            ratio = ours_top.tokens_per_second / other_top.tokens_per_second
-            print(f"appliance / {other} at c={ours_top.concurrency}: {ratio:.2f}")
+    for ours in builds:
+        ours_1, direct_1 = at(ours, 1), at("direct", 1)
+        ours_top = at(ours, max(args.concurrency))
+        if ours_1 and direct_1:
+            ratio = ours_1.tokens_per_second / direct_1.tokens_per_second
+            print(
+                f"{ours} / direct at c=1: {ratio:.2f} (target >= 0.97: {'PASS' if ratio >= 0.97 else 'MISS'})"
+            )
+        if ours_1 and ours_top:
+            ratio = ours_top.tokens_per_second / ours_1.tokens_per_second
+            print(
+                f"{ours} c={ours_top.concurrency} / {ours} c=1: {ratio:.2f}"
+                f" (target >= 3: {'PASS' if ratio >= 3 else 'MISS'})"
+            )
+        for other in ("llama_cpp.server", "llama-server"):
+            other_top = at(other, max(args.concurrency))
+            if ours_top and other_top:
+                ratio = ours_top.tokens_per_second / other_top.tokens_per_second
+                print(f"{ours} / {other} at c={ours_top.concurrency}: {ratio:.2f}")
+
+
+def compare(
+    results: dict[str, list[Result]],
+    runs: dict[tuple[str, int], list[Result]],
+    builds: list[str],
+    args: argparse.Namespace,
+) -> None:
+    """Each build side by side: tokens/s (min-max over rounds), TTFT, and the ratio to the first build."""
+    first = builds[0]
+    print(
+        "\n| figure | " + " | ".join(builds) + " | " + " | ".join(f"{b} / {first}" for b in builds[1:]) + " |"
+    )
+    print("|---|" + "---:|" * (2 * len(builds) - 1))
+    for index, concurrency in enumerate(args.concurrency):
+        speeds = {b: [r.tokens_per_second for r in runs[b, concurrency]] for b in builds}
+        medians = {b: results[b][index] for b in builds}
+        cells = [
+            f"{medians[b].tokens_per_second:.1f} ({min(speeds[b]):.1f}-{max(speeds[b]):.1f})" for b in builds
+        ]
+        ratios = [
+            f"{medians[b].tokens_per_second / medians[first].tokens_per_second:.2f}" for b in builds[1:]
+        ]
+        print(f"| c={concurrency} tok/s (range) | " + " | ".join(cells + ratios) + " |")
+        cells = [f"{medians[b].ttft_ms:.0f}" for b in builds]
+        ratios = [f"{medians[b].ttft_ms / medians[first].ttft_ms:.2f}" for b in builds[1:]]
+        print(f"| c={concurrency} TTFT ms | " + " | ".join(cells + ratios) + " |")
 
 
 if __name__ == "__main__":

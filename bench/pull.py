@@ -3,6 +3,7 @@
 Run from the repo root (aria2c comes from Debian's ``aria2`` package):
 
     .venv/bin/python bench/pull.py [--size-gib 1] [--rate-mb 40] [--repeat 3]
+        [--appliance NAME=PYTHON ...]
 
 It writes a GGUF file of ``--size-gib`` GiB and serves it from a separate process on loopback
 with a cap of ``--rate-mb`` MB/s per connection (``sendfile`` in paced slices, so the server
@@ -14,6 +15,11 @@ costs little CPU). Then, taking turns ``--repeat`` times, it times to a fresh di
 
 It prints the median seconds and MB/s of each, and the ratio of ours to aria2c (target: ours is
 at least as fast). The exit status is 0 whatever the ratios.
+
+``--appliance NAME=PYTHON`` (repeatable) measures other builds in the same run: PYTHON is the
+interpreter of a venv with that build installed (``PYTHON -m appliance``). Each build takes its
+turn in every round, and the report adds each build's ratios side by side and its speed
+relative to the first build.
 """
 
 from __future__ import annotations
@@ -98,6 +104,16 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def builds(entries: list[str] | None) -> dict[str, str]:
+    """``NAME=PYTHON`` options as {name: interpreter}; this interpreter as ``appliance`` by default."""
+    if not entries:
+        return {"appliance": sys.executable}
+    pairs = [entry.partition("=") for entry in entries]
+    if any(not name or not python for name, _, python in pairs):
+        raise SystemExit("--appliance takes NAME=PYTHON, e.g. before=../old/.venv/bin/python")
+    return {name: python for name, _, python in pairs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,11 +122,13 @@ def main() -> None:
     parser.add_argument("--rate-mb", type=float, default=40.0, help="per-connection cap, MB/s")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--appliance", action="append", metavar="NAME=PYTHON", help="a build to measure")
     parser.add_argument("--serve", nargs=3, metavar=("PATH", "PORT", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
         return
+    pythons = builds(args.appliance)
 
     from tests.tiny_model import write_llama_gguf
 
@@ -121,7 +139,6 @@ def main() -> None:
     rate = int(args.rate_mb * MB)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(source), str(port), str(rate)])
     url = f"http://127.0.0.1:{port}/model.gguf"
-    appliance = [sys.executable, "-m", "appliance"]
     aria2c = shutil.which("aria2c")
     print(f"file {size / (1 << 30):.2f} GiB; server caps each connection at {args.rate_mb:g} MB/s")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -135,41 +152,34 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        cases: dict[str, list[str] | None] = {
-            "appliance models pull": None,
-            "curl (1 stream)": ["curl", "-sS", "-o", "OUT/model.gguf", url],
-            "aria2c -x16 -s16": (
-                [
-                    aria2c,
-                    "-q",
-                    "-x16",
-                    "-s16",
-                    "-k1M",
-                    "--file-allocation=none",
-                    "-d",
-                    "OUT",
-                    "-o",
-                    "model.gguf",
-                    url,
-                ]
-                if aria2c
-                else None
-            ),
+        # -P: without it the current directory (this checkout) would shadow the build's package.
+        pulls = {
+            f"{name} models pull": [
+                python,
+                "-P",
+                "-m",
+                "appliance",
+                "--data-dir",
+                "OUT/data",
+                "models",
+                "pull",
+                url,
+            ]
+            for name, python in pythons.items()
         }
-        if aria2c is None:
+        cases = {**pulls, "curl (1 stream)": ["curl", "-sS", "-o", "OUT/model.gguf", url]}
+        if aria2c:
+            aria2 = [aria2c, "-q", "-x16", "-s16", "-k1M", "--file-allocation=none", "-d", "OUT"]
+            cases["aria2c -x16 -s16"] = [*aria2, "-o", "model.gguf", url]
+        else:
             print("aria2c not found (apt-get install aria2); its row is left out")
-            del cases["aria2c -x16 -s16"]
         times: dict[str, list[float]] = {name: [] for name in cases}
         for round_number in range(1, args.repeat + 1):
             for name, command in cases.items():
                 out = work / f"out-{round_number}-{len(times[name])}"
                 out.mkdir()
                 subprocess.run(["sync"], check=True)
-                if command is None:
-                    run = [*appliance, "--data-dir", str(out / "data"), "models", "pull", url]
-                    seconds = timed(run)
-                else:
-                    seconds = timed([part.replace("OUT", str(out)) for part in command])
+                seconds = timed([str(out) + part[3:] if part.startswith("OUT") else part for part in command])
                 times[name].append(seconds)
                 print(f"  run {round_number}/{args.repeat} {name:24s} {seconds:6.2f}s")
                 shutil.rmtree(out)
@@ -181,15 +191,32 @@ def main() -> None:
                 f"{name:26s} {medians[name]:9.2f} {size / MB / medians[name]:8.1f}  "
                 + " ".join(f"{run:.2f}" for run in runs)
             )
-        if "aria2c -x16 -s16" in medians:
-            ratio = medians["aria2c -x16 -s16"] / medians["appliance models pull"]
-            verdict = "PASS" if ratio >= 1 else "MISS"
-            print(f"\nours / aria2c speed: {ratio:.2f}  {verdict} (target >= 1)")
-        print(f"ours / curl speed: {medians['curl (1 stream)'] / medians['appliance models pull']:.2f}")
+        if len(pulls) == 1:
+            ours = medians[next(iter(pulls))]
+            if "aria2c -x16 -s16" in medians:
+                ratio = medians["aria2c -x16 -s16"] / ours
+                verdict = "PASS" if ratio >= 1 else "MISS"
+                print(f"\nours / aria2c speed: {ratio:.2f}  {verdict} (target >= 1)")
+            print(f"ours / curl speed: {medians['curl (1 stream)'] / ours:.2f}")
+        else:
+            compare(medians, list(pythons))
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(medians: dict[str, float], names: list[str]) -> None:
+    """Each build's speed ratios side by side, then each build against the first one."""
+    print("\n| speed ratio | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for reference in ("aria2c -x16 -s16", "curl (1 stream)"):
+        if reference in medians:
+            cells = " | ".join(f"{medians[reference] / medians[f'{n} models pull']:.2f}" for n in names)
+            print(f"| / {reference} | {cells} |")
+    first = medians[f"{names[0]} models pull"]
+    for name in names[1:]:
+        print(f"\n{name} / {names[0]} speed: {first / medians[f'{name} models pull']:.2f}")
 
 
 if __name__ == "__main__":
