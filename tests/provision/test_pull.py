@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,15 +31,8 @@ from appliance.errors import (
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from tests.fileserver import Faults, FileServer
-from tests.tiny_model import write_llama_gguf
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def model_bytes(tmp_path: Path) -> bytes:
-    """A loadable GGUF of about 6 MiB: several 1 MiB parts."""
-    return write_llama_gguf(tmp_path / "served.gguf", padding_bytes=6 * MIB).read_bytes()
 
 
 def digest_of(content: bytes) -> str:
@@ -52,13 +45,6 @@ def open_runtime(data_dir: Path, **download: object) -> Runtime:
         models={"download": {"part_bytes": MIB, "connections": 4, "stall_timeout": 1.0, **download}},
     )
     return Runtime.open(settings)
-
-
-@pytest.fixture
-def runtime(data_dir: Path) -> Iterator[Runtime]:
-    opened = open_runtime(data_dir)
-    yield opened
-    opened.close()
 
 
 def leftover_partials(data_dir: Path) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,6 @@ from appliance.provision.service import PullProgress
 from appliance.runtime import Runtime
 from tests.fileserver import Faults, FileServer
 from tests.provision.test_pull import MIB, digest_of, open_runtime
-from tests.tiny_model import write_llama_gguf
-
-
-@pytest.fixture
-def runtime(data_dir: Path) -> Iterator[Runtime]:
-    opened = open_runtime(data_dir)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def model_bytes(tmp_path: Path) -> bytes:
-    return write_llama_gguf(tmp_path / "served.gguf", padding_bytes=6 * MIB).read_bytes()
 
 
 def finished_parts(data_dir: Path) -> set[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,7 @@ from appliance.audit import Context
 from appliance.errors import ApplianceError, DownloadCancelled, UnsupportedFormat
 from appliance.runtime import Runtime
 from tests.fileserver import Faults, FileServer
-from tests.provision.test_pull import MIB, _wait_for_state, leftover_partials, open_runtime, wait_until
-from tests.tiny_model import write_llama_gguf
-
-
-@pytest.fixture
-def runtime(data_dir: Path) -> Iterator[Runtime]:
-    opened = open_runtime(data_dir)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def model_bytes(tmp_path: Path) -> bytes:
-    return write_llama_gguf(tmp_path / "served.gguf", padding_bytes=6 * MIB).read_bytes()
+from tests.provision.test_pull import MIB, _wait_for_state, leftover_partials, wait_until
 
 
 def probes(files: FileServer, path: str) -> int:
