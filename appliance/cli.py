@@ -746,3 +746,8 @@ def list_audit(
 
 def main() -> None:
     cli(prog_name="appliance")
+
+
+from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
+
+cli.add_command(bundle)

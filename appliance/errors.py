@@ -12,6 +12,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── UnsupportedFormat        unsupported_format
     │   ├── SourceUnreadable         source_unreadable
     │   ├── DigestRequired           digest_required
+    │   ├── NotABundle               not_a_bundle
     │   ├── PromptTooLong            prompt_too_long
     │   └── ModelNotLoadable         model_not_loadable
     ├── Forbidden (403)              forbidden
@@ -29,6 +30,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadNotPending       download_not_pending
     │   └── DownloadCancelled        download_cancelled
     ├── DigestMismatch (422)         digest_mismatch
+    │   └── BundleDamaged            bundle_damaged
     ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
@@ -51,6 +53,7 @@ from typing import ClassVar
 
 __all__ = [
     "ApplianceError",
+    "BundleDamaged",
     "CacheFull",
     "Conflict",
     "CredentialsRefused",
@@ -75,6 +78,7 @@ __all__ = [
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
+    "NotABundle",
     "NotFound",
     "NotReady",
     "Offline",
@@ -142,6 +146,11 @@ class SourceUnreadable(InvalidInput):
 class DigestRequired(InvalidInput):
     code = "digest_required"
     default_hint = "pass --digest sha256:HEX, or pull without --strict to record the digest unverified"
+
+
+class NotABundle(InvalidInput):
+    code = "not_a_bundle"
+    default_hint = "pass a directory or .tar written by `appliance bundle export` (an OCI image layout)"
 
 
 class Forbidden(ApplianceError):
@@ -218,6 +227,13 @@ class DigestMismatch(ApplianceError):
     code = "digest_mismatch"
     status = 422
     default_hint = "the content is not what was expected; fetch it again from a trusted source"
+
+
+class BundleDamaged(DigestMismatch):
+    code = "bundle_damaged"
+    default_hint = (
+        "copy the bundle again from its source (or export it again); nothing from it was registered"
+    )
 
 
 class InsufficientStorage(ApplianceError):

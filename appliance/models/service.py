@@ -19,6 +19,7 @@ from appliance.errors import (
     ModelNotFound,
     ModelNotLoadable,
     SourceUnreadable,
+    StorageFailure,
     UnsupportedFormat,
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
@@ -193,6 +194,60 @@ class ModelService:
             staged, model_name, filename=filename, fmt=fmt, source_uri=source_uri, context=context
         )
         return model, added, evicted
+
+    def register_artifacts(
+        self,
+        model_name: ModelName,
+        artifacts: list[NewArtifact],
+        *,
+        context: Context,
+        source: str,
+    ) -> tuple[Model, bool]:
+        """Register blobs already in the cache as one model, in one transaction: it appears with
+        all its files or not at all. Their formats are checked against their content first.
+
+        Returns the model and whether anything was added (False: it was there with these files).
+        Raises ModelExists when ``model_name`` holds one of the filenames, or a GGUF, with other
+        content; CacheFull when the new blobs do not fit the budget."""
+        with audited(self.store, context, action="models.import", target=str(model_name)) as note:
+            note.detail.update(source=source, digests=[artifact.digest for artifact in artifacts])
+            capabilities: dict[str, Any] = {}
+            for artifact in sorted(artifacts, key=lambda artifact: artifact.format == "gguf"):
+                self._conflicts(
+                    model_name,
+                    artifact.filename,
+                    digest=artifact.digest,
+                    fmt=artifact.format,
+                    source_uri=artifact.source_uri,
+                )
+                path = self.cache.path(artifact.digest)
+                header, size = _read_header(path)
+                if artifact.format != "file":
+                    detect_format(header, size=size, filename=artifact.filename, requested=artifact.format)
+                # the GGUF's facts last, so they win where a config file's say otherwise
+                capabilities.update(read_capabilities(path, artifact.format))
+            known = self.store.get_model(model_name)
+            held = {artifact.digest for artifact in known.artifacts} if known is not None else set()
+            self._check_budget(
+                sum(artifact.size_bytes for artifact in artifacts if artifact.digest not in held),
+                keep=model_name,
+            )
+            with self.cache.placing():
+                missing = [artifact.filename for artifact in artifacts if not self.cache.has(artifact.digest)]
+                if missing:
+                    raise StorageFailure(
+                        f"the blobs of {', '.join(missing)} left the cache before they were registered"
+                    )
+                model, added = self.store.add_artifacts(
+                    model_name,
+                    artifacts,
+                    capabilities=capabilities,
+                    actor=context.actor,
+                    sole_formats=ONE_PER_MODEL,
+                )
+            note.bytes = sum(artifact.size_bytes for artifact in artifacts)
+            note.detail["added"] = added
+            return model, added
 
     def _register(
         self,

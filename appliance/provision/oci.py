@@ -2,10 +2,12 @@
 
 Ollama publishes models as OCI manifests whose ``application/vnd.ollama.image.model`` layer is
 the GGUF; other artifacts name their file in the ``org.opencontainers.image.title`` annotation.
-Every layer is checked against its digest (the transfer verifies it as the source's digest), and a
-manifest pinned by ``@sha256:`` must hash to that digest. Registries that ask for a token get the
-distribution token flow (``WWW-Authenticate: Bearer realm=…``), with the configured credentials
-when there are some; Basic auth likewise.
+A model an appliance bundle put there (its ``artifactType``, see ``appliance/bundles``) is pulled
+whole: every layer is one of its files. Every layer is checked against its digest (the transfer
+verifies it as the source's digest), and a manifest pinned by ``@sha256:`` must hash to that
+digest. Registries that ask for a token get the distribution token flow
+(``WWW-Authenticate: Bearer realm=…``), with the configured credentials when there are some;
+Basic auth likewise.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Any, NoReturn
 
 import httpx
 
+from appliance.bundles.layout import ARTIFACT_TYPE
+from appliance.bundles.layout import NAME_ANNOTATION as BUNDLE_NAME
 from appliance.errors import (
     CredentialsRefused,
     DigestMismatch,
     DownloadFailed,
+    InvalidModelName,
     RemoteNotFound,
     SourceNotAllowed,
 )
@@ -63,11 +68,21 @@ def resolve_oci(ref: OciRef, options: DownloadSettings, new_client: Callable[[],
         layers: list[dict[str, Any]] = manifest["layers"]
     except (ValueError, KeyError, TypeError) as exc:
         raise DownloadFailed(f"{ref} did not answer with an image manifest") from exc
+    if manifest.get("artifactType") == ARTIFACT_TYPE:
+        return _bundle_plan(ref, manifest, base, auth)
     layer, filename = _model_layer(ref, layers)
+    last = ref.repository.rsplit("/", 1)[-1]
+    name = name_from_filename(f"{last}.oci")
+    if ref.tag and ref.digest is None:
+        name = ModelName.parse(f"{name.name}:{ref.tag.lower()}")
+    return Plan([_remote(ref, layer, filename, base, auth)], name)
+
+
+def _remote(ref: OciRef, layer: dict[str, Any], filename: str, base: str, auth: _RegistryAuth) -> RemoteFile:
     digest = str(layer.get("digest", ""))
     if not digest.startswith("sha256:"):
-        raise DownloadFailed(f"the model layer of {ref} has no sha256 digest")
-    remote = RemoteFile(
+        raise DownloadFailed(f"the layer {filename} of {ref} has no sha256 digest")
+    return RemoteFile(
         url=f"{base}/blobs/{digest}",
         filename=filename,
         headers=auth.headers,
@@ -76,11 +91,24 @@ def resolve_oci(ref: OciRef, options: DownloadSettings, new_client: Callable[[],
         size=int(layer["size"]) if "size" in layer else None,
         reauthorize=auth.renew if auth.headers else None,
     )
-    last = ref.repository.rsplit("/", 1)[-1]
-    name = name_from_filename(f"{last}.oci")
-    if ref.tag and ref.digest is None:
-        name = ModelName.parse(f"{name.name}:{ref.tag.lower()}")
-    return Plan([remote], name)
+
+
+def _bundle_plan(ref: OciRef, manifest: dict[str, Any], base: str, auth: _RegistryAuth) -> Plan:
+    """A model an appliance bundle put in the registry: every layer is one of its files, and the
+    model keeps the name it had (a bundle's manifest carries it)."""
+    files: list[RemoteFile] = []
+    for layer in manifest["layers"]:
+        title = str((layer.get("annotations") or {}).get(TITLE, ""))
+        if not title:
+            raise DownloadFailed(f"a layer of {ref} has no {TITLE} annotation")
+        files.append(_remote(ref, layer, title, base, auth))
+    if not files:
+        raise RemoteNotFound(f"{ref} is an appliance model with no files")
+    try:
+        name = ModelName.parse(str((manifest.get("annotations") or {})[BUNDLE_NAME]))
+    except (KeyError, InvalidModelName) as exc:
+        raise DownloadFailed(f"{ref} is an appliance model without a valid {BUNDLE_NAME} annotation") from exc
+    return Plan(files, name)
 
 
 def _model_layer(ref: OciRef, layers: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:

@@ -8,7 +8,7 @@ implement the same protocol, and every backend passes ``tests/store/test_contrac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
@@ -214,6 +214,21 @@ class Store(Protocol):
         when ``name`` still has a file of that filename with other content or, with
         ``sole_format``, another file of the artifact's format with other content.
         """
+        ...
+
+    def add_artifacts(
+        self,
+        name: ModelName,
+        artifacts: Sequence[NewArtifact],
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        sole_formats: Collection[str] = (),
+    ) -> tuple[Model, bool]:
+        """Register several artifacts under ``name`` in one transaction (a model that must appear
+        whole, as a bundle's): all of them or, on ModelExists (as ``add_artifact`` raises it, with
+        ``sole_format`` for the formats in ``sole_formats``), none. Returns the model and whether
+        anything was added."""
         ...
 
     def remove_model(self, name: ModelName) -> RemovedModel: ...

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Unpack
@@ -275,91 +275,134 @@ class SqliteStore:
         replacing: Sequence[str] = (),
         sole_format: bool = False,
     ) -> tuple[Model, bool]:
-        now = utcnow()
+        with self._write() as db:
+            added = self._add_artifact(
+                db,
+                name,
+                artifact,
+                capabilities=capabilities,
+                actor=actor,
+                replacing=replacing,
+                sole_format=sole_format,
+            )
+        return self._require_model(name), added
+
+    def add_artifacts(
+        self,
+        name: ModelName,
+        artifacts: Sequence[NewArtifact],
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        sole_formats: Collection[str] = (),
+    ) -> tuple[Model, bool]:
         added = False
         with self._write() as db:
-            db.execute(
-                "INSERT INTO blobs (digest, size_bytes, state, created_at, last_verified_at, link_stat)"
-                " VALUES (?, ?, 'ok', ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                " link_stat = excluded.link_stat WHERE excluded.link_stat IS NOT NULL",
-                (artifact.digest, artifact.size_bytes, now, now, artifact.link_stat),
-            )
-            db.execute(
-                "INSERT OR IGNORE INTO models (id, name, vendor, created_at, updated_at, updated_by)"
-                " VALUES (?, ?, '', ?, ?, ?)",
-                (uuid.uuid4().hex, name.name, now, now, actor),
-            )
-            (model_id,) = next(
-                db.execute("SELECT id FROM models WHERE name = ? AND vendor = ''", (name.name,))
-            )
-            version_rows = list(
-                db.execute(
-                    "SELECT id, capabilities FROM model_versions WHERE model_id = ? AND version = ?",
-                    (model_id, name.tag),
-                )
-            )
-            if version_rows:
-                version_id, stored = version_rows[0]
-                merged = {**json.loads(stored), **capabilities}
-            else:
-                version_id, merged = uuid.uuid4().hex, capabilities
-                db.execute(
-                    "INSERT INTO model_versions (id, model_id, version, capabilities, last_used_at,"
-                    " created_at, updated_at) VALUES (?, ?, ?, '{}', ?, ?, ?)",
-                    (version_id, model_id, name.tag, now, now, now),
-                )
-            for filename in replacing:
-                db.execute(
-                    "DELETE FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
-                    (version_id, filename),
-                )
-            existing = list(
-                db.execute(
-                    "SELECT sha256 FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
-                    (version_id, artifact.filename),
-                )
-            )
-            if existing and existing[0][0] != artifact.digest:
-                raise ModelExists(
-                    f"model {name} already has a file {artifact.filename!r} with digest {existing[0][0]}"
-                )
-            other = sole_format and list(
-                db.execute(
-                    "SELECT filename FROM model_artifacts WHERE model_version_id = ? AND artifact_type = ?"
-                    " AND sha256 != ? LIMIT 1",
-                    (version_id, artifact.format, artifact.digest),
-                )
-            )
-            if other:
-                raise ModelExists(
-                    f"model {name} already has a {artifact.format} file, {other[0][0]!r};"
-                    f" a model holds one {artifact.format} file"
-                )
-            if not existing:
-                added = True
-                db.execute(
-                    "INSERT INTO model_artifacts (id, model_version_id, artifact_type, filename, sha256,"
-                    " size_bytes, source_uri, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        uuid.uuid4().hex,
-                        version_id,
-                        artifact.format,
-                        artifact.filename,
-                        artifact.digest,
-                        artifact.size_bytes,
-                        artifact.source_uri,
-                        now,
-                    ),
-                )
-                db.execute(
-                    "UPDATE model_versions SET capabilities = ?, updated_at = ?, last_used_at = ?"
-                    " WHERE id = ?",
-                    (json.dumps(merged, sort_keys=True), now, now, version_id),
-                )
-                db.execute(
-                    "UPDATE models SET updated_at = ?, updated_by = ? WHERE id = ?", (now, actor, model_id)
+            for artifact in artifacts:
+                added |= self._add_artifact(
+                    db,
+                    name,
+                    artifact,
+                    capabilities=capabilities,
+                    actor=actor,
+                    replacing=(),
+                    sole_format=artifact.format in sole_formats,
                 )
         return self._require_model(name), added
+
+    def _add_artifact(
+        self,
+        db: apsw.Connection,
+        name: ModelName,
+        artifact: NewArtifact,
+        *,
+        capabilities: dict[str, Any],
+        actor: str,
+        replacing: Sequence[str],
+        sole_format: bool,
+    ) -> bool:
+        """One artifact's rows, inside the caller's write transaction; whether anything was added."""
+        now = utcnow()
+        added = False
+        db.execute(
+            "INSERT INTO blobs (digest, size_bytes, state, created_at, last_verified_at, link_stat)"
+            " VALUES (?, ?, 'ok', ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+            " link_stat = excluded.link_stat WHERE excluded.link_stat IS NOT NULL",
+            (artifact.digest, artifact.size_bytes, now, now, artifact.link_stat),
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO models (id, name, vendor, created_at, updated_at, updated_by)"
+            " VALUES (?, ?, '', ?, ?, ?)",
+            (uuid.uuid4().hex, name.name, now, now, actor),
+        )
+        (model_id,) = next(db.execute("SELECT id FROM models WHERE name = ? AND vendor = ''", (name.name,)))
+        version_rows = list(
+            db.execute(
+                "SELECT id, capabilities FROM model_versions WHERE model_id = ? AND version = ?",
+                (model_id, name.tag),
+            )
+        )
+        if version_rows:
+            version_id, stored = version_rows[0]
+            merged = {**json.loads(stored), **capabilities}
+        else:
+            version_id, merged = uuid.uuid4().hex, capabilities
+            db.execute(
+                "INSERT INTO model_versions (id, model_id, version, capabilities, last_used_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, '{}', ?, ?, ?)",
+                (version_id, model_id, name.tag, now, now, now),
+            )
+        for filename in replacing:
+            db.execute(
+                "DELETE FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
+                (version_id, filename),
+            )
+        existing = list(
+            db.execute(
+                "SELECT sha256 FROM model_artifacts WHERE model_version_id = ? AND filename = ?",
+                (version_id, artifact.filename),
+            )
+        )
+        if existing and existing[0][0] != artifact.digest:
+            raise ModelExists(
+                f"model {name} already has a file {artifact.filename!r} with digest {existing[0][0]}"
+            )
+        other = sole_format and list(
+            db.execute(
+                "SELECT filename FROM model_artifacts WHERE model_version_id = ? AND artifact_type = ?"
+                " AND sha256 != ? LIMIT 1",
+                (version_id, artifact.format, artifact.digest),
+            )
+        )
+        if other:
+            raise ModelExists(
+                f"model {name} already has a {artifact.format} file, {other[0][0]!r};"
+                f" a model holds one {artifact.format} file"
+            )
+        if not existing:
+            added = True
+            db.execute(
+                "INSERT INTO model_artifacts (id, model_version_id, artifact_type, filename, sha256,"
+                " size_bytes, source_uri, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uuid.uuid4().hex,
+                    version_id,
+                    artifact.format,
+                    artifact.filename,
+                    artifact.digest,
+                    artifact.size_bytes,
+                    artifact.source_uri,
+                    now,
+                ),
+            )
+            db.execute(
+                "UPDATE model_versions SET capabilities = ?, updated_at = ?, last_used_at = ? WHERE id = ?",
+                (json.dumps(merged, sort_keys=True), now, now, version_id),
+            )
+            db.execute(
+                "UPDATE models SET updated_at = ?, updated_by = ? WHERE id = ?", (now, actor, model_id)
+            )
+        return added
 
     def remove_model(self, name: ModelName) -> RemovedModel:
         model = self._require_model(name)

@@ -15,6 +15,7 @@ from appliance import __version__
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.web.audit import AuditController
+from appliance.web.bundles import bundle_router
 from appliance.web.dependencies import (
     provide_audit,
     provide_context,
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> Litestar:
             HealthController,
             pull_model,
             ModelsController,
+            bundle_router,
             DownloadsController,
             SystemController,
             AuditController,

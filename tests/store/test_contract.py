@@ -106,6 +106,31 @@ def test_same_file_with_other_content_is_a_conflict_and_changes_nothing(store: S
     assert [blob.digest for blob in store.list_blobs()] == [DIGEST_A]
 
 
+def test_several_artifacts_register_together_or_not_at_all(store: Store) -> None:
+    name = ModelName("repo")
+    files = [
+        artifact(DIGEST_A, "model.safetensors", "safetensors"),
+        artifact(DIGEST_B, "config.json", "file"),
+    ]
+    model, added = store.add_artifacts(name, files, capabilities={"dtypes": ["F16"]}, actor="t")
+    assert added
+    assert sorted(a.filename for a in model.artifacts) == ["config.json", "model.safetensors"]
+    assert model.capabilities == {"dtypes": ["F16"]}
+    again, added_again = store.add_artifacts(name, files, capabilities={}, actor="t")
+    assert not added_again
+    assert len(again.artifacts) == 2
+
+    other = ModelName("other")
+    store.add_artifact(other, artifact(DIGEST_A, "x.gguf"), capabilities={}, actor="t")
+    clash = [artifact("sha256:" + "c" * 64, "config.json", "file"), artifact(DIGEST_B, "y.gguf")]
+    with pytest.raises(ModelExists):  # the second file is a second GGUF: the first is not kept either
+        store.add_artifacts(other, clash, capabilities={}, actor="t", sole_formats=("gguf",))
+    kept = store.get_model(other)
+    assert kept is not None
+    assert [a.filename for a in kept.artifacts] == ["x.gguf"]
+    assert "sha256:" + "c" * 64 not in {blob.digest for blob in store.list_blobs()}
+
+
 def test_remove_reports_only_blobs_nobody_else_uses(store: Store) -> None:
     store.add_artifact(ModelName("a"), artifact(DIGEST_A), capabilities={}, actor="t")
     store.add_artifact(ModelName("b"), artifact(DIGEST_A), capabilities={}, actor="t")

@@ -141,6 +141,7 @@ async function models() {
     h("form", { class: "inline", id: "import-form", onsubmit: (event) => { event.preventDefault(); importFile(); } },
       h("label", {}, "Import a file on the server", importPath), h("label", {}, "Name", importName),
       h("button", { type: "submit" }, "Import")),
+    bundleForms(() => refresh(drawModels)),
     h("h2", {}, "Downloads"), h("div", { id: "downloads" }),
     h("h2", {}, "In the cache"), h("div", { id: "models" }, "Loading…"));
 
@@ -205,8 +206,9 @@ async function models() {
     const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), api("GET", "/api/v1/ps")]);
     const loaded = new Set(ps.models.map((m) => m.name));
     document.getElementById("models")?.replaceChildren(list.length ? h("table", { id: "models-table" },
-      h("thead", {}, h("tr", {}, ["Name", "Formats", "Size", "Digest", "Quantization", "Context", "State", ""].map((title) => h("th", {}, title)))),
+      h("thead", {}, h("tr", {}, ["", "Name", "Formats", "Size", "Digest", "Quantization", "Context", "State", ""].map((title) => h("th", {}, title)))),
       h("tbody", {}, list.map((m) => h("tr", { "data-model": m.name },
+        h("td", {}, h("input", { type: "checkbox", class: "bundle-pick", value: m.name, "aria-label": `select ${m.name} for a bundle` })),
         h("td", {}, m.name), h("td", {}, m.formats.join(", ")), h("td", {}, bytes(m.size_bytes)),
         h("td", { class: "mono", title: m.artifacts.map((a) => `${a.filename}: ${a.digest}`).join("\n") },
           m.artifacts.map((a) => h("div", {}, `${a.filename} ${a.digest.slice(0, 19)}…`))),
@@ -238,6 +240,58 @@ async function models() {
     if (download.state === "done" && before && before.state !== "done") refresh(drawModels);
   });
   onLeave(token, () => events.close());
+}
+
+// Bundles: download the selected models (or all) as a tar; upload one with a progress bar (XHR
+// reports upload progress, fetch does not).
+function bundleForms(redraw) {
+  const file = h("input", { id: "bundle-file", type: "file", accept: ".tar,application/x-tar", required: true });
+  const bar = h("progress", { id: "bundle-progress", max: 1, value: 0, hidden: true, "aria-label": "bundle upload" });
+  const status = h("span", { id: "bundle-status", class: "muted" });
+  const exportBundle = () => {
+    const names = [...document.querySelectorAll(".bundle-pick:checked")].map((box) => box.value);
+    const query = new URLSearchParams(names.map((name) => ["name", name]));
+    const link = h("a", { href: `/api/v1/bundle${names.length ? `?${query}` : ""}`, download: "models.tar", hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  };
+  const importBundle = () => {
+    if (!file.files.length) return;
+    clearErrors();
+    const request = new XMLHttpRequest();
+    request.open("POST", "/api/v1/bundle");
+    request.setRequestHeader("content-type", "application/x-tar");
+    bar.hidden = false;
+    bar.value = 0;
+    status.textContent = "uploading…";
+    request.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) { bar.max = event.total; bar.value = event.loaded; }
+      status.textContent = `${bytes(event.loaded)} of ${bytes(event.total)}`;
+    });
+    request.upload.addEventListener("load", () => { status.textContent = "verifying…"; });
+    request.addEventListener("load", () => {
+      let data = null;
+      try { data = JSON.parse(request.responseText); } catch { data = null; }
+      bar.hidden = true;
+      if (request.status !== 200) {
+        status.textContent = "";
+        showError(`${(data && data.detail) || request.statusText}${data && data.hint ? ` (${data.hint})` : ""}`);
+        return;
+      }
+      const done = data.models.map((found) => `${found.model.name}${found.added ? "" : " (already present)"}`);
+      status.textContent = `imported ${done.join(", ")}; ${data.blobs_received} blobs received, ${data.blobs_skipped} skipped`;
+      file.value = "";
+      redraw();
+    });
+    request.addEventListener("error", () => { bar.hidden = true; status.textContent = ""; showError("the upload failed: the connection was lost"); });
+    request.send(file.files[0]);
+  };
+  return h("form", { class: "inline", id: "bundle-form", onsubmit: (event) => { event.preventDefault(); importBundle(); } },
+    h("label", {}, "Import a bundle (.tar)", file),
+    h("button", { type: "submit" }, "Import bundle"),
+    h("button", { type: "button", class: "secondary", id: "bundle-export", onclick: exportBundle }, "Export bundle (selected, or all)"),
+    bar, " ", status);
 }
 
 // -- chat --------------------------------------------------------------------------------------
