@@ -13,7 +13,7 @@ from typing import IO
 from appliance.audit import Context, audited
 from appliance.bundles.export import Entry, bundle_entries, tar_chunks, tar_size, write_directory
 from appliance.bundles.importer import ImportReport, Progress, import_bundle
-from appliance.errors import InvalidInput, StorageFailure
+from appliance.errors import InvalidInput, ModelNotFound, StorageFailure
 from appliance.models.service import ModelService
 from appliance.store.base import Model
 
@@ -52,7 +52,7 @@ class BundleService:
         found = [self.models.get(name) for name in names] if names else self.models.list_models()
         chosen = list({model.name: model for model in found}.values())  # tiny and tiny:latest: once
         if not chosen:
-            raise InvalidInput("there are no models to export", hint="import or pull a model first")
+            raise ModelNotFound("there are no models to export", hint="import or pull a model first")
         entries = bundle_entries(chosen, self.models.blob_path)
         return ExportPlan(tuple(chosen), tuple(entries))
 

@@ -58,6 +58,9 @@ _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/api/pull", "post"): PullBody,
 }
 
+# Bodies read as bytes, streamed, whatever their Content-Type (a bundle is a tar).
+_RAW_BODIES = {("/api/blobs/{digest}", "post"), ("/api/v1/bundle", "post")}
+
 # Answers that stream unless the body says "stream": false.
 _STREAMS = {
     "/v1/chat/completions": "text/event-stream",
@@ -200,7 +203,7 @@ def complete_document(document: dict[str, Any]) -> None:
                     "404": {"description": "The blob is not in the cache", "content": plain},
                     "default": {"description": "The digest is malformed", "content": plain},
                 }
-            if (path, method) == ("/api/blobs/{digest}", "post"):
+            if (path, method) in _RAW_BODIES:
                 operation["requestBody"] = {
                     "required": True,
                     "content": {
