@@ -60,6 +60,11 @@ RULES = [
         "the registry is a service below the engine's router and the web layer",
     ),
     Rule(
+        "appliance.bundles",
+        ("appliance.engine", "appliance.web", "appliance.runtime", "appliance.cli"),
+        "bundles are a service: the CLI and the web layer call it, never the other way round",
+    ),
+    Rule(
         "appliance.web",
         ("appliance.store",),
         "the web layer reaches data through the services, never the store or the cache",

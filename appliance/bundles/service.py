@@ -47,12 +47,20 @@ class BundleService:
     # -- export ------------------------------------------------------------------------------
 
     def plan(self, names: list[str]) -> ExportPlan:
-        """The models to export (all when ``names`` is empty); a missing name raises ModelNotFound
-        before anything is written."""
+        """The models to export (all when ``names`` is empty); a missing name, or a model whose
+        file is missing or quarantined, is refused before anything is written."""
         found = [self.models.get(name) for name in names] if names else self.models.list_models()
         chosen = list({model.name: model for model in found}.values())  # tiny and tiny:latest: once
         if not chosen:
             raise ModelNotFound("there are no models to export", hint="import or pull a model first")
+        for model in chosen:
+            for artifact in model.artifacts:
+                if artifact.state != "ok" or not self.models.has_blob(artifact.digest):
+                    raise StorageFailure(
+                        f"the file {artifact.filename} of {model.name} is not in the cache"
+                        f" ({'quarantined' if artifact.state != 'ok' else 'missing'}): it cannot be exported",
+                        hint="run `appliance models verify`, then pull or import the model again",
+                    )
         entries = bundle_entries(chosen, self.models.blob_path)
         return ExportPlan(tuple(chosen), tuple(entries))
 

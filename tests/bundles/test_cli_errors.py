@@ -75,3 +75,18 @@ def test_a_name_held_here_with_other_content_is_refused_and_nothing_is_registere
     assert target.models() == before  # the bundle's other two models were not registered either
     audit = json.loads(target("audit", "ls", "--action", "bundles.import", "--json").stdout)
     assert [(row["outcome"], row["target"]) for row in audit] == [("error", str(bundle_tar))]
+
+
+def test_a_model_whose_file_left_the_cache_is_not_exported(
+    bundle_tar: Path, target: Appliance, tmp_path: Path
+) -> None:
+    assert target("bundle", "import", str(bundle_tar)).returncode == 0
+    digest = target.models()["tiny:latest"][0]
+    (target.data_dir / "blobs" / "sha256" / digest.removeprefix("sha256:")).unlink()
+    refused = target("bundle", "export", "tiny", "-o", str(tmp_path / "out.tar"))
+    assert refused.returncode == 1
+    assert "error: the file 0.gguf of tiny:latest is not in the cache (missing): it cannot be exported" in (
+        refused.stderr
+    )
+    assert "hint: run `appliance models verify`" in refused.stderr
+    assert not (tmp_path / "out.tar").exists()
