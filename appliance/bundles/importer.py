@@ -20,7 +20,7 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -100,9 +100,8 @@ def import_bundle(
 ) -> ImportReport:
     """Import a bundle from a directory, a tar file, or a tar stream (stdin, an upload)."""
     with audited(models.store, context, action="bundles.import", target=label) as note, ExitStack() as stack:
-        stack.enter_context(
-            models.cache.placing()
-        )  # nothing placed here is collected before it is registered
+        # Held throughout: nothing placed here is collected by gc before it is registered.
+        stack.enter_context(models.cache.placing())
         entries, total = _open(source, stack)
         received = _receive(models, entries, total, on_progress)
         bundle = _check(models, received)
@@ -264,23 +263,15 @@ def _receive_blob(
             raise BundleDamaged(f"{entry.name} does not match its digest: the bundle was altered") from exc
 
 
-class _reading:
+@contextmanager
+def _reading(entry: _Entry) -> Iterator[IO[bytes]]:
     """Open an entry's content, turning a source that fails into an error naming the entry."""
-
-    def __init__(self, entry: _Entry) -> None:
-        self.entry = entry
-        self.handle: IO[bytes] | None = None
-
-    def __enter__(self) -> IO[bytes]:
-        try:
-            self.handle = self.entry.open()
-        except OSError as exc:
-            raise SourceUnreadable(f"{self.entry.name} cannot be read: {exc.strerror or exc}") from exc
-        return self.handle
-
-    def __exit__(self, *_: object) -> None:
-        if self.handle is not None:
-            self.handle.close()
+    try:
+        handle = entry.open()
+    except OSError as exc:
+        raise SourceUnreadable(f"{entry.name} cannot be read: {exc.strerror or exc}") from exc
+    with handle:
+        yield handle
 
 
 def _read(handle: IO[bytes], entry: _Entry, count: int) -> bytes:

@@ -42,6 +42,13 @@ def test_paths_that_are_not_bundles_are_refused(target: Appliance, tmp_path: Pat
     assert missing.returncode == 1
     assert f"error: {tmp_path / 'nothere.tar'} does not exist" in missing.stderr
 
+    (tmp_path / "file.txt").write_text("a file, not a directory")
+    unreadable = target("bundle", "import", str(tmp_path / "file.txt" / "models.tar"))
+    assert unreadable.returncode == 1
+    assert (
+        f"error: {tmp_path / 'file.txt' / 'models.tar'} cannot be read: Not a directory" in unreadable.stderr
+    )
+
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "index.json").write_text("{}")
