@@ -90,6 +90,7 @@ def test_every_page_renders(page: Page, tiny: str) -> None:
     page.goto("/")
     expect(page.locator("#readiness")).to_contain_text("Ready to serve")
     expect(page.locator("#dashboard")).to_contain_text("models.import")
+    expect(page.locator("#engine-devices")).to_contain_text("runs on: CPU")
     shot(page, "dashboard")
     for link, heading in [
         ("Models", "Models"),

@@ -87,7 +87,9 @@ async function dashboard() {
     const cache = system.cache;
     const gpus = system.gpus.length
       ? system.gpus.map((gpu) => h("div", {}, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
-      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload available" : "no GPU (CPU inference)")];
+      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload built in, no GPU found: models run on the CPU" : "no GPU (a CPU build)")];
+    const devices = h("div", { class: "muted", id: "engine-devices", title: system.llama_cpp_system_info },
+      `llama.cpp ${system.llama_cpp_version} runs on: ${system.devices.map((d) => d.name).join(", ")}`);
     document.getElementById("dashboard")?.replaceChildren(
       h("section", { class: "cards" },
         h("div", { class: "card", id: "readiness" },
@@ -98,7 +100,7 @@ async function dashboard() {
           h("h2", {}, "Machine"),
           h("div", {}, `${system.cpu_count} CPUs, load ${system.load_average.map((x) => x.toFixed(2)).join(" ")}`),
           h("div", {}, `RAM: ${bytes(system.memory.available_bytes)} free of ${bytes(system.memory.total_bytes)}`),
-          gpus),
+          gpus, devices),
         h("div", { class: "card" },
           h("h2", {}, "Cache"),
           h("div", {}, `${bytes(cache.used_bytes)} used of ${cache.max_bytes === null ? "no limit" : bytes(cache.max_bytes)}`),
