@@ -15,6 +15,8 @@ from litestar.di import Provide
 from litestar.testing import TestClient
 
 from appliance.audit import Context
+from appliance.errors import SourceNotFound, SourceUnreadable
+from appliance.models.importdir import DirImporter
 from appliance.runtime import Runtime
 from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.importdir import import_dir
@@ -295,3 +297,91 @@ def test_the_api_refuses_a_caller_that_is_not_on_the_machine(runtime: Runtime, l
     assert answer.status_code == 403
     assert "only by a caller on it" in answer.json()["detail"]
     assert runtime.models.list_models() == []
+
+
+def _damage(layouts: Layouts, how: str) -> tuple[Path, str]:
+    """Break one model of a layout the way real stores break; returns the path to import and the
+    name of the model that must fail."""
+    st_repo = layouts.hub / "models--org--tiny-st"
+    snapshot = st_repo / "snapshots" / COMMIT_ST
+    manifest = layouts.ollama / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "1b"
+    if how == "plain file in snapshot":
+        target = snapshot / "config.json"
+        data = target.read_bytes()
+        target.unlink()
+        target.write_bytes(data)
+    elif how == "link outside blobs":
+        outside = layouts.hub / "elsewhere.json"
+        outside.write_bytes(CONFIG)
+        (snapshot / "config.json").unlink()
+        (snapshot / "config.json").symlink_to(outside)
+    elif how == "blob not named by a digest":
+        blob = hub_blob(layouts.hub, "org/tiny-st", "config.json")
+        blob.rename(blob.with_name("config"))
+        (snapshot / "config.json").unlink()
+        (snapshot / "config.json").symlink_to("../../blobs/config")
+    elif how == "refs/main names no snapshot":
+        (st_repo / "refs" / "main").write_text("c" * 40)
+    elif how == "no model file":
+        (snapshot / "model.safetensors").unlink()
+    elif how == "damaged manifest":
+        manifest.write_text("{not json")
+    elif how == "two model layers":
+        body = json.loads(manifest.read_text())
+        body["layers"].append(dict(body["layers"][0]))
+        manifest.write_text(json.dumps(body))
+    if how in OLLAMA_DAMAGE:
+        return layouts.ollama, "tiny:1b"
+    return layouts.hub, "tiny-st:latest"
+
+
+OLLAMA_DAMAGE = ("damaged manifest", "two model layers")
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("plain file in snapshot", "config.json is a plain file, not a link into the cache's blobs/"),
+        ("link outside blobs", "config.json links outside the repo's blobs/"),
+        ("blob not named by a digest", "whose name is neither a sha256 nor a git blob id"),
+        ("refs/main names no snapshot", f"names commit '{'c' * 40}', which has no snapshot"),
+        ("no model file", "holds no GGUF and no safetensors file"),
+        ("damaged manifest", "is not an Ollama image manifest"),
+        ("two model layers", "has 2 model layers; a model holds one GGUF"),
+    ],
+)
+def test_a_broken_layout_fails_that_model_only_saying_what_is_wrong(
+    runtime: Runtime, context: Context, layouts: Layouts, how: str, said: str
+) -> None:
+    path, broken = _damage(layouts, how)
+    report = DirImporter(runtime.models).import_dir(path, context)
+    statuses = {model.name: model.status for model in report.models}
+    assert statuses.pop(broken) == "failed"
+    assert set(statuses.values()) == {"added"}
+    (failed,) = report.failed
+    assert failed.error is not None
+    assert said in failed.error
+    assert broken not in {str(model.name) for model in runtime.models.list_models()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_blob_of_another_user_is_copied_and_the_report_says_why(
+    runtime: Runtime, context: Context, layouts: Layouts
+) -> None:
+    blob = ollama_blob(layouts.ollama, layouts.library)
+    os.chown(blob, 65534, 65534)
+    model = {m.name: m for m in DirImporter(runtime.models).import_dir(layouts.ollama, context).models}[
+        "tiny:1b"
+    ]
+    assert model.status == "added"
+    assert model.files[0].method == "copy"
+    assert "belongs to uid 65534" in model.notes[0]
+
+
+def test_a_file_or_a_nul_byte_is_not_a_directory_to_import(
+    runtime: Runtime, context: Context, tiny_gguf: Path
+) -> None:
+    with pytest.raises(SourceNotFound, match="is not a directory"):
+        DirImporter(runtime.models).import_dir(tiny_gguf, context)
+    with pytest.raises(SourceUnreadable, match="contains a NUL byte"):
+        DirImporter(runtime.models).import_dir(Path("/tmp/a\0b"), context)
