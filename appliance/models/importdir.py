@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -346,9 +346,16 @@ class DirImporter:
         self.models = models
 
     def import_dir(
-        self, path: Path, context: Context, *, copy: bool = False, dry_run: bool = False
+        self,
+        path: Path,
+        context: Context,
+        *,
+        copy: bool = False,
+        dry_run: bool = False,
+        on_model: Callable[[ImportedModelOut], None] | None = None,
     ) -> DirImportOut:
-        """Import every model found under ``path``; a model that fails is reported and the rest go on.
+        """Import every model found under ``path``; a model that fails is reported and the rest go on
+        (``on_model`` hears each one's outcome as it is known: a big dir takes a while).
 
         Blobs are hard-linked (or reflinked) when on the cache's filesystem, unless ``copy``; a blob
         owned by another user is copied (through a hard link its owner could change the model).
@@ -366,10 +373,11 @@ class DirImporter:
             raise
         except OSError as exc:
             raise SourceUnreadable(f"{exc.filename or root} cannot be read: {exc.strerror or exc}") from exc
-        results = [
-            self._one(candidate, context, layout=layout, copy=copy, dry_run=dry_run)
-            for candidate in candidates
-        ]
+        results: list[ImportedModelOut] = []
+        for candidate in candidates:
+            results.append(self._one(candidate, context, layout=layout, copy=copy, dry_run=dry_run))
+            if on_model is not None:
+                on_model(results[-1])
         return DirImportOut(path=str(root), layout=layout, dry_run=dry_run, models=results)
 
     def _one(
@@ -441,7 +449,8 @@ class DirImporter:
         try:
             for file in todo:
                 staged.append((file, self._stage(file, report, copy=copy)))
-            formats = [self._format(candidate, blob, file, single=len(staged) == 1) for file, blob in staged]
+            single = len(candidate.files) == 1  # a model of one file must be a model format
+            formats = [self._format(candidate, blob, file, single=single) for file, blob in staged]
             for file, blob in staged:  # a conflict on any file registers none of them
                 self.models.check_conflict(name, file.filename, blob.digest)
             added = False
@@ -462,7 +471,7 @@ class DirImporter:
         hard_link = not copy and owner == os.geteuid()
         if not copy and not hard_link:
             report.notes.append(
-                f"{file.filename}: copied, not linked: {file.path} belongs to uid {owner}, and through a"
+                f"{file.filename}: not hard-linked: {file.path} belongs to uid {owner}, and through a"
                 " hard link its owner could change the model"
             )
         try:

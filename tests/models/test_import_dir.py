@@ -79,7 +79,6 @@ def layouts(tmp_path: Path, ggufs: list[bytes]) -> Layouts:
         {
             "model.safetensors": (safetensors, True),
             "config.json": (CONFIG, False),
-            "README.md": (README, False),
         },
     )
     return Layouts(ollama, hub, library, user, hub_gguf, safetensors)
@@ -141,8 +140,7 @@ def test_a_hub_cache_is_named_and_grouped_as_hf_pulls_are(
     assert any(text.startswith("README.md: not a GGUF") for text in gguf["not_imported"])
     repo = models["tiny-st:latest"]
     assert {file["filename"]: file["source_uri"] for file in repo["files"]} == {
-        name: f"hf:org/tiny-st@{COMMIT_ST}#{name}"
-        for name in ("README.md", "config.json", "model.safetensors")
+        name: f"hf:org/tiny-st@{COMMIT_ST}#{name}" for name in ("config.json", "model.safetensors")
     }
     for file in [*gguf["files"], *repo["files"]]:
         assert file["method"] == "hardlink"
