@@ -30,6 +30,7 @@ from rich.text import Text
 
 from appliance import __version__
 from appliance.audit import AuditService, Context
+from appliance.cli_importdir import import_dir
 from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
@@ -227,6 +228,9 @@ def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerCli
 @cli.group()
 def models() -> None:
     """Manage the model cache and registry."""
+
+
+models.add_command(import_dir)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

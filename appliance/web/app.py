@@ -30,6 +30,7 @@ from appliance.web.engine import EngineController, metrics
 from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.guards import SecurityHeaders, request_guard
 from appliance.web.health import HealthController
+from appliance.web.importdir import import_dir
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.openai import openai_router
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> Litestar:
             HealthController,
             pull_model,
             ModelsController,
+            import_dir,
             DownloadsController,
             SystemController,
             AuditController,
