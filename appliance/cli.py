@@ -30,6 +30,7 @@ from rich.text import Text
 
 from appliance import __version__
 from appliance.audit import AuditService, Context
+from appliance.cli_importdir import import_dir
 from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
 from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
@@ -227,6 +228,9 @@ def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerCli
 @cli.group()
 def models() -> None:
     """Manage the model cache and registry."""
+
+
+models.add_command(import_dir)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -742,6 +746,52 @@ def list_audit(
             str(row.duration_ms or 0),
         )
     stdout.print(table)
+
+
+# -- system ---------------------------------------------------------------------------------
+
+
+@cli.command("system")
+@json_option
+@click.pass_context
+def system(ctx: click.Context, as_json: bool) -> None:
+    """What this host and this build have: CPUs, RAM, GPUs, the llama.cpp build and its devices.
+
+    Example: appliance system
+    """
+    from appliance import hostinfo  # loads llama.cpp, which no other command here needs
+
+    def gather(runtime: Runtime) -> dict[str, Any]:
+        return {**hostinfo.report(runtime.settings.data_dir), "cache": runtime.models.cache_usage()}
+
+    facts = _run(ctx, gather)
+    if as_json:
+        _emit_json(facts)
+        return
+    gpu_devices = [device for device in facts["devices"] if device["kind"] != "cpu"]
+    memory = facts["memory"]
+    lines = [
+        f"appliance {__version__}, llama-cpp-python {facts['llama_cpp_version']}",
+        f"CPUs: {facts['cpu_count']}, load {' '.join(f'{x:.2f}' for x in facts['load_average'])}",
+        f"RAM: {_human(memory['available_bytes'])} free of {_human(memory['total_bytes'])}",
+        "GPUs: "
+        + (
+            ", ".join(f"{gpu['name']} ({_human(gpu['vram_total_bytes'])})" for gpu in facts["gpus"]) or "none"
+        ),
+        f"GPU offload: {'built in' if facts['gpu_offload'] else 'not built in (a CPU build)'}",
+        "llama.cpp devices: " + ", ".join(f"{d['name']} ({d['description']})" for d in facts["devices"]),
+    ]
+    if facts["gpu_offload"] and not gpu_devices:
+        lines.append("no GPU: llama.cpp found no GPU it can use here, so models run on the CPU")
+    cache = facts["cache"]
+    lines.append(
+        f"cache: {_human(cache['used_bytes'])} used of "
+        f"{_human(cache['max_bytes']) if cache['max_bytes'] else 'no limit'}, "
+        f"{_human(facts['disk_free_bytes'])} free on disk"
+    )
+    lines.append(f"llama.cpp: {facts['llama_cpp_system_info']}")
+    for line in lines:
+        stdout.print(_visible(line))
 
 
 def main() -> None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.engine.llama import BackendDevice
 
 __all__ = [
     "EngineBuild",
@@ -26,6 +30,7 @@ __all__ = [
     "load_average",
     "memory",
     "parse_gpu_line",
+    "report",
 ]
 
 
@@ -46,6 +51,12 @@ class Gpu:
 class EngineBuild:
     gpu_offload: bool  # llama.cpp was built with a GPU backend
     llama_cpp_version: str
+    system_info: str = ""  # llama.cpp's summary: backends and the CPU features compiled in
+    devices: list[BackendDevice] = field(default_factory=list)  # what it can run on here
+
+    @property
+    def gpu_devices(self) -> list[BackendDevice]:
+        return [device for device in self.devices if device.kind != "cpu"]
 
 
 def cpu_count() -> int:
@@ -97,9 +108,9 @@ def parse_gpu_line(line: str) -> Gpu:
     """One line of nvidia-smi's CSV: MiB, or [N/A] on GPUs with unified memory."""
     name, _, rest = line.partition(",")
     values: list[int | None] = []
-    for field in rest.split(","):
+    for cell in rest.split(","):
         try:
-            values.append(int(field.strip()) << 20)
+            values.append(int(cell.strip()) << 20)
         except ValueError:
             values.append(None)
     total, used = [*values, None, None][:2]
@@ -113,6 +124,27 @@ def disk_free(path: Path) -> int:
 def engine_build() -> EngineBuild:
     """What the installed llama.cpp can do. Imported here: it loads llama.cpp's shared library,
     which only the serving process needs."""
-    from appliance.engine.llama import gpu_offload_supported, llama_cpp_version
+    from appliance.engine.llama import backend_devices, gpu_offload_supported, llama_cpp_version, system_info
 
-    return EngineBuild(gpu_offload=gpu_offload_supported(), llama_cpp_version=llama_cpp_version())
+    return EngineBuild(
+        gpu_offload=gpu_offload_supported(),
+        llama_cpp_version=llama_cpp_version(),
+        system_info=system_info(),
+        devices=backend_devices(),
+    )
+
+
+def report(data_dir: Path) -> dict[str, Any]:
+    """All of the above as one JSON-ready dict: the system page's and ``appliance system``'s."""
+    build = engine_build()
+    return {
+        "cpu_count": cpu_count(),
+        "load_average": list(load_average()),
+        "memory": asdict(memory()),
+        "gpus": [asdict(gpu) for gpu in gpus()],
+        "gpu_offload": build.gpu_offload,
+        "llama_cpp_version": build.llama_cpp_version,
+        "llama_cpp_system_info": build.system_info,
+        "devices": [asdict(device) for device in build.devices],
+        "disk_free_bytes": disk_free(data_dir),
+    }

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Smoke-test a built executable from a clean directory, with no Python on PATH and an empty
 # environment: --version, import the tiny model, serve on a free port, /healthz, one chat completion
-# (so llama.cpp really loads in the frozen app), the UI page, then SIGTERM and a clean exit.
-# Usage: packaging/smoke.sh dist/appliance/appliance
+# (so llama.cpp really loads in the frozen app), the UI page, then SIGTERM and a clean exit. Also
+# that the frozen llama.cpp reports the same build (system info, devices) as the pip install
+# REFERENCE (default: .venv/bin/appliance).
+# Usage: packaging/smoke.sh dist/appliance/appliance [REFERENCE]
 set -euo pipefail
 binary=$(realpath "$1")
 repo=$(cd "$(dirname "$0")/.." && pwd)
+reference=${2:-$repo/.venv/bin/appliance}
 work=$(mktemp -d)
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 "$repo/.venv/bin/python" -c "import sys; sys.path.insert(0, '$repo'); from pathlib import Path; \
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf; \
 write_llama_gguf(Path('$work/tiny.gguf'), chat_template=TINY_CHAT_TEMPLATE)"
@@ -15,6 +18,15 @@ port=$("$repo/.venv/bin/python" -c "import socket; s = socket.socket(); s.bind((
 run() { (cd "$work" && exec env -i PATH=/usr/bin:/bin HOME="$work" "$binary" --data-dir "$work/data" "$@"); }
 
 run --version
+# The same llama.cpp build frozen as installed: backends, CPU features, devices.
+engine_facts='import json, sys; facts = json.load(sys.stdin); print(facts["llama_cpp_system_info"]); print([d["name"] for d in facts["devices"]])'
+frozen=$(run system --json | "$repo/.venv/bin/python" -c "$engine_facts")
+installed=$("$reference" --data-dir "$work/reference" system --json | "$repo/.venv/bin/python" -c "$engine_facts")
+if [[ "$frozen" != "$installed" ]]; then
+    printf 'the frozen llama.cpp differs from the installed one:\nfrozen:    %s\ninstalled: %s\n' "$frozen" "$installed" >&2
+    exit 1
+fi
+echo "llama.cpp as installed: $frozen"
 run models import tiny.gguf --name tiny
 # Started without the function, so that $! is the server itself and SIGTERM reaches it.
 (cd "$work" && exec env -i PATH=/usr/bin:/bin HOME="$work" "$binary" --data-dir "$work/data" serve --port "$port") \

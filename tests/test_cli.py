@@ -292,3 +292,16 @@ def test_preferences_are_validated_and_can_be_unset(cli: object) -> None:
     events = json.loads(cli("audit", "ls", "--action", "preferences.set", "--json").stdout)  # type: ignore[operator]
     # newest first (an unknown key is refused before anything is recorded)
     assert [event["outcome"] for event in events] == ["ok", "error", "ok", "error", "ok"]
+
+
+def test_system_names_the_llama_cpp_build_and_where_models_run(cli: object) -> None:
+    facts = as_json(cli("system", "--json"))  # type: ignore[operator]
+    assert facts["gpu_offload"] in (True, False)  # type: ignore[index]
+    devices = facts["devices"]  # type: ignore[index]
+    assert "CPU" in [device["name"] for device in devices]
+    text = cli("system").stdout  # type: ignore[operator]
+    assert "llama.cpp devices: CPU" in text
+    assert facts["llama_cpp_system_info"] in text  # type: ignore[index]
+    # a GPU build on a host without a usable GPU says so instead of failing to start
+    no_gpu = "no GPU: llama.cpp found no GPU it can use here" in text
+    assert no_gpu == (facts["gpu_offload"] and all(d["kind"] == "cpu" for d in devices))  # type: ignore[index]

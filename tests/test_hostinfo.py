@@ -24,4 +24,9 @@ def test_memory_cpus_disk_and_engine_build_are_known_on_linux(tmp_path: Path) ->
     assert hostinfo.cpu_count() >= 1
     assert len(hostinfo.load_average()) == 3
     assert hostinfo.disk_free(tmp_path) > 0
-    assert hostinfo.engine_build().llama_cpp_version != "unknown"
+    build = hostinfo.engine_build()
+    assert build.llama_cpp_version != "unknown"
+    # the CPU backend is always there; its features are what a frozen build is compared by
+    assert "CPU" in build.system_info
+    cpu = next(device for device in build.devices if device.kind == "cpu")
+    assert cpu.memory_total_bytes > 0

@@ -70,6 +70,11 @@ RULES = [
         "the web layer reaches data through the services, never the store or the cache",
     ),
     Rule(
+        "appliance.web",
+        ENGINE_IMPLEMENTATIONS,
+        "the web layer serves through the engine's services; importing llama.cpp would slow every start",
+    ),
+    Rule(
         "appliance.identity",
         ("appliance",),
         "identity sits below everything, so every layer may use it",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -17,12 +18,15 @@ from appliance.engine.base import SamplingParams
 from appliance.errors import EngineFailure
 
 __all__ = [
+    "BackendDevice",
     "LlamaContext",
     "LlamaModel",
     "Sampler",
     "SamplingParams",
+    "backend_devices",
     "gpu_offload_supported",
     "llama_cpp_version",
+    "system_info",
 ]
 
 _backend_lock = threading.Lock()
@@ -53,6 +57,62 @@ def gpu_offload_supported() -> bool:
 
 def llama_cpp_version() -> str:
     return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def system_info() -> str:
+    """llama.cpp's own summary of its build: each backend and the CPU features it was compiled for."""
+    _ensure_backend()
+    return bytes(llama_cpp.llama_print_system_info()).decode("utf-8", errors="replace").strip()
+
+
+@dataclass(frozen=True)
+class BackendDevice:
+    name: str  # "CPU", "CUDA0", …
+    description: str
+    kind: str  # "cpu", "gpu", "igpu" or "accel"
+    memory_total_bytes: int
+    memory_free_bytes: int
+
+
+# ggml_backend_dev_type, in the order of ggml-backend.h's enum
+_DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel")
+
+
+def backend_devices() -> list[BackendDevice]:
+    """The devices llama.cpp can run on here: a GPU build on a machine without a GPU (or without
+    its driver) lists the CPU only, and then serves on it."""
+    _ensure_backend()
+    from llama_cpp._ggml import libggml  # the ggml registry, which the llama_cpp module does not bind
+
+    for function, restype, argtypes in (
+        (libggml.ggml_backend_dev_count, ctypes.c_size_t, []),
+        (libggml.ggml_backend_dev_get, ctypes.c_void_p, [ctypes.c_size_t]),
+        (libggml.ggml_backend_dev_name, ctypes.c_char_p, [ctypes.c_void_p]),
+        (libggml.ggml_backend_dev_description, ctypes.c_char_p, [ctypes.c_void_p]),
+        (libggml.ggml_backend_dev_type, ctypes.c_int, [ctypes.c_void_p]),
+        (
+            libggml.ggml_backend_dev_memory,
+            None,
+            [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
+        ),
+    ):
+        function.restype, function.argtypes = restype, argtypes
+    devices = []
+    for index in range(libggml.ggml_backend_dev_count()):
+        device = libggml.ggml_backend_dev_get(index)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        libggml.ggml_backend_dev_memory(device, ctypes.byref(free), ctypes.byref(total))
+        kind = libggml.ggml_backend_dev_type(device)
+        devices.append(
+            BackendDevice(
+                name=libggml.ggml_backend_dev_name(device).decode(errors="replace"),
+                description=libggml.ggml_backend_dev_description(device).decode(errors="replace"),
+                kind=_DEVICE_KINDS[kind] if 0 <= kind < len(_DEVICE_KINDS) else "unknown",
+                memory_total_bytes=total.value,
+                memory_free_bytes=free.value,
+            )
+        )
+    return devices
 
 
 class LlamaModel:

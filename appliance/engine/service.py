@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk
 from appliance.engine.router import Router
@@ -44,6 +43,9 @@ class GenerationOptions:
     context_length: int | None = None  # per sequence; None: the preference or setting
 
     def sampling(self) -> SamplingParams:
+        # llama_cpp loads llama.cpp's libraries on import: not at start, only once a request needs them
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
         grammar = None
         if self.json_schema is not None:
             try:

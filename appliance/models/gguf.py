@@ -14,8 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from appliance.errors import UnsupportedFormat
 
 __all__ = ["GGUF_MAGIC", "read_gguf_metadata"]
@@ -24,6 +22,8 @@ GGUF_MAGIC = b"GGUF"
 
 
 def _scalar(reader: Any, key: str) -> Any:
+    import gguf  # with numpy, 0.2 s of every command's start; only reading a header needs it
+
     field = reader.fields.get(key)
     if field is None or not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
         return None
@@ -31,6 +31,8 @@ def _scalar(reader: Any, key: str) -> Any:
 
 
 def _quantization(reader: Any) -> str:
+    import gguf
+
     file_type = _scalar(reader, "general.file_type")
     if file_type is not None:
         try:
@@ -53,6 +55,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             f"{path.name} is not a GGUF file (it does not start with the GGUF magic)",
             hint="pass the .gguf file itself, or --format with the file's real format",
         )
+    import gguf
+
     reader: Any = None
     try:
         reader = gguf.GGUFReader(path)

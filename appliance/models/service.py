@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from appliance.audit import Context, audited
 from appliance.errors import (
     CacheFull,
@@ -517,6 +515,8 @@ def _read_header(source: Path) -> tuple[bytes, int]:
 
 def _read_chat_template(path: Path) -> str:
     """The GGUF's ``tokenizer.chat_template``, read from its header."""
+    import gguf  # with numpy: loaded only when a header is read (see models/gguf.py)
+
     reader: Any = None
     try:
         reader = gguf.GGUFReader(path)

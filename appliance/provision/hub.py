@@ -18,13 +18,13 @@ from appliance.errors import (
     SchemeNotSupported,
     SourceNotAllowed,
 )
-from appliance.names import name_from_filename
+from appliance.names import ModelName, name_from_filename
 from appliance.provision.plan import Plan
 from appliance.provision.transfer import RemoteFile
 from appliance.refs import HfRef
 from appliance.settings import DownloadSettings
 
-__all__ = ["resolve_hf"]
+__all__ = ["default_name", "resolve_hf"]
 
 SKIPPED = {".gitattributes"}
 
@@ -100,6 +100,10 @@ def resolve_hf(ref: HfRef, options: DownloadSettings) -> Plan:
         )
         for sibling in siblings
     ]
+    return Plan(files, default_name(ref.repo, ref.filename))
+
+
+def default_name(repo: str, filename: str | None) -> ModelName:
+    """The name an ``hf:`` model registers under: a file's cleaned stem, or the repo's name."""
     # a repo's name keeps its dots ("Llama-3.2-1B"): the suffix is what name_from_filename strips
-    name = name_from_filename(ref.filename or ref.repo.split("/")[1] + ".repo")
-    return Plan(files, name)
+    return name_from_filename(filename or repo.rsplit("/", 1)[-1] + ".repo")

@@ -31,6 +31,7 @@ from appliance.web.engine import EngineController, metrics
 from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.guards import SecurityHeaders, request_guard
 from appliance.web.health import HealthController
+from appliance.web.importdir import import_dir
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.openai import openai_router
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> Litestar:
             pull_model,
             ModelsController,
             bundle_router,
+            import_dir,
             DownloadsController,
             SystemController,
             AuditController,

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.base import Finished, TextChunk
 from appliance.engine.service import Started
 
 __all__ = ["Events", "Generation"]

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance import __version__
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
-from appliance.engine.batcher import TextChunk
+from appliance.engine.base import TextChunk
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService

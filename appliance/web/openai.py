@@ -22,7 +22,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
-from appliance.engine.batcher import Finished, TextChunk
+from appliance.engine.base import Finished, TextChunk
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.errors import InvalidInput
 from appliance.models.service import ModelService

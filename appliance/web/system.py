@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from litestar import Controller, get, put
@@ -41,17 +40,7 @@ class SystemController(Controller):
     def system(self, state: State) -> dict[str, Any]:
         """CPU, memory, GPUs and VRAM, the cache against its budget, and the data dir's free space."""
         runtime: Runtime = state.runtime
-        build = hostinfo.engine_build()
-        return {
-            "cpu_count": hostinfo.cpu_count(),
-            "load_average": list(hostinfo.load_average()),
-            "memory": asdict(hostinfo.memory()),
-            "gpus": [asdict(gpu) for gpu in hostinfo.gpus()],
-            "gpu_offload": build.gpu_offload,
-            "llama_cpp_version": build.llama_cpp_version,
-            "cache": runtime.models.cache_usage(),
-            "disk_free_bytes": hostinfo.disk_free(runtime.settings.data_dir),
-        }
+        return {**hostinfo.report(runtime.settings.data_dir), "cache": runtime.models.cache_usage()}
 
     @get("/preferences", sync_to_thread=True)
     def list_preferences(self, preferences: PreferenceService) -> list[PreferenceOut]:

@@ -120,6 +120,8 @@ def test_system_and_preferences_over_http(server: Server) -> None:
     system = server.client.get("/api/v1/system").json()
     assert system["cpu_count"] >= 1
     assert system["memory"]["total_bytes"] > 0
+    assert "cpu" in [device["kind"] for device in system["devices"]]
+    assert "CPU" in system["llama_cpp_system_info"]
     assert system["cache"] == {"used_bytes": 0, "max_bytes": None}
     saved = server.client.put("/api/v1/preferences/models.cache.max_bytes", json={"value": "1GB"})
     assert saved.json()["value"] == 1_000_000_000

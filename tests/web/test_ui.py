@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import Server
 from tests.fileserver import Faults, serve_files
+from tests.models.dirlayouts import write_ollama_dir
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "ui"
@@ -90,6 +91,7 @@ def test_every_page_renders(page: Page, tiny: str) -> None:
     page.goto("/")
     expect(page.locator("#readiness")).to_contain_text("Ready to serve")
     expect(page.locator("#dashboard")).to_contain_text("models.import")
+    expect(page.locator("#engine-devices")).to_contain_text("runs on: CPU")
     shot(page, "dashboard")
     for link, heading in [
         ("Models", "Models"),
@@ -273,3 +275,20 @@ def test_an_action_that_fails_keeps_its_message_on_screen(page: Page, cli: objec
     expect(page.locator("#errors")).to_contain_text("GGUF")
     page.wait_for_timeout(1000)  # the table has been redrawn since; the message stays
     expect(page.locator("#errors")).to_contain_text("GGUF")
+
+
+def test_a_folder_is_imported_from_the_models_page(page: Page, server: Server, tmp_path: Path) -> None:
+    gguf = write_llama_gguf(tmp_path / "folder.gguf", seed=4).read_bytes()
+    ollama = write_ollama_dir(tmp_path / "ollama", {("registry.ollama.ai", "library", "folder", "1b"): gguf})
+    page.goto("/#/models")
+    page.get_by_label("Import from a folder").fill(str(tmp_path))  # neither layout: the server says so
+    page.get_by_role("button", name="Import folder").click()
+    expect(page.locator("#errors")).to_contain_text("neither an Ollama models directory")
+    page.get_by_label("Import from a folder").fill(str(ollama))
+    page.get_by_role("button", name="Import folder").click()
+    result = page.locator("#import-dir-result")
+    expect(result).to_contain_text("imported: folder:1b")
+    expect(result).to_contain_text("not imported: template layer")
+    expect(page.locator("#models-table tr[data-model='folder:1b']")).to_be_visible()
+    shot(page, "models-import-dir")
+    assert server.client.get("/api/v1/models/folder:1b").status_code == 200

@@ -87,7 +87,9 @@ async function dashboard() {
     const cache = system.cache;
     const gpus = system.gpus.length
       ? system.gpus.map((gpu) => h("div", {}, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
-      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload available" : "no GPU (CPU inference)")];
+      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload built in, no GPU found: models run on the CPU" : "no GPU (a CPU build)")];
+    const devices = h("div", { class: "muted", id: "engine-devices", title: system.llama_cpp_system_info },
+      `llama.cpp ${system.llama_cpp_version} runs on: ${system.devices.map((d) => d.name).join(", ")}`);
     document.getElementById("dashboard")?.replaceChildren(
       h("section", { class: "cards" },
         h("div", { class: "card", id: "readiness" },
@@ -98,7 +100,7 @@ async function dashboard() {
           h("h2", {}, "Machine"),
           h("div", {}, `${system.cpu_count} CPUs, load ${system.load_average.map((x) => x.toFixed(2)).join(" ")}`),
           h("div", {}, `RAM: ${bytes(system.memory.available_bytes)} free of ${bytes(system.memory.total_bytes)}`),
-          gpus),
+          gpus, devices),
         h("div", { class: "card" },
           h("h2", {}, "Cache"),
           h("div", {}, `${bytes(cache.used_bytes)} used of ${cache.max_bytes === null ? "no limit" : bytes(cache.max_bytes)}`),
@@ -133,6 +135,9 @@ async function models() {
   const pullDigest = h("input", { id: "pull-digest", name: "digest", size: 30, placeholder: "sha256:… (optional)" });
   const importPath = h("input", { id: "import-path", name: "path", size: 48, placeholder: "/path/on/this/machine/model.gguf", required: true });
   const importName = h("input", { id: "import-name", name: "name", placeholder: "name[:tag] (optional)" });
+  const dirPath = h("input", { id: "import-dir-path", name: "path", size: 48, placeholder: "~/.ollama/models or ~/.cache/huggingface/hub, as a full path", required: true });
+  const dirCopy = h("input", { id: "import-dir-copy", name: "copy", type: "checkbox" });
+  const dirResult = h("div", { id: "import-dir-result" });
   page.replaceChildren(
     h("h1", {}, "Models"),
     h("form", { class: "inline", id: "pull-form", onsubmit: (event) => { event.preventDefault(); pull(); } },
@@ -141,6 +146,11 @@ async function models() {
     h("form", { class: "inline", id: "import-form", onsubmit: (event) => { event.preventDefault(); importFile(); } },
       h("label", {}, "Import a file on the server", importPath), h("label", {}, "Name", importName),
       h("button", { type: "submit" }, "Import")),
+    h("form", { class: "inline", id: "import-dir-form", onsubmit: (event) => { event.preventDefault(); importDir(); } },
+      h("label", {}, "Import from a folder (Ollama or Hugging Face cache) on the server", dirPath),
+      h("label", {}, dirCopy, " Copy instead of linking"),
+      h("button", { type: "submit" }, "Import folder")),
+    dirResult,
     bundleForms(() => refresh(drawModels)),
     h("h2", {}, "Downloads"), h("div", { id: "downloads" }),
     h("h2", {}, "In the cache"), h("div", { id: "models" }, "Loading…"));
@@ -157,6 +167,18 @@ async function models() {
     if (importName.value.trim()) body.name = importName.value.trim();
     const result = await attempt(() => api("POST", "/api/v1/models/import", body));
     if (result) { importPath.value = ""; await refresh(drawModels); }
+  }
+  async function importDir() {
+    dirResult.replaceChildren(h("p", { class: "muted" }, "Importing…"));
+    const report = await attempt(() => api("POST", "/api/v1/models/import-dir", { path: dirPath.value.trim(), copy: dirCopy.checked }));
+    const verbs = { added: "imported", present: "already present", would_add: "would import", failed: "failed" };
+    dirResult.replaceChildren(...(report ? (report.models.length ? report.models.map((m) =>
+      h("div", { class: m.status === "failed" ? "bad" : "ok" }, `${verbs[m.status]}: ${m.name ?? m.origin}`,
+        ...m.files.map((f) => h("div", { class: "muted" }, `${f.filename} ${f.digest ?? ""} ${f.method ?? ""}`)),
+        ...m.not_imported.map((text) => h("div", { class: "muted" }, `not imported: ${text}`)),
+        ...m.notes.map((text) => h("div", { class: "muted" }, text)),
+        ...(m.error ? [h("div", {}, m.error), h("div", { class: "muted" }, m.hint ?? "")] : []))) : [h("p", { class: "muted" }, "No models found there.")]) : []));
+    if (report) await refresh(drawModels);
   }
 
   const downloads = new Map();

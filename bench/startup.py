@@ -1,0 +1,195 @@
+"""Start-up time of the built executable against the pip install, in the same run.
+
+Run from the repo root after ``make dist`` (and, for the GPU build, ``make dist-gpu``):
+
+    .venv/bin/python bench/startup.py [--rounds 10] [--binary NAME=PATH ...] [--llama-server PATH]
+
+Each round, every command takes its turn (so background load hits them alike), each with a fresh
+data dir holding the tiny model (imported before the clock starts):
+
+- exec ``serve`` → the first ``/healthz`` 200 (polled every 5 ms): what a supervisor or a user's
+  script waits for. Target for the built executable: at most 1.5 s on this machine;
+- exec ``serve`` → the first chat completion of 8 tokens: the same plus loading llama.cpp and
+  the model;
+- ``--help``: the wall time of the smallest command, which is what every CLI call pays.
+
+Commands: ``pip`` (``.venv/bin/appliance``), ``dist`` (``dist/appliance/appliance``, when built),
+any ``--binary NAME=PATH`` more, and ``llama-server`` (llama.cpp's own, exec → ``/health`` 200 and
+first completion with the same model) when ``--llama-server`` names one. It prints the median and
+the min-max spread of each, and each command's medians relative to ``pip``. Exit status 0 whatever
+the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf  # noqa: E402
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+@dataclass
+class Timings:
+    healthz: list[float] = field(default_factory=list)
+    first_chat: list[float] = field(default_factory=list)
+    help: list[float] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(url: str, body: dict[str, object] | None = None) -> bool:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], body: dict[str, object] | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while not answers(url, body):
+        if process.poll() is not None:
+            raise SystemExit(f"{process.args} exited with status {process.returncode} before {url} answered")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer within 60 s")
+        time.sleep(0.005)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def appliance_round(command: list[str], model: Path, work: Path, timings: Timings) -> None:
+    data = work / "data"
+    env = {**os.environ, "APPLIANCE_DATA_DIR": str(data)}
+    subprocess.run(
+        [*command, "models", "import", str(model), "--name", "tiny"], env=env, check=True, capture_output=True
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(work / "serve.log", "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen([*command, "serve", "--port", str(port)], env=env, stdout=log, stderr=log)
+        try:
+            wait_for(f"{base}/healthz", process)
+            timings.healthz.append(time.perf_counter() - started)
+            wait_for(f"{base}/v1/chat/completions", process, CHAT)
+            timings.first_chat.append(time.perf_counter() - started)
+        finally:
+            stop(process)
+    started = time.perf_counter()
+    subprocess.run([*command, "--help"], env=env, check=True, capture_output=True)
+    timings.help.append(time.perf_counter() - started)
+
+
+def llama_server_round(binary: Path, model: Path, work: Path, timings: Timings) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(binary), "-m", str(model), "--port", str(port), "-c", "256", "--no-webui"]
+    with open(work / "llama-server.log", "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+        try:
+            wait_for(f"{base}/health", process)
+            timings.healthz.append(time.perf_counter() - started)
+            wait_for(f"{base}/v1/chat/completions", process, CHAT)
+            timings.first_chat.append(time.perf_counter() - started)
+        finally:
+            stop(process)
+
+
+def describe(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):6.3f} s ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--binary", action="append", default=[], metavar="NAME=PATH", help="another executable"
+    )
+    parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
+    args = parser.parse_args()
+
+    commands: dict[str, list[str]] = {"pip": [str(REPO / ".venv" / "bin" / "appliance")]}
+    built = REPO / "dist" / "appliance" / "appliance"
+    if built.exists():
+        commands["dist"] = [str(built)]
+    for entry in args.binary:
+        name, _, path = entry.partition("=")
+        commands[name] = [str(Path(path).resolve())]
+    results = {name: Timings() for name in commands}
+    if args.llama_server is not None:
+        results["llama-server"] = Timings()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model = Path(scratch) / "tiny.gguf"
+        write_llama_gguf(model, chat_template=TINY_CHAT_TEMPLATE)
+        for round_number in range(args.rounds):
+            for name, command in commands.items():
+                with tempfile.TemporaryDirectory(dir=scratch) as work:
+                    appliance_round(command, model, Path(work), results[name])
+            if args.llama_server is not None:
+                with tempfile.TemporaryDirectory(dir=scratch) as work:
+                    llama_server_round(args.llama_server, model, Path(work), results["llama-server"])
+            print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
+
+    print(f"median (min-max) over {args.rounds} rounds, cpu_count={os.cpu_count()}")
+    print(f"{'command':<14} {'exec → /healthz':<26} {'exec → first chat':<26} {'--help':<26}")
+    for name, timings in results.items():
+        columns = (describe(timings.healthz), describe(timings.first_chat), describe(timings.help))
+        print(f"{name:<14} " + " ".join(f"{column:<26}" for column in columns))
+    reference = results["pip"]
+    for name, timings in results.items():
+        if name == "pip" or not timings.healthz:
+            continue
+        ratios = [
+            f"{label} {statistics.median(mine) / statistics.median(theirs):.2f}x"
+            for label, mine, theirs in (
+                ("healthz", timings.healthz, reference.healthz),
+                ("first chat", timings.first_chat, reference.first_chat),
+                ("--help", timings.help, reference.help),
+            )
+            if mine and theirs
+        ]
+        print(f"{name} / pip: " + ", ".join(ratios))
+    for name, timings in results.items():
+        if timings.healthz and name != "llama-server":
+            verdict = "PASS" if statistics.median(timings.healthz) <= 1.5 else "MISS"
+            print(f"{name}: exec → /healthz target 1.5 s: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
