@@ -4,12 +4,16 @@ and changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 from pathlib import Path
 
 from appliance.audit import Context
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from tests.bundles.conftest import Appliance
+from tests.conftest import APPLIANCE
 from tests.tiny_model import write_llama_gguf
 
 
@@ -29,6 +33,31 @@ def test_an_export_into_a_non_empty_directory_is_refused(source_dir: Path, tmp_p
     assert f"error: {tmp_path} is not empty" in refused.stderr
     assert "hint: export into a new directory, or to a path ending in .tar" in refused.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_tar_path_that_is_a_directory_or_a_terminal_is_refused(source_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "models.tar").mkdir()
+    refused = Appliance(source_dir)("bundle", "export", "tiny", "-o", str(tmp_path / "models.tar"))
+    assert refused.returncode == 1
+    assert f"error: {tmp_path / 'models.tar'} is a directory" in refused.stderr
+    assert "hint: name the tar file to write" in refused.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["models.tar"]
+
+    controller, terminal = pty.openpty()  # stdout a terminal: a tar would only garble it
+    try:
+        completed = subprocess.run(
+            [*APPLIANCE, "--data-dir", str(source_dir), "bundle", "export", "tiny", "-o", "-"],
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert completed.returncode == 2
+    assert "refusing to write a tar to a terminal; redirect stdout or pass -o PATH" in completed.stderr
 
 
 def test_an_empty_appliance_has_nothing_to_export(target: Appliance, tmp_path: Path) -> None:
