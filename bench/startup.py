@@ -87,24 +87,30 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def appliance_round(command: list[str], model: Path, work: Path, timings: Timings) -> None:
-    data = work / "data"
-    env = {**os.environ, "APPLIANCE_DATA_DIR": str(data)}
-    subprocess.run(
-        [*command, "models", "import", str(model), "--name", "tiny"], env=env, check=True, capture_output=True
-    )
-    port = free_port()
+def time_server(
+    command: list[str], env: dict[str, str], health: str, port: int, log: Path, timings: Timings
+) -> None:
+    """Exec ``command``, then time its first 200 on ``health`` and its first chat completion."""
     base = f"http://127.0.0.1:{port}"
-    with open(work / "serve.log", "wb") as log:
+    with open(log, "wb") as output:
         started = time.perf_counter()
-        process = subprocess.Popen([*command, "serve", "--port", str(port)], env=env, stdout=log, stderr=log)
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=output)
         try:
-            wait_for(f"{base}/healthz", process)
+            wait_for(f"{base}{health}", process)
             timings.healthz.append(time.perf_counter() - started)
             wait_for(f"{base}/v1/chat/completions", process, CHAT)
             timings.first_chat.append(time.perf_counter() - started)
         finally:
             stop(process)
+
+
+def appliance_round(command: list[str], model: Path, work: Path, timings: Timings) -> None:
+    env = {**os.environ, "APPLIANCE_DATA_DIR": str(work / "data")}
+    subprocess.run(
+        [*command, "models", "import", str(model), "--name", "tiny"], env=env, check=True, capture_output=True
+    )
+    port = free_port()
+    time_server([*command, "serve", "--port", str(port)], env, "/healthz", port, work / "serve.log", timings)
     started = time.perf_counter()
     subprocess.run([*command, "--help"], env=env, check=True, capture_output=True)
     timings.help.append(time.perf_counter() - started)
@@ -112,18 +118,8 @@ def appliance_round(command: list[str], model: Path, work: Path, timings: Timing
 
 def llama_server_round(binary: Path, model: Path, work: Path, timings: Timings) -> None:
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     command = [str(binary), "-m", str(model), "--port", str(port), "-c", "256", "--no-webui"]
-    with open(work / "llama-server.log", "wb") as log:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=log)
-        try:
-            wait_for(f"{base}/health", process)
-            timings.healthz.append(time.perf_counter() - started)
-            wait_for(f"{base}/v1/chat/completions", process, CHAT)
-            timings.first_chat.append(time.perf_counter() - started)
-        finally:
-            stop(process)
+    time_server(command, dict(os.environ), "/health", port, work / "llama-server.log", timings)
 
 
 def describe(values: list[float]) -> str:
