@@ -75,7 +75,8 @@ def export_bundle(ctx: click.Context, names: tuple[str, ...], output: str, as_js
             _emit_json(summary.model_dump(mode="json"))
         return
     say = stderr.print if to_stdout else click.echo
-    say(f"exported {len(plan.models)} models ({plan.blobs} blobs, {_human(plan.total_bytes)}) to {output}")
+    count = f"{len(plan.models)} model{'' if len(plan.models) == 1 else 's'}"
+    say(f"exported {count} ({plan.blobs} blobs, {_human(plan.total_bytes)}) to {output}")
     for model in plan.models:
         say(f"  {model.name}")
 
