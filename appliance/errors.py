@@ -53,6 +53,7 @@ from typing import ClassVar
 
 __all__ = [
     "ApplianceError",
+    "BodyTooLarge",
     "BundleDamaged",
     "CacheFull",
     "Conflict",
@@ -131,6 +132,18 @@ class InvalidModelName(InvalidInput):
 
 class InvalidSetting(InvalidInput):
     code = "invalid_setting"
+
+
+class BodyTooLarge(ApplianceError):
+    code = "payload_too_large"
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than the limit of {limit} bytes",
+            hint="send a smaller body, or raise the server.max_body_bytes setting",
+        )
+        self.limit = limit
 
 
 class UnsupportedFormat(InvalidInput):
