@@ -31,6 +31,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   └── DownloadCancelled        download_cancelled
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
+    ├── BodyTooLarge (413)           payload_too_large
     ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
