@@ -154,12 +154,18 @@ def init_tls(settings: Settings, names: list[str], *, force: bool = False) -> Tl
         )
         .sign(ca_key, hashes.SHA256())
     )
-    files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     pem = serialization.Encoding.PEM
-    _write(files.ca_key, _key_pem(ca_key), secret=True)
-    _write(files.server.key, _key_pem(key), secret=True)
-    _write(files.server.cert, cert.public_bytes(pem) + ca_cert.public_bytes(pem))  # the chain
-    _write(files.ca_cert, ca_cert.public_bytes(pem))  # last: its presence means "done"
+    try:
+        files.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write(files.ca_key, _key_pem(ca_key), secret=True)
+        _write(files.server.key, _key_pem(key), secret=True)
+        _write(files.server.cert, cert.public_bytes(pem) + ca_cert.public_bytes(pem))  # the chain
+        _write(files.ca_cert, ca_cert.public_bytes(pem))  # last: its presence means "done"
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot write the TLS files in {files.directory}: {exc.strerror or exc}",
+            hint="check that the data dir is writable by the user running the appliance",
+        ) from exc
     return files
 
 

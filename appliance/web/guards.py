@@ -114,13 +114,13 @@ def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awai
     # each bare or with the port; IPv6 addresses bracketed as a Host header writes them.
     hosts = {*LOOPBACK_NAMES, settings.host, *settings.server.public_names}
     bracketed = {f"[{host}]" if ":" in host and not host.startswith("[") else host for host in hosts}
-    allowed = {name for host in bracketed for name in (host, f"{host}:{settings.port}")}
+    allowed = {name.lower() for host in bracketed for name in (host, f"{host}:{settings.port}")}
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
         request_actor(request)
         host = request.headers.get("host")
         # Only known names: a DNS-rebinding page on another name gets 400, never our API.
-        if host not in allowed:
+        if host is None or host.lower() not in allowed:  # host names are case-insensitive
             raise InvalidInput(
                 f"refused a request for host {host!r}: this appliance answers only to {settings.host}"
                 + "".join(f", {name}" for name in settings.server.public_names),

@@ -69,6 +69,28 @@ def test_tls_init_makes_a_ca_and_a_certificate_for_the_names_and_keeps_keys_priv
     assert _fingerprint(forced.stdout) != fingerprint
 
 
+def test_tls_init_into_a_data_dir_it_cannot_write_says_so(cli: object, data_dir: Path) -> None:
+    data_dir.mkdir()
+    (data_dir / "tls").write_text("a file where the directory would go")
+    made = cli("tls", "init")  # type: ignore[operator]
+    assert made.returncode == 1
+    assert "cannot write the TLS files" in made.stderr
+    assert "Traceback" not in made.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("APPLIANCE_SERVER__PUBLIC_NAMES", '["http://box.lan"]', "is not a host name or address"),
+        ("APPLIANCE_SERVER__MAX_BODY_BYTES", "100", "server.max_body_bytes"),
+    ],
+)
+def test_bad_server_settings_are_refused(cli: object, variable: str, value: str, message: str) -> None:
+    refused = cli("serve", "--port", "0", env={variable: value})  # type: ignore[operator]
+    assert refused.returncode == 1
+    assert message in refused.stderr
+
+
 def test_tls_show_without_init_says_how(cli: object) -> None:
     shown = cli("tls", "show")  # type: ignore[operator]
     assert shown.returncode == 1
@@ -182,7 +204,7 @@ def test_public_names_are_served_and_other_names_stay_refused(data_dir: Path) ->
     env = {"APPLIANCE_SERVER__PUBLIC_NAMES": '["box.lan", "192.168.7.7", "fd00::7"]'}
     with serving(data_dir, env=env) as server:
         port = server.port
-        for host in ("box.lan", f"box.lan:{port}", f"192.168.7.7:{port}", f"[fd00::7]:{port}"):
+        for host in ("box.lan", f"BOX.lan:{port}", f"192.168.7.7:{port}", f"[fd00::7]:{port}"):
             assert server.client.get("/api/v1/models", headers={"Host": host}).status_code == 200, host
         rebound = server.client.get("/api/v1/models", headers={"Host": f"attacker.example:{server.port}"})
         assert rebound.status_code == 400
