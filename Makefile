@@ -43,6 +43,7 @@ dist: setup
 	$(BIN)/python -m pip install --quiet "pyinstaller>=6.10"
 	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller \
 		packaging/appliance.spec
+	bash packaging/link_duplicates.sh dist/appliance/_internal/llama_cpp/lib
 	tar -C dist -czf $(DIST_TARBALL) appliance
 	bash packaging/smoke.sh dist/appliance/appliance
 	unshare -n sh -c 'ip link set lo up && bash packaging/smoke.sh dist/appliance/appliance'
@@ -78,6 +79,7 @@ $(GPU_VENV)/.installed: pyproject.toml
 dist-gpu: setup $(GPU_VENV)/.installed
 	$(GPU_BIN)/pyinstaller --noconfirm --clean --log-level WARN --distpath dist/cuda \
 		--workpath build/pyinstaller-cuda packaging/appliance.spec
+	bash packaging/link_duplicates.sh dist/cuda/appliance/_internal/llama_cpp/lib
 	tar -C dist/cuda -czf $(GPU_DIST_TARBALL) appliance
 	bash packaging/smoke.sh dist/cuda/appliance/appliance $(GPU_BIN)/appliance
 	dist/cuda/appliance/appliance system

@@ -806,10 +806,10 @@ def system(ctx: click.Context, as_json: bool) -> None:
         + (
             ", ".join(f"{gpu['name']} ({_human(gpu['vram_total_bytes'])})" for gpu in facts["gpus"]) or "none"
         ),
-        f"GPU offload: {'built in' if facts['gpu_offload'] else 'not built in (a CPU build)'}",
+        "GPU backends built in: " + (", ".join(facts["gpu_backends"]) or "none (a CPU build)"),
         "llama.cpp devices: " + ", ".join(f"{d['name']} ({d['description']})" for d in facts["devices"]),
     ]
-    if facts["gpu_offload"] and not gpu_devices:
+    if facts["gpu_backends"] and not gpu_devices:
         lines.append("no GPU: llama.cpp found no GPU it can use here, so models run on the CPU")
     cache = facts["cache"]
     lines.append(

@@ -47,10 +47,15 @@ class Gpu:
     vram_used_bytes: int | None
 
 
+# ggml backends that run on the CPU or forward elsewhere: not a GPU build's
+NOT_GPU_BACKENDS = ("CPU", "BLAS", "RPC")
+
+
 @dataclass(frozen=True)
 class EngineBuild:
-    gpu_offload: bool  # llama.cpp was built with a GPU backend
+    gpu_offload: bool  # llama.cpp can offload here: a GPU backend with a device
     llama_cpp_version: str
+    gpu_backends: list[str] = field(default_factory=list)  # GPU backends compiled in ("CUDA"), device or not
     system_info: str = ""  # llama.cpp's summary: backends and the CPU features compiled in
     devices: list[BackendDevice] = field(default_factory=list)  # what it can run on here
 
@@ -124,11 +129,18 @@ def disk_free(path: Path) -> int:
 def engine_build() -> EngineBuild:
     """What the installed llama.cpp can do. Imported here: it loads llama.cpp's shared library,
     which only the serving process needs."""
-    from appliance.engine.llama import backend_devices, gpu_offload_supported, llama_cpp_version, system_info
+    from appliance.engine.llama import (
+        backend_devices,
+        backend_registries,
+        gpu_offload_supported,
+        llama_cpp_version,
+        system_info,
+    )
 
     return EngineBuild(
         gpu_offload=gpu_offload_supported(),
         llama_cpp_version=llama_cpp_version(),
+        gpu_backends=[name for name in backend_registries() if name not in NOT_GPU_BACKENDS],
         system_info=system_info(),
         devices=backend_devices(),
     )
@@ -143,6 +155,7 @@ def report(data_dir: Path) -> dict[str, Any]:
         "memory": asdict(memory()),
         "gpus": [asdict(gpu) for gpu in gpus()],
         "gpu_offload": build.gpu_offload,
+        "gpu_backends": build.gpu_backends,
         "llama_cpp_version": build.llama_cpp_version,
         "llama_cpp_system_info": build.system_info,
         "devices": [asdict(device) for device in build.devices],

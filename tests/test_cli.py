@@ -297,6 +297,7 @@ def test_preferences_are_validated_and_can_be_unset(cli: object) -> None:
 def test_system_names_the_llama_cpp_build_and_where_models_run(cli: object) -> None:
     facts = as_json(cli("system", "--json"))  # type: ignore[operator]
     assert facts["gpu_offload"] in (True, False)  # type: ignore[index]
+    assert "CPU" not in facts["gpu_backends"]  # type: ignore[index]
     devices = facts["devices"]  # type: ignore[index]
     assert "CPU" in [device["name"] for device in devices]
     text = cli("system").stdout  # type: ignore[operator]
@@ -304,4 +305,4 @@ def test_system_names_the_llama_cpp_build_and_where_models_run(cli: object) -> N
     assert facts["llama_cpp_system_info"] in text  # type: ignore[index]
     # a GPU build on a host without a usable GPU says so instead of failing to start
     no_gpu = "no GPU: llama.cpp found no GPU it can use here" in text
-    assert no_gpu == (facts["gpu_offload"] and all(d["kind"] == "cpu" for d in devices))  # type: ignore[index]
+    assert no_gpu == (bool(facts["gpu_backends"]) and all(d["kind"] == "cpu" for d in devices))  # type: ignore[index]

@@ -24,6 +24,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "backend_devices",
+    "backend_registries",
     "gpu_offload_supported",
     "llama_cpp_version",
     "system_info",
@@ -78,13 +79,14 @@ class BackendDevice:
 _DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel")
 
 
-def backend_devices() -> list[BackendDevice]:
-    """The devices llama.cpp can run on here: a GPU build on a machine without a GPU (or without
-    its driver) lists the CPU only, and then serves on it."""
-    _ensure_backend()
-    from llama_cpp._ggml import libggml  # the ggml registry, which the llama_cpp module does not bind
+def _ggml() -> ctypes.CDLL:
+    """libggml with the prototypes of its backend registry, which the llama_cpp module does not bind."""
+    from llama_cpp._ggml import libggml
 
     for function, restype, argtypes in (
+        (libggml.ggml_backend_reg_count, ctypes.c_size_t, []),
+        (libggml.ggml_backend_reg_get, ctypes.c_void_p, [ctypes.c_size_t]),
+        (libggml.ggml_backend_reg_name, ctypes.c_char_p, [ctypes.c_void_p]),
         (libggml.ggml_backend_dev_count, ctypes.c_size_t, []),
         (libggml.ggml_backend_dev_get, ctypes.c_void_p, [ctypes.c_size_t]),
         (libggml.ggml_backend_dev_name, ctypes.c_char_p, [ctypes.c_void_p]),
@@ -97,6 +99,24 @@ def backend_devices() -> list[BackendDevice]:
         ),
     ):
         function.restype, function.argtypes = restype, argtypes
+    return libggml  # type: ignore[no-any-return]
+
+
+def backend_registries() -> list[str]:
+    """The backends compiled in ("CUDA", "CPU", …), whether or not they found a device here."""
+    _ensure_backend()
+    libggml = _ggml()
+    return [
+        libggml.ggml_backend_reg_name(libggml.ggml_backend_reg_get(index)).decode(errors="replace")
+        for index in range(libggml.ggml_backend_reg_count())
+    ]
+
+
+def backend_devices() -> list[BackendDevice]:
+    """The devices llama.cpp can run on here: a GPU build on a machine without a GPU (or without
+    its driver) lists the CPU only, and then serves on it."""
+    _ensure_backend()
+    libggml = _ggml()
     devices = []
     for index in range(libggml.ggml_backend_dev_count()):
         device = libggml.ggml_backend_dev_get(index)

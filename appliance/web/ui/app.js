@@ -87,7 +87,7 @@ async function dashboard() {
     const cache = system.cache;
     const gpus = system.gpus.length
       ? system.gpus.map((gpu) => h("div", {}, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
-      : [h("div", { class: "muted" }, system.gpu_offload ? "GPU offload built in, no GPU found: models run on the CPU" : "no GPU (a CPU build)")];
+      : [h("div", { class: "muted" }, system.gpu_backends.length ? `${system.gpu_backends.join(", ")} built in, no GPU found: models run on the CPU` : "no GPU (a CPU build)")];
     const devices = h("div", { class: "muted", id: "engine-devices", title: system.llama_cpp_system_info },
       `llama.cpp ${system.llama_cpp_version} runs on: ${system.devices.map((d) => d.name).join(", ")}`);
     document.getElementById("dashboard")?.replaceChildren(
