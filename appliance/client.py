@@ -30,7 +30,10 @@ class ServerError(ApplianceError):
 class ServerClient:
     def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
         self.url = f"http://{url_host(settings.host)}:{settings.port}"
-        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+        # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting).
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> ServerClient:
         return self

@@ -32,6 +32,7 @@ __all__ = [
     "DownloadSettings",
     "EngineSettings",
     "ModelsSettings",
+    "ServerSettings",
     "Settings",
     "StoreSettings",
     "load_settings",
@@ -157,6 +158,10 @@ class DownloadSettings(BaseModel):
     require_user_approval: bool = Field(
         default=False, description="Pulls wait as pending until an admin approves or denies them."
     )
+    allowed_roles: list[Literal["admin", "user", "node"]] = Field(
+        default=["admin"],
+        description="Roles that may pull when auth is on (admins always may); add 'user' to let users pull.",
+    )
     max_parallel: int = Field(default=2, ge=1, le=64, description="Downloads that may run at once.")
     connections: int = Field(
         default=16, ge=1, le=64, description="Parallel Range requests per file when the server allows them."
@@ -229,6 +234,14 @@ class StoreSettings(BaseModel):
         return value
 
 
+class ServerSettings(BaseModel):
+    auth: Literal["auto", "on"] = Field(
+        default="auto",
+        description="'on': every API call but /healthz and /readyz needs an API key; "
+        "'auto': none on loopback (binding elsewhere is refused).",
+    )
+
+
 class Settings(BaseSettings):
     """The appliance's settings; see the module docstring for where they come from."""
 
@@ -245,6 +258,10 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `appliance serve` binds to.")
     port: int = Field(default=8080, ge=0, le=65535, description="Port `appliance serve` listens on.")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    api_key: SecretStr | None = Field(
+        default=None, description="The API key CLI commands send to a running server (never shown)."
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
