@@ -26,14 +26,30 @@ from appliance.preferences import ALLOWED_ROLES, PreferenceService
 from appliance.settings import Settings
 from appliance.store.base import ApiKey, Store, User, utcnow
 
-__all__ = ["KEY_PREFIX", "AuthService", "KeyOut", "NewKeyOut", "UserOut"]
+__all__ = [
+    "EXPIRES_PATTERN",
+    "KEY_PREFIX",
+    "MAX_KEY_NAME",
+    "MAX_PASSWORD",
+    "MIN_PASSWORD",
+    "ROLES",
+    "USER_NAME_PATTERN",
+    "AuthService",
+    "KeyOut",
+    "NewKeyOut",
+    "UserOut",
+]
 
 KEY_PREFIX = "apl_"
 MIN_PASSWORD = 10
 ROLES: tuple[Role, ...] = ("admin", "user", "node")
 _RANK: dict[Role, int] = {"node": 0, "user": 1, "admin": 2}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_EXPIRES = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+USER_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+EXPIRES_PATTERN = "^[1-9][0-9]{0,3}[hdw]$"  # up to 9999 weeks: a date a timestamp can hold
+MAX_PASSWORD = 1024
+MAX_KEY_NAME = 100
+_NAME = re.compile(USER_NAME_PATTERN)
+_EXPIRES = re.compile(EXPIRES_PATTERN)
 _EXPIRES_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 # Writing last_used_at on every request would make each one a database write; once a minute says enough.
 _TOUCH_EVERY = timedelta(minutes=1)
@@ -113,12 +129,14 @@ def _stamp(at: datetime) -> str:
 
 def parse_expiry(text: str) -> str:
     """'30d' (also h, w) from now, as a stored timestamp."""
-    match = _EXPIRES.match(text)
-    if match is None or int(match.group(1)) == 0:
+    match = _EXPIRES.match(text.strip())
+    if match is None:
         raise InvalidInput(
-            f"{text!r} is not a key lifetime", hint="write a number with h, d or w, like 12h, 30d or 8w"
+            f"{text!r} is not a key lifetime",
+            hint="write a number from 1 to 9999 with h, d or w, like 12h, 30d or 8w",
         )
-    return _stamp(datetime.now(UTC) + int(match.group(1)) * _EXPIRES_UNITS[match.group(2)])
+    count, unit = match.group()[:-1], match.group()[-1]
+    return _stamp(datetime.now(UTC) + int(count) * _EXPIRES_UNITS[unit])
 
 
 def check_role(role: str) -> Role:
@@ -183,10 +201,10 @@ class AuthService:
             return False
 
     def _hash(self, password: str) -> str:
-        if len(password) < MIN_PASSWORD or not password.strip():
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise InvalidInput(
                 "the password is too weak" if password else "the password is empty",
-                hint=f"use at least {MIN_PASSWORD} characters (a passphrase of a few words works)",
+                hint=f"use {MIN_PASSWORD} to {MAX_PASSWORD} characters (a passphrase of a few words works)",
             )
         return self._hasher.hash(password)
 
@@ -223,6 +241,8 @@ class AuthService:
                 f"a key of {owner.name} cannot have the {checked} role: {owner.name} is {owner.role}",
                 hint=f"leave --role out (the key gets the {owner.role} role) or pick a lesser one",
             )
+        if len(name) > MAX_KEY_NAME:
+            raise InvalidInput(f"a key name has at most {MAX_KEY_NAME} characters", hint="shorten --name")
         expires_at = parse_expiry(expires) if expires else None
         secret = KEY_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
         key = ApiKey(

@@ -18,11 +18,21 @@ from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from appliance.audit import Context
 from appliance.auth.policy import Action
-from appliance.auth.service import AuthService, KeyOut, NewKeyOut, UserOut
+from appliance.auth.service import (
+    EXPIRES_PATTERN,
+    MAX_KEY_NAME,
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    USER_NAME_PATTERN,
+    AuthService,
+    KeyOut,
+    NewKeyOut,
+    UserOut,
+)
 from appliance.errors import ApiKeyNotFound, Forbidden, Unauthorized
 from appliance.identity import Role
 from appliance.runtime import Runtime
@@ -169,13 +179,13 @@ def me(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
 
 
 class UserIn(BaseModel):
-    name: str
+    name: str = Field(pattern=USER_NAME_PATTERN)
     role: Role = "user"
-    password: str | None = None  # None: an account only its API keys act for
+    password: str | None = Field(None, min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)  # None: keys only
 
 
 class PasswordIn(BaseModel):
-    password: str
+    password: str = Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)
 
 
 class RoleIn(BaseModel):
@@ -212,9 +222,9 @@ class UsersController(Controller):
 
 
 class KeyIn(BaseModel):
-    name: str = ""
+    name: str = Field("", max_length=MAX_KEY_NAME)
     role: Role | None = None  # None: the user's role
-    expires: str | None = None  # '30d', '12h', '8w'; None: never
+    expires: str | None = Field(None, pattern=EXPIRES_PATTERN)  # '30d', '12h', '8w'; None: never
     user: str | None = None  # None: the caller's own key (an admin may name anyone, or no one)
 
 

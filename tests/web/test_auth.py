@@ -193,7 +193,7 @@ def test_admins_manage_users_over_the_api(secured: Server, keys: Keys) -> None:
     assert (again.status_code, again.json()["code"]) == (409, "user_exists")
     weak = secured.client.put("/api/v1/users/bob/password", json={"password": "short"}, headers=admin)
     assert weak.status_code == 400
-    assert "too weak" in weak.json()["detail"]
+    assert "password" in weak.json()["detail"]
     demoted = secured.client.put("/api/v1/users/bob/role", json={"role": "node"}, headers=admin)
     assert demoted.json()["role"] == "node"
     names = [user["name"] for user in secured.client.get("/api/v1/users", headers=admin).json()]
