@@ -57,7 +57,8 @@ OPENAPI_COMPONENTS = Components(
 OPENAPI_SECURITY: list[SecurityRequirement] = [{"bearer": []}]
 
 _MODELS = "/api/v1/models"
-# (method, path template) -> action. HEAD is GET's; OPTIONS is answered before any of this.
+# (method, path template) -> action. HEAD is GET's where it has none of its own; OPTIONS is
+# answered before any of this.
 ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/"): "public",
     ("GET", "/ui/{file_path}"): "public",
@@ -117,6 +118,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/api/generate"): "infer",
     ("POST", "/api/chat"): "infer",
     ("POST", "/api/pull"): "models.pull",
+    ("HEAD", "/api/blobs/{digest}"): "models.manage",  # a client asks before it uploads
     ("POST", "/api/blobs/{digest}"): "models.manage",
 }
 
@@ -146,8 +148,10 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
         auth = _auth(request.app.state)
         if answered is not None or not auth.enabled:
             return answered
-        method = "GET" if request.method == "HEAD" else request.method
-        action = ROUTE_ACTIONS.get((method, str(request.scope.get("path_template"))))
+        template = str(request.scope.get("path_template"))
+        action = ROUTE_ACTIONS.get((request.method, template))
+        if action is None and request.method == "HEAD":
+            action = ROUTE_ACTIONS.get(("GET", template))
         if action == "public":
             return None
         secret = _presented_key(request)

@@ -75,8 +75,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def request_actor(request: Request[Any, Any, Any]) -> Actor:
-    """Who sent the request, identified once per request: an anonymous client by its address
-    until accounts and API keys arrive."""
+    """Who sent the request, identified once per request: an anonymous client by its address,
+    unless the auth guard (``web/auth.py``, with ``server.auth`` on) has put the key's actor here."""
     actor: Actor | None = request.state.get("actor")
     if actor is None:
         actor = Actor.client(request.client.host if request.client else "unknown")
