@@ -189,6 +189,14 @@ def test_admins_manage_users_over_the_api(secured: Server, keys: Keys) -> None:
     assert names == ["alice", "bob", "root"]
     assert secured.client.delete("/api/v1/users/bob", headers=admin).status_code == 200
     assert secured.client.delete("/api/v1/users/bob", headers=admin).status_code == 404
+    # A user's key never does more than the user may now.
+    secured.client.post("/api/v1/users", json={"name": "carol", "role": "admin"}, headers=admin)
+    made = secured.client.post("/api/v1/keys", json={"user": "carol"}, headers=admin).json()
+    carol = {"x-api-key": made["key"]}
+    assert secured.client.get("/api/v1/audit", headers=carol).status_code == 200
+    secured.client.put("/api/v1/users/carol/role", json={"role": "user"}, headers=admin)
+    assert secured.client.get("/api/v1/audit", headers=carol).status_code == 403
+    assert secured.client.get("/api/v1/me", headers=carol).json()["role"] == "user"
 
 
 def test_the_site_may_let_users_pull(secured: Server, keys: Keys) -> None:
