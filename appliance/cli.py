@@ -38,7 +38,7 @@ from appliance.provision.schemas import DownloadOut, PullOut
 from appliance.provision.service import PullProgress
 from appliance.queries import DOWNLOAD_STATES, check_download_states, parse_timestamp
 from appliance.runtime import Runtime
-from appliance.settings import Settings, load_settings
+from appliance.settings import Settings, load_settings, secret_states
 
 __all__ = ["main"]
 
@@ -160,18 +160,36 @@ def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None, off
 @cli.command()
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on (default 8080).")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="PEM certificate (chain) for HTTPS.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="Its PEM private key.")
+@click.option("--insecure-http", is_flag=True, help="Serve plain HTTP beyond loopback (warns).")
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+def serve(
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    insecure_http: bool,
+) -> None:
     """Serve the API (and docs at /schema) until interrupted.
+
+    HTTPS with --tls-cert/--tls-key, else with the certificate of `appliance tls init` when it
+    was run, else plain HTTP.
 
     Example: appliance serve --port 8080
     """
     import uvicorn
 
+    from appliance.tls import serving_pair
     from appliance.web.app import create_app
-    from appliance.web.guards import require_loopback
+    from appliance.web.guards import require_loopback, require_transport
 
     settings: Settings = ctx.obj["settings"](host=host, port=port)
+    pair = serving_pair(settings, cert=tls_cert, key=tls_key, insecure_http=insecure_http)
+    warning = require_transport(settings, tls=pair is not None, insecure_http=insecure_http)
+    if warning:
+        stderr.print(f"warning: {warning}")
     require_loopback(settings)
     runtime = Runtime.open(settings)  # fail here, with a clear message, if the data dir is unusable
     try:
@@ -182,10 +200,16 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     if settings.port == 0:  # the system chose one; the app checks Host headers against the real one
         settings = settings.model_copy(update={"port": listener.getsockname()[1]})
     address = f"{url_host(settings.host)}:{settings.port}"
-    stderr.print(f"appliance {__version__} serving on http://{address} ({settings.data_dir})")
+    scheme = "https" if pair else "http"
+    stderr.print(f"appliance {__version__} serving on {scheme}://{address} ({settings.data_dir})")
     # uvicorn serves on the socket bound above, so a port taken meanwhile cannot reach it as a raw OSError.
     config = uvicorn.Config(
-        create_app(settings), host=settings.host.strip("[]"), port=settings.port, log_level="info"
+        create_app(settings),
+        host=settings.host.strip("[]"),
+        port=settings.port,
+        log_level="info",
+        ssl_certfile=pair.cert if pair else None,
+        ssl_keyfile=pair.key if pair else None,
     )
     server = uvicorn.Server(config)
     try:
@@ -766,7 +790,11 @@ def system(ctx: click.Context, as_json: bool) -> None:
     from appliance import hostinfo  # loads llama.cpp, which no other command here needs
 
     def gather(runtime: Runtime) -> dict[str, Any]:
-        return {**hostinfo.report(runtime.settings.data_dir), "cache": runtime.models.cache_usage()}
+        return {
+            **hostinfo.report(runtime.settings.data_dir),
+            "cache": runtime.models.cache_usage(),
+            "secrets": secret_states(runtime.settings),
+        }
 
     facts = _run(ctx, gather)
     if as_json:
@@ -794,6 +822,7 @@ def system(ctx: click.Context, as_json: bool) -> None:
         f"{_human(facts['disk_free_bytes'])} free on disk"
     )
     lines.append(f"llama.cpp: {facts['llama_cpp_system_info']}")
+    lines.append("secrets: " + ", ".join(f"{key} {state}" for key, state in facts["secrets"].items()))
     for line in lines:
         stdout.print(_visible(line))
 
@@ -804,7 +833,9 @@ def main() -> None:
 
 from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
+from appliance.cli_tls import tls  # noqa: E402
 
 cli.add_command(bundle)
+cli.add_command(tls)
 cli.add_command(users)
 cli.add_command(keys)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
 
 from appliance.errors import ApplianceError, NotReady
 from appliance.settings import Settings
+from appliance.tls import tls_files
 
 __all__ = ["ServerClient", "ServerError", "url_host"]
 
@@ -27,13 +29,32 @@ class ServerError(ApplianceError):
         self.status = status  # type: ignore[misc]
 
 
+def _server_trust(settings: Settings) -> ssl.SSLContext | None:
+    """What trusts the server's certificate when it serves HTTPS (as ``serve`` decides), else None."""
+    configured = settings.server.tls_cert
+    made = tls_files(settings)
+    if configured is None and not made.server.cert.exists():
+        return None
+    context = ssl.create_default_context()
+    if configured is not None:  # its own chain is trusted, whoever issued it
+        context.load_verify_locations(configured)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    else:
+        context.load_verify_locations(made.ca_cert)
+    return context
+
+
 class ServerClient:
     def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
-        self.url = f"http://{url_host(settings.host)}:{settings.port}"
+        verify = _server_trust(settings)
+        scheme = "http" if verify is None else "https"
+        self.url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
         # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting).
         key = settings.api_key.get_secret_value() if settings.api_key else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
+        self._client = httpx.Client(
+            base_url=self.url, timeout=timeout, verify=verify or True, headers=headers
+        )
 
     def __enter__(self) -> ServerClient:
         return self

@@ -35,6 +35,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   └── UserExists               user_exists
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
+    ├── BodyTooLarge (413)           payload_too_large
     ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
@@ -58,6 +59,7 @@ from typing import ClassVar
 __all__ = [
     "ApiKeyNotFound",
     "ApplianceError",
+    "BodyTooLarge",
     "BundleDamaged",
     "CacheFull",
     "Conflict",
@@ -139,6 +141,18 @@ class InvalidModelName(InvalidInput):
 
 class InvalidSetting(InvalidInput):
     code = "invalid_setting"
+
+
+class BodyTooLarge(ApplianceError):
+    code = "payload_too_large"
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than the limit of {limit} bytes",
+            hint="send a smaller body, or raise the server.max_body_bytes setting",
+        )
+        self.limit = limit
 
 
 class UnsupportedFormat(InvalidInput):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -38,6 +38,7 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_size",
+    "secret_states",
 ]
 
 _SIZE_UNITS = {
@@ -205,6 +206,40 @@ class ModelsSettings(BaseModel):
     download: DownloadSettings = Field(default_factory=DownloadSettings)
 
 
+class ServerSettings(BaseModel):
+    auth: Literal["auto", "on"] = Field(
+        default="auto",
+        description="'on': every API call but /healthz and /readyz needs an API key; "
+        "'auto': none on loopback (binding elsewhere is refused).",
+    )
+    public_names: list[str] = Field(
+        default_factory=list,
+        description="Names and addresses LAN clients may use in the Host header (e.g. 'box.lan', "
+        "'192.168.1.20'); the TLS certificate of `appliance tls init` covers them too. Other names "
+        "stay refused (DNS rebinding).",
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) `serve` answers HTTPS with; unset means the one "
+        "`appliance tls init` made, if any, else plain HTTP.",
+    )
+    tls_key: Path | None = Field(default=None, description="The PEM private key of tls_cert.")
+    max_body_bytes: ByteSize = Field(
+        default=16 * 1024**2,
+        ge=1024,
+        description="Largest request body (or '16MiB'); larger is refused with 413. Uploads of "
+        "blobs (/api/blobs) and bundles (/api/v1/bundle) stream to disk and are not capped.",
+    )
+
+    @field_validator("public_names")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(char in name for char in "/@ ") or name != name.strip():
+                raise ValueError(f"{name!r} is not a host name or address; write e.g. box.lan or 10.0.0.2")
+        return value
+
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
@@ -232,14 +267,6 @@ class StoreSettings(BaseModel):
         if "?" in rest or "#" in rest:
             raise ValueError(f"{value!r} has a query or fragment; a sqlite URL takes only the file's path")
         return value
-
-
-class ServerSettings(BaseModel):
-    auth: Literal["auto", "on"] = Field(
-        default="auto",
-        description="'on': every API call but /healthz and /readyz needs an API key; "
-        "'auto': none on loopback (binding elsewhere is refused).",
-    )
 
 
 class Settings(BaseSettings):
@@ -280,6 +307,19 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The config file is named by ``load_settings`` in ``model_config["toml_file"]``.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def secret_states(model: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Every secret setting (a SecretStr, however deep) as ``set`` or ``unset``: secrets are
+    write-only, so this is all any surface ever shows of them."""
+    states: dict[str, str] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            states.update(secret_states(value, f"{prefix}{name}."))
+        elif field.annotation is SecretStr or SecretStr in get_args(field.annotation):
+            states[f"{prefix}{name}"] = "unset" if value is None else "set"
+    return states
 
 
 def load_settings(*, config_file: Path | None = None, **flags: Any) -> Settings:

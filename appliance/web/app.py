@@ -97,6 +97,7 @@ def create_app(settings: Settings) -> Litestar:
         },
         exception_handlers=PROBLEM_HANDLERS,
         before_request=auth_guard(settings),
+        request_max_body_size=settings.server.max_body_bytes,  # the streaming uploads opt out
         openapi_config=OpenAPIConfig(
             title="Appliance",
             version=__version__,

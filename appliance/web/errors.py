@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from appliance.errors import ApplianceError, EngineBusy, Unauthorized
+from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, Unauthorized
 from appliance.web.bodies import InvalidField
 
 __all__ = [
@@ -150,6 +151,9 @@ Handlers = dict[int | type[Exception], Callable[[Request[Any, Any, Any], Any], R
 
 def _handlers(render: Callable[[ErrorInfo], Response[Any]]) -> Handlers:
     def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        if isinstance(exc, RequestEntityTooLarge):  # Litestar's says no limit; ours names it
+            limit = request.route_handler.resolve_request_max_body_size()
+            exc = BodyTooLarge(limit) if limit else exc
         return render(describe(exc, where=f"{request.method} {request.url.path}"))
 
     return {ApplianceError: handle, HTTPException: handle, Exception: handle}

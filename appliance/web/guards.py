@@ -24,7 +24,14 @@ from appliance.errors import Forbidden, InvalidInput, InvalidSetting
 from appliance.identity import Actor
 from appliance.settings import Settings
 
-__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "request_actor", "request_guard", "require_loopback"]
+__all__ = [
+    "SECURITY_HEADERS",
+    "SecurityHeaders",
+    "request_actor",
+    "request_guard",
+    "require_loopback",
+    "require_transport",
+]
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -65,6 +72,24 @@ def require_loopback(settings: Settings) -> None:
         )
 
 
+def require_transport(settings: Settings, *, tls: bool, insecure_http: bool) -> str | None:
+    """Beyond loopback, traffic is encrypted unless the admin said ``--insecure-http``: then the
+    warning to print on every start; None when there is nothing to warn about."""
+    if tls or _is_loopback(settings.host):
+        return None
+    if not insecure_http:
+        raise InvalidSetting(
+            f"refusing to serve {settings.host} over plain HTTP: anyone on that network could read "
+            "and change the traffic",
+            hint="pass --tls-cert FILE --tls-key FILE, or run `appliance tls init` once (serve then uses "
+            "its certificate); --insecure-http serves plain HTTP anyway",
+        )
+    return (
+        f"serving {settings.host} over plain HTTP (--insecure-http): anyone on that network can read "
+        "and change the traffic; use TLS (`appliance tls init`) instead"
+    )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -86,19 +111,22 @@ def request_actor(request: Request[Any, Any, Any]) -> Actor:
 
 def request_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
     """The check every request passes before its handler, as an error each surface shapes its own way."""
-    bound = (
-        f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
-    )
-    allowed = {name for host in {*LOOPBACK_NAMES, bound} for name in (host, f"{host}:{settings.port}")}
+    # The names clients may use: loopback, the bound address and the public names (server.public_names),
+    # each bare or with the port; IPv6 addresses bracketed as a Host header writes them.
+    hosts = {*LOOPBACK_NAMES, settings.host, *settings.server.public_names}
+    bracketed = {f"[{host}]" if ":" in host and not host.startswith("[") else host for host in hosts}
+    allowed = {name.lower() for host in bracketed for name in (host, f"{host}:{settings.port}")}
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
         request_actor(request)
         host = request.headers.get("host")
-        # Only loopback names: a DNS-rebinding page on another name gets 400, never our API.
-        if host not in allowed:
+        # Only known names: a DNS-rebinding page on another name gets 400, never our API.
+        if host is None or host.lower() not in allowed:  # host names are case-insensitive
             raise InvalidInput(
-                f"refused a request for host {host!r}: this appliance answers only to {settings.host}",
-                hint="use http://127.0.0.1 (or the address the appliance binds) in the URL",
+                f"refused a request for host {host!r}: this appliance answers only to {settings.host}"
+                + "".join(f", {name}" for name in settings.server.public_names),
+                hint="use 127.0.0.1 (or the address the appliance binds) in the URL, or add the name "
+                "to the server.public_names setting",
             )
         # A page the admin happens to visit must not change anything: a browser's state-changing
         # request from another origin is refused (API clients send no Origin).

@@ -12,6 +12,7 @@ from appliance import hostinfo
 from appliance.audit import Context
 from appliance.preferences import Preference, PreferenceService
 from appliance.runtime import Runtime
+from appliance.settings import secret_states
 
 __all__ = ["SystemController"]
 
@@ -38,9 +39,14 @@ class SystemController(Controller):
 
     @get("/system", sync_to_thread=True)
     def system(self, state: State) -> dict[str, Any]:
-        """CPU, memory, GPUs and VRAM, the cache against its budget, and the data dir's free space."""
+        """CPU, memory, GPUs and VRAM, the cache against its budget, the data dir's free space, and
+        which secret settings are set (never their values)."""
         runtime: Runtime = state.runtime
-        return {**hostinfo.report(runtime.settings.data_dir), "cache": runtime.models.cache_usage()}
+        return {
+            **hostinfo.report(runtime.settings.data_dir),
+            "cache": runtime.models.cache_usage(),
+            "secrets": secret_states(runtime.settings),
+        }
 
     @get("/preferences", sync_to_thread=True)
     def list_preferences(self, preferences: PreferenceService) -> list[PreferenceOut]:

@@ -104,7 +104,7 @@ def test_openapi_and_docs_work_air_gapped(server: Server) -> None:
 
 
 def test_serve_refuses_to_bind_beyond_loopback(cli: object) -> None:
-    result = cli("serve", "--host", "0.0.0.0", "--port", "0")  # type: ignore[operator]
+    result = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
     assert result.returncode == 1
     assert "only loopback addresses" in result.stderr
 
@@ -257,7 +257,7 @@ def test_refusals_before_a_handler_are_well_formed_on_every_surface(server: Serv
         assert "attacker.example" in error_message(rebound.json(), shape)
     assert client.get("/api/v1/models", headers={"Host": "x"}).headers["content-type"].startswith(PROBLEM)
 
-    too_big = b"[" + b"0," * (6 * 1024 * 1024) + b"0]"  # past the 10 MB body limit
+    too_big = b"[" + b"0," * (9 * 1024 * 1024) + b"0]"  # past the 16 MiB default body limit
     large = client.post(
         "/api/v1/models/import", content=too_big, headers={"content-type": "application/json"}
     )

@@ -265,16 +265,19 @@ def test_serve_refuses_to_start_with_auth_on_and_no_admin(data_dir: Path) -> Non
 
 
 def test_with_auth_on_any_address_may_be_bound(data_dir: Path, keys: Keys) -> None:
-    """Keys make binding beyond loopback safe to allow (TLS is a separate matter)."""
+    """Keys make binding beyond loopback safe to allow (plain HTTP there still needs its own flag)."""
+    every = "0.0.0.0"
+    serve = ["serve", "--host", every, "--port", str(free_port()), "--insecure-http"]
     process = subprocess.Popen(
-        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        [*APPLIANCE, "--data-dir", str(data_dir), *serve],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
         assert process.stdout is not None
-        assert "serving on http://0.0.0.0" in process.stdout.readline()
+        output = process.stdout.readline() + process.stdout.readline()  # the warning, then the address
+        assert "serving on http://0.0.0.0" in output
     finally:
         process.terminate()
         process.wait(timeout=10)
