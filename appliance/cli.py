@@ -191,7 +191,11 @@ def serve(
     if warning:
         stderr.print(f"warning: {warning}")
     require_loopback(settings)
-    Runtime.open(settings).close()  # fail here, with a clear message, if the data dir is unusable
+    runtime = Runtime.open(settings)  # fail here, with a clear message, if the data dir is unusable
+    try:
+        runtime.auth.require_admin()
+    finally:
+        runtime.close()
     listener = _listen(settings.host, settings.port)
     if settings.port == 0:  # the system chose one; the app checks Host headers against the real one
         settings = settings.model_copy(update={"port": listener.getsockname()[1]})
@@ -827,8 +831,11 @@ def main() -> None:
     cli(prog_name="appliance")
 
 
+from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tls import tls  # noqa: E402
 
 cli.add_command(bundle)
 cli.add_command(tls)
+cli.add_command(users)
+cli.add_command(keys)

@@ -49,7 +49,12 @@ class ServerClient:
         verify = _server_trust(settings)
         scheme = "http" if verify is None else "https"
         self.url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, verify=verify or True)
+        # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting).
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(
+            base_url=self.url, timeout=timeout, verify=verify or True, headers=headers
+        )
 
     def __enter__(self) -> ServerClient:
         return self

@@ -15,6 +15,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── NotABundle               not_a_bundle
     │   ├── PromptTooLong            prompt_too_long
     │   └── ModelNotLoadable         model_not_loadable
+    ├── Unauthorized (401)           unauthorized         (WWW-Authenticate)
     ├── Forbidden (403)              forbidden
     │   ├── Offline                  offline
     │   ├── SourceNotAllowed         source_not_allowed
@@ -24,11 +25,14 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── ModelNotFound            model_not_found      (also LookupError)
     │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
     │   ├── RemoteNotFound           remote_not_found
-    │   └── DownloadNotFound         download_not_found
+    │   ├── DownloadNotFound         download_not_found
+    │   ├── UserNotFound             user_not_found
+    │   └── ApiKeyNotFound           api_key_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
-    │   └── DownloadCancelled        download_cancelled
+    │   ├── DownloadCancelled        download_cancelled
+    │   └── UserExists               user_exists
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
@@ -53,6 +57,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ApiKeyNotFound",
     "ApplianceError",
     "BodyTooLarge",
     "BundleDamaged",
@@ -92,7 +97,10 @@ __all__ = [
     "SourceUnreadable",
     "StorageFailure",
     "StoreFailure",
+    "Unauthorized",
     "UnsupportedFormat",
+    "UserExists",
+    "UserNotFound",
     "all_error_classes",
 ]
 
@@ -167,6 +175,18 @@ class NotABundle(InvalidInput):
     default_hint = "pass a directory or .tar written by `appliance bundle export` (an OCI image layout)"
 
 
+class Unauthorized(ApplianceError):
+    """No credentials, or ones that open nothing (unknown, revoked, expired); answered with
+    ``WWW-Authenticate: Bearer``."""
+
+    code = "unauthorized"
+    status = 401
+    default_hint = (
+        "send an API key as `Authorization: Bearer KEY` (or `x-api-key: KEY`); "
+        "an admin makes one with `appliance keys create`"
+    )
+
+
 class Forbidden(ApplianceError):
     code = "forbidden"
     status = 403
@@ -217,6 +237,16 @@ class DownloadNotFound(NotFound):
     default_hint = "list the downloads with `appliance downloads ls`"
 
 
+class UserNotFound(NotFound):
+    code = "user_not_found"
+    default_hint = "list the users with `appliance users ls`"
+
+
+class ApiKeyNotFound(NotFound):
+    code = "api_key_not_found"
+    default_hint = "list the keys and their ids with `appliance keys ls`"
+
+
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
@@ -235,6 +265,11 @@ class DownloadNotPending(Conflict):
 class DownloadCancelled(Conflict):
     code = "download_cancelled"
     default_hint = "pull again to resume it"
+
+
+class UserExists(Conflict):
+    code = "user_exists"
+    default_hint = "pick another name, or change this user with `appliance users passwd`"
 
 
 class DigestMismatch(ApplianceError):

@@ -1,6 +1,6 @@
 """Who is acting: one ``Actor`` type for every caller (a user, an API key, a node, a task, the
 CLI, or an anonymous client on loopback), built once where a request or command enters and
-carried in its audit ``Context``. Policy (``decide(actor, action, resource)``) will read it.
+carried in its audit ``Context``. Policy (``appliance.auth.policy.decide``) reads its role.
 
 Its ``label`` is the text audit rows and download rows store: ``api:127.0.0.1`` for an
 anonymous API client, ``cli:root`` for the CLI, ``<kind>:<id>`` for the rest.

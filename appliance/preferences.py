@@ -20,6 +20,7 @@ from appliance.settings import ByteSize, Settings
 from appliance.store.base import Store
 
 __all__ = [
+    "ALLOWED_ROLES",
     "ALLOWED_SOURCES",
     "CONTEXT_LENGTH",
     "DENIED_SOURCES",
@@ -77,6 +78,11 @@ REQUIRE_APPROVAL: Key[bool] = Key(
     TypeAdapter(bool),
     "Pulls wait as pending until an admin approves them.",
 )
+ALLOWED_ROLES: Key[list[Literal["admin", "user", "node"]]] = Key(
+    "models.download.allowed_roles",
+    TypeAdapter(list[Literal["admin", "user", "node"]]),
+    "Roles that may pull when auth is on (admins always may).",
+)
 OFFLINE: Key[bool] = Key(
     "offline",
     TypeAdapter(bool),
@@ -97,6 +103,7 @@ EDITABLE: dict[str, Key[Any]] = {
         ALLOWED_SOURCES,
         DENIED_SOURCES,
         REQUIRE_APPROVAL,
+        ALLOWED_ROLES,
         OFFLINE,
         CONTEXT_LENGTH,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.auth.service import AuthService
 from appliance.errors import StorageFailure
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
@@ -36,6 +37,7 @@ class Runtime:
     provisioner: Provisioner
     preferences: PreferenceService
     metrics: Metrics
+    auth: AuthService
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
 
@@ -60,6 +62,7 @@ class Runtime:
             provisioner=Provisioner(settings, store, cache, models, preferences=preferences),
             preferences=preferences,
             metrics=Metrics(),
+            auth=AuthService(settings, store, preferences),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.

@@ -159,6 +159,10 @@ class DownloadSettings(BaseModel):
     require_user_approval: bool = Field(
         default=False, description="Pulls wait as pending until an admin approves or denies them."
     )
+    allowed_roles: list[Literal["admin", "user", "node"]] = Field(
+        default=["admin"],
+        description="Roles that may pull when auth is on (admins always may); add 'user' to let users pull.",
+    )
     max_parallel: int = Field(default=2, ge=1, le=64, description="Downloads that may run at once.")
     connections: int = Field(
         default=16, ge=1, le=64, description="Parallel Range requests per file when the server allows them."
@@ -203,6 +207,11 @@ class ModelsSettings(BaseModel):
 
 
 class ServerSettings(BaseModel):
+    auth: Literal["auto", "on"] = Field(
+        default="auto",
+        description="'on': every API call but /healthz and /readyz needs an API key; "
+        "'auto': none on loopback (binding elsewhere is refused).",
+    )
     public_names: list[str] = Field(
         default_factory=list,
         description="Names and addresses LAN clients may use in the Host header (e.g. 'box.lan', "
@@ -277,6 +286,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address `appliance serve` binds to.")
     port: int = Field(default=8080, ge=0, le=65535, description="Port `appliance serve` listens on.")
     server: ServerSettings = Field(default_factory=ServerSettings)
+    api_key: SecretStr | None = Field(
+        default=None, description="The API key CLI commands send to a running server (never shown)."
+    )
     store: StoreSettings = Field(default_factory=StoreSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)

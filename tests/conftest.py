@@ -91,9 +91,12 @@ class CliResult:
 def cli(data_dir: Path) -> object:
     """Run the real ``appliance`` command in a subprocess against the test's data dir."""
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> CliResult:
+    def run(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+    ) -> CliResult:
         completed = subprocess.run(
             [*APPLIANCE, "--data-dir", str(data_dir), *args],
+            input=input,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -65,6 +65,11 @@ RULES = [
         "bundles are a service: the CLI and the web layer call it, never the other way round",
     ),
     Rule(
+        "appliance.auth",
+        ("appliance.engine", "appliance.web", "appliance.runtime", "appliance.cli"),
+        "accounts and policy are a service: the web layer and the CLI ask it, never the other way round",
+    ),
+    Rule(
         "appliance.web",
         ("appliance.store",),
         "the web layer reaches data through the services, never the store or the cache",

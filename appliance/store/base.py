@@ -17,6 +17,7 @@ from appliance.names import ModelName
 
 __all__ = [
     "ACTIVE_DOWNLOAD_STATES",
+    "ApiKey",
     "Artifact",
     "AuditEvent",
     "Blob",
@@ -29,6 +30,8 @@ __all__ = [
     "NewArtifact",
     "RemovedModel",
     "Store",
+    "User",
+    "UserRole",
     "utcnow",
 ]
 
@@ -183,6 +186,35 @@ class InferenceRecord:
     id: int | None = None
 
 
+UserRole = Literal["admin", "user", "node"]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: UserRole
+    password_hash: str | None  # argon2; None for an account only its API keys act for (a node)
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: the secret only as its SHA-256, its first characters to recognise it."""
+
+    id: str
+    name: str
+    prefix: str
+    secret_sha256: str
+    role: UserRole
+    user_name: str | None  # the user it acts for; None for a key of its own (a service's)
+    created_by: str
+    created_at: str = field(default_factory=utcnow)
+    expires_at: str | None = None
+    last_used_at: str | None = None
+    revoked_at: str | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
@@ -292,3 +324,34 @@ class Store(Protocol):
     def get_preference(self, key: str) -> Any | None: ...
     def set_preference(self, key: str, value: Any, *, actor: str) -> None: ...
     def list_preferences(self) -> dict[str, Any]: ...
+
+    # users and API keys
+    def create_user(self, user: User) -> User:
+        """Raises UserExists when the name is taken."""
+        ...
+
+    def get_user(self, name: str) -> User | None: ...
+    def list_users(self) -> list[User]: ...
+    def update_user(
+        self, name: str, *, role: UserRole | None = None, password_hash: str | None = None
+    ) -> User:
+        """Set the role and/or the password hash; raises UserNotFound."""
+        ...
+
+    def remove_user(self, name: str) -> User:
+        """Remove a user and, in the same write, their API keys; raises UserNotFound."""
+        ...
+
+    def create_api_key(self, key: ApiKey) -> ApiKey: ...
+    def get_api_key(self, key_id: str) -> ApiKey | None: ...
+    def find_api_key(self, secret_sha256: str) -> ApiKey | None: ...
+    def list_api_keys(self, *, user_name: str | None = None) -> list[ApiKey]:
+        """Oldest first; only ``user_name``'s when given."""
+        ...
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Mark revoked (the row stays, for the audit trail); raises ApiKeyNotFound. A second
+        revocation keeps the first one's time."""
+        ...
+
+    def touch_api_key(self, key_id: str, at: str) -> None: ...

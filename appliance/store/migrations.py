@@ -227,4 +227,31 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX downloads_ref ON downloads (ref, created_at);
         """,
     ),
+    Migration(
+        "0007_users_and_api_keys",
+        """
+        CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'user', 'node')),
+            password_hash TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            secret_sha256 TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'user', 'node')),
+            user_name TEXT REFERENCES users (name) ON DELETE CASCADE,
+            created_by TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT,
+            last_used_at TEXT,
+            revoked_at TEXT
+        );
+        CREATE INDEX api_keys_user ON api_keys (user_name);
+        """,
+    ),
 )

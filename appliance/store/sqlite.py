@@ -21,15 +21,19 @@ from typing import Any, Unpack
 import apsw
 
 from appliance.errors import (
+    ApiKeyNotFound,
     DiskFull,
     DownloadNotFound,
     DownloadNotPending,
     ModelExists,
     ModelNotFound,
     StoreFailure,
+    UserExists,
+    UserNotFound,
 )
 from appliance.names import ModelName
 from appliance.store.base import (
+    ApiKey,
     Artifact,
     AuditEvent,
     Blob,
@@ -41,6 +45,8 @@ from appliance.store.base import (
     Model,
     NewArtifact,
     RemovedModel,
+    User,
+    UserRole,
     utcnow,
 )
 from appliance.store.migrations import MIGRATIONS, Migration
@@ -107,6 +113,22 @@ _DOWNLOAD_COLUMNS = (
     "updated_at",
     "error_code",
     "note",
+)
+
+_USER_COLUMNS = ("name", "role", "password_hash", "created_at", "updated_at")
+# In the order of ApiKey's fields.
+_KEY_COLUMNS = (
+    "id",
+    "name",
+    "prefix",
+    "secret_sha256",
+    "role",
+    "user_name",
+    "created_by",
+    "created_at",
+    "expires_at",
+    "last_used_at",
+    "revoked_at",
 )
 
 
@@ -686,3 +708,97 @@ class SqliteStore:
 
     def list_preferences(self) -> dict[str, Any]:
         return {key: json.loads(value) for key, value in self._query("SELECT key, value FROM preferences")}
+
+    # -- users and API keys ------------------------------------------------------------------
+
+    def create_user(self, user: User) -> User:
+        row = {name: getattr(user, name) for name in _USER_COLUMNS}
+        with self._write() as db:
+            if list(db.execute("SELECT 1 FROM users WHERE name = ?", (user.name,))):
+                raise UserExists(f"user {user.name!r} already exists")
+            db.execute(
+                f"INSERT INTO users ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return user
+
+    def get_user(self, name: str) -> User | None:
+        rows = self._query(f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE name = ?", (name,))
+        return User(*rows[0]) if rows else None
+
+    def list_users(self) -> list[User]:
+        return [
+            User(*row) for row in self._query(f"SELECT {', '.join(_USER_COLUMNS)} FROM users ORDER BY name")
+        ]
+
+    def update_user(
+        self, name: str, *, role: UserRole | None = None, password_hash: str | None = None
+    ) -> User:
+        columns: dict[str, object] = {"updated_at": utcnow()}
+        if role is not None:
+            columns["role"] = role
+        if password_hash is not None:
+            columns["password_hash"] = password_hash
+        with self._write() as db:
+            db.execute(
+                f"UPDATE users SET {', '.join(f'{column} = ?' for column in columns)} WHERE name = ?",
+                [*columns.values(), name],
+            )
+            changed = db.changes()
+        user = self.get_user(name)
+        if not changed or user is None:
+            raise UserNotFound(f"no user {name!r}")
+        return user
+
+    def remove_user(self, name: str) -> User:
+        user = self.get_user(name)
+        with self._write() as db:
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+            if user is None or not db.changes():
+                raise UserNotFound(f"no user {name!r}")
+        return user
+
+    def create_api_key(self, key: ApiKey) -> ApiKey:
+        row = {name: getattr(key, name) for name in _KEY_COLUMNS}
+        with self._write() as db:
+            if key.user_name is not None and not list(
+                db.execute("SELECT 1 FROM users WHERE name = ?", (key.user_name,))
+            ):
+                raise UserNotFound(f"no user {key.user_name!r}")
+            db.execute(
+                f"INSERT INTO api_keys ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return key
+
+    def _keys(self, where: str, params: Sequence[Any] = ()) -> list[ApiKey]:
+        rows = self._query(f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys {where}", params)
+        return [ApiKey(*row) for row in rows]
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        found = self._keys("WHERE id = ?", (key_id,))
+        return found[0] if found else None
+
+    def find_api_key(self, secret_sha256: str) -> ApiKey | None:
+        found = self._keys("WHERE secret_sha256 = ?", (secret_sha256,))
+        return found[0] if found else None
+
+    def list_api_keys(self, *, user_name: str | None = None) -> list[ApiKey]:
+        if user_name is None:
+            return self._keys("ORDER BY created_at, rowid")
+        return self._keys("WHERE user_name = ? ORDER BY created_at, rowid", (user_name,))
+
+    def revoke_api_key(self, key_id: str) -> ApiKey:
+        with self._write() as db:
+            db.execute(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (utcnow(), key_id)
+            )
+            changed = db.changes()
+        key = self.get_api_key(key_id)
+        if not changed or key is None:
+            raise ApiKeyNotFound(f"no API key {key_id!r}")
+        return key
+
+    def touch_api_key(self, key_id: str, at: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (at, key_id))

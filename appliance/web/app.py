@@ -15,6 +15,14 @@ from appliance import __version__
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.web.audit import AuditController
+from appliance.web.auth import (
+    OPENAPI_COMPONENTS,
+    OPENAPI_SECURITY,
+    KeysController,
+    UsersController,
+    auth_guard,
+    me,
+)
 from appliance.web.bundles import bundle_router
 from appliance.web.dependencies import (
     provide_audit,
@@ -29,7 +37,7 @@ from appliance.web.docs import DOCS_ASSETS, DocsPage
 from appliance.web.downloads import DownloadsController, pull_model
 from appliance.web.engine import EngineController, metrics
 from appliance.web.errors import PROBLEM_HANDLERS
-from appliance.web.guards import SecurityHeaders, request_guard
+from appliance.web.guards import SecurityHeaders
 from appliance.web.health import HealthController
 from appliance.web.importdir import import_dir
 from appliance.web.models import ModelsController
@@ -63,6 +71,9 @@ def create_app(settings: Settings) -> Litestar:
             DownloadsController,
             SystemController,
             AuditController,
+            UsersController,
+            KeysController,
+            me,
             EngineController,
             metrics,
             openai_router,
@@ -85,10 +96,15 @@ def create_app(settings: Settings) -> Litestar:
             "router": Provide(provide_router, sync_to_thread=False),
         },
         exception_handlers=PROBLEM_HANDLERS,
-        before_request=request_guard(settings),
+        before_request=auth_guard(settings),
         request_max_body_size=settings.server.max_body_bytes,  # the streaming uploads opt out
         openapi_config=OpenAPIConfig(
-            title="Appliance", version=__version__, path="/schema", render_plugins=[DocsPage()]
+            title="Appliance",
+            version=__version__,
+            path="/schema",
+            render_plugins=[DocsPage()],
+            components=OPENAPI_COMPONENTS,
+            security=OPENAPI_SECURITY if settings.server.auth == "on" else None,  # as served
         ),
     )
     # Wrapping the whole handler, not as route middleware, so unrouted 404s get the headers too.

@@ -21,7 +21,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy
+from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, Unauthorized
 from appliance.web.bodies import InvalidField
 
 __all__ = [
@@ -90,6 +90,8 @@ def describe(exc: BaseException, *, where: str) -> ErrorInfo:
     logged here (``where`` says what was being served), so no surface forgets to."""
     if isinstance(exc, ApplianceError):
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else {}
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
         param = exc.param if isinstance(exc, InvalidField) else None
         return ErrorInfo(exc.status, exc.code, exc.message, exc.hint, headers, param=param)
     if isinstance(exc, HTTPException):

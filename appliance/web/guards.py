@@ -1,6 +1,6 @@
 """The guards of the web layer, and only here:
 
-- serving binds loopback only (until API keys exist), checked before the server starts;
+- serving binds loopback only unless ``server.auth`` is on, checked before the server starts;
 - who is calling: the ``Actor``, identified once per request and kept in its state;
 - the host and cross-site checks before every handler, which keep web pages from driving the
   appliance, and the security headers on every response (errors and static files included),
@@ -63,11 +63,12 @@ def _allow(request: Request[Any, Any, Any]) -> Response[None]:
 
 
 def require_loopback(settings: Settings) -> None:
-    """Serving is loopback-only until API keys exist: anyone who can reach the port is an admin."""
-    if not _is_loopback(settings.host):
+    """Without auth, anyone who can reach the port is an admin: serving then binds loopback only."""
+    if not _is_loopback(settings.host) and settings.server.auth != "on":
         raise InvalidSetting(
-            f"refusing to bind {settings.host}: only loopback addresses are allowed until API keys exist",
-            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy",
+            f"refusing to bind {settings.host}: without API keys only loopback addresses are allowed",
+            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy, "
+            "or turn API keys on with server.auth = 'on' (APPLIANCE_SERVER__AUTH=on)",
         )
 
 
@@ -99,8 +100,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def request_actor(request: Request[Any, Any, Any]) -> Actor:
-    """Who sent the request, identified once per request: an anonymous client by its address
-    until accounts and API keys arrive."""
+    """Who sent the request, identified once per request: an anonymous client by its address,
+    unless the auth guard (``web/auth.py``, with ``server.auth`` on) has put the key's actor here."""
     actor: Actor | None = request.state.get("actor")
     if actor is None:
         actor = Actor.client(request.client.host if request.client else "unknown")

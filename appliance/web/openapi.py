@@ -15,6 +15,13 @@ from litestar import Litestar
 from litestar._openapi.plugin import OpenAPIPlugin  # the plugin that builds and serves the document
 from pydantic import BaseModel
 
+from appliance.auth.service import (
+    EXPIRES_PATTERN,
+    MAX_KEY_NAME,
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    USER_NAME_PATTERN,
+)
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
@@ -135,7 +142,15 @@ def _surface(path: str) -> str:
     return "Problem"
 
 
-_FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {"ImportIn": {"format": {"enum": list(FORMATS)}}}
+_FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {
+    "ImportIn": {"format": {"enum": list(FORMATS)}},
+    # Not model names (Litestar leaves pydantic's patterns out of the document).
+    "UserIn": {
+        "name": {"pattern": USER_NAME_PATTERN},
+        "password": {"minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
+    },
+    "KeyIn": {"name": {"maxLength": MAX_KEY_NAME}, "expires": {"pattern": EXPIRES_PATTERN}},
+}
 
 
 def _constrain(schema: dict[str, Any]) -> None:

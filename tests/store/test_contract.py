@@ -8,9 +8,18 @@ import threading
 
 import pytest
 
-from appliance.errors import DownloadNotFound, DownloadNotPending, ModelExists, ModelNotFound, StoreFailure
+from appliance.errors import (
+    ApiKeyNotFound,
+    DownloadNotFound,
+    DownloadNotPending,
+    ModelExists,
+    ModelNotFound,
+    StoreFailure,
+    UserExists,
+    UserNotFound,
+)
 from appliance.names import ModelName
-from appliance.store.base import AuditEvent, Download, NewArtifact, Store
+from appliance.store.base import ApiKey, AuditEvent, Download, NewArtifact, Store, User
 from appliance.store.migrations import MIGRATIONS, Migration
 from tests.store.conftest import Backend
 
@@ -284,3 +293,41 @@ def test_replacing_takes_the_old_file_out_in_the_same_write(store: Store) -> Non
     assert [(a.filename, a.digest) for a in model.artifacts] == [("other.gguf", DIGEST_B)]
     store.forget_blobs([DIGEST_A])
     assert [blob.digest for blob in store.list_blobs()] == [DIGEST_B]
+
+
+# -- users and API keys ----------------------------------------------------------------------------
+
+
+def test_users_are_added_once_changed_and_removed_with_their_keys(store: Store) -> None:
+    store.create_user(User(name="alice", role="user", password_hash="h1"))
+    with pytest.raises(UserExists):
+        store.create_user(User(name="alice", role="admin", password_hash=None))
+    assert [user.name for user in store.list_users()] == ["alice"]
+    changed = store.update_user("alice", role="admin", password_hash="h2")
+    assert (changed.role, changed.password_hash) == ("admin", "h2")
+    with pytest.raises(UserNotFound):
+        store.update_user("bob", role="user")
+    store.create_api_key(ApiKey("k1", "laptop", "apl_abc", "f" * 64, "user", "alice", "cli:root"))
+    store.create_api_key(ApiKey("k2", "ci", "apl_def", "e" * 64, "user", None, "cli:root"))
+    with pytest.raises(UserNotFound):
+        store.create_api_key(ApiKey("k3", "x", "apl_ghi", "d" * 64, "user", "bob", "cli:root"))
+    assert store.remove_user("alice").name == "alice"
+    assert [key.id for key in store.list_api_keys()] == ["k2"]
+    with pytest.raises(UserNotFound):
+        store.remove_user("alice")
+
+
+def test_an_api_key_is_found_by_its_hash_revoked_once_and_touched(store: Store) -> None:
+    store.create_user(User(name="alice", role="user", password_hash=None))
+    key = store.create_api_key(ApiKey("k1", "laptop", "apl_abc", "f" * 64, "user", "alice", "cli:root"))
+    assert store.find_api_key("f" * 64) == key
+    assert store.find_api_key("0" * 64) is None
+    assert store.list_api_keys(user_name="alice") == [key]
+    assert store.list_api_keys(user_name="bob") == []
+    store.touch_api_key("k1", "2030-01-01T00:00:00.000000Z")
+    assert store.get_api_key("k1").last_used_at == "2030-01-01T00:00:00.000000Z"  # type: ignore[union-attr]
+    first = store.revoke_api_key("k1").revoked_at
+    assert first is not None
+    assert store.revoke_api_key("k1").revoked_at == first
+    with pytest.raises(ApiKeyNotFound):
+        store.revoke_api_key("nope")

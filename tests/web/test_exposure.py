@@ -145,7 +145,7 @@ def test_plain_http_beyond_loopback_needs_insecure_http_which_warns_and_loopback
     insecure = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
     assert insecure.returncode == 1
     assert "warning: serving 0.0.0.0 over plain HTTP (--insecure-http)" in insecure.stderr
-    assert "only loopback addresses" in insecure.stderr  # until API keys exist
+    assert "only loopback addresses" in insecure.stderr  # without server.auth on
     assert cli("tls", "init").returncode == 0  # type: ignore[operator]
     over_tls = cli("serve", "--host", "10.77.0.1", "--port", "0")  # type: ignore[operator]
     assert over_tls.returncode == 1

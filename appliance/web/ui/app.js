@@ -37,11 +37,19 @@ function showError(message) {
 
 function clearErrors() { errors.replaceChildren(); }
 
+// The API key this tab sends (with server.auth on), entered on the Keys page. sessionStorage: it
+// goes when the tab closes, and no other site's page can read it. (No cookie login yet.)
+const KEY_STORAGE = "appliance.apiKey";
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { authorization: `Bearer ${key}` } : {};
+}
+
 // Every call: JSON in and out; a problem response becomes an Error with the server's own words.
 async function api(method, path, body) {
   const response = await fetch(path, {
     method,
-    headers: body === undefined ? {} : { "content-type": "application/json" },
+    headers: { ...authHeaders(), ...(body === undefined ? {} : { "content-type": "application/json" }) },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await response.text();
@@ -49,7 +57,7 @@ async function api(method, path, body) {
   try { data = text ? JSON.parse(text) : null; } catch { data = text; }
   if (!response.ok && !(path === "/readyz" && response.status === 503)) {
     const detail = data && (data.detail || (data.error && (data.error.message || data.error))) || response.statusText;
-    const hint = data && data.hint ? ` (${data.hint})` : "";
+    const hint = response.status === 401 ? " (enter an API key on the Keys page)" : data && data.hint ? ` (${data.hint})` : "";
     throw new Error(`${detail}${hint}`);
   }
   return data;
@@ -287,6 +295,7 @@ function bundleForms(redraw) {
     const request = new XMLHttpRequest();
     request.open("POST", "/api/v1/bundle");
     request.setRequestHeader("content-type", "application/x-tar");
+    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
     bar.hidden = false;
     bar.value = 0;
     status.textContent = "uploading…";
@@ -360,7 +369,7 @@ async function chat() {
     send.disabled = true; stop.disabled = false;
     try {
       const response = await fetch("/v1/chat/completions", {
-        method: "POST", headers: { "content-type": "application/json" }, signal: controller.signal,
+        method: "POST", headers: { ...authHeaders(), "content-type": "application/json" }, signal: controller.signal,
         body: JSON.stringify({ model: model.value, messages, stream: true, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }),
       });
       if (!response.ok) {
@@ -459,9 +468,107 @@ async function settings() {
   await attempt(draw);
 }
 
+// -- keys and users ----------------------------------------------------------------------------
+
+// This tab's key, whoever it acts as, and the keys they may see: their own (an admin's: all).
+async function keys() {
+  const token = generation;
+  const entered = h("input", { id: "api-key", type: "password", size: 52, autocomplete: "off", placeholder: "apl_…" });
+  const who = h("p", { id: "whoami", class: "muted" });
+  const name = h("input", { id: "key-name", placeholder: "laptop (optional)" });
+  const expires = h("select", { id: "key-expires" },
+    [["", "never"], ["12h", "12 hours"], ["30d", "30 days"], ["8w", "8 weeks"]].map(([value, label]) => h("option", { value }, label)));
+  const created = h("div", { id: "new-key" });
+  const list = h("div", { id: "keys" }, "Loading…");
+  const draw = async () => {
+    const me = await api("GET", "/api/v1/me");
+    if (token !== generation) return;
+    who.replaceChildren(me.auth ? `This tab acts as ${me.actor} (${me.role}).` : "API keys are off (server.auth): every loopback caller is an admin.");
+    const found = await api("GET", "/api/v1/keys");
+    if (token !== generation) return;
+    list.replaceChildren(found.length ? h("table", {},
+      h("thead", {}, h("tr", {}, ["Name", "Key", "Role", "User", "State", "Created", "Expires", "Last used", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, found.map((k) => h("tr", { "data-id": k.id },
+        h("td", {}, k.name), h("td", { class: "mono" }, `${k.prefix}…`), h("td", {}, k.role), h("td", {}, k.user || "-"),
+        h("td", { class: k.state === "active" ? "ok" : "bad" }, k.state), h("td", {}, k.created_at.slice(0, 19)),
+        h("td", {}, k.expires_at ? k.expires_at.slice(0, 19) : "never"), h("td", {}, k.last_used_at ? k.last_used_at.slice(0, 19) : "never"),
+        h("td", {}, k.state === "revoked" ? null : h("button", { class: "danger", onclick: () => revoke(k) }, "Revoke"))))))
+      : h("p", { class: "muted" }, "No keys yet."));
+  };
+  const revoke = async (k) => {
+    if (!confirm(`Revoke ${k.name} (${k.prefix}…)? Whatever uses it is refused at once.`)) return;
+    if (await attempt(() => api("DELETE", `/api/v1/keys/${k.id}`))) await refresh(draw);
+  };
+  const create = async () => {
+    const body = { name: name.value.trim() };
+    if (expires.value) body.expires = expires.value;
+    const made = await attempt(() => api("POST", "/api/v1/keys", body));
+    if (!made) return;
+    // Shown once: the server keeps only its hash.
+    created.replaceChildren(h("div", { class: "card" },
+      h("p", {}, h("strong", {}, "Your new key. Copy it now: it will not be shown again.")),
+      h("code", { id: "new-key-secret" }, made.key)));
+    name.value = "";
+    await refresh(draw);
+  };
+  const useKey = async (value) => {
+    if (value) sessionStorage.setItem(KEY_STORAGE, value); else sessionStorage.removeItem(KEY_STORAGE);
+    entered.value = "";
+    await attempt(draw);
+  };
+  page.replaceChildren(h("h1", {}, "API keys"),
+    h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); useKey(entered.value.trim()); } },
+      h("label", {}, "API key this tab sends (kept until the tab closes)", entered),
+      h("button", { type: "submit" }, "Use key"),
+      h("button", { type: "button", class: "secondary", onclick: () => useKey("") }, "Forget key")),
+    who,
+    h("h2", {}, "Make a key"),
+    h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); create(); } },
+      h("label", {}, "Name", name), h("label", {}, "Expires", expires), h("button", { type: "submit" }, "Create key")),
+    created,
+    h("h2", {}, "Keys"), list);
+  await attempt(draw);
+}
+
+async function users() {
+  const token = generation;
+  const name = h("input", { id: "user-name", required: true, placeholder: "alice" });
+  const role = h("select", { id: "user-role" }, ["user", "admin", "node"].map((r) => h("option", { value: r }, r)));
+  const password = h("input", { id: "user-password", type: "password", autocomplete: "new-password", placeholder: "10 characters or more (optional)" });
+  const list = h("div", { id: "users" }, "Loading…");
+  const draw = async () => {
+    const found = await api("GET", "/api/v1/users");
+    if (token !== generation) return;
+    list.replaceChildren(h("table", {},
+      h("thead", {}, h("tr", {}, ["Name", "Role", "Password", "Created", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, found.map((u) => h("tr", { "data-name": u.name },
+        h("td", {}, u.name), h("td", {}, u.role), h("td", {}, u.has_password ? "set" : "none"), h("td", {}, u.created_at.slice(0, 19)),
+        h("td", {}, h("button", { class: "danger", onclick: () => remove(u) }, "Remove")))))));
+  };
+  const remove = async (u) => {
+    if (!confirm(`Remove ${u.name} and their API keys?`)) return;
+    if (await attempt(() => api("DELETE", `/api/v1/users/${encodeURIComponent(u.name)}`))) await refresh(draw);
+  };
+  const add = async () => {
+    const body = { name: name.value.trim(), role: role.value };
+    if (password.value) body.password = password.value;
+    if (await attempt(() => api("POST", "/api/v1/users", body))) {
+      name.value = ""; password.value = "";
+      await refresh(draw);
+    }
+  };
+  page.replaceChildren(h("h1", {}, "Users"),
+    h("p", { class: "muted" }, "Admins only. A user's keys are made on the Keys page (or with appliance keys create --user NAME)."),
+    h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); add(); } },
+      h("label", {}, "Name", name), h("label", {}, "Role", role), h("label", {}, "Password", password),
+      h("button", { type: "submit" }, "Add user")),
+    list);
+  await attempt(draw);
+}
+
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, audit, settings };
+const pages = { "": dashboard, models, chat, audit, settings, keys, users };
 
 async function route() {
   generation += 1;

@@ -1,0 +1,1 @@
+"""Identity: accounts, API keys and who may do what (``decide``)."""

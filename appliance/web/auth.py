@@ -1,0 +1,265 @@
+"""Accounts and API keys over HTTP, and the check every request passes when ``server.auth`` is on.
+
+Every route maps to one policy action in ``ROUTE_ACTIONS`` (keyed by method and path template); a
+route missing there is refused, and a test walks the app's routes so none ships unmapped. With
+auth on, a request names its key as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``: no key,
+or one unknown, revoked or expired, gets 401 with ``WWW-Authenticate: Bearer``; an action the
+key's role may not do gets 403 (audited, with the reason).
+
+Imports: the auth service, audit and identity; the guards for the checks that come first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+from pydantic import BaseModel, Field
+
+from appliance.audit import Context
+from appliance.auth.policy import Action
+from appliance.auth.service import (
+    EXPIRES_PATTERN,
+    MAX_KEY_NAME,
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    USER_NAME_PATTERN,
+    AuthService,
+    KeyOut,
+    NewKeyOut,
+    UserOut,
+)
+from appliance.errors import ApiKeyNotFound, Forbidden, Unauthorized
+from appliance.identity import Role
+from appliance.runtime import Runtime
+from appliance.settings import Settings
+from appliance.web.dependencies import provide_context
+from appliance.web.guards import request_actor, request_guard
+
+__all__ = [
+    "OPENAPI_COMPONENTS",
+    "OPENAPI_SECURITY",
+    "ROUTE_ACTIONS",
+    "KeysController",
+    "UsersController",
+    "auth_guard",
+    "me",
+    "provide_auth",
+]
+
+OPENAPI_COMPONENTS = Components(
+    security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="An API key")}
+)
+OPENAPI_SECURITY: list[SecurityRequirement] = [{"bearer": []}]
+
+_MODELS = "/api/v1/models"
+# (method, path template) -> action. HEAD is GET's where it has none of its own; OPTIONS is
+# answered before any of this.
+ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
+    ("GET", "/"): "public",
+    ("GET", "/ui/{file_path}"): "public",
+    ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
+    # The API's description holds no data; the docs page cannot send a key.
+    ("GET", "/schema"): "public",
+    ("GET", "/schema/{path}"): "public",
+    ("GET", "/schema/openapi.json"): "public",
+    ("GET", "/schema/oauth2-redirect.html"): "public",
+    ("GET", "/schema/assets/{file_path}"): "public",
+    ("GET", "/api/v1/me"): "me",
+    ("GET", "/api/v1/users"): "users.manage",
+    ("POST", "/api/v1/users"): "users.manage",
+    ("DELETE", "/api/v1/users/{name}"): "users.manage",
+    ("PUT", "/api/v1/users/{name}/password"): "users.manage",
+    ("PUT", "/api/v1/users/{name}/role"): "users.manage",
+    ("GET", "/api/v1/keys"): "keys.own",
+    ("POST", "/api/v1/keys"): "keys.own",
+    ("DELETE", "/api/v1/keys/{key_id}"): "keys.own",
+    ("GET", _MODELS): "models.read",
+    ("GET", f"{_MODELS}/{{name}}"): "models.read",
+    ("POST", f"{_MODELS}/pull"): "models.pull",
+    ("POST", f"{_MODELS}/gc"): "models.manage",
+    ("POST", f"{_MODELS}/import"): "models.manage",
+    ("POST", f"{_MODELS}/import-dir"): "models.manage",
+    ("POST", f"{_MODELS}/verify"): "models.manage",
+    ("POST", f"{_MODELS}/load"): "models.manage",
+    ("POST", f"{_MODELS}/unload"): "models.manage",
+    ("DELETE", f"{_MODELS}/{{name}}"): "models.manage",
+    ("PATCH", f"{_MODELS}/{{name}}"): "models.manage",
+    ("GET", "/api/v1/bundle"): "models.manage",
+    ("POST", "/api/v1/bundle"): "models.manage",
+    ("GET", "/api/v1/downloads"): "downloads.read",
+    ("GET", "/api/v1/downloads/events"): "downloads.read",
+    ("GET", "/api/v1/downloads/{download_id}"): "downloads.read",
+    ("POST", "/api/v1/downloads/{download_id}/approve"): "downloads.decide",
+    ("POST", "/api/v1/downloads/{download_id}/deny"): "downloads.decide",
+    ("DELETE", "/api/v1/downloads/{download_id}"): "downloads.decide",
+    ("GET", "/api/v1/preferences"): "preferences.read",
+    ("PUT", "/api/v1/preferences/{key}"): "preferences.write",
+    ("GET", "/api/v1/system"): "system.read",
+    ("GET", "/api/v1/audit"): "audit.read",
+    ("GET", "/api/v1/inference"): "audit.read",
+    ("GET", "/api/v1/ps"): "system.read",
+    ("GET", "/metrics"): "system.read",
+    ("GET", "/v1/models"): "models.read",
+    ("GET", "/v1/models/{name}"): "models.read",
+    ("POST", "/v1/chat/completions"): "infer",
+    ("POST", "/v1/completions"): "infer",
+    ("POST", "/v1/embeddings"): "infer",
+    ("GET", "/api/version"): "models.read",
+    ("GET", "/api/tags"): "models.read",
+    ("POST", "/api/show"): "models.read",
+    ("GET", "/api/ps"): "models.read",
+    ("DELETE", "/api/delete"): "models.manage",
+    ("POST", "/api/generate"): "infer",
+    ("POST", "/api/chat"): "infer",
+    ("POST", "/api/pull"): "models.pull",
+    ("HEAD", "/api/blobs/{digest}"): "models.manage",  # a client asks before it uploads
+    ("POST", "/api/blobs/{digest}"): "models.manage",
+}
+
+
+def _auth(state: State) -> AuthService:
+    runtime: Runtime = state.runtime
+    return runtime.auth
+
+
+def provide_auth(state: State) -> AuthService:
+    return _auth(state)
+
+
+def _presented_key(request: Request[Any, Any, Any]) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
+    """The guards' checks, then, with auth on, the key and the route's action."""
+    base = request_guard(settings)
+
+    async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
+        answered = await base(request)
+        auth = _auth(request.app.state)
+        if answered is not None or not auth.enabled:
+            return answered
+        template = str(request.scope.get("path_template"))
+        action = ROUTE_ACTIONS.get((request.method, template))
+        if action is None and request.method == "HEAD":
+            action = ROUTE_ACTIONS.get(("GET", template))
+        if action == "public":
+            return None
+        secret = _presented_key(request)
+        if secret is None:
+            raise Unauthorized("this appliance needs an API key")
+        # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
+        request.state.actor = auth.authenticate(secret, provide_context(request))
+        if action is None:  # fail closed; the route-table test keeps this from happening
+            raise Forbidden(
+                f"{request.method} {request.url.path} has no policy action", hint="please report it"
+            )
+        auth.authorize(provide_context(request), action)
+        return None
+
+    return guard
+
+
+@get("/api/v1/me", tags=["auth"], sync_to_thread=False)
+def me(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
+    """Who the request acts as, with which role, and whether the appliance asks for keys."""
+    actor = request_actor(request)
+    return {
+        "actor": actor.label,
+        "kind": actor.kind,
+        "name": actor.id,
+        "role": actor.role if _auth(state).enabled else "admin",
+        "auth": _auth(state).enabled,
+    }
+
+
+class UserIn(BaseModel):
+    name: str = Field(pattern=USER_NAME_PATTERN)
+    role: Role = "user"
+    password: str | None = Field(None, min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)  # None: keys only
+
+
+class PasswordIn(BaseModel):
+    password: str = Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)
+
+
+class RoleIn(BaseModel):
+    role: Role
+
+
+class UsersController(Controller):
+    path = "/api/v1/users"
+    tags = ["auth"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+    dependencies = {"auth": Provide(provide_auth, sync_to_thread=False)}  # noqa: RUF012
+
+    @get("/", sync_to_thread=True)
+    def list_users(self, auth: AuthService) -> list[UserOut]:
+        return auth.list_users()
+
+    @post("/", sync_to_thread=True)
+    def add_user(self, data: UserIn, auth: AuthService, context: Context) -> UserOut:
+        """Add a user (admin only); the password, when given, is stored as its argon2 hash."""
+        return auth.add_user(data.name, data.role, data.password, context)
+
+    @put("/{name:str}/role", sync_to_thread=True)
+    def set_role(self, name: str, data: RoleIn, auth: AuthService, context: Context) -> UserOut:
+        """Change a user's role; their API keys follow at once."""
+        return auth.set_role(name, data.role, context)
+
+    @delete("/{name:str}", status_code=200, sync_to_thread=True)
+    def remove_user(self, name: str, auth: AuthService, context: Context) -> UserOut:
+        """Remove a user and their API keys."""
+        return auth.remove_user(name, context)
+
+    @put("/{name:str}/password", sync_to_thread=True)
+    def set_password(self, name: str, data: PasswordIn, auth: AuthService, context: Context) -> UserOut:
+        return auth.set_password(name, data.password, context)
+
+
+class KeyIn(BaseModel):
+    name: str = Field("", max_length=MAX_KEY_NAME)
+    role: Role | None = None  # None: the user's role
+    expires: str | None = Field(None, pattern=EXPIRES_PATTERN)  # '30d', '12h', '8w'; None: never
+    user: str | None = None  # None: the caller's own key (an admin may name anyone, or no one)
+
+
+class KeysController(Controller):
+    path = "/api/v1/keys"
+    tags = ["auth"]  # noqa: RUF012 (Litestar reads it as a class attribute)
+    dependencies = {"auth": Provide(provide_auth, sync_to_thread=False)}  # noqa: RUF012
+
+    @get("/", sync_to_thread=True)
+    def list_keys(self, auth: AuthService, context: Context, user: str | None = None) -> list[KeyOut]:
+        """An admin's view: every key (or one user's); anyone else's: their own."""
+        actor = context.who
+        if not auth.enabled or actor.role == "admin":
+            return auth.list_keys(user=user)
+        return auth.list_keys(user=actor.id) if actor.kind == "user" else []
+
+    @post("/", sync_to_thread=True)
+    def create_key(self, data: KeyIn, auth: AuthService, context: Context) -> NewKeyOut:
+        """Make a key: the response is the only time its secret is shown."""
+        actor = context.who
+        user = data.user if data.user is not None else (actor.id if actor.kind == "user" else None)
+        if auth.enabled and actor.role != "admin":
+            auth.authorize(context, "keys.own", owner=user or "")  # "": a key of no user is an admin's
+        return auth.create_key(context, name=data.name, role=data.role, expires=data.expires, user=user)
+
+    @delete("/{key_id:str}", status_code=200, sync_to_thread=True)
+    def revoke_key(self, key_id: str, auth: AuthService, context: Context) -> KeyOut:
+        """Revoke a key at once; it stays listed, as revoked."""
+        key = auth.get_key(key_id)
+        if key is None:
+            raise ApiKeyNotFound(f"no API key {key_id!r}")
+        if context.who.role != "admin":
+            auth.authorize(context, "keys.own", owner=key.user or "")
+        return auth.revoke_key(key_id, context)
