@@ -34,6 +34,7 @@ APPLIED_SQLITE_SQL = {
     "0004_download_queued_state": "b22e10b379b997d7e7cb426d28fa9bdafba806fcc076601773d9382b0c504764",
     "0005_blob_link_stat": "6c0eee7f80ac5ea0151eb10c057f6673588c8951fb3dc921930d916bb0ed763a",
     "0006_download_interrupted_state": "34d47da49c1b580e5c3e8278787efe6354243779796799744fded89cbc9bac27",
+    "0007_users_and_api_keys": "14d1ac7e42cc6ec12ce07390b2fffe5396d74f16c679783ffdf66f07092c18ea",
 }
 
 
