@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -40,11 +40,14 @@ from appliance.engine.base import (
     Ready,
     SamplingParams,
 )
-from appliance.engine.batcher import Batcher, Event, GenerationRequest
 from appliance.engine.chat import ChatTemplate
-from appliance.engine.llama import LlamaContext, LlamaModel, gpu_offload_supported
 from appliance.errors import EngineFailure, InsufficientMemory, PromptTooLong
 from appliance.settings import EngineSettings
+
+# llama.cpp's libraries load when the first model does, not while the server starts (0.2 s of it).
+if TYPE_CHECKING:
+    from appliance.engine.batcher import Batcher, Event
+    from appliance.engine.llama import LlamaContext, LlamaModel
 
 __all__ = ["ENGINE_NAME", "EnginePool", "LoadedModel", "estimate_memory"]
 
@@ -136,6 +139,8 @@ class EnginePool:
 
     @property
     def gpu_offload(self) -> bool:
+        from appliance.engine.llama import gpu_offload_supported
+
         return gpu_offload_supported()
 
     # -- loading -------------------------------------------------------------------------------
@@ -251,6 +256,9 @@ class EnginePool:
             spec.capabilities, weights=spec.size_bytes, n_ctx=spec.context_length * n_seq
         )
         self._make_room(memory, spec.key)
+        from appliance.engine.batcher import Batcher
+        from appliance.engine.llama import LlamaContext, LlamaModel, gpu_offload_supported
+
         gpu_layers = spec.n_gpu_layers
         if gpu_layers is None:
             gpu_layers = -1 if gpu_offload_supported() else 0
@@ -372,6 +380,8 @@ class EnginePool:
         stop: tuple[str, ...] = (),
     ) -> AsyncGenerator[Event]:
         """Stream events for one tokenized request; closing the iterator early frees its sequence."""
+        from appliance.engine.batcher import GenerationRequest
+
         events: LoopInbox[Event] = LoopInbox()
 
         def emit(event: Event) -> None:
@@ -402,6 +412,8 @@ class EnginePool:
 
     def embed_loaded(self, loaded: LoadedModel, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled embeddings, one input at a time on a context of their own (blocking)."""
+        from appliance.engine.llama import LlamaContext
+
         vectors: list[list[float]] = []
         tokens_used = 0
         with loaded.embed_lock:
