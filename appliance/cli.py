@@ -183,14 +183,13 @@ def serve(
 
     from appliance.tls import serving_pair
     from appliance.web.app import create_app
-    from appliance.web.guards import require_loopback, require_transport
+    from appliance.web.guards import require_transport
 
     settings: Settings = ctx.obj["settings"](host=host, port=port)
     pair = serving_pair(settings, cert=tls_cert, key=tls_key, insecure_http=insecure_http)
     warning = require_transport(settings, tls=pair is not None, insecure_http=insecure_http)
     if warning:
         stderr.print(f"warning: {warning}")
-    require_loopback(settings)
     runtime = Runtime.open(settings)  # fail here, with a clear message, if the data dir is unusable
     try:
         runtime.auth.require_admin()

@@ -11,6 +11,7 @@ environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -210,7 +211,7 @@ class ServerSettings(BaseModel):
     auth: Literal["auto", "on"] = Field(
         default="auto",
         description="'on': every API call but /healthz and /readyz needs an API key; "
-        "'auto': none on loopback (binding elsewhere is refused).",
+        "'auto': keys are needed when serving beyond loopback, none on loopback.",
     )
     public_names: list[str] = Field(
         default_factory=list,
@@ -269,6 +270,16 @@ class StoreSettings(BaseModel):
         return value
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (bracketed or not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """The appliance's settings; see the module docstring for where they come from."""
 
@@ -278,6 +289,12 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
     )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """API keys are needed when ``server.auth`` is on, and always when serving beyond loopback:
+        without them whoever reaches the port would be an admin."""
+        return self.server.auth == "on" or not is_loopback_host(self.host)
 
     data_dir: Path = Field(
         default_factory=_default_data_dir,

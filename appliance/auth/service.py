@@ -149,7 +149,7 @@ class AuthService:
     def __init__(self, settings: Settings, store: Store, preferences: PreferenceService) -> None:
         self.store = store
         self.preferences = preferences
-        self.enabled = settings.server.auth == "on"
+        self.enabled = settings.auth_enabled
         self._hasher = PasswordHasher()
 
     # -- users ---------------------------------------------------------------------------------
@@ -209,10 +209,11 @@ class AuthService:
         return self._hasher.hash(password)
 
     def require_admin(self) -> None:
-        """Serving with auth on needs someone who can make keys; say how to make them."""
+        """Serving with API keys needs someone who can make them; say how to make one."""
         if self.enabled and not any(user.role == "admin" for user in self.store.list_users()):
             raise InvalidSetting(
-                "server.auth is on but there is no admin to make API keys",
+                "API keys are needed (server.auth is on, or the server binds beyond loopback) "
+                "but there is no admin to make them",
                 hint="create one first: appliance users add NAME --role admin, "
                 "then a key: appliance keys create --user NAME",
             )

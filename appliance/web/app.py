@@ -104,7 +104,7 @@ def create_app(settings: Settings) -> Litestar:
             path="/schema",
             render_plugins=[DocsPage()],
             components=OPENAPI_COMPONENTS,
-            security=OPENAPI_SECURITY if settings.server.auth == "on" else None,  # as served
+            security=OPENAPI_SECURITY if settings.auth_enabled else None,  # as served
         ),
     )
     # Wrapping the whole handler, not as route middleware, so unrouted 404s get the headers too.

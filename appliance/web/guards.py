@@ -1,6 +1,7 @@
 """The guards of the web layer, and only here:
 
-- serving binds loopback only unless ``server.auth`` is on, checked before the server starts;
+- beyond loopback, serving needs TLS (or an explicit ``--insecure-http``), checked before the
+  server starts; API keys are then required too (``Settings.auth_enabled``);
 - who is calling: the ``Actor``, identified once per request and kept in its state;
 - the host and cross-site checks before every handler, which keep web pages from driving the
   appliance, and the security headers on every response (errors and static files included),
@@ -11,7 +12,6 @@ Imports: identity, errors and settings only.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,14 +22,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.errors import Forbidden, InvalidInput, InvalidSetting
 from appliance.identity import Actor
-from appliance.settings import Settings
+from appliance.settings import Settings, is_loopback_host
 
 __all__ = [
     "SECURITY_HEADERS",
     "SecurityHeaders",
     "request_actor",
     "request_guard",
-    "require_loopback",
     "require_transport",
 ]
 
@@ -62,20 +61,10 @@ def _allow(request: Request[Any, Any, Any]) -> Response[None]:
     return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods or {"OPTIONS"}))})
 
 
-def require_loopback(settings: Settings) -> None:
-    """Without auth, anyone who can reach the port is an admin: serving then binds loopback only."""
-    if not _is_loopback(settings.host) and settings.server.auth != "on":
-        raise InvalidSetting(
-            f"refusing to bind {settings.host}: without API keys only loopback addresses are allowed",
-            hint="bind 127.0.0.1 (the default) and reach it through an SSH tunnel or a reverse proxy, "
-            "or turn API keys on with server.auth = 'on' (APPLIANCE_SERVER__AUTH=on)",
-        )
-
-
 def require_transport(settings: Settings, *, tls: bool, insecure_http: bool) -> str | None:
     """Beyond loopback, traffic is encrypted unless the admin said ``--insecure-http``: then the
     warning to print on every start; None when there is nothing to warn about."""
-    if tls or _is_loopback(settings.host):
+    if tls or is_loopback_host(settings.host):
         return None
     if not insecure_http:
         raise InvalidSetting(
@@ -88,15 +77,6 @@ def require_transport(settings: Settings, *, tls: bool, insecure_http: bool) -> 
         f"serving {settings.host} over plain HTTP (--insecure-http): anyone on that network can read "
         "and change the traffic; use TLS (`appliance tls init`) instead"
     )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def request_actor(request: Request[Any, Any, Any]) -> Actor:

@@ -103,10 +103,11 @@ def test_openapi_and_docs_work_air_gapped(server: Server) -> None:
         assert server.client.get(url).status_code == 200
 
 
-def test_serve_refuses_to_bind_beyond_loopback(cli: object) -> None:
+def test_serving_beyond_loopback_requires_api_keys_and_so_an_admin(cli: object) -> None:
     result = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
     assert result.returncode == 1
-    assert "only loopback addresses" in result.stderr
+    assert "the server binds beyond loopback) but there is no admin" in result.stderr
+    assert "appliance users add NAME --role admin" in result.stderr
 
 
 def test_the_inference_log_filter_takes_a_model_name(server: Server) -> None:

@@ -134,7 +134,7 @@ def test_serve_answers_https_with_the_certificate_of_tls_init_to_real_clients(
     assert f"serving on https://127.0.0.1:{server.port}" in server.output[0]
 
 
-def test_plain_http_beyond_loopback_needs_insecure_http_which_warns_and_loopback_only_stays(
+def test_plain_http_beyond_loopback_needs_insecure_http_which_warns_and_api_keys_are_needed(
     cli: object,
 ) -> None:
     plain = cli("serve", "--host", "10.77.0.1", "--port", "0")  # type: ignore[operator]
@@ -145,12 +145,12 @@ def test_plain_http_beyond_loopback_needs_insecure_http_which_warns_and_loopback
     insecure = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
     assert insecure.returncode == 1
     assert "warning: serving 0.0.0.0 over plain HTTP (--insecure-http)" in insecure.stderr
-    assert "only loopback addresses" in insecure.stderr  # without server.auth on
+    assert "there is no admin" in insecure.stderr  # beyond loopback, API keys are on
     assert cli("tls", "init").returncode == 0  # type: ignore[operator]
     over_tls = cli("serve", "--host", "10.77.0.1", "--port", "0")  # type: ignore[operator]
     assert over_tls.returncode == 1
     assert "warning" not in over_tls.stderr
-    assert "only loopback addresses" in over_tls.stderr
+    assert "there is no admin" in over_tls.stderr
 
 
 def _expired_pair(directory: Path) -> tuple[Path, Path]:
