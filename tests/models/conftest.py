@@ -21,13 +21,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> None:
-    with (disk / "filler").open("wb") as handle:
+    # Unbuffered: a buffered file would keep the bytes that did not fit and raise ENOSPC again when
+    # closed, depending on how the free space happens to divide into chunks.
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
         chunk = b"\0" * 65536
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError:
-            pass
+        while True:
+            try:
+                os.write(fd, chunk)  # short when nearly full; the next one raises ENOSPC
+            except OSError:
+                break
+    finally:
+        os.close(fd)
     stats = os.statvfs(disk)
     assert stats.f_bavail == 0
