@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import secrets
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -192,7 +193,7 @@ def serve(
         stderr.print(f"warning: {warning}")
     runtime = Runtime.open(settings)  # fail here, with a clear message, if the data dir is unusable
     try:
-        runtime.auth.require_admin()
+        setup_token = secrets.token_urlsafe(24) if runtime.auth.needs_admin() else None
     finally:
         runtime.close()
     listener = _listen(settings.host, settings.port)
@@ -201,9 +202,15 @@ def serve(
     address = f"{url_host(settings.host)}:{settings.port}"
     scheme = "https" if pair else "http"
     stderr.print(f"appliance {__version__} serving on {scheme}://{address} ({settings.data_dir})")
+    if setup_token is not None:
+        # The one time it is shown: whoever reads this console (or its log) makes the first admin.
+        stderr.print(
+            f"no admin yet: open {scheme}://{address}/ and create one with the one-time setup token "
+            f"{setup_token}\n(or run: appliance users add NAME --role admin)"
+        )
     # uvicorn serves on the socket bound above, so a port taken meanwhile cannot reach it as a raw OSError.
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, setup_token=setup_token),
         host=settings.host.strip("[]"),
         port=settings.port,
         log_level="info",

@@ -20,7 +20,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── Offline                  offline
     │   ├── SourceNotAllowed         source_not_allowed
     │   ├── CredentialsRefused       credentials_refused
-    │   └── DownloadDenied           download_denied
+    │   ├── DownloadDenied           download_denied
+    │   └── CsrfFailed               csrf_failed
     ├── NotFound (404)               not_found
     │   ├── ModelNotFound            model_not_found      (also LookupError)
     │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
@@ -36,6 +37,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
+    ├── TooManyAttempts (429)        too_many_attempts    (Retry-After)
     ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
@@ -64,6 +66,7 @@ __all__ = [
     "CacheFull",
     "Conflict",
     "CredentialsRefused",
+    "CsrfFailed",
     "DigestMismatch",
     "DigestRequired",
     "DiskFull",
@@ -97,6 +100,7 @@ __all__ = [
     "SourceUnreadable",
     "StorageFailure",
     "StoreFailure",
+    "TooManyAttempts",
     "Unauthorized",
     "UnsupportedFormat",
     "UserExists",
@@ -155,6 +159,17 @@ class BodyTooLarge(ApplianceError):
         self.limit = limit
 
 
+class TooManyAttempts(ApplianceError):
+    """Failed logins from one user name or address, answered with ``Retry-After``."""
+
+    code = "too_many_attempts"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, hint=f"wait {retry_after} s before trying again")
+        self.retry_after = retry_after
+
+
 class UnsupportedFormat(InvalidInput):
     code = "unsupported_format"
     default_hint = "pass --format with one of: gguf, safetensors"
@@ -210,6 +225,14 @@ class CredentialsRefused(Forbidden):
 class DownloadDenied(Forbidden):
     code = "download_denied"
     default_hint = "an admin denied this download; ask them, or pull another model"
+
+
+class CsrfFailed(Forbidden):
+    """A browser session's state-changing request without its CSRF token (a page of another
+    site cannot read the token, so it cannot send it)."""
+
+    code = "csrf_failed"
+    default_hint = "send the session's csrf_token (from /api/v1/login or /api/v1/me) as X-CSRF-Token"
 
 
 class NotFound(ApplianceError):

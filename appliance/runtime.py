@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
 from appliance.errors import StorageFailure
 from appliance.metrics import Metrics
@@ -38,6 +39,7 @@ class Runtime:
     preferences: PreferenceService
     metrics: Metrics
     auth: AuthService
+    login: LoginService
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
 
@@ -62,7 +64,8 @@ class Runtime:
             provisioner=Provisioner(settings, store, cache, models, preferences=preferences),
             preferences=preferences,
             metrics=Metrics(),
-            auth=AuthService(settings, store, preferences),
+            auth=(auth := AuthService(settings, store, preferences)),
+            login=LoginService(settings, store, auth),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.

@@ -225,6 +225,22 @@ class ServerSettings(BaseModel):
         "`appliance tls init` made, if any, else plain HTTP.",
     )
     tls_key: Path | None = Field(default=None, description="The PEM private key of tls_cert.")
+    session_ttl: Duration = Field(
+        default=12 * 3600,
+        gt=0,
+        description="How long a browser login lasts (seconds, or '30m', '12h'); then the UI asks again.",
+    )
+    login_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Failed logins allowed per user name and per address within login_lockout; "
+        "more are refused with 429 until the window has passed.",
+    )
+    login_lockout: Duration = Field(
+        default=15 * 60,
+        gt=0,
+        description="The window failed logins are counted in, and how long a lockout lasts ('15m').",
+    )
     max_body_bytes: ByteSize = Field(
         default=16 * 1024**2,
         ge=1024,

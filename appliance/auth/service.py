@@ -14,13 +14,14 @@ import hashlib
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 
 from argon2 import PasswordHasher
 from pydantic import BaseModel
 
 from appliance.audit import AuditNote, Context, audited, record
 from appliance.auth.policy import Action, Deny, Resource, decide
-from appliance.errors import Forbidden, InvalidInput, InvalidSetting, Unauthorized, UserNotFound
+from appliance.errors import Forbidden, InvalidInput, Unauthorized, UserNotFound
 from appliance.identity import Actor, Role
 from appliance.preferences import ALLOWED_ROLES, PreferenceService
 from appliance.settings import Settings
@@ -172,8 +173,9 @@ class AuthService:
 
     def set_password(self, name: str, password: str, context: Context) -> UserOut:
         password_hash = self._hash(password)
-        with audited(self.store, context, action="users.passwd", target=name):
+        with audited(self.store, context, action="users.passwd", target=name) as note:
             user = self.store.update_user(name, password_hash=password_hash)
+            note.detail["sessions_ended"] = self.store.delete_login_sessions(name)
         return UserOut.of(user)
 
     def set_role(self, name: str, role: str, context: Context) -> UserOut:
@@ -191,14 +193,21 @@ class AuthService:
             note.detail["keys_removed"] = len(keys)
         return UserOut.of(user)
 
-    def check_password(self, name: str, password: str) -> bool:
+    def check_password(self, name: str, password: str) -> User | None:
+        """The user when the password is theirs. An unknown name costs the same argon2 time as a
+        wrong password, so timing does not tell which names exist."""
         user = self.store.get_user(name)
-        if user is None or user.password_hash is None:
-            return False
+        stored = user.password_hash if user is not None and user.password_hash else self._decoy
         try:
-            return self._hasher.verify(user.password_hash, password)
+            matches: bool = self._hasher.verify(stored, password)
         except Exception:  # argon2 raises VerifyMismatchError, or InvalidHashError on a damaged hash
-            return False
+            matches = False
+        return user if matches and stored is not self._decoy else None
+
+    @cached_property
+    def _decoy(self) -> str:
+        """A hash of nothing anyone knows, made on first need (hashing takes a while)."""
+        return self._hasher.hash(secrets.token_urlsafe(16))
 
     def _hash(self, password: str) -> str:
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
@@ -208,15 +217,12 @@ class AuthService:
             )
         return self._hasher.hash(password)
 
-    def require_admin(self) -> None:
-        """Serving with API keys needs someone who can make them; say how to make one."""
-        if self.enabled and not any(user.role == "admin" for user in self.store.list_users()):
-            raise InvalidSetting(
-                "API keys are needed (server.auth is on, or the server binds beyond loopback) "
-                "but there is no admin to make them",
-                hint="create one first: appliance users add NAME --role admin, "
-                "then a key: appliance keys create --user NAME",
-            )
+    def has_admin(self) -> bool:
+        return any(user.role == "admin" for user in self.store.list_users())
+
+    def needs_admin(self) -> bool:
+        """Serving with auth on and nobody who could log in to manage it."""
+        return self.enabled and not self.has_admin()
 
     # -- keys ----------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ __all__ = [
     "DownloadChanges",
     "DownloadState",
     "InferenceRecord",
+    "LoginSession",
     "Model",
     "NewArtifact",
     "RemovedModel",
@@ -215,6 +216,18 @@ class ApiKey:
     revoked_at: str | None = None
 
 
+@dataclass(frozen=True)
+class LoginSession:
+    """A browser login: the cookie's secret only as its SHA-256, and the CSRF token the page sends back."""
+
+    id_sha256: str
+    user_name: str
+    csrf_token: str
+    address: str
+    created_at: str
+    expires_at: str
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
@@ -355,3 +368,14 @@ class Store(Protocol):
         ...
 
     def touch_api_key(self, key_id: str, at: str) -> None: ...
+
+    # browser logins
+    def create_login_session(self, session: LoginSession) -> LoginSession:
+        """Also drops the sessions that expired before it began; raises UserNotFound."""
+        ...
+
+    def get_login_session(self, id_sha256: str) -> LoginSession | None: ...
+    def delete_login_session(self, id_sha256: str) -> bool: ...
+    def delete_login_sessions(self, user_name: str) -> int:
+        """End every login of a user (their password changed); how many there were."""
+        ...

@@ -254,4 +254,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX api_keys_user ON api_keys (user_name);
         """,
     ),
+    Migration(
+        "0008_login_sessions",
+        """
+        CREATE TABLE login_sessions (
+            id_sha256 TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+            csrf_token TEXT NOT NULL,
+            address TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        );
+        CREATE INDEX login_sessions_user ON login_sessions (user_name);
+        CREATE INDEX login_sessions_expiry ON login_sessions (expires_at);
+        """,
+    ),
 )

@@ -42,6 +42,7 @@ from appliance.store.base import (
     DownloadChanges,
     DownloadState,
     InferenceRecord,
+    LoginSession,
     Model,
     NewArtifact,
     RemovedModel,
@@ -116,6 +117,7 @@ _DOWNLOAD_COLUMNS = (
 )
 
 _USER_COLUMNS = ("name", "role", "password_hash", "created_at", "updated_at")
+_SESSION_COLUMNS = ("id_sha256", "user_name", "csrf_token", "address", "created_at", "expires_at")
 # In the order of ApiKey's fields.
 _KEY_COLUMNS = (
     "id",
@@ -802,3 +804,32 @@ class SqliteStore:
     def touch_api_key(self, key_id: str, at: str) -> None:
         with self._write() as db:
             db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (at, key_id))
+
+    # -- browser logins ------------------------------------------------------------------------
+
+    def create_login_session(self, session: LoginSession) -> LoginSession:
+        row = {name: getattr(session, name) for name in _SESSION_COLUMNS}
+        with self._write() as db:
+            if not list(db.execute("SELECT 1 FROM users WHERE name = ?", (session.user_name,))):
+                raise UserNotFound(f"no user {session.user_name!r}")
+            db.execute("DELETE FROM login_sessions WHERE expires_at < ?", (session.created_at,))
+            db.execute(
+                f"INSERT INTO login_sessions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return session
+
+    def get_login_session(self, id_sha256: str) -> LoginSession | None:
+        columns = ", ".join(_SESSION_COLUMNS)
+        rows = self._query(f"SELECT {columns} FROM login_sessions WHERE id_sha256 = ?", (id_sha256,))
+        return LoginSession(*rows[0]) if rows else None
+
+    def delete_login_session(self, id_sha256: str) -> bool:
+        with self._write() as db:
+            db.execute("DELETE FROM login_sessions WHERE id_sha256 = ?", (id_sha256,))
+            return bool(db.changes())
+
+    def delete_login_sessions(self, user_name: str) -> int:
+        with self._write() as db:
+            db.execute("DELETE FROM login_sessions WHERE user_name = ?", (user_name,))
+            return int(db.changes())

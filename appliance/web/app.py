@@ -40,6 +40,7 @@ from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.guards import SecurityHeaders
 from appliance.web.health import HealthController
 from appliance.web.importdir import import_dir
+from appliance.web.login import LOGIN_ROUTES
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.openai import openai_router
@@ -50,10 +51,14 @@ from appliance.web.ui import UI_DIR, ui_assets, ui_page
 __all__ = ["create_app"]
 
 
-def create_app(settings: Settings) -> Litestar:
+def create_app(settings: Settings, *, setup_token: str | None = None) -> Litestar:
+    """The app; ``setup_token`` (printed by ``serve``) lets the first admin be made in the browser."""
+
     @asynccontextmanager
     async def runtime_lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.runtime = Runtime.open(settings, with_engine=True)
+        if setup_token is not None:
+            app.state.runtime.login.offer_setup(setup_token)
         try:
             yield
         finally:
@@ -74,6 +79,7 @@ def create_app(settings: Settings) -> Litestar:
             UsersController,
             KeysController,
             me,
+            *LOGIN_ROUTES,
             EngineController,
             metrics,
             openai_router,

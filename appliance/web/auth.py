@@ -4,13 +4,16 @@ Every route maps to one policy action in ``ROUTE_ACTIONS`` (keyed by method and 
 route missing there is refused, and a test walks the app's routes so none ships unmapped. With
 auth on, a request names its key as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``: no key,
 or one unknown, revoked or expired, gets 401 with ``WWW-Authenticate: Bearer``; an action the
-key's role may not do gets 403 (audited, with the reason).
+key's role may not do gets 403 (audited, with the reason). A browser comes with its session
+cookie instead (``web/login.py``), and then sends ``X-CSRF-Token`` with every change.
 
-Imports: the auth service, audit and identity; the guards for the checks that come first.
+Imports: the auth service, audit and identity; the guards for the checks that come first; the
+login routes for the cookie's and the header's names.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +24,7 @@ from litestar.openapi.spec import Components, SecurityRequirement, SecuritySchem
 from pydantic import BaseModel, Field
 
 from appliance.audit import Context
+from appliance.auth.login import LoginSession
 from appliance.auth.policy import Action
 from appliance.auth.service import (
     EXPIRES_PATTERN,
@@ -33,12 +37,13 @@ from appliance.auth.service import (
     NewKeyOut,
     UserOut,
 )
-from appliance.errors import ApiKeyNotFound, Forbidden, Unauthorized
-from appliance.identity import Role
+from appliance.errors import ApiKeyNotFound, CsrfFailed, Forbidden, Unauthorized
+from appliance.identity import Actor, Role
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.web.dependencies import provide_context
 from appliance.web.guards import request_actor, request_guard
+from appliance.web.login import CSRF_HEADER, SESSION_COOKIE, session_login
 
 __all__ = [
     "OPENAPI_COMPONENTS",
@@ -57,6 +62,7 @@ OPENAPI_COMPONENTS = Components(
 OPENAPI_SECURITY: list[SecurityRequirement] = [{"bearer": []}]
 
 _MODELS = "/api/v1/models"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # (method, path template) -> action. HEAD is GET's where it has none of its own; OPTIONS is
 # answered before any of this.
 ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
@@ -71,6 +77,10 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/schema/oauth2-redirect.html"): "public",
     ("GET", "/schema/assets/{file_path}"): "public",
     ("GET", "/api/v1/me"): "me",
+    ("GET", "/api/v1/login"): "public",
+    ("POST", "/api/v1/login"): "public",  # the password is the credential (throttled)
+    ("POST", "/api/v1/setup"): "public",  # the setup token is (throttled, good once)
+    ("POST", "/api/v1/logout"): "me",
     ("GET", "/api/v1/users"): "users.manage",
     ("POST", "/api/v1/users"): "users.manage",
     ("DELETE", "/api/v1/users/{name}"): "users.manage",
@@ -155,10 +165,11 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
         if action == "public":
             return None
         secret = _presented_key(request)
-        if secret is None:
-            raise Unauthorized("this appliance needs an API key")
-        # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
-        request.state.actor = auth.authenticate(secret, provide_context(request))
+        if secret is not None:
+            # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
+            request.state.actor = auth.authenticate(secret, provide_context(request))
+        else:
+            request.state.actor = _session_actor(request)
         if action is None:  # fail closed; the route-table test keeps this from happening
             raise Forbidden(
                 f"{request.method} {request.url.path} has no policy action", hint="please report it"
@@ -169,16 +180,35 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
     return guard
 
 
+def _session_actor(request: Request[Any, Any, Any]) -> Actor:
+    """The user a session cookie acts as; a change must carry the session's CSRF token too."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        raise Unauthorized("this appliance needs an API key, or a login in the browser")
+    actor, session = session_login(request.app.state).resolve(cookie)
+    request.state.session = session
+    if request.method not in _SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
+            raise CsrfFailed(f"refused a {request.method} of a browser session without its CSRF token")
+    return actor
+
+
 @get("/api/v1/me", tags=["auth"], sync_to_thread=False)
 def me(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
-    """Who the request acts as, with which role, and whether the appliance asks for keys."""
+    """Who the request acts as, with which role, whether the appliance asks for keys, and (for a
+    browser session) the CSRF token its changes must carry."""
     actor = request_actor(request)
+    session: LoginSession | None = request.state.get("session")
     return {
         "actor": actor.label,
         "kind": actor.kind,
         "name": actor.id,
         "role": actor.role if _auth(state).enabled else "admin",
         "auth": _auth(state).enabled,
+        "session": session is not None,
+        "csrf_token": session.csrf_token if session is not None else None,
+        "setup": session_login(state).setup_waiting,
     }
 
 

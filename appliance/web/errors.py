@@ -21,7 +21,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, Unauthorized
+from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, TooManyAttempts, Unauthorized
 from appliance.web.bodies import InvalidField
 
 __all__ = [
@@ -89,7 +89,9 @@ def describe(exc: BaseException, *, where: str) -> ErrorInfo:
     """The one decision: status, code, message, hint and headers for ``exc``. Server faults are
     logged here (``where`` says what was being served), so no surface forgets to."""
     if isinstance(exc, ApplianceError):
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, EngineBusy) else {}
+        headers = {}
+        if isinstance(exc, EngineBusy | TooManyAttempts):
+            headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
         param = exc.param if isinstance(exc, InvalidField) else None

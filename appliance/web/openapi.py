@@ -24,6 +24,7 @@ from appliance.auth.service import (
 )
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
+from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
 from appliance.web.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
 
@@ -150,6 +151,15 @@ _FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {
         "password": {"minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
     },
     "KeyIn": {"name": {"maxLength": MAX_KEY_NAME}, "expires": {"pattern": EXPIRES_PATTERN}},
+    "LoginIn": {
+        "name": {"minLength": 1, "maxLength": MAX_LOGIN_NAME},
+        "password": {"minLength": 1, "maxLength": MAX_PASSWORD},
+    },
+    "SetupIn": {
+        "token": {"minLength": 1, "maxLength": MAX_SETUP_TOKEN},
+        "name": {"pattern": USER_NAME_PATTERN},
+        "password": {"minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
+    },
 }
 
 

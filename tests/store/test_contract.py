@@ -19,7 +19,7 @@ from appliance.errors import (
     UserNotFound,
 )
 from appliance.names import ModelName
-from appliance.store.base import ApiKey, AuditEvent, Download, NewArtifact, Store, User
+from appliance.store.base import ApiKey, AuditEvent, Download, LoginSession, NewArtifact, Store, User
 from appliance.store.migrations import MIGRATIONS, Migration
 from tests.store.conftest import Backend
 
@@ -35,6 +35,7 @@ APPLIED_SQLITE_SQL = {
     "0005_blob_link_stat": "6c0eee7f80ac5ea0151eb10c057f6673588c8951fb3dc921930d916bb0ed763a",
     "0006_download_interrupted_state": "34d47da49c1b580e5c3e8278787efe6354243779796799744fded89cbc9bac27",
     "0007_users_and_api_keys": "14d1ac7e42cc6ec12ce07390b2fffe5396d74f16c679783ffdf66f07092c18ea",
+    "0008_login_sessions": "33ae288cd13ccdbb3fafae2db35f638a1d803980b4bdc256d05069cf3331b5fc",
 }
 
 
@@ -316,6 +317,29 @@ def test_users_are_added_once_changed_and_removed_with_their_keys(store: Store) 
     assert [key.id for key in store.list_api_keys()] == ["k2"]
     with pytest.raises(UserNotFound):
         store.remove_user("alice")
+
+
+def test_login_sessions_are_found_by_hash_and_end_alone_by_user_or_with_the_user(store: Store) -> None:
+    store.create_user(User(name="alice", role="user", password_hash="h"))
+    store.create_user(User(name="bob", role="user", password_hash="h"))
+
+    def session(digest: str, user: str, created: str = "2030-01-01T00:00:00.000000Z") -> LoginSession:
+        return LoginSession(digest * 64, user, "csrf", "127.0.0.1", created, "2030-01-02T00:00:00.000000Z")
+
+    old = store.create_login_session(session("a", "alice", "2029-01-01T00:00:00.000000Z"))
+    assert store.get_login_session("a" * 64) == old
+    with pytest.raises(UserNotFound):
+        store.create_login_session(session("x", "carol"))
+    # A new login sweeps the sessions that expired before it began.
+    store.create_login_session(session("b", "alice", "2030-01-03T00:00:00.000000Z"))
+    assert store.get_login_session("a" * 64) is None
+    store.create_login_session(session("c", "alice"))
+    store.create_login_session(session("d", "bob"))
+    assert store.delete_login_session("c" * 64) is True
+    assert store.delete_login_session("c" * 64) is False
+    assert store.delete_login_sessions("alice") == 1  # b
+    store.remove_user("bob")
+    assert store.get_login_session("d" * 64) is None
 
 
 def test_an_api_key_is_found_by_its_hash_revoked_once_and_touched(store: Store) -> None:

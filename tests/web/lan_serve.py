@@ -39,7 +39,8 @@ def main(data_dir: str, model_path: str) -> None:
     appliance(data_dir, "models", "import", model_path, "--name", "tiny")
     report: dict[str, Any] = {}
     port = free_port()
-    plain_http = subprocess.run(
+    # No admin yet: API keys are on beyond loopback, so serve offers the one-time setup token.
+    plain_http = subprocess.Popen(
         [
             *APPLIANCE,
             "--data-dir",
@@ -51,11 +52,19 @@ def main(data_dir: str, model_path: str) -> None:
             str(port),
             "--insecure-http",
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        check=False,
     )
-    report["without_admin"] = plain_http.stderr
+    assert plain_http.stdout is not None
+    console = []
+    for line in plain_http.stdout:
+        console.append(line)
+        if "setup token" in line:
+            break
+    plain_http.terminate()
+    plain_http.communicate(timeout=10)
+    report["without_admin"] = "".join(console)
     appliance(
         data_dir, "users", "add", "root", "--role", "admin", "--password-stdin", stdin="a long passphrase\n"
     )

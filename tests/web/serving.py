@@ -21,7 +21,17 @@ class Serving:
     url: str
     port: int
     client: httpx.Client
-    output: list[str]  # what the server printed, filled in when it stops
+    output: list[str]  # what the server printed: the lines read so far, the rest when it stops
+    process: subprocess.Popen[str]
+
+    def line_with(self, text: str) -> str:
+        """The first line the server prints with ``text`` in it (read while it runs)."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"the server never printed {text!r}:\n{''.join(self.output)}")
 
 
 @contextmanager
@@ -50,7 +60,7 @@ def serving(
             client.close()
             raise RuntimeError(f"appliance serve did not start:\n{process.communicate()[0]}")
         time.sleep(0.1)
-    result = Serving(url, port, client, [])
+    result = Serving(url, port, client, [], process)
     try:
         yield result
     finally:

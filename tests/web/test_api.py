@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import APPLIANCE, Server
 from tests.fileserver import serve_files
+from tests.web.serving import serving
 
 PROBLEM = "application/problem+json"
 
@@ -103,11 +104,11 @@ def test_openapi_and_docs_work_air_gapped(server: Server) -> None:
         assert server.client.get(url).status_code == 200
 
 
-def test_serving_beyond_loopback_requires_api_keys_and_so_an_admin(cli: object) -> None:
-    result = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
-    assert result.returncode == 1
-    assert "the server binds beyond loopback) but there is no admin" in result.stderr
-    assert "appliance users add NAME --role admin" in result.stderr
+def test_serving_beyond_loopback_requires_api_keys_and_offers_the_setup_token(data_dir: Path) -> None:
+    with serving(data_dir, "--host", "0.0.0.0", "--insecure-http") as server:
+        assert "one-time setup token" in server.line_with("setup token")
+        assert server.client.get("/api/v1/models").status_code == 401
+        assert server.client.get("/api/v1/login").json() == {"auth": True, "setup": True}
 
 
 def test_the_inference_log_filter_takes_a_model_name(server: Server) -> None:

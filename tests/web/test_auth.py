@@ -3,28 +3,22 @@ key can fail, the roles, and the real ``openai`` and ``ollama`` clients."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import subprocess
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ollama
 import openai
 import pytest
 
-from appliance.audit import Context
 from appliance.auth.policy import decide
 from appliance.identity import Actor
-from appliance.runtime import Runtime
 from appliance.settings import Settings
-from appliance.store.base import ApiKey
 from appliance.web.app import create_app
 from appliance.web.auth import ROUTE_ACTIONS
 from tests.conftest import APPLIANCE, Server, free_port
+from tests.web.conftest import PASSWORD, Keys
 
-PASSWORD = "correct horse battery"
 # A value for each path parameter: enough to reach the handler (which may then say 404 or 400).
 PARAMS = {
     "name": "nope:latest",
@@ -35,41 +29,6 @@ PARAMS = {
     "digest": "sha256:" + "0" * 64,
     "key_id": "nope",
 }
-
-
-@dataclass
-class Keys:
-    admin: str
-    user: str
-    revoked: str
-    expired: str
-
-
-@pytest.fixture
-def keys(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Keys:
-    """Auth on (for the server started after this), an admin and a user, and their keys; made
-    through the service in this process (the CLI's own tests run the commands)."""
-    monkeypatch.setenv("APPLIANCE_SERVER__AUTH", "on")
-    runtime = Runtime.open(Settings(data_dir=data_dir))
-    try:
-        auth, context = runtime.auth, Context.cli()
-        auth.add_user("root", "admin", PASSWORD, context)
-        auth.add_user("alice", "user", PASSWORD, context)
-        revoked = auth.create_key(context, user="alice")
-        auth.revoke_key(revoked.id, context)
-        # A key that has expired: written as create_key writes one, with a past expiry.
-        expired = "apl_" + "x" * 43
-        digest = hashlib.sha256(expired.encode()).hexdigest()
-        key = ApiKey("expired1", "old", expired[:10], digest, "admin", "root", "t")
-        runtime.store.create_api_key(replace(key, expires_at="2000-01-01T00:00:00.000000Z"))
-        return Keys(
-            admin=auth.create_key(context, user="root").key,
-            user=auth.create_key(context, user="alice").key,
-            revoked=revoked.key,
-            expired=expired,
-        )
-    finally:
-        runtime.close()
 
 
 @pytest.fixture
@@ -125,6 +84,27 @@ def test_every_route_answers_each_failed_key_with_401_or_403(secured: Server, ke
         assert (status == 403) is (not decide(user, action)), f"{where}: user key got {status}"
         status = _call(secured, method, template, {"x-api-key": keys.admin})
         assert status not in (401, 403), f"{where}: admin key got {status}"
+
+
+def test_a_browser_session_changes_nothing_without_its_csrf_token_or_from_another_site(
+    secured: Server,
+) -> None:
+    login = secured.client.post("/api/v1/login", json={"name": "root", "password": PASSWORD})
+    cookie = {"Cookie": f"appliance_session={login.cookies['appliance_session']}"}
+    csrf = login.json()["csrf_token"]
+    secured.client.cookies.clear()  # each call below names its own credentials
+    changes = [
+        (method, template)
+        for method, template in _routes()
+        if method not in ("GET", "HEAD") and ROUTE_ACTIONS[(method, template)] != "public"
+    ]
+    assert len(changes) > 20
+    for method, template in changes:
+        where = f"{method} {template}"
+        assert _call(secured, method, template, cookie) == 403, f"{where} without the CSRF token"
+        cross_site = {**cookie, "X-CSRF-Token": csrf, "Origin": "https://evil.example"}
+        assert _call(secured, method, template, cross_site) == 403, f"{where} from another site"
+    assert _call(secured, "GET", "/api/v1/me", cookie) == 200  # the session itself still works
 
 
 def test_a_401_names_the_scheme_and_a_403_the_reason_which_is_audited(secured: Server, keys: Keys) -> None:
@@ -248,20 +228,6 @@ def test_the_cli_sends_appliance_api_key(tiny_secured: Server, keys: Keys, cli: 
     assert "API key" in refused.stderr
     allowed = cli("ps", "--port", port, env={"APPLIANCE_API_KEY": keys.admin})  # type: ignore[operator]
     assert allowed.returncode == 0, allowed.stderr
-
-
-def test_serve_refuses_to_start_with_auth_on_and_no_admin(data_dir: Path) -> None:
-    started = subprocess.run(
-        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "APPLIANCE_SERVER__AUTH": "on"},
-        check=False,
-    )
-    assert started.returncode == 1
-    assert "no admin" in started.stderr
-    assert "appliance users add NAME --role admin" in started.stderr
 
 
 def test_with_auth_on_any_address_may_be_bound(data_dir: Path, keys: Keys) -> None:

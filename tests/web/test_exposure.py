@@ -135,22 +135,21 @@ def test_serve_answers_https_with_the_certificate_of_tls_init_to_real_clients(
 
 
 def test_plain_http_beyond_loopback_needs_insecure_http_which_warns_and_api_keys_are_needed(
-    cli: object,
+    cli: object, data_dir: Path
 ) -> None:
     plain = cli("serve", "--host", "10.77.0.1", "--port", "0")  # type: ignore[operator]
     assert plain.returncode == 1
     assert "over plain HTTP" in plain.stderr
     for way in ("--tls-cert", "appliance tls init", "--insecure-http"):
         assert way in plain.stderr
-    insecure = cli("serve", "--host", "0.0.0.0", "--port", "0", "--insecure-http")  # type: ignore[operator]
-    assert insecure.returncode == 1
-    assert "warning: serving 0.0.0.0 over plain HTTP (--insecure-http)" in insecure.stderr
-    assert "there is no admin" in insecure.stderr  # beyond loopback, API keys are on
+    with serving(data_dir, "--host", "0.0.0.0", "--insecure-http") as insecure:
+        assert "warning: serving 0.0.0.0 over plain HTTP (--insecure-http)" in insecure.line_with("warning")
+        assert "setup token" in insecure.line_with("setup token")  # beyond loopback, API keys are on
     assert cli("tls", "init").returncode == 0  # type: ignore[operator]
-    over_tls = cli("serve", "--host", "10.77.0.1", "--port", "0")  # type: ignore[operator]
-    assert over_tls.returncode == 1
-    assert "warning" not in over_tls.stderr
-    assert "there is no admin" in over_tls.stderr
+    ca = ssl.create_default_context(cafile=data_dir / "tls" / "ca.crt")
+    with serving(data_dir, "--host", "0.0.0.0", https=True, verify=ca) as over_tls:
+        over_tls.line_with("setup token")
+    assert "warning" not in "".join(over_tls.output)
 
 
 def _expired_pair(directory: Path) -> tuple[Path, Path]:

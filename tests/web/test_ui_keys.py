@@ -8,10 +8,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import Server
-from tests.web.test_auth import Keys, keys
+from tests.web.conftest import Keys
 from tests.web.test_ui import browser, csp_violations, shot
 
-__all__ = ["browser", "keys"]  # fixtures this module uses from the others
+__all__ = ["browser"]  # fixtures this module uses from the others
 
 
 @pytest.fixture
