@@ -56,9 +56,20 @@ class Route:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """llama.cpp's samplers, with the values that leave a sampler out (Ollama's defaults)."""
+
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # tokens the penalties look back over; -1: the whole context
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0  # 1 or 2: Mirostat (v1, v2) replaces top-k/top-p/min-p/typical
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     seed: int | None = None
     grammar: str | None = None  # GBNF, e.g. to force JSON
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from appliance.engine.base import Finished, SamplingParams, TextChunk
 from appliance.engine.llama import LlamaContext, LlamaModel, Sampler
-from appliance.errors import ApplianceError, EngineBusy, PromptTooLong
+from appliance.errors import ApplianceError, EngineBusy, EngineFailure, PromptTooLong
 
 __all__ = ["Batcher", "Event", "Finished", "GenerationRequest", "TextChunk"]
 
@@ -141,11 +141,17 @@ class Batcher:
             if request.cancelled.is_set():
                 request.emit(Finished("cancelled", len(request.prompt), 0))
                 continue
+            try:
+                sampler = Sampler(self.model, request.sampling, seq_ctx=self.seq_ctx)
+            except Exception as exc:  # this request's to answer; the batcher thread must live on
+                failure = (
+                    exc if isinstance(exc, ApplianceError) else EngineFailure(f"sampler setup failed: {exc}")
+                )
+                request.emit(Finished("error", len(request.prompt), 0, failure))
+                continue
             seq_id = heapq.heappop(self._free)
             self.context.forget(seq_id)
-            self._slots[seq_id] = _Slot(
-                seq_id=seq_id, request=request, sampler=Sampler(self.model, request.sampling)
-            )
+            self._slots[seq_id] = _Slot(seq_id=seq_id, request=request, sampler=sampler)
 
     def _drop_cancelled(self) -> None:
         for slot in list(self._slots.values()):

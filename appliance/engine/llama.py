@@ -11,6 +11,7 @@ import ctypes
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 
@@ -274,24 +275,52 @@ class LlamaContext:
 
 
 class Sampler:
-    """A llama.cpp sampler chain for one sequence."""
+    """A llama.cpp sampler chain for one sequence, in the order llama.cpp's own server builds it:
+    penalties, the grammar, then greedy, Mirostat, or the truncations, temperature and a draw."""
 
-    def __init__(self, model: LlamaModel, params: SamplingParams) -> None:
+    def __init__(self, model: LlamaModel, params: SamplingParams, *, seq_ctx: int) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+        penalised = params.repeat_penalty != 1 or params.presence_penalty or params.frequency_penalty
+        if penalised and params.repeat_last_n:
+            last_n = seq_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                )
+            )
         if params.grammar:
             grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
             if not grammar:
                 llama_cpp.llama_sampler_free(chain)
                 raise EngineFailure("the grammar for this response_format could not be compiled")
-            llama_cpp.llama_sampler_chain_add(chain, grammar)
+            add(grammar)
+        seed = (params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED) & 0xFFFFFFFF
         if params.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            add(llama_cpp.llama_sampler_init_greedy())
+        elif params.mirostat == 1:
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(
+                llama_cpp.llama_sampler_init_mirostat(
+                    n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100
+                )
+            )
+        elif params.mirostat == 2:
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(llama_cpp.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
         else:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            if params.typical_p < 1:
+                add(llama_cpp.llama_sampler_init_typical(params.typical_p, 1))
+            add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
         self._chain = chain
 
     def sample(self, context: LlamaContext, batch_index: int) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -66,20 +66,11 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
-# Sampling options the engine does not implement, with the values that ask for nothing (Ollama's
-# defaults among them). Hardware options (num_gpu, num_thread, use_mmap, ...) are the appliance's
-# own settings, so those are ignored.
-_UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "repeat_penalty": (1.0, 1.1),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "min_p": (0,),
-    "typical_p": (1,),
-    "tfs_z": (1,),
-    "mirostat": (0,),
-    "mirostat_tau": (5,),
-    "mirostat_eta": (0.1,),
-}
+# Sampling options llama.cpp has no sampler for, with the values that ask for nothing (tail-free
+# sampling left llama.cpp in 2024). Hardware options (num_gpu, num_thread, use_mmap, ...) are the
+# appliance's own settings, so those are ignored, as are num_keep (the context never shifts here)
+# and penalize_newline (Ollama itself ignores it now).
+_UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {"tfs_z": (1,)}
 _UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {
     "images": ([],),
     "suffix": ("",),
@@ -101,10 +92,33 @@ class Options(_Body):
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    typical_p: float | None = Field(default=None, gt=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+    repeat_last_n: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # -1: the whole context
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(default=None, ge=0)
+    mirostat_eta: float | None = Field(default=None, ge=0)
     seed: int | None = None  # negative: random, as in Ollama
     num_predict: int | None = Field(default=None, ge=-2)  # -1 and -2: until the context is full
     stop: str | list[str] | None = None
     num_ctx: int | None = Field(default=None, ge=1)
+
+
+# Options passed to the samplers as they are; unset ones keep the engine's defaults (Ollama's).
+_SAMPLING_OPTIONS = (
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+)
 
 
 class _GenerationBody(_Body):
@@ -127,11 +141,15 @@ class _GenerationBody(_Body):
         options = self.options or Options()
         defaults = GenerationOptions()
         stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
+        sampling = {
+            name: value for name in _SAMPLING_OPTIONS if (value := getattr(options, name)) is not None
+        }
         return GenerationOptions(
             max_tokens=options.num_predict if options.num_predict and options.num_predict > 0 else None,
             temperature=defaults.temperature if options.temperature is None else options.temperature,
             top_p=defaults.top_p if options.top_p is None else options.top_p,
             top_k=defaults.top_k if options.top_k is None else options.top_k,
+            **sampling,
             seed=options.seed if options.seed is not None and options.seed >= 0 else None,
             stop=stop,
             json_mode=self.format == "json",

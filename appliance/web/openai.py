@@ -47,8 +47,6 @@ _UNSUPPORTED = {
     "logprobs": (False,),
     "top_logprobs": (0,),
     "logit_bias": ({},),
-    "frequency_penalty": (0,),
-    "presence_penalty": (0,),
 }
 _UNSUPPORTED_COMPLETION = {"echo": (False,), "best_of": (1,), "suffix": ("",)}
 _ROLES = ("system", "developer", "user", "assistant")
@@ -88,6 +86,8 @@ class _GenerationBody(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
@@ -113,6 +113,8 @@ class _GenerationBody(_Body):
             max_tokens=self.max_completion_tokens or self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
             seed=self.seed,
             stop=stop,
             json_mode=fmt == "json_object",

@@ -112,6 +112,31 @@ def test_greedy_output_is_reproducible_and_seeded_sampling_too(pool: Router, tin
     )
 
 
+def test_penalties_and_the_other_samplers_change_or_keep_the_output_as_asked(pool: Router, tiny: str) -> None:
+    def text(sampling: SamplingParams) -> str:
+        return asyncio.run(run(pool, tiny, "hello", max_tokens=24, sampling=sampling))[0]
+
+    plain = text(GREEDY)
+    assert text(SamplingParams(temperature=0, repeat_penalty=50.0, repeat_last_n=-1)) != plain
+    assert text(SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0)) != plain
+    assert text(SamplingParams(temperature=0, repeat_penalty=50.0, repeat_last_n=0)) == plain  # 0: off
+    for sampling in (
+        SamplingParams(temperature=1.0, seed=7, mirostat=1),
+        SamplingParams(temperature=1.0, seed=7, mirostat=2, mirostat_tau=1.0),
+        SamplingParams(temperature=1.0, seed=7, min_p=0.5, typical_p=0.5),
+    ):
+        assert text(sampling) == text(sampling)  # seeded: repeatable
+
+
+def test_a_sampler_that_cannot_be_built_fails_its_request_alone(pool: Router, tiny: str) -> None:
+    broken = SamplingParams(temperature=0, grammar="root ::= (")
+    _, finished, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=4, sampling=broken))
+    assert finished.reason == "error"
+    assert "grammar" in str(finished.error)
+    _, after, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=4))  # the model still serves
+    assert (after.reason, after.completion_tokens) == ("length", 4)
+
+
 def test_stop_strings_end_the_text_before_them(pool: Router, tiny: str) -> None:
     full, _, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=60))
     assert len(full) > 12

@@ -440,16 +440,12 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "d", "param
             "messages.0.images",
         ),
         (lambda c: c.chat(model="tiny", messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
-        (
-            lambda c: c.generate(model="tiny", prompt="hi", options={"repeat_penalty": 1.5}),
-            "options.repeat_penalty",
-        ),
-        (lambda c: c.generate(model="tiny", prompt="hi", options={"min_p": 0.1}), "options.min_p"),
-        (lambda c: c.generate(model="tiny", prompt="hi", options={"mirostat": 2}), "options.mirostat"),
-        (lambda c: c.generate(model="tiny", prompt="hi", options={"typical_p": 0.5}), "options.typical_p"),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"tfs_z": 0.9}), "options.tfs_z"),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"mirostat": 3}), "options.mirostat"),
+        (lambda c: c.generate(model="tiny", prompt="hi", options={"typical_p": 0}), "options.typical_p"),
         (
             lambda c: c.chat(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], options={"presence_penalty": 1}
+                model="tiny", messages=[{"role": "user", "content": "hi"}], options={"presence_penalty": 3}
             ),
             "options.presence_penalty",
         ),
@@ -462,6 +458,20 @@ def test_fields_it_cannot_honour_are_refused_by_name(
     assert error.status_code == 400
     assert field in error.error
     assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+
+
+def test_sampling_options_reach_llama_cpps_samplers(client: ollama.Client, tiny: str) -> None:
+    def generate(**options: Any) -> str:
+        options = {"temperature": 0, "num_predict": 24, **options}
+        return client.generate(model="tiny", prompt="hi", options=options).response
+
+    plain = generate()
+    assert generate() == plain  # greedy: the same every time, so a change below is the option's
+    assert generate(repeat_penalty=50.0, repeat_last_n=-1) != plain
+    assert generate(frequency_penalty=2.0, presence_penalty=2.0) != plain
+    sampled = {"temperature": 1.0, "seed": 7}
+    for options in ({"mirostat": 2, "mirostat_tau": 1.0}, {"mirostat": 1}, {"min_p": 0.5, "typical_p": 0.5}):
+        assert generate(**sampled, **options) == generate(**sampled, **options)  # seeded: repeatable
 
 
 def test_fields_that_ask_for_nothing_are_accepted(client: ollama.Client, tiny: str) -> None:

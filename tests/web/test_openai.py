@@ -275,8 +275,9 @@ def test_a_full_queue_refuses_a_stream_before_it_starts(
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"n": 2}, "n"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         (
