@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from appliance.errors import ApplianceError, InvalidSetting, NotReady
+from appliance.errors import ApplianceError, CredentialsRefused, InvalidSetting, NotReady
 from appliance.settings import Settings
 from appliance.tls import tls_files
 
@@ -162,9 +162,9 @@ class ServerClient:
         # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting)
         # before the login's.
         key = settings.api_key.get_secret_value() if settings.api_key else None
-        self._key_from_login = key is None and self.login is not None
-        if self._key_from_login and self.login is not None:
-            key = self.login.key
+        login_key = self.login.key if self.login is not None else None
+        self._key_from_login = key is None and login_key is not None
+        key = key or login_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
 
@@ -178,6 +178,14 @@ class ServerClient:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            if self.login is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                fingerprint = self.login.fingerprint
+                why = f"presents no certificate of the CA pinned at login ({fingerprint})"
+                raise CredentialsRefused(
+                    f"the server at {self.url} {why if fingerprint else 'is not trusted here'}: {exc}",
+                    hint="if its certificate was replaced on purpose, run `appliance logout`, then "
+                    "`appliance login` with the fingerprint `appliance tls show` prints there",
+                ) from exc
             if self.login is not None:
                 raise NotReady(
                     f"no appliance server answers at {self.url} (from the login in {self._login_file}): "
@@ -199,7 +207,8 @@ class ServerClient:
             )
             if response.status_code == 401 and self._key_from_login:
                 error.hint = (
-                    f"the server no longer takes the key of your login: run `appliance login {self.url}`"
+                    "the server no longer takes the key of your login: run `appliance logout`, then "
+                    f"`appliance login {self.url}`"
                 )
             raise error
         return response.json()

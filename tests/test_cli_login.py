@@ -152,13 +152,25 @@ def test_login_with_a_key_checks_it_and_logout_leaves_it_valid(
     assert remote.status_with(key) == 200
 
 
-def test_logout_from_a_server_gone_deletes_the_file_and_names_the_key_to_revoke(
+def test_a_replaced_certificate_is_refused_and_logout_from_a_server_gone_names_the_key_to_revoke(
     cli: object, data_dir: Path, client: object, login_file: Path
 ) -> None:
     with remote_server(cli, data_dir) as remote:
         logged_in = _login(client, remote.server.url, "--fingerprint", remote.fingerprint)
         assert logged_in.returncode == 0, logged_in.stderr
     key_id = json.loads(login_file.read_text())["key_id"]
+    assert cli("tls", "init", "--force").returncode == 0  # type: ignore[operator]
+    ca = ssl.create_default_context(cafile=data_dir / "tls" / "ca.crt")
+    env = {"APPLIANCE_SERVER__AUTH": "on"}
+    with serving(data_dir, env=env, https=True, verify=ca) as replaced:
+        # the saved login still names the old port; point a copy of it at the new server
+        saved = json.loads(login_file.read_text())
+        login_file.write_text(json.dumps({**saved, "url": replaced.url}))
+        refused: CliResult = client("ps")  # type: ignore[operator]
+        assert refused.returncode == 1
+        assert f"presents no certificate of the CA pinned at login ({remote.fingerprint})" in refused.stderr
+        assert "hint: if its certificate was replaced on purpose, run `appliance logout`" in refused.stderr
+        login_file.write_text(json.dumps(saved))
     gone: CliResult = client("ps")  # type: ignore[operator]
     assert gone.returncode == 1
     assert (
