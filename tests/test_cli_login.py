@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,9 @@ class Remote:
 
 
 @contextmanager
-def remote_server(cli: object, data_dir: Path) -> Iterator[Remote]:
-    """A server with keys on, over HTTPS with its own CA, and alice, its admin."""
+def remote_server(cli: object, data_dir: Path, **settings: str) -> Iterator[Remote]:
+    """A server with keys on, over HTTPS with its own CA, and alice, its admin; ``settings`` are
+    more of its environment."""
     made: CliResult = cli("tls", "init")  # type: ignore[operator]
     fingerprint = next(
         line.split(": ", 1)[1] for line in made.stdout.splitlines() if line.startswith("CA fingerprint")
@@ -39,7 +41,7 @@ def remote_server(cli: object, data_dir: Path) -> Iterator[Remote]:
     )
     assert added.returncode == 0, added.stderr
     ca = ssl.create_default_context(cafile=data_dir / "tls" / "ca.crt")
-    env = {"APPLIANCE_SERVER__AUTH": "on"}
+    env = {"APPLIANCE_SERVER__AUTH": "on", **settings}
     with serving(data_dir, env=env, https=True, verify=ca) as server:
         yield Remote(server, fingerprint)
 
@@ -181,6 +183,19 @@ def test_a_replaced_certificate_is_refused_and_logout_from_a_server_gone_names_t
     assert f"warning: key {key_id} stays valid until an admin revokes it" in logged_out.stderr
     assert f"appliance keys revoke {key_id}" in logged_out.stderr
     assert not login_file.exists()
+
+
+def test_wrong_passwords_over_the_limit_are_refused_with_when_to_try_again(
+    cli: object, data_dir: Path, client: object, login_file: Path
+) -> None:
+    with remote_server(cli, data_dir, APPLIANCE_SERVER__LOGIN_ATTEMPTS="1") as remote:
+        url = remote.server.url
+        first = _login(client, url, "--fingerprint", remote.fingerprint, password="not the password")
+        assert "wrong user name or password" in first.stderr
+        throttled = _login(client, url, "--fingerprint", remote.fingerprint, password="not the password")
+    assert throttled.returncode == 1
+    assert re.search(r"hint: try again in \d+ seconds", throttled.stderr), throttled.stderr
+    assert not login_file.parent.exists()
 
 
 @pytest.mark.parametrize(
