@@ -127,6 +127,36 @@ def test_login_with_a_password_saves_a_private_file_that_ps_uses_and_logout_revo
     assert "not logged in" in twice.stderr
 
 
+def test_a_user_who_is_no_admin_logs_in_and_out_and_is_refused_what_the_role_may_not_do(
+    remote: Remote, cli: object, client: object, login_file: Path
+) -> None:
+    added: CliResult = cli(  # type: ignore[operator]
+        "users", "add", "bob", "--password-stdin", input=PASSWORD + "\n"
+    )
+    assert added.returncode == 0, added.stderr
+    logged_in: CliResult = client(  # type: ignore[operator]
+        "login",
+        remote.server.url,
+        "--user",
+        "bob",
+        "--password-stdin",
+        "--fingerprint",
+        remote.fingerprint,
+        input=PASSWORD + "\n",
+    )
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert logged_in.stdout == f"logged in to {remote.server.url} as bob (user)\n"
+    key = json.loads(login_file.read_text())["key"]
+    refused: CliResult = client("ps")  # type: ignore[operator]
+    assert refused.returncode == 1
+    assert "error: not allowed: " in refused.stderr
+    assert "hint: ask an admin" in refused.stderr
+    logged_out: CliResult = client("logout")  # type: ignore[operator]
+    assert logged_out.returncode == 0, logged_out.stderr
+    assert "revoked" in logged_out.stdout
+    assert remote.status_with(key) == 401
+
+
 def test_login_with_a_key_checks_it_and_logout_leaves_it_valid(
     remote: Remote, cli: object, client: object, login_file: Path
 ) -> None:
