@@ -839,9 +839,12 @@ def main() -> None:
 
 from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
+from appliance.cli_login import login, logout  # noqa: E402
 from appliance.cli_tls import tls  # noqa: E402
 
 cli.add_command(bundle)
 cli.add_command(tls)
 cli.add_command(users)
 cli.add_command(keys)
+cli.add_command(login)
+cli.add_command(logout)

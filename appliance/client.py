@@ -1,17 +1,38 @@
-"""The CLI's way to a running server, for what only the server can do (load, unload, ps)."""
+"""The CLI's way to a running server, for what only the server can do (load, unload, ps), and the
+login file ``appliance login`` writes.
+
+Which server, with which key and trust:
+
+1. a host or port named anywhere (``--host``/``--port``, ``APPLIANCE_HOST``/``APPLIANCE_PORT``, the
+   config file): that server, as ``serve`` there would run, with the ``api_key`` setting and the
+   data dir's certificate (when ``tls init`` made one);
+2. else, when the login file exists (the ``client_config`` setting,
+   ``$XDG_CONFIG_HOME/appliance/client.json``): its server, its key and its pinned CA (else the
+   system's trust store); ``APPLIANCE_API_KEY`` overrides its key;
+3. else the default address, 127.0.0.1:8080, as in 1.
+
+The login key never goes to a server other than the one it was made for.
+
+Imports: errors, settings and tls.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from appliance.errors import ApplianceError, NotReady
+from appliance.errors import ApplianceError, CredentialsRefused, InvalidSetting, NotReady
 from appliance.settings import Settings
 from appliance.tls import tls_files
 
-__all__ = ["ServerClient", "ServerError", "url_host"]
+__all__ = ["Login", "ServerClient", "ServerError", "read_login", "remove_login", "url_host", "write_login"]
 
 
 def url_host(host: str) -> str:
@@ -29,7 +50,83 @@ class ServerError(ApplianceError):
         self.status = status  # type: ignore[misc]
 
 
-def _server_trust(settings: Settings) -> ssl.SSLContext | None:
+@dataclass(frozen=True)
+class Login:
+    """What the login file holds: the server, the key for it and how its certificate is trusted."""
+
+    url: str
+    key: str
+    key_id: str | None  # the key `login` made, which `logout` revokes; None: a key the user brought
+    name: str  # who the key acts as, and with which role, when it was checked
+    role: str
+    fingerprint: str | None = None  # the pinned CA's; None: the system's trust store (or plain HTTP)
+    ca_pem: str | None = None
+
+    def trust(self) -> ssl.SSLContext | bool:
+        return pinned_trust(self.ca_pem) if self.ca_pem else True
+
+
+def pinned_trust(ca_pem: str) -> ssl.SSLContext:
+    """Trust the one pinned certificate, and nothing else."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a pinned certificate needs no root above it
+    return context
+
+
+def read_login(path: Path) -> Login | None:
+    """The login file at ``path``, or None when there is none."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot read the login file {path}: {exc.strerror or exc}",
+            hint="check its permissions, or set APPLIANCE_CLIENT_CONFIG to another file",
+        ) from exc
+    try:
+        fields = json.loads(text)
+        return Login(**fields)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSetting(
+            f"the login file {path} is not one `appliance login` wrote",
+            hint=f"delete it and run `appliance login URL` again: rm {path}",
+        ) from exc
+
+
+def write_login(path: Path, login: Login) -> None:
+    """Write the login file 0600 from birth, through a temporary file and a rename: a failure
+    leaves the old file or none, never half of one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(descriptor, "w") as out:  # mkstemp makes it 0600
+                json.dump(asdict(login), out, indent=2)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot write the login file {path}: {exc.strerror or exc}",
+            hint="check that its directory is writable, or set APPLIANCE_CLIENT_CONFIG to another file",
+        ) from exc
+
+
+def remove_login(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot delete the login file {path}: {exc.strerror or exc}",
+            hint="check the permissions of its directory, then delete it by hand",
+        ) from exc
+
+
+def _data_dir_trust(settings: Settings) -> ssl.SSLContext | None:
     """What trusts the server's certificate when it serves HTTPS (as ``serve`` decides), else None."""
     configured = settings.server.tls_cert
     made = tls_files(settings)
@@ -44,17 +141,32 @@ def _server_trust(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def server_named(settings: Settings) -> bool:
+    """Whether a flag, the environment or the config file named the server's host or port."""
+    return bool({"host", "port"} & settings.model_fields_set)
+
+
 class ServerClient:
     def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
-        verify = _server_trust(settings)
-        scheme = "http" if verify is None else "https"
-        self.url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
-        # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting).
+        self.login = None if server_named(settings) else read_login(settings.client_config)
+        verify: ssl.SSLContext | bool
+        if self.login is not None:
+            self.url = self.login.url
+            verify = self.login.trust()
+        else:
+            data_dir_trust = _data_dir_trust(settings)
+            scheme = "http" if data_dir_trust is None else "https"
+            self.url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
+            verify = data_dir_trust or True
+        self._login_file = settings.client_config
+        # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting)
+        # before the login's.
         key = settings.api_key.get_secret_value() if settings.api_key else None
+        login_key = self.login.key if self.login is not None else None
+        self._key_from_login = key is None and login_key is not None
+        key = key or login_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(
-            base_url=self.url, timeout=timeout, verify=verify or True, headers=headers
-        )
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
 
     def __enter__(self) -> ServerClient:
         return self
@@ -66,6 +178,21 @@ class ServerClient:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
+            if self.login is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                fingerprint = self.login.fingerprint
+                why = f"presents no certificate of the CA pinned at login ({fingerprint})"
+                raise CredentialsRefused(
+                    f"the server at {self.url} {why if fingerprint else 'is not trusted here'}: {exc}",
+                    hint="if its certificate was replaced on purpose, run `appliance logout`, then "
+                    "`appliance login` with the fingerprint `appliance tls show` prints there",
+                ) from exc
+            if self.login is not None:
+                raise NotReady(
+                    f"no appliance server answers at {self.url} (from the login in {self._login_file}): "
+                    f"{exc}",
+                    hint="check that it runs and that this machine reaches it; `appliance logout` "
+                    "forgets it, --host/--port name another server",
+                ) from exc
             raise NotReady(
                 f"no appliance server answers at {self.url}",
                 hint="start it with `appliance serve`, or pass the --host/--port (or --config) it runs with",
@@ -75,5 +202,13 @@ class ServerClient:
                 body = response.json()
             except ValueError:
                 body = {"detail": response.text or response.reason_phrase}
-            raise ServerError(body if isinstance(body, dict) else {"detail": str(body)}, response.status_code)
+            error = ServerError(
+                body if isinstance(body, dict) else {"detail": str(body)}, response.status_code
+            )
+            if response.status_code == 401 and self._key_from_login:
+                error.hint = (
+                    "the server no longer takes the key of your login: run `appliance logout`, then "
+                    f"`appliance login {self.url}`"
+                )
+            raise error
         return response.json()

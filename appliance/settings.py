@@ -81,6 +81,11 @@ def _default_data_dir() -> Path:
     return Path(base) / "appliance"
 
 
+def _default_client_config() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "appliance" / "client.json"
+
+
 def _default_config_file() -> Path | None:
     explicit = os.environ.get("APPLIANCE_CONFIG")
     if explicit:
@@ -321,6 +326,11 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     api_key: SecretStr | None = Field(
         default=None, description="The API key CLI commands send to a running server (never shown)."
+    )
+    client_config: Path = Field(
+        default_factory=_default_client_config,
+        description="The login file `appliance login` writes: the server CLI commands reach, its key "
+        "and pinned certificate.",
     )
     store: StoreSettings = Field(default_factory=StoreSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
