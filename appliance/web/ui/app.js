@@ -673,7 +673,6 @@ async function signIn(path, body) {
     await start();
     return true;
   } catch (error) {
-    if (error instanceof ApiError && error.data?.setup === true) setupView();
     signInFailed(error);
     return false;
   }
@@ -704,7 +703,7 @@ function loginView(message) {
 
 // The first start with auth on: `appliance serve` printed a setup token; it makes the first admin.
 function setupView() {
-  const token = h("input", { id: "setup-token", type: "password", autocomplete: "off", size: 40, required: true });
+  const token = h("input", { id: "setup-token", autocomplete: "off", spellcheck: "false", size: 40, required: true });
   const name = h("input", { id: "setup-name", autocomplete: "username", required: true, placeholder: "admin" });
   const password = h("input", { id: "setup-password", type: "password", autocomplete: "new-password", required: true, placeholder: "10 characters or more" });
   const again = h("input", { id: "setup-again", type: "password", autocomplete: "new-password", required: true });
