@@ -712,7 +712,7 @@ function setupView() {
     await signIn("/api/v1/setup", { token: token.value.trim(), name: name.value.trim(), password: password.value });
   };
   page.replaceChildren(h("h1", {}, "Create the first admin"),
-    h("p", { class: "muted" }, "No admin exists yet. appliance serve printed a setup token (\"setup token: …\") when it started; it is good until the server stops."),
+    h("p", { class: "muted" }, "No admin exists yet. appliance serve printed a one-time setup token as it started (good until it stops); or make an admin with appliance users add NAME --role admin, then sign in."),
     h("form", { class: "login", id: "setup-form", onsubmit: (event) => { event.preventDefault(); create(); } },
       h("label", {}, "Setup token", token), h("label", {}, "Admin's user name", name),
       h("label", {}, "Password", password), h("label", {}, "Password again", again),
