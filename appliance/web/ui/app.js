@@ -1,6 +1,7 @@
 // The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
 // No build step and nothing from the network but this server. A later page (tasks, nodes,
-// keys, providers) is one more entry in `pages` and one more link in index.html.
+// providers) is one more entry in `pages` and one more link in index.html (an admin's page: its
+// link marked data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
 
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
@@ -744,7 +745,7 @@ async function route() {
   leavePage();
   clearErrors();
   const asked = location.hash.replace(/^#\/?/, "").split("?")[0];
-  const name = asked in pages ? asked : "";
+  const name = Object.hasOwn(pages, asked) ? asked : "";
   const home = isAdmin() ? "" : "models";  // the dashboard shows the machine: admins only
   const shown = name === "" ? home : name;
   const draw = ADMIN_PAGES.has(shown) && !isAdmin() ? adminOnly : pages[shown];
