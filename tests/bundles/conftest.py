@@ -21,7 +21,7 @@ from appliance.store.base import NewArtifact
 from tests.conftest import APPLIANCE, CliResult
 from tests.provision.test_oci import registry  # noqa: F401 (a fixture the registry test uses)
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
-from tests.web.test_ui import browser, page  # noqa: F401 (fixtures the UI test uses)
+from tests.web.browsing import browser, page  # noqa: F401 (fixtures the UI test uses)
 
 # Two loadable GGUFs (a 4096-token vocabulary: 2 MB) past the importer's in-memory size, so they
 # stream into the cache (and resume);

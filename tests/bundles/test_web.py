@@ -11,7 +11,7 @@ from playwright.sync_api import Page, expect
 
 from tests.conftest import Server
 from tests.tiny_model import write_llama_gguf
-from tests.web.test_ui import shot
+from tests.web.browsing import shot
 
 
 def _import_tiny(server: Server, tmp_path: Path) -> None:

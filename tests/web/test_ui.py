@@ -1,4 +1,5 @@
-"""The browser UI in real headless Chromium (Debian's, driven by Playwright), against a real server.
+"""The browser UI in real headless Chromium (Debian's, driven by Playwright), against a real server
+with auth off (loopback's default): no login, every page an admin's.
 
 Screenshots of every page land in test-artifacts/ui/.
 """
@@ -6,54 +7,19 @@ Screenshots of every page land in test-artifacts/ui/.
 from __future__ import annotations
 
 import re
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import Server
 from tests.fileserver import Faults, serve_files
 from tests.models.dirlayouts import write_ollama_dir
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.web.browsing import browser, page, shot
 
-ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts" / "ui"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield launched
-        launched.close()
-
-
-def csp_violations(page: Page) -> list[str]:
-    """The Content-Security-Policy refusals Chromium reports on the page's console, as they come."""
-    seen: list[str] = []
-    page.on(
-        "console",
-        lambda message: seen.append(message.text) if "Content Security Policy" in message.text else None,
-    )
-    return seen
-
-
-@pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
-    """A page whose every test also checks that the strict CSP blocked nothing the UI needs."""
-    context = browser.new_context(base_url=server.url, viewport={"width": 1366, "height": 800})
-    opened = context.new_page()
-    opened.set_default_timeout(20_000)
-    violations = csp_violations(opened)
-    yield opened
-    context.close()
-    assert violations == []
+__all__ = ["browser", "page"]  # fixtures this module uses from browsing
 
 
 def test_the_api_docs_page_renders_under_the_csp(page: Page, server: Server) -> None:
@@ -82,17 +48,13 @@ def tiny(cli: object, tiny_gguf: Path) -> str:
     return "tiny:latest"
 
 
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 def test_every_page_renders(page: Page, tiny: str) -> None:
     page.goto("/")
     expect(page.locator("#readiness")).to_contain_text("Ready to serve")
     expect(page.locator("#dashboard")).to_contain_text("models.import")
     expect(page.locator("#engine-devices")).to_contain_text("runs on: CPU")
     expect(page.locator("#secrets")).to_contain_text("models.download.hf_token: unset")  # never a value
+    expect(page.locator("#account")).to_be_hidden()  # auth off: nobody signs in, nobody logs out
     shot(page, "dashboard")
     for link, heading in [
         ("Models", "Models"),

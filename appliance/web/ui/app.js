@@ -1,6 +1,7 @@
 // The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
 // No build step and nothing from the network but this server. A later page (tasks, nodes,
-// keys, providers) is one more entry in `pages` and one more link in index.html.
+// providers) is one more entry in `pages` and one more link in index.html (an admin's page: its
+// link marked data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
 
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
@@ -37,40 +38,80 @@ function showError(message) {
 
 function clearErrors() { errors.replaceChildren(); }
 
-// The API key this tab sends (with server.auth on), entered on the Keys page. sessionStorage: it
-// goes when the tab closes, and no other site's page can read it. (No cookie login yet.)
+// -- the session and the one fetch wrapper -----------------------------------------------------
+
+// Who this tab acts as (GET /api/v1/me), and the CSRF token of its session cookie. Kept in memory
+// only (the cookie itself is HttpOnly): after a reload /api/v1/me gives the token again.
+let me = null;
+let csrfToken = null;
+
+// A key-only user's API key, entered on the login page instead of a password. sessionStorage: it
+// goes when the tab closes, and no other site's page can read it.
 const KEY_STORAGE = "appliance.apiKey";
-function authHeaders() {
+const UNSAFE = (method) => !["GET", "HEAD", "OPTIONS"].includes(method);
+
+function credentials(method) {
   const key = sessionStorage.getItem(KEY_STORAGE);
-  return key ? { authorization: `Bearer ${key}` } : {};
+  if (key) return { authorization: `Bearer ${key}` };
+  return csrfToken && UNSAFE(method) ? { "x-csrf-token": csrfToken } : {};
 }
 
-// Every call: JSON in and out; a problem response becomes an Error with the server's own words.
-async function api(method, path, body) {
+// Thrown once the login page has replaced the page: whoever awaited the call shows nothing more.
+class SignedOut extends Error {}
+
+// A failed call, with the server's own words and its problem body.
+class ApiError extends Error {
+  constructor(response, data) {
+    const detail = data && (data.detail || (data.error && (data.error.message || data.error))) || response.statusText;
+    super(`${detail}${data && data.hint ? ` (${data.hint})` : ""}`);
+    this.status = response.status;
+    this.data = data;
+    this.retryAfter = Number(response.headers.get("retry-after")) || null;
+  }
+}
+
+async function readBody(response) {
+  const text = await response.text();
+  try { return text ? JSON.parse(text) : null; } catch { return text; }
+}
+
+// Their callers handle a 401 (no session yet, a wrong password or token); any other 401 means the
+// session (or the key) is over.
+const SIGN_IN_PATHS = new Set(["/api/v1/me", "/api/v1/login", "/api/v1/setup"]);
+
+// Every request of the page goes through here: it sends the key or the session's CSRF token, and
+// a 401 anywhere else takes the tab back to the login page.
+async function send(method, path, { body, signal } = {}) {
   const response = await fetch(path, {
-    method,
-    headers: { ...authHeaders(), ...(body === undefined ? {} : { "content-type": "application/json" }) },
+    method, signal,
+    headers: { ...credentials(method), ...(body === undefined ? {} : { "content-type": "application/json" }) },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  const text = await response.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch { data = text; }
-  if (!response.ok && !(path === "/readyz" && response.status === 503)) {
-    const detail = data && (data.detail || (data.error && (data.error.message || data.error))) || response.statusText;
-    const hint = response.status === 401 ? " (enter an API key on the Keys page)" : data && data.hint ? ` (${data.hint})` : "";
-    throw new Error(`${detail}${hint}`);
-  }
+  if (response.status === 401 && !SIGN_IN_PATHS.has(path)) throw signedOut(new ApiError(response, await readBody(response)));
+  return response;
+}
+
+// JSON in and out; a problem response becomes an ApiError.
+async function api(method, path, body) {
+  const response = await send(method, path, { body });
+  const data = await readBody(response);
+  if (!response.ok && !(path === "/readyz" && response.status === 503)) throw new ApiError(response, data);
   return data;
+}
+
+// Shows what went wrong, unless the login page has taken over.
+function report(error) {
+  if (!(error instanceof SignedOut)) showError(error.message);
 }
 
 // A user's action: the old message goes, a failure shows.
 async function attempt(action) {
-  try { clearErrors(); return await action(); } catch (error) { showError(error.message); return undefined; }
+  try { clearErrors(); return await action(); } catch (error) { report(error); return undefined; }
 }
 
 // A redraw after an action, or a timer's: it must not wipe the message the action left.
 async function refresh(action) {
-  try { return await action(); } catch (error) { showError(error.message); return undefined; }
+  try { return await action(); } catch (error) { report(error); return undefined; }
 }
 
 // Stop `stop` when the page that asked for it goes (at once, if it has gone already).
@@ -139,8 +180,10 @@ function auditTable(events) {
 
 // -- models ------------------------------------------------------------------------------------
 
+// An admin manages models here; anyone else sees the cache read-only.
 async function models() {
   const token = generation;
+  const manage = isAdmin();
   const pullRef = h("input", { id: "pull-ref", name: "ref", size: 48, placeholder: "https://…, hf:org/repo/file.gguf, oci://…", required: true });
   const pullName = h("input", { id: "pull-name", name: "name", placeholder: "name[:tag] (optional)" });
   const pullDigest = h("input", { id: "pull-digest", name: "digest", size: 30, placeholder: "sha256:… (optional)" });
@@ -151,20 +194,24 @@ async function models() {
   const dirResult = h("div", { id: "import-dir-result" });
   page.replaceChildren(
     h("h1", {}, "Models"),
-    h("form", { class: "inline", id: "pull-form", onsubmit: (event) => { event.preventDefault(); pull(); } },
-      h("label", {}, "Pull a reference", pullRef), h("label", {}, "Name", pullName), h("label", {}, "Digest", pullDigest),
-      h("button", { type: "submit" }, "Pull")),
-    h("form", { class: "inline", id: "import-form", onsubmit: (event) => { event.preventDefault(); importFile(); } },
-      h("label", {}, "Import a file on the server", importPath), h("label", {}, "Name", importName),
-      h("button", { type: "submit" }, "Import")),
-    h("form", { class: "inline", id: "import-dir-form", onsubmit: (event) => { event.preventDefault(); importDir(); } },
-      h("label", {}, "Import from a folder (Ollama or Hugging Face cache) on the server", dirPath),
-      h("label", {}, dirCopy, " Copy instead of linking"),
-      h("button", { type: "submit" }, "Import folder")),
-    dirResult,
-    bundleForms(() => refresh(drawModels)),
-    h("h2", {}, "Downloads"), h("div", { id: "downloads" }),
+    ...(manage ? managing() : [h("p", { class: "muted" }, "The models in the cache, read-only: an admin pulls, imports and removes them.")]),
     h("h2", {}, "In the cache"), h("div", { id: "models" }, "Loading…"));
+
+  function managing() {
+    return [h("form", { class: "inline", id: "pull-form", onsubmit: (event) => { event.preventDefault(); pull(); } },
+        h("label", {}, "Pull a reference", pullRef), h("label", {}, "Name", pullName), h("label", {}, "Digest", pullDigest),
+        h("button", { type: "submit" }, "Pull")),
+      h("form", { class: "inline", id: "import-form", onsubmit: (event) => { event.preventDefault(); importFile(); } },
+        h("label", {}, "Import a file on the server", importPath), h("label", {}, "Name", importName),
+        h("button", { type: "submit" }, "Import")),
+      h("form", { class: "inline", id: "import-dir-form", onsubmit: (event) => { event.preventDefault(); importDir(); } },
+        h("label", {}, "Import from a folder (Ollama or Hugging Face cache) on the server", dirPath),
+        h("label", {}, dirCopy, " Copy instead of linking"),
+        h("button", { type: "submit" }, "Import folder")),
+      dirResult,
+      bundleForms(() => refresh(drawModels)),
+      h("h2", {}, "Downloads"), h("div", { id: "downloads" })];
+  }
 
   async function pull() {
     const body = { ref: pullRef.value.trim() };
@@ -181,15 +228,15 @@ async function models() {
   }
   async function importDir() {
     dirResult.replaceChildren(h("p", { class: "muted" }, "Importing…"));
-    const report = await attempt(() => api("POST", "/api/v1/models/import-dir", { path: dirPath.value.trim(), copy: dirCopy.checked }));
+    const imported = await attempt(() => api("POST", "/api/v1/models/import-dir", { path: dirPath.value.trim(), copy: dirCopy.checked }));
     const verbs = { added: "imported", present: "already present", would_add: "would import", failed: "failed" };
-    dirResult.replaceChildren(...(report ? (report.models.length ? report.models.map((m) =>
+    dirResult.replaceChildren(...(imported ? (imported.models.length ? imported.models.map((m) =>
       h("div", { class: m.status === "failed" ? "bad" : "ok" }, `${verbs[m.status]}: ${m.name ?? m.origin}`,
         ...m.files.map((f) => h("div", { class: "muted" }, `${f.filename} ${f.digest ?? ""} ${f.method ?? ""}`)),
         ...m.not_imported.map((text) => h("div", { class: "muted" }, `not imported: ${text}`)),
         ...m.notes.map((text) => h("div", { class: "muted" }, text)),
         ...(m.error ? [h("div", {}, m.error), h("div", { class: "muted" }, m.hint ?? "")] : []))) : [h("p", { class: "muted" }, "No models found there.")]) : []));
-    if (report) await refresh(drawModels);
+    if (imported) await refresh(drawModels);
   }
 
   const downloads = new Map();
@@ -236,25 +283,25 @@ async function models() {
   };
 
   const drawModels = async () => {
-    const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), api("GET", "/api/v1/ps")]);
+    const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), manage ? api("GET", "/api/v1/ps") : { models: [] }]);
     const loaded = new Set(ps.models.map((m) => m.name));
     document.getElementById("models")?.replaceChildren(list.length ? h("table", { id: "models-table" },
       h("thead", {}, h("tr", {}, ["", "Name", "Formats", "Size", "Digest", "Quantization", "Context", "State", ""].map((title) => h("th", {}, title)))),
       h("tbody", {}, list.map((m) => h("tr", { "data-model": m.name },
-        h("td", {}, h("input", { type: "checkbox", class: "bundle-pick", value: m.name, "aria-label": `select ${m.name} for a bundle` })),
+        h("td", {}, manage ? h("input", { type: "checkbox", class: "bundle-pick", value: m.name, "aria-label": `select ${m.name} for a bundle` }) : null),
         h("td", {}, m.name), h("td", {}, m.formats.join(", ")), h("td", {}, bytes(m.size_bytes)),
         h("td", { class: "mono", title: m.artifacts.map((a) => `${a.filename}: ${a.digest}`).join("\n") },
           m.artifacts.map((a) => h("div", {}, `${a.filename} ${a.digest.slice(0, 19)}…`))),
         h("td", {}, m.capabilities.quantization || ""), h("td", {}, m.capabilities.context_length || ""),
         h("td", { class: m.state === "ok" ? "" : "bad" }, m.state, m.pinned ? ", pinned" : "", loaded.has(m.name) ? ", loaded" : ""),
-        h("td", {},
+        h("td", {}, !manage ? null : [
           h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/verify", { name: m.name })) }, "Verify"), " ",
           h("button", { class: "secondary", onclick: () => modelAction(() => api("PATCH", `/api/v1/models/${m.name}`, { pinned: !m.pinned })) }, m.pinned ? "Unpin" : "Pin"), " ",
           loaded.has(m.name)
             ? h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/unload", { name: m.name })) }, "Unload")
             : h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/load", { name: m.name })) }, "Load"), " ",
-          h("button", { class: "danger", onclick: () => { if (confirm(`Delete ${m.name}? Its files leave the cache.`)) modelAction(() => api("DELETE", `/api/v1/models/${m.name}`)); } }, "Delete"))))))
-      : h("p", { class: "muted" }, "No models yet: pull a reference or import a file."));
+          h("button", { class: "danger", onclick: () => { if (confirm(`Delete ${m.name}? Its files leave the cache.`)) modelAction(() => api("DELETE", `/api/v1/models/${m.name}`)); } }, "Delete")])))))
+      : h("p", { class: "muted" }, manage ? "No models yet: pull a reference or import a file." : "No models yet."));
   };
   const modelAction = async (action) => {
     const result = await attempt(action);
@@ -262,8 +309,10 @@ async function models() {
     await refresh(drawModels);
   };
 
+  if (!manage) return await refresh(drawModels);
   await Promise.all([drawDownloads(), refresh(drawModels)]);
   if (token !== generation) return;
+  // Same origin: the session cookie goes with it (an API key cannot: EventSource sends no headers).
   const events = new EventSource("/api/v1/downloads/events");
   events.addEventListener("download", (event) => {
     const download = JSON.parse(event.data);
@@ -284,6 +333,7 @@ function bundleForms(redraw) {
   const exportBundle = () => {
     const names = [...document.querySelectorAll(".bundle-pick:checked")].map((box) => box.value);
     const query = new URLSearchParams(names.map((name) => ["name", name]));
+    // A plain link: the browser sends the session cookie with it and saves the stream to disk.
     const link = h("a", { href: `/api/v1/bundle${names.length ? `?${query}` : ""}`, download: "models.tar", hidden: true });
     document.body.append(link);
     link.click();
@@ -295,7 +345,7 @@ function bundleForms(redraw) {
     const request = new XMLHttpRequest();
     request.open("POST", "/api/v1/bundle");
     request.setRequestHeader("content-type", "application/x-tar");
-    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
+    for (const [name, value] of Object.entries(credentials("POST"))) request.setRequestHeader(name, value);
     bar.hidden = false;
     bar.value = 0;
     status.textContent = "uploading…";
@@ -308,6 +358,7 @@ function bundleForms(redraw) {
       let data = null;
       try { data = JSON.parse(request.responseText); } catch { data = null; }
       bar.hidden = true;
+      if (request.status === 401) { signedOut(new Error((data && data.detail) || request.statusText)); return; }
       if (request.status !== 200) {
         status.textContent = "";
         showError(`${(data && data.detail) || request.statusText}${data && data.hint ? ` (${data.hint})` : ""}`);
@@ -340,7 +391,7 @@ async function chat() {
   const maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: 1, max: 32768, value: 256 });
   const prompt = h("textarea", { id: "chat-prompt", rows: 3, placeholder: "Ask something; Ctrl+Enter sends", required: true });
   const log = h("div", { class: "chat-log", id: "chat-log", "aria-live": "polite" });
-  const send = h("button", { type: "submit", id: "chat-send" }, "Send");
+  const sendButton = h("button", { type: "submit", id: "chat-send" }, "Send");
   const stop = h("button", { type: "button", class: "danger", id: "chat-stop", disabled: true }, "Stop");
   const history = [];
   let controller = null;
@@ -349,7 +400,7 @@ async function chat() {
   stop.addEventListener("click", () => controller?.abort());
   const form = h("form", { onsubmit: (event) => { event.preventDefault(); ask(); } },
     h("div", { class: "chat-layout" },
-      h("div", {}, log, h("label", {}, "Message", prompt), h("p", {}, send, " ", stop)),
+      h("div", {}, log, h("label", {}, "Message", prompt), h("p", {}, sendButton, " ", stop)),
       h("div", {}, h("label", {}, "Model", model), h("label", {}, "System prompt", system),
         h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens))));
   page.replaceChildren(h("h1", {}, "Chat"), choices.length ? form : h("p", { class: "muted" }, "No GGUF model yet: pull or import one on the Models page."));
@@ -366,11 +417,11 @@ async function chat() {
     log.append(answer);
     const messages = system.value.trim() ? [{ role: "system", content: system.value.trim() }, ...history] : [...history];
     controller = new AbortController();
-    send.disabled = true; stop.disabled = false;
+    sendButton.disabled = true; stop.disabled = false;
     try {
-      const response = await fetch("/v1/chat/completions", {
-        method: "POST", headers: { ...authHeaders(), "content-type": "application/json" }, signal: controller.signal,
-        body: JSON.stringify({ model: model.value, messages, stream: true, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }),
+      const response = await send("POST", "/v1/chat/completions", {
+        signal: controller.signal,
+        body: { model: model.value, messages, stream: true, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) },
       });
       if (!response.ok) {
         const problem = await response.json().catch(() => ({}));
@@ -394,10 +445,10 @@ async function chat() {
       }
     } catch (error) {
       if (error.name === "AbortError") answer.append(h("span", { class: "muted" }, " [stopped]"));
-      else showError(error.message);
+      else report(error);
     } finally {
       history.push({ role: "assistant", content: answer.firstChild ? answer.textContent.replace(/ \[stopped\]$/, "") : "" });
-      send.disabled = false; stop.disabled = true; controller = null;
+      sendButton.disabled = false; stop.disabled = true; controller = null;
       prompt.focus();
     }
   }
@@ -470,20 +521,15 @@ async function settings() {
 
 // -- keys and users ----------------------------------------------------------------------------
 
-// This tab's key, whoever it acts as, and the keys they may see: their own (an admin's: all).
+// The keys the signed-in user may see: their own ("My keys"); an admin's: everyone's.
 async function keys() {
   const token = generation;
-  const entered = h("input", { id: "api-key", type: "password", size: 52, autocomplete: "off", placeholder: "apl_…" });
-  const who = h("p", { id: "whoami", class: "muted" });
   const name = h("input", { id: "key-name", placeholder: "laptop (optional)" });
   const expires = h("select", { id: "key-expires" },
     [["", "never"], ["12h", "12 hours"], ["30d", "30 days"], ["8w", "8 weeks"]].map(([value, label]) => h("option", { value }, label)));
   const created = h("div", { id: "new-key" });
   const list = h("div", { id: "keys" }, "Loading…");
   const draw = async () => {
-    const me = await api("GET", "/api/v1/me");
-    if (token !== generation) return;
-    who.replaceChildren(me.auth ? `This tab acts as ${me.actor} (${me.role}).` : "API keys are off (server.auth): every loopback caller is an admin.");
     const found = await api("GET", "/api/v1/keys");
     if (token !== generation) return;
     list.replaceChildren(found.length ? h("table", {},
@@ -511,17 +557,8 @@ async function keys() {
     name.value = "";
     await refresh(draw);
   };
-  const useKey = async (value) => {
-    if (value) sessionStorage.setItem(KEY_STORAGE, value); else sessionStorage.removeItem(KEY_STORAGE);
-    entered.value = "";
-    await attempt(draw);
-  };
-  page.replaceChildren(h("h1", {}, "API keys"),
-    h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); useKey(entered.value.trim()); } },
-      h("label", {}, "API key this tab sends (kept until the tab closes)", entered),
-      h("button", { type: "submit" }, "Use key"),
-      h("button", { type: "button", class: "secondary", onclick: () => useKey("") }, "Forget key")),
-    who,
+  page.replaceChildren(h("h1", {}, isAdmin() ? "API keys" : "My keys"),
+    h("p", { class: "muted" }, isAdmin() ? "Every user's keys; the ones made here are yours." : "Keys for programs that call the API as you (openai, ollama, curl)."),
     h("h2", {}, "Make a key"),
     h("form", { class: "inline", onsubmit: (event) => { event.preventDefault(); create(); } },
       h("label", {}, "Name", name), h("label", {}, "Expires", expires), h("button", { type: "submit" }, "Create key")),
@@ -566,24 +603,160 @@ async function users() {
   await attempt(draw);
 }
 
+// -- signing in --------------------------------------------------------------------------------
+
+const nav = document.querySelector("nav");
+const account = document.getElementById("account");
+let loginShown = false;  // the login (or setup) page is up: nothing else draws until someone signs in
+
+function isAdmin() { return me !== null && me.role === "admin"; }
+
+// Asks the server who this tab is; signed in (or auth off): the page the address names, else the login page.
+async function start() {
+  const response = await send("GET", "/api/v1/me");
+  const data = await readBody(response);
+  if (response.status === 401) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    sessionStorage.removeItem(KEY_STORAGE);
+    const login = await api("GET", "/api/v1/login").catch(() => null);  // says whether the first admin is still to be made
+    return showLogin({ message: key ? `the API key was refused: ${new ApiError(response, data).message}` : "", setup: login?.setup === true });
+  }
+  if (!response.ok) throw new ApiError(response, data);
+  me = data;
+  csrfToken = data.csrf_token ?? null;
+  loginShown = false;
+  nav.hidden = false;
+  for (const link of nav.querySelectorAll("a[data-admin]")) link.hidden = !isAdmin();
+  nav.querySelector("a[data-page='keys']").textContent = isAdmin() ? "Keys" : "My keys";
+  account.hidden = !me.auth;
+  document.getElementById("account-name").textContent = `${me.name} (${me.role})`;
+  await route();
+}
+
+// The tab's session or key has gone (a 401 on some call): back to the login page, saying why.
+function signedOut(error) {
+  if (!loginShown) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    sessionStorage.removeItem(KEY_STORAGE);
+    showLogin({ message: key ? `the API key was refused: ${error.message}` : "Your session expired: sign in again." });
+  }
+  return new SignedOut(error.message);
+}
+
+async function logOut() {
+  if (sessionStorage.getItem(KEY_STORAGE)) sessionStorage.removeItem(KEY_STORAGE);
+  else if (!(await attempt(() => api("POST", "/api/v1/logout")))) return;
+  if (!loginShown) showLogin({ message: "You have logged out." });
+}
+
+function showLogin({ message = "", setup = false }) {
+  me = null;
+  csrfToken = null;
+  loginShown = true;
+  leavePage();
+  clearErrors();
+  nav.hidden = true;
+  account.hidden = true;
+  if (setup) setupView(); else loginView(message);
+}
+
+// A 429 says for how long; any other failure is the server's own words.
+function signInFailed(error) {
+  if (error instanceof ApiError && error.status === 429) showError(`too many attempts, try again in ${error.retryAfter ?? "a few"} s`);
+  else report(error);
+}
+
+async function signIn(path, body) {
+  clearErrors();
+  sessionStorage.removeItem(KEY_STORAGE);  // a password login replaces a key
+  try {
+    await api("POST", path, body);
+    await start();
+    return true;
+  } catch (error) {
+    signInFailed(error);
+    return false;
+  }
+}
+
+function loginView(message) {
+  const name = h("input", { id: "login-name", autocomplete: "username", required: true });
+  const password = h("input", { id: "login-password", type: "password", autocomplete: "current-password", required: true });
+  const key = h("input", { id: "api-key", type: "password", size: 52, autocomplete: "off", placeholder: "apl_…", required: true });
+  const keyForm = h("form", { class: "inline", id: "key-form", hidden: true, onsubmit: (event) => { event.preventDefault(); useKey(); } },
+    h("label", {}, "API key (this tab keeps it until it closes)", key), h("button", { type: "submit" }, "Use key"));
+  const useKey = async () => {
+    clearErrors();
+    sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    await start().catch(report);
+  };
+  page.replaceChildren(h("h1", {}, "Sign in"),
+    message ? h("p", { id: "login-message" }, message) : null,
+    h("form", { class: "login", id: "login-form", onsubmit: async (event) => {
+      event.preventDefault();
+      if (!(await signIn("/api/v1/login", { name: name.value.trim(), password: password.value }))) password.value = "";
+    } },
+      h("label", {}, "User name", name), h("label", {}, "Password", password), h("button", { type: "submit" }, "Sign in")),
+    h("p", {}, h("button", { type: "button", class: "secondary", onclick: () => { keyForm.hidden = false; key.focus(); } }, "Use an API key instead")),
+    keyForm);
+  name.focus();
+}
+
+// The first start with auth on: `appliance serve` printed a setup token; it makes the first admin.
+function setupView() {
+  const token = h("input", { id: "setup-token", autocomplete: "off", spellcheck: "false", size: 40, required: true });
+  const name = h("input", { id: "setup-name", autocomplete: "username", required: true, placeholder: "admin" });
+  const password = h("input", { id: "setup-password", type: "password", autocomplete: "new-password", required: true, placeholder: "10 characters or more" });
+  const again = h("input", { id: "setup-again", type: "password", autocomplete: "new-password", required: true });
+  const create = async () => {
+    if (password.value !== again.value) return showError("the two passwords differ: type the same password twice");
+    await signIn("/api/v1/setup", { token: token.value.trim(), name: name.value.trim(), password: password.value });
+  };
+  page.replaceChildren(h("h1", {}, "Create the first admin"),
+    h("p", { class: "muted" }, "No admin exists yet. appliance serve printed a one-time setup token as it started (good until it stops); or make an admin with appliance users add NAME --role admin, then sign in."),
+    h("form", { class: "login", id: "setup-form", onsubmit: (event) => { event.preventDefault(); create(); } },
+      h("label", {}, "Setup token", token), h("label", {}, "Admin's user name", name),
+      h("label", {}, "Password", password), h("label", {}, "Password again", again),
+      h("button", { type: "submit" }, "Create the admin and sign in")),
+    h("p", {}, h("button", { type: "button", class: "secondary", onclick: () => { clearErrors(); loginView(""); } }, "Sign in instead")));
+  token.focus();
+}
+
 // -- routing -----------------------------------------------------------------------------------
 
 const pages = { "": dashboard, models, chat, audit, settings, keys, users };
+const ADMIN_PAGES = new Set(["", "audit", "settings", "users"]);
 
-async function route() {
+// Its link is hidden from them, and the server answers its calls with 403 anyway.
+function adminOnly() {
+  page.replaceChildren(h("h1", {}, "Admins only"),
+    h("p", {}, `This page needs the admin role; you are signed in as ${me.name} (${me.role}).`));
+}
+
+// Stops what the current page runs (timers, event streams); their late answers are dropped.
+function leavePage() {
   generation += 1;
   for (const stop of leaving) stop();
   leaving = [];
+}
+
+async function route() {
+  if (me === null) return;  // the login page is up; it routes once someone signs in
+  leavePage();
   clearErrors();
-  const name = location.hash.replace(/^#\/?/, "").split("?")[0];
-  const draw = pages[name] || dashboard;
-  for (const link of document.querySelectorAll("nav a")) {
-    const current = link.dataset.page === (name || "dashboard");
+  const asked = location.hash.replace(/^#\/?/, "").split("?")[0];
+  const name = Object.hasOwn(pages, asked) ? asked : "";
+  const home = isAdmin() ? "" : "models";  // the dashboard shows the machine: admins only
+  const shown = name === "" ? home : name;
+  const draw = ADMIN_PAGES.has(shown) && !isAdmin() ? adminOnly : pages[shown];
+  for (const link of nav.querySelectorAll("a")) {
+    const current = link.dataset.page === (shown || "dashboard");
     if (current) link.setAttribute("aria-current", "page"); else link.removeAttribute("aria-current");
   }
   await draw();
   page.focus({ preventScroll: true });
 }
 
+document.getElementById("logout").addEventListener("click", logOut);
 window.addEventListener("hashchange", route);
-route();
+start().catch(report);
