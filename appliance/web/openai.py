@@ -183,7 +183,11 @@ class ChatCompletionBody(_GenerationBody):
     parallel_tool_calls: bool | None = None
 
     def options(self) -> GenerationOptions:
-        tools = offer_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        try:
+            tools = offer_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except InvalidInput as exc:  # OpenAI's errors name the field at fault
+            field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
+            raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc
         return replace(super().options(), tools=tools)
 
 

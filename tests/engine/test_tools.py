@@ -54,8 +54,8 @@ TIME = {
     },
 }
 AUTO = ToolSet(tools=(WEATHER, TIME))
-ASK = [{"role": "user", "content": "Weather in Paris?"}]
-CALLED = [
+ASK: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+CALLED: list[dict[str, Any]] = [
     *ASK,
     {
         "role": "assistant",

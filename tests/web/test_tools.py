@@ -20,7 +20,7 @@ from tests.conftest import CliResult, Server
 from tests.engine.tool_templates import QWEN, THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
-WEATHER = {
+WEATHER: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -33,7 +33,7 @@ WEATHER = {
         },
     },
 }
-TIME = {
+TIME: Any = {
     "type": "function",
     "function": {
         "name": "get_time",
@@ -88,7 +88,7 @@ def test_a_required_call_comes_back_as_openai_tool_calls(
     completion = client.chat.completions.create(
         model=models[family],
         messages=ASK,
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tools=[WEATHER, TIME],
         tool_choice="required",
         parallel_tool_calls=False,
         temperature=0,
@@ -102,8 +102,8 @@ def test_a_required_call_comes_back_as_openai_tool_calls(
     call = calls[0]
     assert call.type == "function"
     assert call.id.startswith("call_")
-    assert call.function.name in ("get_weather", "get_time")  # type: ignore[union-attr]
-    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert call.function.name in ("get_weather", "get_time")
+    arguments = json.loads(call.function.arguments)
     assert arguments in ({"city": "Paris"}, {"city": "Rome"}, {"zone": "UTC"}, {"zone": "CET"})
 
 
@@ -116,7 +116,7 @@ def test_a_named_call_streams_as_delta_chunks_without_markup(
         messages=ASK,
         tools=[WEATHER, TIME],
         tool_choice=NAMED_TIME,
-        stream=True,  # type: ignore[list-item]
+        stream=True,
     )
     content: list[str] = []
     calls: dict[int, dict[str, str]] = {}
@@ -148,7 +148,7 @@ def test_auto_may_answer_in_text(client: openai.OpenAI, models: dict[str, str]) 
             messages=ASK,
             tools=[WEATHER],
             max_tokens=8,
-            stream=stream,  # type: ignore[list-item]
+            stream=stream,
         )
         reasons = (
             [response.choices[0].finish_reason]
@@ -164,7 +164,7 @@ def test_a_tool_result_sent_back_is_answered(client: openai.OpenAI, models: dict
         messages=ASK,
         tools=[WEATHER],
         tool_choice="required",
-        temperature=0,  # type: ignore[list-item]
+        temperature=0,
     )
     called = first.choices[0].message
     assert called.tool_calls is not None
@@ -179,7 +179,7 @@ def test_a_tool_result_sent_back_is_answered(client: openai.OpenAI, models: dict
             messages=messages,
             tools=[WEATHER],
             max_tokens=6,
-            temperature=0,  # type: ignore[list-item]
+            temperature=0,
         )
         assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
         assert answer.usage is not None
@@ -193,14 +193,14 @@ def test_tool_choice_none_offers_no_tools(
         model=models["generic"],
         messages=ASK,
         tools=[WEATHER],
-        max_tokens=1,  # type: ignore[list-item]
+        max_tokens=1,
     )
     without = client.chat.completions.create(
         model=models["generic"],
         messages=ASK,
         tools=[WEATHER],
         tool_choice="none",
-        max_tokens=1,  # type: ignore[list-item]
+        max_tokens=1,
     )
     assert with_tools.usage is not None
     assert without.usage is not None
@@ -252,7 +252,9 @@ def test_tool_requests_it_cannot_honour_are_refused(
         "/v1/chat/completions", json={"model": models["generic"], "messages": ASK, **body}
     )
     assert refused.status_code == 400
-    assert refused.json()["error"]["message"].startswith(message)
+    error = refused.json()["error"]
+    assert error["message"].startswith(message)
+    assert message.startswith(error["param"] or "a required")  # the field at fault, where one is
     assert server.client.get("/api/v1/inference").json() == []  # nothing ran
 
 
@@ -279,7 +281,7 @@ def test_langchain_bind_tools(server: Server, models: dict[str, str]) -> None:
 
 # The generic format's answer as a JSON schema: Ollama's ``format`` forces it, and the reader
 # takes it for the tool call it is.
-GENERIC_CALL = {
+GENERIC_CALL: Any = {
     "type": "object",
     "properties": {
         "tool_calls": {
@@ -289,7 +291,7 @@ GENERIC_CALL = {
                 "properties": {
                     "name": {"const": "get_weather"},
                     "arguments": WEATHER["function"]["parameters"],
-                },  # type: ignore[index]
+                },
                 "required": ["name", "arguments"],
             },
             "minItems": 1,
