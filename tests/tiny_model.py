@@ -30,6 +30,7 @@ def write_llama_gguf(
     padding_bytes: int = 0,
     vocab_size: int | None = None,
     f16: bool = False,
+    fim: bool = False,
 ) -> Path:
     """A llama model llama.cpp can load: byte-level SPM vocabulary, F32 tensors (F16 with ``f16``).
 
@@ -37,6 +38,7 @@ def write_llama_gguf(
     ``vocab_size`` (at least 260) pads the vocabulary with plain word tokens (``▁w0``, ``▁w1``…),
     so that the embedding and output matrices have a realistic size; ``f16`` stores the weight
     matrices as F16 (the norms stay F32), as most unquantised models ship. Both are for benchmarks.
+    ``fim`` names fill-in-the-middle tokens (three byte tokens stand in), as code models carry.
     """
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + ["\u2581"]
@@ -69,6 +71,9 @@ def write_llama_gguf(
     writer.add_unk_token_id(0)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if fim:
+        for key, token in (("fim_pre", 3), ("fim_suf", 4), ("fim_mid", 5)):
+            writer.add_uint32(f"tokenizer.ggml.{key}_token_id", token)
 
     def tensor(name: str, *shape: int) -> None:
         writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float16 if f16 else np.float32))

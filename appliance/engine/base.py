@@ -28,6 +28,8 @@ __all__ = [
     "Route",
     "SamplingParams",
     "TextChunk",
+    "ToolCall",
+    "ToolSet",
 ]
 
 
@@ -75,6 +77,30 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ToolSet:
+    """The tools offered to the model for one request, as OpenAI function tools
+    (``{"type": "function", "function": {"name", "description", "parameters"}}``)."""
+
+    tools: tuple[dict[str, Any], ...]
+    required: bool = False  # the answer must be a tool call (decoding is constrained to one)
+    function: str | None = None  # the one function the answer must call
+    parallel: bool = True  # False: at most one call per answer
+
+    @property
+    def constrained(self) -> bool:
+        return self.required or self.function is not None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call read back from the model's answer."""
+
+    id: str  # "call_…"
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A resolved generation request: a conversation (rendered with the model's template) or raw text."""
 
@@ -84,6 +110,7 @@ class Prompt:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     keep_alive: float | None = None  # None: the engine's setting
+    tools: ToolSet | None = None  # rendered through the chat template; None: no tools offered
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class Ready:
     reason: str  # how the model came to be loaded ("the model was already loaded", ...)
     prompt_tokens: int
     queued: int  # requests waiting for this model, this one included
+    tool_format: str = ""  # how the answer writes tool calls (engine/tools.py FORMATS); "": none offered
 
 
 @dataclass(frozen=True)
@@ -102,7 +130,7 @@ class TextChunk:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop", "length", "cancelled" or "error"
+    reason: str  # "stop", "length", "tool_calls" (the answer called tools), "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
     error: ApplianceError | None = None

@@ -1,16 +1,21 @@
 """Chat prompts: the GGUF's own Jinja chat template, rendered in a sandbox, or ChatML when it has none.
 
-Part of the in-process engine; may import ``appliance.errors`` only.
+Tools offered with a request go to the template as ``tools`` (Hugging Face's convention), or into
+a preamble when the template cannot show them (``engine/tools.py``). Part of the in-process
+engine; may import ``appliance.engine.base``, ``appliance.engine.tools`` and ``appliance.errors``.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from appliance.engine.base import ToolSet
+from appliance.engine.tools import detect_format, handles_tools, prepare_messages, tools_for_template
 from appliance.errors import InvalidInput
 
 __all__ = ["CHATML", "ChatTemplate"]
@@ -26,24 +31,41 @@ def _raise(message: str) -> None:
     raise InvalidInput(f"the model's chat template refused the conversation: {message}")
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str, eos_token: str) -> None:
         self.source = source or CHATML
         self.uses_fallback = source is None
         self.bos_token = bos_token
+        self.tool_format = detect_format(self.source)
+        self.handles_tools = handles_tools(self.source)
         self.eos_token = eos_token
         environment = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
+        # Hugging Face's tojson: plain JSON (Jinja's own escapes <, > and & for HTML), keys in order
+        environment.filters["tojson"] = _tojson
         try:
             self._template = environment.from_string(self.source)
         except jinja2.TemplateError as exc:
             raise InvalidInput(f"the model's chat template does not compile: {exc}") from exc
 
-    def render(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+    def render(self, messages: list[dict[str, Any]], *, tools: ToolSet | None = None) -> str:
+        extra = {"tools": tools_for_template(tools)} if tools is not None and self.handles_tools else {}
         try:
             return self._template.render(
-                messages=messages,
+                messages=prepare_messages(messages, tools, template=self.source),
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,

@@ -12,7 +12,7 @@ A retired model (deleted from the registry) leaves the pool at once (``loaded`` 
 it, no new request reaches it), requests in flight on it finish (its blob stays readable through
 the memory map even once unlinked), and the last one to end unloads it.
 
-May import ``appliance.engine`` (base, llama, batcher, chat), ``appliance.hostinfo``,
+May import ``appliance.engine`` (base, llama, batcher, chat, tools), ``appliance.hostinfo``,
 ``appliance.errors`` and ``appliance.settings``; never the registry, the store or the web layer.
 """
 
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -41,6 +41,7 @@ from appliance.engine.base import (
     SamplingParams,
 )
 from appliance.engine.chat import ChatTemplate
+from appliance.engine.tools import tool_grammar
 from appliance.errors import EngineFailure, InsufficientMemory, PromptTooLong
 from appliance.settings import EngineSettings
 
@@ -353,17 +354,25 @@ class EnginePool:
         """Ready, then the request's events (see ``Engine.generate``)."""
         loaded, reason = await anyio.to_thread.run_sync(lambda: self.acquire(spec))
         try:
+            sampling, tool_format = prompt.sampling, ""
             if prompt.messages is not None:
-                text = loaded.template.render(prompt.messages)
+                text = loaded.template.render(prompt.messages, tools=prompt.tools)
                 stop = (*prompt.stop, *loaded.template.stop_strings)
+                if prompt.tools is not None:
+                    tool_format = loaded.template.tool_format
+                    if prompt.tools.constrained:
+                        sampling = replace(sampling, grammar=tool_grammar(tool_format, prompt.tools))
             else:
                 text, stop = prompt.text or "", prompt.stop
             tokens = loaded.tokenize(text)
             max_tokens = prompt.max_tokens if prompt.max_tokens is not None else loaded.seq_ctx
-            yield Ready(reason=reason, prompt_tokens=len(tokens), queued=loaded.batcher.queued)
-            stream = self.stream_tokens(
-                loaded, tokens, max_tokens=max_tokens, sampling=prompt.sampling, stop=stop
+            yield Ready(
+                reason=reason,
+                prompt_tokens=len(tokens),
+                queued=loaded.batcher.queued,
+                tool_format=tool_format,
             )
+            stream = self.stream_tokens(loaded, tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
             async with aclosing(stream):
                 async for event in stream:
                     yield event

@@ -3,8 +3,13 @@
 The OpenAI and Ollama surfaces both call this. The router resolves the name and picks the
 engine; the engine loads the model if needed, renders and tokenizes the prompt, and streams
 events; this records the routing decision, token counts and timings. A service over the
-engine: may import the engine's base and router, metrics and the store's types; never the web
-layer, and never an engine implementation (it talks to the ``Engine`` protocol).
+engine: may import the engine's base, router and tool-call reader (``engine/tools.py``, pure),
+metrics and the store's types; never the web layer, and never an engine implementation (it talks
+to the ``Engine`` protocol).
+
+When tools are offered, the answer is read as it streams (``ToolCallReader``, in the tool-call
+format the engine reports for the model's template): text goes on as TextChunks, calls come out
+as ToolCall events, and an answer that called tools finishes with reason "tool_calls".
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk
+from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk, ToolCall, ToolSet
 from appliance.engine.router import Router
+from appliance.engine.tools import ToolCallReader
 from appliance.errors import InvalidInput
 from appliance.metrics import Metrics
 from appliance.names import ModelName
@@ -50,12 +56,18 @@ class GenerationOptions:
     json_schema: dict[str, Any] | None = None
     keep_alive: float | None = None
     context_length: int | None = None  # per sequence; None: the preference or setting
+    tools: ToolSet | None = None  # offered to the model (engine/tools.py offer_tools); None: none
 
     def sampling(self) -> SamplingParams:
         # llama_cpp loads llama.cpp's libraries on import: not at start, only once a request needs them
         from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
         grammar = None
+        if self.tools is not None and self.tools.constrained and (self.json_mode or self.json_schema):
+            raise InvalidInput(
+                "a required tool call and a JSON response format cannot both constrain the answer",
+                hint='leave response_format out, or use tool_choice "auto"',
+            )
         if self.json_schema is not None:
             try:
                 grammar = json_schema_to_gbnf(json.dumps(self.json_schema))
@@ -118,14 +130,15 @@ class InferenceService:
         *,
         endpoint: str,
         correlation_id: str,
-    ) -> AsyncGenerator[Started | TextChunk | Finished]:
-        """Events of a chat turn: Started, then TextChunks, then Finished. Close it to stop early."""
+    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
+        """Events of a chat turn: Started, then TextChunks and ToolCalls (when tools are offered),
+        then Finished. Close it to stop early."""
         return self._stream(name, options, endpoint, correlation_id, messages=messages)
 
     def complete(
         self, name: str, prompt: str, options: GenerationOptions, *, endpoint: str, correlation_id: str
-    ) -> AsyncGenerator[Started | TextChunk | Finished]:
-        """Events of a raw completion, as ``chat``."""
+    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
+        """Events of a raw completion, as ``chat`` (never a ToolCall: no tools are offered)."""
         return self._stream(name, options, endpoint, correlation_id, prompt=prompt)
 
     async def _stream(
@@ -137,7 +150,7 @@ class InferenceService:
         *,
         messages: list[dict[str, Any]] | None = None,
         prompt: str | None = None,
-    ) -> AsyncGenerator[Started | TextChunk | Finished]:
+    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
         request = Prompt(
             messages=messages,
@@ -146,6 +159,7 @@ class InferenceService:
             sampling=options.sampling(),
             stop=options.stop,
             keep_alive=options.keep_alive,
+            tools=options.tools if messages is not None else None,
         )
         engine, spec, model_name = await anyio.to_thread.run_sync(
             lambda: self.router.route(name, context_length=options.context_length)
@@ -153,6 +167,7 @@ class InferenceService:
         tracker.model = str(model_name)
         route: Route | None = None  # set once the engine has the model loaded
         finished: Finished | None = None
+        reader: ToolCallReader | None = None
         try:
             generation = engine.generate(spec, request)
             async with aclosing(generation):  # closing this stream cancels the request at once
@@ -160,6 +175,8 @@ class InferenceService:
                     if isinstance(event, Ready):
                         route = self.router.route_of(engine, event.reason)
                         self.metrics.queue_depth.labels(model=tracker.model).set(event.queued)
+                        if request.tools is not None:
+                            reader = ToolCallReader(event.tool_format or "generic", request.tools)
                         yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
                         continue
                     if isinstance(event, TextChunk) and tracker.first_token is None:
@@ -168,7 +185,18 @@ class InferenceService:
                         finished = event
                         if event.error is not None:
                             raise event.error
-                    yield event
+                    if reader is None:
+                        yield event
+                        continue
+                    parts = reader.feed(event.text) if isinstance(event, TextChunk) else reader.finish()
+                    called = False
+                    for part in parts:
+                        called = called or isinstance(part, ToolCall)
+                        yield TextChunk(part) if isinstance(part, str) else part
+                    if isinstance(event, Finished):
+                        if called and event.reason == "stop":
+                            event = finished = replace(event, reason="tool_calls")
+                        yield event
         finally:
             if route is not None:  # a model that never loaded served nothing to log
                 served = route

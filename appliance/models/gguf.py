@@ -75,6 +75,13 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             "tensor_count": len(reader.tensors),
             "quantization": _quantization(reader),
             "chat_template": "tokenizer.chat_template" in reader.fields,
+            # fill-in-the-middle tokens (llama.cpp's newer keys, then its older ones)
+            "fill_in_middle": any(
+                key in reader.fields
+                for key in ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id")
+            )
+            or None,
+            "pooling_type": _scalar(reader, f"{architecture}.pooling_type"),
             "gguf_version": _scalar(reader, "GGUF.version"),
         }
     except UnsupportedFormat:

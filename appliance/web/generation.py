@@ -8,12 +8,12 @@ from typing import Any
 
 import anyio
 
-from appliance.engine.base import Finished, TextChunk
+from appliance.engine.base import Finished, TextChunk, ToolCall
 from appliance.engine.service import Started
 
 __all__ = ["Events", "Generation"]
 
-Events = AsyncIterator[Started | TextChunk | Finished]
+Events = AsyncIterator[Started | TextChunk | ToolCall | Finished]
 
 
 class Generation:
@@ -30,7 +30,7 @@ class Generation:
         self.began = self.opened = time.perf_counter_ns()
         self.first_token: int | None = None
         self.started: Started | None = None
-        self._peeked: TextChunk | Finished | None = None
+        self._peeked: TextChunk | ToolCall | Finished | None = None
 
     @property
     def model(self) -> str:
@@ -48,14 +48,14 @@ class Generation:
             raise
         return started
 
-    async def _fetch(self) -> TextChunk | Finished:
+    async def _fetch(self) -> TextChunk | ToolCall | Finished:
         event = await anext(self.events)
         assert not isinstance(event, Started)
         if isinstance(event, TextChunk) and self.first_token is None:
             self.first_token = time.perf_counter_ns()
         return event
 
-    async def next(self) -> TextChunk | Finished:
+    async def next(self) -> TextChunk | ToolCall | Finished:
         if self._peeked is None:
             return await self._fetch()
         event, self._peeked = self._peeked, None
@@ -80,12 +80,16 @@ class Generation:
             "eval_duration": now - first,
         }
 
-    async def collect(self) -> tuple[str, Finished]:
-        """The whole text and how it finished (a non-streamed answer); closes the stream."""
+    async def collect(self) -> tuple[str, list[ToolCall], Finished]:
+        """The whole text, the tool calls and how it finished (a non-streamed answer); closes the stream."""
         parts: list[str] = []
+        calls: list[ToolCall] = []
         try:
-            while isinstance(event := await self.next(), TextChunk):
-                parts.append(event.text)
+            while not isinstance(event := await self.next(), Finished):
+                if isinstance(event, ToolCall):
+                    calls.append(event)
+                else:
+                    parts.append(event.text)
         finally:
             await self.close()
-        return "".join(parts), event
+        return "".join(parts), calls, event

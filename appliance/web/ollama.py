@@ -6,7 +6,9 @@ Only concrete paths are registered: ``/api/v1/...`` belongs to the management AP
 
 Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
-no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef
+no messages) only loads the model, or unloads it with ``keep_alive`` 0. Chat takes ``tools``
+and answers with ``message.tool_calls`` (arguments as an object), a line of its own when
+streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. Pull takes a ModelRef
 (a local file is imported, a network ref downloaded) and goes through the provisioner's
 ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
 Errors, streamed or not, come from the one mapping in ``web/errors.py``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -31,10 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance import __version__
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
-from appliance.engine.base import TextChunk
+from appliance.engine.base import Finished, TextChunk, ToolCall
+from appliance.engine.features import model_capabilities
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
+from appliance.engine.tools import offer_tools
 from appliance.errors import (
     InvalidInput,
     InvalidModelName,
@@ -78,8 +83,8 @@ _UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {
     "context": ([],),
     "template": ("",),
 }
-_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {"tools": ([],), "think": (False,)}
-_ROLES = ("system", "user", "assistant")
+_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {"think": (False,)}
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Options(_Body):
@@ -176,22 +181,47 @@ class GenerateBody(_GenerationBody):
 class ChatMessage(_Body):
     role: str = Field(min_length=1, json_schema_extra={"enum": list(_ROLES)})  # checked in turn()
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
 
     def turn(self, index: int) -> dict[str, Any]:
         where = f"messages.{index}."
         if self.role not in _ROLES:
             raise InvalidInput(f"{where}role {self.role!r} is not supported; use one of {', '.join(_ROLES)}")
-        refuse_unsupported(self, {"images": ([],), "tool_calls": ([],), "thinking": ("",)}, where=where)
-        return {**self.model_dump(exclude_none=True), "content": self.content or ""}
+        refuse_unsupported(self, {"images": ([],), "thinking": ("",)}, where=where)
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidInput(f"{where}tool_calls belong to assistant messages")
+        turn = {**self.model_dump(exclude_none=True), "content": self.content or ""}
+        if self.tool_calls:
+            turn["tool_calls"] = [
+                _template_call(call, where=f"{where}tool_calls.{number}")
+                for number, call in enumerate(self.tool_calls)
+            ]
+        return turn
+
+
+def _template_call(call: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """An earlier call as chat templates read it (Hugging Face's shape, as OpenAI's with an object)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidInput(f'{where} must be {{"function": {{"name": ..., "arguments": {{...}}}}}}')
+    arguments = function.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        raise InvalidInput(f"{where}.function.arguments must be an object")
+    call_id = str(call.get("id") or "")
+    return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 class ChatBody(_GenerationBody):
     messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
 
     def _refuse_unsupported(self) -> None:
         refuse_unsupported(self, _UNSUPPORTED_CHAT)
         for index, message in enumerate(self.messages):
             message.turn(index)
+
+    def generation_options(self) -> GenerationOptions:
+        return replace(super().generation_options(), tools=offer_tools(self.tools))
 
 
 class ModelBody(_Body):
@@ -285,6 +315,7 @@ def _model_info(capabilities: dict[str, Any]) -> dict[str, Any]:
 
 def _show(model: Model, models: ModelService) -> dict[str, Any]:
     template = models.chat_template(model)
+    capabilities = model_capabilities(template, model.capabilities)
     # Without a template of its own the engine falls back to ChatML, which stops at <|im_end|>.
     parameters = "" if template else 'stop "<|im_end|>"'
     modelfile = [
@@ -304,7 +335,7 @@ def _show(model: Model, models: ModelService) -> dict[str, Any]:
         "template": template,
         "details": _details(model.capabilities, _model_format(model)),
         "model_info": _model_info(model.capabilities),
-        "capabilities": ["completion"],
+        "capabilities": capabilities,
         "modified_at": model.updated_at,
     }
 
@@ -375,16 +406,19 @@ def _line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
-async def _ndjson(
-    generation: Generation, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
-) -> AsyncIterator[bytes]:
-    """One line per text piece, then the final line with the counters; errors become an error line."""
+Piece = Callable[[str, list[ToolCall]], dict[str, Any]]  # one object's text and tool calls
+
+
+async def _ndjson(generation: Generation, piece: Piece, final: dict[str, Any]) -> AsyncIterator[bytes]:
+    """One line per text piece or tool call, then the final line with the counters; errors become
+    an error line."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
-            while isinstance(event := await generation.next(), TextChunk):
-                yield _line({**piece(event.text), "done": False})
-            yield _line({**piece(""), "done": True, **final, **generation.counters(event)})
+            while not isinstance(event := await generation.next(), Finished):
+                parts = piece(event.text, []) if isinstance(event, TextChunk) else piece("", [event])
+                yield _line({**parts, "done": False})
+            yield _line({**piece("", []), "done": True, **final, **generation.counters(event)})
         finally:
             await generation.close()
 
@@ -411,16 +445,14 @@ async def _load_or_unload(
     return await anyio.to_thread.run_sync(run)
 
 
-async def _respond(
-    events: Events, *, stream: bool, piece: Callable[[str], dict[str, Any]], final: dict[str, Any]
-) -> Response[Any]:
+async def _respond(events: Events, *, stream: bool, piece: Piece, final: dict[str, Any]) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
     generation = Generation(events)
     await generation.open()
     if stream:
         return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
-    text, finished = await generation.collect()
-    return Response({**piece(text), "done": True, **final, **generation.counters(finished)})
+    text, calls, finished = await generation.collect()
+    return Response({**piece(text, calls), "done": True, **final, **generation.counters(finished)})
 
 
 @post("/generate", status_code=200)
@@ -431,12 +463,12 @@ async def generate(
     body = parse_body(GenerateBody, await request.body())
     options = body.generation_options()
 
-    def piece(text: str) -> dict[str, Any]:
+    def piece(text: str, calls: list[ToolCall]) -> dict[str, Any]:
         return {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "response": text}
 
     if not body.prompt:
         reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
-        return Response({**piece(""), "done": True, "done_reason": reason})
+        return Response({**piece("", []), "done": True, "done_reason": reason})
     if body.raw:
         events = inference.complete(
             body.model, body.prompt, options, endpoint="/api/generate", correlation_id=context.correlation_id
@@ -461,21 +493,24 @@ async def chat(
     body = parse_body(ChatBody, await request.body())
     options = body.generation_options()
 
-    def piece(text: str) -> dict[str, Any]:
-        return {
-            "model": body.model,
-            "created_at": _rfc3339(datetime.now(UTC)),
-            "message": {"role": "assistant", "content": text},
-        }
+    def piece(text: str, calls: list[ToolCall]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [_tool_call(call) for call in calls]
+        return {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "message": message}
 
     if not body.messages:
         reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
-        return Response({**piece(""), "done": True, "done_reason": reason})
+        return Response({**piece("", []), "done": True, "done_reason": reason})
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )
     return await _respond(events, stream=body.stream, piece=piece, final={})
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
 
 
 # -- pull --------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """The OpenAI-compatible API under ``/v1``: models, chat completions, completions, embeddings.
 
+Chat completions take ``tools``, ``tool_choice`` and ``parallel_tool_calls``, answer with
+``tool_calls`` (streamed as delta chunks: the call's id and name, then its arguments) and take
+``tool`` messages and assistant ``tool_calls`` back.
+
 Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape,
 from the one mapping in ``web/errors.py`` (a stream's late error too).
 
@@ -14,7 +18,8 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, get, post
@@ -22,8 +27,9 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
-from appliance.engine.base import Finished, TextChunk
+from appliance.engine.base import Finished, TextChunk, ToolCall
 from appliance.engine.service import GenerationOptions, InferenceService, Started
+from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 from appliance.models.service import ModelService
 from appliance.settings import Duration
@@ -40,21 +46,27 @@ class _Body(BaseModel):
 
 # OpenAI fields this appliance does not implement yet, with the values that ask for nothing.
 _UNSUPPORTED = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "logprobs": (False,),
     "top_logprobs": (0,),
     "logit_bias": ({},),
 }
-_UNSUPPORTED_COMPLETION = {"echo": (False,), "best_of": (1,), "suffix": ("",)}
-_ROLES = ("system", "developer", "user", "assistant")
+_UNSUPPORTED_COMPLETION = {
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+}
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatMessage(_Body):
     role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in turn(), to name the field
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def turn(self, index: int) -> dict[str, Any]:
         """The message for the chat template; a role or content part it cannot show is refused."""
@@ -64,7 +76,16 @@ class ChatMessage(_Body):
                 f"{where}.role {self.role!r} is not supported; use one of {', '.join(_ROLES)}",
                 param=f"{where}.role",
             )
-        refuse_unsupported(self, {"tool_calls": ([],), "function_call": ()}, where=f"{where}.")
+        refuse_unsupported(self, {"function_call": ()}, where=f"{where}.")
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidField(
+                f"{where}.tool_calls belong to assistant messages", param=f"{where}.tool_calls"
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidField(
+                f"{where}.tool_call_id is required: a tool message answers a call by its id",
+                param=f"{where}.tool_call_id",
+            )
         if isinstance(self.content, list):
             for number, part in enumerate(self.content):
                 if part.get("type") != "text":
@@ -77,7 +98,37 @@ class ChatMessage(_Body):
             text = self.content or ""
         # OpenAI's developer role is its newer name for system, which chat templates know.
         role = "system" if self.role == "developer" else self.role
-        return {**self.model_dump(exclude_none=True), "role": role, "content": text}
+        turn = {**self.model_dump(exclude_none=True), "role": role, "content": text}
+        if self.tool_calls:
+            turn["tool_calls"] = [
+                _template_call(call, where=f"{where}.tool_calls.{number}")
+                for number, call in enumerate(self.tool_calls)
+            ]
+        return turn
+
+
+def _template_call(call: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """An earlier call as chat templates read it: arguments as an object, not OpenAI's JSON string."""
+    function = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(function, dict):
+        raise InvalidField(f'{where} must be {{"type": "function", "function": {{...}}}}', param=where)
+    if not isinstance(function.get("name"), str):
+        raise InvalidField(f"{where}.function.name is required", param=f"{where}.function.name")
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidField(
+            f"{where}.function.arguments must be a JSON object, as a string",
+            param=f"{where}.function.arguments",
+        )
+    return {
+        "id": str(call.get("id") or ""),
+        "type": "function",
+        "function": {"name": function["name"], "arguments": parsed},
+    }
 
 
 class _GenerationBody(_Body):
@@ -129,6 +180,17 @@ class _GenerationBody(_Body):
 
 class ChatCompletionBody(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def options(self) -> GenerationOptions:
+        try:
+            tools = offer_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except InvalidInput as exc:  # OpenAI's errors name the field at fault
+            field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
+            raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc
+        return replace(super().options(), tools=tools)
 
 
 class CompletionBody(_GenerationBody):
@@ -165,7 +227,12 @@ def _usage(started: Started, finished: Finished) -> dict[str, int]:
 
 
 def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason == "length" else "stop"
+    return finished.reason if finished.reason in ("length", "tool_calls") else "stop"
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
 def _route_headers(started: Started) -> dict[str, str]:
@@ -216,7 +283,10 @@ async def chat_completions(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, finished = await generation.collect()
+    text, calls, finished = await generation.collect()
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message.update(content=text or None, tool_calls=[_tool_call(call) for call in calls])
     return Response(
         {
             "id": completion_id,
@@ -226,7 +296,7 @@ async def chat_completions(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": _finish_reason(finished),
                 }
@@ -237,14 +307,19 @@ async def chat_completions(
     )
 
 
-async def _sse_events(generation: Generation, chunk: Any, final: Any) -> AsyncIterator[bytes]:
-    """The SSE body: ``chunk(text)`` per piece, ``final(finished)``'s payloads, then [DONE];
+async def _sse_events(
+    generation: Generation,
+    chunks: Callable[[TextChunk | ToolCall], list[dict[str, Any]]],
+    final: Callable[[Finished], list[dict[str, Any]]],
+) -> AsyncIterator[bytes]:
+    """The SSE body: ``chunks(event)``'s payloads per piece, ``final(finished)``'s, then [DONE];
     an error after the headers went out can only be said inside the stream."""
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            while isinstance(event := await generation.next(), TextChunk):
-                yield _sse(chunk(event.text))
+            while not isinstance(event := await generation.next(), Finished):
+                for payload in chunks(event):
+                    yield _sse(payload)
             for payload in final(event):
                 yield _sse(payload)
         finally:
@@ -284,8 +359,23 @@ async def _chat_chunks(
             last.append({**chunk({}, None), "choices": [], "usage": _usage(started, finished)})
         return last
 
+    calls_sent = 0
+
+    def chunks(event: TextChunk | ToolCall) -> list[dict[str, Any]]:
+        nonlocal calls_sent
+        if isinstance(event, TextChunk):
+            return [chunk({"content": event.text}, None)]
+        index, calls_sent = calls_sent, calls_sent + 1
+        whole = _tool_call(event)
+        arguments = whole["function"]["arguments"]
+        whole["function"]["arguments"] = ""
+        return [  # as OpenAI streams a call: its id and name first, then its arguments
+            chunk({"tool_calls": [{"index": index, **whole}]}, None),
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None),
+        ]
+
     yield _sse(chunk({"role": "assistant", "content": ""}, None))
-    async for line in _sse_events(generation, lambda text: chunk({"content": text}, None), final):
+    async for line in _sse_events(generation, chunks, final):
         yield line
 
 
@@ -322,11 +412,11 @@ async def completions(
             return last
 
         return Stream(
-            _sse_events(generation, lambda text: payload(text, None), final),
+            _sse_events(generation, lambda event: [payload(getattr(event, "text", ""), None)], final),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, finished = await generation.collect()
+    text, _, finished = await generation.collect()
     return Response(
         {**payload(text, _finish_reason(finished)), "usage": _usage(started, finished)},
         headers=_route_headers(started),

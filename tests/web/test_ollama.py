@@ -423,9 +423,6 @@ def test_invalid_generate_requests_are_400(
     assert client.generate(model="tiny", prompt="hi", options=GREEDY).done is True  # still serving
 
 
-TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
-
-
 @pytest.mark.parametrize(
     ("call", "field"),
     [
@@ -434,7 +431,6 @@ TOOL = {"type": "function", "function": {"name": "f", "description": "d", "param
         (lambda c: c.generate(model="tiny", prompt="hi", think=True), "think"),
         (lambda c: c.generate(model="tiny", prompt="hi", context=[1, 2, 3]), "context"),
         (lambda c: c.generate(model="tiny", prompt="hi", template="{{ .Prompt }}"), "template"),
-        (lambda c: c.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[TOOL]), "tools"),
         (
             lambda c: c.chat(model="tiny", messages=[{"role": "user", "content": "hi", "images": [b"x"]}]),
             "messages.0.images",

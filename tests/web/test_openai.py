@@ -271,8 +271,6 @@ def test_a_full_queue_refuses_a_stream_before_it_starts(
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
