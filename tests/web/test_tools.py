@@ -267,7 +267,8 @@ def test_tools_on_a_plain_completion_are_refused_by_name(server: Server, models:
 
 
 def test_langchain_bind_tools(server: Server, models: dict[str, str]) -> None:
-    langchain_openai = pytest.importorskip("langchain_openai")
+    import langchain_openai  # imported here: it takes a while, and only this test needs it
+
     chat = langchain_openai.ChatOpenAI(
         model=models["hermes"], base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_retries=0
     )
