@@ -21,6 +21,7 @@ from appliance.errors import (
     UnsupportedFormat,
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
+from appliance.models.layers import ModelLayers, read_layers
 from appliance.names import ModelName, name_from_filename
 from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
 from appliance.settings import Settings
@@ -116,6 +117,10 @@ class ModelService:
         if not self.has_blob(artifact.digest):
             return ""
         return _read_chat_template(self.cache.path(artifact.digest))
+
+    def layers(self, model: Model) -> ModelLayers:
+        """The model's Ollama layers (template, system, messages, params) from ``/api/create``."""
+        return read_layers(model, self.cache)
 
     # -- import ------------------------------------------------------------------------------
 

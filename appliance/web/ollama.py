@@ -1,4 +1,5 @@
-"""The Ollama-compatible API under ``/api``: version, tags, show, generate, chat, ps, delete, pull, blobs.
+"""The Ollama-compatible API under ``/api``: version, tags, show, generate, chat, ps, delete, pull, blobs
+(create, copy, push and the embeddings routes are in ``web/ollama_models.py``).
 
 Field names follow Ollama's API docs (``docs/api.md`` in ollama/ollama) exactly, so Ollama
 clients and front ends work unchanged; errors use Ollama's ``{"error": "message"}`` shape.
@@ -28,23 +29,17 @@ from litestar import MediaType, Request, Response, Router, delete, get, head, po
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import __version__
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
 from appliance.engine.base import TextChunk
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
-from appliance.errors import (
-    InvalidInput,
-    InvalidModelName,
-    InvalidModelRef,
-)
+from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService
-from appliance.names import ModelName
 from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
-from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
-from appliance.settings import Duration
+from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest
+from appliance.settings import Duration, Settings
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
@@ -316,15 +311,28 @@ def _ps_entry(loaded: Loaded) -> dict[str, Any]:
 
 
 @get("/version", sync_to_thread=False)
-def version() -> dict[str, str]:
-    """The appliance's version (Ollama clients only need some version string)."""
-    return {"version": __version__}
+def version(settings: Settings) -> dict[str, str]:
+    """The Ollama API level these routes implement (``server.ollama_version``): clients gate
+    features on it, so it is Ollama's version, not the appliance's."""
+    return {"version": settings.server.ollama_version}
+
+
+@head("/version", sync_to_thread=False)
+def version_head() -> Response[None]:
+    """A client's check that an Ollama server is there."""
+    return Response(None, status_code=200)
 
 
 @get("/tags", sync_to_thread=True)
 def tags(models: ModelService) -> dict[str, Any]:
     """GGUF models, as ``ollama list`` shows them."""
     return {"models": [_tag_entry(model) for model in models.list_models() if "gguf" in model.formats]}
+
+
+@head("/tags", sync_to_thread=False)
+def tags_head() -> Response[None]:
+    """A client's check that the model list answers."""
+    return Response(None, status_code=200)
 
 
 @post("/show", status_code=200)
@@ -463,26 +471,9 @@ async def chat(
 # -- pull --------------------------------------------------------------------------------------
 
 
-def _is_model_name(text: str) -> bool:
-    try:
-        ModelName.parse(text)
-    except InvalidModelName:
-        return False
-    return True
-
-
-def _pull_ref(text: str) -> ModelRef:
-    """The ModelRef a pull names: a local file, or a network ref for the provisioner."""
-    try:
-        ref = parse_ref(text)
-    except InvalidModelRef as exc:
-        if not _is_model_name(text):
-            raise
-        raise InvalidInput(
-            f"{text!r} is an Ollama library name; this appliance pulls by ModelRef and works offline",
-            hint="pull a file (/abs/x.gguf, file:/abs/x.gguf) or a URL (https://host/x.gguf),"
-            " or import one with `appliance models import`",
-        ) from exc
+def _pull_ref(provisioner: Provisioner, text: str) -> ModelRef:
+    """The ModelRef a pull names: a local file, a network ref, or an Ollama name on the Ollama registry."""
+    ref = provisioner.parse_ref(text)
     if isinstance(ref, DigestRef):
         raise InvalidInput(
             f"{text!r} names a blob, not a file; pull takes a file (/abs/x.gguf) or a URL (https://host/x.gguf)"
@@ -492,9 +483,10 @@ def _pull_ref(text: str) -> ModelRef:
 
 @post("/pull", status_code=200)
 async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, context: Context) -> Response[Any]:
-    """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
+    """Pull a ModelRef or an Ollama name: a local file is imported, the rest downloaded; NDJSON
+    progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
-    ref = _pull_ref(body.target)
+    ref = _pull_ref(provisioner, body.target)
     call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
         lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)
     )
@@ -584,7 +576,9 @@ ollama_router = Router(
     path="/api",
     route_handlers=[
         version,
+        version_head,
         tags,
+        tags_head,
         show,
         ps,
         delete_model,
