@@ -48,14 +48,14 @@ class GenerationOptions:
 
     def under(self, parameters: dict[str, Any]) -> GenerationOptions:
         """These options, where unset taken from a model's parameters (its params layer)."""
-        num_predict = parameters.get("num_predict")
+        num_predict, seed = parameters.get("num_predict"), parameters.get("seed")
         return replace(
             self,
             max_tokens=self.max_tokens if self.max_tokens is not None else _positive(num_predict),
             temperature=_first(self.temperature, parameters.get("temperature")),
             top_p=_first(self.top_p, parameters.get("top_p")),
             top_k=_first(self.top_k, parameters.get("top_k")),
-            seed=_first(self.seed, parameters.get("seed")),
+            seed=_first(self.seed, seed if seed is None or seed >= 0 else None),  # negative: random
             stop=self.stop or tuple(parameters.get("stop", ())),
             context_length=_first(self.context_length, parameters.get("num_ctx")),
         )
@@ -77,7 +77,7 @@ class GenerationOptions:
             temperature=_first(self.temperature, defaults.temperature),
             top_p=_first(self.top_p, defaults.top_p),
             top_k=_first(self.top_k, defaults.top_k),
-            seed=self.seed if self.seed is None or self.seed >= 0 else None,  # negative: random, as in Ollama
+            seed=self.seed,
             grammar=grammar,
         )
 

@@ -486,6 +486,8 @@ async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, contex
     """Pull a ModelRef or an Ollama name: a local file is imported, the rest downloaded; NDJSON
     progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
+    # plain HTTP is the setting's to allow (models.download.oci_plain_http), not a request's
+    refuse_unsupported(body, {"insecure": (False,)})
     ref = _pull_ref(provisioner, body.target)
     call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
         lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)

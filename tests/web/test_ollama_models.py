@@ -331,6 +331,9 @@ def test_push_refusals(server: Server, tiny: str, body: dict[str, Any], status: 
 def test_bare_names_and_pushes_follow_offline_mode(data_dir: Path, cli: Any, tiny_gguf: Path) -> None:
     assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
     with serving(data_dir, env={"APPLIANCE_OFFLINE": "1"}) as server:
+        insecure = server.client.post("/api/pull", json={"model": "llama3.2", "insecure": True})
+        assert insecure.status_code == 400
+        assert "insecure is not supported" in insecure.json()["error"]
         refused = server.client.post("/api/pull", json={"model": "llama3.2"})
         assert refused.status_code == 403
         assert "oci://registry.ollama.ai/library/llama3.2:latest" in refused.json()["error"]
