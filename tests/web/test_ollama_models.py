@@ -15,7 +15,7 @@ import pytest
 
 from appliance.settings import OLLAMA_API_VERSION
 from tests.conftest import CliResult, Server
-from tests.provision.test_oci import registry  # noqa: F401 (a fixture the push tests use)
+from tests.provision.test_oci import registry, serving_registry  # noqa: F401 (registry: a fixture)
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 from tests.web.serving import serving
 from tests.web.test_ollama import import_model, response_error
@@ -74,10 +74,19 @@ def test_version_reports_the_ollama_api_level_and_answers_head(server: Server, d
         assert other.client.get("/api/version").json() == {"version": "0.6.4"}
 
 
-def test_a_version_that_is_not_one_is_refused_at_start(cli: Any) -> None:
-    result: CliResult = cli("serve", env={"APPLIANCE_SERVER__OLLAMA_VERSION": "latest"})
+@pytest.mark.parametrize(
+    ("variable", "value", "setting"),
+    [
+        ("APPLIANCE_SERVER__OLLAMA_VERSION", "latest", "server.ollama_version"),
+        ("APPLIANCE_MODELS__DOWNLOAD__OLLAMA_REGISTRY", "https://mirror.lan", "is not a registry host"),
+    ],
+)
+def test_settings_that_are_not_a_version_or_a_registry_are_refused(
+    cli: Any, variable: str, value: str, setting: str
+) -> None:
+    result: CliResult = cli("models", "ls", env={variable: value})
     assert result.returncode != 0
-    assert "server.ollama_version" in result.stderr
+    assert setting in result.stderr
 
 
 # -- embeddings --------------------------------------------------------------------------------
@@ -209,35 +218,44 @@ def test_copy_shares_the_blobs(client: ollama.Client, tiny: str, cli: Any, data_
     assert client.generate(model="tiny-copy", prompt="hi", options=GREEDY).done
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "words"),
-    [
-        ({"model": "m", "from": "tiny", "quantize": "q4_K_M"}, 400, "quantize is not supported"),
-        ({"model": "m", "from": "tiny", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "adapters"),
-        ({"model": "m", "modelfile": "FROM tiny"}, 400, "modelfile is not supported"),
-        ({"model": "m"}, 400, "send either files"),
-        ({"model": "m", "from": "tiny", "files": {}}, 400, "send either files"),
-        ({"model": "m", "files": {"x.gguf": "sha256:" + "1" * 64}}, 404, "has not been uploaded"),
-        ({"model": "m", "files": {"x.safetensors": "sha256:" + "1" * 64}}, 400, "exactly one .gguf"),
-        ({"model": "m", "files": {"x.gguf": "md5:1"}}, 400, "invalid digest"),
-        ({"model": "m", "from": "ghost"}, 404, "ghost"),
-        ({"model": "tiny", "from": "tiny"}, 409, "already exists"),
-        ({"model": "bad name!", "from": "tiny"}, 400, "invalid model name"),
-        ({"model": "m", "from": "tiny", "template": "{{ .Prompt }}"}, 400, "Go template"),
-        ({"model": "m", "from": "tiny", "template": "{% for %}"}, 400, "not a valid Jinja template"),
-        ({"model": "m", "from": "tiny", "parameters": {"repeat_penalty": 1.2}}, 400, "repeat_penalty"),
-        ({"model": "m", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "num_ctx must be an integer"),
-        ({"model": "m", "from": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "role 'tool'"),
-    ],
-)
-def test_create_refusals_change_nothing(
-    server: Server, tiny: str, cli: Any, body: dict[str, Any], status: int, words: str
-) -> None:
-    before = models_ls(cli)
-    answer = server.client.post("/api/create", json=body)
-    assert answer.status_code == status, answer.text
-    assert words in answer.json()["error"]
+# (body, status, words in its error): what create cannot honour, and mistakes in a request.
+CREATE_REFUSALS: list[tuple[dict[str, Any], int, str]] = [
+    ({"model": "m", "from": "tiny", "quantize": "q4_K_M"}, 400, "quantize is not supported"),
+    ({"model": "m", "from": "tiny", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "adapters"),
+    ({"model": "m", "modelfile": "FROM tiny"}, 400, "modelfile is not supported"),
+    ({"model": "m"}, 400, "send either files"),
+    ({"model": "m", "from": "tiny", "files": {}}, 400, "send either files"),
+    ({"model": "m", "files": {"x.gguf": "sha256:" + "1" * 64}}, 404, "has not been uploaded"),
+    ({"model": "m", "files": {"x.safetensors": "sha256:" + "1" * 64}}, 400, "exactly one .gguf"),
+    ({"model": "m", "files": {"x.gguf": "md5:1"}}, 400, "invalid digest"),
+    ({"model": "m", "from": "ghost"}, 404, "ghost"),
+    ({"model": "tiny", "from": "tiny"}, 409, "already exists"),
+    ({"model": "bad name!", "from": "tiny"}, 400, "invalid model name"),
+    ({"model": "m", "from": "tiny", "template": "{{ .Prompt }}"}, 400, "Go template"),
+    ({"model": "m", "from": "tiny", "template": "{% for %}"}, 400, "not a valid Jinja template"),
+    ({"model": "m", "from": "tiny", "parameters": {"repeat_penalty": 1.2}}, 400, "repeat_penalty"),
+    ({"model": "m", "from": "tiny", "parameters": {"num_ctx": "big"}}, 400, "num_ctx must be an integer"),
+    ({"model": "m", "from": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "role 'tool'"),
+    ({"model": "m", "from": "tiny", "messages": [{"role": "user", "content": 1}]}, 400, "must be text"),
+    (
+        {"model": "m", "from": "tiny", "messages": [{"role": "user", "content": "x", "images": ["a"]}]},
+        400,
+        "images",
+    ),
+    ({"model": "m", "from": "tiny", "parameters": {"temperature": -1}}, 400, "a number of 0 or more"),
+    ({"model": "m", "from": "tiny", "parameters": {"stop": [1]}}, 400, "a string or a list of strings"),
+]
+
+
+def test_create_refusals_change_nothing(server: Server, tiny: str, cli: Any, data_dir: Path) -> None:
+    """One server for every case: each is refused before anything is written."""
+    before, blobs = models_ls(cli), blob_files(data_dir)
+    for body, status, words in CREATE_REFUSALS:
+        answer = server.client.post("/api/create", json=body)
+        assert answer.status_code == status, (body, answer.text)
+        assert words in answer.json()["error"], body
     assert models_ls(cli) == before
+    assert blob_files(data_dir) == blobs
 
 
 @pytest.mark.parametrize(
@@ -312,6 +330,32 @@ def test_insecure_pushes_only_to_loopback(
     )
     assert remote.status_code == 400
     assert "only to registries on loopback" in remote.error
+
+
+def test_what_cannot_be_pushed_or_is_refused_by_the_registry(
+    client: ollama.Client,
+    cli: Any,
+    tmp_path: Path,
+    tiny: str,
+    readonly_registry: str,
+) -> None:
+    weights = tmp_path / "encoder.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    assert cli("models", "import", str(weights), "--name", "encoder").returncode == 0
+    other = response_error(lambda: client.push(f"{readonly_registry}/library/encoder", insecure=True))
+    assert other.status_code == 400
+    assert "cannot be pushed in Ollama's layout" in other.error
+
+    refused = response_error(lambda: client.push(f"{readonly_registry}/library/tiny", insecure=True))
+    assert refused.status_code == 502
+    assert "answered 405 to an upload" in refused.error
+
+
+@pytest.fixture
+def readonly_registry(tmp_path: Path) -> Iterator[str]:
+    with serving_registry(tmp_path, readonly=True) as address:
+        yield address
 
 
 @pytest.mark.parametrize(
