@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from appliance.errors import InvalidModelRef
 
 __all__ = [
+    "OLLAMA_NAMESPACE",
     "DigestRef",
     "FileRef",
     "HfRef",

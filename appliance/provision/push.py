@@ -32,7 +32,7 @@ from appliance.models.service import Model, ModelService
 from appliance.names import ModelName
 from appliance.provision.oci import OLLAMA_MODEL_LAYER, TITLE, RegistryAuth, registry_base
 from appliance.provision.policy import SourcePolicy
-from appliance.refs import OciRef, parse_ollama_name
+from appliance.refs import OLLAMA_NAMESPACE, OciRef, parse_ollama_name
 from appliance.settings import Settings, is_loopback_host
 
 __all__ = ["PushProgress", "Pusher"]
@@ -115,7 +115,6 @@ class Pusher:
                 _expect(answer, 201, f"the manifest of {ref}")
             note.bytes = sum(blob.size for blob in blobs)
             note.detail["manifest"] = answer.headers.get("docker-content-digest")
-        on_progress(PushProgress("success"))
         return ref
 
     def _local_model(self, name: str, ref: OciRef) -> Model:
@@ -123,7 +122,7 @@ class Pusher:
         repository and tag without the registry (and without Ollama's ``library/`` namespace)."""
         namespace, _, model = ref.repository.rpartition("/")
         candidates = [name, f"{ref.repository}:{ref.tag}"]
-        if namespace == "library":
+        if namespace == OLLAMA_NAMESPACE:
             candidates.append(f"{model}:{ref.tag}")
         for candidate in candidates:
             try:

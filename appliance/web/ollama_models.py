@@ -16,9 +16,10 @@ helpers, Ollama's body types from ``web/ollama.py``; never the store or the cach
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 from pydantic import Field
@@ -36,8 +37,9 @@ from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, error_tail
 from appliance.web.ollama import NDJSON, ModelBody, Options, _Body, _error_line, _line
 
-__all__ = ["CopyBody", "CreateBody", "EmbedBody", "PushBody", "ollama_models_router"]
+__all__ = ["CopyBody", "CreateBody", "EmbedBody", "EmbeddingsBody", "PushBody", "ollama_models_router"]
 
+P = TypeVar("P")
 _UNSUPPORTED_CREATE: dict[str, tuple[Any, ...]] = {
     "quantize": ("",),
     "quantization": ("",),
@@ -100,16 +102,18 @@ class EmbeddingsBody(_Body):
     options: Options | None = None
 
 
-async def _statuses(call: ThreadCall[str, Model], *, stream: bool, where: str) -> Response[Any]:
-    """Ollama's status lines, then success; the whole call's end unless streamed."""
+async def _progress(
+    call: ThreadCall[P, Any], line: Callable[[P], dict[str, Any]], *, stream: bool, where: str
+) -> Response[Any]:
+    """Ollama's status lines, then success; only the outcome unless streamed."""
     if not stream:
         await call.result()
         return Response({"status": "success"})
     await call.ready()  # a refused request fails before any stream starts
 
     async def lines() -> AsyncIterator[bytes]:
-        async for status in call:
-            yield _line({"status": status})
+        async for update in call:
+            yield _line(line(update))
         await call.result()
         yield _line({"status": "success"})
 
@@ -127,17 +131,16 @@ async def create(request: Request[Any, Any, Any], creator: ModelCreator, context
             name, context, files=body.files, base=body.from_, layers=layers, on_status=report
         )
     )
-    return await _statuses(call, stream=body.stream, where=f"a create of {name}")
+    return await _progress(
+        call, lambda status: {"status": status}, stream=body.stream, where=f"a create of {name}"
+    )
 
 
 @post("/copy", status_code=200)
 async def copy(request: Request[Any, Any, Any], creator: ModelCreator, context: Context) -> Response[bytes]:
     """A second name for a model; its blobs are shared."""
     body = parse_body(CopyBody, await request.body())
-    call: ThreadCall[None, Model] = ThreadCall(
-        lambda _report, _cancel: creator.copy(body.source, body.destination, context)
-    )
-    await call.result()
+    await anyio.to_thread.run_sync(lambda: creator.copy(body.source, body.destination, context))
     return Response(b"", status_code=200)
 
 
@@ -154,43 +157,7 @@ async def push(request: Request[Any, Any, Any], provisioner: Provisioner, contex
     call: ThreadCall[PushProgress, OciRef] = ThreadCall(
         lambda report, _: provisioner.pusher.push(name, context, insecure=body.insecure, on_progress=report)
     )
-    if not body.stream:
-        await call.result()
-        return Response({"status": "success"})
-    await call.ready()
-
-    async def lines() -> AsyncIterator[bytes]:
-        async for update in call:
-            if update.status != "success":  # said once the call has ended well
-                yield _line(_push_line(update))
-        await call.result()
-        yield _line({"status": "success"})
-
-    return Stream(error_tail(lines(), _error_line, where=f"a push of {name}"), media_type=NDJSON)
-
-
-async def _embed(
-    inference: InferenceService,
-    context: Context,
-    *,
-    model: str,
-    inputs: list[str],
-    options: Options | None,
-    keep_alive: float | None,
-    endpoint: str,
-    **shape: Any,
-) -> tuple[list[list[float]], int, str, int]:
-    started = time.monotonic_ns()
-    vectors, tokens, _, name = await inference.embed(
-        model,
-        inputs,
-        keep_alive=keep_alive,
-        endpoint=endpoint,
-        correlation_id=context.correlation_id,
-        context_length=options.num_ctx if options is not None else None,
-        **shape,
-    )
-    return vectors, tokens, name, time.monotonic_ns() - started
+    return await _progress(call, _push_line, stream=body.stream, where=f"a push of {name}")
 
 
 @post("/embed", status_code=200)
@@ -199,22 +166,22 @@ async def embed(
 ) -> dict[str, Any]:
     """Unit-length embeddings of a text or a list of texts."""
     body = parse_body(EmbedBody, await request.body())
-    vectors, tokens, _, elapsed = await _embed(
-        inference,
-        context,
-        model=body.model,
-        inputs=body.inputs(),
-        options=body.options,
+    started = time.monotonic_ns()
+    vectors, tokens, _, _ = await inference.embed(
+        body.model,
+        body.inputs(),
         keep_alive=body.keep_alive,
         endpoint="/api/embed",
+        correlation_id=context.correlation_id,
         truncate=body.truncate,
         normalize=True,
         dimensions=body.dimensions,
+        context_length=body.options.num_ctx if body.options is not None else None,
     )
     return {
         "model": body.model,
         "embeddings": vectors,
-        "total_duration": elapsed,
+        "total_duration": time.monotonic_ns() - started,
         "prompt_eval_count": tokens,
     }
 
@@ -225,14 +192,13 @@ async def embeddings(
 ) -> dict[str, Any]:
     """Ollama's older route: one prompt, its embedding as the model makes it (not normalized)."""
     body = parse_body(EmbeddingsBody, await request.body())
-    vectors, _, _, _ = await _embed(
-        inference,
-        context,
-        model=body.model,
-        inputs=[body.prompt] if body.prompt else [],
-        options=body.options,
+    vectors, _, _, _ = await inference.embed(
+        body.model,
+        [body.prompt] if body.prompt else [],
         keep_alive=body.keep_alive,
         endpoint="/api/embeddings",
+        correlation_id=context.correlation_id,
+        context_length=body.options.num_ctx if body.options is not None else None,
     )
     return {"embedding": vectors[0] if vectors else []}
 
