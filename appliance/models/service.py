@@ -110,7 +110,11 @@ class ModelService:
         return self.cache.receive()
 
     def chat_template(self, model: Model) -> str:
-        """The model's own chat template (Jinja) from its GGUF header; "" when it has none."""
+        """The model's chat template (Jinja): its template layer (``/api/create``), else the one in
+        its GGUF header; "" when it has none."""
+        layered = self.layers(model).template
+        if layered is not None:
+            return layered
         artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
         if artifact is None or not model.capabilities.get("chat_template"):
             return ""

@@ -62,7 +62,7 @@ from appliance.provision.push import Pusher
 from appliance.provision.sources import source_for
 from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
 from appliance.provision.verify import primary_digest, repo_digest, verify
-from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
+from appliance.refs import OLLAMA_NAMESPACE, DigestRef, FileRef, ModelRef, OciRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
     Artifact,
@@ -172,7 +172,7 @@ class Provisioner:
     ) -> ResolvedModel:
         parsed = self.parse_ref(ref) if isinstance(ref, str) else ref
         expected = parse_digest(expected_digest) if expected_digest else None
-        model_name = ModelName.parse(name) if name else None
+        model_name = ModelName.parse(name) if name else _ollama_local_name(ref, parsed)
         if isinstance(parsed, FileRef):
             return self._import_local(parsed, context, model_name, expected, on_progress)
         if isinstance(parsed, DigestRef):
@@ -642,3 +642,11 @@ class Provisioner:
     def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
         return self._rows.decide(download_id, approve=approve, context=context)
+
+
+def _ollama_local_name(text: str | ModelRef, ref: ModelRef) -> ModelName | None:
+    """The name an Ollama name keeps here, as ``ollama pull`` keeps it: without its registry and
+    the ``library/`` namespace (``qwen3:4b``, ``team/tiny:v1``). None for every other ref."""
+    if not isinstance(text, str) or not isinstance(ref, OciRef) or text.strip().lower().startswith("oci:"):
+        return None
+    return ModelName.parse(f"{ref.repository.removeprefix(OLLAMA_NAMESPACE + '/')}:{ref.tag}")

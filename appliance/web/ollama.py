@@ -8,7 +8,7 @@ Only concrete paths are registered: ``/api/v1/...`` belongs to the management AP
 Generation streams NDJSON (one JSON object per line) unless ``"stream": false``; the last
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
 no messages) only loads the model, or unloads it with ``keep_alive`` 0. Pull takes a ModelRef
-(a local file is imported, a network ref downloaded) and goes through the provisioner's
+or an Ollama name (a local file is imported, the rest downloaded) and goes through the provisioner's
 ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
 Errors, streamed or not, come from the one mapping in ``web/errors.py``.
 
@@ -490,7 +490,8 @@ async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, contex
     refuse_unsupported(body, {"insecure": (False,)})
     ref = _pull_ref(provisioner, body.target)
     call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
-        lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)
+        # the text, not the ref: a model pulled by Ollama name keeps that name
+        lambda report, _: provisioner.ensure_present(body.target, context, on_progress=report)
     )
     if not body.stream:
         await call.result()

@@ -204,6 +204,7 @@ def test_create_with_a_jinja_template_and_messages(client: ollama.Client, tiny: 
         messages=[{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
         stream=False,
     )
+    assert client.show("scripted").template == template
     bare = client.chat(model=tiny, messages=[{"role": "user", "content": "hi"}], options=GREEDY)
     scripted = client.chat(model="scripted", messages=[{"role": "user", "content": "hi"}], options=GREEDY)
     assert scripted.prompt_eval_count != bare.prompt_eval_count  # another template, earlier turns
@@ -310,10 +311,12 @@ def test_push_to_a_site_registry_and_pull_back_by_name(
         assert models_ls(cli)["terse:latest"] == before  # the GGUF and its system layer, by name
         assert client.push("terse", stream=False).status == "success"  # the registry has it all
 
-        # a full name pushes the local model of that name without the registry
+        # a full name pushes the local model of that name without the registry, and pulls back to it
         client.copy("tiny", "team/tiny:v1")
         assert client.push(f"{registry}/team/tiny:v1", stream=False).status == "success"
+        client.delete("team/tiny:v1")
         assert client.pull(f"{registry}/team/tiny:v1", stream=False).status == "success"
+        assert models_ls(cli)["team/tiny:v1"] == models_ls(cli)["tiny:latest"]
 
 
 def test_insecure_pushes_only_to_loopback(
