@@ -343,7 +343,8 @@ def pull_model(
 ) -> None:
     """Make a model present by reference: download, verify and register it once.
 
-    Already present means no network at all. An interrupted pull resumes where it stopped.
+    Already present means no network at all. An interrupted pull resumes where it stopped. An
+    Ollama name (qwen3:4b, user/model:tag) comes from models.download.ollama_registry.
 
     Example: appliance models pull https://mirror.lan/models/tiny.gguf --digest sha256:0123…
     """

@@ -45,6 +45,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   └── EngineBusy               engine_busy          (Retry-After)
     ├── InsufficientMemory (507)     insufficient_memory
     ├── DownloadFailed (502)         download_failed
+    ├── PushFailed (502)             push_failed
     ├── SchemeNotSupported (501)     scheme_not_supported
     └── StorageFailure (500)         storage_failure
         ├── StoreFailure             store_failure
@@ -93,6 +94,7 @@ __all__ = [
     "NotReady",
     "Offline",
     "PromptTooLong",
+    "PushFailed",
     "RemoteNotFound",
     "SchemeNotSupported",
     "SourceNotAllowed",
@@ -356,6 +358,14 @@ class DownloadFailed(ApplianceError):
     code = "download_failed"
     status = 502
     default_hint = "check the network and the remote server, then pull again; finished parts are kept"
+
+
+class PushFailed(ApplianceError):
+    code = "push_failed"
+    status = 502
+    default_hint = (
+        "check that the registry is up and takes pushes, then push again; blobs it has are not sent twice"
+    )
 
 
 class SchemeNotSupported(ApplianceError):

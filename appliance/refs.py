@@ -9,6 +9,11 @@
 | ``s3://bucket/key``                    | S3Ref      |
 | ``oci://registry/repo[:tag|@sha256:…]`` | OciRef     |
 | ``sha256:<hex>``                       | DigestRef  |
+| ``llama3.2``, ``qwen3:4b``, ``user/m:t``, ``host/ns/m:t`` | OciRef (Ollama name) |
+
+An Ollama name (``[host/][namespace/]model[:tag]``, as ``ollama pull`` takes it) is an OciRef
+on the Ollama-style registry the caller passes (``models.download.ollama_registry``), namespace
+``library`` by default; without a registry it is refused like any unknown form.
 
 ``str(ref)`` is the canonical form: the same model always prints the same way. Plain
 local paths are made absolute (``..`` in them is resolved like a shell would); every other
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from appliance.errors import InvalidModelRef
 
 __all__ = [
+    "OLLAMA_NAMESPACE",
     "DigestRef",
     "FileRef",
     "HfRef",
@@ -33,6 +39,7 @@ __all__ = [
     "S3Ref",
     "UrlRef",
     "parse_digest",
+    "parse_ollama_name",
     "parse_ref",
 ]
 
@@ -45,6 +52,8 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _OCI_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_OLLAMA_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,79}$")
+OLLAMA_NAMESPACE = "library"
 
 
 @dataclass(frozen=True)
@@ -211,8 +220,31 @@ def _parse_oci(text: str, body: str) -> OciRef:
     return OciRef(registry=registry.lower(), repository=rest, tag=tag, digest=digest)
 
 
-def parse_ref(text: str, *, cwd: Path | None = None) -> ModelRef:
-    """Parse and normalise a ModelRef; raise InvalidModelRef saying what is wrong."""
+def parse_ollama_name(text: str, *, registry: str) -> OciRef:
+    """An Ollama name as an OciRef: ``model`` is ``registry/library/model:latest``, ``ns/model``
+    names a namespace, and three parts name the registry too (``mirror.lan:5000/ns/model``)."""
+    name, tag = text.strip(), ""
+    colon = name.rfind(":")
+    if colon > name.rfind("/"):  # a colon before the last slash is a registry's port
+        name, tag = name[:colon], name[colon + 1 :]
+    parts = name.split("/")
+    if len(parts) > 3:
+        raise _fail(text, "an Ollama name has at most three parts: host/namespace/model:tag")
+    host = parts[0].lower() if len(parts) == 3 else registry
+    path = parts[-2:] if len(parts) > 1 else [OLLAMA_NAMESPACE, parts[0]]
+    if not _HOST.match(host):
+        raise _fail(text, f"{host!r} is not a registry host")
+    if not all(_OLLAMA_PART.match(part) for part in path):
+        raise _fail(text, "expected an Ollama name: [host/][namespace/]model[:tag]")
+    if tag and not _OCI_TAG.match(tag):
+        raise _fail(text, f"{tag!r} is not a valid tag")
+    return _parse_oci(text, f"{host}/{'/'.join(path).lower()}:{tag or 'latest'}")
+
+
+def parse_ref(text: str, *, cwd: Path | None = None, ollama_registry: str | None = None) -> ModelRef:
+    """Parse and normalise a ModelRef; raise InvalidModelRef saying what is wrong.
+
+    With ``ollama_registry``, a text that is no other form is read as an Ollama name on it."""
     if not text or not text.strip():
         raise _fail(text, "it is empty")
     if len(text) > MAX_REF_LENGTH:
@@ -242,7 +274,9 @@ def parse_ref(text: str, *, cwd: Path | None = None) -> ModelRef:
         return _parse_oci(text, text[6:])
     if lowered.startswith("sha256:"):
         return DigestRef(digest=parse_digest(text))
-    scheme, sep, _ = text.partition(":")
+    scheme, sep, rest = text.partition(":")
+    if ollama_registry is not None and not rest.startswith("//"):
+        return parse_ollama_name(text, registry=ollama_registry)
     if sep and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*$", scheme):
         raise _fail(text, f"unknown scheme {scheme!r}")
     raise _fail(text, "not a known form; for a local file write ./name.gguf or an absolute path")

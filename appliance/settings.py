@@ -112,6 +112,7 @@ class CacheSettings(BaseModel):
     )
 
 
+_REGISTRY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::\d{1,5})?$")
 _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -188,7 +189,13 @@ class DownloadSettings(BaseModel):
     hf_token: SecretStr | None = Field(default=None, description="Access token for the hub (never shown).")
     oci_plain_http: list[str] = Field(
         default_factory=list,
-        description="Registries (host:port) oci: refs reach over plain HTTP, such as a mirror on the LAN.",
+        description="Registries (host:port) oci: refs and pushes reach over plain HTTP, such as a mirror "
+        "on the LAN.",
+    )
+    ollama_registry: str = Field(
+        default="registry.ollama.ai",
+        description="The Ollama-style registry (host[:port]) bare Ollama names such as llama3.2 or "
+        "qwen3:4b are pulled from and pushed to; a site mirror where set.",
     )
     oci_username: str | None = Field(
         default=None, description="User for registries that ask for credentials."
@@ -206,10 +213,23 @@ class DownloadSettings(BaseModel):
         description="A connection that sends nothing for this long is dropped and retried.",
     )
 
+    @field_validator("ollama_registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if not _REGISTRY.match(value):
+            raise ValueError(
+                f"{value!r} is not a registry host; write e.g. registry.ollama.ai or mirror.lan:5000"
+            )
+        return value.lower()
+
 
 class ModelsSettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
+
+
+# The Ollama release whose documented /api the compatibility routes follow (docs/api.md).
+OLLAMA_API_VERSION = "0.12.0"
 
 
 class ServerSettings(BaseModel):
@@ -245,6 +265,12 @@ class ServerSettings(BaseModel):
         default=15 * 60,
         gt=0,
         description="The window failed logins are counted in, and how long a lockout lasts ('15m').",
+    )
+    ollama_version: str = Field(
+        default=OLLAMA_API_VERSION,
+        pattern=r"^\d+\.\d+\.\d+$",
+        description="The version /api/version reports: the Ollama release whose API the /api routes "
+        "match (clients such as VS Code's refuse servers below 0.6.4).",
     )
     max_body_bytes: ByteSize = Field(
         default=16 * 1024**2,

@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InvalidModelRef
-from appliance.refs import DigestRef, FileRef, HfRef, OciRef, S3Ref, UrlRef, parse_digest, parse_ref
+from appliance.refs import (
+    DigestRef,
+    FileRef,
+    HfRef,
+    OciRef,
+    S3Ref,
+    UrlRef,
+    parse_digest,
+    parse_ollama_name,
+    parse_ref,
+)
 
 HEX = "ab" * 32
 
@@ -112,3 +122,38 @@ def test_credentials_never_echoed_in_the_error() -> None:
 
 def test_parse_digest_normalises_case() -> None:
     assert parse_digest(f"SHA256:{HEX.upper()}") == f"sha256:{HEX}"
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("llama3.2", "oci://registry.ollama.ai/library/llama3.2:latest"),
+        ("qwen3:4b", "oci://registry.ollama.ai/library/qwen3:4b"),
+        ("User/Model:Tag", "oci://registry.ollama.ai/user/model:Tag"),
+        ("mirror.lan:5000/team/tiny", "oci://mirror.lan:5000/team/tiny:latest"),
+        ("127.0.0.1:5000/library/tiny:q8_0", "oci://127.0.0.1:5000/library/tiny:q8_0"),
+        ("hf.co/Org/Repo-GGUF:Q4_K_M", "oci://hf.co/org/repo-gguf:Q4_K_M"),
+    ],
+)
+def test_an_ollama_name_is_an_oci_ref_on_the_ollama_registry(text: str, canonical: str) -> None:
+    assert str(parse_ref(text, ollama_registry="registry.ollama.ai")) == canonical
+    assert str(parse_ollama_name(text, registry="registry.ollama.ai")) == canonical
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("a/b/c/d", "at most three parts"),
+        ("bad name!", "expected an Ollama name"),
+        ("model:bad tag", "is not a valid tag"),
+        ("ftp://host/x", "unknown scheme 'ftp'"),
+    ],
+)
+def test_what_is_no_ollama_name_is_refused_with_the_reason(text: str, reason: str) -> None:
+    with pytest.raises(InvalidModelRef, match=reason):
+        parse_ref(text, ollama_registry="registry.ollama.ai")
+
+
+def test_without_a_registry_an_ollama_name_is_no_ref() -> None:
+    with pytest.raises(InvalidModelRef, match="not a known form"):
+        parse_ref("llama3.2")

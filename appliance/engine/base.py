@@ -45,6 +45,7 @@ class LoadSpec:
     context_requested: bool = False  # asked for by the request: an idle copy with another is reloaded
     n_gpu_layers: int | None = None  # None: all layers when the build can offload, else none
     capabilities: dict[str, Any] = field(default_factory=dict)  # GGUF metadata, for memory estimates
+    chat_template: str | None = None  # Jinja in place of the GGUF's own (a created model's template)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,11 @@ class Engine(Protocol):
         iterator early cancels the request and frees its slot."""
         ...
 
-    async def embed(self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None) -> Embeddings: ...
+    async def embed(
+        self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None, truncate: bool = False
+    ) -> Embeddings:
+        """One vector per text; a text past the context is cut to fit when ``truncate``, else refused."""
+        ...
 
     def load(self, spec: LoadSpec, *, keep_alive: float | None) -> tuple[LoadedInfo, str]:
         """Load now (blocking); the loaded model and how it came to be loaded."""

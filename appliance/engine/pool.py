@@ -277,7 +277,7 @@ class EnginePool:
             llama_model, context, n_seq=n_seq, seq_ctx=seq_ctx, queue_size=self.settings.queue_size
         )
         template = ChatTemplate(
-            llama_model.chat_template(),
+            spec.chat_template or llama_model.chat_template(),
             bos_token=llama_model.token_text(llama_model.bos) if llama_model.bos >= 0 else "",
             eos_token=llama_model.token_text(llama_model.eos) if llama_model.eos >= 0 else "",
         )
@@ -411,16 +411,23 @@ class EnginePool:
             request.cancelled.set()
             loaded.batcher.wake()
 
-    async def embed(self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None) -> Embeddings:
+    async def embed(
+        self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None, truncate: bool = False
+    ) -> Embeddings:
         loaded, reason = await anyio.to_thread.run_sync(lambda: self.acquire(spec))
         try:
-            vectors, tokens = await anyio.to_thread.run_sync(lambda: self.embed_loaded(loaded, texts))
+            vectors, tokens = await anyio.to_thread.run_sync(
+                lambda: self.embed_loaded(loaded, texts, truncate=truncate)
+            )
         finally:
             self.release(loaded, keep_alive=keep_alive)
         return Embeddings(vectors=vectors, tokens=tokens, reason=reason)
 
-    def embed_loaded(self, loaded: LoadedModel, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Mean-pooled embeddings, one input at a time on a context of their own (blocking)."""
+    def embed_loaded(
+        self, loaded: LoadedModel, texts: list[str], *, truncate: bool = False
+    ) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings, one input at a time on a context of their own (blocking). An
+        input longer than the context is cut to fit when ``truncate``, else refused."""
         from appliance.engine.llama import LlamaContext
 
         vectors: list[list[float]] = []
@@ -437,6 +444,8 @@ class EnginePool:
                 )
             for text in texts:
                 tokens = loaded.tokenize(text)
+                if truncate:
+                    tokens = tokens[: loaded.seq_ctx]
                 if len(tokens) > loaded.seq_ctx:
                     raise PromptTooLong(
                         f"an input has {len(tokens)} tokens; this model's context holds {loaded.seq_ctx}"

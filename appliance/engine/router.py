@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from appliance.audit import Context
 from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
 from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable
+from appliance.models.layers import ModelLayers
 from appliance.models.service import ModelService
 from appliance.names import ModelName
 from appliance.preferences import CONTEXT_LENGTH, PreferenceService
@@ -80,8 +81,13 @@ class Router:
             context_requested=context_length is not None,
             n_gpu_layers=self.settings.n_gpu_layers,
             capabilities=model.capabilities,
+            chat_template=self.models.layers(model).template,
         )
         return model.name, spec
+
+    def layers(self, name: str) -> ModelLayers:
+        """What a model made by ``/api/create`` adds to each request: system, messages, options."""
+        return self.models.layers(self.models.get(name))
 
     def _context_length(self, model: Model, requested: int | None) -> int:
         """Tokens per sequence: the request's, else the stored preference (set from the UI), else

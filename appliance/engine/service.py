@@ -15,11 +15,12 @@ as ToolCall events, and an answer that called tools finishes with reason "tool_c
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -29,6 +30,7 @@ from appliance.engine.router import Router
 from appliance.engine.tools import ToolCallReader
 from appliance.errors import InvalidInput
 from appliance.metrics import Metrics
+from appliance.models.layers import ModelLayers
 from appliance.names import ModelName
 from appliance.store.base import InferenceRecord, Store
 
@@ -37,10 +39,12 @@ __all__ = ["GenerationOptions", "InferenceService", "Started"]
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """A request's options; None (or empty) is unset: the model's own parameters, else the defaults."""
+
     max_tokens: int | None = None  # None: until the context is full
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     min_p: float = 0.0
     typical_p: float = 1.0
     repeat_penalty: float = 1.0
@@ -57,6 +61,20 @@ class GenerationOptions:
     keep_alive: float | None = None
     context_length: int | None = None  # per sequence; None: the preference or setting
     tools: ToolSet | None = None  # offered to the model (engine/tools.py offer_tools); None: none
+
+    def under(self, parameters: dict[str, Any]) -> GenerationOptions:
+        """These options, where unset taken from a model's parameters (its params layer)."""
+        num_predict, seed = parameters.get("num_predict"), parameters.get("seed")
+        return replace(
+            self,
+            max_tokens=self.max_tokens if self.max_tokens is not None else _positive(num_predict),
+            temperature=_first(self.temperature, parameters.get("temperature")),
+            top_p=_first(self.top_p, parameters.get("top_p")),
+            top_k=_first(self.top_k, parameters.get("top_k")),
+            seed=_first(self.seed, seed if seed is None or seed >= 0 else None),  # negative: random
+            stop=self.stop or tuple(parameters.get("stop", ())),
+            context_length=_first(self.context_length, parameters.get("num_ctx")),
+        )
 
     def sampling(self) -> SamplingParams:
         # llama_cpp loads llama.cpp's libraries on import: not at start, only once a request needs them
@@ -75,10 +93,11 @@ class GenerationOptions:
                 raise InvalidInput(f"the JSON schema cannot be enforced: {exc}") from exc
         elif self.json_mode:
             grammar = JSON_GBNF
+        defaults = SamplingParams()
         return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            temperature=_first(self.temperature, defaults.temperature),
+            top_p=_first(self.top_p, defaults.top_p),
+            top_k=_first(self.top_k, defaults.top_k),
             min_p=self.min_p,
             typical_p=self.typical_p,
             repeat_penalty=self.repeat_penalty,
@@ -91,6 +110,18 @@ class GenerationOptions:
             seed=self.seed,
             grammar=grammar,
         )
+
+
+T = TypeVar("T")
+
+
+def _first(value: T | None, fallback: T) -> T:
+    return fallback if value is None else value
+
+
+def _positive(number: int | None) -> int | None:
+    """Ollama's num_predict: -1 and -2 mean until the context is full."""
+    return number if number is not None and number > 0 else None
 
 
 @dataclass(frozen=True)
@@ -152,8 +183,10 @@ class InferenceService:
         prompt: str | None = None,
     ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
+        layers = await anyio.to_thread.run_sync(lambda: self.router.layers(name))
+        options = options.under(layers.parameters)
         request = Prompt(
-            messages=messages,
+            messages=None if messages is None else _with_layers(messages, layers),
             text=prompt,
             max_tokens=options.max_tokens,
             sampling=options.sampling(),
@@ -161,8 +194,9 @@ class InferenceService:
             keep_alive=options.keep_alive,
             tools=options.tools if messages is not None else None,
         )
+        context_length = options.context_length
         engine, spec, model_name = await anyio.to_thread.run_sync(
-            lambda: self.router.route(name, context_length=options.context_length)
+            lambda: self.router.route(name, context_length=context_length)
         )
         tracker.model = str(model_name)
         route: Route | None = None  # set once the engine has the model loaded
@@ -204,17 +238,42 @@ class InferenceService:
                     await anyio.to_thread.run_sync(lambda: self._record(tracker, served, finished))
 
     async def embed(
-        self, name: str, inputs: list[str], *, keep_alive: float | None, endpoint: str, correlation_id: str
+        self,
+        name: str,
+        inputs: list[str],
+        *,
+        keep_alive: float | None,
+        endpoint: str,
+        correlation_id: str,
+        truncate: bool = False,
+        normalize: bool = False,
+        dimensions: int | None = None,
+        context_length: int | None = None,
     ) -> tuple[list[list[float]], int, Route, str]:
+        """One vector per input. ``truncate`` cuts an input past the context instead of refusing
+        it; ``normalize`` scales each vector to unit length (Ollama's /api/embed); ``dimensions``
+        keeps the first N and normalizes again, as Ollama does."""
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        engine, spec, model_name = await anyio.to_thread.run_sync(lambda: self.router.route(name))
+        engine, spec, model_name = await anyio.to_thread.run_sync(
+            lambda: self.router.route(name, context_length=context_length)
+        )
         tracker.model = str(model_name)
-        result = await engine.embed(spec, inputs, keep_alive=keep_alive)
+        result = await engine.embed(spec, inputs, keep_alive=keep_alive, truncate=truncate)
         route = self.router.route_of(engine, result.reason)
+        vectors = result.vectors
+        if dimensions is not None and vectors:
+            size = len(vectors[0])
+            if dimensions > size:
+                raise InvalidInput(
+                    f"dimensions {dimensions} is more than the {size} model {model_name} makes"
+                )
+            vectors = [vector[:dimensions] for vector in vectors]
+        if normalize or dimensions is not None:
+            vectors = [_unit(vector) for vector in vectors]
         await anyio.to_thread.run_sync(
             lambda: self._record(tracker, route, Finished("stop", result.tokens, 0))
         )
-        return result.vectors, result.tokens, route, tracker.model
+        return vectors, result.tokens, route, tracker.model
 
     def _record(self, tracker: _Tracker, route: Route, finished: Finished | None) -> None:
         elapsed = time.monotonic() - tracker.started
@@ -243,3 +302,17 @@ class InferenceService:
                 correlation_id=tracker.correlation_id,
             )
         )
+
+
+def _with_layers(messages: list[dict[str, Any]], layers: ModelLayers) -> list[dict[str, Any]]:
+    """A created model's messages go first, and its system prompt leads a conversation without one
+    (as Ollama does)."""
+    conversation = [*layers.messages, *messages]
+    if layers.system is not None and not (messages and messages[0].get("role") == "system"):
+        conversation.insert(0, {"role": "system", "content": layers.system})
+    return conversation
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(value * value for value in vector))
+    return [value / norm for value in vector] if norm > 0 else vector

@@ -21,6 +21,7 @@ from appliance.errors import (
     UnsupportedFormat,
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
+from appliance.models.layers import ModelLayers, read_layers
 from appliance.names import ModelName, name_from_filename
 from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
 from appliance.settings import Settings
@@ -109,13 +110,21 @@ class ModelService:
         return self.cache.receive()
 
     def chat_template(self, model: Model) -> str:
-        """The model's own chat template (Jinja) from its GGUF header; "" when it has none."""
+        """The model's chat template (Jinja): its template layer (``/api/create``), else the one in
+        its GGUF header; "" when it has none."""
+        layered = self.layers(model).template
+        if layered is not None:
+            return layered
         artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
         if artifact is None or not model.capabilities.get("chat_template"):
             return ""
         if not self.has_blob(artifact.digest):
             return ""
         return _read_chat_template(self.cache.path(artifact.digest))
+
+    def layers(self, model: Model) -> ModelLayers:
+        """The model's Ollama layers (template, system, messages, params) from ``/api/create``."""
+        return read_layers(model, self.cache)
 
     # -- import ------------------------------------------------------------------------------
 

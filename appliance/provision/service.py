@@ -58,10 +58,11 @@ from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProg
 from appliance.provision.handoff import append_provenance, write_handoff
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
+from appliance.provision.push import Pusher
 from appliance.provision.sources import source_for
 from appliance.provision.transfer import HEADER_BYTES, RemoteFile, Transfer, TransferResult
 from appliance.provision.verify import primary_digest, repo_digest, verify
-from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
+from appliance.refs import OLLAMA_NAMESPACE, DigestRef, FileRef, ModelRef, OciRef, parse_digest, parse_ref
 from appliance.settings import Settings
 from appliance.store.base import (
     Artifact,
@@ -128,6 +129,8 @@ class Provisioner:
         self._rows = DownloadRows(store, cache.downloads_dir)
         self._closing = False  # a pull stopped by close() is interrupted, not cancelled
         self._rows.mark_interrupted()
+        # pushes reach registries under the same policy and with the same client as pulls
+        self.pusher = Pusher(settings, models, policy=self.policy, new_client=self._client)
 
     def close(self) -> None:
         """Stop the background pulls (interrupted: their finished parts stay, to resume) and wait for them."""
@@ -151,6 +154,11 @@ class Provisioner:
 
     # -- the contract ----------------------------------------------------------------------------
 
+    def parse_ref(self, text: str) -> ModelRef:
+        """A ModelRef, where an Ollama name (``llama3.2``, ``user/model:tag``) is an ``oci://`` ref
+        on ``models.download.ollama_registry``, pulled like any other."""
+        return parse_ref(text, ollama_registry=self.settings.models.download.ollama_registry)
+
     def ensure_present(
         self,
         ref: str | ModelRef,
@@ -162,9 +170,9 @@ class Provisioner:
         on_progress: Callable[[PullProgress], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> ResolvedModel:
-        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        parsed = self.parse_ref(ref) if isinstance(ref, str) else ref
         expected = parse_digest(expected_digest) if expected_digest else None
-        model_name = ModelName.parse(name) if name else None
+        model_name = ModelName.parse(name) if name else _ollama_local_name(ref, parsed)
         if isinstance(parsed, FileRef):
             return self._import_local(parsed, context, model_name, expected, on_progress)
         if isinstance(parsed, DigestRef):
@@ -634,3 +642,11 @@ class Provisioner:
     def decide(self, download_id: str, *, approve: bool, context: Context) -> Download:
         """Approve or deny a pending download; the waiting pull goes on or fails."""
         return self._rows.decide(download_id, approve=approve, context=context)
+
+
+def _ollama_local_name(text: str | ModelRef, ref: ModelRef) -> ModelName | None:
+    """The name an Ollama name keeps here, as ``ollama pull`` keeps it: without its registry and
+    the ``library/`` namespace (``qwen3:4b``, ``team/tiny:v1``). None for every other ref."""
+    if not isinstance(text, str) or not isinstance(ref, OciRef) or text.strip().lower().startswith("oci:"):
+        return None
+    return ModelName.parse(f"{ref.repository.removeprefix(OLLAMA_NAMESPACE + '/')}:{ref.tag}")

@@ -27,11 +27,13 @@ from appliance.web.bundles import bundle_router
 from appliance.web.dependencies import (
     provide_audit,
     provide_context,
+    provide_creator,
     provide_inference,
     provide_models,
     provide_preferences,
     provide_provisioner,
     provide_router,
+    provide_settings,
 )
 from appliance.web.docs import DOCS_ASSETS, DocsPage
 from appliance.web.downloads import DownloadsController, pull_model
@@ -43,6 +45,7 @@ from appliance.web.importdir import import_dir
 from appliance.web.login import LOGIN_ROUTES
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
+from appliance.web.ollama_models import ollama_models_router
 from appliance.web.openai import openai_router
 from appliance.web.openapi import complete_openapi
 from appliance.web.system import SystemController
@@ -84,6 +87,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             metrics,
             openai_router,
             ollama_router,
+            ollama_models_router,
             create_static_files_router(
                 path=DOCS_ASSETS,
                 directories=[swagger_ui_bundle.swagger_ui_path, UI_DIR],  # UI_DIR: docs.js
@@ -100,6 +104,8 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             "context": Provide(provide_context, sync_to_thread=False),
             "inference": Provide(provide_inference, sync_to_thread=False),
             "router": Provide(provide_router, sync_to_thread=False),
+            "creator": Provide(provide_creator, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
         },
         exception_handlers=PROBLEM_HANDLERS,
         before_request=auth_guard(settings),

@@ -130,6 +130,11 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/api/pull"): "models.pull",
     ("HEAD", "/api/blobs/{digest}"): "models.manage",  # a client asks before it uploads
     ("POST", "/api/blobs/{digest}"): "models.manage",
+    ("POST", "/api/create"): "models.manage",
+    ("POST", "/api/copy"): "models.manage",
+    ("POST", "/api/push"): "models.manage",
+    ("POST", "/api/embed"): "infer",
+    ("POST", "/api/embeddings"): "infer",
 }
 
 

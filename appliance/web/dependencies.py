@@ -15,20 +15,24 @@ from litestar.datastructures import State
 from appliance.audit import AuditService, Context
 from appliance.engine.router import Router
 from appliance.engine.service import InferenceService
+from appliance.models.create import ModelCreator
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.runtime import Runtime
+from appliance.settings import Settings
 from appliance.web.guards import request_actor
 
 __all__ = [
     "provide_audit",
     "provide_context",
+    "provide_creator",
     "provide_inference",
     "provide_models",
     "provide_preferences",
     "provide_provisioner",
     "provide_router",
+    "provide_settings",
 ]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -45,6 +49,14 @@ def provide_audit(state: State) -> AuditService:
 
 def provide_models(state: State) -> ModelService:
     return _runtime(state).models
+
+
+def provide_creator(state: State) -> ModelCreator:
+    return ModelCreator(_runtime(state).models)
+
+
+def provide_settings(state: State) -> Settings:
+    return _runtime(state).settings
 
 
 def provide_preferences(state: State) -> PreferenceService:

@@ -1,4 +1,5 @@
-"""The Ollama-compatible API under ``/api``: version, tags, show, generate, chat, ps, delete, pull, blobs.
+"""The Ollama-compatible API under ``/api``: version, tags, show, generate, chat, ps, delete, pull, blobs
+(create, copy, push and the embeddings routes are in ``web/ollama_models.py``).
 
 Field names follow Ollama's API docs (``docs/api.md`` in ollama/ollama) exactly, so Ollama
 clients and front ends work unchanged; errors use Ollama's ``{"error": "message"}`` shape.
@@ -9,7 +10,7 @@ object has ``"done": true`` and the counters, durations in nanoseconds. An empty
 no messages) only loads the model, or unloads it with ``keep_alive`` 0. Chat takes ``tools``
 and answers with ``message.tool_calls`` (arguments as an object), a line of its own when
 streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. Pull takes a ModelRef
-(a local file is imported, a network ref downloaded) and goes through the provisioner's
+or an Ollama name (a local file is imported, the rest downloaded) and goes through the provisioner's
 ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
 Errors, streamed or not, come from the one mapping in ``web/errors.py``.
 
@@ -31,7 +32,6 @@ from litestar import MediaType, Request, Response, Router, delete, get, head, po
 from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import __version__
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
 from appliance.engine.base import Finished, TextChunk, ToolCall
@@ -40,16 +40,11 @@ from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.engine.tools import offer_tools
-from appliance.errors import (
-    InvalidInput,
-    InvalidModelName,
-    InvalidModelRef,
-)
+from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService
-from appliance.names import ModelName
 from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
-from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest, parse_ref
-from appliance.settings import Duration
+from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest
+from appliance.settings import Duration, Settings
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
@@ -144,16 +139,15 @@ class _GenerationBody(_Body):
         if isinstance(self.format, str) and self.format not in ("", "json"):
             raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
         options = self.options or Options()
-        defaults = GenerationOptions()
         stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
         sampling = {
             name: value for name in _SAMPLING_OPTIONS if (value := getattr(options, name)) is not None
         }
         return GenerationOptions(
             max_tokens=options.num_predict if options.num_predict and options.num_predict > 0 else None,
-            temperature=defaults.temperature if options.temperature is None else options.temperature,
-            top_p=defaults.top_p if options.top_p is None else options.top_p,
-            top_k=defaults.top_k if options.top_k is None else options.top_k,
+            temperature=options.temperature,  # None: the model's parameter, else the default
+            top_p=options.top_p,
+            top_k=options.top_k,
             **sampling,
             seed=options.seed if options.seed is not None and options.seed >= 0 else None,
             stop=stop,
@@ -365,15 +359,28 @@ def _ps_entry(loaded: Loaded) -> dict[str, Any]:
 
 
 @get("/version", sync_to_thread=False)
-def version() -> dict[str, str]:
-    """The appliance's version (Ollama clients only need some version string)."""
-    return {"version": __version__}
+def version(settings: Settings) -> dict[str, str]:
+    """The Ollama API level these routes implement (``server.ollama_version``): clients gate
+    features on it, so it is Ollama's version, not the appliance's."""
+    return {"version": settings.server.ollama_version}
+
+
+@head("/version", sync_to_thread=False)
+def version_head() -> Response[None]:
+    """A client's check that an Ollama server is there."""
+    return Response(None, status_code=200)
 
 
 @get("/tags", sync_to_thread=True)
 def tags(models: ModelService) -> dict[str, Any]:
     """GGUF models, as ``ollama list`` shows them."""
     return {"models": [_tag_entry(model) for model in models.list_models() if "gguf" in model.formats]}
+
+
+@head("/tags", sync_to_thread=False)
+def tags_head() -> Response[None]:
+    """A client's check that the model list answers."""
+    return Response(None, status_code=200)
 
 
 @post("/show", status_code=200)
@@ -516,26 +523,9 @@ def _tool_call(call: ToolCall) -> dict[str, Any]:
 # -- pull --------------------------------------------------------------------------------------
 
 
-def _is_model_name(text: str) -> bool:
-    try:
-        ModelName.parse(text)
-    except InvalidModelName:
-        return False
-    return True
-
-
-def _pull_ref(text: str) -> ModelRef:
-    """The ModelRef a pull names: a local file, or a network ref for the provisioner."""
-    try:
-        ref = parse_ref(text)
-    except InvalidModelRef as exc:
-        if not _is_model_name(text):
-            raise
-        raise InvalidInput(
-            f"{text!r} is an Ollama library name; this appliance pulls by ModelRef and works offline",
-            hint="pull a file (/abs/x.gguf, file:/abs/x.gguf) or a URL (https://host/x.gguf),"
-            " or import one with `appliance models import`",
-        ) from exc
+def _pull_ref(provisioner: Provisioner, text: str) -> ModelRef:
+    """The ModelRef a pull names: a local file, a network ref, or an Ollama name on the Ollama registry."""
+    ref = provisioner.parse_ref(text)
     if isinstance(ref, DigestRef):
         raise InvalidInput(
             f"{text!r} names a blob, not a file; pull takes a file (/abs/x.gguf) or a URL (https://host/x.gguf)"
@@ -545,11 +535,15 @@ def _pull_ref(text: str) -> ModelRef:
 
 @post("/pull", status_code=200)
 async def pull(request: Request[Any, Any, Any], provisioner: Provisioner, context: Context) -> Response[Any]:
-    """Pull a ModelRef: a local file is imported, a URL downloaded; NDJSON progress unless stream is false."""
+    """Pull a ModelRef or an Ollama name: a local file is imported, the rest downloaded; NDJSON
+    progress unless stream is false."""
     body = parse_body(PullBody, await request.body())
-    ref = _pull_ref(body.target)
+    # plain HTTP is the setting's to allow (models.download.oci_plain_http), not a request's
+    refuse_unsupported(body, {"insecure": (False,)})
+    ref = _pull_ref(provisioner, body.target)
     call: ThreadCall[PullProgress, ResolvedModel] = ThreadCall(
-        lambda report, _: provisioner.ensure_present(ref, context, on_progress=report)
+        # the text, not the ref: a model pulled by Ollama name keeps that name
+        lambda report, _: provisioner.ensure_present(body.target, context, on_progress=report)
     )
     if not body.stream:
         await call.result()
@@ -637,7 +631,9 @@ ollama_router = Router(
     path="/api",
     route_handlers=[
         version,
+        version_head,
         tags,
+        tags_head,
         show,
         ps,
         delete_model,

@@ -26,6 +26,7 @@ from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
 from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
+from appliance.web.ollama_models import CopyBody, CreateBody, EmbedBody, EmbeddingsBody, PushBody
 from appliance.web.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
 
 __all__ = ["complete_openapi"]
@@ -33,6 +34,10 @@ __all__ = ["complete_openapi"]
 # A name[:tag], as names.ModelName parses it (case-insensitive, up to two namespaces).
 _COMPONENT = "[A-Za-z0-9][A-Za-z0-9._-]*"
 NAME_PATTERN = f"^{_COMPONENT}(/{_COMPONENT}){{0,2}}(:[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})?$"
+# An Ollama name, as refs.parse_ollama_name reads it: [host[:port]/namespace/ | namespace/]model[:tag].
+_PART = "[A-Za-z0-9_][A-Za-z0-9._-]{0,79}"
+_HOST = "[A-Za-z0-9.-]+(?::[0-9]{1,5})?"
+OLLAMA_NAME_PATTERN = f"^(?:{_HOST}/{_PART}/|{_PART}/)?{_PART}(?::[A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})?$"
 _PARAMETERS: dict[str, dict[str, Any]] = {
     "name": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 200},
     "download_id": {"type": "string", "pattern": "^[0-9a-f]{12}$"},
@@ -47,6 +52,8 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "digest": {"pattern": "^sha256:[0-9a-fA-F]{64}$"},
     "path": {"minLength": 1, "pattern": "^[^\\x00]+$"},
     "ref": {"minLength": 1},
+    "source": _NAME,
+    "destination": _NAME,
 }
 _QUERIES: dict[str, dict[str, Any]] = {
     "since": {"type": "string", "format": "date-time"},
@@ -64,6 +71,11 @@ _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/api/generate", "post"): GenerateBody,
     ("/api/chat", "post"): ChatBody,
     ("/api/pull", "post"): PullBody,
+    ("/api/create", "post"): CreateBody,
+    ("/api/copy", "post"): CopyBody,
+    ("/api/push", "post"): PushBody,
+    ("/api/embed", "post"): EmbedBody,
+    ("/api/embeddings", "post"): EmbeddingsBody,
 }
 
 # Bodies read as bytes, streamed, whatever their Content-Type (a bundle is a tar).
@@ -76,6 +88,8 @@ _STREAMS = {
     "/api/generate": "application/x-ndjson",
     "/api/chat": "application/x-ndjson",
     "/api/pull": "application/x-ndjson",
+    "/api/create": "application/x-ndjson",
+    "/api/push": "application/x-ndjson",
 }
 _NAMED = ("model", "name")
 
@@ -160,6 +174,8 @@ _FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {
         "name": {"pattern": USER_NAME_PATTERN},
         "password": {"minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
     },
+    # A push names where it goes too.
+    "PushBody": {"model": {"pattern": OLLAMA_NAME_PATTERN}, "name": {"pattern": OLLAMA_NAME_PATTERN}},
 }
 
 
@@ -223,11 +239,13 @@ def complete_document(document: dict[str, Any]) -> None:
                     parameter["schema"] = where[parameter["name"]]
             if method == "head":  # never a body, so no error shape either
                 plain: dict[str, Any] = {"text/plain": {}, "application/json": {}}
-                operation["responses"] = {
-                    "200": {"description": "The blob is in the cache", "content": plain},
-                    "404": {"description": "The blob is not in the cache", "content": plain},
-                    "default": {"description": "The digest is malformed", "content": plain},
-                }
+                operation["responses"] = {"200": {"description": "The route answers", "content": plain}}
+                if path.startswith("/api/blobs/"):
+                    operation["responses"] = {
+                        "200": {"description": "The blob is in the cache", "content": plain},
+                        "404": {"description": "The blob is not in the cache", "content": plain},
+                        "default": {"description": "The digest is malformed", "content": plain},
+                    }
             if (path, method) in _RAW_BODIES:
                 operation["requestBody"] = {
                     "required": True,

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -27,19 +28,23 @@ OLLAMA_TEMPLATE = "application/vnd.ollama.image.template"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    """docker-registry serving on a free loopback port; yields its host:port."""
+@contextmanager
+def serving_registry(root: Path, *, readonly: bool = False) -> Iterator[str]:
+    """docker-registry serving on a free loopback port; yields its host:port. A read-only one
+    serves pulls and refuses every upload."""
     binary = shutil.which("docker-registry")
     assert binary is not None, "docker-registry is installed by .ci/run (Debian's docker-registry package)"
     port = free_port()
-    config = tmp_path / "registry.yml"
+    config = root / "registry.yml"
+    storage: dict[str, object] = {"filesystem": {"rootdirectory": str(root / "registry")}}
+    if readonly:
+        storage["maintenance"] = {"readonly": {"enabled": True}}
     config.write_text(
         json.dumps(
             {
                 "version": 0.1,
                 "log": {"level": "error"},
-                "storage": {"filesystem": {"rootdirectory": str(tmp_path / "registry")}},
+                "storage": storage,
                 "http": {"addr": f"127.0.0.1:{port}"},
             }
         )
@@ -62,6 +67,12 @@ def registry(tmp_path: Path) -> Iterator[str]:
     yield address
     process.terminate()
     process.communicate(timeout=10)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    with serving_registry(tmp_path) as address:
+        yield address
 
 
 def push(address: str, repository: str, tag: str, layers: list[tuple[str, bytes, dict[str, str]]]) -> str:
