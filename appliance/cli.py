@@ -841,8 +841,11 @@ def main() -> None:
 from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
+from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tls import tls  # noqa: E402
 
+models.add_command(copy_model)
+models.add_command(push_model)
 cli.add_command(bundle)
 cli.add_command(tls)
 cli.add_command(users)
