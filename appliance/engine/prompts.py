@@ -10,6 +10,9 @@ Three shapes of prompt:
   The prefix and suffix are plain text unless the prompt is raw, whose text may write control
   tokens as the caller means them.
 
+A conversation on a template with a reasoning block gets a splitter for the answer, unless a
+grammar constrains the answer: then it is all answer, even after a prompt that opened the block.
+
 A request's ``context`` (token ids an earlier answer returned) goes before the prompt, as Ollama
 prepends it; the answer's ``context`` is those ids, the prompt's and the answer's (the answer
 tokenized after the prompt's text, as Ollama does). Part of the in-process engine; may import
@@ -76,7 +79,8 @@ def build_prompt(model: LlamaModel, template: ChatTemplate, prompt: Prompt) -> B
         tool_format = template.tool_format
         if prompt.tools.constrained:
             sampling = replace(sampling, grammar=tool_grammar(tool_format, prompt.tools))
-    markers = template.reasoning
+    # A grammar (a JSON format, a required tool call) shapes the whole output: all of it is answer.
+    markers = template.reasoning if sampling.grammar is None else None
     return BuiltPrompt(
         tokens=[*prompt.context, *_tokenize(model, template, text, prompt)],
         stop=(*prompt.stop, *template.stop_strings),

@@ -4,8 +4,8 @@ comes back apart from the answer (Ollama's ``thinking``, OpenAI's ``reasoning_co
 or not, with no markup left in the answer.
 
 The tiny model's template opens the block for the model (as DeepSeek R1's does) unless think is
-false, so its random text is all reasoning, or all answer; a JSON ``format`` forces an output that
-closes the block, to see both halves of one answer split."""
+false, so its random text is all reasoning, or all answer (the splitter's cuts are proven on canned
+outputs in ``tests/engine/test_reasoning.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import openai
 import pytest
 
 from tests.conftest import CliResult, Server
+from tests.engine.tool_templates import THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.web.test_tools import WEATHER
 
 # The generation prompt opens the reasoning block; enable_thinking false writes an empty one instead.
 OPENS_THE_BLOCK = TINY_CHAT_TEMPLATE.replace(
@@ -29,7 +31,7 @@ OPENS_THE_BLOCK = TINY_CHAT_TEMPLATE.replace(
 GREEDY = {"temperature": 0, "num_predict": 8}
 FORCED = {"temperature": 0, "num_predict": 20}  # room for the forced answer, a token a byte
 ASK: list[Any] = [{"role": "user", "content": "hi"}]
-# The model must write "</think>hi" as a JSON string: '"' is reasoning, 'hi"' the answer.
+# The model must write "</think>hi" as a JSON string.
 CLOSES_THE_BLOCK = {"type": "string", "enum": ["</think>hi"]}
 
 
@@ -75,39 +77,37 @@ def test_ollama_generate_answers_with_its_thinking_apart(ollama_client: ollama.C
     thought = ollama_client.generate(model=thinker, prompt="hi", think=True, options=GREEDY)
     assert thought.thinking
     assert thought.response == ""
-    split = ollama_client.generate(model=thinker, prompt="hi", format=CLOSES_THE_BLOCK, options=FORCED)
-    assert (split.thinking, split.response) == ('"', 'hi"')
+    plain = ollama_client.generate(model=thinker, prompt="hi", think=False, options=GREEDY)
+    assert plain.thinking is None
+    assert plain.response
     streamed = list(
-        ollama_client.generate(
-            model=thinker, prompt="hi", format=CLOSES_THE_BLOCK, options=FORCED, stream=True
-        )
+        ollama_client.generate(model=thinker, prompt="hi", think=True, options=GREEDY, stream=True)
     )
-    assert "".join(part.thinking or "" for part in streamed) == '"'
-    assert "".join(part.response for part in streamed) == 'hi"'
+    assert "".join(part.thinking or "" for part in streamed) == thought.thinking
+    assert "".join(part.response for part in streamed) == ""
+
+
+def test_a_grammar_makes_the_whole_output_the_answer(ollama_client: ollama.Client, thinker: str) -> None:
+    """The format constrains every token, so nothing of it is reasoning, though the prompt opened
+    the block: the forced "</think>hi" comes back whole, as the answer."""
+    forced = ollama_client.generate(model=thinker, prompt="hi", format=CLOSES_THE_BLOCK, options=FORCED)
+    assert (forced.thinking, forced.response) == (None, '"</think>hi"')
 
 
 def test_openai_returns_reasoning_content(openai_client: openai.OpenAI, thinker: str) -> None:
     completion = openai_client.chat.completions.create(
-        model=thinker,
-        messages=ASK,
-        temperature=0,
-        max_tokens=20,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": CLOSES_THE_BLOCK}},
+        model=thinker, messages=ASK, temperature=0, max_tokens=8
     )
     message = completion.choices[0].message
-    assert message.content == 'hi"'
-    assert getattr(message, "reasoning_content", None) == '"'
+    reasoning = getattr(message, "reasoning_content", None)
+    assert reasoning
+    assert message.content == ""
     stream = openai_client.chat.completions.create(
-        model=thinker,
-        messages=ASK,
-        temperature=0,
-        max_tokens=20,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": CLOSES_THE_BLOCK}},
-        stream=True,
+        model=thinker, messages=ASK, temperature=0, max_tokens=8, stream=True
     )
     deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
-    assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == '"'
-    assert "".join(delta.content or "" for delta in deltas) == 'hi"'
+    assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == reasoning
+    assert "".join(delta.content or "" for delta in deltas) == ""
 
 
 def test_think_on_a_model_that_cannot_think_is_refused(
@@ -134,3 +134,19 @@ def test_think_on_a_model_that_cannot_think_is_refused(
 def test_an_earlier_answers_thinking_is_accepted_back(ollama_client: ollama.Client, thinker: str) -> None:
     history = [*ASK, {"role": "assistant", "content": "hello", "thinking": "greet back"}, *ASK]
     assert ollama_client.chat(model=thinker, messages=history, options=GREEDY).done
+
+
+def test_a_required_tool_call_after_an_opened_block_is_still_a_call(
+    openai_client: openai.OpenAI, cli: object, tmp_path: Path
+) -> None:
+    """Qwen 3's template opens the block; a required call's grammar makes the answer the call."""
+    path = write_llama_gguf(tmp_path / "qwen3.gguf", context=2048, chat_template=THINKING)
+    result: CliResult = cli("models", "import", str(path), "--name", "qwen3")  # type: ignore[operator]
+    assert result.returncode == 0, result.stderr
+    completion = openai_client.chat.completions.create(
+        model="qwen3", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    assert getattr(choice.message, "reasoning_content", None) is None
