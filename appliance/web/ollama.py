@@ -201,8 +201,9 @@ class ChatMessage(_Body):
         if self.tool_calls and self.role != "assistant":
             raise InvalidInput(f"{where}tool_calls belong to assistant messages")
         turn = {**self.model_dump(exclude_none=True), "content": self.content or ""}
-        if self.thinking:  # an earlier answer's reasoning, under the name chat templates read
-            turn["reasoning_content"] = turn.pop("thinking")
+        thinking = turn.pop("thinking", None)
+        if thinking:  # an earlier answer's reasoning, under the name chat templates read
+            turn["reasoning_content"] = thinking
         if self.tool_calls:
             turn["tool_calls"] = [
                 _template_call(call, where=f"{where}tool_calls.{number}")
