@@ -25,6 +25,7 @@ __all__ = [
     "LoadedInfo",
     "Prompt",
     "Ready",
+    "ReasoningChunk",
     "Route",
     "SamplingParams",
     "TextChunk",
@@ -112,6 +113,11 @@ class Prompt:
     stop: tuple[str, ...] = ()
     keep_alive: float | None = None  # None: the engine's setting
     tools: ToolSet | None = None  # rendered through the chat template; None: no tools offered
+    suffix: str | None = None  # fill in the middle: ``text`` is the prefix, built with the FIM tokens
+    parse_special: bool = True  # a raw prompt may write control tokens as text; False reads them as text
+    think: bool | None = None  # the template's reasoning switch (enable_thinking); None: its default
+    context: tuple[int, ...] = ()  # token ids that go before the prompt (an earlier answer's context)
+    return_context: bool = False  # Finished.context holds the prompt's and the answer's token ids
 
 
 @dataclass(frozen=True)
@@ -130,14 +136,22 @@ class TextChunk:
 
 
 @dataclass(frozen=True)
+class ReasoningChunk:
+    """Text of the model's reasoning block (``<think>…</think>``), split out of the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: str  # "stop", "length", "tool_calls" (the answer called tools), "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
     error: ApplianceError | None = None
+    context: tuple[int, ...] = ()  # prompt and answer token ids, when the Prompt asked for them
 
 
-EngineEvent = Ready | TextChunk | Finished
+EngineEvent = Ready | TextChunk | ReasoningChunk | Finished
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """What a model can do, as Ollama's ``/api/show`` lists it in ``capabilities``.
 
 Read from the model's chat template and the GGUF metadata the registry stored at import
-(``models/gguf.py``): no model is loaded. Pure; may import ``appliance.engine.tools`` only.
+(``models/gguf.py``): no model is loaded. Pure; may import ``appliance.engine.tools`` and
+``appliance.engine.reasoning`` only.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from appliance.engine.reasoning import reasoning_markers
 from appliance.engine.tools import handles_tools
 
 __all__ = ["model_capabilities"]
@@ -17,8 +18,6 @@ __all__ = ["model_capabilities"]
 _ENCODERS = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "neo-bert", "t5encoder"}
 )
-# A reasoning block in the template: DeepSeek R1 and Qwen 3's <think>, or the reasoning a turn carries.
-_REASONING = re.compile(r"<think>|\breasoning_content\b|\benable_thinking\b")
 
 
 def model_capabilities(template: str, metadata: dict[str, Any]) -> list[str]:
@@ -32,7 +31,7 @@ def model_capabilities(template: str, metadata: dict[str, Any]) -> list[str]:
         capabilities.append("tools")
     if metadata.get("fill_in_middle"):
         capabilities.append("insert")
-    if template and _REASONING.search(template):
+    if template and reasoning_markers(template) is not None:
         capabilities.append("thinking")
     if metadata.get("pooling_type"):
         capabilities.append("embedding")

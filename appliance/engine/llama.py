@@ -154,6 +154,15 @@ class LlamaModel:
         self.n_embd = int(llama_cpp.llama_model_n_embd(pointer))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        fim = (
+            int(llama_cpp.llama_vocab_fim_pre(self.vocab)),
+            int(llama_cpp.llama_vocab_fim_suf(self.vocab)),
+            int(llama_cpp.llama_vocab_fim_mid(self.vocab)),
+        )
+        # (prefix, suffix, middle) tokens of a fill-in-the-middle model; None when it has none
+        self.fim_tokens = fim if all(token >= 0 for token in fim) else None
 
     @property
     def pointer(self) -> ctypes.c_void_p:

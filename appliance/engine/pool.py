@@ -12,7 +12,7 @@ A retired model (deleted from the registry) leaves the pool at once (``loaded`` 
 it, no new request reaches it), requests in flight on it finish (its blob stays readable through
 the memory map even once unlinked), and the last one to end unloads it.
 
-May import ``appliance.engine`` (base, llama, batcher, chat, tools), ``appliance.hostinfo``,
+May import ``appliance.engine`` (base, llama, batcher, chat, prompts), ``appliance.hostinfo``,
 ``appliance.errors`` and ``appliance.settings``; never the registry, the store or the web layer.
 """
 
@@ -39,9 +39,9 @@ from appliance.engine.base import (
     Prompt,
     Ready,
     SamplingParams,
+    TextChunk,
 )
 from appliance.engine.chat import ChatTemplate
-from appliance.engine.tools import tool_grammar
 from appliance.errors import EngineFailure, InsufficientMemory, PromptTooLong
 from appliance.settings import EngineSettings
 
@@ -351,30 +351,42 @@ class EnginePool:
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, spec: LoadSpec, prompt: Prompt) -> AsyncGenerator[EngineEvent]:
-        """Ready, then the request's events (see ``Engine.generate``)."""
+        """Ready, then the request's events (see ``Engine.generate``): the answer's reasoning
+        block, when the template has one, comes as ReasoningChunks, the rest as TextChunks."""
+        from appliance.engine.prompts import build_prompt
+
         loaded, reason = await anyio.to_thread.run_sync(lambda: self.acquire(spec))
         try:
-            sampling, tool_format = prompt.sampling, ""
-            if prompt.messages is not None:
-                text = loaded.template.render(prompt.messages, tools=prompt.tools)
-                stop = (*prompt.stop, *loaded.template.stop_strings)
-                if prompt.tools is not None:
-                    tool_format = loaded.template.tool_format
-                    if prompt.tools.constrained:
-                        sampling = replace(sampling, grammar=tool_grammar(tool_format, prompt.tools))
-            else:
-                text, stop = prompt.text or "", prompt.stop
-            tokens = loaded.tokenize(text)
+            built = build_prompt(loaded.model, loaded.template, prompt)
             max_tokens = prompt.max_tokens if prompt.max_tokens is not None else loaded.seq_ctx
             yield Ready(
                 reason=reason,
-                prompt_tokens=len(tokens),
+                prompt_tokens=len(built.tokens),
                 queued=loaded.batcher.queued,
-                tool_format=tool_format,
+                tool_format=built.tool_format,
             )
-            stream = self.stream_tokens(loaded, tokens, max_tokens=max_tokens, sampling=sampling, stop=stop)
+            stream = self.stream_tokens(
+                loaded, built.tokens, max_tokens=max_tokens, sampling=built.sampling, stop=built.stop
+            )
+            answer: list[str] = []  # the model's own text, markup included, for the context
             async with aclosing(stream):
                 async for event in stream:
+                    if isinstance(event, TextChunk):
+                        if prompt.return_context:
+                            answer.append(event.text)
+                        if built.splitter is not None:
+                            for part in built.splitter.feed(event.text):
+                                yield part
+                            continue
+                    elif isinstance(event, Finished):
+                        if built.splitter is not None:
+                            for part in built.splitter.finish():
+                                yield part
+                        if prompt.return_context:
+                            context = built.answer_context(
+                                loaded.model, loaded.template, prompt, "".join(answer)
+                            )
+                            event = replace(event, context=context)
                     yield event
         finally:
             self.release(loaded, keep_alive=prompt.keep_alive)

@@ -7,7 +7,8 @@ engine: may import the engine's base, router and tool-call reader (``engine/tool
 metrics and the store's types; never the web layer, and never an engine implementation (it talks
 to the ``Engine`` protocol).
 
-When tools are offered, the answer is read as it streams (``ToolCallReader``, in the tool-call
+A model that thinks streams its reasoning block as ReasoningChunks, which pass by the tool-call
+reader. When tools are offered, the answer is read as it streams (``ToolCallReader``, in the tool-call
 format the engine reports for the model's template): text goes on as TextChunks, calls come out
 as ToolCall events, and an answer that called tools finishes with reason "tool_calls".
 """
@@ -25,7 +26,17 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk, ToolCall, ToolSet
+from appliance.engine.base import (
+    Finished,
+    Prompt,
+    Ready,
+    ReasoningChunk,
+    Route,
+    SamplingParams,
+    TextChunk,
+    ToolCall,
+    ToolSet,
+)
 from appliance.engine.router import Router
 from appliance.engine.tools import ToolCallReader
 from appliance.errors import InvalidInput
@@ -61,6 +72,9 @@ class GenerationOptions:
     keep_alive: float | None = None
     context_length: int | None = None  # per sequence; None: the preference or setting
     tools: ToolSet | None = None  # offered to the model (engine/tools.py offer_tools); None: none
+    think: bool | None = None  # the template's reasoning switch; None: the template's default
+    context: tuple[int, ...] = ()  # token ids to go before the prompt (Ollama's context)
+    return_context: bool = False  # Finished.context: the prompt's and the answer's token ids
 
     def under(self, parameters: dict[str, Any]) -> GenerationOptions:
         """These options, where unset taken from a model's parameters (its params layer)."""
@@ -161,16 +175,34 @@ class InferenceService:
         *,
         endpoint: str,
         correlation_id: str,
-    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
-        """Events of a chat turn: Started, then TextChunks and ToolCalls (when tools are offered),
-        then Finished. Close it to stop early."""
+    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
+        """Events of a chat turn: Started, then TextChunks, ReasoningChunks (a model that thinks)
+        and ToolCalls (when tools are offered), then Finished. Close it to stop early."""
         return self._stream(name, options, endpoint, correlation_id, messages=messages)
 
     def complete(
-        self, name: str, prompt: str, options: GenerationOptions, *, endpoint: str, correlation_id: str
-    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
-        """Events of a raw completion, as ``chat`` (never a ToolCall: no tools are offered)."""
-        return self._stream(name, options, endpoint, correlation_id, prompt=prompt)
+        self,
+        name: str,
+        prompt: str,
+        options: GenerationOptions,
+        *,
+        endpoint: str,
+        correlation_id: str,
+        suffix: str | None = None,
+        parse_special: bool = True,
+    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
+        """Events of a raw completion, as ``chat`` (never a ToolCall: no tools are offered). With
+        a ``suffix``, the model fills in the middle between ``prompt`` and it; ``parse_special``
+        False reads control tokens written in the text as plain text."""
+        return self._stream(
+            name,
+            options,
+            endpoint,
+            correlation_id,
+            prompt=prompt,
+            suffix=suffix,
+            parse_special=parse_special,
+        )
 
     async def _stream(
         self,
@@ -181,7 +213,9 @@ class InferenceService:
         *,
         messages: list[dict[str, Any]] | None = None,
         prompt: str | None = None,
-    ) -> AsyncGenerator[Started | TextChunk | ToolCall | Finished]:
+        suffix: str | None = None,
+        parse_special: bool = True,
+    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
         layers = await anyio.to_thread.run_sync(lambda: self.router.layers(name))
         options = options.under(layers.parameters)
@@ -193,6 +227,11 @@ class InferenceService:
             stop=options.stop,
             keep_alive=options.keep_alive,
             tools=options.tools if messages is not None else None,
+            suffix=suffix,
+            parse_special=parse_special,
+            think=options.think,
+            context=options.context,
+            return_context=options.return_context,
         )
         context_length = options.context_length
         engine, spec, model_name = await anyio.to_thread.run_sync(
@@ -213,13 +252,13 @@ class InferenceService:
                             reader = ToolCallReader(event.tool_format or "generic", request.tools)
                         yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
                         continue
-                    if isinstance(event, TextChunk) and tracker.first_token is None:
+                    if isinstance(event, TextChunk | ReasoningChunk) and tracker.first_token is None:
                         tracker.first_token = time.monotonic()
                     if isinstance(event, Finished):
                         finished = event
                         if event.error is not None:
                             raise event.error
-                    if reader is None:
+                    if reader is None or isinstance(event, ReasoningChunk):  # tools are called in the answer
                         yield event
                         continue
                     parts = reader.feed(event.text) if isinstance(event, TextChunk) else reader.finish()

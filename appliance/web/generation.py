@@ -8,12 +8,13 @@ from typing import Any
 
 import anyio
 
-from appliance.engine.base import Finished, TextChunk, ToolCall
+from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
 from appliance.engine.service import Started
 
-__all__ = ["Events", "Generation"]
+__all__ = ["Event", "Events", "Generation"]
 
-Events = AsyncIterator[Started | TextChunk | ToolCall | Finished]
+Event = TextChunk | ReasoningChunk | ToolCall | Finished
+Events = AsyncIterator[Started | Event]
 
 
 class Generation:
@@ -30,7 +31,8 @@ class Generation:
         self.began = self.opened = time.perf_counter_ns()
         self.first_token: int | None = None
         self.started: Started | None = None
-        self._peeked: TextChunk | ToolCall | Finished | None = None
+        self._peeked: Event | None = None
+        self.reasoning = ""  # what collect() gathered of a reasoning block
 
     @property
     def model(self) -> str:
@@ -48,14 +50,14 @@ class Generation:
             raise
         return started
 
-    async def _fetch(self) -> TextChunk | ToolCall | Finished:
+    async def _fetch(self) -> Event:
         event = await anext(self.events)
         assert not isinstance(event, Started)
-        if isinstance(event, TextChunk) and self.first_token is None:
+        if isinstance(event, TextChunk | ReasoningChunk) and self.first_token is None:
             self.first_token = time.perf_counter_ns()
         return event
 
-    async def next(self) -> TextChunk | ToolCall | Finished:
+    async def next(self) -> Event:
         if self._peeked is None:
             return await self._fetch()
         event, self._peeked = self._peeked, None
@@ -81,15 +83,20 @@ class Generation:
         }
 
     async def collect(self) -> tuple[str, list[ToolCall], Finished]:
-        """The whole text, the tool calls and how it finished (a non-streamed answer); closes the stream."""
+        """The whole text, the tool calls and how it finished (a non-streamed answer); closes the
+        stream. The reasoning, if the model thought, is left in ``reasoning``."""
         parts: list[str] = []
         calls: list[ToolCall] = []
+        reasoning: list[str] = []
         try:
             while not isinstance(event := await self.next(), Finished):
                 if isinstance(event, ToolCall):
                     calls.append(event)
+                elif isinstance(event, ReasoningChunk):
+                    reasoning.append(event.text)
                 else:
                     parts.append(event.text)
         finally:
             await self.close()
+        self.reasoning = "".join(reasoning)
         return "".join(parts), calls, event

@@ -9,9 +9,13 @@ Generation streams NDJSON (one JSON object per line) unless ``"stream": false``;
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
 no messages) only loads the model, or unloads it with ``keep_alive`` 0. Chat takes ``tools``
 and answers with ``message.tool_calls`` (arguments as an object), a line of its own when
-streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. Pull takes a ModelRef
-or an Ollama name (a local file is imported, the rest downloaded) and goes through the provisioner's
-``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
+streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. A model that
+thinks answers with its reasoning apart (``thinking``, ``message.thinking``), and ``think`` turns it
+on or off; generate takes ``suffix`` (fill in the middle, for models with FIM tokens) and returns
+``context``, the prompt's and answer's token ids, which a later request sends back to continue.
+Pull takes a ModelRef or an Ollama name (a local file is imported, the rest downloaded) and goes
+through the provisioner's ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on
+the thread bridge.
 Errors, streamed or not, come from the one mapping in ``web/errors.py``.
 
 Imports: the services (models, provision, engine service), the bridge and the web helpers;
@@ -34,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.bridge import ThreadCall
-from appliance.engine.base import Finished, TextChunk, ToolCall
+from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
 from appliance.engine.features import model_capabilities
 from appliance.engine.router import Loaded
 from appliance.engine.router import Router as EngineRouter
@@ -71,14 +75,7 @@ class _Body(BaseModel):
 # appliance's own settings, so those are ignored, as are num_keep (the context never shifts here)
 # and penalize_newline (Ollama itself ignores it now).
 _UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {"tfs_z": (1,)}
-_UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {
-    "images": ([],),
-    "suffix": ("",),
-    "think": (False,),
-    "context": ([],),
-    "template": ("",),
-}
-_UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {"think": (False,)}
+_UNSUPPORTED_GENERATE: dict[str, tuple[Any, ...]] = {"images": ([],), "template": ("",)}
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -128,6 +125,7 @@ class _GenerationBody(_Body):
     format: Annotated[str, Field(json_schema_extra={"enum": ["", "json"]})] | dict[str, Any] | None = None
     options: Options | None = None
     keep_alive: Duration | None = None
+    think: bool | None = None  # the template's reasoning switch; refused for a model that cannot think
 
     def _refuse_unsupported(self) -> None:
         """Each body refuses the fields of its own that the engine would otherwise ignore."""
@@ -155,16 +153,27 @@ class _GenerationBody(_Body):
             json_schema=self.format if isinstance(self.format, dict) else None,
             keep_alive=self.keep_alive,
             context_length=options.num_ctx,
+            think=self.think,
         )
 
 
 class GenerateBody(_GenerationBody):
     prompt: str = ""
+    suffix: str = ""  # fill in the middle: the model writes what goes between prompt and suffix
     system: str | None = None
     raw: bool = False
+    context: list[int] | None = None  # an earlier answer's context, to continue from
 
     def _refuse_unsupported(self) -> None:
         refuse_unsupported(self, _UNSUPPORTED_GENERATE)
+        if self.suffix and self.system:
+            raise InvalidInput(
+                "system cannot be combined with suffix: fill in the middle has no place for a system prompt",
+                hint="put what the system prompt says into the prompt, or leave suffix out",
+            )
+
+    def generation_options(self) -> GenerationOptions:
+        return replace(super().generation_options(), context=tuple(self.context or ()), return_context=True)
 
     def messages(self) -> list[dict[str, Any]]:
         """The prompt as a chat turn for the model's template (what Ollama does unless raw)."""
@@ -176,15 +185,19 @@ class ChatMessage(_Body):
     role: str = Field(min_length=1, json_schema_extra={"enum": list(_ROLES)})  # checked in turn()
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    thinking: str | None = None  # an assistant's earlier reasoning
 
     def turn(self, index: int) -> dict[str, Any]:
         where = f"messages.{index}."
         if self.role not in _ROLES:
             raise InvalidInput(f"{where}role {self.role!r} is not supported; use one of {', '.join(_ROLES)}")
-        refuse_unsupported(self, {"images": ([],), "thinking": ("",)}, where=where)
+        refuse_unsupported(self, {"images": ([],)}, where=where)
         if self.tool_calls and self.role != "assistant":
             raise InvalidInput(f"{where}tool_calls belong to assistant messages")
         turn = {**self.model_dump(exclude_none=True), "content": self.content or ""}
+        thinking = turn.pop("thinking", None)
+        if thinking:  # an earlier answer's reasoning, under the name chat templates read
+            turn["reasoning_content"] = thinking
         if self.tool_calls:
             turn["tool_calls"] = [
                 _template_call(call, where=f"{where}tool_calls.{number}")
@@ -210,7 +223,6 @@ class ChatBody(_GenerationBody):
     tools: list[dict[str, Any]] | None = None
 
     def _refuse_unsupported(self) -> None:
-        refuse_unsupported(self, _UNSUPPORTED_CHAT)
         for index, message in enumerate(self.messages):
             message.turn(index)
 
@@ -413,19 +425,29 @@ def _line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
-Piece = Callable[[str, list[ToolCall]], dict[str, Any]]  # one object's text and tool calls
+Piece = Callable[[str, list[ToolCall], str], dict[str, Any]]  # one object's text, tool calls, thinking
+Final = Callable[[Finished], dict[str, Any]]  # what the last object adds
 
 
-async def _ndjson(generation: Generation, piece: Piece, final: dict[str, Any]) -> AsyncIterator[bytes]:
-    """One line per text piece or tool call, then the final line with the counters; errors become
-    an error line."""
+def _no_final(finished: Finished) -> dict[str, Any]:
+    return {}
+
+
+async def _ndjson(generation: Generation, piece: Piece, final: Final) -> AsyncIterator[bytes]:
+    """One line per text piece, reasoning piece or tool call, then the final line with the
+    counters; errors become an error line."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             while not isinstance(event := await generation.next(), Finished):
-                parts = piece(event.text, []) if isinstance(event, TextChunk) else piece("", [event])
+                if isinstance(event, TextChunk):
+                    parts = piece(event.text, [], "")
+                elif isinstance(event, ReasoningChunk):
+                    parts = piece("", [], event.text)
+                else:
+                    parts = piece("", [event], "")
                 yield _line({**parts, "done": False})
-            yield _line({**piece("", []), "done": True, **final, **generation.counters(event)})
+            yield _line({**piece("", [], ""), "done": True, **final(event), **generation.counters(event)})
         finally:
             await generation.close()
 
@@ -452,31 +474,51 @@ async def _load_or_unload(
     return await anyio.to_thread.run_sync(run)
 
 
-async def _respond(events: Events, *, stream: bool, piece: Piece, final: dict[str, Any]) -> Response[Any]:
+async def _respond(events: Events, *, stream: bool, piece: Piece, final: Final) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
     generation = Generation(events)
     await generation.open()
     if stream:
         return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
     text, calls, finished = await generation.collect()
-    return Response({**piece(text, calls), "done": True, **final, **generation.counters(finished)})
+    return Response(
+        {
+            **piece(text, calls, generation.reasoning),
+            "done": True,
+            **final(finished),
+            **generation.counters(finished),
+        }
+    )
 
 
 @post("/generate", status_code=200)
 async def generate(
     request: Request[Any, Any, Any], inference: InferenceService, router: EngineRouter, context: Context
 ) -> Response[Any]:
-    """Complete a prompt (through the chat template unless raw); NDJSON unless stream is false."""
+    """Complete a prompt (through the chat template unless raw, or fill in the middle before a
+    suffix); NDJSON unless stream is false. The last object's ``context`` continues from here."""
     body = parse_body(GenerateBody, await request.body())
     options = body.generation_options()
 
-    def piece(text: str, calls: list[ToolCall]) -> dict[str, Any]:
-        return {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "response": text}
+    def piece(text: str, calls: list[ToolCall], thinking: str) -> dict[str, Any]:
+        payload = {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "response": text}
+        return {**payload, "thinking": thinking} if thinking else payload
 
-    if not body.prompt:
+    if not body.prompt and not body.suffix:
         reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
-        return Response({**piece("", []), "done": True, "done_reason": reason})
-    if body.raw:
+        return Response({**piece("", [], ""), "done": True, "done_reason": reason})
+    if body.suffix:
+        # Built with the model's FIM tokens, never the chat template; raw text may write control tokens.
+        events = inference.complete(
+            body.model,
+            body.prompt,
+            options,
+            endpoint="/api/generate",
+            correlation_id=context.correlation_id,
+            suffix=body.suffix,
+            parse_special=body.raw,
+        )
+    elif body.raw:
         events = inference.complete(
             body.model, body.prompt, options, endpoint="/api/generate", correlation_id=context.correlation_id
         )
@@ -488,8 +530,9 @@ async def generate(
             endpoint="/api/generate",
             correlation_id=context.correlation_id,
         )
-    # context: Ollama's token memory for the next request; this appliance keeps none (send messages).
-    return await _respond(events, stream=body.stream, piece=piece, final={"context": []})
+    return await _respond(
+        events, stream=body.stream, piece=piece, final=lambda finished: {"context": list(finished.context)}
+    )
 
 
 @post("/chat", status_code=200)
@@ -500,20 +543,22 @@ async def chat(
     body = parse_body(ChatBody, await request.body())
     options = body.generation_options()
 
-    def piece(text: str, calls: list[ToolCall]) -> dict[str, Any]:
+    def piece(text: str, calls: list[ToolCall], thinking: str) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["thinking"] = thinking
         if calls:
             message["tool_calls"] = [_tool_call(call) for call in calls]
         return {"model": body.model, "created_at": _rfc3339(datetime.now(UTC)), "message": message}
 
     if not body.messages:
         reason = await _load_or_unload(router, body.model, body.keep_alive, options.context_length)
-        return Response({**piece("", []), "done": True, "done_reason": reason})
+        return Response({**piece("", [], ""), "done": True, "done_reason": reason})
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )
-    return await _respond(events, stream=body.stream, piece=piece, final={})
+    return await _respond(events, stream=body.stream, piece=piece, final=_no_final)
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:

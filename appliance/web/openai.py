@@ -2,7 +2,10 @@
 
 Chat completions take ``tools``, ``tool_choice`` and ``parallel_tool_calls``, answer with
 ``tool_calls`` (streamed as delta chunks: the call's id and name, then its arguments) and take
-``tool`` messages and assistant ``tool_calls`` back.
+``tool`` messages and assistant ``tool_calls`` back. A model that thinks answers with its reasoning
+block apart, in ``reasoning_content`` (``delta.reasoning_content`` when streamed), as llama.cpp's
+server and DeepSeek's API do. Completions take ``suffix`` (fill in the middle) for models with FIM
+tokens.
 
 Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape,
 from the one mapping in ``web/errors.py`` (a stream's late error too).
@@ -27,7 +30,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
-from appliance.engine.base import Finished, TextChunk, ToolCall
+from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
@@ -55,7 +58,6 @@ _UNSUPPORTED = {
 _UNSUPPORTED_COMPLETION = {
     "echo": (False,),
     "best_of": (1,),
-    "suffix": ("",),
     "tools": ([],),
     "tool_choice": ("none",),
 }
@@ -195,6 +197,7 @@ class ChatCompletionBody(_GenerationBody):
 
 class CompletionBody(_GenerationBody):
     prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
+    suffix: str | None = None  # fill in the middle, for models with FIM tokens
 
     def options(self) -> GenerationOptions:
         refuse_unsupported(self, _UNSUPPORTED_COMPLETION)
@@ -285,6 +288,8 @@ async def chat_completions(
         )
     text, calls, finished = await generation.collect()
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if generation.reasoning:
+        message["reasoning_content"] = generation.reasoning
     if calls:
         message.update(content=text or None, tool_calls=[_tool_call(call) for call in calls])
     return Response(
@@ -309,7 +314,7 @@ async def chat_completions(
 
 async def _sse_events(
     generation: Generation,
-    chunks: Callable[[TextChunk | ToolCall], list[dict[str, Any]]],
+    chunks: Callable[[TextChunk | ReasoningChunk | ToolCall], list[dict[str, Any]]],
     final: Callable[[Finished], list[dict[str, Any]]],
 ) -> AsyncIterator[bytes]:
     """The SSE body: ``chunks(event)``'s payloads per piece, ``final(finished)``'s, then [DONE];
@@ -361,10 +366,12 @@ async def _chat_chunks(
 
     calls_sent = 0
 
-    def chunks(event: TextChunk | ToolCall) -> list[dict[str, Any]]:
+    def chunks(event: TextChunk | ReasoningChunk | ToolCall) -> list[dict[str, Any]]:
         nonlocal calls_sent
         if isinstance(event, TextChunk):
             return [chunk({"content": event.text}, None)]
+        if isinstance(event, ReasoningChunk):
+            return [chunk({"reasoning_content": event.text}, None)]
         index, calls_sent = calls_sent, calls_sent + 1
         whole = _tool_call(event)
         arguments = whole["function"]["arguments"]
@@ -387,7 +394,12 @@ async def completions(
     options, prompt = body.options(), body.prompt_text()
     generation = Generation(
         inference.complete(
-            body.model, prompt, options, endpoint="/v1/completions", correlation_id=context.correlation_id
+            body.model,
+            prompt,
+            options,
+            endpoint="/v1/completions",
+            correlation_id=context.correlation_id,
+            suffix=body.suffix or None,
         )
     )
     started = await generation.open()
