@@ -134,6 +134,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: ApplianceError | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
 EngineEvent = Ready | TextChunk | Finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -11,7 +12,7 @@ import anyio
 from appliance.engine.base import Finished, TextChunk, ToolCall
 from appliance.engine.service import Started
 
-__all__ = ["Events", "Generation"]
+__all__ = ["Events", "Generation", "named_event"]
 
 Events = AsyncIterator[Started | TextChunk | ToolCall | Finished]
 
@@ -93,3 +94,8 @@ class Generation:
         finally:
             await self.close()
         return "".join(parts), calls, event
+
+
+def named_event(name: str, payload: dict[str, Any]) -> bytes:
+    """One server-sent event with its name, as the Responses and Anthropic Messages streams send them."""
+    return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
