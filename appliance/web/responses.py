@@ -176,7 +176,19 @@ class ResponsesBody(BaseModel):
                     "function_call_output items",
                     param=f"{where}.type",
                 )
+        return _one_system_turn(turns)
+
+
+def _one_system_turn(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Instructions and leading system or developer messages as one system turn: many chat
+    templates take a system message only as the first turn."""
+    leading = 0
+    while leading < len(turns) and turns[leading]["role"] == "system":
+        leading += 1
+    if leading < 2:
         return turns
+    joined = "\n\n".join(turn["content"] for turn in turns[:leading] if turn["content"])
+    return [{"role": "system", "content": joined}, *turns[leading:]]
 
 
 def _string(item: dict[str, Any], key: str, where: str) -> str:

@@ -92,6 +92,16 @@ def test_text_with_instructions(client: openai.OpenAI, models: dict[str, str]) -
         temperature=0,
     )
     assert items.output_text == response.output_text
+    # Instructions and a developer message are one system turn, as templates expect.
+    both = client.responses.create(
+        model=models["generic"],
+        instructions="Answer",
+        input=[{"role": "developer", "content": "briefly."}, {"role": "user", "content": "Hello"}],
+        max_output_tokens=5,
+        temperature=0,
+    )
+    assert both.usage is not None
+    assert both.usage.input_tokens == usage.input_tokens + 1  # "\n\n" where a space was
 
 
 def test_streamed_events_are_numbered_and_add_up(client: openai.OpenAI, models: dict[str, str]) -> None:
