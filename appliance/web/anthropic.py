@@ -193,12 +193,16 @@ class MessagesBody(_Body):
 
 
 def _text(content: Any, where: str) -> str:
+    """A string, or text blocks joined; any other kind of block is refused by name."""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise InvalidField(f"{where} must be a string or a list of text blocks", param=where)
     for number, block in enumerate(content):
-        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text" or not isinstance(block.get("text"), str):
             raise InvalidField(
-                f"{where}.{number}.type {block.get('type')!r} is not supported; send text blocks",
+                f"{where}.{number}.type {kind!r} is not supported; send text blocks",
                 param=f"{where}.{number}.type",
             )
     return "".join(block["text"] for block in content)

@@ -209,6 +209,14 @@ def test_a_streamed_tool_use_arrives_as_input_json(
             {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
             "messages.0.content.0.tool_use_id is required",
         ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 7}]}
+                ]
+            },
+            "messages.0.content.0.content must be a string or a list of text blocks",
+        ),
         ({"messages": [{"role": "system", "content": "x"}]}, "invalid request: messages.0.role"),
     ],
 )
