@@ -27,7 +27,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
-from appliance.engine.base import Finished, TextChunk, ToolCall
+from appliance.engine.base import Finished, TextChunk, ToolCall, ToolSet
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
@@ -81,7 +81,7 @@ class ResponsesBody(BaseModel):
                 hint="send store: false (or leave it out)",
             )
         for field_name in ("previous_response_id", "conversation"):
-            if getattr(self, field_name, None) is not None or (self.model_extra or {}).get(field_name):
+            if getattr(self, field_name, None) is not None:  # conversation is an extra: an attribute too
                 raise InvalidField(
                     f"{field_name} is not supported; {_STATELESS}",
                     param=field_name,
@@ -116,7 +116,7 @@ class ResponsesBody(BaseModel):
             )
         return False, schema
 
-    def _tools(self) -> Any:
+    def _tools(self) -> ToolSet | None:
         """The function tools in chat completions' shape, offered through the same checks."""
         chat_tools = []
         for index, tool in enumerate(self.tools or []):
