@@ -149,6 +149,7 @@ class Finished:
     completion_tokens: int
     error: ApplianceError | None = None
     context: tuple[int, ...] = ()  # prompt and answer token ids, when the Prompt asked for them
+    stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
 EngineEvent = Ready | TextChunk | ReasoningChunk | Finished

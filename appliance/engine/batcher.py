@@ -201,7 +201,7 @@ class Batcher:
             if index >= 0:
                 if index:
                     request.emit(TextChunk(text[:index]))
-                self._finish(slot, "stop", flush=False)
+                self._finish(slot, "stop", flush=False, stop_sequence=stop)
                 return
         keep = _stop_prefix_length(text, request.stop)
         if keep:
@@ -214,14 +214,22 @@ class Batcher:
         slot.next_token = token
 
     def _finish(
-        self, slot: _Slot, reason: str, error: ApplianceError | None = None, *, flush: bool = True
+        self,
+        slot: _Slot,
+        reason: str,
+        error: ApplianceError | None = None,
+        *,
+        flush: bool = True,
+        stop_sequence: str | None = None,
     ) -> None:
         request = slot.request
         if flush:
             tail = slot.held + slot.decoder.decode(b"", final=True)
             if tail and reason in ("stop", "length"):
                 request.emit(TextChunk(tail))
-        request.emit(Finished(reason, len(request.prompt), slot.completion_tokens, error))
+        request.emit(
+            Finished(reason, len(request.prompt), slot.completion_tokens, error, stop_sequence=stop_sequence)
+        )
         slot.sampler.close()
         self.context.forget(slot.seq_id)
         del self._slots[slot.seq_id]

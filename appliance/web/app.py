@@ -14,6 +14,7 @@ from litestar.static_files import create_static_files_router
 from appliance import __version__
 from appliance.runtime import Runtime
 from appliance.settings import Settings
+from appliance.web.anthropic import anthropic_router
 from appliance.web.audit import AuditController
 from appliance.web.auth import (
     OPENAPI_COMPONENTS,
@@ -48,6 +49,7 @@ from appliance.web.ollama import ollama_router
 from appliance.web.ollama_models import ollama_models_router
 from appliance.web.openai import openai_router
 from appliance.web.openapi import complete_openapi
+from appliance.web.responses import responses_router
 from appliance.web.system import SystemController
 from appliance.web.ui import UI_DIR, ui_assets, ui_page
 
@@ -86,6 +88,8 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             EngineController,
             metrics,
             openai_router,
+            responses_router,
+            anthropic_router,
             ollama_router,
             ollama_models_router,
             create_static_files_router(

@@ -120,6 +120,8 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/v1/chat/completions"): "infer",
     ("POST", "/v1/completions"): "infer",
     ("POST", "/v1/embeddings"): "infer",
+    ("POST", "/v1/responses"): "infer",
+    ("POST", "/v1/messages"): "infer",
     ("GET", "/api/version"): "models.read",
     ("GET", "/api/tags"): "models.read",
     ("POST", "/api/show"): "models.read",

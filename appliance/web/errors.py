@@ -1,9 +1,10 @@
 """The one error mapping of the three HTTP surfaces.
 
 ``describe`` decides, for any exception, the status, stable code, message, hint and extra
-headers (Retry-After for EngineBusy, Allow for a 405); three renderers give it each surface's
-shape: problem details (RFC 9457) for ``/api/v1``, OpenAI's ``{"error": {...}}`` for ``/v1``,
-Ollama's ``{"error": "..."}`` for ``/api``. A stream whose headers already went out says its
+headers (Retry-After for EngineBusy, Allow for a 405); a renderer per surface gives it that
+surface's shape: problem details (RFC 9457) for ``/api/v1``, OpenAI's ``{"error": {...}}`` for
+``/v1``, Anthropic's ``{"type": "error", "error": {...}}`` for ``/v1/messages``, Ollama's
+``{"error": "..."}`` for ``/api``. A stream whose headers already went out says its
 error in the stream instead, through ``error_tail``, the same way for SSE and NDJSON.
 
 Imports: ``appliance.errors`` and the web layer's body parsing only.
@@ -25,11 +26,13 @@ from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, TooManyAt
 from appliance.web.bodies import InvalidField
 
 __all__ = [
+    "ANTHROPIC_HANDLERS",
     "OLLAMA_HANDLERS",
     "OPENAI_HANDLERS",
     "PROBLEM_HANDLERS",
     "PROBLEM_JSON",
     "ErrorInfo",
+    "anthropic_body",
     "describe",
     "error_tail",
     "ollama_body",
@@ -142,6 +145,23 @@ def ollama_body(info: ErrorInfo) -> dict[str, Any]:
     return {"error": info.text}
 
 
+# Anthropic's error types by status; its 529 "overloaded" is our 503 with Retry-After.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_body(info: ErrorInfo) -> dict[str, Any]:
+    fallback = "api_error" if info.status >= 500 else "invalid_request_error"
+    kind = _ANTHROPIC_TYPES.get(info.status, fallback)
+    return {"type": "error", "error": {"type": kind, "message": info.text}}
+
+
 def problem(info: ErrorInfo) -> Response[Any]:
     return Response(
         content=problem_body(info), status_code=info.status, media_type=PROBLEM_JSON, headers=info.headers
@@ -164,6 +184,9 @@ def _handlers(render: Callable[[ErrorInfo], Response[Any]]) -> Handlers:
 PROBLEM_HANDLERS = _handlers(problem)
 OPENAI_HANDLERS = _handlers(
     lambda info: Response(openai_body(info), status_code=info.status, headers=info.headers)
+)
+ANTHROPIC_HANDLERS = _handlers(
+    lambda info: Response(anthropic_body(info), status_code=info.status, headers=info.headers)
 )
 OLLAMA_HANDLERS = _handlers(
     lambda info: Response(ollama_body(info), status_code=info.status, headers=info.headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -11,7 +12,7 @@ import anyio
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
 from appliance.engine.service import Started
 
-__all__ = ["Event", "Events", "Generation"]
+__all__ = ["Event", "Events", "Generation", "named_event"]
 
 Event = TextChunk | ReasoningChunk | ToolCall | Finished
 Events = AsyncIterator[Started | Event]
@@ -100,3 +101,8 @@ class Generation:
             await self.close()
         self.reasoning = "".join(reasoning)
         return "".join(parts), calls, event
+
+
+def named_event(name: str, payload: dict[str, Any]) -> bytes:
+    """One server-sent event with its name, as the Responses and Anthropic Messages streams send them."""
+    return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()

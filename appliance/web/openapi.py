@@ -2,8 +2,9 @@
 
 Litestar documents what it can see in the handlers' signatures. This adds, at startup, what it
 cannot: the error answers of each surface (problem details on ``/api/v1``, OpenAI's and Ollama's
-``{"error": …}`` on theirs) as every operation's ``default`` response; the JSON bodies the
-compatible APIs parse themselves; and the forms a path parameter must take. The test suite runs
+``{"error": …}`` on theirs, Anthropic's on ``/v1/messages``) as every operation's ``default``
+response; the JSON bodies the compatible APIs parse themselves; and the forms a path parameter
+must take. The test suite runs
 schemathesis against the live document so that it stays true.
 """
 
@@ -24,10 +25,12 @@ from appliance.auth.service import (
 )
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
+from appliance.web.anthropic import MessagesBody
 from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
 from appliance.web.ollama_models import CopyBody, CreateBody, EmbedBody, EmbeddingsBody, PushBody
 from appliance.web.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+from appliance.web.responses import ResponsesBody
 
 __all__ = ["complete_openapi"]
 
@@ -66,6 +69,8 @@ _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/v1/chat/completions", "post"): ChatCompletionBody,
     ("/v1/completions", "post"): CompletionBody,
     ("/v1/embeddings", "post"): EmbeddingBody,
+    ("/v1/responses", "post"): ResponsesBody,
+    ("/v1/messages", "post"): MessagesBody,
     ("/api/show", "post"): ModelBody,
     ("/api/delete", "delete"): ModelBody,
     ("/api/generate", "post"): GenerateBody,
@@ -131,6 +136,22 @@ _ERRORS: dict[str, tuple[str, dict[str, Any]]] = {
             "required": ["error"],
         },
     ),
+    "AnthropicError": (
+        "application/json",
+        {
+            "type": "object",
+            "description": "Anthropic's error shape.",
+            "properties": {
+                "type": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                    "required": ["type", "message"],
+                },
+            },
+            "required": ["type", "error"],
+        },
+    ),
     "OllamaError": (
         "application/json",
         {
@@ -150,6 +171,8 @@ _READINESS = {
 
 
 def _surface(path: str) -> str:
+    if path == "/v1/messages":
+        return "AnthropicError"
     if path.startswith("/v1/"):
         return "OpenAIError"
     if path.startswith("/api/") and not path.startswith("/api/v1/"):

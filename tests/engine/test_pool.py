@@ -143,7 +143,9 @@ def test_stop_strings_end_the_text_before_them(pool: Router, tiny: str) -> None:
     stop = full[8:11]
     cut, finished, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=60, stop=(stop,)))
     assert cut == full[: full.index(stop)]
-    assert finished.reason == "stop"
+    assert (finished.reason, finished.stop_sequence) == ("stop", stop)
+    _, ended, _ = asyncio.run(run(pool, tiny, "hello", max_tokens=2))
+    assert ended.stop_sequence is None
 
 
 @pytest.mark.parametrize(
