@@ -24,7 +24,17 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from appliance.engine.base import Finished, Prompt, Ready, Route, SamplingParams, TextChunk, ToolCall, ToolSet
+from appliance.engine.base import (
+    Finished,
+    Prompt,
+    Ready,
+    Route,
+    SamplingParams,
+    TextChunk,
+    TokenLogprob,
+    ToolCall,
+    ToolSet,
+)
 from appliance.engine.router import Router
 from appliance.engine.tools import ToolCallReader
 from appliance.errors import InvalidInput
@@ -57,6 +67,7 @@ class GenerationOptions:
     keep_alive: float | None = None
     context_length: int | None = None  # per sequence; None: the preference or setting
     tools: ToolSet | None = None  # offered to the model (engine/tools.py offer_tools); None: none
+    logprobs: int | None = None  # alternatives per token's logprob; None: no logprobs (SamplingParams)
 
     def sampling(self) -> SamplingParams:
         # llama_cpp loads llama.cpp's libraries on import: not at start, only once a request needs them
@@ -90,6 +101,7 @@ class GenerationOptions:
             mirostat_eta=self.mirostat_eta,
             seed=self.seed,
             grammar=grammar,
+            logprobs=self.logprobs,
         )
 
 
@@ -168,6 +180,7 @@ class InferenceService:
         route: Route | None = None  # set once the engine has the model loaded
         finished: Finished | None = None
         reader: ToolCallReader | None = None
+        unsent: tuple[TokenLogprob, ...] = ()  # logprobs of text the tool-call reader still holds
         try:
             generation = engine.generate(spec, request)
             async with aclosing(generation):  # closing this stream cancels the request at once
@@ -188,12 +201,21 @@ class InferenceService:
                     if reader is None:
                         yield event
                         continue
-                    parts = reader.feed(event.text) if isinstance(event, TextChunk) else reader.finish()
+                    if isinstance(event, TextChunk):
+                        parts, unsent = reader.feed(event.text), (*unsent, *event.logprobs)
+                    else:
+                        parts = reader.finish()
                     called = False
                     for part in parts:
                         called = called or isinstance(part, ToolCall)
-                        yield TextChunk(part) if isinstance(part, str) else part
+                        if isinstance(part, str):
+                            yield TextChunk(part, unsent)
+                            unsent = ()
+                        else:
+                            yield part
                     if isinstance(event, Finished):
+                        if unsent:  # the logprobs of the calls' own tokens, or of held text
+                            yield TextChunk("", unsent)
                         if called and event.reason == "stop":
                             event = finished = replace(event, reason="tool_calls")
                         yield event

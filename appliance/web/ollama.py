@@ -8,7 +8,8 @@ Generation streams NDJSON (one JSON object per line) unless ``"stream": false``;
 object has ``"done": true`` and the counters, durations in nanoseconds. An empty prompt (or
 no messages) only loads the model, or unloads it with ``keep_alive`` 0. Chat takes ``tools``
 and answers with ``message.tool_calls`` (arguments as an object), a line of its own when
-streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. Pull takes a ModelRef
+streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turns. ``logprobs``
+(and ``top_logprobs``) add each token's logprob to the line that carries its text. Pull takes a ModelRef
 (a local file is imported, a network ref downloaded) and goes through the provisioner's
 ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on the thread bridge.
 Errors, streamed or not, come from the one mapping in ``web/errors.py``.
@@ -53,6 +54,7 @@ from appliance.settings import Duration
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
+from appliance.web.logprobs import ollama_logprobs
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
 
@@ -133,6 +135,8 @@ class _GenerationBody(_Body):
     format: Annotated[str, Field(json_schema_extra={"enum": ["", "json"]})] | dict[str, Any] | None = None
     options: Options | None = None
     keep_alive: Duration | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def _refuse_unsupported(self) -> None:
         """Each body refuses the fields of its own that the engine would otherwise ignore."""
@@ -143,6 +147,8 @@ class _GenerationBody(_Body):
             refuse_unsupported(self.options, _UNSUPPORTED_OPTIONS, where="options.")
         if isinstance(self.format, str) and self.format not in ("", "json"):
             raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInput("top_logprobs needs logprobs to be true", hint='send "logprobs": true')
         options = self.options or Options()
         defaults = GenerationOptions()
         stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
@@ -161,6 +167,7 @@ class _GenerationBody(_Body):
             json_schema=self.format if isinstance(self.format, dict) else None,
             keep_alive=self.keep_alive,
             context_length=options.num_ctx,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 
@@ -409,14 +416,18 @@ def _line(payload: dict[str, Any]) -> bytes:
 Piece = Callable[[str, list[ToolCall]], dict[str, Any]]  # one object's text and tool calls
 
 
-async def _ndjson(generation: Generation, piece: Piece, final: dict[str, Any]) -> AsyncIterator[bytes]:
-    """One line per text piece or tool call, then the final line with the counters; errors become
-    an error line."""
+async def _ndjson(
+    generation: Generation, piece: Piece, final: dict[str, Any], *, logprobs: bool
+) -> AsyncIterator[bytes]:
+    """One line per text piece or tool call (with its tokens' logprobs when asked), then the final
+    line with the counters; errors become an error line."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             while not isinstance(event := await generation.next(), Finished):
                 parts = piece(event.text, []) if isinstance(event, TextChunk) else piece("", [event])
+                if logprobs and isinstance(event, TextChunk):
+                    parts["logprobs"] = ollama_logprobs(event.logprobs)
                 yield _line({**parts, "done": False})
             yield _line({**piece("", []), "done": True, **final, **generation.counters(event)})
         finally:
@@ -445,14 +456,19 @@ async def _load_or_unload(
     return await anyio.to_thread.run_sync(run)
 
 
-async def _respond(events: Events, *, stream: bool, piece: Piece, final: dict[str, Any]) -> Response[Any]:
+async def _respond(
+    events: Events, *, stream: bool, piece: Piece, final: dict[str, Any], logprobs: bool = False
+) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
     generation = Generation(events)
     await generation.open()
     if stream:
-        return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
+        return Stream(_ndjson(generation, piece, final, logprobs=logprobs), media_type=NDJSON)
     text, calls, finished = await generation.collect()
-    return Response({**piece(text, calls), "done": True, **final, **generation.counters(finished)})
+    whole = {**piece(text, calls), "done": True, **final, **generation.counters(finished)}
+    if logprobs:
+        whole["logprobs"] = ollama_logprobs(generation.logprobs)
+    return Response(whole)
 
 
 @post("/generate", status_code=200)
@@ -482,7 +498,9 @@ async def generate(
             correlation_id=context.correlation_id,
         )
     # context: Ollama's token memory for the next request; this appliance keeps none (send messages).
-    return await _respond(events, stream=body.stream, piece=piece, final={"context": []})
+    return await _respond(
+        events, stream=body.stream, piece=piece, final={"context": []}, logprobs=body.logprobs
+    )
 
 
 @post("/chat", status_code=200)
@@ -506,7 +524,7 @@ async def chat(
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )
-    return await _respond(events, stream=body.stream, piece=piece, final={})
+    return await _respond(events, stream=body.stream, piece=piece, final={}, logprobs=body.logprobs)
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
