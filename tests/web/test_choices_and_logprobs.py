@@ -92,7 +92,14 @@ def test_n_completions(client: openai.OpenAI) -> None:
 def test_n_choices_each_read_their_own_tool_calls(client: openai.OpenAI, cli: object, tmp_path: Path) -> None:
     model = import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE)  # room for the tools in the prompt
     completion = client.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER], tool_choice="required", n=2, temperature=1, seed=3
+        model=model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        n=2,
+        temperature=1,
+        seed=3,
+        logprobs=True,
     )
     assert len(completion.choices) == 2
     for choice in completion.choices:
@@ -101,6 +108,20 @@ def test_n_choices_each_read_their_own_tool_calls(client: openai.OpenAI, cli: ob
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_weather"
         assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+        # The call's own tokens keep their logprobs, though no content carries their text.
+        assert choice.logprobs is not None
+        assert choice.logprobs.content
+        assert all(entry.logprob <= 0 for entry in choice.logprobs.content)
+
+
+def test_a_choice_that_cannot_start_fails_the_request_and_frees_the_others(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "word " * 400}], n=3
+        )
+    assert too_long.value.body["code"] == "prompt_too_long"  # type: ignore[index]
+    completion = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, n=4)
+    assert [choice.finish_reason for choice in completion.choices] == ["length"] * 4
 
 
 # -- logprobs ----------------------------------------------------------------------------------
