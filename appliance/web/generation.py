@@ -1,18 +1,23 @@
-"""A generation as both compatible APIs serve it: opened up to its first text before any byte is sent."""
+"""A generation as both compatible APIs serve it: opened up to its first text before any byte is sent.
+
+OpenAI's ``n`` > 1 asks for several answers to one prompt: ``open_choices`` opens one generation
+per choice at once (the engine decodes them as parallel sequences) and ``interleave`` reads them
+in turn, so a stream carries every choice's pieces as they come.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import anyio
 
-from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
+from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
 from appliance.engine.service import Started
 
-__all__ = ["Event", "Events", "Generation", "named_event"]
+__all__ = ["Event", "Events", "Generation", "close_all", "interleave", "named_event", "open_choices"]
 
 Event = TextChunk | ReasoningChunk | ToolCall | Finished
 Events = AsyncIterator[Started | Event]
@@ -34,6 +39,7 @@ class Generation:
         self.started: Started | None = None
         self._peeked: Event | None = None
         self.reasoning = ""  # what collect() gathered of a reasoning block
+        self.logprobs: list[TokenLogprob] = []  # what collect() read, when they were asked for
 
     @property
     def model(self) -> str:
@@ -97,6 +103,7 @@ class Generation:
                     reasoning.append(event.text)
                 else:
                     parts.append(event.text)
+                    self.logprobs.extend(event.logprobs)
         finally:
             await self.close()
         self.reasoning = "".join(reasoning)
@@ -106,3 +113,46 @@ class Generation:
 def named_event(name: str, payload: dict[str, Any]) -> bytes:
     """One server-sent event with its name, as the Responses and Anthropic Messages streams send them."""
     return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def open_choices(streams: Sequence[Events]) -> list[Generation]:
+    """A generation per stream, all opened together; when one fails, all are closed and its error
+    raised (the first one's, when several fail)."""
+    generations = [Generation(events) for events in streams]
+    if len(generations) == 1:
+        await generations[0].open()
+        return generations
+    errors: list[BaseException] = []
+
+    async def open_one(generation: Generation) -> None:
+        try:
+            await generation.open()
+        except Exception as exc:  # kept to raise as it is, not inside an exception group
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for generation in generations:
+            group.start_soon(open_one, generation)
+    if errors:
+        await close_all(generations)
+        raise errors[0]
+    return generations
+
+
+async def interleave(
+    generations: Sequence[Generation],
+) -> AsyncIterator[tuple[int, Event]]:
+    """Every generation's events with its index, a piece from each in turn, until all finished.
+    They decode side by side in the engine, so taking turns delays none of them by much."""
+    running = list(range(len(generations)))
+    while running:
+        for index in list(running):
+            event = await generations[index].next()
+            if isinstance(event, Finished):
+                running.remove(index)
+            yield index, event
+
+
+async def close_all(generations: Sequence[Generation]) -> None:
+    for generation in generations:
+        await generation.close()

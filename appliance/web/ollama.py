@@ -13,6 +13,7 @@ streamed; ``tool`` messages and assistant ``tool_calls`` come back in later turn
 thinks answers with its reasoning apart (``thinking``, ``message.thinking``), and ``think`` turns it
 on or off; generate takes ``suffix`` (fill in the middle, for models with FIM tokens) and returns
 ``context``, the prompt's and answer's token ids, which a later request sends back to continue.
+``logprobs`` (and ``top_logprobs``) add each token's logprob to the line that carries its text.
 Pull takes a ModelRef or an Ollama name (a local file is imported, the rest downloaded) and goes
 through the provisioner's ``ensure_present``, the one pull flow the CLI and ``/api/v1`` use too, on
 the thread bridge.
@@ -52,6 +53,7 @@ from appliance.settings import Duration, Settings
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
+from appliance.web.logprobs import ollama_logprobs
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
 
@@ -126,6 +128,8 @@ class _GenerationBody(_Body):
     options: Options | None = None
     keep_alive: Duration | None = None
     think: bool | None = None  # the template's reasoning switch; refused for a model that cannot think
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def _refuse_unsupported(self) -> None:
         """Each body refuses the fields of its own that the engine would otherwise ignore."""
@@ -136,6 +140,8 @@ class _GenerationBody(_Body):
             refuse_unsupported(self.options, _UNSUPPORTED_OPTIONS, where="options.")
         if isinstance(self.format, str) and self.format not in ("", "json"):
             raise InvalidInput(f'format {self.format!r} is not supported; use "json" or a JSON schema object')
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidInput("top_logprobs needs logprobs to be true", hint='send "logprobs": true')
         options = self.options or Options()
         stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
         sampling = {
@@ -154,6 +160,7 @@ class _GenerationBody(_Body):
             keep_alive=self.keep_alive,
             context_length=options.num_ctx,
             think=self.think,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
 
@@ -433,9 +440,11 @@ def _no_final(finished: Finished) -> dict[str, Any]:
     return {}
 
 
-async def _ndjson(generation: Generation, piece: Piece, final: Final) -> AsyncIterator[bytes]:
-    """One line per text piece, reasoning piece or tool call, then the final line with the
-    counters; errors become an error line."""
+async def _ndjson(
+    generation: Generation, piece: Piece, final: Final, *, logprobs: bool
+) -> AsyncIterator[bytes]:
+    """One line per text piece (with its tokens' logprobs when asked), reasoning piece or tool
+    call, then the final line with the counters; errors become an error line."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -446,6 +455,8 @@ async def _ndjson(generation: Generation, piece: Piece, final: Final) -> AsyncIt
                     parts = piece("", [], event.text)
                 else:
                     parts = piece("", [event], "")
+                if logprobs and isinstance(event, TextChunk):
+                    parts["logprobs"] = ollama_logprobs(event.logprobs)
                 yield _line({**parts, "done": False})
             yield _line({**piece("", [], ""), "done": True, **final(event), **generation.counters(event)})
         finally:
@@ -474,21 +485,24 @@ async def _load_or_unload(
     return await anyio.to_thread.run_sync(run)
 
 
-async def _respond(events: Events, *, stream: bool, piece: Piece, final: Final) -> Response[Any]:
+async def _respond(
+    events: Events, *, stream: bool, piece: Piece, final: Final, logprobs: bool = False
+) -> Response[Any]:
     """Stream NDJSON, or collect the whole text into the final object; ``final`` adds to that object."""
     generation = Generation(events)
     await generation.open()
     if stream:
-        return Stream(_ndjson(generation, piece, final), media_type=NDJSON)
+        return Stream(_ndjson(generation, piece, final, logprobs=logprobs), media_type=NDJSON)
     text, calls, finished = await generation.collect()
-    return Response(
-        {
-            **piece(text, calls, generation.reasoning),
-            "done": True,
-            **final(finished),
-            **generation.counters(finished),
-        }
-    )
+    whole = {
+        **piece(text, calls, generation.reasoning),
+        "done": True,
+        **final(finished),
+        **generation.counters(finished),
+    }
+    if logprobs:
+        whole["logprobs"] = ollama_logprobs(generation.logprobs)
+    return Response(whole)
 
 
 @post("/generate", status_code=200)
@@ -531,7 +545,11 @@ async def generate(
             correlation_id=context.correlation_id,
         )
     return await _respond(
-        events, stream=body.stream, piece=piece, final=lambda finished: {"context": list(finished.context)}
+        events,
+        stream=body.stream,
+        piece=piece,
+        final=lambda finished: {"context": list(finished.context)},
+        logprobs=body.logprobs,
     )
 
 
@@ -558,7 +576,7 @@ async def chat(
     events = inference.chat(
         body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
     )
-    return await _respond(events, stream=body.stream, piece=piece, final=_no_final)
+    return await _respond(events, stream=body.stream, piece=piece, final=_no_final, logprobs=body.logprobs)
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:

@@ -7,6 +7,12 @@ block apart, in ``reasoning_content`` (``delta.reasoning_content`` when streamed
 server and DeepSeek's API do. Completions take ``suffix`` (fill in the middle) for models with FIM
 tokens.
 
+``n`` > 1 answers with that many choices, decoded as parallel sequences (seeds ``seed``,
+``seed + 1``, … when a seed is given; each choice reads its own tool calls), streamed as
+interleaved chunks that carry their choice's index; usage counts the prompt once and every
+choice's tokens. ``logprobs``/``top_logprobs`` (chat) and ``logprobs: N`` (completions) return
+each token's logprob in the API's own form (``web/logprobs.py``), streamed with the text.
+
 Field names follow OpenAI's spec exactly; errors use OpenAI's ``{"error": {...}}`` shape,
 from the one mapping in ``web/errors.py`` (a stream's late error too).
 
@@ -30,7 +36,7 @@ from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
-from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall
+from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
@@ -38,7 +44,8 @@ from appliance.models.service import ModelService
 from appliance.settings import Duration
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
-from appliance.web.generation import Generation
+from appliance.web.generation import Events, Generation, close_all, interleave, open_choices
+from appliance.web.logprobs import chat_logprobs, completion_logprobs
 
 __all__ = ["openai_router"]
 
@@ -51,8 +58,6 @@ class _Body(BaseModel):
 _UNSUPPORTED = {
     "functions": ([],),
     "function_call": ("none",),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "logit_bias": ({},),
 }
 _UNSUPPORTED_COMPLETION = {
@@ -133,6 +138,10 @@ def _template_call(call: dict[str, Any], *, where: str) -> dict[str, Any]:
     }
 
 
+# Each choice holds one of the model's parallel sequences (engine.parallel) or waits for one.
+MAX_CHOICES = 16
+
+
 class _GenerationBody(_Body):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -143,7 +152,7 @@ class _GenerationBody(_Body):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices to generate, decoded in parallel")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -179,12 +188,21 @@ class _GenerationBody(_Body):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
+    def choice_options(self, options: GenerationOptions) -> list[GenerationOptions]:
+        """One set of options per choice: seeds seed, seed + 1, … so that seeded choices differ
+        from each other and repeat from one request to the next."""
+        if options.seed is None:
+            return [options] * self.n
+        return [replace(options, seed=options.seed + index) for index in range(self.n)]
+
 
 class ChatCompletionBody(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def options(self) -> GenerationOptions:
         try:
@@ -192,16 +210,22 @@ class ChatCompletionBody(_GenerationBody):
         except InvalidInput as exc:  # OpenAI's errors name the field at fault
             field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
             raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc
-        return replace(super().options(), tools=tools)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidField(
+                "top_logprobs needs logprobs to be true", param="top_logprobs", hint="send logprobs: true"
+            )
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return replace(super().options(), tools=tools, logprobs=logprobs)
 
 
 class CompletionBody(_GenerationBody):
     prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
     suffix: str | None = None  # fill in the middle, for models with FIM tokens
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token")
 
     def options(self) -> GenerationOptions:
         refuse_unsupported(self, _UNSUPPORTED_COMPLETION)
-        return super().options()
+        return replace(super().options(), logprobs=self.logprobs)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -221,11 +245,13 @@ class EmbeddingBody(_Body):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
-def _usage(started: Started, finished: Finished) -> dict[str, int]:
+def _usage(started: Started, finished: list[Finished]) -> dict[str, int]:
+    """The prompt once (every choice reads the same one), every choice's completion."""
+    completion = sum(each.completion_tokens for each in finished)
     return {
         "prompt_tokens": started.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": started.prompt_tokens + finished.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": started.prompt_tokens + completion,
     }
 
 
@@ -261,77 +287,102 @@ def _model_entry(model: Any) -> dict[str, Any]:
     return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
 
 
+async def _open(
+    body: ChatCompletionBody | CompletionBody, stream: Callable[[GenerationOptions], Events]
+) -> list[Generation]:
+    return await open_choices([stream(options) for options in body.choice_options(body.options())])
+
+
 @post("/chat/completions", status_code=200)
 async def chat_completions(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
 ) -> Response[Any]:
     body = parse_body(ChatCompletionBody, await request.body())
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
-    options = body.options()
-    generation = Generation(
-        inference.chat(
+    generations = await _open(
+        body,
+        lambda options: inference.chat(
             body.model,
             messages,
             options,
             endpoint="/v1/chat/completions",
             correlation_id=context.correlation_id,
-        )
+        ),
     )
-    started = await generation.open()
+    started = generations[0].started
+    assert started is not None
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
         return Stream(
-            _chat_chunks(generation, started, completion_id, created, include_usage=body.include_usage),
+            _chat_chunks(
+                generations,
+                started,
+                completion_id,
+                created,
+                include_usage=body.include_usage,
+                logprobs=bool(body.logprobs),
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, calls, finished = await generation.collect()
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if generation.reasoning:
-        message["reasoning_content"] = generation.reasoning
-    if calls:
-        message.update(content=text or None, tool_calls=[_tool_call(call) for call in calls])
+    choices, finished = [], []
+    try:
+        for index, generation in enumerate(generations):
+            text, calls, ended = await generation.collect()
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if generation.reasoning:
+                message["reasoning_content"] = generation.reasoning
+            if calls:
+                message.update(content=text or None, tool_calls=[_tool_call(call) for call in calls])
+            logprobs = chat_logprobs(generation.logprobs) if body.logprobs else None
+            reason = _finish_reason(ended)
+            choices.append(
+                {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+            )
+            finished.append(ended)
+    finally:  # a choice that failed leaves none of the others decoding
+        await close_all(generations)
     return Response(
         {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": started.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(finished),
-                }
-            ],
+            "choices": choices,
             "usage": _usage(started, finished),
         },
         headers=_route_headers(started),
     )
 
 
+Piece = TextChunk | ReasoningChunk | ToolCall | Finished
+
+
 async def _sse_events(
-    generation: Generation,
-    chunks: Callable[[TextChunk | ReasoningChunk | ToolCall], list[dict[str, Any]]],
-    final: Callable[[Finished], list[dict[str, Any]]],
+    generations: list[Generation],
+    payloads: Callable[[int, Piece], list[dict[str, Any]]],
+    closing: Callable[[list[Finished]], list[dict[str, Any]]],
 ) -> AsyncIterator[bytes]:
-    """The SSE body: ``chunks(event)``'s payloads per piece, ``final(finished)``'s, then [DONE];
-    an error after the headers went out can only be said inside the stream."""
+    """The SSE body: ``payloads(choice, event)`` for every choice's events as they come,
+    ``closing(finished)`` once all have finished, then [DONE]; an error after the headers went out
+    can only be said inside the stream."""
 
     async def events() -> AsyncIterator[bytes]:
+        finished: list[Finished] = []
         try:
-            while not isinstance(event := await generation.next(), Finished):
-                for payload in chunks(event):
+            async for index, event in interleave(generations):
+                if isinstance(event, Finished):
+                    finished.append(event)
+                for payload in payloads(index, event):
                     yield _sse(payload)
-            for payload in final(event):
+            for payload in closing(finished):
                 yield _sse(payload)
         finally:
-            await generation.close()
+            await close_all(generations)
 
     async for line in error_tail(
-        events(), lambda info: _sse(openai_body(info)), where=f"a stream of {generation.model}"
+        events(), lambda info: _sse(openai_body(info)), where=f"a stream of {generations[0].model}"
     ):
         yield line
     yield b"data: [DONE]\n\n"
@@ -342,47 +393,61 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 async def _chat_chunks(
-    generation: Generation,
+    generations: list[Generation],
     started: Started,
     completion_id: str,
     created: int,
     *,
     include_usage: bool,
+    logprobs: bool,
 ) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    def chunk(
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None,
+        tokens: tuple[TokenLogprob, ...] = (),
+    ) -> dict[str, Any]:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": chat_logprobs(tokens) if logprobs and tokens else None,
+            "finish_reason": finish_reason,
+        }
         return {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": started.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
 
-    def final(finished: Finished) -> list[dict[str, Any]]:
-        last = [chunk({}, _finish_reason(finished))]
-        if include_usage:
-            last.append({**chunk({}, None), "choices": [], "usage": _usage(started, finished)})
-        return last
+    def closing(finished: list[Finished]) -> list[dict[str, Any]]:
+        if not include_usage:
+            return []
+        return [{**chunk(0, {}, None), "choices": [], "usage": _usage(started, finished)}]
 
-    calls_sent = 0
+    calls_sent = [0] * len(generations)  # per choice: each numbers its own calls
 
-    def chunks(event: TextChunk | ReasoningChunk | ToolCall) -> list[dict[str, Any]]:
-        nonlocal calls_sent
+    def payloads(index: int, event: Piece) -> list[dict[str, Any]]:
+        if isinstance(event, Finished):
+            return [chunk(index, {}, _finish_reason(event))]
         if isinstance(event, TextChunk):
-            return [chunk({"content": event.text}, None)]
+            return [chunk(index, {"content": event.text}, None, event.logprobs)]
         if isinstance(event, ReasoningChunk):
-            return [chunk({"reasoning_content": event.text}, None)]
-        index, calls_sent = calls_sent, calls_sent + 1
+            return [chunk(index, {"reasoning_content": event.text}, None)]
+        number = calls_sent[index]
+        calls_sent[index] += 1
         whole = _tool_call(event)
         arguments = whole["function"]["arguments"]
         whole["function"]["arguments"] = ""
         return [  # as OpenAI streams a call: its id and name first, then its arguments
-            chunk({"tool_calls": [{"index": index, **whole}]}, None),
-            chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None),
+            chunk(index, {"tool_calls": [{"index": number, **whole}]}, None),
+            chunk(index, {"tool_calls": [{"index": number, "function": {"arguments": arguments}}]}, None),
         ]
 
-    yield _sse(chunk({"role": "assistant", "content": ""}, None))
-    async for line in _sse_events(generation, chunks, final):
+    for index in range(len(generations)):
+        yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
+    async for line in _sse_events(generations, payloads, closing):
         yield line
 
 
@@ -391,48 +456,70 @@ async def completions(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
 ) -> Response[Any]:
     body = parse_body(CompletionBody, await request.body())
-    options, prompt = body.options(), body.prompt_text()
-    generation = Generation(
-        inference.complete(
+    prompt = body.prompt_text()
+    generations = await _open(
+        body,
+        lambda options: inference.complete(
             body.model,
             prompt,
             options,
             endpoint="/v1/completions",
             correlation_id=context.correlation_id,
             suffix=body.suffix or None,
-        )
+        ),
     )
-    started = await generation.open()
+    started = generations[0].started
+    assert started is not None
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    wants_logprobs = body.logprobs is not None
 
-    def payload(text: str, finish_reason: str | None) -> dict[str, Any]:
+    def payload(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": started.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": choices,
         }
 
-    if body.stream:
+    def choice(
+        index: int, text: str, finish_reason: str | None, tokens: list[TokenLogprob], *, offset: int
+    ) -> dict[str, Any]:
+        logprobs = completion_logprobs(tokens, offset=offset) if wants_logprobs else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-        def final(finished: Finished) -> list[dict[str, Any]]:
-            last = [payload("", _finish_reason(finished))]
-            if body.include_usage:
-                last.append({**payload("", None), "choices": [], "usage": _usage(started, finished)})
-            return last
+    if body.stream:
+        offsets = [0] * len(generations)  # per choice: how much text its earlier chunks carried
+
+        def payloads(index: int, event: Piece) -> list[dict[str, Any]]:
+            if isinstance(event, Finished):
+                return [payload([choice(index, "", _finish_reason(event), [], offset=offsets[index])])]
+            text = getattr(event, "text", "")
+            tokens = list(getattr(event, "logprobs", ()))
+            piece = choice(index, text, None, tokens, offset=offsets[index])
+            offsets[index] += len(text)
+            return [payload([piece])]
+
+        def closing(finished: list[Finished]) -> list[dict[str, Any]]:
+            if not body.include_usage:
+                return []
+            return [{**payload([]), "usage": _usage(started, finished)}]
 
         return Stream(
-            _sse_events(generation, lambda event: [payload(getattr(event, "text", ""), None)], final),
+            _sse_events(generations, payloads, closing),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_route_headers(started)},
         )
-    text, _, finished = await generation.collect()
-    return Response(
-        {**payload(text, _finish_reason(finished)), "usage": _usage(started, finished)},
-        headers=_route_headers(started),
-    )
+    choices, finished = [], []
+    try:
+        for index, generation in enumerate(generations):
+            text, _, ended = await generation.collect()
+            choices.append(choice(index, text, _finish_reason(ended), generation.logprobs, offset=0))
+            finished.append(ended)
+    finally:  # a choice that failed leaves none of the others decoding
+        await close_all(generations)
+    return Response({**payload(choices), "usage": _usage(started, finished)}, headers=_route_headers(started))
 
 
 @post("/embeddings", status_code=200)

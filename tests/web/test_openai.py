@@ -113,7 +113,7 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(client: openai.Op
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}])
     assert too_long.value.body["code"] == "prompt_too_long"  # type: ignore[index]
-    for bad in ({"temperature": 5}, {"n": 2}, {"max_tokens": 0}, {"response_format": {"type": "xml"}}):
+    for bad in ({"temperature": 5}, {"n": 17}, {"max_tokens": 0}, {"response_format": {"type": "xml"}}):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], **bad)  # type: ignore[call-overload]
     with pytest.raises(openai.BadRequestError):
@@ -271,12 +271,12 @@ def test_a_full_queue_refuses_a_stream_before_it_starts(
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"presence_penalty": -3}, "presence_penalty"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
