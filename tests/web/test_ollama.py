@@ -21,6 +21,7 @@ from appliance.settings import OLLAMA_API_VERSION
 from tests.conftest import CliResult, Server
 from tests.fileserver import serve_files
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.web.serving import serving
 
 GREEDY = {"temperature": 0, "num_predict": 5}
 NO_SUCH = "sha256:" + "0" * 64
@@ -112,7 +113,7 @@ def test_show(server: Server, client: ollama.Client, tiny: str, make_gguf: Any, 
     import_model(cli, make_gguf("plain.gguf"), "plain")  # no chat template: the engine uses ChatML
     plain = server.client.post("/api/show", json={"name": "plain"})  # "name": the older spelling
     assert plain.status_code == 200
-    assert (plain.json()["template"], plain.json()["parameters"]) == ("", 'stop "<|im_end|>"')
+    assert (plain.json()["template"], plain.json()["parameters"]) == ("", f'{"stop":<30} "<|im_end|>"')
 
     assert response_error(lambda: client.show("ghost")).status_code == 404
     missing = server.client.post("/api/show", json={})
@@ -464,6 +465,16 @@ def test_sampling_options_reach_llama_cpps_samplers(client: ollama.Client, tiny:
     sampled = {"temperature": 1.0, "seed": 7}
     for options in ({"mirostat": 2, "mirostat_tau": 1.0}, {"mirostat": 1}, {"min_p": 0.5, "typical_p": 0.5}):
         assert generate(**sampled, **options) == generate(**sampled, **options)  # seeded: repeatable
+
+
+def test_options_the_appliance_decides_are_ignored_and_said_in_the_log(
+    cli: object, tiny_gguf: Path, data_dir: Path
+) -> None:
+    import_model(cli, tiny_gguf, "tiny")
+    with serving(data_dir) as server, ollama.Client(host=server.url, timeout=60) as client:
+        options = {"num_thread": 2, "use_mmap": True, "num_keep": 4, **GREEDY}
+        assert client.generate(model="tiny", prompt="hi", options=options).done
+    assert "ignored Ollama options num_keep, num_thread, use_mmap" in "".join(server.output)
 
 
 def test_fields_that_ask_for_nothing_are_accepted(client: ollama.Client, tiny: str) -> None:

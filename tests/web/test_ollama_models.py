@@ -184,6 +184,16 @@ def test_create_from_an_uploaded_blob_then_from_that_model(
     with_system = client.chat(model="terse", messages=[user], options=GREEDY)
     assert with_system.prompt_eval_count == (plain.prompt_eval_count or 0) + len("Answer in one word.")
 
+    shown = client.show("terse")  # what it was made with, as Ollama's show says it
+    assert server.client.post("/api/show", json={"model": "terse"}).json()["system"] == "Answer in one word."
+    assert shown.parameters is not None
+    assert [line.split() for line in shown.parameters.splitlines()] == [
+        ["num_predict", "3"],
+        ["temperature", "0"],
+    ]
+    assert 'SYSTEM """Answer in one word."""' in (shown.modelfile or "")
+    assert "PARAMETER num_predict" in (shown.modelfile or "")
+
 
 def test_parameters_are_the_models_defaults_under_the_request(client: ollama.Client, long_model: str) -> None:
     client.create(

@@ -306,6 +306,19 @@ def test_a_number_that_is_not_finite_is_refused_as_such(server: Server, number: 
         assert refused.json()["error"]["param"] == field
 
 
+def test_penalties_reach_the_sampler(client: openai.OpenAI) -> None:
+    def answer(**penalties: float) -> str | None:
+        messages: Any = [{"role": "user", "content": "hi"}]
+        reply = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=24, temperature=0, **penalties
+        )
+        return reply.choices[0].message.content
+
+    plain = answer()
+    assert answer() == plain  # greedy: the same every time, so a change below is the penalties'
+    assert answer(frequency_penalty=2.0, presence_penalty=2.0) != plain
+
+
 def test_fields_that_ask_for_nothing_are_accepted(client: openai.OpenAI) -> None:
     neutral: dict[str, Any] = {
         "tools": [],
