@@ -156,3 +156,28 @@ def test_a_failed_decode_leaves_no_cache_behind(reusing: Router, model: str) -> 
     assert failed.reason == "error"
     assert failed.cached_tokens == len(BASE)  # it took the cache, then the decode failed
     assert answer(reusing, model, [*BASE, 71])[1].cached_tokens == 0
+
+
+def test_a_small_shared_prefix_does_not_leave_a_gap_among_busy_sequences(reusing: Router, model: str) -> None:
+    pool, loaded = acquire(reusing, model)
+    first_long = pool.stream_tokens(loaded, [9, 9, 9], max_tokens=4000, sampling=GREEDY)
+    second_long = pool.stream_tokens(loaded, [8, 8, 8], max_tokens=4000, sampling=GREEDY)
+
+    async def scenario() -> tuple[int, int]:
+        await anext(first_long)  # sequence 0
+        await anext(second_long)  # sequence 1
+        await run(reusing, model, [*BASE, 70])  # sequence 2, kept
+        await first_long.aclose()  # sequence 0 is free again, holding other tokens
+        while loaded.batcher.active > 1:
+            await asyncio.sleep(0.01)
+        # One token in common with sequence 2: the lowest free one, 0, is taken instead.
+        _, small, _ = await run(reusing, model, [BASE[0], *range(100, 140)])
+        # Most of the prompt in common: worth taking sequence 2.
+        _, large, _ = await run(reusing, model, [*BASE, 71])
+        await second_long.aclose()
+        return small.cached_tokens, large.cached_tokens
+
+    try:
+        assert asyncio.run(scenario()) == (0, len(BASE))
+    finally:
+        pool.release(loaded)
