@@ -41,6 +41,15 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "appliance_prompt_tokens", "Prompt tokens of served requests.", ["model"], registry=self.registry
+        )
+        self.cached_prompt_tokens = Counter(
+            "appliance_prompt_tokens_cached",
+            "Prompt tokens taken from an earlier request's KV cache instead of decoded.",
+            ["model"],
+            registry=self.registry,
+        )
         self.loaded_models = Gauge(
             "appliance_loaded_models", "Models loaded in the engine.", registry=self.registry
         )
@@ -60,10 +69,14 @@ class Metrics:
         seconds: float,
         completion_tokens: int,
         first_token_seconds: float | None,
+        prompt_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
     ) -> None:
         self.requests.labels(model=model, endpoint=endpoint, outcome=outcome).inc()
         self.latency.labels(model=model, endpoint=endpoint).observe(seconds)
         self.tokens.labels(model=model).inc(completion_tokens)
+        self.prompt_tokens.labels(model=model).inc(prompt_tokens)
+        self.cached_prompt_tokens.labels(model=model).inc(cached_prompt_tokens)
         if first_token_seconds is not None:
             self.first_token.labels(model=model).observe(first_token_seconds)
         if completion_tokens and seconds > 0:

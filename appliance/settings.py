@@ -149,6 +149,10 @@ class EngineSettings(BaseModel):
         default=4096, ge=64, description="Tokens of context per request, capped at the model's own."
     )
     queue_size: int = Field(default=64, ge=1, description="Requests that may wait per model before 503.")
+    prompt_reuse: bool = Field(
+        default=True,
+        description="Keep a finished request's KV cache for the next prompt that shares its prefix.",
+    )
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads per model; unset means all cores."
     )

@@ -166,6 +166,7 @@ class Finished:
     error: ApplianceError | None = None
     context: tuple[int, ...] = ()  # prompt and answer token ids, when the Prompt asked for them
     stop_sequence: str | None = None  # the stop string that ended it, when one did
+    cached_tokens: int = 0  # prompt tokens taken from an earlier request's KV cache, not decoded again
 
 
 EngineEvent = Ready | TextChunk | ReasoningChunk | Finished

@@ -6,6 +6,12 @@ sequence plus prompt chunks of newly admitted ones, then samples each sequence's
 from its own row of logits. Requests join and leave between steps; a cancelled request
 (its client went away) is dropped from the KV cache at the next step and its slot reused.
 
+Prompt reuse, as llama.cpp's server and Ollama do it: a sequence that ends keeps its tokens
+(prompt and answer) in the KV cache. A new request takes the free sequence that shares the
+longest prefix with its prompt, drops the cache past that prefix and decodes only the rest, so a
+chat's next turn or a shared system prompt is not computed again. The last prompt token is
+always decoded again: its logits are what the first answer token is sampled from.
+
 A request that asks for logprobs gets each token's from the logits row the step already made;
 a token's logprob goes out on the TextChunk that completes its text, so one held back as the
 possible start of a stop string waits with it (and one inside a stop string is dropped with it).
@@ -15,7 +21,6 @@ May import ``appliance.engine`` (base, llama) and ``appliance.errors`` only.
 from __future__ import annotations
 
 import codecs
-import heapq
 import queue
 import threading
 from collections.abc import Callable
@@ -47,6 +52,8 @@ class _Slot:
     sampler: Sampler
     prompt_offset: int = 0
     position: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the KV cache, not decoded again
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds, position by position
     next_token: int | None = None
     completion_tokens: int = 0
     held: str = ""  # text that may be the start of a stop string
@@ -78,13 +85,22 @@ class Batcher:
     """Owns one context; ``submit`` from any thread, results come back through each request's ``emit``."""
 
     def __init__(
-        self, model: LlamaModel, context: LlamaContext, *, n_seq: int, seq_ctx: int, queue_size: int
+        self,
+        model: LlamaModel,
+        context: LlamaContext,
+        *,
+        n_seq: int,
+        seq_ctx: int,
+        queue_size: int,
+        reuse_prompts: bool = True,
     ) -> None:
         self.model = model
         self.context = context
         self.seq_ctx = seq_ctx
-        # A heap: the lowest free sequence first, so that busy sequences stay a consecutive run.
-        self._free = list(range(n_seq))
+        self.reuse_prompts = reuse_prompts
+        self._free = set(range(n_seq))
+        # the tokens each free sequence still holds in the KV cache, for the next prompt to reuse
+        self._kept: dict[int, list[int]] = {}
         self._slots: dict[int, _Slot] = {}
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=queue_size)
         self._wake = threading.Event()
@@ -175,9 +191,41 @@ class Batcher:
                 )
                 request.emit(Finished("error", len(request.prompt), 0, failure))
                 continue
-            seq_id = heapq.heappop(self._free)
-            self.context.forget(seq_id)
-            self._slots[seq_id] = _Slot(seq_id=seq_id, request=request, sampler=sampler)
+            seq_id, reused = self._take_sequence(request.prompt)
+            self._free.remove(seq_id)
+            self._kept.pop(seq_id, None)
+            if not (reused and self.context.keep_prefix(seq_id, reused)):
+                self.context.forget(seq_id)
+                reused = 0
+            self._slots[seq_id] = _Slot(
+                seq_id=seq_id,
+                request=request,
+                sampler=sampler,
+                prompt_offset=reused,
+                position=reused,
+                cached_tokens=reused,
+                tokens=request.prompt[:reused],
+            )
+
+    def _take_sequence(self, prompt: list[int]) -> tuple[int, int]:
+        """The free sequence for ``prompt`` and how many of its first tokens that sequence's cache
+        already holds (at most all but the last, whose logits must be made again).
+
+        The lowest free sequence, unless another one holds a prefix longer by a tenth of the
+        prompt or more (llama.cpp server's slot similarity): the lowest keeps the busy sequences a
+        consecutive run, which llama.cpp decodes in one micro-batch, so a token or two of chat
+        template in common is not worth a gap."""
+        lowest = min(self._free)
+        if not self.reuse_prompts:
+            return lowest, 0
+        usable = len(prompt) - 1
+        shared = {
+            seq_id: min(_common_prefix(self._kept.get(seq_id, ()), prompt), usable) for seq_id in self._free
+        }
+        best = max(sorted(self._free), key=lambda seq_id: shared[seq_id])
+        if shared[best] - shared[lowest] >= max(1, len(prompt) // 10):
+            return best, shared[best]
+        return lowest, shared[lowest]
 
     def _drop_cancelled(self) -> None:
         for slot in list(self._slots.values()):
@@ -196,6 +244,7 @@ class Batcher:
             if slot.next_token is not None and budget > 0:
                 samplers.append((slot, len(entries)))
                 entries.append((slot.next_token, slot.position, slot.seq_id, True))
+                slot.tokens.append(slot.next_token)
                 slot.position += 1
                 slot.next_token = None
                 budget -= 1
@@ -211,6 +260,7 @@ class Batcher:
                     samplers.append((slot, len(entries)))
                 entries.append((token, slot.position, slot.seq_id, last))
                 slot.position += 1
+            slot.tokens.extend(chunk)
             budget -= len(chunk)
         return entries, samplers
 
@@ -256,13 +306,32 @@ class Batcher:
             tail = slot.held + slot.decoder.decode(b"", final=True)
             if (tail or slot.pending) and reason in ("stop", "length"):
                 request.emit(TextChunk(tail, tuple(entry for entry, _, _ in slot.pending)))
-        request.emit(
-            Finished(reason, len(request.prompt), slot.completion_tokens, error, stop_sequence=stop_sequence)
-        )
         slot.sampler.close()
-        self.context.forget(slot.seq_id)
+        # After a failed decode the cache may hold part of a batch: trust none of it.
+        if error is None and self.reuse_prompts:
+            self._kept[slot.seq_id] = slot.tokens
+        else:
+            self.context.forget(slot.seq_id)
         del self._slots[slot.seq_id]
-        heapq.heappush(self._free, slot.seq_id)
+        self._free.add(slot.seq_id)
+        request.emit(
+            Finished(
+                reason,
+                len(request.prompt),
+                slot.completion_tokens,
+                error,
+                stop_sequence=stop_sequence,
+                cached_tokens=slot.cached_tokens,
+            )
+        )
+
+
+def _common_prefix(first: list[int] | tuple[()], second: list[int]) -> int:
+    length = min(len(first), len(second))
+    for index in range(length):
+        if first[index] != second[index]:
+            return index
+    return length
 
 
 def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:

@@ -263,6 +263,14 @@ class LlamaContext:
         """Drop a sequence's tokens from the KV cache."""
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def keep_prefix(self, seq_id: int, length: int) -> bool:
+        """Drop a sequence's tokens from position ``length`` on, keeping those before; False when
+        the cache cannot (a recurrent model's state, or a sliding window that already let the
+        first ones go), and then the caller must forget the whole sequence."""
+        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) > 0:
+            return False
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
+
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Decode one batch of (token, position, sequence, wants_logits) entries."""
         batch = self._batch

@@ -274,7 +274,12 @@ class EnginePool:
             llama_model.close()
             raise
         batcher = Batcher(
-            llama_model, context, n_seq=n_seq, seq_ctx=seq_ctx, queue_size=self.settings.queue_size
+            llama_model,
+            context,
+            n_seq=n_seq,
+            seq_ctx=seq_ctx,
+            queue_size=self.settings.queue_size,
+            reuse_prompts=self.settings.prompt_reuse,
         )
         template = ChatTemplate(
             spec.chat_template or llama_model.chat_template(),

@@ -337,6 +337,8 @@ class InferenceService:
             outcome=outcome,
             seconds=elapsed,
             completion_tokens=completion,
+            prompt_tokens=finished.prompt_tokens if finished is not None else 0,
+            cached_prompt_tokens=finished.cached_tokens if finished is not None else 0,
             first_token_seconds=(tracker.first_token - tracker.started) if tracker.first_token else None,
         )
         self.metrics.loaded_models.set(len(self.router.engine.loaded()))

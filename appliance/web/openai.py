@@ -245,13 +245,16 @@ class EmbeddingBody(_Body):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
-def _usage(started: Started, finished: list[Finished]) -> dict[str, int]:
-    """The prompt once (every choice reads the same one), every choice's completion."""
+def _usage(started: Started, finished: list[Finished]) -> dict[str, Any]:
+    """The prompt once (every choice reads the same one), every choice's completion; cached: the
+    prompt tokens every choice took from the KV cache of an earlier request."""
     completion = sum(each.completion_tokens for each in finished)
+    cached = min((each.cached_tokens for each in finished), default=0)
     return {
         "prompt_tokens": started.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": started.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

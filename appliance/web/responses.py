@@ -287,7 +287,7 @@ class _Reply:
             output_tokens = finished.completion_tokens
             usage = {
                 "input_tokens": self.started.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": finished.cached_tokens},
                 "output_tokens": output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.started.prompt_tokens + output_tokens,

@@ -176,6 +176,25 @@ def test_metrics(client: openai.OpenAI, server: Server) -> None:
     assert "appliance_loaded_models 1.0" in text
 
 
+def test_usage_and_metrics_count_the_prompt_tokens_taken_from_the_cache(
+    client: openai.OpenAI, server: Server
+) -> None:
+    messages: list[Any] = [{"role": "user", "content": "the same question"}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    assert first.usage is not None
+    assert second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == second.usage.prompt_tokens - 1  # all but the last, whose logits start the answer
+    assert second.choices[0].message.content == first.choices[0].message.content
+    text = server.client.get("/metrics").text
+    assert f'appliance_prompt_tokens_cached_total{{model="tiny:latest"}} {float(cached)}' in text
+    assert f'appliance_prompt_tokens_total{{model="tiny:latest"}} {2.0 * second.usage.prompt_tokens}' in text
+
+
 def test_cli_load_ps_unload(client: openai.OpenAI, server: Server, data_dir: Path) -> None:
     port = server.url.rsplit(":", 1)[1]
 
