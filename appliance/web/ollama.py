@@ -351,13 +351,22 @@ def _model_info(capabilities: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _go_value(value: Any) -> str:
+    """A parameter as Ollama (Go's %v) prints it: 0 not 0.0, true not True."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _parameter_lines(parameters: dict[str, Any], *, chatml: bool) -> list[str]:
     """A model's parameters as Ollama's show writes them: one ``name value`` line each, one per stop."""
     stops = parameters.get("stop", ())
     stops = [stops] if isinstance(stops, str) else list(stops)
     if chatml and not stops:  # without a template of its own the engine uses ChatML, which stops there
         stops = ["<|im_end|>"]
-    lines = [f"{name:<30} {value}" for name, value in parameters.items() if name != "stop"]
+    lines = [f"{name:<30} {_go_value(value)}" for name, value in parameters.items() if name != "stop"]
     return lines + [f"{'stop':<30} {json.dumps(stop)}" for stop in stops]
 
 
