@@ -33,6 +33,7 @@ from appliance.errors import (
 )
 from appliance.names import ModelName
 from appliance.store.base import (
+    LISTED_CAPABILITIES,
     ApiKey,
     Artifact,
     AuditEvent,
@@ -44,6 +45,7 @@ from appliance.store.base import (
     InferenceRecord,
     LoginSession,
     Model,
+    ModelSummary,
     NewArtifact,
     RemovedModel,
     User,
@@ -60,6 +62,28 @@ DISK_FULL_BYTES = 1024 * 1024  # below this much free space, an I/O error is the
 _MODEL_COLUMNS = """
     m.name, v.id, v.version, v.capabilities, v.pinned, v.created_at, v.updated_at, v.last_used_at
 """
+
+# One row per model version with its artifacts summed up in SQL; json_extract reads only the
+# listed capabilities, so no Python parses the rest (a chat template, say).
+_SUMMARY_SQL = f"""
+    SELECT m.name, v.version, v.pinned, v.created_at, v.updated_at,
+           {", ".join(f"json_extract(v.capabilities, '$.{key}')" for key in LISTED_CAPABILITIES)},
+           COALESCE(SUM(a.size_bytes), 0), group_concat(DISTINCT a.artifact_type),
+           COALESCE(MAX(b.state = 'quarantined'), 0),
+           (SELECT sha256 FROM model_artifacts WHERE model_version_id = v.id ORDER BY filename LIMIT 1),
+           (SELECT sha256 FROM model_artifacts WHERE model_version_id = v.id AND artifact_type = 'gguf'
+            ORDER BY filename LIMIT 1)
+    FROM model_versions v JOIN models m ON m.id = v.model_id
+    LEFT JOIN model_artifacts a ON a.model_version_id = v.id
+    LEFT JOIN blobs b ON b.digest = a.sha256
+"""
+
+
+def _past(after: ModelName | None) -> tuple[str, list[Any]]:
+    """The condition for the models past ``after`` in list order (name, then tag)."""
+    if after is None:
+        return "", []
+    return "WHERE (m.name, v.version) > (?, ?)", [after.name, after.tag]
 
 
 def _translate(exc: apsw.Error, path: Path) -> Exception:
@@ -256,11 +280,13 @@ class SqliteStore:
             found[version_id].append(Artifact(filename, fmt, digest, size, source, created, state))
         return found
 
-    def _models(self, where: str = "", params: Sequence[Any] = ()) -> list[Model]:
+    def _models(
+        self, where: str = "", params: Sequence[Any] = (), *, limit: int | None = None
+    ) -> list[Model]:
         rows = self._query(
             f"SELECT {_MODEL_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id "
-            f"{where} ORDER BY m.name, v.version",
-            params,
+            f"{where} ORDER BY m.name, v.version LIMIT ?",
+            [*params, -1 if limit is None else limit],
         )
         artifacts = self._artifacts([row[1] for row in rows])
         return [
@@ -286,8 +312,55 @@ class SqliteStore:
             raise ModelNotFound(f"model {name} not found")
         return model
 
-    def list_models(self) -> list[Model]:
-        return self._models()
+    def list_models(self, *, after: ModelName | None = None, limit: int | None = None) -> list[Model]:
+        where, params = _past(after)
+        return self._models(where, params, limit=limit)
+
+    def list_model_summaries(
+        self, *, after: ModelName | None = None, limit: int | None = None, gguf_only: bool = False
+    ) -> list[ModelSummary]:
+        where, params = _past(after)
+        if gguf_only:
+            where = f"{where} {'AND' if where else 'WHERE'} EXISTS (SELECT 1 FROM model_artifacts g"
+            where += " WHERE g.model_version_id = v.id AND g.artifact_type = 'gguf')"
+        rows = self._query(
+            f"{_SUMMARY_SQL} {where} GROUP BY v.id ORDER BY m.name, v.version LIMIT ?",
+            [*params, -1 if limit is None else limit],
+        )
+        summaries = []
+        for name, tag, pinned, created, updated, *listed, size, formats, bad, first, gguf in rows:
+            capabilities = {
+                key: value
+                for key, value in zip(LISTED_CAPABILITIES, listed, strict=True)
+                if value is not None
+            }
+            summaries.append(
+                ModelSummary(
+                    name=ModelName(name, tag),
+                    capabilities=capabilities,
+                    pinned=bool(pinned),
+                    created_at=created,
+                    updated_at=updated,
+                    size_bytes=size,
+                    formats=tuple(sorted(formats.split(","))) if formats else (),
+                    state="quarantined" if bad else "ok",
+                    first_digest=first,
+                    gguf_digest=gguf,
+                )
+            )
+        return summaries
+
+    def has_loadable_model(self) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM model_artifacts g WHERE g.artifact_type = 'gguf' AND NOT EXISTS"
+            " (SELECT 1 FROM model_artifacts a JOIN blobs b ON b.digest = a.sha256"
+            "  WHERE a.model_version_id = g.model_version_id AND b.state = 'quarantined') LIMIT 1"
+        )
+        return bool(rows)
+
+    def registry_generation(self) -> int:
+        ((generation,),) = self._query("SELECT generation FROM registry_generation")
+        return int(generation)
 
     def add_artifact(
         self,
