@@ -6,7 +6,7 @@ A cached answer is whatever bytes a surface renders from the summaries (``/v1/mo
 ``/api/tags``), kept beside the registry generation they were read at; any write to the models,
 from this process or another (the CLI), changes the generation and the next request renders anew.
 
-Imports the store protocol and the error tree only.
+Imports the store protocol, model names and the error tree only.
 """
 
 from __future__ import annotations

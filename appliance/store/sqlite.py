@@ -15,6 +15,8 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -63,19 +65,22 @@ _MODEL_COLUMNS = """
     m.name, v.id, v.version, v.capabilities, v.pinned, v.created_at, v.updated_at, v.last_used_at
 """
 
-# One row per model version with its artifacts summed up in SQL; json_extract reads only the
-# listed capabilities, so no Python parses the rest (a chat template, say).
+# One row per artifact of the page's model versions (with one and no artifact row for a version
+# without any), in list order; Python sums them up. One json_extract reads only the listed
+# capabilities, so nothing parses the rest (a chat template, say) into Python objects.
+_LISTED_PATHS = ", ".join(f"'$.{key}'" for key in LISTED_CAPABILITIES)
 _SUMMARY_SQL = f"""
-    SELECT m.name, v.version, v.pinned, v.created_at, v.updated_at,
-           {", ".join(f"json_extract(v.capabilities, '$.{key}')" for key in LISTED_CAPABILITIES)},
-           COALESCE(SUM(a.size_bytes), 0), group_concat(DISTINCT a.artifact_type),
-           COALESCE(MAX(b.state = 'quarantined'), 0),
-           (SELECT sha256 FROM model_artifacts WHERE model_version_id = v.id ORDER BY filename LIMIT 1),
-           (SELECT sha256 FROM model_artifacts WHERE model_version_id = v.id AND artifact_type = 'gguf'
-            ORDER BY filename LIMIT 1)
-    FROM model_versions v JOIN models m ON m.id = v.model_id
+    SELECT v.name, v.version, v.pinned, v.created_at, v.updated_at, v.listed,
+           a.artifact_type, a.sha256, a.size_bytes, b.state
+    FROM (
+        SELECT m.name, v.id, v.version, v.pinned, v.created_at, v.updated_at,
+               json_extract(v.capabilities, {_LISTED_PATHS}) AS listed
+        FROM model_versions v JOIN models m ON m.id = v.model_id
+        {{where}} ORDER BY m.name, v.version LIMIT ?
+    ) v
     LEFT JOIN model_artifacts a ON a.model_version_id = v.id
     LEFT JOIN blobs b ON b.digest = a.sha256
+    ORDER BY v.name, v.version, a.filename
 """
 
 
@@ -323,29 +328,29 @@ class SqliteStore:
         if gguf_only:
             where = f"{where} {'AND' if where else 'WHERE'} EXISTS (SELECT 1 FROM model_artifacts g"
             where += " WHERE g.model_version_id = v.id AND g.artifact_type = 'gguf')"
-        rows = self._query(
-            f"{_SUMMARY_SQL} {where} GROUP BY v.id ORDER BY m.name, v.version LIMIT ?",
-            [*params, -1 if limit is None else limit],
-        )
-        summaries = []
-        for name, tag, pinned, created, updated, *listed, size, formats, bad, first, gguf in rows:
-            capabilities = {
-                key: value
-                for key, value in zip(LISTED_CAPABILITIES, listed, strict=True)
-                if value is not None
-            }
+        rows = self._query(_SUMMARY_SQL.format(where=where), [*params, -1 if limit is None else limit])
+        summaries: list[ModelSummary] = []
+        for (name, tag, pinned, created, updated, listed), artifacts in groupby(
+            rows, key=itemgetter(*range(6))
+        ):
+            files = [(fmt, digest, size, state) for *_, fmt, digest, size, state in artifacts if digest]
+            values = json.loads(listed)
             summaries.append(
                 ModelSummary(
                     name=ModelName(name, tag),
-                    capabilities=capabilities,
+                    capabilities={
+                        key: value
+                        for key, value in zip(LISTED_CAPABILITIES, values, strict=True)
+                        if value is not None
+                    },
                     pinned=bool(pinned),
                     created_at=created,
                     updated_at=updated,
-                    size_bytes=size,
-                    formats=tuple(sorted(formats.split(","))) if formats else (),
-                    state="quarantined" if bad else "ok",
-                    first_digest=first,
-                    gguf_digest=gguf,
+                    size_bytes=sum(size for _, _, size, _ in files),
+                    formats=tuple(sorted({fmt for fmt, _, _, _ in files})),
+                    state="quarantined" if any(state == "quarantined" for *_, state in files) else "ok",
+                    first_digest=files[0][1] if files else None,
+                    gguf_digest=next((digest for fmt, digest, _, _ in files if fmt == "gguf"), None),
                 )
             )
         return summaries
