@@ -388,19 +388,25 @@ def _size_or_none(path: Path) -> int | None:
 
 @models.command("ls")
 @json_option
+@click.option(
+    "--limit", type=int, help="Show at most this many models (1 to 1000); a note says what follows."
+)
+@click.option("--cursor", help="Start after the models the page before showed (its note gives the cursor).")
 @click.pass_context
-def list_models(ctx: click.Context, as_json: bool) -> None:
-    """List models.
+def list_models(ctx: click.Context, as_json: bool, limit: int | None, cursor: str | None) -> None:
+    """List models, by name.
 
-    Example: appliance models ls --json
+    Example: appliance models ls --limit 50
     """
-    found = _run(ctx, lambda runtime: runtime.models.list_models())
     if as_json:
-        _emit_json([ModelOut.of(model).model_dump(mode="json") for model in found])
+        page = _run(ctx, lambda runtime: runtime.models.page(limit=limit, cursor=cursor))
+        _emit_json([ModelOut.of(model).model_dump(mode="json") for model in page.models])
+        _note_next_page(limit, page.next_cursor)
         return
+    found = _run(ctx, lambda runtime: runtime.models.summaries(limit=limit, cursor=cursor))
     table = _table("NAME", "FORMATS", "SIZE", "QUANT", "DIGEST", "PINNED", "STATE")
-    for model in found:
-        digest = model.artifacts[0].digest.removeprefix("sha256:")[:12] if model.artifacts else "-"
+    for model in found.models:
+        digest = model.first_digest.removeprefix("sha256:")[:12] if model.first_digest else "-"
         table.add_row(
             str(model.name),
             ",".join(model.formats),
@@ -411,6 +417,12 @@ def list_models(ctx: click.Context, as_json: bool) -> None:
             model.state,
         )
     stdout.print(table)
+    _note_next_page(limit, found.next_cursor)
+
+
+def _note_next_page(limit: int | None, next_cursor: str | None) -> None:
+    if next_cursor is not None:
+        stderr.print(f"more models follow: appliance models ls --limit {limit} --cursor {next_cursor}")
 
 
 @models.command("show")

@@ -20,8 +20,7 @@ def check_readiness(models: ModelService, *, engine_running: bool) -> Readiness:
     reasons: list[str] = []
     if not engine_running:
         reasons.append("the inference engine is not running")
-    loadable = [model for model in models.list_models() if "gguf" in model.formats and model.state == "ok"]
-    if not loadable:
+    if not models.has_loadable():
         reasons.append(
             "no loadable model and no external provider: import a GGUF model with"
             " `appliance models import ./model.gguf`"

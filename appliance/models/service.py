@@ -6,6 +6,7 @@ The CLI and the API call these methods and nothing below them. Every mutation is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ from appliance.errors import (
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
 from appliance.models.layers import ModelLayers, read_layers
+from appliance.models.listing import ListCache, ModelPage, read_page
 from appliance.names import ModelName, name_from_filename
 from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
 from appliance.settings import Settings
-from appliance.store.base import Artifact, Model, NewArtifact, Store
+from appliance.store.base import Artifact, Model, ModelSummary, NewArtifact, Store
 from appliance.store.cache import BlobCache, IncomingBlob, ProgressCallback, StagedBlob, open_source
 
-__all__ = ["GcReport", "ImportResult", "Model", "ModelService", "VerifyResult"]
+__all__ = ["GcReport", "ImportResult", "Model", "ModelPage", "ModelService", "ModelSummary", "VerifyResult"]
 
 HEADER_BYTES = 64
 _REPLACE_HINT = (
@@ -73,11 +75,33 @@ class ModelService:
         self.store = store
         self.cache = cache
         self.preferences = preferences
+        self._lists = ListCache(store)
 
     # -- reading -----------------------------------------------------------------------------
 
     def list_models(self) -> list[Model]:
         return self.store.list_models()
+
+    def page(self, *, limit: int | None = None, cursor: str | None = None) -> ModelPage[Model]:
+        """Up to ``limit`` models (every one when None) past ``cursor``; InvalidInput for a bad either."""
+        return read_page(
+            lambda after, most: self.store.list_models(after=after, limit=most), limit=limit, cursor=cursor
+        )
+
+    def summaries(self, *, limit: int | None = None, cursor: str | None = None) -> ModelPage[ModelSummary]:
+        """``page`` for a table of models: without their artifacts' rows or whole capabilities."""
+        return read_page(
+            lambda after, most: self.store.list_model_summaries(after=after, limit=most),
+            limit=limit,
+            cursor=cursor,
+        )
+
+    def cached_list(self, key: str, render: Callable[[list[ModelSummary]], bytes]) -> bytes:
+        """``render`` of the GGUF models' summaries, cached under ``key`` until the registry changes."""
+        return self._lists.answer(key, render, gguf_only=True)
+
+    def has_loadable(self) -> bool:
+        return self.store.has_loadable_model()
 
     def get(self, name: str | ModelName) -> Model:
         model_name = name if isinstance(name, ModelName) else ModelName.parse(name)

@@ -17,6 +17,7 @@ from appliance.names import ModelName
 
 __all__ = [
     "ACTIVE_DOWNLOAD_STATES",
+    "LISTED_CAPABILITIES",
     "ApiKey",
     "Artifact",
     "AuditEvent",
@@ -28,6 +29,7 @@ __all__ = [
     "InferenceRecord",
     "LoginSession",
     "Model",
+    "ModelSummary",
     "NewArtifact",
     "RemovedModel",
     "Store",
@@ -106,6 +108,27 @@ class Model:
     @property
     def state(self) -> BlobState:
         return "quarantined" if any(a.state == "quarantined" for a in self.artifacts) else "ok"
+
+
+# The capabilities a model list shows (Ollama's details); a summary reads only these.
+LISTED_CAPABILITIES = ("architecture", "parameter_count", "quantization")
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a list of models shows of one: ``Model`` without its artifacts' rows and with only
+    the ``LISTED_CAPABILITIES`` it has, so listing thousands reads little."""
+
+    name: ModelName
+    capabilities: dict[str, Any]
+    pinned: bool
+    created_at: str
+    updated_at: str
+    size_bytes: int
+    formats: tuple[str, ...]  # sorted
+    state: BlobState
+    first_digest: str | None  # of the first artifact by filename, as Model.artifacts[0]
+    gguf_digest: str | None  # of the first GGUF by filename
 
 
 @dataclass(frozen=True)
@@ -241,7 +264,25 @@ class Store(Protocol):
 
     # models
     def get_model(self, name: ModelName) -> Model | None: ...
-    def list_models(self) -> list[Model]: ...
+    def list_models(self, *, after: ModelName | None = None, limit: int | None = None) -> list[Model]:
+        """By name, then tag; only those past ``after`` and at most ``limit`` when given."""
+        ...
+
+    def list_model_summaries(
+        self, *, after: ModelName | None = None, limit: int | None = None, gguf_only: bool = False
+    ) -> list[ModelSummary]:
+        """``list_models``'s order and paging, reading only what a list shows; with ``gguf_only``,
+        only the models that hold a GGUF."""
+        ...
+
+    def has_loadable_model(self) -> bool:
+        """Whether some model holds a GGUF whose blobs are all intact (cheap at any count)."""
+        ...
+
+    def registry_generation(self) -> int:
+        """A number that changes with every write, by any process, to what a model list shows."""
+        ...
+
     def add_artifact(
         self,
         name: ModelName,

@@ -269,4 +269,39 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX login_sessions_expiry ON login_sessions (expires_at);
         """,
     ),
+    Migration(
+        "0009_registry_generation",
+        # One counter every write that changes what a model list shows bumps, whichever process
+        # writes: a server caches its lists until it moves. Using a model (last_used_at) does not.
+        """
+        CREATE TABLE registry_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation INTEGER NOT NULL
+        );
+        INSERT INTO registry_generation (id, generation) VALUES (1, 0);
+        CREATE TRIGGER models_inserted AFTER INSERT ON models
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER models_updated AFTER UPDATE ON models
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER models_deleted AFTER DELETE ON models
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_versions_inserted AFTER INSERT ON model_versions
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_versions_updated
+            AFTER UPDATE OF model_id, version, capabilities, default_parameters, pinned, created_at,
+            updated_at ON model_versions
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_versions_deleted AFTER DELETE ON model_versions
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_artifacts_inserted AFTER INSERT ON model_artifacts
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_artifacts_updated AFTER UPDATE ON model_artifacts
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER model_artifacts_deleted AFTER DELETE ON model_artifacts
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        CREATE TRIGGER blobs_state_updated AFTER UPDATE OF state, size_bytes ON blobs
+            WHEN OLD.state IS NOT NEW.state OR OLD.size_bytes IS NOT NEW.size_bytes
+            BEGIN UPDATE registry_generation SET generation = generation + 1; END;
+        """,
+    ),
 )

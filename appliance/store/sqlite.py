@@ -15,6 +15,8 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -33,6 +35,7 @@ from appliance.errors import (
 )
 from appliance.names import ModelName
 from appliance.store.base import (
+    LISTED_CAPABILITIES,
     ApiKey,
     Artifact,
     AuditEvent,
@@ -44,6 +47,7 @@ from appliance.store.base import (
     InferenceRecord,
     LoginSession,
     Model,
+    ModelSummary,
     NewArtifact,
     RemovedModel,
     User,
@@ -60,6 +64,31 @@ DISK_FULL_BYTES = 1024 * 1024  # below this much free space, an I/O error is the
 _MODEL_COLUMNS = """
     m.name, v.id, v.version, v.capabilities, v.pinned, v.created_at, v.updated_at, v.last_used_at
 """
+
+# One row per artifact of the page's model versions (with one and no artifact row for a version
+# without any), in list order; Python sums them up. One json_extract reads only the listed
+# capabilities, so nothing parses the rest (a chat template, say) into Python objects.
+_LISTED_PATHS = ", ".join(f"'$.{key}'" for key in LISTED_CAPABILITIES)
+_SUMMARY_SQL = f"""
+    SELECT v.name, v.version, v.pinned, v.created_at, v.updated_at, v.listed,
+           a.artifact_type, a.sha256, a.size_bytes, b.state
+    FROM (
+        SELECT m.name, v.id, v.version, v.pinned, v.created_at, v.updated_at,
+               json_extract(v.capabilities, {_LISTED_PATHS}) AS listed
+        FROM model_versions v JOIN models m ON m.id = v.model_id
+        {{where}} ORDER BY m.name, v.version LIMIT ?
+    ) v
+    LEFT JOIN model_artifacts a ON a.model_version_id = v.id
+    LEFT JOIN blobs b ON b.digest = a.sha256
+    ORDER BY v.name, v.version, a.filename
+"""
+
+
+def _past(after: ModelName | None) -> tuple[str, list[Any]]:
+    """The condition for the models past ``after`` in list order (name, then tag)."""
+    if after is None:
+        return "", []
+    return "WHERE (m.name, v.version) > (?, ?)", [after.name, after.tag]
 
 
 def _translate(exc: apsw.Error, path: Path) -> Exception:
@@ -256,11 +285,13 @@ class SqliteStore:
             found[version_id].append(Artifact(filename, fmt, digest, size, source, created, state))
         return found
 
-    def _models(self, where: str = "", params: Sequence[Any] = ()) -> list[Model]:
+    def _models(
+        self, where: str = "", params: Sequence[Any] = (), *, limit: int | None = None
+    ) -> list[Model]:
         rows = self._query(
             f"SELECT {_MODEL_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id "
-            f"{where} ORDER BY m.name, v.version",
-            params,
+            f"{where} ORDER BY m.name, v.version LIMIT ?",
+            [*params, -1 if limit is None else limit],
         )
         artifacts = self._artifacts([row[1] for row in rows])
         return [
@@ -286,8 +317,55 @@ class SqliteStore:
             raise ModelNotFound(f"model {name} not found")
         return model
 
-    def list_models(self) -> list[Model]:
-        return self._models()
+    def list_models(self, *, after: ModelName | None = None, limit: int | None = None) -> list[Model]:
+        where, params = _past(after)
+        return self._models(where, params, limit=limit)
+
+    def list_model_summaries(
+        self, *, after: ModelName | None = None, limit: int | None = None, gguf_only: bool = False
+    ) -> list[ModelSummary]:
+        where, params = _past(after)
+        if gguf_only:
+            where = f"{where} {'AND' if where else 'WHERE'} EXISTS (SELECT 1 FROM model_artifacts g"
+            where += " WHERE g.model_version_id = v.id AND g.artifact_type = 'gguf')"
+        rows = self._query(_SUMMARY_SQL.format(where=where), [*params, -1 if limit is None else limit])
+        summaries: list[ModelSummary] = []
+        for (name, tag, pinned, created, updated, listed), artifacts in groupby(
+            rows, key=itemgetter(*range(6))
+        ):
+            files = [(fmt, digest, size, state) for *_, fmt, digest, size, state in artifacts if digest]
+            values = json.loads(listed)
+            summaries.append(
+                ModelSummary(
+                    name=ModelName(name, tag),
+                    capabilities={
+                        key: value
+                        for key, value in zip(LISTED_CAPABILITIES, values, strict=True)
+                        if value is not None
+                    },
+                    pinned=bool(pinned),
+                    created_at=created,
+                    updated_at=updated,
+                    size_bytes=sum(size for _, _, size, _ in files),
+                    formats=tuple(sorted({fmt for fmt, _, _, _ in files})),
+                    state="quarantined" if any(state == "quarantined" for *_, state in files) else "ok",
+                    first_digest=files[0][1] if files else None,
+                    gguf_digest=next((digest for fmt, digest, _, _ in files if fmt == "gguf"), None),
+                )
+            )
+        return summaries
+
+    def has_loadable_model(self) -> bool:
+        rows = self._query(
+            "SELECT 1 FROM model_artifacts g WHERE g.artifact_type = 'gguf' AND NOT EXISTS"
+            " (SELECT 1 FROM model_artifacts a JOIN blobs b ON b.digest = a.sha256"
+            "  WHERE a.model_version_id = g.model_version_id AND b.state = 'quarantined') LIMIT 1"
+        )
+        return bool(rows)
+
+    def registry_generation(self) -> int:
+        ((generation,),) = self._query("SELECT generation FROM registry_generation")
+        return int(generation)
 
     def add_artifact(
         self,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Response, delete, get, patch, post
+from litestar.params import Parameter
 from pydantic import BaseModel, Field
 
 from appliance.audit import Context
 from appliance.engine.router import Router
+from appliance.models.listing import MAX_PAGE
 from appliance.models.schemas import GcOut, ImportIn, ImportOut, ModelOut, VerifyOut
 from appliance.models.service import ModelService
 
@@ -28,9 +31,23 @@ class ModelsController(Controller):
     tags = ["models"]  # noqa: RUF012 (Litestar reads it as a class attribute)
 
     @get("/", sync_to_thread=True)
-    def list_models(self, models: ModelService) -> list[ModelOut]:
-        """Every model (name:tag) with its artifacts, sizes and digests."""
-        return [ModelOut.of(model) for model in models.list_models()]
+    def list_models(
+        self,
+        models: ModelService,
+        limit: Annotated[
+            int | None, Parameter(ge=1, le=MAX_PAGE, description=f"at most this many, 1 to {MAX_PAGE}")
+        ] = None,
+        cursor: Annotated[str | None, Parameter(description="the X-Next-Cursor of the page before")] = None,
+    ) -> Response[list[ModelOut]]:
+        """Models (name:tag) with their artifacts, sizes and digests, by name: every one, or a page of
+        ``limit``. When more follow, the ``X-Next-Cursor`` header (and a ``Link`` rel=next) says
+        where the next page starts."""
+        page = models.page(limit=limit, cursor=cursor)
+        headers = {}
+        if page.next_cursor is not None:
+            headers["X-Next-Cursor"] = page.next_cursor
+            headers["Link"] = f'</api/v1/models?limit={limit}&cursor={page.next_cursor}>; rel="next"'
+        return Response([ModelOut.of(model) for model in page.models], headers=headers)
 
     @post("/import", status_code=200, sync_to_thread=True)
     def import_model(self, data: ImportIn, models: ModelService, context: Context) -> ImportOut:

@@ -36,6 +36,7 @@ import anyio
 import anyio.to_thread
 from litestar import MediaType, Request, Response, Router, delete, get, head, post
 from litestar.response import Stream
+from litestar.serialization import encode_json
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
@@ -47,13 +48,14 @@ from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
-from appliance.models.service import Model, ModelService
+from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.provision.service import Provisioner, PullProgress, ResolvedModel
 from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest
 from appliance.settings import Duration, Settings
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
 from appliance.web.generation import Events, Generation
+from appliance.web.lists import CACHED_LIST
 from appliance.web.logprobs import ollama_logprobs
 
 __all__ = ["ChatBody", "GenerateBody", "ModelBody", "Options", "PullBody", "ollama_router"]
@@ -318,14 +320,15 @@ def _model_format(model: Model) -> str:
     return "gguf" if "gguf" in model.formats else model.formats[0]
 
 
-def _tag_entry(model: Model) -> dict[str, Any]:
+def _tag_entry(model: ModelSummary) -> dict[str, Any]:
+    """A GGUF model (the list holds no other), as ``/api/tags`` shows it."""
     return {
         "name": str(model.name),
         "model": str(model.name),
         "modified_at": model.updated_at,
         "size": model.size_bytes,
-        "digest": _hex(_gguf_artifact_digest(model)),
-        "details": _details(model.capabilities, _model_format(model)),
+        "digest": _hex(model.gguf_digest or ""),
+        "details": _details(model.capabilities, "gguf"),
     }
 
 
@@ -443,10 +446,14 @@ def version_head() -> Response[None]:
     return Response(None, status_code=200)
 
 
-@get("/tags", sync_to_thread=True)
-def tags(models: ModelService) -> dict[str, Any]:
-    """GGUF models, as ``ollama list`` shows them."""
-    return {"models": [_tag_entry(model) for model in models.list_models() if "gguf" in model.formats]}
+@get("/tags", sync_to_thread=True, responses={200: CACHED_LIST})
+def tags(models: ModelService) -> Response[bytes]:
+    """GGUF models, as ``ollama list`` shows them; the answer is kept until the registry changes."""
+
+    def render(summaries: list[ModelSummary]) -> bytes:
+        return encode_json({"models": [_tag_entry(model) for model in summaries]})
+
+    return Response(models.cached_list("ollama.tags", render), media_type=MediaType.JSON)
 
 
 @head("/tags", sync_to_thread=False)

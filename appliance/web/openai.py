@@ -22,17 +22,18 @@ Imports: the services (models, engine service) and the web helpers; never the st
 from __future__ import annotations
 
 import base64
-import calendar
 import json
 import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from litestar import Request, Response, Router, get, post
+from litestar import MediaType, Request, Response, Router, get, post
 from litestar.response import Stream
+from litestar.serialization import encode_json
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
@@ -40,11 +41,12 @@ from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogp
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
-from appliance.models.service import ModelService
+from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.settings import Duration
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
 from appliance.web.generation import Events, Generation, close_all, interleave, open_choices
+from appliance.web.lists import CACHED_LIST
 from appliance.web.logprobs import chat_logprobs, completion_logprobs
 
 __all__ = ["openai_router"]
@@ -271,12 +273,14 @@ def _route_headers(started: Started) -> dict[str, str]:
     return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
 
 
-@get("/models", sync_to_thread=True)
-def list_models(models: ModelService) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [_model_entry(model) for model in models.list_models() if "gguf" in model.formats],
-    }
+@get("/models", sync_to_thread=True, responses={200: CACHED_LIST})
+def list_models(models: ModelService) -> Response[bytes]:
+    """The GGUF models; the answer is kept until the registry changes."""
+
+    def render(summaries: list[ModelSummary]) -> bytes:
+        return encode_json({"object": "list", "data": [_model_entry(model) for model in summaries]})
+
+    return Response(models.cached_list("openai.models", render), media_type=MediaType.JSON)
 
 
 @get("/models/{name:path}", sync_to_thread=True)
@@ -284,9 +288,9 @@ def retrieve_model(name: str, models: ModelService) -> dict[str, Any]:
     return _model_entry(models.get(name.lstrip("/")))
 
 
-def _model_entry(model: Any) -> dict[str, Any]:
-    # created_at is UTC: timegm reads it as such (mktime would shift it by the server's zone).
-    created = calendar.timegm(time.strptime(model.created_at[:19], "%Y-%m-%dT%H:%M:%S"))
+def _model_entry(model: Model | ModelSummary) -> dict[str, Any]:
+    # created_at is UTC, to the second (fromisoformat is ~20x faster than strptime: 10,000 models a list).
+    created = int(datetime.fromisoformat(model.created_at[:19]).replace(tzinfo=UTC).timestamp())
     return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
 
 

@@ -36,6 +36,7 @@ APPLIED_SQLITE_SQL = {
     "0006_download_interrupted_state": "34d47da49c1b580e5c3e8278787efe6354243779796799744fded89cbc9bac27",
     "0007_users_and_api_keys": "14d1ac7e42cc6ec12ce07390b2fffe5396d74f16c679783ffdf66f07092c18ea",
     "0008_login_sessions": "33ae288cd13ccdbb3fafae2db35f638a1d803980b4bdc256d05069cf3331b5fc",
+    "0009_registry_generation": "1c05e45ef2f0b5641f7367505040ead9041f117c6ca771502be7c925a6270e48",
 }
 
 
