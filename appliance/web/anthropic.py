@@ -33,7 +33,7 @@ from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
 from appliance.web.errors import ANTHROPIC_HANDLERS, anthropic_body, error_tail
-from appliance.web.generation import Generation, named_event
+from appliance.web.generation import Generation, named_event, route_headers
 
 __all__ = ["MessagesBody", "anthropic_router"]
 
@@ -275,10 +275,6 @@ def _message(started: Started, message_id: str) -> dict[str, Any]:
     }
 
 
-def _route_headers(started: Started) -> dict[str, str]:
-    return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
-
-
 @post("/messages", status_code=200)
 async def create_message(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
@@ -296,7 +292,7 @@ async def create_message(
         return Stream(
             _events(generation, body, message),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+            headers=route_headers(started, stream=True),
         )
     text, calls, finished = await generation.collect()
     content = [{"type": "text", "text": text}] if text else []
@@ -304,7 +300,7 @@ async def create_message(
     stop_reason, stop_sequence = _stop_reason(finished, body)
     message.update(content=content, stop_reason=stop_reason, stop_sequence=stop_sequence)
     message["usage"]["output_tokens"] = finished.completion_tokens
-    return Response(message, headers=_route_headers(started))
+    return Response(message, headers=route_headers(started))
 
 
 async def _events(

@@ -17,7 +17,16 @@ import anyio
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
 from appliance.engine.service import Started
 
-__all__ = ["Event", "Events", "Generation", "close_all", "interleave", "named_event", "open_choices"]
+__all__ = [
+    "Event",
+    "Events",
+    "Generation",
+    "close_all",
+    "interleave",
+    "named_event",
+    "open_choices",
+    "route_headers",
+]
 
 Event = TextChunk | ReasoningChunk | ToolCall | Finished
 Events = AsyncIterator[Started | Event]
@@ -108,6 +117,12 @@ class Generation:
             await self.close()
         self.reasoning = "".join(reasoning)
         return "".join(parts), calls, event
+
+
+def route_headers(started: Started, *, stream: bool = False) -> dict[str, str]:
+    """Which engine served the answer and why (REQ-MODELS-0118); a stream is never cached."""
+    headers = {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
+    return {"Cache-Control": "no-cache", **headers} if stream else headers
 
 
 def named_event(name: str, payload: dict[str, Any]) -> bytes:

@@ -45,7 +45,7 @@ from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.settings import Duration
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
-from appliance.web.generation import Events, Generation, close_all, interleave, open_choices
+from appliance.web.generation import Events, Generation, close_all, interleave, open_choices, route_headers
 from appliance.web.lists import CACHED_LIST
 from appliance.web.logprobs import chat_logprobs, completion_logprobs
 
@@ -269,10 +269,6 @@ def _tool_call(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
-def _route_headers(started: Started) -> dict[str, str]:
-    return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
-
-
 @get("/models", sync_to_thread=True, responses={200: CACHED_LIST})
 def list_models(models: ModelService) -> Response[bytes]:
     """The GGUF models; the answer is kept until the registry changes."""
@@ -331,7 +327,7 @@ async def chat_completions(
                 logprobs=bool(body.logprobs),
             ),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+            headers=route_headers(started, stream=True),
         )
     choices, finished = [], []
     try:
@@ -359,7 +355,7 @@ async def chat_completions(
             "choices": choices,
             "usage": _usage(started, finished),
         },
-        headers=_route_headers(started),
+        headers=route_headers(started),
     )
 
 
@@ -516,7 +512,7 @@ async def completions(
         return Stream(
             _sse_events(generations, payloads, closing),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+            headers=route_headers(started, stream=True),
         )
     choices, finished = [], []
     try:
@@ -526,7 +522,7 @@ async def completions(
             finished.append(ended)
     finally:  # a choice that failed leaves none of the others decoding
         await close_all(generations)
-    return Response({**payload(choices), "usage": _usage(started, finished)}, headers=_route_headers(started))
+    return Response({**payload(choices), "usage": _usage(started, finished)}, headers=route_headers(started))
 
 
 @post("/embeddings", status_code=200)

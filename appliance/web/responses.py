@@ -34,7 +34,7 @@ from appliance.errors import InvalidInput
 from appliance.settings import Duration
 from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail
-from appliance.web.generation import Generation, named_event
+from appliance.web.generation import Generation, named_event, route_headers
 
 __all__ = ["ResponsesBody", "responses_router"]
 
@@ -319,10 +319,6 @@ class _Reply:
         }
 
 
-def _route_headers(started: Started) -> dict[str, str]:
-    return {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
-
-
 @post("/responses", status_code=200)
 async def create_response(
     request: Request[Any, Any, Any], inference: InferenceService, context: Context
@@ -340,7 +336,7 @@ async def create_response(
         return Stream(
             _events(generation, reply),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_route_headers(started)},
+            headers=route_headers(started, stream=True),
         )
     text, calls, finished = await generation.collect()
     if text or not calls:
@@ -348,7 +344,7 @@ async def create_response(
     for call in calls:
         arguments = json.dumps(call.arguments, ensure_ascii=False)
         reply.output.append(_call_item(call, _item_id("fc"), arguments, "completed"))
-    return Response(reply.snapshot(finished), headers=_route_headers(started))
+    return Response(reply.snapshot(finished), headers=route_headers(started))
 
 
 async def _events(generation: Generation, reply: _Reply) -> AsyncIterator[bytes]:
