@@ -1,8 +1,5 @@
 """Appliance: a self-hosted AI appliance (model cache and registry, local inference, workers)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("appliance")
-except PackageNotFoundError:  # a frozen executable carries no package metadata
-    __version__ = "0.1.0"
+# The one place the version is written (pyproject.toml reads it): reading the installed package's
+# metadata instead costs every command, `--help` included, about 60 ms at start-up.
+__version__ = "0.1.0"

@@ -7,54 +7,57 @@ from __future__ import annotations
 
 import errno
 import json
-import re
-import secrets
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console, RenderableType
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from appliance import __version__
-from appliance.audit import AuditService, Context
-from appliance.cli_importdir import import_dir
-from appliance.client import ServerClient, url_host
 from appliance.errors import ApplianceError, InvalidSetting
-from appliance.models.schemas import GcOut, ImportOut, ModelOut, VerifyOut
-from appliance.provision.schemas import DownloadOut, PullOut
-from appliance.provision.service import PullProgress
-from appliance.queries import DOWNLOAD_STATES, check_download_states, parse_timestamp
-from appliance.runtime import Runtime
-from appliance.settings import Settings, load_settings, secret_states
+from appliance.queries import DOWNLOAD_STATES
+
+# Everything else is imported where a command uses it: every call of the command, `--help`
+# included, pays for what this module imports (Rich, pydantic, the store: about 1 s before).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from appliance.audit import Context
+    from appliance.client import ServerClient
+    from appliance.provision.service import PullProgress
+    from appliance.runtime import Runtime
+    from appliance.settings import Settings
 
 __all__ = ["main"]
 
 T = TypeVar("T")
-# Paths, refs, ids and stored text are printed as they are: no Rich markup, no :emoji: codes
-# (a path like ./[/x]y.gguf must neither crash the command nor lose its brackets).
-# Piped output keeps each row on one line, however long its cells, so it can be grepped and cut.
-stdout = Console(
-    highlight=False,
-    markup=False,
-    emoji=False,
-    soft_wrap=True,
-    width=None if sys.stdout.isatty() else 100_000,
-)
-stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A Rich console made on its first use."""
+
+    def __init__(self, *, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from appliance.cli_rich import make_console
+
+            self._console = make_console(to_stderr=self._to_stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+stdout = cast("Console", _LazyConsole(to_stderr=False))
+stderr = cast("Console", _LazyConsole(to_stderr=True))
 
 
 def _human(size: int | None) -> str:
@@ -68,41 +71,38 @@ def _human(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-# C0 and C1 controls but tab and newline: a terminal would act on them (move, clear, retitle).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
 def _visible(text: str) -> str:
-    """``text`` with its control characters written as escapes (``\\x1b``): a stored error or path
-    from elsewhere is shown, never run by the terminal."""
-    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    from appliance.cli_rich import visible
+
+    return visible(text)
 
 
 def _print_error(message: str, hint: str | None) -> None:
+    from rich.text import Text
+
     stderr.print(Text.assemble(("error:", "bold red"), " ", _visible(message)))
     if hint:
         stderr.print(Text.assemble(("hint:", "bold"), " ", _visible(hint)))
 
 
-class _Table(Table):
-    """Cells are text as it is, with control characters made visible."""
-
-    def add_row(self, *cells: RenderableType | None, **options: Any) -> None:
-        super().add_row(*(_visible(cell) if isinstance(cell, str) else cell for cell in cells), **options)
-
-
 def _table(*headers: str, pad_edge: bool = True) -> Table:
-    """A table that never cuts a cell: on a narrow terminal long text folds onto more lines."""
-    table = _Table(box=None, pad_edge=pad_edge)
-    for header in headers:
-        table.add_column(header, overflow="fold")
-    return table
+    from appliance.cli_rich import make_table
+
+    return make_table(*headers, pad_edge=pad_edge)
 
 
-def _progress(*columns: Any) -> Progress:
-    # The description holds a path or a ref: plain text, never markup.
-    description = TextColumn("{task.description}", style="progress.description", markup=False)
-    return Progress(description, *columns, console=stderr, transient=True)
+def _progress(*, eta: bool) -> Progress:
+    from appliance.cli_rich import make_progress
+
+    # Rich itself gets the console, not the stand-in: it enters it as a context manager.
+    return make_progress(cast(_LazyConsole, stderr).console, eta=eta)
+
+
+def _cli_context() -> Context:
+    """Who acts, for the audit log: the user running the command."""
+    from appliance.audit import Context
+
+    return Context.cli()
 
 
 def _emit_json(value: Any) -> None:
@@ -111,6 +111,8 @@ def _emit_json(value: Any) -> None:
 
 @contextmanager
 def _runtime(ctx: click.Context) -> Iterator[Runtime]:
+    from appliance.runtime import Runtime
+
     runtime = Runtime.open(ctx.obj["settings"]())
     try:
         yield runtime
@@ -150,6 +152,8 @@ def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None, off
     flags: dict[str, Any] = {"data_dir": data_dir, "offline": offline}
 
     def settings(**more: Any) -> Settings:
+        from appliance.settings import load_settings
+
         return load_settings(config_file=config_file, **flags, **more)
 
     ctx.obj = {"settings": settings}
@@ -182,35 +186,54 @@ def serve(
     """
     import uvicorn
 
-    from appliance.tls import serving_pair
-    from appliance.web.app import create_app
-    from appliance.web.guards import require_transport
+    from appliance.settings import url_host
+    from appliance.store.factory import open_data_dir
+    from appliance.tls import require_transport, serving_pair
+    from appliance.web.staged import StagedApp
 
     settings: Settings = ctx.obj["settings"](host=host, port=port)
     pair = serving_pair(settings, cert=tls_cert, key=tls_key, insecure_http=insecure_http)
     warning = require_transport(settings, tls=pair is not None, insecure_http=insecure_http)
+    # Plain lines (click, not Rich) until the app exists: every import here delays the first answer.
     if warning:
-        stderr.print(f"warning: {warning}")
-    runtime = Runtime.open(settings)  # fail here, with a clear message, if the data dir is unusable
-    try:
-        setup_token = secrets.token_urlsafe(24) if runtime.auth.needs_admin() else None
-    finally:
-        runtime.close()
+        click.echo(f"warning: {warning}", err=True)
+    _, store = open_data_dir(settings)  # fail here, with a clear message, if the data dir is unusable
+    store.close()
     listener = _listen(settings.host, settings.port)
     if settings.port == 0:  # the system chose one; the app checks Host headers against the real one
         settings = settings.model_copy(update={"port": listener.getsockname()[1]})
     address = f"{url_host(settings.host)}:{settings.port}"
     scheme = "https" if pair else "http"
-    stderr.print(f"appliance {__version__} serving on {scheme}://{address} ({settings.data_dir})")
-    if setup_token is not None:
-        # The one time it is shown: whoever reads this console (or its log) makes the first admin.
-        stderr.print(
-            f"no admin yet: open {scheme}://{address}/ and create one with the one-time setup token "
-            f"{setup_token}\n(or run: appliance users add NAME --role admin)"
-        )
+    click.echo(f"appliance {__version__} serving on {scheme}://{address} ({settings.data_dir})", err=True)
+    serving = settings
+
+    def build() -> Any:
+        """The app, in a thread while /healthz already answers (web/staged.py says why)."""
+        import secrets
+
+        from appliance.runtime import Runtime
+        from appliance.web.app import create_app
+
+        runtime = Runtime.open(serving)
+        try:
+            setup_token = secrets.token_urlsafe(24) if runtime.auth.needs_admin() else None
+        finally:
+            runtime.close()
+        if setup_token is not None:
+            # The one time it is shown: whoever reads this console (or its log) makes the first admin.
+            stderr.print(
+                f"no admin yet: open {scheme}://{address}/ and create one with the one-time setup token "
+                f"{setup_token}\n(or run: appliance users add NAME --role admin)"
+            )
+        return create_app(serving, setup_token=setup_token)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    staged = StagedApp(build, on_failure=stop)
     # uvicorn serves on the socket bound above, so a port taken meanwhile cannot reach it as a raw OSError.
     config = uvicorn.Config(
-        create_app(settings, setup_token=setup_token),
+        staged,
         host=settings.host.strip("[]"),
         port=settings.port,
         log_level="info",
@@ -224,6 +247,11 @@ def serve(
         pass  # Ctrl-C is how a foreground server stops
     finally:
         listener.close()
+    if staged.error is not None:
+        _print_error(
+            f"the server could not start: {staged.error}", "the log above says where; fix it and serve again"
+        )
+        ctx.exit(1)
     if not server.started:  # uvicorn has logged why
         ctx.exit(1)
 
@@ -238,6 +266,8 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.bind((bare, port))
         listener.listen(2048)
     except OSError as exc:
+        from appliance.settings import url_host
+
         listener.close()
         address = f"{url_host(host)}:{port}"
         if exc.errno == errno.EADDRINUSE:
@@ -253,6 +283,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerClient:
+    from appliance.client import ServerClient
+
     return ServerClient(ctx.obj["settings"](host=host, port=port))
 
 
@@ -262,9 +294,6 @@ def _server(ctx: click.Context, host: str | None, port: int | None) -> ServerCli
 @cli.group()
 def models() -> None:
     """Manage the model cache and registry."""
-
-
-models.add_command(import_dir)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -306,13 +335,15 @@ def import_model(
     """
     if force_copy and hard_link:
         raise click.UsageError("--copy and --link contradict each other; pass one")
+    from appliance.models.schemas import ImportOut
+
     show_progress = stderr.is_terminal and not as_json
-    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    progress = _progress(eta=False)
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
         task = progress.add_task(f"importing {path.name}", total=_size_or_none(path))
         result = runtime.models.import_file(
             path,
-            Context.cli(),
+            _cli_context(),
             name=name,
             fmt=fmt,
             allow_link=not force_copy,
@@ -348,8 +379,10 @@ def pull_model(
 
     Example: appliance models pull https://mirror.lan/models/tiny.gguf --digest sha256:0123…
     """
+    from appliance.provision.schemas import PullOut
+
     show_progress = stderr.is_terminal and not as_json
-    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    progress = _progress(eta=True)
     task = progress.add_task(f"pulling {ref}", total=None)
     announced: set[str] = set()
 
@@ -366,7 +399,7 @@ def pull_model(
 
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
         resolved = runtime.provisioner.ensure_present(
-            ref, Context.cli(), name=name, expected_digest=digest, strict=strict, on_progress=on_progress
+            ref, _cli_context(), name=name, expected_digest=digest, strict=strict, on_progress=on_progress
         )
     if as_json:
         _emit_json(PullOut.of(resolved).model_dump(mode="json"))
@@ -398,6 +431,8 @@ def list_models(ctx: click.Context, as_json: bool, limit: int | None, cursor: st
 
     Example: appliance models ls --limit 50
     """
+    from appliance.models.schemas import ModelOut
+
     if as_json:
         page = _run(ctx, lambda runtime: runtime.models.page(limit=limit, cursor=cursor))
         _emit_json([ModelOut.of(model).model_dump(mode="json") for model in page.models])
@@ -434,6 +469,8 @@ def show_model(ctx: click.Context, name: str, as_json: bool) -> None:
 
     Example: appliance models show tinyllama:1.1b
     """
+    from appliance.models.schemas import ModelOut
+
     model = ModelOut.of(_run(ctx, lambda runtime: runtime.models.get(name)))
     if as_json:
         _emit_json(model.model_dump(mode="json"))
@@ -458,7 +495,7 @@ def remove_model(ctx: click.Context, name: str) -> None:
 
     Example: appliance models rm tinyllama:1.1b
     """
-    freed = _run(ctx, lambda runtime: runtime.models.remove(name, Context.cli()))
+    freed = _run(ctx, lambda runtime: runtime.models.remove(name, _cli_context()))
     click.echo(f"removed {name} (freed {_human(freed)})")
 
 
@@ -471,7 +508,9 @@ def verify_models(ctx: click.Context, name: str | None, as_json: bool) -> None:
 
     Example: appliance models verify
     """
-    results = _run(ctx, lambda runtime: runtime.models.verify(Context.cli(), name=name))
+    from appliance.models.schemas import VerifyOut
+
+    results = _run(ctx, lambda runtime: runtime.models.verify(_cli_context(), name=name))
     if as_json:
         _emit_json([VerifyOut.of(result).model_dump(mode="json") for result in results])
     else:
@@ -497,7 +536,7 @@ def pin_model(ctx: click.Context, name: str) -> None:
 
     Example: appliance models pin tinyllama:1.1b
     """
-    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, True, Context.cli()))
+    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, True, _cli_context()))
     click.echo(f"pinned {model.name}")
 
 
@@ -509,7 +548,7 @@ def unpin_model(ctx: click.Context, name: str) -> None:
 
     Example: appliance models unpin tinyllama:1.1b
     """
-    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, False, Context.cli()))
+    model = _run(ctx, lambda runtime: runtime.models.set_pinned(name, False, _cli_context()))
     click.echo(f"unpinned {model.name}")
 
 
@@ -521,7 +560,9 @@ def collect_garbage(ctx: click.Context, as_json: bool) -> None:
 
     Example: appliance models gc
     """
-    report = GcOut.of(_run(ctx, lambda runtime: runtime.models.gc(Context.cli())))
+    from appliance.models.schemas import GcOut
+
+    report = GcOut.of(_run(ctx, lambda runtime: runtime.models.gc(_cli_context())))
     if as_json:
         _emit_json(report.model_dump(mode="json"))
         return
@@ -595,7 +636,7 @@ def ps(ctx: click.Context, as_json: bool, host: str | None, port: int | None) ->
     if as_json:
         _emit_json(state)
         return
-    table = _table("NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "ACTIVE", "QUEUED", "UNLOADS IN")
+    table = _table("NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "PARALLEL", "ACTIVE", "QUEUED", "UNLOADS IN")
     for loaded in state["models"]:
         expires = loaded["expires_in_seconds"]
         table.add_row(
@@ -603,6 +644,7 @@ def ps(ctx: click.Context, as_json: bool, host: str | None, port: int | None) ->
             _human(loaded["memory_bytes"]),
             str(loaded["context_length"]),
             str(loaded["gpu_layers"]),
+            str(loaded["parallel"]),
             str(loaded["active_requests"]),
             str(loaded["queued_requests"]),
             "never" if expires is None else f"{expires:.0f} s",
@@ -632,6 +674,9 @@ def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -
 
     Example: appliance downloads ls --state pending
     """
+    from appliance.provision.schemas import DownloadOut
+    from appliance.queries import check_download_states
+
     checked = check_download_states(states)
     found = _run(ctx, lambda runtime: runtime.provisioner.list_downloads(states=checked))
     if as_json:
@@ -655,7 +700,7 @@ def list_downloads(ctx: click.Context, states: tuple[str, ...], as_json: bool) -
 
 def _decide(ctx: click.Context, download_id: str, approve: bool) -> None:
     decided = _run(
-        ctx, lambda runtime: runtime.provisioner.decide(download_id, approve=approve, context=Context.cli())
+        ctx, lambda runtime: runtime.provisioner.decide(download_id, approve=approve, context=_cli_context())
     )
     click.echo(f"{decided.state} download {decided.id} of {decided.ref}")
 
@@ -725,7 +770,7 @@ def set_pref(ctx: click.Context, key: str, value: str) -> None:
         parsed: Any = json.loads(value)
     except ValueError:
         parsed = value
-    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, parsed, Context.cli()))
+    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, parsed, _cli_context()))
     click.echo(f"{preference.key} = {json.dumps(preference.value)}")
 
 
@@ -737,7 +782,7 @@ def unset_pref(ctx: click.Context, key: str) -> None:
 
     Example: appliance prefs unset offline
     """
-    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, None, Context.cli()))
+    preference = _run(ctx, lambda runtime: runtime.preferences.set(key, None, _cli_context()))
     click.echo(f"{preference.key} = {json.dumps(preference.value)} (the setting)")
 
 
@@ -770,6 +815,9 @@ def list_audit(
 
     Example: appliance audit ls --action models.import --limit 10
     """
+    from appliance.audit import AuditService
+    from appliance.queries import parse_timestamp
+
     start = parse_timestamp(since) if since is not None else None
     end = parse_timestamp(until) if until is not None else None
     rows = _run(
@@ -807,10 +855,14 @@ def system(ctx: click.Context, as_json: bool) -> None:
     Example: appliance system
     """
     from appliance import hostinfo  # loads llama.cpp, which no other command here needs
+    from appliance.engine.sizing import engine_choices
+    from appliance.settings import secret_states
 
     def gather(runtime: Runtime) -> dict[str, Any]:
+        facts = hostinfo.report(runtime.settings.data_dir)
         return {
-            **hostinfo.report(runtime.settings.data_dir),
+            **facts,
+            "engine": engine_choices(runtime.settings.engine, gpu_offload=facts["gpu_offload"]),
             "cache": runtime.models.cache_usage(),
             "secrets": secret_states(runtime.settings),
         }
@@ -840,6 +892,9 @@ def system(ctx: click.Context, as_json: bool) -> None:
         f"{_human(cache['max_bytes']) if cache['max_bytes'] else 'no limit'}, "
         f"{_human(facts['disk_free_bytes'])} free on disk"
     )
+    engine = facts["engine"]
+    lines.append(f"threads per model: {engine['threads']} ({engine['threads_from']})")
+    lines.append(f"requests decoded together per model: {engine['parallel']} ({engine['parallel_from']})")
     lines.append(f"llama.cpp: {facts['llama_cpp_system_info']}")
     lines.append("secrets: " + ", ".join(f"{key} {state}" for key, state in facts["secrets"].items()))
     for line in lines:
@@ -852,10 +907,12 @@ def main() -> None:
 
 from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
+from appliance.cli_importdir import import_dir  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
 from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tls import tls  # noqa: E402
 
+models.add_command(import_dir)
 models.add_command(copy_model)
 models.add_command(push_model)
 cli.add_command(bundle)

@@ -4,12 +4,15 @@ local command (whoever runs them owns it, so they act as admin)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from appliance.audit import Context
-from appliance.auth.service import ROLES, KeyOut
-from appliance.cli import _emit_json, _runtime, _table, stderr, stdout
+from appliance.cli import _cli_context, _emit_json, _runtime, _table, stderr, stdout
+from appliance.identity import ROLES
+
+if TYPE_CHECKING:
+    from appliance.auth.service import KeyOut
 
 __all__ = ["keys", "users"]
 
@@ -43,7 +46,7 @@ def users_add(ctx: click.Context, name: str, role: str, password_stdin: bool, no
     """
     password = None if no_password else _read_password(password_stdin)
     with _runtime(ctx) as runtime:
-        user = runtime.auth.add_user(name, role, password, Context.cli())
+        user = runtime.auth.add_user(name, role, password, _cli_context())
     stdout.print(f"added {user.role} {user.name}")
     stderr.print(f"make them an API key: appliance keys create --user {user.name}")
 
@@ -78,7 +81,7 @@ def users_passwd(ctx: click.Context, name: str, password_stdin: bool) -> None:
     """
     password = _read_password(password_stdin)
     with _runtime(ctx) as runtime:
-        runtime.auth.set_password(name, password, Context.cli())
+        runtime.auth.set_password(name, password, _cli_context())
     stdout.print(f"password of {name} changed")
 
 
@@ -92,7 +95,7 @@ def users_role(ctx: click.Context, name: str, role: str) -> None:
     Example: appliance users role alice admin
     """
     with _runtime(ctx) as runtime:
-        runtime.auth.set_role(name, role, Context.cli())
+        runtime.auth.set_role(name, role, _cli_context())
     stdout.print(f"{name} is now {role}")
 
 
@@ -105,7 +108,7 @@ def users_rm(ctx: click.Context, name: str) -> None:
     Example: appliance users rm alice
     """
     with _runtime(ctx) as runtime:
-        runtime.auth.remove_user(name, Context.cli())
+        runtime.auth.remove_user(name, _cli_context())
     stdout.print(f"removed {name} and their API keys")
 
 
@@ -131,7 +134,7 @@ def keys_create(
     Example: appliance keys create --user alice --expires 30d
     """
     with _runtime(ctx) as runtime:
-        key = runtime.auth.create_key(Context.cli(), name=name, role=role, expires=expires, user=user)
+        key = runtime.auth.create_key(_cli_context(), name=name, role=role, expires=expires, user=user)
     if as_json:
         _emit_json(key.model_dump())
         return
@@ -183,5 +186,5 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
     Example: appliance keys revoke 3f9a1c2b7d4e
     """
     with _runtime(ctx) as runtime:
-        runtime.auth.revoke_key(key_id, Context.cli())
+        runtime.auth.revoke_key(key_id, _cli_context())
     stdout.print(f"revoked {key_id}")

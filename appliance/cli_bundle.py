@@ -10,12 +10,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from appliance.audit import Context
-from appliance.bundles import BundleService
-from appliance.bundles.schemas import BundleExportOut, BundleImportOut
-from appliance.cli import _emit_json, _human, _progress, _runtime, stderr
+from appliance.cli import _cli_context, _emit_json, _human, _progress, _runtime, stderr
 
 __all__ = ["bundle"]
 
@@ -45,11 +41,14 @@ def export_bundle(ctx: click.Context, names: tuple[str, ...], output: str, as_js
 
     Example: appliance bundle export tinyllama:1.1b -o /media/disk/models.tar
     """
+    from appliance.bundles import BundleService
+    from appliance.bundles.schemas import BundleExportOut
+
     to_stdout = output == "-"
     if to_stdout and sys.stdout.isatty():
         raise click.UsageError("refusing to write a tar to a terminal; redirect stdout or pass -o PATH")
     show_progress = stderr.is_terminal and not as_json
-    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    progress = _progress(eta=True)
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
         service = BundleService(runtime.models)
         plan = service.plan(list(names))
@@ -60,11 +59,11 @@ def export_bundle(ctx: click.Context, names: tuple[str, ...], output: str, as_js
 
         if to_stdout:
             service.export_stream(
-                plan, sys.stdout.buffer, Context.cli(), on_progress=on_progress if show_progress else None
+                plan, sys.stdout.buffer, _cli_context(), on_progress=on_progress if show_progress else None
             )
         else:
             service.export_to(
-                plan, Path(output), Context.cli(), on_progress=on_progress if show_progress else None
+                plan, Path(output), _cli_context(), on_progress=on_progress if show_progress else None
             )
     summary = BundleExportOut.of(plan, output)
     if as_json:
@@ -94,9 +93,12 @@ def import_bundle(ctx: click.Context, path: str, as_json: bool) -> None:
 
     Example: appliance bundle import /media/disk/models.tar
     """
+    from appliance.bundles import BundleService
+    from appliance.bundles.schemas import BundleImportOut
+
     source = sys.stdin.buffer if path == "-" else Path(path)
     show_progress = stderr.is_terminal and not as_json
-    progress = _progress(BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    progress = _progress(eta=True)
     with _runtime(ctx) as runtime, progress if show_progress else nullcontext():
         task = progress.add_task(f"importing {path}", total=None)
 
@@ -104,7 +106,7 @@ def import_bundle(ctx: click.Context, path: str, as_json: bool) -> None:
             progress.update(task, completed=done, total=total)
 
         report = BundleService(runtime.models).import_from(
-            source, Context.cli(), on_progress=on_progress if show_progress else None
+            source, _cli_context(), on_progress=on_progress if show_progress else None
         )
     if as_json:
         _emit_json(BundleImportOut.of(report).model_dump(mode="json"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from appliance.audit import Context
-from appliance.models.importdir import DirImporter, DirImportOut, ImportedModelOut
-from appliance.runtime import Runtime
+from appliance.cli import _cli_context, _runtime, _visible
+
+if TYPE_CHECKING:
+    from appliance.models.importdir import DirImportOut, ImportedModelOut
 
 __all__ = ["import_dir"]
 
@@ -29,17 +31,16 @@ def import_dir(ctx: click.Context, path: Path, force_copy: bool, dry_run: bool, 
 
     Example: appliance models import-dir ~/.ollama/models
     """
-    runtime = Runtime.open(ctx.obj["settings"]())
-    try:
+    from appliance.models.importdir import DirImporter
+
+    with _runtime(ctx) as runtime:
         report = DirImporter(runtime.models).import_dir(
             path,
-            Context.cli(),
+            _cli_context(),
             copy=force_copy,
             dry_run=dry_run,
             on_model=None if as_json else _print_model,
         )
-    finally:
-        runtime.close()
     if as_json:
         click.echo(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=True))
     else:
@@ -50,8 +51,6 @@ def import_dir(ctx: click.Context, path: Path, force_copy: bool, dry_run: bool, 
 
 def _echo(text: str, *, err: bool = False) -> None:
     """Paths and errors from the directory, as they are, with control characters escaped."""
-    from appliance.cli import _visible  # appliance.cli imports this module
-
     click.echo(_visible(text), err=err)
 
 

@@ -16,20 +16,23 @@ import contextlib
 import getpass
 import re
 import socket
-import ssl
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import httpx
 
-from appliance.auth.service import MAX_KEY_NAME
 from appliance.cli import stderr
-from appliance.client import Login, ServerError, pinned_trust, read_login, remove_login, url_host, write_login
 from appliance.errors import ApplianceError, Conflict, CredentialsRefused, InvalidInput, NotFound, NotReady
-from appliance.settings import Settings
-from appliance.tls import fetch_pinned_ca
+
+# httpx, the client and tls load when login or logout runs, not with every command's --help.
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
+    from appliance.client import Login
+    from appliance.settings import Settings
 
 __all__ = ["login", "logout"]
 
@@ -45,6 +48,10 @@ class _Server:
 
 def _server(text: str) -> _Server:
     """``text`` as a server's address, or an error saying how to write it."""
+    import httpx
+
+    from appliance.settings import url_host
+
     try:
         url = httpx.URL(text)
     except httpx.InvalidURL as exc:
@@ -78,12 +85,18 @@ def _pinned(server: _Server, fingerprint: str) -> tuple[str, str]:
             f"{fingerprint!r} is not a SHA-256 fingerprint",
             hint="pass it as `appliance tls show` on the server prints it: sha256: and 64 hex digits",
         )
+    from appliance.tls import fetch_pinned_ca
+
     normal = "sha256:" + match.group(1).replace(":", "")
     return normal, fetch_pinned_ca(server.host, server.port, normal)
 
 
 def _call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     """The JSON the server answers with; its refusal, or why it could not be reached, as our errors."""
+    import httpx
+
+    from appliance.client import ServerError
+
     server = str(http.base_url).rstrip("/")
     try:
         response = http.request(method, path, **kwargs)
@@ -110,6 +123,8 @@ def _call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
 
 def _require_keys(http: httpx.Client) -> None:
     """Refuse a server that asks for no key: there would be nothing to log in to."""
+    from appliance.client import ServerError
+
     try:
         me = _call(http, "GET", "/api/v1/me")
     except ServerError as exc:
@@ -126,6 +141,8 @@ def _require_keys(http: httpx.Client) -> None:
 
 def _make_key(http: httpx.Client, user: str, password: str) -> dict[str, Any]:
     """Sign in, make a key for this machine with the session, sign out again."""
+    from appliance.auth.service import MAX_KEY_NAME
+
     session = _call(http, "POST", "/api/v1/login", json={"name": user, "password": password})
     csrf = {"X-CSRF-Token": session["csrf_token"]}
     try:
@@ -166,6 +183,10 @@ def login(
 
     Example: appliance login https://box.lan:8080 --user alice --fingerprint sha256:3b1f…
     """
+    import httpx
+
+    from appliance.client import Login, pinned_trust, read_login, write_login
+
     if key_stdin and (password_stdin or user):
         raise click.UsageError(
             "--key-stdin saves a key, which says who it is: drop --user and --password-stdin"
@@ -210,6 +231,8 @@ def logout(ctx: click.Context) -> None:
 
     Example: appliance logout
     """
+    from appliance.client import read_login, remove_login
+
     settings: Settings = ctx.obj["settings"]()
     path = settings.client_config
     saved = read_login(path)
@@ -224,6 +247,10 @@ def logout(ctx: click.Context) -> None:
 
 def _revoke(saved: Login) -> str:
     """Revoke the login's key with itself; what happened, as a warning when it may still be valid."""
+    import httpx
+
+    from appliance.client import ServerError
+
     headers = {"Authorization": f"Bearer {saved.key}"}
     try:
         with httpx.Client(base_url=saved.url, verify=saved.trust(), headers=headers, timeout=30) as http:

@@ -6,12 +6,14 @@ Attached to the ``models`` group by ``appliance/cli.py``; uses its consoles and 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from appliance.audit import Context
-from appliance.cli import _run, stderr
-from appliance.models.create import ModelCreator
-from appliance.provision.push import PushProgress
+from appliance.cli import _cli_context, _run, stderr
+
+if TYPE_CHECKING:
+    from appliance.provision.push import PushProgress
 
 __all__ = ["copy_model", "push_model"]
 
@@ -25,7 +27,9 @@ def copy_model(ctx: click.Context, source: str, destination: str) -> None:
 
     Example: appliance models cp tinyllama:1.1b registry.lan/team/tinyllama:1.1b
     """
-    model = _run(ctx, lambda runtime: ModelCreator(runtime.models).copy(source, destination, Context.cli()))
+    from appliance.models.create import ModelCreator
+
+    model = _run(ctx, lambda runtime: ModelCreator(runtime.models).copy(source, destination, _cli_context()))
     click.echo(f"copied {source} to {model.name}")
 
 
@@ -47,7 +51,7 @@ def push_model(ctx: click.Context, name: str, insecure: bool) -> None:
     where = _run(
         ctx,
         lambda runtime: runtime.provisioner.pusher.push(
-            name, Context.cli(), insecure=insecure, on_progress=report
+            name, _cli_context(), insecure=insecure, on_progress=report
         ),
     )
     click.echo(f"pushed {name} to {where}")

@@ -5,11 +5,14 @@ Attached to the ``appliance`` group by ``appliance/cli.py``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from appliance.errors import NotFound
-from appliance.settings import Settings
-from appliance.tls import ca_fingerprint, init_tls, tls_files
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
 
 __all__ = ["tls"]
 
@@ -32,6 +35,8 @@ def init(ctx: click.Context, names: str, force: bool) -> None:
 
     Example: appliance tls init --names box.lan,192.168.1.20
     """
+    from appliance.tls import ca_fingerprint, init_tls
+
     settings: Settings = ctx.obj["settings"]()
     extra = [name.strip() for name in names.split(",") if name.strip()]
     files = init_tls(settings, extra, force=force)
@@ -47,6 +52,8 @@ def show(ctx: click.Context) -> None:
 
     Example: appliance tls show
     """
+    from appliance.tls import ca_fingerprint, tls_files
+
     files = tls_files(ctx.obj["settings"]())
     if not files.ca_cert.exists():
         raise NotFound(f"no CA in {files.directory}", hint="make one with `appliance tls init`")

@@ -29,16 +29,10 @@ from typing import Any
 import httpx
 
 from appliance.errors import ApplianceError, CredentialsRefused, InvalidSetting, NotReady
-from appliance.settings import Settings
+from appliance.settings import Settings, url_host
 from appliance.tls import tls_files
 
-__all__ = ["Login", "ServerClient", "ServerError", "read_login", "remove_login", "url_host", "write_login"]
-
-
-def url_host(host: str) -> str:
-    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), once."""
-    bare = host.strip("[]")
-    return f"[{bare}]" if ":" in bare else bare
+__all__ = ["Login", "ServerClient", "ServerError", "read_login", "remove_login", "write_login"]
 
 
 class ServerError(ApplianceError):

@@ -30,6 +30,7 @@ __all__ = [
     "load_average",
     "memory",
     "parse_gpu_line",
+    "physical_cores",
     "report",
 ]
 
@@ -64,8 +65,37 @@ class EngineBuild:
         return [device for device in self.devices if device.kind != "cpu"]
 
 
+def _allowed_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def cpu_count() -> int:
-    return os.cpu_count() or 1
+    """CPUs this process may run on (a container's or taskset's share, not the whole machine's)."""
+    return len(_allowed_cpus()) or 1
+
+
+def physical_cores() -> int:
+    """Cores among this process's CPUs, hyper-threaded siblings counted once: llama.cpp's matrix
+    work gains nothing from a sibling thread and loses when two threads share a core's units."""
+    allowed = _allowed_cpus()
+    cores: set[tuple[str, str]] = set()
+    cpu: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in [*cpuinfo, "\n"]:  # a blank line ends each CPU's block
+                name, _, value = line.partition(":")
+                if name.strip():
+                    cpu[name.strip()] = value.strip()
+                    continue
+                if cpu.get("processor", "").isdigit() and int(cpu["processor"]) in allowed:
+                    cores.add((cpu.get("physical id", ""), cpu.get("core id", cpu["processor"])))
+                cpu = {}
+    except OSError:
+        pass
+    return len(cores) or cpu_count()
 
 
 def load_average() -> tuple[float, float, float]:

@@ -14,10 +14,11 @@ import getpass
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-__all__ = ["Actor", "ActorKind", "Role"]
+__all__ = ["ROLES", "Actor", "ActorKind", "Role"]
 
 ActorKind = Literal["user", "key", "node", "task", "cli", "anonymous"]
 Role = Literal["admin", "user", "node"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 # An anonymous client is only ever an API caller (the CLI names its user), hence its prefix.
 _PREFIX = {"anonymous": "api"}

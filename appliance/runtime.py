@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
-from appliance.errors import StorageFailure
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
@@ -20,7 +19,7 @@ from appliance.provision.service import Provisioner
 from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
-from appliance.store.factory import open_store
+from appliance.store.factory import open_data_dir
 
 if TYPE_CHECKING:
     from appliance.engine.router import Router
@@ -45,15 +44,7 @@ class Runtime:
 
     @classmethod
     def open(cls, settings: Settings, *, with_engine: bool = False) -> Runtime:
-        try:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageFailure(
-                f"cannot create the data dir {settings.data_dir}: {exc.strerror or exc}",
-                hint="pass --data-dir or set APPLIANCE_DATA_DIR to a writable directory",
-            ) from exc
-        cache = BlobCache(settings.data_dir)  # first: it refuses a data dir of a newer layout
-        store = open_store(settings)
+        cache, store = open_data_dir(settings)
         preferences = PreferenceService(settings, store)
         models = ModelService(settings, store, cache, preferences=preferences)
         runtime = cls(

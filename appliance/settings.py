@@ -40,6 +40,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "secret_states",
+    "url_host",
 ]
 
 _SIZE_UNITS = {
@@ -144,7 +145,14 @@ class EngineSettings(BaseModel):
     n_gpu_layers: int | None = Field(
         default=None, description="Layers to offload to the GPU; unset means all when the build supports it."
     )
-    parallel: int = Field(default=4, ge=1, le=64, description="Requests one model decodes together.")
+    parallel: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Requests one model decodes together; unset means chosen per model from the machine "
+        "(16 with GPU offload, else 8 or one per physical core, whichever is more), fewer where their KV "
+        "cache would take over half of the memory the budget leaves beside the weights.",
+    )
     context_length: int = Field(
         default=4096, ge=64, description="Tokens of context per request, capped at the model's own."
     )
@@ -154,7 +162,7 @@ class EngineSettings(BaseModel):
         description="Keep a finished request's KV cache for the next prompt that shares its prefix.",
     )
     threads: int | None = Field(
-        default=None, ge=1, description="CPU threads per model; unset means all cores."
+        default=None, ge=1, description="CPU threads per model; unset means one per physical core."
     )
 
 
@@ -319,6 +327,12 @@ class StoreSettings(BaseModel):
         if "?" in rest or "#" in rest:
             raise ValueError(f"{value!r} has a query or fragment; a sqlite URL takes only the file's path")
         return value
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), once."""
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
 
 
 def is_loopback_host(host: str) -> bool:

@@ -18,16 +18,16 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+# cryptography loads where a certificate is read or made: `serve` over plain HTTP never needs it.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from appliance.errors import Conflict, CredentialsRefused, InvalidSetting, NotFound, NotReady
-from appliance.settings import Settings
+from appliance.settings import Settings, is_loopback_host
 
 __all__ = [
     "TlsFiles",
@@ -36,6 +36,7 @@ __all__ = [
     "check_pair",
     "fetch_pinned_ca",
     "init_tls",
+    "require_transport",
     "serving_pair",
     "tls_files",
 ]
@@ -76,6 +77,8 @@ def tls_files(settings: Settings) -> TlsFiles:
 def ca_fingerprint(cert_file: Path) -> str:
     """``sha256:`` and the hex SHA-256 of the certificate's DER (what ``openssl x509 -fingerprint
     -sha256`` shows, without colons)."""
+    from cryptography.hazmat.primitives import serialization
+
     cert = _load_cert(cert_file)
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
@@ -111,6 +114,11 @@ def init_tls(settings: Settings, names: list[str], *, force: bool = False) -> Tl
     """Make the CA and the server certificate for localhost, the loopback addresses, this host's
     name, ``server.public_names`` and ``names``. Refuses to replace them unless ``force``: clients
     pinned the old CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     files = tls_files(settings)
     if files.ca_cert.exists() and not force:
         raise Conflict(
@@ -195,6 +203,8 @@ def serving_pair(
 
 def check_pair(pair: TlsPair) -> TlsPair:
     """Refuse, before binding, a certificate that is expired or not yet valid, or a key not its own."""
+    from cryptography.hazmat.primitives import serialization
+
     cert = _load_cert(pair.cert)
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc <= now:
@@ -227,6 +237,8 @@ def check_pair(pair: TlsPair) -> TlsPair:
 
 
 def _subject_alt_names(extra: list[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     names: list[str] = ["localhost", "127.0.0.1", "::1"]
     hostname = socket.gethostname()
     for name in [hostname, *extra] if hostname else extra:
@@ -262,6 +274,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
+    from cryptography import x509
+
     data = _read(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
@@ -272,6 +286,8 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _load_key(path: Path) -> PrivateKeyTypes:
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(path, "key")
     try:
         return serialization.load_pem_private_key(data, password=None)
@@ -286,6 +302,8 @@ def _load_key(path: Path) -> PrivateKeyTypes:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -299,3 +317,21 @@ def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
     with os.fdopen(descriptor, "wb") as out:
         out.write(data)
     os.replace(partial, path)
+
+
+def require_transport(settings: Settings, *, tls: bool, insecure_http: bool) -> str | None:
+    """Beyond loopback, traffic is encrypted unless the admin said ``--insecure-http``: then the
+    warning to print on every start; None when there is nothing to warn about."""
+    if tls or is_loopback_host(settings.host):
+        return None
+    if not insecure_http:
+        raise InvalidSetting(
+            f"refusing to serve {settings.host} over plain HTTP: anyone on that network could read "
+            "and change the traffic",
+            hint="pass --tls-cert FILE --tls-key FILE, or run `appliance tls init` once (serve then uses "
+            "its certificate); --insecure-http serves plain HTTP anyway",
+        )
+    return (
+        f"serving {settings.host} over plain HTTP (--insecure-http): anyone on that network can read "
+        "and change the traffic; use TLS (`appliance tls init`) instead"
+    )

@@ -302,6 +302,8 @@ def test_system_names_the_llama_cpp_build_and_where_models_run(cli: object) -> N
     assert "CPU" in [device["name"] for device in devices]
     text = cli("system").stdout  # type: ignore[operator]
     assert "llama.cpp devices: CPU" in text
+    assert f"requests decoded together per model: {facts['engine']['parallel']} (this machine" in text  # type: ignore[index]
+    assert "threads per model: " in text
     assert facts["llama_cpp_system_info"] in text  # type: ignore[index]
     # a GPU build on a host without a usable GPU says so instead of failing to start
     no_gpu = "no GPU: llama.cpp found no GPU it can use here" in text

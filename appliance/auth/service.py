@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from appliance.audit import AuditNote, Context, audited, record
 from appliance.auth.policy import Action, Deny, Resource, decide
 from appliance.errors import Forbidden, InvalidInput, Unauthorized, UserNotFound
-from appliance.identity import Actor, Role
+from appliance.identity import ROLES, Actor, Role
 from appliance.preferences import ALLOWED_ROLES, PreferenceService
 from appliance.settings import Settings
 from appliance.store.base import ApiKey, Store, User, utcnow
@@ -43,7 +43,6 @@ __all__ = [
 
 KEY_PREFIX = "apl_"
 MIN_PASSWORD = 10
-ROLES: tuple[Role, ...] = ("admin", "user", "node")
 _RANK: dict[Role, int] = {"node": 0, "user": 1, "admin": 2}
 USER_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 EXPIRES_PATTERN = "^[1-9][0-9]{0,3}[hdw]$"  # up to 9999 weeks: a date a timestamp can hold

@@ -189,6 +189,7 @@ class LoadedInfo:
     memory_bytes: int
     context_length: int
     gpu_layers: int
+    parallel: int  # requests it decodes together
     active_requests: int
     queued_requests: int
     loaded_at: float  # wall clock

@@ -42,6 +42,7 @@ from appliance.engine.base import (
     TextChunk,
 )
 from appliance.engine.chat import ChatTemplate
+from appliance.engine.sizing import machine_parallel, machine_threads
 from appliance.errors import EngineFailure, InsufficientMemory, PromptTooLong
 from appliance.settings import EngineSettings
 
@@ -67,6 +68,7 @@ class LoadedModel:
     size_bytes: int
     memory_bytes: int
     seq_ctx: int
+    n_seq: int
     gpu_layers: int
     model: LlamaModel
     context: LlamaContext
@@ -95,6 +97,7 @@ class LoadedModel:
             memory_bytes=self.memory_bytes,
             context_length=self.seq_ctx,
             gpu_layers=self.gpu_layers,
+            parallel=self.n_seq,
             active_requests=self.batcher.active,
             queued_requests=self.batcher.queued,
             loaded_at=self.loaded_at,
@@ -107,6 +110,18 @@ class LoadedModel:
         if self.embedder is not None:
             self.embedder.close()
         self.model.close()
+
+
+def fit_parallel(
+    wanted: int, capabilities: dict[str, Any], *, weights: int, seq_ctx: int, budget: int
+) -> int:
+    """At most ``wanted`` sequences whose KV cache takes at most half of what the budget leaves
+    beside the weights (the other half stays for another model); at least one."""
+    room = (budget - estimate_memory(capabilities, weights=weights, n_ctx=0)) // 2
+    per_sequence = estimate_memory(capabilities, weights=0, n_ctx=seq_ctx) - _COMPUTE_OVERHEAD
+    if per_sequence <= 0:
+        return wanted
+    return max(1, min(wanted, room // per_sequence))
 
 
 def estimate_memory(capabilities: dict[str, Any], *, weights: int, n_ctx: int) -> int:
@@ -252,18 +267,24 @@ class EnginePool:
             self._close(loaded)
 
     def _load(self, spec: LoadSpec) -> LoadedModel:
-        n_seq = self.settings.parallel
-        memory = estimate_memory(
-            spec.capabilities, weights=spec.size_bytes, n_ctx=spec.context_length * n_seq
-        )
-        self._make_room(memory, spec.key)
         from appliance.engine.batcher import Batcher
         from appliance.engine.llama import LlamaContext, LlamaModel, gpu_offload_supported
 
         gpu_layers = spec.n_gpu_layers
         if gpu_layers is None:
             gpu_layers = -1 if gpu_offload_supported() else 0
-        threads = self.settings.threads or hostinfo.cpu_count()
+        n_seq = self.settings.parallel or fit_parallel(
+            machine_parallel(gpu_offload=gpu_layers != 0),
+            spec.capabilities,
+            weights=spec.size_bytes,
+            seq_ctx=spec.context_length,
+            budget=self.budget,
+        )
+        memory = estimate_memory(
+            spec.capabilities, weights=spec.size_bytes, n_ctx=spec.context_length * n_seq
+        )
+        self._make_room(memory, spec.key)
+        threads = self.settings.threads or machine_threads()
         llama_model = LlamaModel(spec.path, n_gpu_layers=gpu_layers)
         seq_ctx = spec.context_length
         try:
@@ -292,6 +313,7 @@ class EnginePool:
             size_bytes=spec.size_bytes,
             memory_bytes=memory,
             seq_ctx=seq_ctx,
+            n_seq=n_seq,
             gpu_layers=gpu_layers,
             model=llama_model,
             context=context,
@@ -456,7 +478,7 @@ class EnginePool:
                     n_ctx=loaded.seq_ctx,
                     n_seq=1,
                     n_batch=loaded.seq_ctx,
-                    threads=self.settings.threads or hostinfo.cpu_count(),
+                    threads=self.settings.threads or machine_threads(),
                     embeddings=True,
                 )
             for text in texts:

@@ -13,12 +13,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.errors import InvalidSetting
+from appliance.errors import InvalidSetting, StorageFailure
 from appliance.settings import POSTGRES_SCHEMES, Settings
 from appliance.store.base import Store
+from appliance.store.cache import BlobCache
 from appliance.store.sqlite import SqliteStore
 
-__all__ = ["open_store"]
+__all__ = ["open_data_dir", "open_store"]
+
+
+def open_data_dir(settings: Settings) -> tuple[BlobCache, Store]:
+    """The data dir (made when missing), its blob cache and its store: what a runtime opens first,
+    and all ``serve`` checks before it binds its port."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageFailure(
+            f"cannot create the data dir {settings.data_dir}: {exc.strerror or exc}",
+            hint="pass --data-dir or set APPLIANCE_DATA_DIR to a writable directory",
+        ) from exc
+    cache = BlobCache(settings.data_dir)  # first: it refuses a data dir of a newer layout
+    return cache, open_store(settings)
 
 
 def open_store(settings: Settings) -> Store:

@@ -41,6 +41,7 @@ def describe_loaded(loaded: Loaded) -> dict[str, Any]:
         "memory_bytes": info.memory_bytes,
         "context_length": info.context_length,
         "gpu_layers": info.gpu_layers,
+        "parallel": info.parallel,
         "active_requests": info.active_requests,
         "queued_requests": info.queued_requests,
         "loaded_at": info.loaded_at,

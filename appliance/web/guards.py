@@ -20,16 +20,15 @@ from litestar import Request, Response
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.errors import Forbidden, InvalidInput, InvalidSetting
+from appliance.errors import Forbidden, InvalidInput
 from appliance.identity import Actor
-from appliance.settings import Settings, is_loopback_host
+from appliance.settings import Settings
 
 __all__ = [
     "SECURITY_HEADERS",
     "SecurityHeaders",
     "request_actor",
     "request_guard",
-    "require_transport",
 ]
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -59,24 +58,6 @@ def _allow(request: Request[Any, Any, Any]) -> Response[None]:
         for method in route.methods
     }
     return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods or {"OPTIONS"}))})
-
-
-def require_transport(settings: Settings, *, tls: bool, insecure_http: bool) -> str | None:
-    """Beyond loopback, traffic is encrypted unless the admin said ``--insecure-http``: then the
-    warning to print on every start; None when there is nothing to warn about."""
-    if tls or is_loopback_host(settings.host):
-        return None
-    if not insecure_http:
-        raise InvalidSetting(
-            f"refusing to serve {settings.host} over plain HTTP: anyone on that network could read "
-            "and change the traffic",
-            hint="pass --tls-cert FILE --tls-key FILE, or run `appliance tls init` once (serve then uses "
-            "its certificate); --insecure-http serves plain HTTP anyway",
-        )
-    return (
-        f"serving {settings.host} over plain HTTP (--insecure-http): anyone on that network can read "
-        "and change the traffic; use TLS (`appliance tls init`) instead"
-    )
 
 
 def request_actor(request: Request[Any, Any, Any]) -> Actor:

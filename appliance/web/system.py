@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from appliance import hostinfo
 from appliance.audit import Context
+from appliance.engine.sizing import engine_choices
 from appliance.preferences import Preference, PreferenceService
 from appliance.runtime import Runtime
 from appliance.settings import secret_states
@@ -42,8 +43,10 @@ class SystemController(Controller):
         """CPU, memory, GPUs and VRAM, the cache against its budget, the data dir's free space, and
         which secret settings are set (never their values)."""
         runtime: Runtime = state.runtime
+        facts = hostinfo.report(runtime.settings.data_dir)
         return {
-            **hostinfo.report(runtime.settings.data_dir),
+            **facts,
+            "engine": engine_choices(runtime.settings.engine, gpu_offload=facts["gpu_offload"]),
             "cache": runtime.models.cache_usage(),
             "secrets": secret_states(runtime.settings),
         }

@@ -121,6 +121,10 @@ def test_the_inference_log_filter_takes_a_model_name(server: Server) -> None:
 def test_system_and_preferences_over_http(server: Server) -> None:
     system = server.client.get("/api/v1/system").json()
     assert system["cpu_count"] >= 1
+    # a plain serve sizes the engine from the machine and says so
+    assert system["engine"]["parallel"] >= 8
+    assert system["engine"]["threads"] >= 1
+    assert "physical cores" in system["engine"]["parallel_from"]
     assert system["memory"]["total_bytes"] > 0
     assert "cpu" in [device["kind"] for device in system["devices"]]
     assert "CPU" in system["llama_cpp_system_info"]

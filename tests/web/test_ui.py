@@ -53,6 +53,7 @@ def test_every_page_renders(page: Page, tiny: str) -> None:
     expect(page.locator("#readiness")).to_contain_text("Ready to serve")
     expect(page.locator("#dashboard")).to_contain_text("models.import")
     expect(page.locator("#engine-devices")).to_contain_text("runs on: CPU")
+    expect(page.locator("#engine-choices")).to_contain_text("requests at once")
     expect(page.locator("#secrets")).to_contain_text("models.download.hf_token: unset")  # never a value
     expect(page.locator("#account")).to_be_hidden()  # auth off: nobody signs in, nobody logs out
     shot(page, "dashboard")

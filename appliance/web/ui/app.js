@@ -149,7 +149,9 @@ async function dashboard() {
           h("h2", {}, "Machine"),
           h("div", {}, `${system.cpu_count} CPUs, load ${system.load_average.map((x) => x.toFixed(2)).join(" ")}`),
           h("div", {}, `RAM: ${bytes(system.memory.available_bytes)} free of ${bytes(system.memory.total_bytes)}`),
-          gpus, devices),
+          gpus, devices,
+          h("div", { class: "muted", id: "engine-choices", title: `${system.engine.parallel_from}; threads: ${system.engine.threads_from}` },
+            `Each model: ${system.engine.parallel} requests at once, ${system.engine.threads} threads`)),
         h("div", { class: "card" },
           h("h2", {}, "Cache"),
           h("div", {}, `${bytes(cache.used_bytes)} used of ${cache.max_bytes === null ? "no limit" : bytes(cache.max_bytes)}`),
@@ -160,7 +162,7 @@ async function dashboard() {
           Object.entries(system.secrets).map(([key, state]) => h("div", { class: state === "set" ? "" : "muted" }, `${key}: ${state}`))),
         h("div", { class: "card" },
           h("h2", {}, "Loaded models"),
-          ps.models.length ? ps.models.map((m) => h("div", {}, `${m.name} (${bytes(m.memory_bytes)})`)) : h("div", { class: "muted" }, "none"))),
+          ps.models.length ? ps.models.map((m) => h("div", {}, `${m.name} (${bytes(m.memory_bytes)}, ${m.parallel} at once)`)) : h("div", { class: "muted" }, "none"))),
       h("h2", {}, "Recent activity"),
       auditTable(audit));
   };
