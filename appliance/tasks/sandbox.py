@@ -16,7 +16,8 @@ How it is held (bubblewrap's flags, then what runs inside):
   network namespace with only a loopback that is down: no network at all. ``--disable-userns`` (where
   bubblewrap has it): no namespaces of its own inside. ``--cap-drop ALL``: no capabilities.
 - bubblewrap sets ``PR_SET_NO_NEW_PRIVS``: nothing inside gains privileges (setuid files included).
-  ``capabilities()`` checks it from inside. No seccomp filter is loaded (yet).
+  ``capabilities()`` checks it from inside, and that the seccomp filter of ``seccomp.py`` holds
+  (on x86_64: system calls a job never needs, such as the kernel keyring, fail with EPERM).
 - ``--clearenv``: the environment is PATH, HOME=/tmp, LANG and TMPDIR plus the allowed additions;
   nothing of the appliance's own (no APPLIANCE_* setting, no provider or cloud key). No file
   descriptor is inherited but stdin (/dev/null), stdout and stderr.
@@ -58,6 +59,7 @@ from appliance.bridge import ThreadCall
 from appliance.errors import InvalidInput, NotReady
 from appliance.tasks.jobs import Job, JobResult, Outcome, Truncated, outcome_of_status
 from appliance.tasks.output import OutputCapture, OutputChunk
+from appliance.tasks.seccomp import filter_program
 
 __all__ = [
     "DEFAULT_ALLOWED_ENV",
@@ -147,6 +149,7 @@ class Sandbox:
         self._prlimit = prlimit if prlimit is not None else shutil.which("prlimit", path=SANDBOX_PATH)
         self._job_ids = (NOBODY, NOBODY) if os.geteuid() == 0 else None
         self._disable_userns = False  # bubblewrap 0.8 and later; known once probed
+        self._seccomp = filter_program()
         self._capabilities: SandboxCapabilities | None = None
         self._probe_lock = threading.Lock()
 
@@ -194,25 +197,31 @@ class Sandbox:
         facts["bwrap_version"] = version
         numbers = _VERSION.search(version)
         self._disable_userns = numbers is not None and tuple(map(int, numbers.groups())) >= (0, 8, 0)
+        seccomp_fd = self._seccomp_fd()
         argv = [
             self._bwrap,
-            *self._isolation_args(),
+            *self._isolation_args(seccomp_fd),
             *self._system_view(),
             "--remount-ro",
             "/",
             "--",
             "/bin/sh",
             "-c",
-            "grep '^NoNewPrivs:' /proc/self/status",
+            "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status",
         ]
         try:
-            probe = self._run_quietly(argv)
+            probe = self._run_quietly(argv, pass_fds=() if seccomp_fd is None else (seccomp_fd,))
         except (OSError, subprocess.SubprocessError) as exc:
             return unavailable(f"bubblewrap ({self._bwrap}) does not run: {exc}", NAMESPACES_HINT)
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         if probe.returncode != 0:
             said = probe.stderr.strip().splitlines() or [f"status {probe.returncode}"]
             return unavailable(f"bubblewrap cannot create a sandbox here: {said[-1]}", NAMESPACES_HINT)
-        facts["no_new_privs"] = probe.stdout.split() == ["NoNewPrivs:", "1"]
+        status = dict(line.split(":", 1) for line in probe.stdout.splitlines())
+        facts["no_new_privs"] = status.get("NoNewPrivs", "").strip() == "1"
+        facts["seccomp"] = status.get("Seccomp", "").strip() == "2"  # 2: a filter holds
         facts["nested_namespaces_blocked"] = self._disable_userns
         facts["limits"] = (
             "cpu time (RLIMIT_CPU)",
@@ -224,9 +233,12 @@ class Sandbox:
         )
         return SandboxCapabilities(available=True, reason=None, hint=None, **facts)
 
-    def _run_quietly(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    def _run_quietly(
+        self, argv: list[str], *, pass_fds: tuple[int, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             argv,
+            pass_fds=pass_fds,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -280,8 +292,10 @@ class Sandbox:
             for stream in ("stdout", "stderr")
         ]
         program_fd = _memfd("job-program", job.program().encode())
+        seccomp_fd = self._seccomp_fd()
         info_read, info_write = os.pipe()
-        argv = self._job_argv(job, env, program_fd=program_fd, info_fd=info_write)
+        passed = (program_fd, info_write, *(() if seccomp_fd is None else (seccomp_fd,)))
+        argv = self._job_argv(job, env, program_fd=program_fd, info_fd=info_write, seccomp_fd=seccomp_fd)
         size_at_spawn = _peak_resident_bytes("self")
         started = time.monotonic()
         try:
@@ -291,7 +305,7 @@ class Sandbox:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 close_fds=True,
-                pass_fds=(program_fd, info_write),
+                pass_fds=passed,
                 cwd="/",
                 env={},
                 start_new_session=True,
@@ -303,8 +317,8 @@ class Sandbox:
                 f"could not start bubblewrap ({self._bwrap}): {exc}", hint=INSTALL_BWRAP_HINT
             ) from exc
         finally:
-            os.close(program_fd)
-            os.close(info_write)
+            for fd in passed:
+                os.close(fd)
 
         assert process.stdout is not None
         assert process.stderr is not None
@@ -397,8 +411,12 @@ class Sandbox:
                     "or run the appliance as an ordinary user",
                 )
 
-    def _isolation_args(self) -> list[str]:
+    def _seccomp_fd(self) -> int | None:
+        return None if self._seccomp is None else _memfd("job-seccomp", self._seccomp)
+
+    def _isolation_args(self, seccomp_fd: int | None) -> list[str]:
         return [
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--unshare-all",
             "--unshare-user",
             *(["--disable-userns"] if self._disable_userns else []),
@@ -440,11 +458,13 @@ class Sandbox:
                 args += ["--ro-bind", "/dev/null", str(real)]
         return args
 
-    def _job_argv(self, job: Job, env: Mapping[str, str], *, program_fd: int, info_fd: int) -> list[str]:
+    def _job_argv(
+        self, job: Job, env: Mapping[str, str], *, program_fd: int, info_fd: int, seccomp_fd: int | None
+    ) -> list[str]:
         assert self._bwrap is not None  # the probe found both
         assert self._prlimit is not None
         limits = job.limits
-        argv = [self._bwrap, *self._isolation_args(), *self._system_view()]
+        argv = [self._bwrap, *self._isolation_args(seccomp_fd), *self._system_view()]
         argv += ["--bind", str(job.work_dir.resolve()), WORK_DIR]
         if job.inference_socket is not None:
             argv += ["--bind", str(job.inference_socket.resolve()), INFERENCE_SOCKET]

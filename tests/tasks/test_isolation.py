@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import threading
 from pathlib import Path
@@ -120,6 +121,25 @@ def test_the_job_cannot_gain_privileges(sandbox: Sandbox, run_script: RunScript)
     result = run_script("grep -E '^(NoNewPrivs|CapEff):' /proc/self/status\n")
     assert result.stdout.split() == ["CapEff:", "0000000000000000", "NoNewPrivs:", "1"]
     assert sandbox.capabilities().no_new_privs
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter is written for x86_64")
+def test_system_calls_a_job_never_needs_fail(run_script: RunScript) -> None:
+    result = run_script(
+        "#!/usr/bin/python3\n"
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, number in (('keyctl', 250), ('perf_event_open', 298), ('bpf', 321)):\n"
+        "    libc.syscall(number, 0, 0, 0, 0, 0)\n"
+        "    print(name, os.strerror(ctypes.get_errno()))\n"
+        "print(open('/proc/self/status').read().count('Seccomp:\\t2'))\n"
+    )
+    assert result.stdout.splitlines() == [
+        "keyctl Operation not permitted",
+        "perf_event_open Operation not permitted",
+        "bpf Operation not permitted",
+        "1",
+    ]
 
 
 def test_an_inherited_file_descriptor_is_not_visible(run_script: RunScript, tmp_path: Path) -> None:
