@@ -352,14 +352,7 @@ class Sandbox:
             )
         if callback_failures:
             raise callback_failures[0]
-        exit_code: int | None
-        signal_number: int | None
-        if stopped is not None:
-            outcome, exit_code, signal_number = stopped, None, int(signal.SIGKILL)
-        elif status < 0:  # bubblewrap itself was killed
-            outcome, exit_code, signal_number = Outcome.SIGNALLED, None, -status
-        else:
-            (outcome, signal_number), exit_code = outcome_of_status(status), status
+        outcome, exit_code, signal_number = _ending(stopped, status)
         return JobResult(
             outcome=outcome,
             exit_code=exit_code,
@@ -505,6 +498,16 @@ def _drain(pipe: IO[bytes], capture: OutputCapture, failures: list[BaseException
         capture.close()
 
 
+def _ending(stopped: Outcome | None, status: int) -> tuple[Outcome, int | None, int | None]:
+    """The outcome, exit code and signal of a job from why we stopped it and bubblewrap's status."""
+    if stopped is not None:
+        return stopped, None, int(signal.SIGKILL)
+    if status < 0:  # bubblewrap itself was killed, and the job with it
+        return Outcome.SIGNALLED, None, -status
+    outcome, signal_number = outcome_of_status(status)
+    return outcome, status, signal_number
+
+
 def _memfd(name: str, content: bytes) -> int:
     """A file in memory holding ``content``, read from its start (bubblewrap copies it in)."""
     fd = os.memfd_create(name)
@@ -552,6 +555,10 @@ def _wait(
             elif now - killed_at > _KILL_GRACE_SECONDS:
                 with suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
+        if sandbox_fd is not None:
+            # PID 1 ends only once the kernel has ended the rest of the job: wait for that too,
+            # for when bubblewrap was killed from outside and did not wait itself.
+            select.select([sandbox_fd], [], [], _KILL_GRACE_SECONDS)
     finally:
         os.close(bwrap_fd)
         if sandbox_fd is not None:

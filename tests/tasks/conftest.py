@@ -50,14 +50,14 @@ def run_script(sandbox: Sandbox, work_dir: Path) -> RunScript:
     return run
 
 
-def processes_with(marker: str) -> list[str]:
-    """Command lines of the processes on this machine that carry ``marker``."""
-    found = []
+def processes_with(marker: str) -> dict[int, str]:
+    """The processes on this machine whose command line carries ``marker``: pid and command line."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # it ended while we looked
             continue
         if marker in text:
-            found.append(text)
+            found[int(cmdline.parent.name)] = text
     return found

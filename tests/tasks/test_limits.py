@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from pathlib import Path
@@ -16,20 +17,20 @@ from tests.tasks.conftest import RunScript, processes_with
 
 def test_the_timeout_kills_the_job_and_everything_it_started(run_script: RunScript) -> None:
     result = run_script(
-        "sleep 987651 &\n(sleep 987652 &)\nsetsid sleep 987653 &\necho started\nsleep 987654\n",
+        "sleep 987651 >/dev/null 2>&1 &\n(sleep 987652 &)\nsetsid sleep 987653 &\necho started\nsleep 987654\n",
         timeout_seconds=1,
     )
     assert result.outcome is Outcome.TIMED_OUT
     assert (result.exit_code, result.signal) == (None, signal.SIGKILL)
     assert result.reason == "stopped after its time limit of 1 s"
     assert result.stdout == "started\n"
-    assert processes_with("sleep 98765") == []
+    assert processes_with("sleep 98765") == {}
 
 
 def test_background_processes_end_with_the_job(run_script: RunScript) -> None:
     result = run_script("sleep 987661 >/dev/null 2>&1 &\necho done\n")
     assert result.ok
-    assert processes_with("sleep 98766") == []
+    assert processes_with("sleep 98766") == {}
 
 
 def test_the_cpu_time_limit_stops_an_endless_loop(run_script: RunScript) -> None:
@@ -54,7 +55,7 @@ def test_a_fork_bomb_is_held_at_the_process_limit(run_script: RunScript, work_di
     assert len(started) < 12
     assert "fork" in result.stderr.lower()
     assert result.exit_code != 0
-    assert processes_with("sleep 98767") == []
+    assert processes_with("sleep 98767") == {}
 
 
 def test_the_address_space_limit_stops_a_memory_hog(run_script: RunScript) -> None:
@@ -72,6 +73,27 @@ def test_peak_memory_is_the_largest_process(run_script: RunScript) -> None:
     assert big.peak_memory_bytes > 40_000_000 > small.peak_memory_bytes
 
 
+def test_when_bubblewrap_is_killed_the_job_dies_with_it(sandbox: Sandbox, work_dir: Path) -> None:
+    marker = "job-987701"
+
+    def kill_bubblewrap(chunk: OutputChunk) -> None:
+        # the job's variables are on bubblewrap's command line (the job cannot see bubblewrap)
+        for pid, command_line in processes_with(marker).items():
+            if command_line.split()[0].endswith("bwrap"):
+                os.kill(pid, signal.SIGKILL)
+
+    job = Job(
+        mode="script",
+        text="sleep 987702 >/dev/null 2>&1 &\necho started\nsleep 987703\n",
+        work_dir=work_dir,
+        env={"TASK_ID": marker},
+    )
+    result = sandbox.run(job, on_output=kill_bubblewrap)
+    assert (result.outcome, result.exit_code, result.signal) == (Outcome.SIGNALLED, None, signal.SIGKILL)
+    assert result.reason == "killed by SIGKILL"
+    assert processes_with("sleep 98770") == {}
+
+
 def test_a_cancelled_job_stops_with_everything_it_started(sandbox: Sandbox, work_dir: Path) -> None:
     cancel = threading.Event()
 
@@ -83,7 +105,7 @@ def test_a_cancelled_job_stops_with_everything_it_started(sandbox: Sandbox, work
     result = sandbox.run(job, on_output=on_output, cancel=cancel)
     assert result.outcome is Outcome.CANCELLED
     assert result.reason == "cancelled"
-    assert processes_with("sleep 98768") == []
+    assert processes_with("sleep 98768") == {}
 
 
 def test_an_error_in_the_output_callback_stops_the_job_and_is_raised(
@@ -95,7 +117,7 @@ def test_an_error_in_the_output_callback_stops_the_job_and_is_raised(
     job = Job(mode="script", text="echo hi\nsleep 987691\n", work_dir=work_dir)
     with pytest.raises(RuntimeError, match="listener went away"):
         sandbox.run(job, on_output=on_output)
-    assert processes_with("sleep 98769") == []
+    assert processes_with("sleep 98769") == {}
 
 
 def test_output_streams_to_async_code_as_it_comes(sandbox: Sandbox, work_dir: Path) -> None:
