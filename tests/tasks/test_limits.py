@@ -17,7 +17,11 @@ from tests.tasks.conftest import RunScript, processes_with
 
 def test_the_timeout_kills_the_job_and_everything_it_started(run_script: RunScript) -> None:
     result = run_script(
-        "sleep 987651 >/dev/null 2>&1 &\n(sleep 987652 &)\nsetsid sleep 987653 &\necho started\nsleep 987654\n",
+        "sleep 987651 >/dev/null 2>&1 &\n"
+        "(sleep 987652 &)\n"
+        "setsid sleep 987653 &\n"
+        "echo started\n"
+        "sleep 987654\n",
         timeout_seconds=1,
     )
     assert result.outcome is Outcome.TIMED_OUT
