@@ -19,7 +19,7 @@ from typing import Literal
 
 from appliance.errors import InvalidInput
 
-__all__ = ["Job", "JobMode", "JobResult", "Limits", "Outcome", "Truncated"]
+__all__ = ["Job", "JobMode", "JobResult", "Limits", "Outcome", "Truncated", "outcome_of_status"]
 
 JobMode = Literal["script", "commands"]
 
