@@ -20,7 +20,8 @@ How it is held (bubblewrap's flags, then what runs inside):
   (on x86_64: system calls a job never needs, such as the kernel keyring, fail with EPERM).
 - ``--clearenv``: the environment is PATH, HOME=/tmp, LANG and TMPDIR plus the allowed additions;
   nothing of the appliance's own (no APPLIANCE_* setting, no provider or cloud key). No file
-  descriptor is inherited but stdin (/dev/null), stdout and stderr.
+  descriptor is inherited but stdin (/dev/null), stdout and stderr. bubblewrap reads its options
+  (paths, variables) from a file (``--args``), so that ``ps`` on the host shows none of them.
 - ``--new-session``: no terminal to push input into. ``--die-with-parent``: the job dies with us.
 - When the appliance runs as root, jobs run as uid/gid 65534 (nobody): as root, the kernel would not
   count their processes, and a job never needs root. Its work directory is handed to that user, and
@@ -294,13 +295,17 @@ class Sandbox:
         program_fd = _memfd("job-program", job.program().encode())
         seccomp_fd = self._seccomp_fd()
         info_read, info_write = os.pipe()
-        passed = (program_fd, info_write, *(() if seccomp_fd is None else (seccomp_fd,)))
         argv = self._job_argv(job, env, program_fd=program_fd, info_fd=info_write, seccomp_fd=seccomp_fd)
+        # The options (paths, variables) go through a file, not the command line, which every user
+        # of the host can read; bubblewrap takes the command itself only from its command line.
+        end_of_options = argv.index("--")
+        args_fd = _memfd("job-args", b"".join(arg.encode() + b"\0" for arg in argv[1:end_of_options]))
+        passed = (program_fd, info_write, args_fd, *(() if seccomp_fd is None else (seccomp_fd,)))
         size_at_spawn = _peak_resident_bytes("self")
         started = time.monotonic()
         try:
             process = subprocess.Popen(
-                argv,
+                [argv[0], "--args", str(args_fd), *argv[end_of_options:]],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -78,24 +78,32 @@ def test_peak_memory_is_the_largest_process(run_script: RunScript) -> None:
 
 
 def test_when_bubblewrap_is_killed_the_job_dies_with_it(sandbox: Sandbox, work_dir: Path) -> None:
-    marker = "job-987701"
-
     def kill_bubblewrap(chunk: OutputChunk) -> None:
-        # the job's variables are on bubblewrap's command line (the job cannot see bubblewrap)
-        for pid, command_line in processes_with(marker).items():
-            if command_line.split()[0].endswith("bwrap"):
-                os.kill(pid, signal.SIGKILL)
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if os.readlink(f"/proc/{child}/exe").endswith("bwrap"):
+                    os.kill(int(child), signal.SIGKILL)
 
     job = Job(
         mode="script",
         text="sleep 987702 >/dev/null 2>&1 &\necho started\nsleep 987703\n",
         work_dir=work_dir,
-        env={"TASK_ID": marker},
     )
     result = sandbox.run(job, on_output=kill_bubblewrap)
     assert (result.outcome, result.exit_code, result.signal) == (Outcome.SIGNALLED, None, signal.SIGKILL)
     assert result.reason == "killed by SIGKILL"
     assert processes_with("sleep 98770") == {}
+
+
+def test_bubblewrap_s_command_line_shows_nothing_of_the_job(sandbox: Sandbox, work_dir: Path) -> None:
+    seen: list[str] = []
+
+    def look(chunk: OutputChunk) -> None:
+        seen.extend(processes_with("t-987711").values())
+
+    job = Job(mode="script", text="echo started\n", work_dir=work_dir, env={"TASK_ID": "t-987711"})
+    assert sandbox.run(job, on_output=look).stdout == "started\n"
+    assert seen == []
 
 
 def test_a_cancelled_job_stops_with_everything_it_started(sandbox: Sandbox, work_dir: Path) -> None:

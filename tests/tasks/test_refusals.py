@@ -37,10 +37,11 @@ non-privileged user namespaces." >&2; exit 1 ;;
 esac
 """
 
-# bubblewrap that works for the probe, then fails before starting the job's sandbox
+# bubblewrap that works for the probe, then fails before starting a job's sandbox (a job's
+# options come through --args)
 FAILS_LATER_BWRAP = """#!/bin/sh
 case " $* " in
-*" --info-fd "*) echo "bwrap: Creating new namespace failed: No space left on device" >&2; exit 1 ;;
+*" --args "*) echo "bwrap: Creating new namespace failed: No space left on device" >&2; exit 1 ;;
 *) exec /usr/bin/bwrap "$@" ;;
 esac
 """
