@@ -408,6 +408,12 @@ class Sandbox:
                     hint=f"keep it under directories others may search (chmod o+x {blocked}, e.g. 0711), "
                     "or run the appliance as an ordinary user",
                 )
+        if socket is not None and not _permits(socket.stat(), uid, gid, write=True):
+            raise InvalidInput(
+                f"the inference socket {socket} is not writable by uid {uid}, which jobs run as because "
+                "the appliance runs as root (connecting to a socket needs write permission)",
+                hint=f"make the socket writable by others (chmod 0666) or owned by uid {uid}",
+            )
 
     def _seccomp_fd(self) -> int | None:
         return None if self._seccomp is None else _memfd("job-seccomp", self._seccomp)
@@ -625,16 +631,20 @@ def _hand_over(work_dir: Path, uid: int, gid: int) -> None:
 def _first_unsearchable(directory: Path, uid: int, gid: int) -> Path | None:
     """The first of ``directory`` and its parents that ``uid``/``gid`` may not pass through."""
     for path in (*reversed(directory.parents), directory):
-        mode = path.stat()
-        if mode.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif mode.st_gid == gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not mode.st_mode & bit:
+        if not _permits(path.stat(), uid, gid, write=False):
             return path
     return None
+
+
+def _permits(status: os.stat_result, uid: int, gid: int, *, write: bool) -> bool:
+    """Whether ``uid``/``gid`` may write (else search or execute) what ``status`` describes."""
+    if status.st_uid == uid:
+        bit = stat.S_IWUSR if write else stat.S_IXUSR
+    elif status.st_gid == gid:
+        bit = stat.S_IWGRP if write else stat.S_IXGRP
+    else:
+        bit = stat.S_IWOTH if write else stat.S_IXOTH
+    return bool(status.st_mode & bit)
 
 
 def delegated_cgroup() -> str:

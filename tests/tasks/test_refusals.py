@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,17 @@ def test_as_root_a_work_dir_out_of_reach_of_the_job_user_is_refused(sandbox: San
     with pytest.raises(InvalidInput, match="not searchable") as raised:
         sandbox.run(Job(mode="script", text="true", work_dir=work_dir))
     assert "chmod o+x" in raised.value.hint
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="jobs change user only when the appliance runs as root")
+def test_as_root_an_inference_socket_the_job_user_cannot_connect_to_is_refused(
+    sandbox: Sandbox, work_dir: Path, shared_dir: Path
+) -> None:
+    path = shared_dir / "inference.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        path.chmod(0o755)
+        job = Job(mode="script", text="true", work_dir=work_dir, inference_socket=path)
+        with pytest.raises(InvalidInput, match="not writable by uid 65534") as raised:
+            sandbox.run(job)
+    assert "chmod 0666" in raised.value.hint
