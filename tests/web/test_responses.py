@@ -12,35 +12,15 @@ from typing import Any
 import openai
 import pytest
 
+from tests import tool_definitions
 from tests.conftest import Server
 from tests.engine.tool_templates import QWEN
 from tests.tiny_model import TINY_CHAT_TEMPLATE
+from tests.tool_definitions import ASK, responses_tool
 from tests.web.test_tools import import_model
 
-WEATHER: Any = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city now",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-TIME: Any = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-ASK: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER: Any = responses_tool(tool_definitions.WEATHER)
+TIME: Any = responses_tool(tool_definitions.TIME)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import CliResult, Server
 from tests.engine.tool_templates import THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
-from tests.web.test_tools import WEATHER
+from tests.tool_definitions import WEATHER
 
 # The generation prompt opens the reasoning block; enable_thinking false writes an empty one instead.
 OPENS_THE_BLOCK = TINY_CHAT_TEMPLATE.replace(

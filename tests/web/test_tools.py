@@ -19,33 +19,8 @@ import pytest
 from tests.conftest import CliResult, Server
 from tests.engine.tool_templates import QWEN, THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.tool_definitions import ASK, TIME, WEATHER
 
-WEATHER: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-ASK: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
 NAMED_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
 
 
