@@ -14,22 +14,12 @@ import pytest
 
 from tests import tool_definitions
 from tests.conftest import Server
-from tests.engine.tool_templates import QWEN
 from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import ASK, messages_tool
-from tests.web.conftest import Keys
-from tests.web.test_tools import import_model
+from tests.web.conftest import Keys, import_model
 
 WEATHER: Any = messages_tool(tool_definitions.WEATHER)
 TIME: Any = messages_tool(tool_definitions.TIME)
-
-
-@pytest.fixture
-def models(cli: object, tmp_path: Path) -> dict[str, str]:
-    return {
-        "generic": import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE),
-        "hermes": import_model(cli, tmp_path, "hermes", QWEN),
-    }
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Server
 from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import ASK, WEATHER
-from tests.web.test_tools import import_model
+from tests.web.conftest import import_model
 
 HELLO: Any = [{"role": "user", "content": "hello"}]
 
