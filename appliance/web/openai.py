@@ -39,11 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.settings import Duration
-from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
 from appliance.web.generation import Events, Generation, close_all, interleave, open_choices, route_headers
 from appliance.web.lists import CACHED_LIST
@@ -207,11 +206,7 @@ class ChatCompletionBody(_GenerationBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def options(self) -> GenerationOptions:
-        try:
-            tools = offer_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
-        except InvalidInput as exc:  # OpenAI's errors name the field at fault
-            field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
-            raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc
+        tools = offer_body_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         if self.top_logprobs and not self.logprobs:
             raise InvalidField(
                 "top_logprobs needs logprobs to be true", param="top_logprobs", hint="send logprobs: true"
