@@ -37,9 +37,7 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,7 +51,15 @@ import httpx
 import jinja2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf  # needs the repo root on sys.path
+from bench.servers import (  # needs the repo root on sys.path
+    Server,
+    free_port,
+    start,
+    start_appliance,
+    start_llama_server,
+    write_bench_model,
+)
+from tests.tiny_model import TINY_CHAT_TEMPLATE
 
 # One request: (seconds to the first text, completion tokens) from a streamed call.
 Request = Callable[[str], tuple[float, int]]
@@ -180,58 +186,19 @@ def streamed_request(base_url: str, model: str, args: argparse.Namespace) -> Req
     return request
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def start(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> Server:
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wait_until_up(ready_url, process, log)
-    return Server(process)
-
-
 def appliance_server(
     model: Path, work: Path, args: argparse.Namespace, *, name: str, python: str
 ) -> tuple[Server, Request]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "APPLIANCE_DATA_DIR": str(work / f"{name}-data"),
-        "APPLIANCE_ENGINE__PARALLEL": str(max(args.concurrency)),
-        "APPLIANCE_ENGINE__CONTEXT_LENGTH": str(args.context),
-        "APPLIANCE_ENGINE__THREADS": str(args.threads),
-    }
-    appliance = [python, "-P", "-m", "appliance"]  # -P: this checkout must not shadow the build
-    subprocess.run([*appliance, "models", "import", str(model), "--name", "bench"], env=env, check=True)
-    command = [*appliance, "serve", "--port", str(port)]
-    server = start(command, env, f"http://127.0.0.1:{port}/healthz", work / f"{name}.log")
-    return server, streamed_request(f"http://127.0.0.1:{port}", "bench", args)
+    server = start_appliance(
+        model,
+        work,
+        name=name,
+        python=python,
+        parallel=max(args.concurrency),
+        context=args.context,
+        threads=args.threads,
+    )
+    return server, streamed_request(server.url, "bench", args)
 
 
 def llama_cpp_server(model: Path, work: Path, args: argparse.Namespace) -> tuple[Server, Request]:
@@ -259,21 +226,18 @@ def llama_cpp_server(model: Path, work: Path, args: argparse.Namespace) -> tuple
         "--interrupt_requests",
         "False",  # by default a new request cuts off the one streaming; queue instead
     ]
-    server = start(command, dict(os.environ), f"http://127.0.0.1:{port}/v1/models", work / "llama_cpp.log")
-    return server, streamed_request(f"http://127.0.0.1:{port}", "bench", args)
+    server = start(
+        command, dict(os.environ), f"http://127.0.0.1:{port}", "/v1/models", work / "llama_cpp.log"
+    )
+    return server, streamed_request(server.url, "bench", args)
 
 
 def cpp_llama_server(model: Path, work: Path, args: argparse.Namespace) -> tuple[Server, Request]:
-    port = free_port()
     slots = max(args.concurrency)
-    command = [
-        str(args.llama_server),
-        *("--model", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port)),
-        *("--ctx-size", str(args.context * slots), "--parallel", str(slots), "--jinja"),
-        *("--threads", str(args.threads), "--threads-batch", str(args.threads), "--n-gpu-layers", "99"),
-    ]
-    server = start(command, dict(os.environ), f"http://127.0.0.1:{port}/health", work / "llama-server.log")
-    return server, streamed_request(f"http://127.0.0.1:{port}", "bench", args)
+    server = start_llama_server(
+        args.llama_server, model, work, slots=slots, context=args.context, threads=args.threads
+    )
+    return server, streamed_request(server.url, "bench", args)
 
 
 def has_llama_cpp_server() -> bool:
@@ -317,18 +281,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch, contextlib.ExitStack() as servers:
         work = Path(scratch)
         model = work / "bench.gguf"
-        write_llama_gguf(
-            model,
-            dim=args.dim,
-            layers=args.layers,
-            heads=args.dim // 64,
-            feed_forward=args.dim * 11 // 4,
-            context=4096,
-            vocab_size=32_000,
-            f16=True,
-            chat_template=TINY_CHAT_TEMPLATE,
-            name="bench",
-        )
+        write_bench_model(model, dim=args.dim, layers=args.layers)
         print(
             f"model: {model.stat().st_size / 1e6:.0f} MB F16 (dim {args.dim}, {args.layers} layers);"
             f" {args.max_tokens} tokens per request, {args.requests} requests per client,"

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,11 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.inference import free_port, start  # needs the repo root on sys.path
-from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from bench.servers import (  # needs the repo root on sys.path
+    start_appliance,
+    start_llama_server,
+    write_bench_model,
+)
 
 # One request: (seconds to the first text, the answer's text, prompt tokens taken from the cache).
 Chat = Callable[[list[dict[str, str]]], tuple[float, str, int]]
@@ -117,39 +119,25 @@ def shared_system_prompt(
 def appliance(
     model: Path, work: Path, args: argparse.Namespace, servers: contextlib.ExitStack, *, reuse: bool
 ) -> Chat:
-    name = "reuse" if reuse else "no-reuse"
-    port = free_port()
-    env = {
-        **os.environ,
-        "APPLIANCE_DATA_DIR": str(work / f"{name}-data"),
-        "APPLIANCE_ENGINE__PARALLEL": str(args.clients),
-        "APPLIANCE_ENGINE__CONTEXT_LENGTH": str(args.context),
-        "APPLIANCE_ENGINE__THREADS": str(args.threads),
-        "APPLIANCE_ENGINE__PROMPT_REUSE": "true" if reuse else "false",
-    }
-    command = [sys.executable, "-m", "appliance"]
-    subprocess.run([*command, "models", "import", str(model), "--name", "bench"], env=env, check=True)
-    server = start(
-        [*command, "serve", "--port", str(port)],
-        env,
-        f"http://127.0.0.1:{port}/healthz",
-        work / f"{name}.log",
+    server = start_appliance(
+        model,
+        work,
+        name="reuse" if reuse else "no-reuse",
+        parallel=args.clients,
+        context=args.context,
+        threads=args.threads,
+        env={"APPLIANCE_ENGINE__PROMPT_REUSE": "true" if reuse else "false"},
     )
     servers.callback(server.stop)
-    return chat_client(f"http://127.0.0.1:{port}", args.max_tokens)
+    return chat_client(server.url, args.max_tokens)
 
 
 def llama_server(model: Path, work: Path, args: argparse.Namespace, servers: contextlib.ExitStack) -> Chat:
-    port = free_port()
-    command = [
-        str(args.llama_server),
-        *("--model", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port)),
-        *("--ctx-size", str(args.context * args.clients), "--parallel", str(args.clients), "--jinja"),
-        *("--threads", str(args.threads), "--threads-batch", str(args.threads), "--n-gpu-layers", "99"),
-    ]
-    server = start(command, dict(os.environ), f"http://127.0.0.1:{port}/health", work / "llama-server.log")
+    server = start_llama_server(
+        args.llama_server, model, work, slots=args.clients, context=args.context, threads=args.threads
+    )
     servers.callback(server.stop)
-    return chat_client(f"http://127.0.0.1:{port}", args.max_tokens)
+    return chat_client(server.url, args.max_tokens)
 
 
 def spread(values: list[float]) -> str:
@@ -175,18 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as servers:
         work = Path(scratch)
         model = work / "bench.gguf"
-        write_llama_gguf(
-            model,
-            dim=args.dim,
-            layers=args.layers,
-            heads=args.dim // 64,
-            feed_forward=args.dim * 11 // 4,
-            context=4096,
-            vocab_size=32_000,
-            f16=True,
-            chat_template=TINY_CHAT_TEMPLATE,
-            name="bench",
-        )
+        write_bench_model(model, dim=args.dim, layers=args.layers)
         print(
             f"model: dim {args.dim}, {args.layers} layers, F16; {args.max_tokens} tokens per answer,"
             f" {args.threads} threads; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}",

@@ -70,6 +70,11 @@ RULES = [
         "accounts and policy are a service: the web layer and the CLI ask it, never the other way round",
     ),
     Rule(
+        "appliance.tasks",
+        ("appliance.web", "appliance.store", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
+        "the sandbox runs a job and reports it: the task service above it keeps state and serves it",
+    ),
+    Rule(
         "appliance.web",
         ("appliance.store",),
         "the web layer reaches data through the services, never the store or the cache",

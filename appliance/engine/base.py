@@ -27,6 +27,7 @@ __all__ = [
     "Ready",
     "ReasoningChunk",
     "Route",
+    "SamplerOptions",
     "SamplingParams",
     "TextChunk",
     "TokenLogprob",
@@ -60,12 +61,10 @@ class Route:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """llama.cpp's samplers, with the values that leave a sampler out (Ollama's defaults)."""
+class SamplerOptions:
+    """The samplers a request sets as they are, with the values that leave a sampler out (Ollama's
+    defaults): the engine's SamplingParams and the service's GenerationOptions both carry them."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
     min_p: float = 0.0
     typical_p: float = 1.0
     repeat_penalty: float = 1.0
@@ -76,10 +75,20 @@ class SamplingParams:
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
     seed: int | None = None
-    grammar: str | None = None  # GBNF, e.g. to force JSON
     # Not a sampler: how many alternatives each token's logprob comes with. None computes no
     # logprobs at all (they cost a log-softmax over the vocabulary per token); 0: the chosen token's.
     logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams(SamplerOptions):
+    """llama.cpp's samplers, with the values that leave a sampler out (Ollama's defaults)."""
+
+    # A request may leave these to the model's parameters (GenerationOptions holds them unset).
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    grammar: str | None = None  # GBNF, e.g. to force JSON
 
 
 @dataclass(frozen=True)

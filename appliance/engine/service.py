@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -32,6 +32,7 @@ from appliance.engine.base import (
     Ready,
     ReasoningChunk,
     Route,
+    SamplerOptions,
     SamplingParams,
     TextChunk,
     TokenLogprob,
@@ -50,23 +51,13 @@ __all__ = ["GenerationOptions", "InferenceService", "Started"]
 
 
 @dataclass(frozen=True)
-class GenerationOptions:
+class GenerationOptions(SamplerOptions):
     """A request's options; None (or empty) is unset: the model's own parameters, else the defaults."""
 
     max_tokens: int | None = None  # None: until the context is full
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    seed: int | None = None
     stop: tuple[str, ...] = ()
     json_mode: bool = False
     json_schema: dict[str, Any] | None = None
@@ -76,7 +67,6 @@ class GenerationOptions:
     think: bool | None = None  # the template's reasoning switch; None: the template's default
     context: tuple[int, ...] = ()  # token ids to go before the prompt (Ollama's context)
     return_context: bool = False  # Finished.context: the prompt's and the answer's token ids
-    logprobs: int | None = None  # alternatives per token's logprob; None: no logprobs (SamplingParams)
 
     def under(self, parameters: dict[str, Any]) -> GenerationOptions:
         """These options, where unset taken from a model's parameters (its params layer)."""
@@ -111,21 +101,11 @@ class GenerationOptions:
             grammar = JSON_GBNF
         defaults = SamplingParams()
         return SamplingParams(
+            **{option.name: getattr(self, option.name) for option in fields(SamplerOptions)},
             temperature=_first(self.temperature, defaults.temperature),
             top_p=_first(self.top_p, defaults.top_p),
             top_k=_first(self.top_k, defaults.top_k),
-            min_p=self.min_p,
-            typical_p=self.typical_p,
-            repeat_penalty=self.repeat_penalty,
-            repeat_last_n=self.repeat_last_n,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            mirostat=self.mirostat,
-            mirostat_tau=self.mirostat_tau,
-            mirostat_eta=self.mirostat_eta,
-            seed=self.seed,
             grammar=grammar,
-            logprobs=self.logprobs,
         )
 
 

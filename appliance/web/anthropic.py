@@ -23,17 +23,14 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, post
-from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall, ToolSet
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.engine.tools import offer_tools
-from appliance.errors import InvalidInput
-from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import ANTHROPIC_HANDLERS, anthropic_body, error_tail
-from appliance.web.generation import Generation, named_event, route_headers
+from appliance.web.generation import Generation, event_stream, named_event, open_chat, route_headers
 
 __all__ = ["MessagesBody", "anthropic_router"]
 
@@ -127,11 +124,7 @@ class MessagesBody(_Body):
                 function["description"] = tool["description"]
             functions.append({"type": "function", "function": function})
         choice, parallel = self._choice()
-        try:
-            return offer_tools(functions, choice, parallel)
-        except InvalidInput as exc:
-            field_name = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
-            raise InvalidField(exc.message, param=field_name, hint=exc.hint or None) from exc
+        return offer_body_tools(functions, choice, parallel)
 
     def _choice(self) -> tuple[Any, bool | None]:
         choice = self.tool_choice
@@ -281,19 +274,12 @@ async def create_message(
 ) -> Response[Any]:
     body = parse_body(MessagesBody, await request.body())
     options, messages = body.options(), body.chat_messages()
-    generation = Generation(
-        inference.chat(
-            body.model, messages, options, endpoint="/v1/messages", correlation_id=context.correlation_id
-        )
+    generation, started = await open_chat(
+        inference, body.model, messages, options, endpoint="/v1/messages", context=context
     )
-    started = await generation.open()
     message = _message(started, f"msg_{uuid.uuid4().hex}")
     if body.stream:
-        return Stream(
-            _events(generation, body, message),
-            media_type="text/event-stream",
-            headers=route_headers(started, stream=True),
-        )
+        return event_stream(_events(generation, body, message), started)
     text, calls, finished = await generation.collect()
     content = [{"type": "text", "text": text}] if text else []
     content += [_tool_use_block(call) for call in calls]

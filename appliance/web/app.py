@@ -25,6 +25,7 @@ from appliance.web.auth import (
     me,
 )
 from appliance.web.bundles import bundle_router
+from appliance.web.completions import completions_router
 from appliance.web.dependencies import (
     provide_audit,
     provide_context,
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             EngineController,
             metrics,
             openai_router,
+            completions_router,
             responses_router,
             anthropic_router,
             ollama_router,

@@ -8,9 +8,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from appliance.engine.base import ToolSet
+from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 
-__all__ = ["InvalidField", "parse_body", "refuse_unsupported"]
+__all__ = ["InvalidField", "offer_body_tools", "parse_body", "refuse_unsupported"]
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -58,3 +60,13 @@ def refuse_unsupported(body: BaseModel, accepted: Mapping[str, tuple[Any, ...]],
             param=f"{where}{field}",
             hint=f"leave {field} out (or send {shown})",
         )
+
+
+def offer_body_tools(tools: list[Any] | None, choice: Any, parallel: bool | None) -> ToolSet | None:
+    """The body's tools in chat's function shape, offered through the engine's checks; an error
+    names the field at fault (tools or tool_choice), as OpenAI's errors do."""
+    try:
+        return offer_tools(tools, choice, parallel)
+    except InvalidInput as exc:
+        field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
+        raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc

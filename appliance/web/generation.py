@@ -13,17 +13,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+from litestar.response import Stream
 
+from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
-from appliance.engine.service import Started
+from appliance.engine.service import GenerationOptions, InferenceService, Started
 
 __all__ = [
     "Event",
     "Events",
     "Generation",
     "close_all",
+    "event_stream",
     "interleave",
     "named_event",
+    "open_chat",
     "open_choices",
     "route_headers",
 ]
@@ -125,9 +129,30 @@ def route_headers(started: Started, *, stream: bool = False) -> dict[str, str]:
     return {"Cache-Control": "no-cache", **headers} if stream else headers
 
 
+def event_stream(lines: AsyncIterator[bytes], started: Started) -> Stream:
+    """A server-sent event stream of an answer, with its route's headers."""
+    return Stream(lines, media_type="text/event-stream", headers=route_headers(started, stream=True))
+
+
 def named_event(name: str, payload: dict[str, Any]) -> bytes:
     """One server-sent event with its name, as the Responses and Anthropic Messages streams send them."""
     return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+async def open_chat(
+    inference: InferenceService,
+    model: str,
+    messages: list[dict[str, Any]],
+    options: GenerationOptions,
+    *,
+    endpoint: str,
+    context: Context,
+) -> tuple[Generation, Started]:
+    """One chat turn's generation, opened: the Responses and Messages APIs answer with a single one."""
+    generation = Generation(
+        inference.chat(model, messages, options, endpoint=endpoint, correlation_id=context.correlation_id)
+    )
+    return generation, await generation.open()
 
 
 async def open_choices(streams: Sequence[Events]) -> list[Generation]:

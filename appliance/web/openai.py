@@ -1,11 +1,11 @@
-"""The OpenAI-compatible API under ``/v1``: models, chat completions, completions, embeddings.
+"""The OpenAI-compatible API under ``/v1``: models, chat completions, embeddings (the legacy
+completions are in ``web/completions.py``, on the same helpers).
 
 Chat completions take ``tools``, ``tool_choice`` and ``parallel_tool_calls``, answer with
 ``tool_calls`` (streamed as delta chunks: the call's id and name, then its arguments) and take
 ``tool`` messages and assistant ``tool_calls`` back. A model that thinks answers with its reasoning
 block apart, in ``reasoning_content`` (``delta.reasoning_content`` when streamed), as llama.cpp's
-server and DeepSeek's API do. Completions take ``suffix`` (fill in the middle) for models with FIM
-tokens.
+server and DeepSeek's API do.
 
 ``n`` > 1 answers with that many choices, decoded as parallel sequences (seeds ``seed``,
 ``seed + 1``, … when a seed is given; each choice reads its own tool calls), streamed as
@@ -32,24 +32,38 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from litestar import MediaType, Request, Response, Router, get, post
-from litestar.response import Stream
 from litestar.serialization import encode_json
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.settings import Duration
-from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
-from appliance.web.generation import Events, Generation, close_all, interleave, open_choices, route_headers
+from appliance.web.generation import (
+    Events,
+    Generation,
+    close_all,
+    event_stream,
+    interleave,
+    open_choices,
+    route_headers,
+)
 from appliance.web.lists import CACHED_LIST
-from appliance.web.logprobs import chat_logprobs, completion_logprobs
+from appliance.web.logprobs import chat_logprobs
 
-__all__ = ["openai_router"]
+__all__ = [
+    "GenerationBody",
+    "Piece",
+    "choices_usage",
+    "finish_reason_of",
+    "open_generations",
+    "openai_router",
+    "sse_events",
+]
 
 
 class _Body(BaseModel):
@@ -61,12 +75,6 @@ _UNSUPPORTED = {
     "functions": ([],),
     "function_call": ("none",),
     "logit_bias": ({},),
-}
-_UNSUPPORTED_COMPLETION = {
-    "echo": (False,),
-    "best_of": (1,),
-    "tools": ([],),
-    "tool_choice": ("none",),
 }
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -144,7 +152,7 @@ def _template_call(call: dict[str, Any], *, where: str) -> dict[str, Any]:
 MAX_CHOICES = 16
 
 
-class _GenerationBody(_Body):
+class GenerationBody(_Body):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -198,7 +206,7 @@ class _GenerationBody(_Body):
         return [replace(options, seed=options.seed + index) for index in range(self.n)]
 
 
-class ChatCompletionBody(_GenerationBody):
+class ChatCompletionBody(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -207,34 +215,13 @@ class ChatCompletionBody(_GenerationBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def options(self) -> GenerationOptions:
-        try:
-            tools = offer_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
-        except InvalidInput as exc:  # OpenAI's errors name the field at fault
-            field = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
-            raise InvalidField(exc.message, param=field, hint=exc.hint or None) from exc
+        tools = offer_body_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         if self.top_logprobs and not self.logprobs:
             raise InvalidField(
                 "top_logprobs needs logprobs to be true", param="top_logprobs", hint="send logprobs: true"
             )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return replace(super().options(), tools=tools, logprobs=logprobs)
-
-
-class CompletionBody(_GenerationBody):
-    prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
-    suffix: str | None = None  # fill in the middle, for models with FIM tokens
-    logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives per token")
-
-    def options(self) -> GenerationOptions:
-        refuse_unsupported(self, _UNSUPPORTED_COMPLETION)
-        return replace(super().options(), logprobs=self.logprobs)
-
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise InvalidInput("only one prompt per request is supported")
-            return self.prompt[0]
-        return self.prompt
 
 
 class EmbeddingBody(_Body):
@@ -247,7 +234,7 @@ class EmbeddingBody(_Body):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
-def _usage(started: Started, finished: list[Finished]) -> dict[str, Any]:
+def choices_usage(started: Started, finished: list[Finished]) -> dict[str, Any]:
     """The prompt once (every choice reads the same one), every choice's completion; cached: the
     prompt tokens every choice took from the KV cache of an earlier request."""
     completion = sum(each.completion_tokens for each in finished)
@@ -260,7 +247,7 @@ def _usage(started: Started, finished: list[Finished]) -> dict[str, Any]:
     }
 
 
-def _finish_reason(finished: Finished) -> str:
+def finish_reason_of(finished: Finished) -> str:
     return finished.reason if finished.reason in ("length", "tool_calls") else "stop"
 
 
@@ -290,10 +277,14 @@ def _model_entry(model: Model | ModelSummary) -> dict[str, Any]:
     return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
 
 
-async def _open(
-    body: ChatCompletionBody | CompletionBody, stream: Callable[[GenerationOptions], Events]
-) -> list[Generation]:
-    return await open_choices([stream(options) for options in body.choice_options(body.options())])
+async def open_generations(
+    body: GenerationBody, stream: Callable[[GenerationOptions], Events]
+) -> tuple[list[Generation], Started]:
+    """One generation per choice the body asks for, opened together, and how the first started."""
+    generations = await open_choices([stream(options) for options in body.choice_options(body.options())])
+    started = generations[0].started
+    assert started is not None
+    return generations, started
 
 
 @post("/chat/completions", status_code=200)
@@ -302,7 +293,7 @@ async def chat_completions(
 ) -> Response[Any]:
     body = parse_body(ChatCompletionBody, await request.body())
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
-    generations = await _open(
+    generations, started = await open_generations(
         body,
         lambda options: inference.chat(
             body.model,
@@ -312,23 +303,18 @@ async def chat_completions(
             correlation_id=context.correlation_id,
         ),
     )
-    started = generations[0].started
-    assert started is not None
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return Stream(
-            _chat_chunks(
-                generations,
-                started,
-                completion_id,
-                created,
-                include_usage=body.include_usage,
-                logprobs=bool(body.logprobs),
-            ),
-            media_type="text/event-stream",
-            headers=route_headers(started, stream=True),
+        chunks = _chat_chunks(
+            generations,
+            started,
+            completion_id,
+            created,
+            include_usage=body.include_usage,
+            logprobs=bool(body.logprobs),
         )
+        return event_stream(chunks, started)
     choices, finished = [], []
     try:
         for index, generation in enumerate(generations):
@@ -339,7 +325,7 @@ async def chat_completions(
             if calls:
                 message.update(content=text or None, tool_calls=[_tool_call(call) for call in calls])
             logprobs = chat_logprobs(generation.logprobs) if body.logprobs else None
-            reason = _finish_reason(ended)
+            reason = finish_reason_of(ended)
             choices.append(
                 {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
             )
@@ -353,7 +339,7 @@ async def chat_completions(
             "created": created,
             "model": started.model,
             "choices": choices,
-            "usage": _usage(started, finished),
+            "usage": choices_usage(started, finished),
         },
         headers=route_headers(started),
     )
@@ -362,7 +348,7 @@ async def chat_completions(
 Piece = TextChunk | ReasoningChunk | ToolCall | Finished
 
 
-async def _sse_events(
+async def sse_events(
     generations: list[Generation],
     payloads: Callable[[int, Piece], list[dict[str, Any]]],
     closing: Callable[[list[Finished]], list[dict[str, Any]]],
@@ -427,13 +413,13 @@ async def _chat_chunks(
     def closing(finished: list[Finished]) -> list[dict[str, Any]]:
         if not include_usage:
             return []
-        return [{**chunk(0, {}, None), "choices": [], "usage": _usage(started, finished)}]
+        return [{**chunk(0, {}, None), "choices": [], "usage": choices_usage(started, finished)}]
 
     calls_sent = [0] * len(generations)  # per choice: each numbers its own calls
 
     def payloads(index: int, event: Piece) -> list[dict[str, Any]]:
         if isinstance(event, Finished):
-            return [chunk(index, {}, _finish_reason(event))]
+            return [chunk(index, {}, finish_reason_of(event))]
         if isinstance(event, TextChunk):
             return [chunk(index, {"content": event.text}, None, event.logprobs)]
         if isinstance(event, ReasoningChunk):
@@ -450,79 +436,8 @@ async def _chat_chunks(
 
     for index in range(len(generations)):
         yield _sse(chunk(index, {"role": "assistant", "content": ""}, None))
-    async for line in _sse_events(generations, payloads, closing):
+    async for line in sse_events(generations, payloads, closing):
         yield line
-
-
-@post("/completions", status_code=200)
-async def completions(
-    request: Request[Any, Any, Any], inference: InferenceService, context: Context
-) -> Response[Any]:
-    body = parse_body(CompletionBody, await request.body())
-    prompt = body.prompt_text()
-    generations = await _open(
-        body,
-        lambda options: inference.complete(
-            body.model,
-            prompt,
-            options,
-            endpoint="/v1/completions",
-            correlation_id=context.correlation_id,
-            suffix=body.suffix or None,
-        ),
-    )
-    started = generations[0].started
-    assert started is not None
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    wants_logprobs = body.logprobs is not None
-
-    def payload(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": started.model,
-            "choices": choices,
-        }
-
-    def choice(
-        index: int, text: str, finish_reason: str | None, tokens: list[TokenLogprob], *, offset: int
-    ) -> dict[str, Any]:
-        logprobs = completion_logprobs(tokens, offset=offset) if wants_logprobs else None
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-    if body.stream:
-        offsets = [0] * len(generations)  # per choice: how much text its earlier chunks carried
-
-        def payloads(index: int, event: Piece) -> list[dict[str, Any]]:
-            if isinstance(event, Finished):
-                return [payload([choice(index, "", _finish_reason(event), [], offset=offsets[index])])]
-            text = getattr(event, "text", "")
-            tokens = list(getattr(event, "logprobs", ()))
-            piece = choice(index, text, None, tokens, offset=offsets[index])
-            offsets[index] += len(text)
-            return [payload([piece])]
-
-        def closing(finished: list[Finished]) -> list[dict[str, Any]]:
-            if not body.include_usage:
-                return []
-            return [{**payload([]), "usage": _usage(started, finished)}]
-
-        return Stream(
-            _sse_events(generations, payloads, closing),
-            media_type="text/event-stream",
-            headers=route_headers(started, stream=True),
-        )
-    choices, finished = [], []
-    try:
-        for index, generation in enumerate(generations):
-            text, _, ended = await generation.collect()
-            choices.append(choice(index, text, _finish_reason(ended), generation.logprobs, offset=0))
-            finished.append(ended)
-    finally:  # a choice that failed leaves none of the others decoding
-        await close_all(generations)
-    return Response({**payload(choices), "usage": _usage(started, finished)}, headers=route_headers(started))
 
 
 @post("/embeddings", status_code=200)
@@ -554,7 +469,7 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 
 openai_router = Router(
     path="/v1",
-    route_handlers=[list_models, retrieve_model, chat_completions, completions, embeddings],
+    route_handlers=[list_models, retrieve_model, chat_completions, embeddings],
     exception_handlers=OPENAI_HANDLERS,
     tags=["openai"],
 )

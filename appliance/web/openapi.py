@@ -26,10 +26,11 @@ from appliance.auth.service import (
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
 from appliance.web.anthropic import MessagesBody
+from appliance.web.completions import CompletionBody
 from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
 from appliance.web.ollama_models import CopyBody, CreateBody, EmbedBody, EmbeddingsBody, PushBody
-from appliance.web.openai import ChatCompletionBody, CompletionBody, EmbeddingBody
+from appliance.web.openai import ChatCompletionBody, EmbeddingBody
 from appliance.web.responses import ResponsesBody
 
 __all__ = ["complete_openapi"]

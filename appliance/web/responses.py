@@ -23,18 +23,15 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from litestar import Request, Response, Router, post
-from litestar.response import Stream
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall, ToolSet
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.engine.tools import offer_tools
-from appliance.errors import InvalidInput
 from appliance.settings import Duration
-from appliance.web.bodies import InvalidField, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail
-from appliance.web.generation import Generation, named_event, route_headers
+from appliance.web.generation import Generation, event_stream, named_event, open_chat, route_headers
 
 __all__ = ["ResponsesBody", "responses_router"]
 
@@ -136,11 +133,7 @@ class ResponsesBody(BaseModel):
                     param="tool_choice",
                 )
             choice = {"type": "function", "function": {"name": choice["name"]}}
-        try:
-            return offer_tools(chat_tools, choice, self.parallel_tool_calls)
-        except InvalidInput as exc:  # OpenAI's errors name the field at fault
-            field_name = "tool_choice" if exc.message.startswith("tool_choice") else "tools"
-            raise InvalidField(exc.message, param=field_name, hint=exc.hint or None) from exc
+        return offer_body_tools(chat_tools, choice, self.parallel_tool_calls)
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as chat turns: instructions first, calls and their outputs in place."""
@@ -325,19 +318,12 @@ async def create_response(
 ) -> Response[Any]:
     body = parse_body(ResponsesBody, await request.body())
     options, messages = body.options(), body.messages()
-    generation = Generation(
-        inference.chat(
-            body.model, messages, options, endpoint="/v1/responses", correlation_id=context.correlation_id
-        )
+    generation, started = await open_chat(
+        inference, body.model, messages, options, endpoint="/v1/responses", context=context
     )
-    started = await generation.open()
     reply = _Reply(body, started)
     if body.stream:
-        return Stream(
-            _events(generation, reply),
-            media_type="text/event-stream",
-            headers=route_headers(started, stream=True),
-        )
+        return event_stream(_events(generation, reply), started)
     text, calls, finished = await generation.collect()
     if text or not calls:
         reply.output.append(_message_item(_item_id("msg"), text, "completed"))

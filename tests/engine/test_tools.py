@@ -27,34 +27,9 @@ from appliance.errors import InvalidInput
 from appliance.settings import EngineSettings
 from tests.engine.tool_templates import GEMMA_LIKE, MISTRAL, QWEN, TEMPLATES
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.tool_definitions import ASK, TIME, WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather & temperature in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 AUTO = ToolSet(tools=(WEATHER, TIME))
-ASK: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
 CALLED: list[dict[str, Any]] = [
     *ASK,
     {

@@ -12,40 +12,14 @@ from typing import Any
 import anthropic
 import pytest
 
+from tests import tool_definitions
 from tests.conftest import Server
-from tests.engine.tool_templates import QWEN
 from tests.tiny_model import TINY_CHAT_TEMPLATE
-from tests.web.conftest import Keys
-from tests.web.test_tools import import_model
+from tests.tool_definitions import ASK, messages_tool
+from tests.web.conftest import Keys, import_model
 
-WEATHER: Any = {
-    "name": "get_weather",
-    "description": "The weather in a city now",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-}
-TIME: Any = {
-    "name": "get_time",
-    "input_schema": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
-ASK: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-@pytest.fixture
-def models(cli: object, tmp_path: Path) -> dict[str, str]:
-    return {
-        "generic": import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE),
-        "hermes": import_model(cli, tmp_path, "hermes", QWEN),
-    }
+WEATHER: Any = messages_tool(tool_definitions.WEATHER)
+TIME: Any = messages_tool(tool_definitions.TIME)
 
 
 @pytest.fixture

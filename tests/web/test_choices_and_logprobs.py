@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import Server
 from tests.tiny_model import TINY_CHAT_TEMPLATE
-from tests.web.test_tools import ASK, WEATHER, import_model
+from tests.tool_definitions import ASK, WEATHER
+from tests.web.conftest import import_model
 
 HELLO: Any = [{"role": "user", "content": "hello"}]
 

@@ -6,15 +6,15 @@ after ``<s>`` 1), so the returned context shows how the prompt was built, token 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import ollama
 import openai
 import pytest
 
-from tests.conftest import CliResult, Server
-from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.conftest import Server
+from tests.tiny_model import TINY_CHAT_TEMPLATE
+from tests.web.conftest import import_model
 
 BOS, FIM_PRE, FIM_SUF, FIM_MID = 1, 3, 4, 5
 GREEDY = {"temperature": 0, "num_predict": 6}
@@ -22,23 +22,9 @@ GREEDY = {"temperature": 0, "num_predict": 6}
 
 @pytest.fixture
 def coder(cli: object, tmp_path: Path) -> str:
-    for name, fim in (("coder", True), ("tiny", False)):
-        path = write_llama_gguf(tmp_path / f"{name}.gguf", chat_template=TINY_CHAT_TEMPLATE, fim=fim)
-        result: CliResult = cli("models", "import", str(path), "--name", name)  # type: ignore[operator]
-        assert result.returncode == 0, result.stderr
+    import_model(cli, tmp_path, "coder", TINY_CHAT_TEMPLATE, fim=True)
+    import_model(cli, tmp_path, "tiny", TINY_CHAT_TEMPLATE)
     return "coder"
-
-
-@pytest.fixture
-def ollama_client(server: Server) -> Iterator[ollama.Client]:
-    with ollama.Client(host=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture
-def openai_client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def fim_layout(context: list[int], prompt_tokens: int) -> list[int]:

@@ -5,60 +5,21 @@ named choice and their output sent back, structured output, and what it refuses 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from tests import tool_definitions
 from tests.conftest import Server
-from tests.engine.tool_templates import QWEN
-from tests.tiny_model import TINY_CHAT_TEMPLATE
-from tests.web.test_tools import import_model
+from tests.tool_definitions import ASK, responses_tool
 
-WEATHER: Any = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city now",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-TIME: Any = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-ASK: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER: Any = responses_tool(tool_definitions.WEATHER)
+TIME: Any = responses_tool(tool_definitions.TIME)
 
 
-@pytest.fixture
-def models(cli: object, tmp_path: Path) -> dict[str, str]:
-    return {
-        "generic": import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE),
-        "hermes": import_model(cli, tmp_path, "hermes", QWEN),
-    }
-
-
-@pytest.fixture
-def client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-def test_text_with_instructions(client: openai.OpenAI, models: dict[str, str]) -> None:
-    response = client.responses.create(
+def test_text_with_instructions(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
+    response = openai_client.responses.create(
         model=models["generic"],
         instructions="Answer briefly.",
         input="Hello",
@@ -82,7 +43,7 @@ def test_text_with_instructions(client: openai.OpenAI, models: dict[str, str]) -
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
     assert response.store is False  # nothing is kept
     # The same question as input items gives the same greedy answer.
-    items = client.responses.create(
+    items = openai_client.responses.create(
         model=models["generic"],
         input=[
             {"role": "developer", "content": "Answer briefly."},
@@ -93,7 +54,7 @@ def test_text_with_instructions(client: openai.OpenAI, models: dict[str, str]) -
     )
     assert items.output_text == response.output_text
     # Instructions and a developer message are one system turn, as templates expect.
-    both = client.responses.create(
+    both = openai_client.responses.create(
         model=models["generic"],
         instructions="Answer",
         input=[{"role": "developer", "content": "briefly."}, {"role": "user", "content": "Hello"}],
@@ -104,9 +65,11 @@ def test_text_with_instructions(client: openai.OpenAI, models: dict[str, str]) -
     assert both.usage.input_tokens == usage.input_tokens + 1  # "\n\n" where a space was
 
 
-def test_streamed_events_are_numbered_and_add_up(client: openai.OpenAI, models: dict[str, str]) -> None:
+def test_streamed_events_are_numbered_and_add_up(
+    openai_client: openai.OpenAI, models: dict[str, str]
+) -> None:
     events = list(
-        client.responses.create(
+        openai_client.responses.create(
             model=models["generic"], input="Hello", max_output_tokens=8, temperature=0, stream=True
         )
     )
@@ -119,15 +82,17 @@ def test_streamed_events_are_numbered_and_add_up(client: openai.OpenAI, models: 
     final: Any = events[-1]
     assert deltas == done.text == final.response.output_text
     assert final.response.usage.output_tokens > 0
-    same = client.responses.create(model=models["generic"], input="Hello", max_output_tokens=8, temperature=0)
+    same = openai_client.responses.create(
+        model=models["generic"], input="Hello", max_output_tokens=8, temperature=0
+    )
     assert same.output_text == deltas
 
 
 @pytest.mark.parametrize("family", ["generic", "hermes"])
 def test_a_required_call_and_its_output_sent_back(
-    client: openai.OpenAI, models: dict[str, str], family: str
+    openai_client: openai.OpenAI, models: dict[str, str], family: str
 ) -> None:
-    first = client.responses.create(
+    first = openai_client.responses.create(
         model=models[family],
         input=ASK,
         tools=[WEATHER, TIME],
@@ -146,7 +111,7 @@ def test_a_required_call_and_its_output_sent_back(
         {"zone": "UTC"},
         {"zone": "CET"},
     )
-    answer = client.responses.create(
+    answer = openai_client.responses.create(
         model=models[family],
         input=[
             *ASK,
@@ -163,9 +128,9 @@ def test_a_required_call_and_its_output_sent_back(
     assert answer.usage.input_tokens > first.usage.input_tokens  # the call and its result reached the prompt
 
 
-def test_a_named_call_streams_its_arguments(client: openai.OpenAI, models: dict[str, str]) -> None:
+def test_a_named_call_streams_its_arguments(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
     events = list(
-        client.responses.create(
+        openai_client.responses.create(
             model=models["hermes"],
             input=ASK,
             tools=[WEATHER, TIME],
@@ -189,9 +154,9 @@ def test_a_named_call_streams_its_arguments(client: openai.OpenAI, models: dict[
     assert (item.call_id, item.arguments) == (added.item.call_id, arguments)
 
 
-def test_text_format_json_schema(client: openai.OpenAI, models: dict[str, str]) -> None:
+def test_text_format_json_schema(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    response = client.responses.create(
+    response = openai_client.responses.create(
         model=models["generic"],
         input="answer in JSON",
         max_output_tokens=60,
@@ -256,9 +221,9 @@ def test_what_it_cannot_honour_is_refused_by_name(
 
 
 def test_unknown_fields_are_accepted_and_errors_are_openai_shaped(
-    client: openai.OpenAI, models: dict[str, str]
+    openai_client: openai.OpenAI, models: dict[str, str]
 ) -> None:
-    response = client.responses.create(
+    response = openai_client.responses.create(
         model=models["generic"],
         input="x",
         max_output_tokens=1,
@@ -268,8 +233,8 @@ def test_unknown_fields_are_accepted_and_errors_are_openai_shaped(
     )
     assert response.metadata == {"ticket": "42"}
     with pytest.raises(openai.NotFoundError) as missing:
-        client.responses.create(model="ghost", input="x")
+        openai_client.responses.create(model="ghost", input="x")
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as bad:
-        client.responses.create(model=models["generic"], input="x", max_output_tokens=0)
+        openai_client.responses.create(model=models["generic"], input="x", max_output_tokens=0)
     assert bad.value.body["param"] == "max_output_tokens"  # type: ignore[index]

@@ -9,7 +9,6 @@ outputs in ``tests/engine/test_reasoning.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,11 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import CliResult, Server
+from tests.conftest import Server
 from tests.engine.tool_templates import THINKING
-from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
-from tests.web.test_tools import WEATHER
+from tests.tiny_model import TINY_CHAT_TEMPLATE
+from tests.tool_definitions import WEATHER
+from tests.web.conftest import import_model
 
 # The generation prompt opens the reasoning block; enable_thinking false writes an empty one instead.
 OPENS_THE_BLOCK = TINY_CHAT_TEMPLATE.replace(
@@ -37,23 +37,9 @@ CLOSES_THE_BLOCK = {"type": "string", "enum": ["</think>hi"]}
 
 @pytest.fixture
 def thinker(cli: object, tmp_path: Path) -> str:
-    for name, template in (("thinker", OPENS_THE_BLOCK), ("plain", TINY_CHAT_TEMPLATE)):
-        path = write_llama_gguf(tmp_path / f"{name}.gguf", chat_template=template)
-        result: CliResult = cli("models", "import", str(path), "--name", name)  # type: ignore[operator]
-        assert result.returncode == 0, result.stderr
+    import_model(cli, tmp_path, "thinker", OPENS_THE_BLOCK)
+    import_model(cli, tmp_path, "plain", TINY_CHAT_TEMPLATE)
     return "thinker"
-
-
-@pytest.fixture
-def ollama_client(server: Server) -> Iterator[ollama.Client]:
-    with ollama.Client(host=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture
-def openai_client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
 
 
 def test_ollama_chat_answers_with_its_thinking_apart(ollama_client: ollama.Client, thinker: str) -> None:
@@ -140,9 +126,7 @@ def test_a_required_tool_call_after_an_opened_block_is_still_a_call(
     openai_client: openai.OpenAI, cli: object, tmp_path: Path
 ) -> None:
     """Qwen 3's template opens the block; a required call's grammar makes the answer the call."""
-    path = write_llama_gguf(tmp_path / "qwen3.gguf", context=2048, chat_template=THINKING)
-    result: CliResult = cli("models", "import", str(path), "--name", "qwen3")  # type: ignore[operator]
-    assert result.returncode == 0, result.stderr
+    import_model(cli, tmp_path, "qwen3", THINKING)
     completion = openai_client.chat.completions.create(
         model="qwen3", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0
     )

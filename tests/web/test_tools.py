@@ -8,7 +8,6 @@ the same on a model whose template cannot show tools."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,66 +15,13 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import CliResult, Server
+from tests.conftest import Server
 from tests.engine.tool_templates import QWEN, THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.tool_definitions import ASK, TIME, WEATHER
+from tests.web.conftest import import_model
 
-WEATHER: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-ASK: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
 NAMED_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
-
-
-def import_model(cli: object, tmp_path: Path, name: str, template: str) -> str:
-    """A tiny model with room for the tools in its prompt (the byte vocabulary spends a token per byte)."""
-    path = write_llama_gguf(tmp_path / f"{name}.gguf", context=2048, chat_template=template)
-    result: CliResult = cli("models", "import", str(path), "--name", name)  # type: ignore[operator]
-    assert result.returncode == 0, result.stderr
-    return name
-
-
-@pytest.fixture
-def models(cli: object, tmp_path: Path) -> dict[str, str]:
-    """One model per kind of template: ``generic`` cannot show tools, ``hermes`` is Qwen's."""
-    return {
-        "generic": import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE),
-        "hermes": import_model(cli, tmp_path, "hermes", QWEN),
-    }
-
-
-@pytest.fixture
-def client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture
-def ollama_client(server: Server) -> Iterator[ollama.Client]:
-    with ollama.Client(host=server.url, timeout=60) as client:
-        yield client
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
@@ -83,9 +29,9 @@ def ollama_client(server: Server) -> Iterator[ollama.Client]:
 
 @pytest.mark.parametrize("family", ["generic", "hermes"])
 def test_a_required_call_comes_back_as_openai_tool_calls(
-    client: openai.OpenAI, models: dict[str, str], family: str
+    openai_client: openai.OpenAI, models: dict[str, str], family: str
 ) -> None:
-    completion = client.chat.completions.create(
+    completion = openai_client.chat.completions.create(
         model=models[family],
         messages=ASK,
         tools=[WEATHER, TIME],
@@ -109,9 +55,9 @@ def test_a_required_call_comes_back_as_openai_tool_calls(
 
 @pytest.mark.parametrize("family", ["generic", "hermes"])
 def test_a_named_call_streams_as_delta_chunks_without_markup(
-    client: openai.OpenAI, models: dict[str, str], family: str
+    openai_client: openai.OpenAI, models: dict[str, str], family: str
 ) -> None:
-    stream = client.chat.completions.create(
+    stream = openai_client.chat.completions.create(
         model=models[family],
         messages=ASK,
         tools=[WEATHER, TIME],
@@ -141,9 +87,9 @@ def test_a_named_call_streams_as_delta_chunks_without_markup(
     assert json.loads(calls[0]["arguments"])["zone"] in ("UTC", "CET")
 
 
-def test_auto_may_answer_in_text(client: openai.OpenAI, models: dict[str, str]) -> None:
+def test_auto_may_answer_in_text(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
     for stream in (False, True):
-        response: Any = client.chat.completions.create(
+        response: Any = openai_client.chat.completions.create(
             model=models["hermes"],
             messages=ASK,
             tools=[WEATHER],
@@ -158,8 +104,8 @@ def test_auto_may_answer_in_text(client: openai.OpenAI, models: dict[str, str]) 
         assert set(reasons) - {None} <= {"stop", "length", "tool_calls"}
 
 
-def test_a_tool_result_sent_back_is_answered(client: openai.OpenAI, models: dict[str, str]) -> None:
-    first = client.chat.completions.create(
+def test_a_tool_result_sent_back_is_answered(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
+    first = openai_client.chat.completions.create(
         model=models["hermes"],
         messages=ASK,
         tools=[WEATHER],
@@ -174,7 +120,7 @@ def test_a_tool_result_sent_back_is_answered(client: openai.OpenAI, models: dict
         {"role": "tool", "tool_call_id": called.tool_calls[0].id, "content": "21 C and sunny"},
     ]
     for family in ("hermes", "generic"):
-        answer = client.chat.completions.create(
+        answer = openai_client.chat.completions.create(
             model=models[family],
             messages=messages,
             tools=[WEATHER],
@@ -187,15 +133,15 @@ def test_a_tool_result_sent_back_is_answered(client: openai.OpenAI, models: dict
 
 
 def test_tool_choice_none_offers_no_tools(
-    client: openai.OpenAI, models: dict[str, str], server: Server
+    openai_client: openai.OpenAI, models: dict[str, str], server: Server
 ) -> None:
-    with_tools = client.chat.completions.create(
+    with_tools = openai_client.chat.completions.create(
         model=models["generic"],
         messages=ASK,
         tools=[WEATHER],
         max_tokens=1,
     )
-    without = client.chat.completions.create(
+    without = openai_client.chat.completions.create(
         model=models["generic"],
         messages=ASK,
         tools=[WEATHER],
