@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from appliance.names import ModelName
+from appliance.runtime import Runtime
+from appliance.settings import Settings
+from appliance.store.base import NewArtifact
 from tests.conftest import Server
 from tests.fileserver import Faults, serve_files
 from tests.models.dirlayouts import write_ollama_dir
@@ -256,3 +260,31 @@ def test_a_folder_is_imported_from_the_models_page(page: Page, server: Server, t
     expect(page.locator("#models-table tr[data-model='folder:1b']")).to_be_visible()
     shot(page, "models-import-dir")
     assert server.client.get("/api/v1/models/folder:1b").status_code == 200
+
+
+def test_a_large_registry_is_drawn_a_page_at_a_time(page: Page, server: Server, data_dir: Path) -> None:
+    runtime = Runtime.open(
+        Settings(data_dir=data_dir)
+    )  # registered beside the server, as another process would
+    try:
+        for index in range(250):
+            artifact = NewArtifact(
+                filename="model.gguf",
+                format="gguf",
+                digest=f"sha256:{index:064x}",
+                size_bytes=1000 + index,
+                source_uri=None,
+            )
+            runtime.store.add_artifact(
+                ModelName(f"many/model-{index:03d}", "q4"), artifact, capabilities={}, actor="test"
+            )
+    finally:
+        runtime.close()
+    page.goto("/#/models")
+    rows = page.locator("#models-table tbody tr")
+    expect(rows).to_have_count(200)
+    expect(rows.first).to_have_attribute("data-model", "many/model-000:q4")
+    page.locator("#models-more").click()
+    expect(rows).to_have_count(250)
+    expect(rows.last).to_have_attribute("data-model", "many/model-249:q4")
+    expect(page.locator("#models-more")).to_have_count(0)  # nothing more to show

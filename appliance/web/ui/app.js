@@ -77,6 +77,7 @@ async function readBody(response) {
 
 // Their callers handle a 401 (no session yet, a wrong password or token); any other 401 means the
 // session (or the key) is over.
+const MODELS_PAGE = 200;  // rows the models page draws before "Show more"
 const SIGN_IN_PATHS = new Set(["/api/v1/me", "/api/v1/login", "/api/v1/setup"]);
 
 // Every request of the page goes through here: it sends the key or the session's CSRF token, and
@@ -97,6 +98,23 @@ async function api(method, path, body) {
   const data = await readBody(response);
   if (!response.ok && !(path === "/readyz" && response.status === 503)) throw new ApiError(response, data);
   return data;
+}
+
+// The first `wanted` rows of a paged list (`?limit=` and the `X-Next-Cursor` header), page by page,
+// and whether more follow: a registry of thousands of models is not fetched and drawn whole.
+async function firstRows(path, wanted) {
+  const rows = [];
+  let cursor = null;
+  do {
+    const query = new URLSearchParams({ limit: String(Math.min(1000, wanted - rows.length)) });
+    if (cursor) query.set("cursor", cursor);
+    const response = await send("GET", `${path}?${query}`);
+    const data = await readBody(response);
+    if (!response.ok) throw new ApiError(response, data);
+    rows.push(...data);
+    cursor = response.headers.get("X-Next-Cursor");
+  } while (cursor && rows.length < wanted);
+  return { rows, more: Boolean(cursor) };
 }
 
 // Shows what went wrong, unless the login page has taken over.
@@ -284,9 +302,14 @@ async function models() {
     await Promise.all([drawDownloads(), refresh(drawModels)]);
   };
 
+  let wanted = MODELS_PAGE;
   const drawModels = async () => {
-    const [list, ps] = await Promise.all([api("GET", "/api/v1/models"), manage ? api("GET", "/api/v1/ps") : { models: [] }]);
+    const [{ rows: list, more }, ps] = await Promise.all([firstRows("/api/v1/models", wanted), manage ? api("GET", "/api/v1/ps") : { models: [] }]);
     const loaded = new Set(ps.models.map((m) => m.name));
+    const showMore = more
+      ? h("p", {}, h("button", { class: "secondary", id: "models-more", onclick: () => { wanted += MODELS_PAGE; refresh(drawModels); } },
+          `Show ${MODELS_PAGE} more (${list.length} shown)`))
+      : null;
     document.getElementById("models")?.replaceChildren(list.length ? h("table", { id: "models-table" },
       h("thead", {}, h("tr", {}, ["", "Name", "Formats", "Size", "Digest", "Quantization", "Context", "State", ""].map((title) => h("th", {}, title)))),
       h("tbody", {}, list.map((m) => h("tr", { "data-model": m.name },
@@ -303,7 +326,7 @@ async function models() {
             ? h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/unload", { name: m.name })) }, "Unload")
             : h("button", { class: "secondary", onclick: () => modelAction(() => api("POST", "/api/v1/models/load", { name: m.name })) }, "Load"), " ",
           h("button", { class: "danger", onclick: () => { if (confirm(`Delete ${m.name}? Its files leave the cache.`)) modelAction(() => api("DELETE", `/api/v1/models/${m.name}`)); } }, "Delete")])))))
-      : h("p", { class: "muted" }, manage ? "No models yet: pull a reference or import a file." : "No models yet."));
+      : h("p", { class: "muted" }, manage ? "No models yet: pull a reference or import a file." : "No models yet."), ...(showMore ? [showMore] : []));
   };
   const modelAction = async (action) => {
     const result = await attempt(action);
