@@ -21,6 +21,7 @@ from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
 from appliance.store.factory import open_store
+from appliance.tasks.service import TaskService
 
 if TYPE_CHECKING:
     from appliance.engine.router import Router
@@ -40,6 +41,7 @@ class Runtime:
     metrics: Metrics
     auth: AuthService
     login: LoginService
+    tasks: TaskService
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
 
@@ -66,6 +68,7 @@ class Runtime:
             metrics=Metrics(),
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
+            tasks=TaskService(settings, store, models),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
@@ -78,9 +81,13 @@ class Runtime:
                 settings.engine, models, store=store, cache=cache, preferences=preferences, engine=engine
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
+            # The process that serves runs the task queue: prompts go through its inference service.
+            runtime.tasks.inference = runtime.inference
+            runtime.tasks.start()
         return runtime
 
     def close(self) -> None:
+        self.tasks.close()  # first: a prompt task running now still needs the router
         self.provisioner.close()
         if self.router is not None:
             self.router.close()
