@@ -55,7 +55,7 @@ from appliance.tasks.sandbox import Sandbox
 if TYPE_CHECKING:
     from appliance.engine.service import InferenceService
 
-__all__ = ["STOPPED_REASON", "Attachment", "NewTask", "TaskEvent", "TaskOut", "TaskService"]
+__all__ = ["STOPPED_REASON", "Attachment", "NewTask", "TaskEvent", "TaskOut", "TaskService", "TaskState"]
 
 log = logging.getLogger(__name__)
 
