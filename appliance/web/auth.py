@@ -112,6 +112,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/api/v1/tasks"): "tasks.run",
     ("GET", "/api/v1/tasks/{task_id}"): "tasks.run",
     ("GET", "/api/v1/tasks/{task_id}/events"): "tasks.run",
+    ("GET", "/api/v1/tasks/{task_id}/output"): "tasks.run",
     ("POST", "/api/v1/tasks/{task_id}/cancel"): "tasks.run",
     ("GET", "/api/v1/preferences"): "preferences.read",
     ("PUT", "/api/v1/preferences/{key}"): "preferences.write",

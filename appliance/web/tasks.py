@@ -108,6 +108,12 @@ class TasksController(Controller):
 
         return ServerSentEvent(error_tail(events(), error, where=f"GET /api/v1/tasks/{task_id}/events"))
 
+    @get("/{task_id:str}/output", sync_to_thread=True)
+    def task_output(self, task_id: str, tasks: TaskService, context: Context) -> dict[str, str]:
+        """What the task printed so far: {stdout, stderr} (a prompt's answer is its stdout)."""
+        tasks.get(task_id, context.who)
+        return {stream: tasks.output(task_id, stream) for stream in ("stdout", "stderr")}
+
     @post("/{task_id:str}/cancel", sync_to_thread=True, status_code=200)
     def cancel_task(self, task_id: str, tasks: TaskService, context: Context) -> TaskOut:
         """Stop a queued or running task; 409 task_finished once it has ended."""
