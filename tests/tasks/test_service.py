@@ -236,3 +236,23 @@ def test_stopping_the_queue_puts_a_running_task_back(runtime: Runtime) -> None:
     stopped = runtime.tasks.get(task.id, ANN.who)
     assert (stopped.state, stopped.attempts) == ("queued", 1)
     assert runtime.tasks.output(task.id, "stdout") == "begun\n"
+
+
+def test_where_the_sandbox_cannot_run_a_script_fails_with_the_reason(runtime: Runtime) -> None:
+    from appliance.tasks import Sandbox
+
+    service = TaskService(
+        runtime.settings, runtime.store, runtime.models, sandbox=Sandbox(bwrap="/nonexistent/bwrap")
+    )
+    service.start()
+    try:
+        task, _ = service.create(NewTask(mode="script", text="echo never"), [], ANN)
+        ended = follow(service, task.id)[-1].data
+    finally:
+        service.close()
+    assert ended["state"] == "failed"
+    assert (
+        ended["result"]["reason"] == "jobs cannot run here: bubblewrap is not installed (/nonexistent/bwrap)"
+    )
+    assert ended["result"]["error"] == "not_ready"
+    assert "install bubblewrap" in ended["result"]["hint"]

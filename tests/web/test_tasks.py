@@ -78,6 +78,12 @@ def test_a_script_task_runs_and_its_output_streams(served: Serving) -> None:
     assert served.client.get("/api/v1/tasks", params={"state": "queued"}).json() == []
 
 
+def test_readiness_says_whether_the_sandbox_runs_here(served: Serving) -> None:
+    sandbox = served.client.get("/readyz").json()["details"]["sandbox"]
+    assert (sandbox["available"], sandbox["reason"], sandbox["no_new_privs"]) == (True, None, True)
+    assert sandbox["limits"]
+
+
 def test_commands_with_attachments_from_a_form(served: Serving) -> None:
     created = served.client.post(
         "/api/v1/tasks",
