@@ -843,6 +843,9 @@ class SqliteStore:
         return found
 
     def claim_task(self, *, owner: str, lease_expires_at: str) -> Task | None:
+        # Read first: an idle queue asks often, and a read takes no write lock.
+        if not self._query("SELECT 1 FROM tasks WHERE state = 'queued' LIMIT 1"):
+            return None
         with self._write() as db:
             rows = list(
                 db.execute("SELECT id FROM tasks WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1")

@@ -270,6 +270,7 @@ class TaskService:
                 raise
             if not added:  # the actor sent this key before: that task stands, nothing is written
                 shutil.rmtree(task_dir, ignore_errors=True)
+                note.target = task.id
                 note.detail.update(idempotent_replay=True)
                 return task, False
             note.bytes = sum(len(attachment.data) for attachment in attachments)

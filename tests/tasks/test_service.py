@@ -140,6 +140,8 @@ def test_the_same_idempotency_key_gives_back_the_same_task(runtime: Runtime) -> 
     again, added_again = runtime.tasks.create(request, [Attachment("a", b"2")], ANN)
     assert (added, added_again, again) == (True, False, first)
     assert (runtime.tasks.task_dir(first.id) / "work" / "a").read_bytes() == b"1"
+    replays = [e for e in runtime.store.list_audit(action="task.create") if e.detail.get("idempotent_replay")]
+    assert [e.target for e in replays] == [first.id]
     others, _ = runtime.tasks.create(request, [], BOB)
     assert others.id != first.id
     assert len(list(runtime.tasks.root.iterdir())) == 2
