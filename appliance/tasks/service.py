@@ -64,7 +64,7 @@ MAX_ATTEMPTS = 2  # a task that was running when its server stopped is run once 
 LEASE_SECONDS = 30.0
 RENEW_SECONDS = 5.0  # also how soon a cancel made by another process reaches the job
 POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
-FOLLOW_POLL_SECONDS = 0.2  # a follower of a task not running here rereads the store this often
+FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
 
