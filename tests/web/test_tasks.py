@@ -120,6 +120,10 @@ def test_oversized_attachments_and_bodies_get_413_with_the_limit(served: Serving
     too_big = served.client.post("/api/v1/tasks", json={"mode": "script", "text": "#" * 5000})
     assert too_big.status_code == 413
     assert "limit of 4096 bytes" in too_big.json()["detail"]
+    big_form = served.client.post(
+        "/api/v1/tasks", data={"mode": "script", "text": "ls"}, files=[("attachment", ("a", b"x" * 5000))]
+    )
+    assert (big_form.status_code, "limit of 4096 bytes" in big_form.json()["detail"]) == (413, True)
     assert served.client.get("/api/v1/tasks").json() == []
 
 
@@ -182,6 +186,13 @@ def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_g
             "/api/v1/tasks", json={"text": f"touch {marker}", "model": "tiny", "limits": {"output_bytes": 64}}
         ).json()
         found = events(server.client, task["id"])
+        with_file = server.client.post(
+            "/api/v1/tasks", data={"text": "read it", "model": "tiny"}, files=[("attachment", ("a", b"1"))]
+        )
+        assert (with_file.status_code, with_file.json()["detail"]) == (
+            400,
+            "a prompt task takes no attachments",
+        )
     ended = found[-1][1]
     assert ended["state"] == "succeeded", ended
     assert ended["result"]["reason"] == "answered"
