@@ -910,6 +910,7 @@ from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above
 from appliance.cli_importdir import import_dir  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
 from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
+from appliance.cli_tasks import tasks  # noqa: E402
 from appliance.cli_tls import tls  # noqa: E402
 
 models.add_command(import_dir)
@@ -921,3 +922,4 @@ cli.add_command(users)
 cli.add_command(keys)
 cli.add_command(login)
 cli.add_command(logout)
+cli.add_command(tasks)

@@ -22,6 +22,7 @@ import json
 import os
 import ssl
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,37 +173,57 @@ class ServerClient:
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            if self.login is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                fingerprint = self.login.fingerprint
-                why = f"presents no certificate of the CA pinned at login ({fingerprint})"
-                raise CredentialsRefused(
-                    f"the server at {self.url} {why if fingerprint else 'is not trusted here'}: {exc}",
-                    hint="if its certificate was replaced on purpose, run `appliance logout`, then "
-                    "`appliance login` with the fingerprint `appliance tls show` prints there",
-                ) from exc
-            if self.login is not None:
-                raise NotReady(
-                    f"no appliance server answers at {self.url} (from the login in {self._login_file}): "
-                    f"{exc}",
-                    hint="check that it runs and that this machine reaches it; `appliance logout` "
-                    "forgets it, --host/--port name another server",
-                ) from exc
-            raise NotReady(
-                f"no appliance server answers at {self.url}",
-                hint="start it with `appliance serve`, or pass the --host/--port (or --config) it runs with",
-            ) from exc
+            raise self._unreachable(exc) from exc
         if response.is_error:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"detail": response.text or response.reason_phrase}
-            error = ServerError(
-                body if isinstance(body, dict) else {"detail": str(body)}, response.status_code
-            )
-            if response.status_code == 401 and self._key_from_login:
-                error.hint = (
-                    "the server no longer takes the key of your login: run `appliance logout`, then "
-                    f"`appliance login {self.url}`"
-                )
-            raise error
+            raise self._error(response)
         return response.json()
+
+    def events(self, path: str) -> Iterator[tuple[str, Any]]:
+        """A server-sent event stream: each event's name and its data (JSON), until the server ends it."""
+        try:
+            with self._client.stream("GET", path, timeout=httpx.Timeout(None, connect=30)) as response:
+                if response.is_error:
+                    response.read()
+                    raise self._error(response)
+                name = "message"
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        name = line.partition(":")[2].strip()
+                    elif line.startswith("data:"):
+                        yield name, json.loads(line.partition(":")[2])
+                        name = "message"
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: httpx.TransportError) -> ApplianceError:
+        if self.login is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            fingerprint = self.login.fingerprint
+            why = f"presents no certificate of the CA pinned at login ({fingerprint})"
+            return CredentialsRefused(
+                f"the server at {self.url} {why if fingerprint else 'is not trusted here'}: {exc}",
+                hint="if its certificate was replaced on purpose, run `appliance logout`, then "
+                "`appliance login` with the fingerprint `appliance tls show` prints there",
+            )
+        if self.login is not None:
+            return NotReady(
+                f"no appliance server answers at {self.url} (from the login in {self._login_file}): {exc}",
+                hint="check that it runs and that this machine reaches it; `appliance logout` "
+                "forgets it, --host/--port name another server",
+            )
+        return NotReady(
+            f"no appliance server answers at {self.url}",
+            hint="start it with `appliance serve`, or pass the --host/--port (or --config) it runs with",
+        )
+
+    def _error(self, response: httpx.Response) -> ServerError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"detail": response.text or response.reason_phrase}
+        error = ServerError(body if isinstance(body, dict) else {"detail": str(body)}, response.status_code)
+        if response.status_code == 401 and self._key_from_login:
+            error.hint = (
+                "the server no longer takes the key of your login: run `appliance logout`, then "
+                f"`appliance login {self.url}`"
+            )
+        return error

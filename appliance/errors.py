@@ -28,12 +28,14 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── RemoteNotFound           remote_not_found
     │   ├── DownloadNotFound         download_not_found
     │   ├── UserNotFound             user_not_found
-    │   └── ApiKeyNotFound           api_key_not_found
+    │   ├── ApiKeyNotFound           api_key_not_found
+    │   └── TaskNotFound             task_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
     │   ├── DownloadCancelled        download_cancelled
-    │   └── UserExists               user_exists
+    │   ├── UserExists               user_exists
+    │   └── TaskFinished             task_finished
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
@@ -102,6 +104,8 @@ __all__ = [
     "SourceUnreadable",
     "StorageFailure",
     "StoreFailure",
+    "TaskFinished",
+    "TaskNotFound",
     "TooManyAttempts",
     "Unauthorized",
     "UnsupportedFormat",
@@ -153,10 +157,12 @@ class BodyTooLarge(ApplianceError):
     code = "payload_too_large"
     status = 413
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, *, what: str = "the request body", setting: str = "server.max_body_bytes"
+    ) -> None:
         super().__init__(
-            f"the request body is larger than the limit of {limit} bytes",
-            hint="send a smaller body, or raise the server.max_body_bytes setting",
+            f"{what} is larger than the limit of {limit} bytes",
+            hint=f"send less, or raise the {setting} setting",
         )
         self.limit = limit
 
@@ -272,6 +278,11 @@ class ApiKeyNotFound(NotFound):
     default_hint = "list the keys and their ids with `appliance keys ls`"
 
 
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+    default_hint = "list the tasks with `appliance tasks ls`"
+
+
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
@@ -295,6 +306,11 @@ class DownloadCancelled(Conflict):
 class UserExists(Conflict):
     code = "user_exists"
     default_hint = "pick another name, or change this user with `appliance users passwd`"
+
+
+class TaskFinished(Conflict):
+    code = "task_finished"
+    default_hint = "a finished task stays as it ended; create a new task to run it again"
 
 
 class DigestMismatch(ApplianceError):

@@ -20,6 +20,7 @@ from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
 from appliance.store.factory import open_data_dir
+from appliance.tasks.service import TaskService
 
 if TYPE_CHECKING:
     from appliance.engine.router import Router
@@ -39,6 +40,7 @@ class Runtime:
     metrics: Metrics
     auth: AuthService
     login: LoginService
+    tasks: TaskService
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
 
@@ -57,6 +59,7 @@ class Runtime:
             metrics=Metrics(),
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
+            tasks=TaskService(settings, store, models),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
@@ -69,9 +72,13 @@ class Runtime:
                 settings.engine, models, store=store, cache=cache, preferences=preferences, engine=engine
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
+            # The process that serves runs the task queue: prompts go through its inference service.
+            runtime.tasks.inference = runtime.inference
+            runtime.tasks.start()
         return runtime
 
     def close(self) -> None:
+        self.tasks.close()  # first: a prompt task running now still needs the router
         self.provisioner.close()
         if self.router is not None:
             self.router.close()

@@ -240,6 +240,33 @@ class ModelsSettings(BaseModel):
     download: DownloadSettings = Field(default_factory=DownloadSettings)
 
 
+class TaskLimitSettings(BaseModel):
+    """A task's job limits: its default, and the most a task may ask for (it may only lower them)."""
+
+    cpu_seconds: int = Field(default=300, ge=1, description="CPU seconds per process of a job.")
+    address_space_bytes: ByteSize = Field(
+        default=4 * 1024**3, ge=1, description="Address space per process of a job (or '4GiB')."
+    )
+    processes: int = Field(default=256, ge=1, description="Processes and threads a job may have.")
+    file_size_bytes: ByteSize = Field(
+        default=1024**3, ge=1, description="Largest file a job may write (or '1GiB')."
+    )
+    timeout_seconds: Duration = Field(
+        default=600.0, gt=0, description="Wall-clock time a task may run: seconds or '10m'."
+    )
+    output_bytes: ByteSize = Field(
+        default=256 * 1024, ge=1, description="Output kept per stream (stdout, stderr) of a task."
+    )
+
+
+class TaskSettings(BaseModel):
+    max_running: int = Field(default=2, ge=1, le=64, description="Tasks that run at once.")
+    max_attachment_bytes: ByteSize = Field(
+        default=64 * 1024**2, ge=1, description="Largest total size of one task's attachments (or '64MiB')."
+    )
+    limits: TaskLimitSettings = Field(default_factory=TaskLimitSettings)
+
+
 # The Ollama release whose documented /api the compatibility routes follow (docs/api.md).
 OLLAMA_API_VERSION = "0.12.0"
 
@@ -379,6 +406,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
     offline: bool = Field(
         default=False, description="No outbound network call at all (`--offline`, APPLIANCE_OFFLINE=1)."
     )

@@ -73,6 +73,12 @@ RULES = [
         "appliance.tasks",
         ("appliance.web", "appliance.store", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
         "the sandbox runs a job and reports it: the task service above it keeps state and serves it",
+        except_modules=("appliance.tasks.service",),
+    ),
+    Rule(
+        "appliance.tasks.service",
+        ("appliance.web", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
+        "the task service keeps tasks in the store and answers prompts through the inference service",
     ),
     Rule(
         "appliance.web",

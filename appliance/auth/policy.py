@@ -3,7 +3,8 @@
 Roles, from most to least:
 
 - ``admin``: everything.
-- ``user``: infer, list and show models, read their own identity, and manage their own API keys;
+- ``user``: infer, list and show models, read their own identity, manage their own API keys, and
+  run tasks (seeing and cancelling only their own: the task service checks who owns one);
   pull too where the site grants it (``models.download.allowed_roles``, REQ-MODELS-0107).
 - ``node``: what a worker node will need, and no more for now: infer and read models.
 
@@ -38,11 +39,12 @@ Action = Literal[
     "audit.read",
     "users.manage",
     "keys.own",  # list/create/revoke API keys; someone else's need admin (see Resource.owner)
+    "tasks.run",  # create, follow and cancel tasks; a user reaches only their own
 ]
 ACTIONS: tuple[Action, ...] = Action.__args__  # type: ignore[attr-defined]
 
 _GRANTED: dict[Role, frozenset[str]] = {
-    "user": frozenset({"me", "infer", "models.read", "keys.own"}),
+    "user": frozenset({"me", "infer", "models.read", "keys.own", "tasks.run"}),
     "node": frozenset({"me", "infer", "models.read"}),
 }
 

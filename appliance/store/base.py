@@ -17,6 +17,7 @@ from appliance.names import ModelName
 
 __all__ = [
     "ACTIVE_DOWNLOAD_STATES",
+    "FINISHED_TASK_STATES",
     "LISTED_CAPABILITIES",
     "ApiKey",
     "Artifact",
@@ -33,6 +34,10 @@ __all__ = [
     "NewArtifact",
     "RemovedModel",
     "Store",
+    "Task",
+    "TaskChanges",
+    "TaskMode",
+    "TaskState",
     "User",
     "UserRole",
     "utcnow",
@@ -46,6 +51,11 @@ DownloadState = Literal[
 ]
 # A process owns a download in these states.
 ACTIVE_DOWNLOAD_STATES: tuple[DownloadState, ...] = ("pending", "approved", "queued", "running")
+
+
+TaskMode = Literal["prompt", "script", "commands"]
+TaskState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FINISHED_TASK_STATES: tuple[TaskState, ...] = ("succeeded", "failed", "canceled")
 
 
 def utcnow() -> str:
@@ -210,6 +220,41 @@ class InferenceRecord:
     id: int | None = None
 
 
+@dataclass(frozen=True)
+class Task:
+    """Work a user handed the appliance: a prompt for a model, or a script or commands for the
+    sandbox. ``limits`` are the job's (``Limits`` fields); ``result`` is set once it ended (exit
+    code, signal, duration, peak memory, truncated flags, reason). Its output is in files."""
+
+    id: str
+    mode: TaskMode
+    text: str
+    model: str | None
+    state: TaskState
+    actor: str
+    limits: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0  # how many times it was started
+    lease_owner: str | None = None  # the process running it
+    lease_expires_at: str | None = None  # past this, a process that stopped renewing it is gone
+    idempotency_key: str | None = None
+    result: dict[str, Any] | None = None
+    created_at: str = field(default_factory=utcnow)
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class TaskChanges(TypedDict, total=False):
+    """The columns of a task row that ``update_task`` may set."""
+
+    state: TaskState
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: str | None
+    result: dict[str, Any] | None
+    started_at: str | None
+    finished_at: str | None
+
+
 UserRole = Literal["admin", "user", "node"]
 
 
@@ -368,6 +413,31 @@ class Store(Protocol):
     def find_artifact_by_source(self, source_uri: str) -> tuple[Model, Artifact] | None:
         """The newest registered artifact fetched from ``source_uri`` (or, for a repo, from
         ``source_uri#file``), with its model."""
+        ...
+
+    # tasks
+    def create_task(self, task: Task) -> tuple[Task, bool]:
+        """Add ``task``, unless its actor already has a task of its idempotency key: then that
+        one, untouched. Returns the task and whether it was added."""
+        ...
+
+    def get_task(self, task_id: str) -> Task | None: ...
+    def list_tasks(
+        self, *, states: Sequence[TaskState] = (), actor: str | None = None, limit: int = 100
+    ) -> list[Task]:
+        """Newest first; only those in ``states`` and of ``actor`` when given."""
+        ...
+
+    def update_task(
+        self, task_id: str, *, only_from: Sequence[TaskState] = (), **changes: Unpack[TaskChanges]
+    ) -> Task:
+        """Set columns of one task, atomically checking that its state is one of ``only_from``
+        when given; raises TaskNotFound or TaskFinished (it is in another state)."""
+        ...
+
+    def claim_task(self, *, owner: str, lease_expires_at: str) -> Task | None:
+        """The oldest queued task, now running for ``owner`` (attempts counted, started now),
+        or None when none waits. Two processes never claim the same task."""
         ...
 
     # inference

@@ -304,4 +304,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             BEGIN UPDATE registry_generation SET generation = generation + 1; END;
         """,
     ),
+    Migration(
+        "0010_tasks",
+        # A task's output lives in files under the data dir (tasks/<id>/), not here. The
+        # idempotency key is unique per actor; rows without one never collide (NULLs are distinct).
+        """
+        CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            mode TEXT NOT NULL CHECK (mode IN ('prompt', 'script', 'commands')),
+            text TEXT NOT NULL,
+            model TEXT,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_expires_at TEXT,
+            idempotency_key TEXT,
+            actor TEXT NOT NULL,
+            limits TEXT NOT NULL DEFAULT '{}',
+            result TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            UNIQUE (actor, idempotency_key)
+        );
+        CREATE INDEX tasks_state ON tasks (state, created_at);
+        CREATE INDEX tasks_actor ON tasks (actor, created_at);
+        """,
+    ),
 )

@@ -30,6 +30,8 @@ from appliance.errors import (
     ModelExists,
     ModelNotFound,
     StoreFailure,
+    TaskFinished,
+    TaskNotFound,
     UserExists,
     UserNotFound,
 )
@@ -50,6 +52,9 @@ from appliance.store.base import (
     ModelSummary,
     NewArtifact,
     RemovedModel,
+    Task,
+    TaskChanges,
+    TaskState,
     User,
     UserRole,
     utcnow,
@@ -144,6 +149,39 @@ _DOWNLOAD_COLUMNS = (
     "error_code",
     "note",
 )
+
+# In the order of Task's fields; limits and result are JSON text.
+_TASK_COLUMNS = (
+    "id",
+    "mode",
+    "text",
+    "model",
+    "state",
+    "actor",
+    "limits",
+    "attempts",
+    "lease_owner",
+    "lease_expires_at",
+    "idempotency_key",
+    "result",
+    "created_at",
+    "started_at",
+    "finished_at",
+)
+_TASK_JSON_COLUMNS = ("limits", "result")
+
+
+def _task(row: Sequence[Any]) -> Task:
+    values = dict(zip(_TASK_COLUMNS, row, strict=True))
+    for name in _TASK_JSON_COLUMNS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
+    return Task(**values)
+
+
+def _task_value(name: str, value: Any) -> Any:
+    return json.dumps(value) if name in _TASK_JSON_COLUMNS and value is not None else value
+
 
 _USER_COLUMNS = ("name", "role", "password_hash", "created_at", "updated_at")
 _SESSION_COLUMNS = ("id_sha256", "user_name", "csrf_token", "address", "created_at", "expires_at")
@@ -735,6 +773,94 @@ class SqliteStore:
         (model,) = self._models("WHERE v.id = ?", (rows[0][0],))
         artifact = next(a for a in model.artifacts if (a.source_uri or "").split("#")[0] == source_uri)
         return model, artifact
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def create_task(self, task: Task) -> tuple[Task, bool]:
+        row = {name: _task_value(name, getattr(task, name)) for name in _TASK_COLUMNS}
+        with self._write() as db:
+            if task.idempotency_key is not None:
+                found = list(
+                    db.execute(
+                        f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks"
+                        " WHERE actor = ? AND idempotency_key = ?",
+                        (task.actor, task.idempotency_key),
+                    )
+                )
+                if found:
+                    return _task(found[0]), False
+            db.execute(
+                f"INSERT INTO tasks ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return task, True
+
+    def get_task(self, task_id: str) -> Task | None:
+        rows = self._query(f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE id = ?", (task_id,))
+        return _task(rows[0]) if rows else None
+
+    def list_tasks(
+        self, *, states: Sequence[TaskState] = (), actor: str | None = None, limit: int = 100
+    ) -> list[Task]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)
+        if actor is not None:
+            clauses.append("actor = ?")
+            params.append(actor)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._query(
+            f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {where}"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_task(row) for row in rows]
+
+    def update_task(
+        self, task_id: str, *, only_from: Sequence[TaskState] = (), **changes: Unpack[TaskChanges]
+    ) -> Task:
+        # The names become SQL: refuse any a caller outside the type checker's sight made up.
+        unknown = set(changes) - TaskChanges.__optional_keys__
+        if unknown:
+            raise ValueError(f"not a task column: {sorted(unknown)}")
+        if not changes:
+            raise ValueError("update_task needs a column to set")
+        condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        values = [_task_value(name, value) for name, value in changes.items()]
+        with self._write() as db:
+            db.execute(
+                f"UPDATE tasks SET {assignments} WHERE id = ?{condition}", [*values, task_id, *only_from]
+            )
+            changed = db.changes()
+        found = self.get_task(task_id)
+        if found is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if changed == 0:
+            raise TaskFinished(f"task {task_id} is {found.state}, not {' or '.join(only_from)}")
+        return found
+
+    def claim_task(self, *, owner: str, lease_expires_at: str) -> Task | None:
+        # Read first: an idle queue asks often, and a read takes no write lock.
+        if not self._query("SELECT 1 FROM tasks WHERE state = 'queued' LIMIT 1"):
+            return None
+        with self._write() as db:
+            rows = list(
+                db.execute("SELECT id FROM tasks WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1")
+            )
+            if not rows:
+                return None
+            db.execute(
+                "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?,"
+                " lease_expires_at = ?, started_at = ?, finished_at = NULL, result = NULL WHERE id = ?",
+                (owner, lease_expires_at, utcnow(), rows[0][0]),
+            )
+            found = list(
+                db.execute(f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE id = ?", (rows[0][0],))
+            )
+        return _task(found[0])
 
     # -- inference -------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from appliance.web.openai import openai_router
 from appliance.web.openapi import complete_openapi
 from appliance.web.responses import responses_router
 from appliance.web.system import SystemController
+from appliance.web.tasks import TasksController
 from appliance.web.ui import UI_DIR, ui_assets, ui_page
 
 __all__ = ["create_app"]
@@ -80,6 +81,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             bundle_router,
             import_dir,
             DownloadsController,
+            TasksController,
             SystemController,
             AuditController,
             UsersController,

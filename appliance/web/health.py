@@ -23,7 +23,10 @@ class HealthController(Controller):
 
     @get("/readyz", sync_to_thread=True)
     def readyz(self, models: ModelService, state: State) -> Response[dict[str, Any]]:
-        """Readiness: 200 once an inference path exists; otherwise 503 with the reasons."""
+        """Readiness: 200 once an inference path exists; otherwise 503 with the reasons. Its
+        details say whether script and commands tasks can run here (the sandbox), what holds
+        them, and why not when not; prompt tasks need only the inference path."""
         readiness = check_readiness(models, engine_running=state.runtime.router is not None)
-        body = {"ready": readiness.ready, "reasons": list(readiness.reasons)}
+        sandbox = state.runtime.tasks.sandbox.capabilities().as_dict()
+        body = {"ready": readiness.ready, "reasons": list(readiness.reasons), "details": {"sandbox": sandbox}}
         return Response(content=body, status_code=200 if readiness.ready else 503)

@@ -13,7 +13,7 @@ NODE = Actor("worker-1", "key", "node")
 SERVICE = Actor("ci", "key", "user")
 NOBODY = Actor("127.0.0.1", "anonymous")
 
-USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own"}
+USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own", "tasks.run"}
 NODE_ACTIONS = {"public", "me", "infer", "models.read"}
 
 

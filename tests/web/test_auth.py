@@ -28,6 +28,7 @@ PARAMS = {
     "path": "swagger",
     "digest": "sha256:" + "0" * 64,
     "key_id": "nope",
+    "task_id": "nope",
 }
 
 

@@ -1,7 +1,7 @@
 // The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
-// No build step and nothing from the network but this server. A later page (tasks, nodes,
-// providers) is one more entry in `pages` and one more link in index.html (an admin's page: its
-// link marked data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
+// No build step and nothing from the network but this server. A later page (nodes, providers)
+// is one more entry in `pages` and one more link in index.html (an admin's page: its link marked
+// data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
 
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
@@ -479,6 +479,99 @@ async function chat() {
   }
 }
 
+// -- tasks -------------------------------------------------------------------------------------
+
+// Create a task (a prompt, a script or commands, with attachments), watch its output as it comes,
+// cancel it. The events are read through fetch, not EventSource, so a key-only tab gets them too.
+async function tasks() {
+  const token = generation;
+  const choices = ((await attempt(() => api("GET", "/api/v1/models"))) || []).filter((m) => m.formats.includes("gguf"));
+  if (token !== generation) return;
+  const mode = h("select", { id: "task-mode" }, ["prompt", "script", "commands"].map((m) => h("option", { value: m }, m)));
+  const model = h("select", { id: "task-model" }, choices.map((m) => h("option", { value: m.name }, m.name)));
+  const text = h("textarea", { id: "task-text", rows: 5, required: true, placeholder: "A prompt, a script, or commands (one per line)" });
+  const files = h("input", { id: "task-files", type: "file", multiple: true });
+  const create = h("button", { type: "submit", id: "task-create" }, "Create");
+  const list = h("tbody", { id: "tasks-table" });
+  const watched = h("section", { id: "task-watch" });
+  let reading = null;  // the AbortController of the event stream being read
+  onLeave(token, () => reading?.abort());
+
+  const form = h("form", { onsubmit: (event) => { event.preventDefault(); attempt(submit); } },
+    h("label", {}, "Mode", mode), h("label", {}, "Model (prompts)", model), h("label", {}, "Text", text),
+    h("label", {}, "Attachments (scripts and commands: in /work)", files), h("p", {}, create));
+  page.replaceChildren(h("h1", {}, "Tasks"), form, watched,
+    h("h2", {}, "Recent tasks"),
+    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Task"), h("th", {}, "State"), h("th", {}, "Mode"), h("th", {}, "Created"))), list));
+  await drawList();
+  every(token, 2, () => refresh(drawList));
+
+  async function drawList() {
+    const found = await api("GET", "/api/v1/tasks?limit=20");
+    if (token !== generation) return;
+    list.replaceChildren(...found.map((task) => h("tr", { "data-state": task.state },
+      h("td", {}, h("a", { href: "#/tasks", onclick: (event) => { event.preventDefault(); watch(task); } }, task.id.slice(0, 12))),
+      h("td", {}, task.state), h("td", {}, task.mode), h("td", {}, task.created_at))));
+  }
+
+  async function submit() {
+    const body = new FormData();
+    body.append("mode", mode.value);
+    body.append("text", text.value);
+    if (mode.value === "prompt" && model.value) body.append("model", model.value);
+    for (const file of files.files) body.append("attachment", file, file.name);
+    const response = await fetch("/api/v1/tasks", { method: "POST", headers: credentials("POST"), body });
+    const data = await readBody(response);
+    if (response.status === 401) throw signedOut(new ApiError(response, data));
+    if (!response.ok) throw new ApiError(response, data);
+    text.value = ""; files.value = "";
+    await drawList();
+    watch(data);
+  }
+
+  async function watch(task) {
+    reading?.abort();
+    const controller = reading = new AbortController();
+    const state = h("p", { id: "task-state" }, `${task.id.slice(0, 12)}: ${task.state}`);
+    const stdout = h("pre", { id: "task-stdout", "aria-live": "polite" });
+    const stderr = h("pre", { id: "task-stderr", class: "muted" });
+    const cancel = h("button", { type: "button", class: "danger", id: "task-cancel",
+      onclick: () => attempt(async () => { await api("POST", `/api/v1/tasks/${task.id}/cancel`); }) }, "Cancel");
+    watched.replaceChildren(h("h2", {}, "Output"), state, stdout, stderr, h("p", {}, cancel));
+    const show = (current) => {
+      const reason = current.result && current.result.reason ? ` (${current.result.reason})` : "";
+      state.textContent = `${current.id.slice(0, 12)}: ${current.state}${reason}`;
+      cancel.disabled = ["succeeded", "failed", "canceled"].includes(current.state);
+    };
+    show(task);
+    try {
+      const response = await send("GET", `/api/v1/tasks/${task.id}/events`, { signal: controller.signal });
+      if (!response.ok) throw new ApiError(response, await readBody(response));
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "", kind = "message";
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        const lines = buffer.split("\n");
+        buffer = lines.pop();
+        for (const line of lines) {
+          if (line.startsWith("event:")) kind = line.slice(6).trim();
+          else if (line.startsWith("data:")) {
+            const data = JSON.parse(line.slice(5));
+            if (kind === "output") (data.stream === "stderr" ? stderr : stdout).append(data.text);
+            else if (kind === "state" || kind === "end") show(data);
+            else if (kind === "error") throw new Error(data.detail);
+          }
+        }
+      }
+    } catch (error) {
+      if (error.name !== "AbortError") report(error);
+    }
+  }
+}
+
 // -- audit -------------------------------------------------------------------------------------
 
 async function audit() {
@@ -749,7 +842,7 @@ function setupView() {
 
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, audit, settings, keys, users };
+const pages = { "": dashboard, models, chat, tasks, audit, settings, keys, users };
 const ADMIN_PAGES = new Set(["", "audit", "settings", "users"]);
 
 // Its link is hidden from them, and the server answers its calls with 403 anyway.

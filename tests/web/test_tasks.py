@@ -1,0 +1,228 @@
+"""``/api/v1/tasks`` on a real server: scripts in real bubblewrap, prompts on the tiny model,
+attachments, events, cancel, 413s, and a server killed while a task runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.web.serving import Serving, serving
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # As root, jobs run as nobody, who must pass through the folders above their work dir.
+    shared = Path(tempfile.mkdtemp(prefix="appliance-tasks-"))
+    shared.chmod(0o711)
+    yield shared / "data"
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+LIMITS = {
+    "APPLIANCE_TASKS__MAX_ATTACHMENT_BYTES": "100",
+    "APPLIANCE_SERVER__MAX_BODY_BYTES": "4096",
+}
+
+
+@pytest.fixture
+def served(data_dir: Path) -> Iterator[Serving]:
+    with serving(data_dir, env=LIMITS) as server:
+        yield server
+
+
+def events(client: httpx.Client, task_id: str) -> list[tuple[str, Any]]:
+    """The task's server-sent events, to its end."""
+    found = []
+    with client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=120) as response:
+        assert response.status_code == 200
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                found.append((kind, json.loads(line.partition(":")[2])))
+                if kind == "end":
+                    break
+    return found
+
+
+def printed(found: list[tuple[str, Any]], stream: str = "stdout") -> str:
+    return "".join(data["text"] for kind, data in found if kind == "output" and data["stream"] == stream)
+
+
+def test_a_script_task_runs_and_its_output_streams(served: Serving) -> None:
+    created = served.client.post(
+        "/api/v1/tasks", json={"mode": "script", "text": "echo hi; echo no >&2; exit 3"}
+    )
+    assert created.status_code == 201, created.text
+    task = created.json()
+    assert (task["state"], task["mode"], task["actor"]) == ("queued", "script", "api:127.0.0.1")
+    found = events(served.client, task["id"])
+    assert found[0][0] == "state"
+    assert (printed(found), printed(found, "stderr")) == ("hi\n", "no\n")
+    ended = found[-1][1]
+    assert (ended["state"], ended["result"]["exit_code"]) == ("failed", 3)
+    assert ended["result"]["reason"] == "exited with status 3"
+    shown = served.client.get(f"/api/v1/tasks/{task['id']}").json()
+    assert shown == ended
+    listed = served.client.get("/api/v1/tasks", params={"state": "failed"}).json()
+    assert [t["id"] for t in listed] == [task["id"]]
+    assert served.client.get("/api/v1/tasks", params={"state": "queued"}).json() == []
+
+
+def test_readiness_says_whether_the_sandbox_runs_here(served: Serving) -> None:
+    sandbox = served.client.get("/readyz").json()["details"]["sandbox"]
+    assert (sandbox["available"], sandbox["reason"], sandbox["no_new_privs"]) == (True, None, True)
+    assert sandbox["limits"]
+
+
+def test_commands_with_attachments_from_a_form(served: Serving) -> None:
+    created = served.client.post(
+        "/api/v1/tasks",
+        data={
+            "mode": "commands",
+            "text": "cat /work/a.txt\nwc -c < /work/b.bin",
+            "limits": '{"timeout_seconds": 30}',
+        },
+        files=[("attachment", ("a.txt", b"from a file\n")), ("attachment", ("b.bin", b"\0" * 7))],
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["limits"]["timeout_seconds"] == 30
+    found = events(served.client, created.json()["id"])
+    assert printed(found) == "from a file\n7\n"
+    assert found[-1][1]["state"] == "succeeded"
+
+
+def test_the_same_idempotency_key_gives_back_the_same_task(served: Serving) -> None:
+    body = {"mode": "script", "text": "echo once"}
+    first = served.client.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": "k-1"})
+    again = served.client.post("/api/v1/tasks", json={**body, "idempotency_key": "k-1"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+
+
+def test_oversized_attachments_and_bodies_get_413_with_the_limit(served: Serving) -> None:
+    too_many = served.client.post(
+        "/api/v1/tasks", data={"mode": "script", "text": "ls"}, files=[("attachment", ("a", b"x" * 101))]
+    )
+    assert too_many.status_code == 413
+    assert too_many.json()["code"] == "payload_too_large"
+    assert "limit of 100 bytes" in too_many.json()["detail"]
+    assert "tasks.max_attachment_bytes" in too_many.json()["hint"]
+    too_big = served.client.post("/api/v1/tasks", json={"mode": "script", "text": "#" * 5000})
+    assert too_big.status_code == 413
+    assert "limit of 4096 bytes" in too_big.json()["detail"]
+    big_form = served.client.post(
+        "/api/v1/tasks", data={"mode": "script", "text": "ls"}, files=[("attachment", ("a", b"x" * 5000))]
+    )
+    assert (big_form.status_code, "limit of 4096 bytes" in big_form.json()["detail"]) == (413, True)
+    assert served.client.get("/api/v1/tasks").json() == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"content": b""}, "missing request body"),
+        ({"json": {"mode": "shell", "text": "ls"}}, "mode"),
+        ({"json": {"mode": "script", "text": "ls", "extra": 1}}, "extra"),
+        (
+            {"json": {"mode": "script", "text": "ls", "limits": {"timeout_seconds": 1e9}}},
+            "above this appliance's",
+        ),
+        ({"json": {"text": "hello"}}, "a prompt task needs a model"),
+        ({"data": {"mode": "script", "text": "ls", "limits": "{"}}, "limits is not JSON"),
+        ({"data": {"mode": "script", "text": "ls", "shell": "bash"}}, "'shell' is not a task field"),
+        ({"data": {"mode": "script"}, "files": [("attachment", ("x", b"1"))]}, "text"),
+        ({"data": {"mode": "script", "text": "ls"}, "files": [("other", ("x", b"1"))]}, "form field 'other'"),
+        (
+            {"data": {"mode": "script", "text": "ls"}, "files": [("attachment", ("..", b"1"))]},
+            "attachment name",
+        ),
+    ],
+)
+def test_bad_requests_are_refused_with_what_was_wrong(
+    served: Serving, kwargs: dict[str, Any], message: str
+) -> None:
+    response = served.client.post("/api/v1/tasks", **kwargs)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["detail"]
+
+
+def test_cancel_and_what_is_not_there(served: Serving) -> None:
+    task = served.client.post("/api/v1/tasks", json={"mode": "script", "text": "echo up; sleep 60"}).json()
+    with served.client.stream("GET", f"/api/v1/tasks/{task['id']}/events", timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: output"):
+                break
+    cancelled = served.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    assert (cancelled.status_code, cancelled.json()["state"]) == (200, "canceled")
+    found = events(served.client, task["id"])
+    assert printed(found) == "up\n"
+    assert found[-1][1]["state"] == "canceled"
+    again = served.client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    assert (again.status_code, again.json()["code"]) == (409, "task_finished")
+    for response in (
+        served.client.get("/api/v1/tasks/nope"),
+        served.client.get("/api/v1/tasks/nope/events"),
+        served.client.post("/api/v1/tasks/nope/cancel"),
+    ):
+        assert (response.status_code, response.json()["code"]) == (404, "task_not_found")
+    assert served.client.get("/api/v1/tasks", params={"state": "done"}).status_code == 400
+
+
+def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_gguf: Path, cli: Any) -> None:
+    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    marker = data_dir.parent / "ran"
+    with serving(data_dir) as server:
+        task = server.client.post(
+            "/api/v1/tasks", json={"text": f"touch {marker}", "model": "tiny", "limits": {"output_bytes": 64}}
+        ).json()
+        found = events(server.client, task["id"])
+        with_file = server.client.post(
+            "/api/v1/tasks", data={"text": "read it", "model": "tiny"}, files=[("attachment", ("a", b"1"))]
+        )
+        assert (with_file.status_code, with_file.json()["detail"]) == (
+            400,
+            "a prompt task takes no attachments",
+        )
+    ended = found[-1][1]
+    assert ended["state"] == "succeeded", ended
+    assert ended["result"]["reason"] == "answered"
+    assert 0 < len(printed(found).encode()) <= 64
+    # The tiny model talks until its context is full: its answer stops at the output limit.
+    assert ended["result"]["truncated"] == {"stdout": True, "stderr": False}
+    assert not marker.exists()
+
+
+def test_a_server_killed_while_a_task_runs_retries_it_once_then_fails_it(data_dir: Path) -> None:
+    script = {"mode": "script", "text": "echo attempt; sleep 120"}
+    with serving(data_dir) as server:
+        task = server.client.post("/api/v1/tasks", json=script).json()
+        with server.client.stream("GET", f"/api/v1/tasks/{task['id']}/events", timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: output"):
+                    break
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    with serving(data_dir) as server:
+        with server.client.stream("GET", f"/api/v1/tasks/{task['id']}/events", timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: output"):
+                    break
+        again = server.client.get(f"/api/v1/tasks/{task['id']}").json()
+        assert (again["state"], again["attempts"]) == ("running", 2)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    with serving(data_dir) as server:
+        ended = events(server.client, task["id"])[-1][1]
+    assert (ended["state"], ended["attempts"]) == ("failed", 2)
+    assert ended["result"]["reason"] == "the server stopped while it ran"
+    assert (data_dir / "tasks" / task["id"] / "stdout").read_text() == "attempt\n"
