@@ -32,7 +32,9 @@ print(" ".join(sorted({name.partition(".")[0] for name in sys.modules})), file=s
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models", "--help"], ["serve", "--help"], ["users", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["models", "--help"], ["serve", "--help"], ["users", "--help"], ["tasks", "--help"]]
+)
 def test_help_loads_none_of_the_heavy_libraries(args: list[str]) -> None:
     done = subprocess.run(
         [sys.executable, "-c", LOADED, *args], capture_output=True, text=True, check=True, timeout=60
