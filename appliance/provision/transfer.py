@@ -22,7 +22,7 @@ A server that ignores Range gets one sequential stream, hashed as it is written.
 
 The parts' bodies are what costs CPU: a part's Range request goes over a plain socket of the
 worker's own (``_DirectConnection``, TLS for https), and its body is read with ``recv_into`` into
-one reused buffer and written with ``pwrite`` a MiB at a time, with no object per chunk. Only a
+one reused buffer of a MiB and written from it with ``pwrite``, with no object per chunk. Only a
 206 with the range asked for is read that way; a redirect or a body without a length goes
 through httpx, which also makes the first request (the probe) and follows its redirects.
 """
@@ -57,8 +57,14 @@ from appliance.settings import DownloadSettings
 
 __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
-READ_BYTES = 1024 * 1024  # a worker's buffer: one pwrite and one progress report per MiB
+READ_BYTES = 1024 * 1024  # a worker's buffer: one lock and one progress report per MiB
 MIB = 1024 * 1024
+HASH_READ_BYTES = 8 * MIB
+# The page cache gets folios as large as each write; on the machines measured (ext4, a VM) a large
+# folio costs several times the CPU per byte of small ones (fresh high-order pages are slow to
+# fill), so a MiB from the socket is written in slices: 1 GiB cost 2.3-3.2 CPU-s of the kernel's
+# copying in 256 KiB or 1 MiB writes, 0.7-1.4 in 8-32 KiB writes.
+WRITE_BYTES = 16 * 1024
 HEADERS_LIMIT = 64 * 1024  # a response head larger than this is not a file server's
 PROGRESS_SECONDS = 0.25  # on a slow link a worker writes (and reports) what it has at least this often
 PARTS_PER_CONNECTION = 8
@@ -649,6 +655,7 @@ class _PrefixHasher:
         self.changed = changed
         self.digest = hashlib.sha256()
         self.error: BaseException | None = None
+        self.buffer = bytearray(HASH_READ_BYTES)  # one for the whole file: no new pages per part
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
@@ -666,18 +673,15 @@ class _PrefixHasher:
             self.error = exc
 
     def _hash_range(self, start: int, length: int) -> None:
-        buffer = bytearray(READ_BYTES * 8)
-        view = memoryview(buffer)
+        view = memoryview(self.buffer)
         end = start + length
         offset = start
         while offset < end:
-            count = os.preadv(self.fd, [view[: min(len(buffer), end - offset)]], offset)
+            count = os.preadv(self.fd, [view[: min(len(view), end - offset)]], offset)
             if count == 0:
                 raise DownloadFailed("the partial file is shorter than its parts say")
             self.digest.update(view[:count])
             offset += count
-        # Hashed: start writing it back now, so the closing fsync finds little left to do.
-        os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
 class _DirectConnection:
@@ -822,8 +826,9 @@ def _part_size(size: int, options: DownloadSettings) -> int:
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write ``data`` at ``offset`` in WRITE_BYTES slices (see there why)."""
     view = memoryview(data)
     while view:
-        written = os.pwrite(fd, view, offset)
+        written = os.pwrite(fd, view[:WRITE_BYTES], offset)
         view = view[written:]
         offset += written
