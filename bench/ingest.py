@@ -262,6 +262,11 @@ def main() -> int:
         print("\nratios")
         print(ratio_line("link import / openssl", link / openssl, 1.1))
         print(ratio_line("copy import / max(cp, openssl)", copy / max(cp, openssl), 1.1))
+        rounds = zip(timings["import, copy"], timings["cp"], timings["openssl dgst -sha256"], strict=True)
+        per_round = [mine / max(cp_run, openssl_run) for mine, cp_run, openssl_run in rounds]
+        passed = sum(value <= 1.1 for value in per_round)
+        listed = " ".join(f"{value:.2f}" for value in per_round)
+        print(f"    per round: {listed} ({passed} of {len(per_round)} <= 1.1)")
         print(ratio_line("copy import / max(cp + fsync, openssl)", copy / max(cp_fsync, openssl), 1.1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
