@@ -719,12 +719,12 @@ class _DirectConnection:
             f"User-Agent: python-httpx/{httpx.__version__}",
             "Accept: */*",
         ]
-        lines.extend(f"{name}: {value}" for name, value in headers.items())
-        text = "\r\n".join(lines)
-        if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
-            return None
+        for name, value in headers.items():
+            if any(character in name + value for character in "\r\n\0") or ":" in name:
+                return None
+            lines.append(f"{name}: {value}")
         try:
-            return (text + "\r\n\r\n").encode("ascii")
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
         except UnicodeEncodeError:
             return None
 
