@@ -60,11 +60,11 @@ __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 READ_BYTES = 1024 * 1024  # a worker's buffer: one lock and one progress report per MiB
 MIB = 1024 * 1024
 HASH_READ_BYTES = 8 * MIB
-# The page cache gets folios as large as each write; on the machines measured (ext4, a VM) a large
-# folio costs several times the CPU per byte of small ones (fresh high-order pages are slow to
-# fill), so a MiB from the socket is written in slices: 1 GiB cost 2.3-3.2 CPU-s of the kernel's
-# copying in 256 KiB or 1 MiB writes, 0.7-1.4 in 8-32 KiB writes.
-WRITE_BYTES = 16 * 1024
+# The page cache gets folios as large as each write. Above 32 KiB (order 3, the largest the page
+# allocator does not treat as costly) a folio cost several times the CPU per byte here (ext4 in
+# a VM): a 1 GiB pull spent 4.0 s of kernel time with 64 KiB writes, 2.3-3.2 s with 256 KiB or
+# 1 MiB ones, 0.7-0.9 s with 32 KiB ones (and 0.9-1.9 s with 16 KiB: more calls).
+WRITE_BYTES = 32 * 1024
 HEADERS_LIMIT = 64 * 1024  # a response head larger than this is not a file server's
 PROGRESS_SECONDS = 0.25  # on a slow link a worker writes (and reports) what it has at least this often
 PARTS_PER_CONNECTION = 8
