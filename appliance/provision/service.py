@@ -533,7 +533,6 @@ class Provisioner:
             checked_against=checked_against,
             check_header=check_header if single else None,
             on_note=progress.note,
-            direct=self._transport is None,  # a transport of the caller's own sees every request
         )
         try:
             try:

@@ -20,11 +20,9 @@ A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall
 is retried with exponential backoff; ``retries`` counts failures in a row without progress.
 A server that ignores Range gets one sequential stream, hashed as it is written.
 
-The parts' bodies are what costs CPU: a part's Range request goes over a plain socket of the
-worker's own (``_DirectConnection``, TLS for https), and its body is read with ``recv_into`` into
-one reused buffer of a MiB and written from it with ``pwrite``, with no object per chunk. Only a
-206 with the range asked for is read that way; a redirect or a body without a length goes
-through httpx, which also makes the first request (the probe) and follows its redirects.
+The parts' bodies are what costs CPU: each chunk httpx hands over is written at its offset with
+``pwrite`` (in WRITE_BYTES slices), and a worker counts and reports its bytes once per
+REPORT_BYTES (or PROGRESS_SECONDS), not per chunk.
 """
 
 from __future__ import annotations
@@ -35,8 +33,6 @@ import json
 import os
 import queue
 import re
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -57,16 +53,15 @@ from appliance.settings import DownloadSettings
 
 __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
-READ_BYTES = 1024 * 1024  # a worker's buffer: one lock and one progress report per MiB
 MIB = 1024 * 1024
+REPORT_BYTES = MIB  # a worker takes the lock and reports progress once per this many bytes
 HASH_READ_BYTES = 8 * MIB
 # The page cache gets folios as large as each write. Above 32 KiB (order 3, the largest the page
 # allocator does not treat as costly) a folio cost several times the CPU per byte here (ext4 in
 # a VM): a 1 GiB pull spent 4.0 s of kernel time with 64 KiB writes, 2.3-3.2 s with 256 KiB or
 # 1 MiB ones, 0.7-0.9 s with 32 KiB ones (and 0.9-1.9 s with 16 KiB: more calls).
 WRITE_BYTES = 32 * 1024
-HEADERS_LIMIT = 64 * 1024  # a response head larger than this is not a file server's
-PROGRESS_SECONDS = 0.25  # on a slow link a worker writes (and reports) what it has at least this often
+PROGRESS_SECONDS = 0.25  # on a slow link a worker reports what it has written at least this often
 PARTS_PER_CONNECTION = 8
 STATE_SAVE_INTERVAL = 1.0
 REAUTH_GRACE = 5.0  # seconds in which a fresh token counts as fresh
@@ -135,7 +130,6 @@ class Transfer:
         checked_against: str | None = None,
         check_header: Callable[[bytes, int], None] | None = None,
         on_note: Callable[[str], None] | None = None,
-        direct: bool = True,
     ) -> None:
         self.client = client
         self.remote = remote
@@ -159,11 +153,6 @@ class Transfer:
         self._fresh_headers: dict[str, str] = {}
         self._reauth_lock = threading.Lock()
         self._renewed_at = 0.0
-        # where the parts' bodies are read from a socket of their own: the URL the probe ended at
-        # (False: the client has a transport of its own, such as a test's; every request is httpx's)
-        self._direct = direct
-        self._direct_url: httpx.URL | None = None
-        self._ssl_context: ssl.SSLContext | None = None
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -194,8 +183,6 @@ class Transfer:
         """Ask for the first byte: a 206 says Range works and gives the size; a 200 is the whole body,
         kept open for the sequential path."""
         response = self._open_stream({"Range": "bytes=0-0"})
-        if self._direct and response.url.scheme in ("http", "https"):
-            self._direct_url = response.url
         etag = response.headers.get("etag")
         # If-Range only works with a strong validator
         validator = etag if etag and not etag.startswith("W/") else response.headers.get("last-modified")
@@ -315,25 +302,20 @@ class Transfer:
         hasher = _PrefixHasher(fd, starts, lengths, self._done, changed)
 
         def worker() -> None:
-            connection = self._direct_connection()
-            try:
-                while not self._failed.is_set():
-                    try:
-                        index = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    try:
-                        self._fetch_part(fd, index, starts[index], lengths[index], probe, connection)
-                    except BaseException as exc:  # handed to the caller below
-                        errors.append(exc)
-                        self._failed.set()
-                        return
-                    finally:
-                        with changed:
-                            changed.notify_all()
-            finally:
-                if connection is not None:
-                    connection.close()
+            while not self._failed.is_set():
+                try:
+                    index = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    self._fetch_part(fd, index, starts[index], lengths[index], probe)
+                except BaseException as exc:  # handed to the caller below
+                    errors.append(exc)
+                    self._failed.set()
+                    return
+                finally:
+                    with changed:
+                        changed.notify_all()
 
         workers = [
             threading.Thread(target=worker, name=f"part-{n}", daemon=True)
@@ -372,15 +354,7 @@ class Transfer:
         os.fsync(fd)
         return TransferResult(f"sha256:{hasher.hexdigest()}", size, resumed, count)
 
-    def _fetch_part(
-        self,
-        fd: int,
-        index: int,
-        start: int,
-        length: int,
-        probe: _Probe,
-        connection: _DirectConnection | None,
-    ) -> None:
+    def _fetch_part(self, fd: int, index: int, start: int, length: int, probe: _Probe) -> None:
         failures = 0
         while self._done[index] < length:
             self._check_cancel()
@@ -389,27 +363,18 @@ class Transfer:
             offset = start + self._done[index]
             before = self._done[index]
             try:
-                self._stream_range(fd, index, offset, start + length - 1, probe, connection)
+                self._stream_range(fd, index, offset, start + length - 1, probe)
             except _RetryablePartError as exc:
                 failures = 0 if self._done[index] > before else failures + 1
                 self._give_up_or_wait(failures, str(exc))
 
-    def _stream_range(
-        self,
-        fd: int,
-        index: int,
-        first: int,
-        last: int,
-        probe: _Probe,
-        connection: _DirectConnection | None,
-    ) -> None:
+    def _stream_range(self, fd: int, index: int, first: int, last: int, probe: _Probe) -> None:
         headers = {"Range": f"bytes={first}-{last}"}
         if probe.validator:
             headers["If-Range"] = probe.validator
-        if connection is not None and self._stream_range_direct(
-            connection, fd, index, first, last, probe, headers
-        ):
-            return
+        end = last + 1
+        offset = counted = first  # written up to offset; counted in the part's progress up to counted
+        report_at = time.monotonic() + PROGRESS_SECONDS
         try:
             with self.client.stream(
                 "GET",
@@ -420,25 +385,36 @@ class Transfer:
                 if response.status_code != 206:
                     self._refuse_answer(response.status_code)
                 self._check_range(response.headers.get("content-range", ""), first)
-                offset = first
                 for chunk in response.iter_raw():
-                    if self.cancel.is_set() or self._failed.is_set():
+                    if self._stopping():
                         return
-                    chunk = chunk[: last + 1 - offset]
+                    if len(chunk) > end - offset:  # the answer holds more than asked for
+                        chunk = chunk[: end - offset]
                     _pwrite_all(fd, chunk, offset)
                     offset += len(chunk)
-                    with self._lock:
-                        self._done[index] += len(chunk)
-                        self._bytes_done += len(chunk)
-                    if index == 0 and (offset >= HEADER_BYTES or offset > last):
-                        self._check_header(fd, probe.size)
-                    self._report(probe)
-                    if offset > last:
+                    if offset - counted >= REPORT_BYTES or offset == end or time.monotonic() >= report_at:
+                        counted, wrote = offset, offset - counted
+                        self._count(fd, index, wrote, offset, last, probe)
+                        report_at = time.monotonic() + PROGRESS_SECONDS
+                    if offset == end:
                         break
         except httpx.TransportError as exc:  # a dropped connection, or a stall (read timeout)
             raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
+        finally:
+            if offset > counted:  # written before a failure or a stop: a retry or a resume goes on from there
+                counted, wrote = offset, offset - counted
+                self._count(fd, index, wrote, offset, last, probe)
         if offset <= last:
             raise _RetryablePartError(f"{self._where()} ended the part early")
+
+    def _count(self, fd: int, index: int, wrote: int, offset: int, last: int, probe: _Probe) -> None:
+        """Add bytes a part has written (up to ``offset``) to its progress and the running total."""
+        with self._lock:
+            self._done[index] += wrote
+            self._bytes_done += wrote
+        if index == 0 and (offset >= HEADER_BYTES or offset > last):
+            self._check_header(fd, probe.size)
+        self._report(probe)
 
     def _refuse_answer(self, status: int) -> None:
         """A part's request answered with something other than 206: raise what it means."""
@@ -455,85 +431,6 @@ class Transfer:
         match = _CONTENT_RANGE.match(content_range)
         if match is None or int(match.group(1)) != first:
             raise DownloadFailed(f"{self._where()} sent another range than the one asked for")
-
-    def _direct_connection(self) -> _DirectConnection | None:
-        if self._direct_url is None:
-            return None
-        if self._direct_url.scheme == "https" and self._ssl_context is None:
-            # what the httpx client (trust_env=False) verifies with
-            self._ssl_context = httpx.create_ssl_context(trust_env=False)
-        return _DirectConnection(
-            self._direct_url,
-            self._ssl_context if self._direct_url.scheme == "https" else None,
-            connect_timeout=30.0,
-            read_timeout=self.options.stall_timeout,
-        )
-
-    def _direct_headers(self, extra: dict[str, str]) -> dict[str, str]:
-        """The headers httpx would send to the URL the probe ended at: credentials are not sent to
-        another origin than the one asked for (httpx drops them when it follows such a redirect)."""
-        headers = self._headers(extra)
-        asked, ended = httpx.URL(self.remote.url), self._direct_url
-        assert ended is not None
-        if (asked.scheme, asked.host, asked.port) != (ended.scheme, ended.host, ended.port):
-            private = ("authorization", "cookie")
-            headers = {name: value for name, value in headers.items() if name.lower() not in private}
-        return headers
-
-    def _stream_range_direct(
-        self,
-        connection: _DirectConnection,
-        fd: int,
-        index: int,
-        first: int,
-        last: int,
-        probe: _Probe,
-        headers: dict[str, str],
-    ) -> bool:
-        """One part's Range request on the worker's own socket. False: the answer is one for httpx
-        (a redirect, a body of no stated length, a header httpx would refuse to send)."""
-        head = connection.request_head(self._direct_headers(headers))
-        if head is None:
-            return False
-        try:
-            status, answer, buffered = connection.send(head)
-        except OSError as exc:
-            connection.close()
-            raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
-        length = answer.get("content-length")
-        if 300 <= status < 400 or (status == 206 and (length is None or "transfer-encoding" in answer)):
-            connection.close()
-            return False
-        if status != 206:
-            connection.close()
-            self._refuse_answer(status)
-        try:
-            self._check_range(answer.get("content-range", ""), first)
-            assert length is not None
-            body = int(length)
-        except (DownloadFailed, ValueError):
-            connection.close()
-            raise
-        end = first + min(body, last + 1 - first)  # the answer may hold more than asked for
-
-        def wrote(offset: int, count: int) -> None:
-            with self._lock:
-                self._done[index] += count
-                self._bytes_done += count
-            if index == 0 and (offset + count >= HEADER_BYTES or offset + count > last):
-                self._check_header(fd, probe.size)
-            self._report(probe)
-
-        try:
-            offset = connection.read_body(fd, first, end, buffered, wrote, self._stopping)
-        except OSError as exc:  # a dropped connection, or a stall (read timeout)
-            connection.close()
-            raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
-        if offset < end or end - first != body or not connection.keep_alive:
-            connection.close()  # mid-body, or at an end the server did not mean: not reusable
-        if offset <= last and not self._stopping():
-            raise _RetryablePartError(f"{self._where()} ended the part early")
-        return True
 
     def _stopping(self) -> bool:
         return self.cancel.is_set() or self._failed.is_set()
@@ -552,7 +449,7 @@ class Transfer:
 
     def _report(self, probe: _Probe) -> None:
         if self.on_progress is not None:
-            self.on_progress(self._bytes_done, probe.size)  # a running total: this runs for every chunk
+            self.on_progress(self._bytes_done, probe.size)  # a running total
 
     def _load_state(self, probe: _Probe, count: int) -> list[int] | None:
         """The bytes per part an earlier attempt left, when they are still parts of this file."""
@@ -682,142 +579,6 @@ class _PrefixHasher:
                 raise DownloadFailed("the partial file is shorter than its parts say")
             self.digest.update(view[:count])
             offset += count
-
-
-class _DirectConnection:
-    """One worker's HTTP/1.1 connection for its parts' Range requests, kept alive between them,
-    with the one buffer that every body byte passes through on its way to the file."""
-
-    def __init__(
-        self,
-        url: httpx.URL,
-        ssl_context: ssl.SSLContext | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> None:
-        self.url = url
-        self.ssl_context = ssl_context
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.buffer = bytearray(READ_BYTES)
-        self.view = memoryview(self.buffer)
-        self.sock: socket.socket | None = None
-        self.keep_alive = False
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.sock = None
-
-    def request_head(self, headers: dict[str, str]) -> bytes | None:
-        """The GET request's head; None when a header cannot be sent as it is (httpx says why)."""
-        lines = [
-            f"GET {self.url.raw_path.decode('ascii')} HTTP/1.1",
-            f"Host: {self.url.netloc.decode('ascii')}",
-            f"User-Agent: python-httpx/{httpx.__version__}",
-            "Accept: */*",
-        ]
-        for name, value in headers.items():
-            if any(character in name + value for character in "\r\n\0") or ":" in name:
-                return None
-            lines.append(f"{name}: {value}")
-        try:
-            return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-        except UnicodeEncodeError:
-            return None
-
-    def send(self, head: bytes) -> tuple[int, dict[str, str], int]:
-        """Send a request and read its answer's head: the status, the headers (names in lower
-        case), and how many body bytes came with it (at the start of the buffer). A kept-alive
-        connection the server closed meanwhile is replaced once."""
-        while True:
-            fresh = self.sock is None
-            if self.sock is None:
-                self.sock = self._connect()
-            try:
-                self.sock.sendall(head)
-                return self._read_head(self.sock)
-            except OSError:
-                self.close()
-                if fresh:
-                    raise
-
-    def _connect(self) -> socket.socket:
-        host = self.url.raw_host.decode("ascii")
-        port = self.url.port or (443 if self.url.scheme == "https" else 80)
-        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
-        try:
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=host)
-            sock.settimeout(self.read_timeout)  # a stall: no byte for this long
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _read_head(self, sock: socket.socket) -> tuple[int, dict[str, str], int]:
-        filled = 0
-        while True:
-            count = sock.recv_into(self.view[filled:HEADERS_LIMIT])
-            if count == 0:
-                raise ConnectionResetError("the server closed the connection before it answered")
-            filled += count
-            end = self.buffer.find(b"\r\n\r\n", max(0, filled - count - 3), filled)
-            if end >= 0:
-                break
-            if filled >= HEADERS_LIMIT:
-                raise ConnectionError(f"the answer's head is longer than {HEADERS_LIMIT} bytes")
-        status_line, *lines = self.buffer[:end].decode("latin-1").split("\r\n")
-        version, _, rest = status_line.partition(" ")
-        try:
-            status = int(rest[:3])
-        except ValueError:
-            raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}") from None
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            name, value = name.strip().lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        self.keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-        buffered = filled - (end + 4)
-        self.buffer[:buffered] = self.buffer[end + 4 : filled]
-        return status, headers, buffered
-
-    def read_body(
-        self,
-        fd: int,
-        offset: int,
-        end: int,
-        buffered: int,
-        wrote: Callable[[int, int], None],
-        stopping: Callable[[], bool],
-    ) -> int:
-        """Write the body's bytes up to ``end`` at their offsets, a buffer at a time (or what came
-        in a quarter second, on a slow link); returns the offset reached (short: the server ended)."""
-        assert self.sock is not None
-        sock, view = self.sock, self.view
-        filled = min(buffered, end - offset)
-        while offset < end:
-            want = min(len(view), end - offset)
-            flush_at = time.monotonic() + PROGRESS_SECONDS
-            count = -1
-            while filled < want and not stopping():
-                count = sock.recv_into(view[filled:want])
-                if count == 0:
-                    break
-                filled += count
-                if time.monotonic() >= flush_at:
-                    break
-            if filled:
-                _pwrite_all(fd, view[:filled], offset)
-                wrote(offset, filled)
-                offset += filled
-            if filled == 0 or stopping() or (filled < want and count == 0):
-                return offset
-            filled = 0
-        return offset
 
 
 def _part_size(size: int, options: DownloadSettings) -> int:
