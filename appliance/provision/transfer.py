@@ -58,8 +58,9 @@ REPORT_BYTES = MIB  # a worker takes the lock and reports progress once per this
 HASH_READ_BYTES = 8 * MIB
 # The page cache gets folios as large as each write. Above 32 KiB (order 3, the largest the page
 # allocator does not treat as costly) a folio cost several times the CPU per byte here (ext4 in
-# a VM): a 1 GiB pull spent 4.0 s of kernel time with 64 KiB writes, 2.3-3.2 s with 256 KiB or
-# 1 MiB ones, 0.7-0.9 s with 32 KiB ones (and 0.9-1.9 s with 16 KiB: more calls).
+# a VM): 1 GiB written from 1 MiB buffers spent 4.0 s of kernel time in 64 KiB writes, 2.3-3.2 s
+# in 256 KiB or 1 MiB ones, 0.7-0.9 s in 32 KiB ones. httpx's chunks (at most 64 KiB) measured
+# the same sliced or whole; the slices keep a larger chunk from costing that.
 WRITE_BYTES = 32 * 1024
 PROGRESS_SECONDS = 0.25  # on a slow link a worker reports what it has written at least this often
 PARTS_PER_CONNECTION = 8
@@ -393,7 +394,7 @@ class Transfer:
                     _pwrite_all(fd, chunk, offset)
                     offset += len(chunk)
                     if offset - counted >= REPORT_BYTES or offset == end or time.monotonic() >= report_at:
-                        counted, wrote = offset, offset - counted
+                        wrote, counted = offset - counted, offset  # counted first: _count may raise
                         self._count(fd, index, wrote, offset, last, probe)
                         report_at = time.monotonic() + PROGRESS_SECONDS
                     if offset == end:
@@ -402,8 +403,7 @@ class Transfer:
             raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
         finally:
             if offset > counted:  # written before a failure or a stop: a retry or a resume goes on from there
-                counted, wrote = offset, offset - counted
-                self._count(fd, index, wrote, offset, last, probe)
+                self._count(fd, index, offset - counted, offset, last, probe)
         if offset <= last:
             raise _RetryablePartError(f"{self._where()} ended the part early")
 
@@ -586,7 +586,7 @@ def _part_size(size: int, options: DownloadSettings) -> int:
     return max(MIB, min(options.part_bytes, -(-wanted // MIB) * MIB))
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write ``data`` at ``offset`` in WRITE_BYTES slices (see there why)."""
     view = memoryview(data)
     while view:
