@@ -1,25 +1,31 @@
-"""Pull speed against curl and aria2c from a bandwidth-capped loopback server, in the same run.
+"""Pull speed and CPU against curl and aria2c from a bandwidth-capped loopback server, in the same run.
 
-Run from the repo root (aria2c comes from Debian's ``aria2`` package):
+Run from the repo root (Debian packages: ``nginx``, ``aria2``, ``curl``):
 
-    .venv/bin/python bench/pull.py [--size-gib 1] [--rate-mb 40] [--repeat 3]
-        [--appliance NAME=PYTHON ...]
+    .venv/bin/python bench/pull.py [--size-gib 1] [--rate-mib 40] [--repeat 3]
+        [--server nginx|builtin] [--skip curl] [--appliance NAME=PYTHON ...]
 
-It writes a GGUF file of ``--size-gib`` GiB and serves it from a separate process on loopback
-with a cap of ``--rate-mb`` MB/s per connection (``sendfile`` in paced slices, so the server
-costs little CPU). Then, taking turns ``--repeat`` times, it times to a fresh directory each time:
+It writes a GGUF file of ``--size-gib`` GiB and serves it on loopback, capping each connection at
+``--rate-mib`` MiB/s. The default server is Debian's nginx (``limit_rate 40m`` per connection,
+``sendfile``, access log off), the reference an outside check measured against;
+``--server builtin`` is a small Python server of our own (``sendfile`` in paced slices). Then,
+taking turns ``--repeat`` times, it runs each tool into a fresh directory:
 
 - ``appliance models pull URL`` (the real CLI: parallel Range parts, sha256, fsync, registry);
+- ``appliance models pull`` of a 1 MiB file from the same server: the CLI's start-up and
+  bookkeeping, so that what the transfer itself costs is the difference;
 - ``curl -o`` (one stream: the cap itself);
 - ``aria2c -x16 -s16`` (16 connections, no hashing, no fsync).
 
-It prints the median seconds and MB/s of each, and the ratio of ours to aria2c (target: ours is
-at least as fast). The exit status is 0 whatever the ratios.
+For every run it prints the seconds and the CPU-seconds the tool used (user + sys of the child
+and its children, from ``os.wait4``), and CPU-seconds per GiB. The summary gives the median and
+the min-max spread over rounds, the ratios ours / aria2c for time and CPU, per round and of the
+medians, and PASS/MISS against the targets: time <= aria2c's, CPU <= 1.5x aria2c's. The exit
+status is 0 whatever the ratios.
 
 ``--appliance NAME=PYTHON`` (repeatable) measures other builds in the same run: PYTHON is the
 interpreter of a venv with that build installed (``PYTHON -m appliance``). Each build takes its
-turn in every round, and the report adds each build's ratios side by side and its speed
-relative to the first build.
+turn in every round, and each gets its own ratios against aria2c.
 """
 
 from __future__ import annotations
@@ -33,18 +39,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MB = 1000 * 1000
+MIB = 1024 * 1024
+GIB = 1 << 30
 SLICE = 256 * 1024
+ARIA2C = "aria2c -x16 -s16"
+CURL = "curl (1 stream)"
+TIME_TARGET = 1.0  # ours / aria2c, seconds
+CPU_TARGET = 1.5  # ours / aria2c, CPU-seconds
 
 
-def serve(path: Path, port: int, rate: int) -> None:
-    """The capped server (runs in its own process): GET with Range, paced sendfile."""
-    size = path.stat().st_size
+def serve(root: Path, port: int, rate: int) -> None:
+    """The built-in capped server (runs in its own process): GET with Range, paced sendfile."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -53,6 +64,8 @@ def serve(path: Path, port: int, rate: int) -> None:
             pass
 
         def do_GET(self) -> None:
+            path = root / self.path.lstrip("/")
+            size = path.stat().st_size
             start, end = 0, size - 1
             status = 200
             header = self.headers.get("Range", "")
@@ -91,6 +104,44 @@ def serve(path: Path, port: int, rate: int) -> None:
     server.serve_forever()
 
 
+NGINX_CONF = """\
+daemon off;
+worker_processes auto;
+user root;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        limit_rate {rate};
+    }}
+}}
+"""
+
+
+def start_server(kind: str, root: Path, port: int, rate: int) -> subprocess.Popen[bytes]:
+    """nginx (``user root`` because it serves a 0700 temp dir; ignored when not root) or ours."""
+    if kind == "builtin":
+        return subprocess.Popen([sys.executable, __file__, "--serve", str(root), str(port), str(rate)])
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix = root.parent / "nginx"  # beside the served files, not among them
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root, rate=rate))
+    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.DEVNULL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,10 +149,22 @@ def free_port() -> int:
         return port
 
 
-def timed(command: list[str]) -> float:
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    cpu: float  # user + sys of the child and its children
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU-seconds (user + sys, from the child's resource usage) of one command."""
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited with {child.returncode}")
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 def builds(entries: list[str] | None) -> dict[str, str]:
@@ -114,16 +177,42 @@ def builds(entries: list[str] | None) -> dict[str, str]:
     return {name: python for name, _, python in pairs}
 
 
+def wait_for(port: int, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server on port {port} did not start") from None
+            time.sleep(0.05)
+
+
+def median_seconds(runs: list[Run]) -> float:
+    return statistics.median(run.seconds for run in runs)
+
+
+def median_cpu(runs: list[Run]) -> float:
+    return statistics.median(run.cpu for run in runs)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size-gib", type=float, default=1.0)
-    parser.add_argument("--rate-mb", type=float, default=40.0, help="per-connection cap, MB/s")
+    parser.add_argument("--rate-mib", type=float, default=40.0, help="per-connection cap, MiB/s")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--server", choices=("nginx", "builtin"), default="nginx")
+    parser.add_argument("--skip", action="append", choices=("curl", "aria2c", "tiny"), default=[])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--appliance", action="append", metavar="NAME=PYTHON", help="a build to measure")
-    parser.add_argument("--serve", nargs=3, metavar=("PATH", "PORT", "RATE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
@@ -133,90 +222,100 @@ def main() -> None:
     from tests.tiny_model import write_llama_gguf
 
     work = Path(tempfile.mkdtemp(prefix="pull-bench-", dir=args.workdir))
-    source = write_llama_gguf(work / "model.gguf", padding_bytes=int(args.size_gib * (1 << 30)))
+    root = work / "www"
+    root.mkdir()
+    source = write_llama_gguf(root / "model.gguf", padding_bytes=int(args.size_gib * GIB))
+    write_llama_gguf(root / "tiny.gguf", padding_bytes=MIB)
     size = source.stat().st_size
+    gib = size / GIB
     port = free_port()
-    rate = int(args.rate_mb * MB)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(source), str(port), str(rate)])
+    rate = int(args.rate_mib * MIB)
+    server = start_server(args.server, root, port, rate)
     url = f"http://127.0.0.1:{port}/model.gguf"
-    aria2c = shutil.which("aria2c")
-    print(f"file {size / (1 << 30):.2f} GiB; server caps each connection at {args.rate_mb:g} MB/s")
+    print(f"file {gib:.2f} GiB; {args.server} server caps each connection at {args.rate_mib:g} MiB/s")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        # -P: without it the current directory (this checkout) would shadow the build's package.
-        pulls = {
-            f"{name} models pull": [
-                python,
-                "-P",
-                "-m",
-                "appliance",
-                "--data-dir",
-                "OUT/data",
-                "models",
-                "pull",
-                url,
-            ]
-            for name, python in pythons.items()
-        }
-        cases = {**pulls, "curl (1 stream)": ["curl", "-sS", "-o", "OUT/model.gguf", url]}
-        if aria2c:
+        wait_for(port, server)
+
+        def pull(python: str, target: str) -> list[str]:
+            # -P: without it the current directory (this checkout) would shadow the build's package.
+            return [python, "-P", "-m", "appliance", "--data-dir", "OUT/data", "models", "pull", target]
+
+        cases = {f"{name} models pull": pull(python, url) for name, python in pythons.items()}
+        if "tiny" not in args.skip:
+            tiny = url.replace("model.gguf", "tiny.gguf")
+            cases.update({f"{name} pull 1 MiB": pull(python, tiny) for name, python in pythons.items()})
+        if "curl" not in args.skip:
+            cases[CURL] = ["curl", "-sS", "-o", "OUT/model.gguf", url]
+        aria2c = shutil.which("aria2c")
+        if aria2c and "aria2c" not in args.skip:
             aria2 = [aria2c, "-q", "-x16", "-s16", "-k1M", "--file-allocation=none", "-d", "OUT"]
-            cases["aria2c -x16 -s16"] = [*aria2, "-o", "model.gguf", url]
-        else:
-            print("aria2c not found (apt-get install aria2); its row is left out")
-        times: dict[str, list[float]] = {name: [] for name in cases}
+            cases[ARIA2C] = [*aria2, "-o", "model.gguf", url]
+        elif not aria2c:
+            print("aria2c not found (apt-get install aria2); its row and the ratios are left out")
+        runs: dict[str, list[Run]] = {name: [] for name in cases}
         for round_number in range(1, args.repeat + 1):
             for name, command in cases.items():
-                out = work / f"out-{round_number}-{len(times[name])}"
+                out = work / f"out-{round_number}-{len(runs[name])}"
                 out.mkdir()
                 subprocess.run(["sync"], check=True)
-                seconds = timed([str(out) + part[3:] if part.startswith("OUT") else part for part in command])
-                times[name].append(seconds)
-                print(f"  run {round_number}/{args.repeat} {name:24s} {seconds:6.2f}s")
+                placed = [str(out) + part[3:] if part.startswith("OUT") else part for part in command]
+                seconds, cpu = timed(placed)
+                runs[name].append(Run(seconds, cpu))
+                per_gib = "" if "1 MiB" in name else f" {cpu / gib:5.2f} CPU-s/GiB"
+                where = f"{round_number}/{args.repeat}"
+                print(f"  run {where} {name:26s} {seconds:6.2f} s {cpu:6.2f} CPU-s{per_gib}")
                 shutil.rmtree(out)
-        print(f"\n{'tool':26s} {'median s':>9s} {'MB/s':>8s}  runs (s)")
-        medians = {}
-        for name, runs in times.items():
-            medians[name] = statistics.median(runs)
-            print(
-                f"{name:26s} {medians[name]:9.2f} {size / MB / medians[name]:8.1f}  "
-                + " ".join(f"{run:.2f}" for run in runs)
-            )
-        if len(pulls) == 1:
-            ours = medians[next(iter(pulls))]
-            if "aria2c -x16 -s16" in medians:
-                ratio = medians["aria2c -x16 -s16"] / ours
-                verdict = "PASS" if ratio >= 1 else "MISS"
-                print(f"\nours / aria2c speed: {ratio:.2f}  {verdict} (target >= 1)")
-            print(f"ours / curl speed: {medians['curl (1 stream)'] / ours:.2f}")
-        else:
-            compare(medians, list(pythons))
+        report(runs, list(pythons), gib)
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def compare(medians: dict[str, float], names: list[str]) -> None:
-    """Each build's speed ratios side by side, then each build against the first one."""
-    print("\n| speed ratio | " + " | ".join(names) + " |")
-    print("|---|" + "---:|" * len(names))
-    for reference in ("aria2c -x16 -s16", "curl (1 stream)"):
-        if reference in medians:
-            cells = " | ".join(f"{medians[reference] / medians[f'{n} models pull']:.2f}" for n in names)
-            print(f"| / {reference} | {cells} |")
-    first = medians[f"{names[0]} models pull"]
-    for name in names[1:]:
-        print(f"\n{name} / {names[0]} speed: {first / medians[f'{name} models pull']:.2f}")
+def report(runs: dict[str, list[Run]], names: list[str], gib: float) -> None:
+    """Medians and spreads per tool, then each build's ratios to aria2c (per round and of the medians)."""
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n| tool | median s | s min-max | median CPU-s | CPU-s min-max | CPU-s/GiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, done in runs.items():
+        seconds = [run.seconds for run in done]
+        cpu = [run.cpu for run in done]
+        per_gib = "" if "1 MiB" in name else f"{statistics.median(cpu) / gib:.2f}"
+        print(
+            f"| {name} | {statistics.median(seconds):.2f} | {spread(seconds)} | {statistics.median(cpu):.2f}"
+            f" | {spread(cpu)} | {per_gib} |"
+        )
+    if ARIA2C not in runs:
+        return
+    reference = runs[ARIA2C]
+    print("\n| ours / aria2c | time, per round | time, medians | CPU, per round | CPU, medians | verdict |")
+    print("|---|---|---:|---|---:|---|")
+    for name in names:
+        ours = runs[f"{name} models pull"]
+        time_rounds = [mine.seconds / theirs.seconds for mine, theirs in zip(ours, reference, strict=True)]
+        cpu_rounds = [mine.cpu / theirs.cpu for mine, theirs in zip(ours, reference, strict=True)]
+        time_ratio = median_seconds(ours) / median_seconds(reference)
+        cpu_ratio = median_cpu(ours) / median_cpu(reference)
+        verdict = (
+            f"time {'PASS' if time_ratio <= TIME_TARGET else 'MISS'} (<= {TIME_TARGET:g}),"
+            f" CPU {'PASS' if cpu_ratio <= CPU_TARGET else 'MISS'} (<= {CPU_TARGET:g})"
+        )
+        print(
+            f"| {name} | {' '.join(f'{r:.2f}' for r in time_rounds)} | {time_ratio:.2f}"
+            f" | {' '.join(f'{r:.2f}' for r in cpu_rounds)} | {cpu_ratio:.2f} | {verdict} |"
+        )
+    for name in names:
+        tiny = runs.get(f"{name} pull 1 MiB")
+        if tiny:
+            whole = runs[f"{name} models pull"]
+            transfer_s = median_seconds(whole) - median_seconds(tiny)
+            transfer_cpu = median_cpu(whole) - median_cpu(tiny)
+            print(
+                f"{name}: start-up and bookkeeping (a 1 MiB pull) {median_seconds(tiny):.2f} s,"
+                f" {median_cpu(tiny):.2f} CPU-s; the transfer itself about {transfer_s:.2f} s,"
+                f" {transfer_cpu / gib:.2f} CPU-s/GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -555,6 +555,7 @@ def _copy_range_and_hash(
     src_fd: int, dst_fd: int, first: int, on_progress: ProgressCallback | None
 ) -> tuple[str, int]:
     digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)  # the hash thread's, for every chunk: no fresh pages per chunk
     total = 0
     count = first
     pending: Future[None] | None = None
@@ -564,7 +565,7 @@ def _copy_range_and_hash(
                 pending.result()
             if count == 0:
                 break
-            pending = hasher.submit(_hash_written, dst_fd, digest, total, count)
+            pending = hasher.submit(_hash_written, dst_fd, digest, total, count, buffer)
             total += count
             if on_progress is not None:
                 on_progress(total)
@@ -572,15 +573,14 @@ def _copy_range_and_hash(
     return digest.hexdigest(), total
 
 
-def _hash_written(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
-    """Hash bytes just written, read back from the page cache, then start their writeback.
-    (Read, not mapped: a read error on a mapping would be a SIGBUS that kills the server.)"""
-    _hash_range(fd, digest, offset, count)
+def _hash_written(fd: int, digest: hashlib._Hash, offset: int, count: int, buffer: bytearray) -> None:
+    """Hash bytes just written, read back from the page cache into ``buffer``, then start their
+    writeback. (Read, not mapped: a read error on a mapping would be a SIGBUS that kills the server.)"""
+    _hash_range(fd, digest, offset, count, buffer)
     os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
 
 
-def _hash_range(fd: int, digest: hashlib._Hash, offset: int, count: int) -> None:
-    buffer = bytearray(min(count, CHUNK_BYTES))
+def _hash_range(fd: int, digest: hashlib._Hash, offset: int, count: int, buffer: bytearray) -> None:
     view = memoryview(buffer)
     end = offset + count
     while offset < end:

@@ -72,6 +72,25 @@ def test_one_file_is_verified_with_the_hubs_digest(
     assert TOKEN not in json.dumps(event.detail) + repr(download) + repr(runtime.settings)
 
 
+def test_the_token_stays_with_the_hub_when_it_redirects_to_another_host(
+    runtime: Runtime, hub: FileServer, tmp_path: Path, context: Context
+) -> None:
+    """The hub hands large files to another host (its CDN), as huggingface.co does: the token goes
+    to the hub only, not with the Range requests for the file's parts."""
+    content = write_llama_gguf(tmp_path / "m.gguf", padding_bytes=3 * 1024 * 1024).read_bytes()
+    publish(hub, "org/cdn-repo", {"Big.gguf": content}, lfs={"Big.gguf"})
+    resolve = f"/org/cdn-repo/resolve/{COMMIT}/Big.gguf"
+    hub.add("/cdn/blob", content)
+    hub.redirects[resolve] = f"http://localhost:{hub.url.rsplit(':', 1)[1]}/cdn/blob"
+
+    resolved = runtime.provisioner.ensure_present("hf:org/cdn-repo/Big.gguf", context)
+
+    assert resolved.path.read_bytes() == content
+    assert len(hub.body_requests("/cdn/blob")) > 1  # the parts, fetched from the other host
+    assert {hit.authorization for hit in hub.hits_for("/cdn/blob")} == {None}
+    assert {hit.authorization for hit in hub.hits_for(resolve)} == {f"Bearer {TOKEN}"}
+
+
 def test_a_whole_repo_is_one_model_with_every_file(
     runtime: Runtime, hub: FileServer, context: Context
 ) -> None:
