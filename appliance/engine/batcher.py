@@ -18,7 +18,11 @@ the same tokens beside it.
 
 Prefill is chunked: a step decodes at most one micro-batch (``n_ubatch``) of prompt tokens,
 shortest remaining prompts first, beside the next token of every generating sequence, so a long
-prompt neither stalls the others' answers nor delays the first token of short prompts.
+prompt neither stalls the others' answers nor delays the first token of short prompts. A step
+takes a second prompt only while it stays within a quarter micro-batch: clients arriving together
+then get their first tokens one small step after another instead of all after one big step
+(shortest job first), while each step still spreads its fixed cost, reading the weights, over
+enough tokens.
 
 A request that asks for logprobs gets each token's from the logits row the step already made;
 a token's logprob goes out on the TextChunk that completes its text, so one held back as the
@@ -314,13 +318,16 @@ class Batcher:
                 slot.next_token = None
                 budget -= 1
         budget = min(budget, self.context.n_ubatch)
+        shared_step = self.context.n_ubatch // 4
         chunk_sizes: dict[int, int] = {}
+        taken = 0
         prefilling = [slot for slot in slots if slot.prefilling and slot.awaiting is None]
         for slot in sorted(prefilling, key=lambda slot: len(slot.request.prompt) - slot.prompt_offset):
-            if budget <= 0:
+            size = min(budget - taken, len(slot.request.prompt) - slot.prompt_offset)
+            if size <= 0 or (chunk_sizes and taken + size > shared_step):
                 break
-            chunk_sizes[slot.seq_id] = min(budget, len(slot.request.prompt) - slot.prompt_offset)
-            budget -= chunk_sizes[slot.seq_id]
+            chunk_sizes[slot.seq_id] = size
+            taken += size
         for slot in slots:
             if slot.seq_id not in chunk_sizes:
                 continue
