@@ -302,7 +302,8 @@ class Batcher:
 
     def _plan(self) -> tuple[list[tuple[int, int, int, bool]], list[tuple[_Slot, int]]]:
         """This step's batch: the next token of each generating sequence first, then prompt chunks
-        of one micro-batch at most, shortest remaining prompts first."""
+        of one micro-batch at most, shortest remaining prompts first, a second prompt only within a
+        quarter micro-batch."""
         entries: list[tuple[int, int, int, bool]] = []
         samplers: list[tuple[_Slot, int]] = []
         budget = self.context.n_batch
