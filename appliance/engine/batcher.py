@@ -10,7 +10,19 @@ Prompt reuse, as llama.cpp's server and Ollama do it: a sequence that ends keeps
 (prompt and answer) in the KV cache. A new request takes the free sequence that shares the
 longest prefix with its prompt, drops the cache past that prefix and decodes only the rest, so a
 chat's next turn or a shared system prompt is not computed again. The last prompt token is
-always decoded again: its logits are what the first answer token is sampled from.
+always decoded again: its logits are what the first answer token is sampled from. When another
+sequence, free or busy, holds a much longer prefix (a system prompt many clients share), it is
+copied into the new request's sequence; when that prefix is still being decoded for a request
+admitted earlier (clients arriving together), the new request waits for it instead of decoding
+the same tokens beside it.
+
+Prefill is chunked: a step decodes at most one micro-batch (``n_ubatch``) of prompt tokens,
+shortest remaining prompts first, beside the next token of every generating sequence, so a long
+prompt neither stalls the others' answers nor delays the first token of short prompts. A step
+takes a second prompt only while it stays within a quarter micro-batch: clients arriving together
+then get their first tokens one small step after another instead of all after one big step
+(shortest job first), while each step still spreads its fixed cost, reading the weights, over
+enough tokens.
 
 A request that asks for logprobs gets each token's from the logits row the step already made;
 a token's logprob goes out on the TextChunk that completes its text, so one held back as the
@@ -45,6 +57,11 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+# A copy moves the source's whole KV stream (a memcpy of seq_ctx tokens' K and V), far cheaper a
+# token than decoding one; below this many tokens gained it is not worth it.
+_MIN_COPIED_TOKENS = 16
+
+
 @dataclass
 class _Slot:
     seq_id: int
@@ -55,6 +72,9 @@ class _Slot:
     cached_tokens: int = 0  # prompt tokens found in the KV cache, not decoded again
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds, position by position
     next_token: int | None = None
+    # (an earlier request's slot still decoding its prompt, how many of its first tokens to copy
+    # once they are in its cache): this prompt waits for them instead of decoding them too
+    awaiting: tuple[_Slot, int] | None = None
     completion_tokens: int = 0
     held: str = ""  # text that may be the start of a stop string
     # logprobs of tokens whose text is not all sent yet, with where that text starts and ends
@@ -151,6 +171,7 @@ class Batcher:
         while not self._stopping.is_set():
             self._admit()
             self._drop_cancelled()
+            self._copy_awaited()
             entries, samplers = self._plan()
             if not entries:
                 self._wake.wait(timeout=1.0)
@@ -197,15 +218,62 @@ class Batcher:
             if not (reused and self.context.keep_prefix(seq_id, reused)):
                 self.context.forget(seq_id)
                 reused = 0
-            self._slots[seq_id] = _Slot(
-                seq_id=seq_id,
-                request=request,
-                sampler=sampler,
-                prompt_offset=reused,
-                position=reused,
-                cached_tokens=reused,
-                tokens=request.prompt[:reused],
-            )
+            slot = _Slot(seq_id=seq_id, request=request, sampler=sampler)
+            self._set_cached(slot, reused)
+            if self.reuse_prompts:
+                self._reuse_other_sequence(slot)
+            self._slots[seq_id] = slot
+
+    def _set_cached(self, slot: _Slot, length: int) -> None:
+        """``slot``'s sequence holds its prompt's first ``length`` tokens: decode from there."""
+        slot.prompt_offset = slot.position = slot.cached_tokens = length
+        slot.tokens = slot.request.prompt[:length]
+
+    def _reuse_other_sequence(self, slot: _Slot) -> None:
+        """Copy a longer prefix of ``slot``'s prompt from another sequence's cache, or wait for an
+        earlier request still decoding one; nothing when the gain is small."""
+        prompt = slot.request.prompt
+        usable = len(prompt) - 1
+        # (tokens gained in the end, available now, source): a source already holding them first
+        best: tuple[int, bool, int | _Slot] | None = None
+        for seq_id in sorted(self._free):
+            shared = min(_common_prefix(self._kept.get(seq_id, ()), prompt), usable)
+            if best is None or (shared, True) > best[:2]:
+                best = (shared, True, seq_id)
+        for other in self._slots.values():
+            ready = min(_common_prefix(other.tokens, prompt), usable)
+            later = min(_common_prefix(other.request.prompt, prompt), usable) if other.prefilling else ready
+            if best is None or (later, later == ready) > best[:2]:
+                best = (later, later == ready, other)
+        if best is None or best[0] - slot.cached_tokens < max(_MIN_COPIED_TOKENS, self.seq_ctx // 64):
+            return
+        length, ready, source = best
+        if isinstance(source, _Slot) and not ready:
+            slot.awaiting = (source, length)
+        else:
+            self._copy_into(slot, source.seq_id if isinstance(source, _Slot) else source, length)
+
+    def _copy_into(self, slot: _Slot, source: int, length: int) -> None:
+        copied = self.context.copy_prefix(source, slot.seq_id, length)
+        self._set_cached(slot, length if copied else 0)
+
+    def _copy_awaited(self) -> None:
+        """Give each waiting prompt the prefix it waits for, once it is in the cache (in order of
+        admission, so a copy of a copy follows its source); when the request decoding it ended
+        first, take what its sequence kept, or decode the rest itself."""
+        for slot in list(self._slots.values()):
+            if slot.awaiting is None:
+                continue
+            source, length = slot.awaiting
+            if self._slots.get(source.seq_id) is source:
+                if len(source.tokens) < length:
+                    continue
+                self._copy_into(slot, source.seq_id, length)
+            elif self._kept.get(source.seq_id) is source.tokens:
+                kept = min(length, _common_prefix(source.tokens, slot.request.prompt))
+                if kept > slot.cached_tokens:
+                    self._copy_into(slot, source.seq_id, kept)
+            slot.awaiting = None
 
     def _take_sequence(self, prompt: list[int]) -> tuple[int, int]:
         """The free sequence for ``prompt`` and how many of its first tokens that sequence's cache
@@ -233,7 +301,9 @@ class Batcher:
                 self._finish(slot, "cancelled")
 
     def _plan(self) -> tuple[list[tuple[int, int, int, bool]], list[tuple[_Slot, int]]]:
-        """This step's batch: the next token of each generating sequence first, then prompt chunks."""
+        """This step's batch: the next token of each generating sequence first, then prompt chunks
+        of one micro-batch at most, shortest remaining prompts first, a second prompt only within a
+        quarter micro-batch."""
         entries: list[tuple[int, int, int, bool]] = []
         samplers: list[tuple[_Slot, int]] = []
         budget = self.context.n_batch
@@ -248,11 +318,22 @@ class Batcher:
                 slot.position += 1
                 slot.next_token = None
                 budget -= 1
+        budget = min(budget, self.context.n_ubatch)
+        shared_step = self.context.n_ubatch // 4
+        chunk_sizes: dict[int, int] = {}
+        taken = 0
+        prefilling = [slot for slot in slots if slot.prefilling and slot.awaiting is None]
+        for slot in sorted(prefilling, key=lambda slot: len(slot.request.prompt) - slot.prompt_offset):
+            size = min(budget - taken, len(slot.request.prompt) - slot.prompt_offset)
+            if size <= 0 or (chunk_sizes and taken + size > shared_step):
+                break
+            chunk_sizes[slot.seq_id] = size
+            taken += size
         for slot in slots:
-            if not slot.prefilling or budget <= 0:
+            if slot.seq_id not in chunk_sizes:
                 continue
             prompt = slot.request.prompt
-            chunk = prompt[slot.prompt_offset : slot.prompt_offset + budget]
+            chunk = prompt[slot.prompt_offset : slot.prompt_offset + chunk_sizes[slot.seq_id]]
             for token in chunk:
                 slot.prompt_offset += 1
                 last = not slot.prefilling
@@ -261,7 +342,6 @@ class Batcher:
                 entries.append((token, slot.position, slot.seq_id, last))
                 slot.position += 1
             slot.tokens.extend(chunk)
-            budget -= len(chunk)
         return entries, samplers
 
     def _advance(self, slot: _Slot, token: int, logprob: TokenLogprob | None) -> None:

@@ -246,6 +246,7 @@ class LlamaContext:
         self._pointer = pointer
         self.n_ctx = int(llama_cpp.llama_n_ctx(pointer))
         self.n_batch = n_batch
+        self.n_ubatch = int(params.n_ubatch)
         self._memory = llama_cpp.llama_get_memory(pointer)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
 
@@ -267,9 +268,30 @@ class LlamaContext:
         """Drop a sequence's tokens from position ``length`` on, keeping those before; False when
         the cache cannot (a recurrent model's state, or a sliding window that already let the
         first ones go), and then the caller must forget the whole sequence."""
-        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) > 0:
+        if self.cached_positions(seq_id)[0] > 0:
             return False
         return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, length, -1))
+
+    def copy_prefix(self, source: int, target: int, length: int) -> bool:
+        """Make sequence ``target`` hold the first ``length`` tokens of sequence ``source`` (whose
+        cache must hold them), dropping what ``target`` held; False when the cache cannot (as in
+        ``keep_prefix``), and then ``target`` holds nothing. With a KV stream per sequence llama.cpp
+        copies the whole stream, at the start of the next decode."""
+        self.forget(target)
+        if self.cached_positions(source)[0] != 0:
+            return False
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        if self.keep_prefix(target, length):
+            return True
+        self.forget(target)
+        return False
+
+    def cached_positions(self, seq_id: int) -> tuple[int, int]:
+        """The first and last position a sequence holds in the KV cache; (-1, -1) when empty."""
+        return (
+            int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)),
+            int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)),
+        )
 
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """Decode one batch of (token, position, sequence, wants_logits) entries."""
