@@ -96,6 +96,22 @@ def _past(after: ModelName | None) -> tuple[str, list[Any]]:
     return "WHERE (m.name, v.version) > (?, ?)", [after.name, after.tag]
 
 
+def _where(*, within: dict[str, Sequence[Any]], equal: dict[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause (or nothing) and its parameters: each column of ``within`` among its values
+    (an empty sequence does not filter), each of ``equal`` equal to its value (None does not)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, values in within.items():
+        if values:
+            clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params.extend(values)
+    for column, value in equal.items():
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
 def _translate(exc: apsw.Error, path: Path) -> Exception:
     # On a full disk SQLite says FULL, or IOERR when it cannot grow its shared-memory file.
     if isinstance(exc, apsw.FullError) or (isinstance(exc, apsw.IOError) and _disk_full(path)):
@@ -745,15 +761,7 @@ class SqliteStore:
     def list_downloads(
         self, *, states: Sequence[str] = (), ref: str | None = None, limit: int = 100
     ) -> list[Download]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if states:
-            clauses.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(states)
-        if ref is not None:
-            clauses.append("ref = ?")
-            params.append(ref)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(within={"state": states}, equal={"ref": ref})
         rows = self._query(
             f"SELECT {', '.join(_DOWNLOAD_COLUMNS)} FROM downloads {where}"
             " ORDER BY created_at DESC, rowid DESC LIMIT ?",
@@ -802,15 +810,7 @@ class SqliteStore:
     def list_tasks(
         self, *, states: Sequence[TaskState] = (), actor: str | None = None, limit: int = 100
     ) -> list[Task]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if states:
-            clauses.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(states)
-        if actor is not None:
-            clauses.append("actor = ?")
-            params.append(actor)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(within={"state": states}, equal={"actor": actor})
         rows = self._query(
             f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks {where}"
             " ORDER BY created_at DESC, rowid DESC LIMIT ?",
