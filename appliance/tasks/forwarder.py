@@ -84,10 +84,13 @@ def task_actor(task_id: str) -> Actor:
 
 
 class _Refused(Exception):
-    def __init__(self, status: HTTPStatus, message: str, hint: str) -> None:
+    """A request answered here; ``unread`` is how much of its body is still to be read."""
+
+    def __init__(self, status: HTTPStatus, message: str, hint: str, *, unread: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.hint = hint
+        self.unread = unread
 
 
 class InferenceForwarder:
@@ -189,12 +192,11 @@ class InferenceForwarder:
             note.outcome = "error"
             note.detail.update(status=refused.status.value, message=str(refused))
             _answer(writer, refused.status, str(refused), refused.hint)
-            # Read what the job still sends, so that its end of the connection reads the answer
-            # rather than a reset.
-            with suppress(ConnectionError, TimeoutError):
+            # Read the body the job still sends, so that its end reads the answer, not a reset.
+            with suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
                 async with asyncio.timeout(EXCHANGE_SECONDS):
-                    while await reader.read(65536):
-                        pass
+                    while refused.unread > 0:
+                        refused.unread -= len(await reader.readexactly(min(refused.unread, 65536)))
         except TimeoutError:
             note.outcome = "error"
             note.detail.update(message=f"stopped after {EXCHANGE_SECONDS:g} s")
@@ -249,13 +251,6 @@ async def _read_request(
         name, colon, value = line.partition(":")
         if colon:
             headers[name.strip().lower()] = value.strip()
-    if (method, target.partition("?")[0]) not in INFERENCE_ROUTES:
-        allowed = ", ".join(f"{verb} {path}" for verb, path in sorted(INFERENCE_ROUTES, key=lambda r: r[1]))
-        raise _Refused(
-            HTTPStatus.FORBIDDEN,
-            f"{method} {target.partition('?')[0]} is not an inference route: a job may call only {allowed}",
-            "call one of those routes at $INFERENCE_URL (OpenAI) or $OLLAMA_BASE_URL (Ollama)",
-        )
     if "transfer-encoding" in headers:
         raise _Refused(
             HTTPStatus.LENGTH_REQUIRED,
@@ -268,12 +263,21 @@ async def _read_request(
             HTTPStatus.BAD_REQUEST, f"Content-Length {length_text!r} is not a number", "send the body's size"
         )
     length = int(length_text)
+    if (method, target.partition("?")[0]) not in INFERENCE_ROUTES:
+        allowed = ", ".join(f"{verb} {path}" for verb, path in sorted(INFERENCE_ROUTES, key=lambda r: r[1]))
+        raise _Refused(
+            HTTPStatus.FORBIDDEN,
+            f"{method} {target.partition('?')[0]} is not an inference route: a job may call only {allowed}",
+            "call one of those routes at $INFERENCE_URL (OpenAI) or $OLLAMA_BASE_URL (Ollama)",
+            unread=length,
+        )
     if length > MAX_BODY_BYTES:
         raise _Refused(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"the request's body of {length} bytes passes the limit of {MAX_BODY_BYTES} bytes "
             "for a job's inference call",
             "send a smaller request",
+            unread=length,
         )
     return method, target, headers, await reader.readexactly(length)
 

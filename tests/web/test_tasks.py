@@ -269,7 +269,10 @@ def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
 ) -> None:
     assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
     user = {"Authorization": f"Bearer {keys.user}"}
-    with serving(data_dir, env={"OPENAI_API_KEY": "sk-not-for-jobs"}) as server:
+    run_dir = data_dir.parent / "run"  # where the server makes each job's socket dir
+    run_dir.mkdir(mode=0o711)
+    env = {"OPENAI_API_KEY": "sk-not-for-jobs", "TMPDIR": str(run_dir)}
+    with serving(data_dir, env=env) as server:
         created = server.client.post(
             "/api/v1/tasks",
             json={"mode": "script", "text": INFERENCE_SCRIPT, "inference": True},
@@ -292,6 +295,7 @@ def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
             "/api/v1/audit", params={"action": "task.inference", "limit": 100}, headers=admin
         ).json()
     assert found[-1][1]["state"] == "succeeded", (found[-1], printed(found, "stderr"))
+    assert [path.name for path in run_dir.glob("appliance-inference-*")] == []  # gone with the job
     work = data_dir / "tasks" / task_id / "work"
     listed = json.loads((work / "models.json").read_text())["data"]
     assert [model["id"] for model in listed] == ["tiny:latest"]
@@ -308,11 +312,11 @@ def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert big_status == 413
     assert "limit of 10485760 bytes" in big["error"]["message"]
-    env = (work / "env.txt").read_text()
-    assert "OLLAMA_BASE_URL=http://127.0.0.1:11434\n" in env
-    assert "INFERENCE_URL=http://127.0.0.1:11434/v1\n" in env
+    job_env = (work / "env.txt").read_text()
+    assert "OLLAMA_BASE_URL=http://127.0.0.1:11434\n" in job_env
+    assert "INFERENCE_URL=http://127.0.0.1:11434/v1\n" in job_env
     for secret in ("sk-not-for-jobs", keys.user, keys.admin, "APPLIANCE"):
-        assert secret not in env
+        assert secret not in job_env
     # Without inference: no variables, and nothing listens on the port.
     assert printed(ended_without) == "[]\n"
     assert "Could not connect" in printed(ended_without, "stderr") or "Failed to connect" in printed(
