@@ -294,6 +294,7 @@ def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
         audit = server.client.get(
             "/api/v1/audit", params={"action": "task.inference", "limit": 100}, headers=admin
         ).json()
+        logged = server.client.get("/api/v1/inference", headers=admin).json()
     assert found[-1][1]["state"] == "succeeded", (found[-1], printed(found, "stderr"))
     assert [path.name for path in run_dir.glob("appliance-inference-*")] == []  # gone with the job
     work = data_dir / "tasks" / task_id / "work"
@@ -323,7 +324,12 @@ def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
         ended_without, "stderr"
     )
     assert ended_without[-1][1]["state"] == "failed"
-    # Every call is audited as the task, never as the user's key.
+    # The inference log ties each call to the task; every call is audited as the task, never
+    # as the user's key.
+    assert {(row["endpoint"], row["correlation_id"]) for row in logged} == {
+        ("/api/generate", task_id),
+        ("/v1/chat/completions", task_id),
+    }
     by_task = [row for row in audit if row["target"] == task_id]
     assert {row["actor"] for row in by_task} == {f"task:{task_id}"}
     routes = {(row["detail"]["route"], row["detail"]["status"]) for row in by_task}
