@@ -95,6 +95,11 @@ def tasks() -> None:
 @click.option(
     "--key", "idempotency_key", help="An idempotency key: sending it again gives back the same task."
 )
+@click.option(
+    "--inference",
+    is_flag=True,
+    help="Let a script or commands call models: $INFERENCE_URL (OpenAI) and $OLLAMA_BASE_URL inside.",
+)
 @click.option("--follow", is_flag=True, help="Print its output as it comes; exit 1 unless it succeeds.")
 @json_option
 @host_option
@@ -108,6 +113,7 @@ def create_task(
     attachments: tuple[Path, ...],
     limits: tuple[str, ...],
     idempotency_key: str | None,
+    inference: bool,
     follow: bool,
     as_json: bool,
     host: str | None,
@@ -131,12 +137,16 @@ def create_task(
                 f"--limit {limit!r} is not NAME=NUMBER", hint="e.g. --limit timeout_seconds=60"
             ) from None
     fields: dict[str, Any] = {"mode": mode, "text": text, "model": model, "limits": asked}
+    if inference:
+        fields["inference"] = True
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     with _server(ctx, host, port) as server:
         if attachments:
             form = {name: value for name, value in fields.items() if value is not None and name != "limits"}
             form["limits"] = json.dumps(asked)
+            if inference:
+                form["inference"] = "true"
             files = [("attachment", (path.name, path.read_bytes())) for path in attachments]
             task = server.request("POST", "/api/v1/tasks", data=form, files=files)
         else:

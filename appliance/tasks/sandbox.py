@@ -9,6 +9,7 @@ What a job sees, and nothing else (no /home, /root, /run, /var, /srv, /opt, /mnt
     /proc /dev                      its own: its processes only; null, zero, random, tty
     /.job/program                   the script or the commands it runs, read-only
     /run/appliance/inference.sock   the inference socket, only when the job was given one
+    /.job/relay                     with it: the relay that puts it on the job's 127.0.0.1:11434
 
 How it is held (bubblewrap's flags, then what runs inside):
 
@@ -22,6 +23,10 @@ How it is held (bubblewrap's flags, then what runs inside):
   nothing of the appliance's own (no APPLIANCE_* setting, no provider or cloud key). No file
   descriptor is inherited but stdin (/dev/null), stdout and stderr. bubblewrap reads its options
   (paths, variables) from a file (``--args``), so that ``ps`` on the host shows none of them.
+- A job given an inference socket also gets ``INFERENCE_URL`` (OpenAI's base) and
+  ``OLLAMA_BASE_URL`` pointing at 127.0.0.1:11434 on its own loopback, where ``relay.py`` (run by
+  the system's /usr/bin/python3 before the program, outside its rlimits) passes each connection
+  to the socket, and so to the forwarder (``forwarder.py``): the job's only way out.
 - ``--new-session``: no terminal to push input into. ``--die-with-parent``: the job dies with us.
 - When the appliance runs as root, jobs run as uid/gid 65534 (nobody): as root, the kernel would not
   count their processes, and a job never needs root. Its work directory is handed to that user, and
@@ -74,6 +79,13 @@ __all__ = [
 WORK_DIR = "/work"
 INFERENCE_SOCKET = "/run/appliance/inference.sock"
 PROGRAM = "/.job/program"
+RELAY = "/.job/relay"
+RELAY_PYTHON = "/usr/bin/python3"  # the system's: the job's view has /usr, not the appliance's venv
+RELAY_SOURCE = Path(__file__).with_name("relay.py")
+INFERENCE_ENV = {
+    "INFERENCE_URL": "http://127.0.0.1:11434/v1",
+    "OLLAMA_BASE_URL": "http://127.0.0.1:11434",
+}
 NOBODY = 65534  # uid and gid jobs run as when the appliance runs as root
 
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -104,6 +116,8 @@ INSTALL_BWRAP_HINT = "install bubblewrap (apt-get install bubblewrap, dnf instal
 # PID 1 inside: runs the program as its child, so that a signal ends the program as it would any
 # process (PID 1 ignores the signals it has no handler for), and passes its status on.
 _INIT = '"$@"; exit $?'
+# With inference: the relay first; it returns once it listens (its server lives on, in the job).
+_INIT_WITH_RELAY = f'{RELAY_PYTHON} -I -S {RELAY} || exit 125; "$@"; exit $?'
 _POLL_SECONDS = 0.05  # how often a running job's timeout and cancel are looked at
 _KILL_GRACE_SECONDS = 5.0  # after killing PID 1, how long bubblewrap gets before it is killed too
 _PROBE_TIMEOUT_SECONDS = 10.0
@@ -284,6 +298,14 @@ class Sandbox:
             raise NotReady(f"jobs cannot run here: {capabilities.reason}", hint=capabilities.hint)
         env = self._job_env(job.env)
         self._check_paths(job)
+        if job.inference_socket is not None:
+            if not os.access(RELAY_PYTHON, os.X_OK):
+                raise NotReady(
+                    f"a job with inference needs {RELAY_PYTHON}, which runs its relay, and this machine "
+                    "has none",
+                    hint="install python3 (apt-get install python3), or run the task without inference",
+                )
+            env.update(INFERENCE_ENV)
         if self._job_ids is not None:
             _hand_over(job.work_dir, *self._job_ids)
 
@@ -293,14 +315,22 @@ class Sandbox:
             for stream in ("stdout", "stderr")
         ]
         program_fd = _memfd("job-program", job.program().encode())
+        relay_fd = None if job.inference_socket is None else _memfd("job-relay", RELAY_SOURCE.read_bytes())
         seccomp_fd = self._seccomp_fd()
         info_read, info_write = os.pipe()
-        argv = self._job_argv(job, env, program_fd=program_fd, info_fd=info_write, seccomp_fd=seccomp_fd)
+        argv = self._job_argv(
+            job, env, program_fd=program_fd, relay_fd=relay_fd, info_fd=info_write, seccomp_fd=seccomp_fd
+        )
         # The options (paths, variables) go through a file, not the command line, which every user
         # of the host can read; bubblewrap takes the command itself only from its command line.
         end_of_options = argv.index("--")
         args_fd = _memfd("job-args", b"".join(arg.encode() + b"\0" for arg in argv[1:end_of_options]))
-        passed = (program_fd, info_write, args_fd, *(() if seccomp_fd is None else (seccomp_fd,)))
+        passed = (
+            program_fd,
+            info_write,
+            args_fd,
+            *(fd for fd in (seccomp_fd, relay_fd) if fd is not None),
+        )
         size_at_spawn = _peak_resident_bytes("self")
         started = time.monotonic()
         try:
@@ -463,7 +493,14 @@ class Sandbox:
         return args
 
     def _job_argv(
-        self, job: Job, env: Mapping[str, str], *, program_fd: int, info_fd: int, seccomp_fd: int | None
+        self,
+        job: Job,
+        env: Mapping[str, str],
+        *,
+        program_fd: int,
+        relay_fd: int | None,
+        info_fd: int,
+        seccomp_fd: int | None,
     ) -> list[str]:
         assert self._bwrap is not None  # the probe found both
         assert self._prlimit is not None
@@ -473,6 +510,8 @@ class Sandbox:
         if job.inference_socket is not None:
             argv += ["--bind", str(job.inference_socket.resolve()), INFERENCE_SOCKET]
         argv += ["--perms", "0555", "--ro-bind-data", str(program_fd), PROGRAM]
+        if relay_fd is not None:
+            argv += ["--perms", "0444", "--ro-bind-data", str(relay_fd), RELAY]
         argv += ["--remount-ro", "/", "--chdir", WORK_DIR, "--info-fd", str(info_fd)]
         for name, value in env.items():
             argv += ["--setenv", name, value]
@@ -483,7 +522,7 @@ class Sandbox:
             "--",
             "/bin/sh",
             "-c",
-            _INIT,
+            _INIT if relay_fd is None else _INIT_WITH_RELAY,
             "sandbox",
             self._prlimit,
             # SIGXCPU at the limit, SIGKILL a second later for a job that ignores it

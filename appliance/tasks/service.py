@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +48,7 @@ from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
+from appliance.tasks.forwarder import InferenceForwarder
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
 from appliance.tasks.output import OutputCapture, OutputChunk
 from appliance.tasks.sandbox import Sandbox
@@ -67,6 +68,7 @@ POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
 FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
+INFERENCE_OPTION = "inference"  # in a task's stored limits: whether its job may call models
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ class NewTask(BaseModel):
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200, description="The same key gives back the same task."
     )
+    inference: bool = Field(
+        default=False,
+        description="Let a script or commands call models: INFERENCE_URL and OLLAMA_BASE_URL inside the job.",
+    )
 
 
 class TaskOut(BaseModel):
@@ -104,6 +110,7 @@ class TaskOut(BaseModel):
     actor: str
     attempts: int
     limits: dict[str, Any]
+    inference: bool
     result: dict[str, Any] | None
     idempotency_key: str | None
     created_at: str
@@ -112,9 +119,9 @@ class TaskOut(BaseModel):
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
-        return cls(
-            **{name: getattr(task, name) for name in cls.model_fields},
-        )
+        fields = {name: getattr(task, name) for name in cls.model_fields if name != "inference"}
+        fields["limits"] = _job_limits(task)
+        return cls(**fields, inference=_has_inference(task))
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,7 @@ class TaskService:
         self.models = models
         self.inference = inference
         self.sandbox = sandbox if sandbox is not None else Sandbox(hidden=_hidden_paths(settings))
+        self.forwarder = InferenceForwarder(settings, store)
         self.root = settings.data_dir / "tasks"
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, _Running] = {}
@@ -247,6 +255,8 @@ class TaskService:
         same idempotency key from the same actor gives back the first task, and writes nothing."""
         limits = self._limits(request.limits)
         self._check(request, attachments)
+        # Kept with the limits: like them, it bounds what the job may reach.
+        limits[INFERENCE_OPTION] = request.inference
         task_id = uuid.uuid4().hex
         with audited(self.store, context, action="task.create", target=task_id) as note:
             task_dir = self._make_task_dir(task_id)
@@ -308,6 +318,11 @@ class TaskService:
                 f"the task's {request.mode} holds a NUL byte", hint="send text without NUL bytes"
             )
         if request.mode == "prompt":
+            if request.inference:
+                raise InvalidInput(
+                    "inference is for script and commands tasks: a prompt task goes to its model already",
+                    hint="leave inference out of a prompt task",
+                )
             if request.model is None:
                 raise InvalidInput("a prompt task needs a model", hint="name one with model (--model)")
             self.models.get(request.model)  # ModelNotFound, InvalidModelName
@@ -577,20 +592,27 @@ class TaskService:
 
     async def _run_job(self, task: Task, running: _Running) -> tuple[TaskState, dict[str, Any]]:
         assert task.mode != "prompt"
-        job = Job(
-            mode=task.mode,
-            text=task.text,
-            work_dir=self.task_dir(task.id) / "work",
-            limits=Limits(**task.limits),
-            env={"TASK_ID": task.id},
-        )
-        call = self.sandbox.stream(job)
-        running.stop = call.cancel
-        if running.stopped_for is not None:
-            call.cancel()
-        async for chunk in call:
-            self._write(running, chunk)
-        done: JobResult = await call.result()
+        async with AsyncExitStack() as stack:
+            socket = (
+                await stack.enter_async_context(self.forwarder.serving(task.id))
+                if _has_inference(task)
+                else None
+            )
+            job = Job(
+                mode=task.mode,
+                text=task.text,
+                work_dir=self.task_dir(task.id) / "work",
+                limits=Limits(**_job_limits(task)),
+                env={"TASK_ID": task.id},
+                inference_socket=socket,
+            )
+            call = self.sandbox.stream(job)
+            running.stop = call.cancel
+            if running.stopped_for is not None:
+                call.cancel()
+            async for chunk in call:
+                self._write(running, chunk)
+            done: JobResult = await call.result()
         state: TaskState = (
             "succeeded" if done.ok else "canceled" if done.outcome is Outcome.CANCELLED else "failed"
         )
@@ -609,7 +631,7 @@ class TaskService:
         if self.inference is None:
             raise InvalidInput("this process serves no models", hint="run tasks in `appliance serve`")
         inference = self.inference
-        limits = Limits(**task.limits)
+        limits = Limits(**_job_limits(task))
         capture = OutputCapture(
             "stdout", limit=limits.output_bytes, on_output=lambda c: self._write(running, c)
         )
@@ -689,6 +711,15 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _has_inference(task: Task) -> bool:
+    return bool(task.limits.get(INFERENCE_OPTION, False))
+
+
+def _job_limits(task: Task) -> dict[str, Any]:
+    """The task's ``Limits`` fields: its limits without the inference option kept beside them."""
+    return {name: value for name, value in task.limits.items() if name != INFERENCE_OPTION}
 
 
 def _may_see(who: Actor, task: Task) -> bool:

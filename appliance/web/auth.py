@@ -6,6 +6,8 @@ auth on, a request names its key as ``Authorization: Bearer KEY`` or ``x-api-key
 or one unknown, revoked or expired, gets 401 with ``WWW-Authenticate: Bearer``; an action the
 key's role may not do gets 403 (audited, with the reason). A browser comes with its session
 cookie instead (``web/login.py``), and then sends ``X-CSRF-Token`` with every change.
+A job's inference call comes through the task forwarder (``tasks/forwarder.py``) with no key: it
+carries the forwarder's per-process secret, and acts as its task (``task:<id>``), auth on or off.
 
 Imports: the auth service, audit and identity; the guards for the checks that come first; the
 login routes for the cookie's and the header's names.
@@ -41,6 +43,7 @@ from appliance.errors import ApiKeyNotFound, CsrfFailed, Forbidden, Unauthorized
 from appliance.identity import Actor, Role
 from appliance.runtime import Runtime
 from appliance.settings import Settings
+from appliance.tasks.forwarder import FORWARDER_HEADER, TASK_HEADER, task_actor
 from appliance.web.dependencies import provide_context
 from appliance.web.guards import request_actor, request_guard
 from appliance.web.login import CSRF_HEADER, SESSION_COOKIE, session_login
@@ -167,6 +170,9 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
     base = request_guard(settings)
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
+        forwarded = _forwarded_task(request)
+        if forwarded is not None:
+            request.state.actor = forwarded
         answered = await base(request)
         auth = _auth(request.app.state)
         if answered is not None or not auth.enabled:
@@ -177,12 +183,14 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
             action = ROUTE_ACTIONS.get(("GET", template))
         if action == "public":
             return None
-        secret = _presented_key(request)
-        if secret is not None:
+        if forwarded is None:  # else it acts as its task, set above
+            secret = _presented_key(request)
             # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
-            request.state.actor = auth.authenticate(secret, provide_context(request))
-        else:
-            request.state.actor = _session_actor(request)
+            request.state.actor = (
+                auth.authenticate(secret, provide_context(request))
+                if secret is not None
+                else _session_actor(request)
+            )
         if action is None:  # fail closed; the route-table test keeps this from happening
             raise Forbidden(
                 f"{request.method} {request.url.path} has no policy action", hint="please report it"
@@ -191,6 +199,25 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
         return None
 
     return guard
+
+
+def _forwarded_task(request: Request[Any, Any, Any]) -> Actor | None:
+    """The task a job's call came from, when the forwarder sent it; a wrong secret is refused."""
+    secret = request.headers.get(FORWARDER_HEADER)
+    if secret is None:
+        return None
+    runtime: Runtime = request.app.state.runtime
+    if not runtime.tasks.forwarder.trusts(secret):
+        raise Forbidden(
+            f"refused a request with a wrong {FORWARDER_HEADER} header",
+            hint="call the API with an API key; that header is the appliance's own",
+        )
+    task_id = request.headers.get(TASK_HEADER, "")
+    if not task_id:
+        raise Forbidden(
+            f"refused a forwarded request without its {TASK_HEADER} header", hint="please report it"
+        )
+    return task_actor(task_id)
 
 
 def _session_actor(request: Request[Any, Any, Any]) -> Actor:

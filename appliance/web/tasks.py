@@ -33,7 +33,7 @@ from appliance.web.errors import ErrorInfo, error_tail, problem_body
 __all__ = ["TasksController"]
 
 TASK_STATES = ("queued", "running", "succeeded", "failed", "canceled")
-FORM_FIELDS = ("mode", "text", "model", "idempotency_key", "limits")
+FORM_FIELDS = ("mode", "text", "model", "idempotency_key", "limits", "inference")
 
 
 def provide_tasks(state: State) -> TaskService:
@@ -50,7 +50,7 @@ class TasksController(Controller):
     async def create_task(
         self, request: Request[Any, Any, Any], tasks: TaskService, context: Context
     ) -> Response[dict[str, Any]]:
-        """Queue a task: JSON {mode, text, model, limits, idempotency_key}, or the same as
+        """Queue a task: JSON {mode, text, model, limits, idempotency_key, inference}, or the same as
         multipart form fields with files in `attachment` fields. 201 with the task; 200 with the
         first one when its idempotency key was sent before."""
         content_type = request.headers.get("content-type", "")

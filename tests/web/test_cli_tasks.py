@@ -94,3 +94,24 @@ def test_without_a_server_it_says_so(cli: Any) -> None:
     run = cli("tasks", "ls", "--port", str(free_port()))
     assert run.returncode == 1
     assert "no appliance server answers" in run.stderr
+
+
+def test_inference_lets_a_job_list_the_models_with_or_without_attachments(
+    served: Serving, cli: Any, tmp_path: Path
+) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("listed\n")
+    script = 'curl -s "$OLLAMA_BASE_URL/api/tags"; echo; cat /work/note.txt'
+    port = str(served.port)
+    for attach in ((), ("--attach", str(note))):
+        run = cli(
+            "tasks", "create", "--mode", "script", "--inference", *attach, script, "--follow", "--port", port
+        )
+        if not attach:
+            assert run.returncode == 1  # no note.txt: cat fails, after the listing
+        else:
+            assert run.returncode == 0, run.stderr
+            assert run.stdout.endswith("listed\n")
+        assert json.loads(run.stdout.splitlines()[0]) == {"models": []}
+    tasks = json.loads(cli("tasks", "ls", "--json", "--port", port).stdout)
+    assert [task["inference"] for task in tasks] == [True, True]

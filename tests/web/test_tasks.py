@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.web.conftest import Keys
 from tests.web.serving import Serving, serving
 
 
@@ -38,10 +39,12 @@ def served(data_dir: Path) -> Iterator[Serving]:
         yield server
 
 
-def events(client: httpx.Client, task_id: str) -> list[tuple[str, Any]]:
+def events(
+    client: httpx.Client, task_id: str, headers: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
     """The task's server-sent events, to its end."""
     found = []
-    with client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=120) as response:
+    with client.stream("GET", f"/api/v1/tasks/{task_id}/events", timeout=120, headers=headers) as response:
         assert response.status_code == 200
         kind = ""
         for line in response.iter_lines():
@@ -138,6 +141,10 @@ def test_oversized_attachments_and_bodies_get_413_with_the_limit(served: Serving
             "above this appliance's",
         ),
         ({"json": {"text": "hello"}}, "a prompt task needs a model"),
+        (
+            {"json": {"text": "hello", "model": "tiny", "inference": True}},
+            "inference is for script and commands",
+        ),
         ({"data": {"mode": "script", "text": "ls", "limits": "{"}}, "limits is not JSON"),
         ({"data": {"mode": "script", "text": "ls", "shell": "bash"}}, "'shell' is not a task field"),
         ({"data": {"mode": "script"}, "files": [("attachment", ("x", b"1"))]}, "text"),
@@ -226,3 +233,119 @@ def test_a_server_killed_while_a_task_runs_retries_it_once_then_fails_it(data_di
     assert (ended["state"], ended["attempts"]) == ("failed", 2)
     assert ended["result"]["reason"] == "the server stopped while it ran"
     assert (data_dir / "tasks" / task["id"] / "stdout").read_text() == "attempt\n"
+
+
+# A job with inference: the model list with curl, a chat with Python's urllib, an Ollama answer
+# streamed, a route outside inference, a body past 10 MiB, and its environment.
+INFERENCE_SCRIPT = r"""#!/bin/sh
+curl -s "$INFERENCE_URL/models" > /work/models.json
+curl -sN "$OLLAMA_BASE_URL/api/generate" \
+  -d '{"model": "tiny", "prompt": "hi", "options": {"num_predict": 3}}' > /work/generate.jsonl
+for route in "GET /api/v1/models" "POST /api/pull" "GET /api/v1/tasks"; do
+  curl -s -o /dev/null -w "%{http_code}\n" -X "${route% *}" "$OLLAMA_BASE_URL${route#* }" >> /work/refused.txt
+done
+curl -s -X POST "$OLLAMA_BASE_URL/api/pull" > /work/refusal.json
+env > /work/env.txt
+/usr/bin/python3 - <<'PY'
+import json, os, urllib.error, urllib.request
+def post(body):
+    request = urllib.request.Request(
+        os.environ["INFERENCE_URL"] + "/chat/completions", data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+print(json.dumps({"chat": post(json.dumps(chat).encode()), "big": post(b" " * (11 * 1024 * 1024))}))
+PY
+"""
+
+
+def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
+    data_dir: Path, tiny_gguf: Path, cli: Any, keys: Keys
+) -> None:
+    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    user = {"Authorization": f"Bearer {keys.user}"}
+    run_dir = data_dir.parent / "run"  # where the server makes each job's socket dir
+    run_dir.mkdir(mode=0o711)
+    env = {"OPENAI_API_KEY": "sk-not-for-jobs", "TMPDIR": str(run_dir)}
+    with serving(data_dir, env=env) as server:
+        created = server.client.post(
+            "/api/v1/tasks",
+            json={"mode": "script", "text": INFERENCE_SCRIPT, "inference": True},
+            headers=user,
+        )
+        assert (created.status_code, created.json()["inference"]) == (201, True), created.text
+        task_id = created.json()["id"]
+        found = events(server.client, task_id, headers=user)
+        without = server.client.post(
+            "/api/v1/tasks",
+            json={
+                "mode": "script",
+                "text": 'echo "[$INFERENCE_URL]"; curl -sS http://127.0.0.1:11434/api/tags',
+            },
+            headers=user,
+        ).json()
+        ended_without = events(server.client, without["id"], headers=user)
+        admin = {"Authorization": f"Bearer {keys.admin}"}
+        audit = server.client.get(
+            "/api/v1/audit", params={"action": "task.inference", "limit": 100}, headers=admin
+        ).json()
+        logged = server.client.get("/api/v1/inference", headers=admin).json()
+    assert found[-1][1]["state"] == "succeeded", (found[-1], printed(found, "stderr"))
+    assert [path.name for path in run_dir.glob("appliance-inference-*")] == []  # gone with the job
+    work = data_dir / "tasks" / task_id / "work"
+    listed = json.loads((work / "models.json").read_text())["data"]
+    assert [model["id"] for model in listed] == ["tiny:latest"]
+    streamed = [json.loads(line) for line in (work / "generate.jsonl").read_text().splitlines()]
+    assert len(streamed) > 1
+    assert streamed[-1]["done"] is True
+    assert (work / "refused.txt").read_text().split() == ["403", "403", "403"]
+    refusal = json.loads((work / "refusal.json").read_text())["error"]
+    assert "POST /api/pull is not an inference route" in refusal["message"]
+    assert "POST /v1/chat/completions" in refusal["message"]
+    answers = json.loads(printed(found))
+    (chat_status, chat), (big_status, big) = answers["chat"], answers["big"]
+    assert (chat_status, chat["object"]) == (200, "chat.completion")
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert big_status == 413
+    assert "limit of 10485760 bytes" in big["error"]["message"]
+    job_env = (work / "env.txt").read_text()
+    assert "OLLAMA_BASE_URL=http://127.0.0.1:11434\n" in job_env
+    assert "INFERENCE_URL=http://127.0.0.1:11434/v1\n" in job_env
+    for secret in ("sk-not-for-jobs", keys.user, keys.admin, "APPLIANCE"):
+        assert secret not in job_env
+    # Without inference: no variables, and nothing listens on the port.
+    assert printed(ended_without) == "[]\n"
+    assert "Could not connect" in printed(ended_without, "stderr") or "Failed to connect" in printed(
+        ended_without, "stderr"
+    )
+    assert ended_without[-1][1]["state"] == "failed"
+    # The inference log ties each call to the task; every call is audited as the task, never
+    # as the user's key.
+    assert {(row["endpoint"], row["correlation_id"]) for row in logged} == {
+        ("/api/generate", task_id),
+        ("/v1/chat/completions", task_id),
+    }
+    by_task = [row for row in audit if row["target"] == task_id]
+    assert {row["actor"] for row in by_task} == {f"task:{task_id}"}
+    routes = {(row["detail"]["route"], row["detail"]["status"]) for row in by_task}
+    assert {
+        ("GET /v1/models", 200),
+        ("POST /api/generate", 200),
+        ("POST /v1/chat/completions", 200),
+        ("GET /api/v1/models", 403),
+        ("POST /api/pull", 403),
+        ("POST /v1/chat/completions", 413),
+    } <= routes
+
+
+def test_the_forwarders_header_with_a_wrong_secret_is_refused(served: Serving) -> None:
+    response = served.client.get(
+        "/v1/models", headers={"X-Appliance-Forwarder": "guess", "X-Appliance-Task": "t"}
+    )
+    assert response.status_code == 403
+    assert "x-appliance-forwarder" in response.json()["error"]["message"]

@@ -491,6 +491,7 @@ async function tasks() {
   const model = h("select", { id: "task-model" }, choices.map((m) => h("option", { value: m.name }, m.name)));
   const text = h("textarea", { id: "task-text", rows: 5, required: true, placeholder: "A prompt, a script, or commands (one per line)" });
   const files = h("input", { id: "task-files", type: "file", multiple: true });
+  const inference = h("input", { id: "task-inference", type: "checkbox" });
   const create = h("button", { type: "submit", id: "task-create" }, "Create");
   const list = h("tbody", { id: "tasks-table" });
   const watched = h("section", { id: "task-watch" });
@@ -499,7 +500,9 @@ async function tasks() {
 
   const form = h("form", { onsubmit: (event) => { event.preventDefault(); attempt(submit); } },
     h("label", {}, "Mode", mode), h("label", {}, "Model (prompts)", model), h("label", {}, "Text", text),
-    h("label", {}, "Attachments (scripts and commands: in /work)", files), h("p", {}, create));
+    h("label", {}, "Attachments (scripts and commands: in /work)", files),
+    h("label", {}, inference, " Inference (scripts and commands may call models at $INFERENCE_URL and $OLLAMA_BASE_URL)"),
+    h("p", {}, create));
   page.replaceChildren(h("h1", {}, "Tasks"), form, watched,
     h("h2", {}, "Recent tasks"),
     h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Task"), h("th", {}, "State"), h("th", {}, "Mode"), h("th", {}, "Created"))), list));
@@ -519,6 +522,7 @@ async function tasks() {
     body.append("mode", mode.value);
     body.append("text", text.value);
     if (mode.value === "prompt" && model.value) body.append("model", model.value);
+    if (mode.value !== "prompt" && inference.checked) body.append("inference", "true");
     for (const file of files.files) body.append("attachment", file, file.name);
     const response = await fetch("/api/v1/tasks", { method: "POST", headers: credentials("POST"), body });
     const data = await readBody(response);

@@ -1,0 +1,299 @@
+"""The inference forwarder: a Unix socket per job that passes the job's inference calls to the appliance.
+
+A job given inference (``NewTask.inference``) gets a socket bind-mounted at
+``/run/appliance/inference.sock``; the relay inside its sandbox (``relay.py``) puts it on the job's
+own 127.0.0.1:11434. Each connection carries one HTTP/1.1 exchange, checked here:
+
+- only the inference routes (``INFERENCE_ROUTES``): anything else gets 403 with the routes allowed;
+- a body of at most ``MAX_BODY_BYTES`` (413 past it) sent with a Content-Length (411 without);
+- ``EXCHANGE_SECONDS`` for the whole exchange, the answer included (504 if nothing was answered yet).
+
+It is then sent to the appliance's own API on loopback with no key: the job's own headers are
+dropped but for the body's type, and the forwarder adds its per-process secret with the task's id
+(``FORWARDER_HEADER``, ``TASK_HEADER``), from which the auth guard makes the actor ``task:<id>``
+(``X-Request-ID`` is the task's id too, so the inference log ties each request to it). The answer
+streams back as it comes, chunked. Each exchange is audited as ``task.inference`` by the task.
+
+The socket lives in a directory of its own, made for the job and removed with it.
+
+Imports: the standard library, httpx, audit, identity, settings, the client's trust of the
+server's certificate and this package's sandbox (the job's user).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import secrets
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from http import HTTPStatus
+from pathlib import Path
+
+import httpx
+
+from appliance.audit import AuditNote, Context, record
+from appliance.client import _data_dir_trust
+from appliance.identity import Actor
+from appliance.settings import Settings, url_host
+from appliance.store.base import Store
+from appliance.tasks.sandbox import NOBODY
+
+__all__ = [
+    "EXCHANGE_SECONDS",
+    "FORWARDER_HEADER",
+    "INFERENCE_ROUTES",
+    "MAX_BODY_BYTES",
+    "TASK_HEADER",
+    "InferenceForwarder",
+    "task_actor",
+]
+
+INFERENCE_ROUTES = frozenset(
+    {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/generate"),
+        ("POST", "/api/embed"),
+        ("POST", "/api/embeddings"),
+        ("GET", "/v1/models"),
+        ("GET", "/api/tags"),
+    }
+)
+MAX_BODY_BYTES = 10 * 1024 * 1024
+EXCHANGE_SECONDS = 120.0
+MAX_HEAD_BYTES = 64 * 1024
+FORWARDER_HEADER = "x-appliance-forwarder"
+TASK_HEADER = "x-appliance-task"
+PASSED_HEADERS = ("content-type", "accept")  # the job's headers that reach the API; no credentials
+HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+SOCKET_NAME = "inference.sock"
+
+
+def task_actor(task_id: str) -> Actor:
+    """Who a job's inference calls act as: its task, with a user's rights (the routes are inference only)."""
+    return Actor(id=task_id, kind="task", role="user")
+
+
+class _Refused(Exception):
+    """A request answered here; ``unread`` is how much of its body is still to be read."""
+
+    def __init__(self, status: HTTPStatus, message: str, hint: str, *, unread: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.hint = hint
+        self.unread = unread
+
+
+class InferenceForwarder:
+    """Serves jobs' inference sockets on the running event loop; ``serving(task_id)`` gives one."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.store = store
+        self._secret = secrets.token_urlsafe(32)
+        host = settings.host.strip("[]")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+        trust = _data_dir_trust(settings)
+        self._upstream = f"{'http' if trust is None else 'https'}://{url_host(host)}:{settings.port}"
+        self._verify: ssl.SSLContext | bool = trust if trust is not None else True
+        self._as_nobody = os.geteuid() == 0  # jobs then run as nobody, who must connect
+
+    def trusts(self, secret: str) -> bool:
+        """Whether a request's forwarder header is this process's secret."""
+        return hmac.compare_digest(secret.encode(), self._secret.encode())
+
+    @asynccontextmanager
+    async def serving(self, task_id: str) -> AsyncIterator[Path]:
+        """A socket for the task's job, served until the block ends; then it and its dir go."""
+        directory = Path(tempfile.mkdtemp(prefix="appliance-inference-"))
+        path = directory / SOCKET_NAME
+        exchanges: set[asyncio.Task[None]] = set()
+        # The exchange's own deadline bounds each call; httpx's would cut a long stream short.
+        client = httpx.AsyncClient(
+            base_url=self._upstream, verify=self._verify, timeout=httpx.Timeout(EXCHANGE_SECONDS)
+        )
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            current = asyncio.current_task()
+            assert current is not None
+            exchanges.add(current)
+            try:
+                await self._exchange(client, task_id, reader, writer)
+            finally:
+                exchanges.discard(current)
+                writer.close()
+                with suppress(OSError, asyncio.CancelledError):
+                    await writer.wait_closed()
+
+        try:
+            server = await asyncio.start_unix_server(handle, path=str(path), limit=MAX_HEAD_BYTES)
+            if self._as_nobody:
+                directory.chmod(0o711)
+                os.chown(path, NOBODY, NOBODY)
+            path.chmod(0o600)
+            try:
+                yield path
+            finally:
+                server.close()
+                for exchange in list(exchanges):  # a relay connection the job left open
+                    exchange.cancel()
+                await server.wait_closed()
+        finally:
+            await client.aclose()
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        task_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        note = AuditNote(target=task_id)
+        started = time.monotonic()
+        answered = False
+        try:
+            async with asyncio.timeout(EXCHANGE_SECONDS):
+                method, target, headers, body = await _read_request(reader, note)
+                note.bytes = len(body)
+                request = client.build_request(
+                    method,
+                    target,
+                    content=body,
+                    headers={
+                        **{name: headers[name] for name in PASSED_HEADERS if name in headers},
+                        FORWARDER_HEADER: self._secret,
+                        TASK_HEADER: task_id,
+                        "x-request-id": task_id,
+                    },
+                )
+                response = await client.send(request, stream=True)
+                try:
+                    answered = True
+                    note.detail.update(status=response.status_code)
+                    note.outcome = "ok" if response.is_success else "error"
+                    writer.write(_head(response.status_code, response.headers.multi_items()))
+                    async for chunk in response.aiter_raw():
+                        writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                        await writer.drain()
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
+                finally:
+                    await response.aclose()
+        except _Refused as refused:
+            note.outcome = "error"
+            note.detail.update(status=refused.status.value, message=str(refused))
+            _answer(writer, refused.status, str(refused), refused.hint)
+            # Read the body the job still sends, so that its end reads the answer, not a reset.
+            with suppress(ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+                async with asyncio.timeout(EXCHANGE_SECONDS):
+                    while refused.unread > 0:
+                        refused.unread -= len(await reader.readexactly(min(refused.unread, 65536)))
+        except TimeoutError:
+            note.outcome = "error"
+            note.detail.update(message=f"stopped after {EXCHANGE_SECONDS:g} s")
+            if not answered:
+                _answer(
+                    writer,
+                    HTTPStatus.GATEWAY_TIMEOUT,
+                    f"the inference call took longer than {EXCHANGE_SECONDS:g} s",
+                    "ask for fewer tokens, or split the work into shorter calls",
+                )
+        except httpx.HTTPError as exc:
+            note.outcome = "error"
+            note.detail.update(message=str(exc))
+            if not answered:
+                _answer(writer, HTTPStatus.BAD_GATEWAY, f"the appliance did not answer: {exc}", "try again")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return  # the job hung up
+        with suppress(ConnectionError):
+            await writer.drain()
+        context = Context(task_actor(task_id), correlation_id=task_id)
+        await asyncio.to_thread(
+            record,
+            self.store,
+            context,
+            action="task.inference",
+            note=note,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+
+
+async def _read_request(
+    reader: asyncio.StreamReader, note: AuditNote
+) -> tuple[str, str, dict[str, str], bytes]:
+    """Method, target, headers (lower-cased names) and body of one request, or _Refused; the
+    route goes in ``note`` as soon as it is known."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        raise _Refused(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"the request's headers pass {MAX_HEAD_BYTES} bytes",
+            "send fewer or shorter headers",
+        ) from None
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _Refused(HTTPStatus.BAD_REQUEST, "not an HTTP/1.1 request", "send an HTTP/1.1 request")
+    method, target, _ = parts
+    note.detail.update(route=f"{method} {target.partition('?')[0]}")
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _Refused(
+            HTTPStatus.LENGTH_REQUIRED,
+            "the request's body is sent in chunks",
+            "send the body whole, with a Content-Length header",
+        )
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _Refused(
+            HTTPStatus.BAD_REQUEST, f"Content-Length {length_text!r} is not a number", "send the body's size"
+        )
+    length = int(length_text)
+    if (method, target.partition("?")[0]) not in INFERENCE_ROUTES:
+        allowed = ", ".join(f"{verb} {path}" for verb, path in sorted(INFERENCE_ROUTES, key=lambda r: r[1]))
+        raise _Refused(
+            HTTPStatus.FORBIDDEN,
+            f"{method} {target.partition('?')[0]} is not an inference route: a job may call only {allowed}",
+            "call one of those routes at $INFERENCE_URL (OpenAI) or $OLLAMA_BASE_URL (Ollama)",
+            unread=length,
+        )
+    if length > MAX_BODY_BYTES:
+        raise _Refused(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"the request's body of {length} bytes passes the limit of {MAX_BODY_BYTES} bytes "
+            "for a job's inference call",
+            "send a smaller request",
+            unread=length,
+        )
+    return method, target, headers, await reader.readexactly(length)
+
+
+def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{name}: {value}" for name, value in headers if name.lower() not in HOP_HEADERS]
+    lines += ["Transfer-Encoding: chunked", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _answer(writer: asyncio.StreamWriter, status: HTTPStatus, message: str, hint: str) -> None:
+    body = json.dumps({"error": {"message": message, "hint": hint, "status": status.value}}).encode()
+    writer.write(
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )

@@ -1,0 +1,134 @@
+"""The inference forwarder on its own: a real Unix socket, a real loopback HTTP server behind it
+and a real store for its audit. What a job sees end to end is in tests/web/test_tasks.py."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.audit import AuditService
+from appliance.errors import NotReady
+from appliance.settings import Settings
+from appliance.store.base import Store
+from appliance.store.factory import open_data_dir
+from appliance.tasks import Job, Sandbox, sandbox
+from appliance.tasks.forwarder import MAX_HEAD_BYTES, InferenceForwarder
+from appliance.tasks.sandbox import NOBODY
+from tests.conftest import free_port
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"{self.path} {self.headers.get('x-appliance-task')} {self.headers.get('authorization')}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    _, opened = open_data_dir(Settings(data_dir=tmp_path / "data"))
+    yield opened
+    opened.close()
+
+
+def exchange(forwarder: InferenceForwarder, request: bytes) -> tuple[bytes, Path]:
+    """Send ``request`` through the task's socket; returns all that came back, and the socket's path."""
+
+    async def run() -> tuple[bytes, Path]:
+        async with forwarder.serving("t1") as path:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(request)
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            return answer, path
+
+    return asyncio.run(run())
+
+
+def test_a_call_reaches_the_api_as_the_task_with_no_key_and_the_socket_goes_after(
+    tmp_path: Path, store: Store, upstream: int
+) -> None:
+    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    answer, path = exchange(
+        forwarder, b"GET /api/tags?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer stolen\r\n\r\n"
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"Transfer-Encoding: chunked" in head
+    assert b"/api/tags?x=1 t1 None" in body  # the job's Authorization header is dropped
+    assert not path.exists()
+    assert not path.parent.exists()
+    (row,) = AuditService(store).list_events(action="task.inference")
+    assert (row.actor, row.target, row.detail["status"]) == ("task:t1", "t1", 200)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [
+        (b"GET /api/v1/models HTTP/1.1\r\n\r\n", b"403", b"not an inference route"),
+        (
+            b"POST /api/chat HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"411",
+            b"sent in chunks",
+        ),
+        (b"hello\r\n\r\n", b"400", b"not an HTTP/1.1 request"),
+        (b"POST /api/chat HTTP/1.1\r\nContent-Length: x\r\n\r\n", b"400", b"is not a number"),
+        (
+            b"GET /api/tags HTTP/1.1\r\nX-Long: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n",
+            b"431",
+            b"headers pass",
+        ),
+    ],
+)
+def test_what_the_forwarder_refuses(
+    tmp_path: Path, store: Store, upstream: int, request_bytes: bytes, status: bytes, message: bytes
+) -> None:
+    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    answer, _ = exchange(forwarder, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert message in answer
+    (row,) = AuditService(store).list_events(action="task.inference")
+    assert (row.actor, row.outcome) == ("task:t1", "error")
+
+
+def test_an_api_that_does_not_answer_gets_502(tmp_path: Path, store: Store) -> None:
+    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=free_port()), store)
+    answer, _ = exchange(forwarder, b"GET /api/tags HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 502")
+    assert b"the appliance did not answer" in answer
+
+
+def test_a_job_with_inference_needs_the_systems_python(
+    shared_dir: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    socket_path = shared_dir / "inference.sock"
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(socket_path))
+        listening.listen()
+        if os.geteuid() == 0:  # jobs then run as nobody, who must connect
+            os.chown(socket_path, NOBODY, NOBODY)
+        monkeypatch.setattr(sandbox, "RELAY_PYTHON", str(shared_dir / "no-python3"))
+        with pytest.raises(NotReady, match=r"needs .*no-python3, which runs its relay"):
+            Sandbox().run(Job(mode="script", text="true", work_dir=work_dir, inference_socket=socket_path))
