@@ -72,8 +72,9 @@ RULES = [
     Rule(
         "appliance.tasks",
         ("appliance.web", "appliance.store", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
-        "the sandbox runs a job and reports it: the task service above it keeps state and serves it",
-        except_modules=("appliance.tasks.service",),
+        "the sandbox runs a job and reports it: the task service (and the forwarder, which audits each"
+        " call a job makes) keeps state above it",
+        except_modules=("appliance.tasks.service", "appliance.tasks.forwarder"),
     ),
     Rule(
         "appliance.tasks.service",

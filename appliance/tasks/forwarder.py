@@ -70,6 +70,7 @@ INFERENCE_ROUTES = frozenset(
 )
 MAX_BODY_BYTES = 10 * 1024 * 1024
 EXCHANGE_SECONDS = 120.0
+FINISH_SECONDS = 5.0  # for an exchange to end once its job has
 MAX_HEAD_BYTES = 64 * 1024
 FORWARDER_HEADER = "x-appliance-forwarder"
 TASK_HEADER = "x-appliance-task"
@@ -143,8 +144,12 @@ class InferenceForwarder:
                 yield path
             finally:
                 server.close()
-                for exchange in list(exchanges):  # a relay connection the job left open
-                    exchange.cancel()
+                if exchanges:
+                    # The job has ended, so its connections are closed and each exchange ends at
+                    # once, audited, before the task does; one still stuck after that is stopped.
+                    _, stuck = await asyncio.wait(set(exchanges), timeout=FINISH_SECONDS)
+                    for exchange in stuck:
+                        exchange.cancel()
                 await server.wait_closed()
         finally:
             await client.aclose()
@@ -213,18 +218,20 @@ class InferenceForwarder:
             if not answered:
                 _answer(writer, HTTPStatus.BAD_GATEWAY, f"the appliance did not answer: {exc}", "try again")
         except (ConnectionError, asyncio.IncompleteReadError):
-            return  # the job hung up
+            note.outcome = "error"
+            note.detail.update(message="the job hung up")
+        finally:
+            # Recorded even when the exchange is stopped (a record started runs to its end in its thread).
+            await asyncio.to_thread(
+                record,
+                self.store,
+                Context(task_actor(task_id), correlation_id=task_id),
+                action="task.inference",
+                note=note,
+                duration_ms=round((time.monotonic() - started) * 1000),
+            )
         with suppress(ConnectionError):
             await writer.drain()
-        context = Context(task_actor(task_id), correlation_id=task_id)
-        await asyncio.to_thread(
-            record,
-            self.store,
-            context,
-            action="task.inference",
-            note=note,
-            duration_ms=round((time.monotonic() - started) * 1000),
-        )
 
 
 async def _read_request(
