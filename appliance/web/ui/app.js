@@ -117,6 +117,27 @@ async function firstRows(path, wanted) {
   return { rows, more: Boolean(cursor) };
 }
 
+// A text/event-stream body read as it comes: onEvent(kind, data) for each `data:` line, kind being
+// the event's `event:` name ("message" when it has none). Read through fetch, not EventSource, so
+// a tab signed in with an API key sends it too.
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", kind = "message";
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split("\n");
+    buffer = lines.pop();
+    for (const line of lines.map((raw) => raw.replace(/\r$/, ""))) {
+      if (line === "") kind = "message";  // a blank line ends an event
+      else if (line.startsWith("event:")) kind = line.slice(6).trim();
+      else if (line.startsWith("data:")) onEvent(kind, line.slice(5).replace(/^ /, ""));
+    }
+  }
+}
+
 // Shows what went wrong, unless the login page has taken over.
 function report(error) {
   if (!(error instanceof SignedOut)) showError(error.message);
@@ -452,22 +473,12 @@ async function chat() {
         const problem = await response.json().catch(() => ({}));
         throw new Error((problem.error && problem.error.message) || response.statusText);
       }
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        const lines = buffer.split("\n");
-        buffer = lines.pop();
-        for (const line of lines) {
-          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-          const chunk = JSON.parse(line.slice(6));
-          if (chunk.error) throw new Error(chunk.error.message);
-          answer.append(chunk.choices?.[0]?.delta?.content || "");
-        }
-      }
+      await readEvents(response, (kind, data) => {
+        if (data === "[DONE]") return;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        answer.append(chunk.choices?.[0]?.delta?.content || "");
+      });
     } catch (error) {
       if (error.name === "AbortError") answer.append(h("span", { class: "muted" }, " [stopped]"));
       else report(error);
@@ -551,25 +562,12 @@ async function tasks() {
     try {
       const response = await send("GET", `/api/v1/tasks/${task.id}/events`, { signal: controller.signal });
       if (!response.ok) throw new ApiError(response, await readBody(response));
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "", kind = "message";
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        const lines = buffer.split("\n");
-        buffer = lines.pop();
-        for (const line of lines) {
-          if (line.startsWith("event:")) kind = line.slice(6).trim();
-          else if (line.startsWith("data:")) {
-            const data = JSON.parse(line.slice(5));
-            if (kind === "output") (data.stream === "stderr" ? stderr : stdout).append(data.text);
-            else if (kind === "state" || kind === "end") show(data);
-            else if (kind === "error") throw new Error(data.detail);
-          }
-        }
-      }
+      await readEvents(response, (kind, text) => {
+        const data = JSON.parse(text);
+        if (kind === "output") (data.stream === "stderr" ? stderr : stdout).append(data.text);
+        else if (kind === "state" || kind === "end") show(data);
+        else if (kind === "error") throw new Error(data.detail);
+      });
     } catch (error) {
       if (error.name !== "AbortError") report(error);
     }
