@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +11,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.web.serving import Serving, serving
+from tests.web.tasking import data_dir
 
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # As root, jobs run as nobody, who must pass through the folders above their work dir.
-    shared = Path(tempfile.mkdtemp(prefix="appliance-tasks-"))
-    shared.chmod(0o711)
-    yield shared / "data"
-    shutil.rmtree(shared, ignore_errors=True)
+__all__ = ["data_dir"]  # the fixture this module uses from tasking
 
 
 @pytest.fixture

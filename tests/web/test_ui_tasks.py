@@ -4,26 +4,14 @@ attachment), watch its output arrive, cancel one, and a prompt answered by the t
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from playwright.sync_api import Page, expect
 
 from tests.web.browsing import browser, page, shot
+from tests.web.tasking import data_dir
 
-__all__ = ["browser", "page"]  # fixtures this module uses from browsing
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # As root, jobs run as nobody, who must pass through the folders above their work dir.
-    shared = Path(tempfile.mkdtemp(prefix="appliance-tasks-"))
-    shared.chmod(0o711)
-    yield shared / "data"
-    shutil.rmtree(shared, ignore_errors=True)
+__all__ = ["browser", "data_dir", "page"]  # fixtures this module uses from browsing and tasking
 
 
 def test_a_script_with_an_attachment_runs_and_its_output_shows(page: Page, tmp_path: Path) -> None:
