@@ -19,10 +19,6 @@ refuse a file that is not what it should be before the rest of it is fetched.
 A part that fails (dropped connection, 5xx, 429, or a stall: no byte for ``stall_timeout``)
 is retried with exponential backoff; ``retries`` counts failures in a row without progress.
 A server that ignores Range gets one sequential stream, hashed as it is written.
-
-The parts' bodies are what costs CPU: each chunk httpx hands over is written at its offset with
-``pwrite`` (in WRITE_BYTES slices), and a worker counts and reports its bytes once per
-REPORT_BYTES (or PROGRESS_SECONDS), not per chunk.
 """
 
 from __future__ import annotations
@@ -53,16 +49,8 @@ from appliance.settings import DownloadSettings
 
 __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
+READ_BYTES = 1024 * 1024
 MIB = 1024 * 1024
-REPORT_BYTES = MIB  # a worker takes the lock and reports progress once per this many bytes
-HASH_READ_BYTES = 8 * MIB
-# The page cache gets folios as large as each write. Above 32 KiB (order 3, the largest the page
-# allocator does not treat as costly) a folio cost several times the CPU per byte here (ext4 in
-# a VM): 1 GiB written from 1 MiB buffers spent 4.0 s of kernel time in 64 KiB writes, 2.3-3.2 s
-# in 256 KiB or 1 MiB ones, 0.7-0.9 s in 32 KiB ones. httpx's chunks (at most 64 KiB) measured
-# the same sliced or whole; the slices keep a larger chunk from costing that.
-WRITE_BYTES = 32 * 1024
-PROGRESS_SECONDS = 0.25  # on a slow link a worker reports what it has written at least this often
 PARTS_PER_CONNECTION = 8
 STATE_SAVE_INTERVAL = 1.0
 REAUTH_GRACE = 5.0  # seconds in which a fresh token counts as fresh
@@ -215,7 +203,7 @@ class Transfer:
                 return response
             response.close()
             try:
-                self._raise_for_status(response.status_code)
+                self._raise_for_status(response)
             except _RetryablePartError as exc:  # fresh credentials: ask again
                 failures += 1
                 self._give_up_or_wait(failures, str(exc))
@@ -242,7 +230,8 @@ class Transfer:
             self._renewed_at = time.monotonic()
             return True
 
-    def _raise_for_status(self, status: int) -> None:
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        status = response.status_code
         if status == 404 or status == 410:
             raise RemoteNotFound(f"{self._where()} answered {status}: no such file")
         if status == 401 and self._reauthorize():
@@ -373,9 +362,6 @@ class Transfer:
         headers = {"Range": f"bytes={first}-{last}"}
         if probe.validator:
             headers["If-Range"] = probe.validator
-        end = last + 1
-        offset = counted = first  # written up to offset; counted in the part's progress up to counted
-        report_at = time.monotonic() + PROGRESS_SECONDS
         try:
             with self.client.stream(
                 "GET",
@@ -384,56 +370,36 @@ class Transfer:
                 follow_redirects=True,
             ) as response:
                 if response.status_code != 206:
-                    self._refuse_answer(response.status_code)
-                self._check_range(response.headers.get("content-range", ""), first)
+                    if response.status_code == 200:
+                        raise DownloadFailed(
+                            f"{self._where()} changed while it was downloaded (it no longer answers a Range"
+                            " request with the part asked for)",
+                            hint="pull again; the download starts over",
+                        )
+                    self._raise_for_status(response)
+                    raise _RetryablePartError(f"{self._where()} answered {response.status_code}")
+                match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+                if match is None or int(match.group(1)) != first:
+                    raise DownloadFailed(f"{self._where()} sent another range than the one asked for")
+                offset = first
                 for chunk in response.iter_raw():
-                    if self._stopping():
+                    if self.cancel.is_set() or self._failed.is_set():
                         return
-                    if len(chunk) > end - offset:  # the answer holds more than asked for
-                        chunk = chunk[: end - offset]
+                    chunk = chunk[: last + 1 - offset]
                     _pwrite_all(fd, chunk, offset)
                     offset += len(chunk)
-                    if offset - counted >= REPORT_BYTES or offset == end or time.monotonic() >= report_at:
-                        wrote, counted = offset - counted, offset  # counted first: _count may raise
-                        self._count(fd, index, wrote, offset, last, probe)
-                        report_at = time.monotonic() + PROGRESS_SECONDS
-                    if offset == end:
+                    with self._lock:
+                        self._done[index] += len(chunk)
+                        self._bytes_done += len(chunk)
+                    if index == 0 and (offset >= HEADER_BYTES or offset > last):
+                        self._check_header(fd, probe.size)
+                    self._report(probe)
+                    if offset > last:
                         break
         except httpx.TransportError as exc:  # a dropped connection, or a stall (read timeout)
             raise _RetryablePartError(f"the connection to {self._where()} failed: {exc!r}") from exc
-        finally:
-            if offset > counted:  # written before a failure or a stop: a retry or a resume goes on from there
-                self._count(fd, index, offset - counted, offset, last, probe)
         if offset <= last:
             raise _RetryablePartError(f"{self._where()} ended the part early")
-
-    def _count(self, fd: int, index: int, wrote: int, offset: int, last: int, probe: _Probe) -> None:
-        """Add bytes a part has written (up to ``offset``) to its progress and the running total."""
-        with self._lock:
-            self._done[index] += wrote
-            self._bytes_done += wrote
-        if index == 0 and (offset >= HEADER_BYTES or offset > last):
-            self._check_header(fd, probe.size)
-        self._report(probe)
-
-    def _refuse_answer(self, status: int) -> None:
-        """A part's request answered with something other than 206: raise what it means."""
-        if status == 200:
-            raise DownloadFailed(
-                f"{self._where()} changed while it was downloaded (it no longer answers a Range"
-                " request with the part asked for)",
-                hint="pull again; the download starts over",
-            )
-        self._raise_for_status(status)
-        raise _RetryablePartError(f"{self._where()} answered {status}")
-
-    def _check_range(self, content_range: str, first: int) -> None:
-        match = _CONTENT_RANGE.match(content_range)
-        if match is None or int(match.group(1)) != first:
-            raise DownloadFailed(f"{self._where()} sent another range than the one asked for")
-
-    def _stopping(self) -> bool:
-        return self.cancel.is_set() or self._failed.is_set()
 
     def _check_header(self, fd: int, size: int | None) -> None:
         """Once per transfer, as soon as the file's first bytes are on disk (a file of unknown size
@@ -449,7 +415,7 @@ class Transfer:
 
     def _report(self, probe: _Probe) -> None:
         if self.on_progress is not None:
-            self.on_progress(self._bytes_done, probe.size)  # a running total
+            self.on_progress(self._bytes_done, probe.size)  # a running total: this runs for every chunk
 
     def _load_state(self, probe: _Probe, count: int) -> list[int] | None:
         """The bytes per part an earlier attempt left, when they are still parts of this file."""
@@ -552,7 +518,6 @@ class _PrefixHasher:
         self.changed = changed
         self.digest = hashlib.sha256()
         self.error: BaseException | None = None
-        self.buffer = bytearray(HASH_READ_BYTES)  # one for the whole file: no new pages per part
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
@@ -570,15 +535,18 @@ class _PrefixHasher:
             self.error = exc
 
     def _hash_range(self, start: int, length: int) -> None:
-        view = memoryview(self.buffer)
+        buffer = bytearray(READ_BYTES * 8)
+        view = memoryview(buffer)
         end = start + length
         offset = start
         while offset < end:
-            count = os.preadv(self.fd, [view[: min(len(view), end - offset)]], offset)
+            count = os.preadv(self.fd, [view[: min(len(buffer), end - offset)]], offset)
             if count == 0:
                 raise DownloadFailed("the partial file is shorter than its parts say")
             self.digest.update(view[:count])
             offset += count
+        # Hashed: start writing it back now, so the closing fsync finds little left to do.
+        os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
 def _part_size(size: int, options: DownloadSettings) -> int:
@@ -587,9 +555,8 @@ def _part_size(size: int, options: DownloadSettings) -> int:
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset`` in WRITE_BYTES slices (see there why)."""
     view = memoryview(data)
     while view:
-        written = os.pwrite(fd, view[:WRITE_BYTES], offset)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
