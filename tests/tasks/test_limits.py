@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -80,9 +81,11 @@ def test_peak_memory_is_the_largest_process(run_script: RunScript) -> None:
 def test_when_bubblewrap_is_killed_the_job_dies_with_it(sandbox: Sandbox, work_dir: Path) -> None:
     def kill_bubblewrap(chunk: OutputChunk) -> None:
         for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                if os.readlink(f"/proc/{child}/exe").endswith("bwrap"):
-                    os.kill(int(child), signal.SIGKILL)
+            # this process's threads, and their children, come and go while it looks
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                for child in (task / "children").read_text().split():
+                    if os.readlink(f"/proc/{child}/exe").endswith("bwrap"):
+                        os.kill(int(child), signal.SIGKILL)
 
     job = Job(
         mode="script",
