@@ -230,6 +230,7 @@ class Agent:
         self._work: dict[str, asyncio.Task[None]] = {}  # work id -> what produces its events
         self._connected: bool | None = None
         self._drained = False
+        self._beat_failing = False
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -312,7 +313,11 @@ class Agent:
             try:
                 await self.heartbeat()
             except _Unreachable as exc:
-                self._lost(str(exc), self.heartbeat_interval)
+                if not self._beat_failing:  # the work poll says whether the server is reachable
+                    self.log(
+                        f"a heartbeat failed ({exc}); trying again every {self.heartbeat_interval:.1f} s"
+                    )
+                self._beat_failing = True
             with suppress(TimeoutError):
                 async with asyncio.timeout(self.heartbeat_interval):
                     await self._beat_now.wait()
@@ -330,7 +335,9 @@ class Agent:
             "config_applied": self.config_applied,
         }
         reply: dict[str, Any] = await self._call("POST", "/api/v1/cluster/heartbeat", json=body)
-        self._reached()
+        if self._beat_failing:
+            self.log("heartbeats go through again")
+        self._beat_failing = False
         self._sent_marks = marks
         self.heartbeat_interval = float(reply.get("heartbeat_interval") or self.heartbeat_interval)
         drained = bool(reply.get("drained"))

@@ -20,7 +20,7 @@ import httpx
 from appliance.client import pinned_trust
 from appliance.cluster.agent import WorkerConfig, problem_detail
 from appliance.cluster.tokens import JoinToken, parse_token
-from appliance.errors import ApplianceError, Conflict, InvalidInput, NotReady, Unauthorized
+from appliance.errors import ApplianceError, Conflict, InvalidInput, InvalidSetting, NotReady, Unauthorized
 from appliance.settings import is_loopback_host, url_host
 
 __all__ = ["ServerAddress", "join", "server_address"]
@@ -113,6 +113,10 @@ def join(
             f" (or delete {WorkerConfig.path(data_dir)})",
         )
     ca_pem = _trust(server, token, insecure_http=insecure_http)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)  # the capabilities report its free disk
+    except OSError as exc:
+        raise InvalidSetting(f"cannot make the data dir {data_dir}: {exc.strerror or exc}") from exc
     body = {"token": str(token), "name": name, "capabilities": capabilities()}
     try:
         with httpx.Client(
