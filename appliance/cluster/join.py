@@ -19,7 +19,7 @@ import httpx
 
 from appliance.client import pinned_trust
 from appliance.cluster.agent import WorkerConfig, problem_detail
-from appliance.cluster.tokens import JoinToken, parse_token
+from appliance.cluster.tokens import JoinTokenText, parse_join_token
 from appliance.errors import ApplianceError, Conflict, InvalidInput, InvalidSetting, NotReady, Unauthorized
 from appliance.settings import is_loopback_host, url_host
 
@@ -61,7 +61,7 @@ def server_address(text: str) -> ServerAddress:
     return ServerAddress(f"{url.scheme}://{url_host(url.host)}:{port}", url.host, port)
 
 
-def _trust(server: ServerAddress, token: JoinToken, *, insecure_http: bool) -> str | None:
+def _trust(server: ServerAddress, token: JoinTokenText, *, insecure_http: bool) -> str | None:
     """The pinned CA's PEM for an https server; None for plain HTTP (where that is allowed)."""
     if server.tls:
         if token.fingerprint is None:
@@ -102,7 +102,7 @@ def join(
 ) -> WorkerConfig:
     """Trade the token for this node's credential and write ``worker.json`` (0600). ``capabilities``
     is asked for once the token and the address have passed their checks."""
-    token = parse_token(token_text)
+    token = parse_join_token(token_text)
     server = server_address(url)
     existing = WorkerConfig.read(data_dir)
     if existing is not None:

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from appliance.cluster.agent import WorkerConfig
-from appliance.cluster.tokens import format_token
+from appliance.cluster.tokens import JoinTokenText
 from appliance.settings import Settings
 from appliance.tls import ca_fingerprint, init_tls
 
-SECRET = "s3cr3t-never-printed"
+SECRET = "NeverPrinted_" + "s" * 30  # as secrets.token_urlsafe(32) makes them: 43 characters
 
 
 class StandIn:
@@ -81,12 +81,16 @@ def server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, str]:
     return context, ca_fingerprint(files.ca_cert)
 
 
+def token(fingerprint: str | None) -> str:
+    return str(JoinTokenText(fingerprint, "0123abcd0123abcd", SECRET))
+
+
 def join(cli: Any, url: str, token: str, *more: str) -> Any:
     return cli("worker", "join", url, "--token", token, "--name", "w1", *more, timeout=60)
 
 
 @pytest.mark.parametrize(
-    "token",
+    "text",
     [
         "nonsense",
         f"apjoin2.-.id.{SECRET}",
@@ -96,8 +100,8 @@ def join(cli: Any, url: str, token: str, *more: str) -> Any:
         f"apjoin1.-.i/d.{SECRET}",
     ],
 )
-def test_a_malformed_token_is_refused_without_echoing_it(cli: Any, token: str, data_dir: Path) -> None:
-    result = join(cli, "http://127.0.0.1:9", token)
+def test_a_malformed_token_is_refused_without_echoing_it(cli: Any, text: str, data_dir: Path) -> None:
+    result = join(cli, "http://127.0.0.1:9", text)
     assert result.returncode == 1
     assert "join token" in result.stderr
     assert SECRET not in result.stderr
@@ -109,7 +113,7 @@ def test_a_wrong_fingerprint_is_refused_before_the_secret_is_sent(
 ) -> None:
     context, _ = server_tls
     with standin(201, "", tls=context) as server:
-        result = join(cli, server.url, format_token("sha256:" + "0" * 64, "tok1", SECRET))
+        result = join(cli, server.url, token("sha256:" + "0" * 64))
         assert server.bodies == []  # the secret never left
     assert result.returncode == 1
     assert "does not present the CA with fingerprint" in result.stderr
@@ -122,10 +126,10 @@ def test_a_refused_join_says_the_servers_reason(
     """Over TLS pinned from the token (the request reached it), a 401 with the server's message."""
     context, fingerprint = server_tls
     with standin(401, "the join token expired at 2026-12-06T10:00:00Z", tls=context) as server:
-        result = join(cli, server.url, format_token(fingerprint, "tok1", SECRET))
+        result = join(cli, server.url, token(fingerprint))
         assert [body["path"] for body in server.bodies] == ["/api/v1/cluster/join"]
         sent = server.bodies[0]
-        assert sent["token"] == format_token(fingerprint, "tok1", SECRET)
+        assert sent["token"] == token(fingerprint)
         assert sent["name"] == "w1"
         assert {"memory_budget", "version", "gpus", "disk_free_bytes"} <= set(sent["capabilities"])
     assert result.returncode == 1
@@ -136,7 +140,7 @@ def test_a_refused_join_says_the_servers_reason(
 
 def test_a_name_taken_is_a_conflict(cli: Any) -> None:
     with standin(409, "the name w1 is taken by another node") as server:
-        result = join(cli, server.url, format_token(None, "tok1", SECRET))
+        result = join(cli, server.url, token(None))
     assert result.returncode == 1
     assert "the name w1 is taken by another node" in result.stderr
     assert "--name" in result.stderr
@@ -155,8 +159,8 @@ def test_a_name_taken_is_a_conflict(cli: Any) -> None:
 def test_an_address_the_token_cannot_secure_is_refused(
     cli: Any, url: str, pinned: bool, expected: str, data_dir: Path
 ) -> None:
-    token = format_token("sha256:" + "ab" * 32 if pinned else None, "tok1", SECRET)
-    result = join(cli, url, token)
+    text = token("sha256:" + "ab" * 32 if pinned else None)
+    result = join(cli, url, text)
     assert result.returncode == 1
     assert expected in result.stderr
     assert not WorkerConfig.path(data_dir).exists()
@@ -164,7 +168,7 @@ def test_an_address_the_token_cannot_secure_is_refused(
 
 def test_plain_http_beyond_loopback_goes_on_with_insecure_http(cli: Any) -> None:
     """Past the transport check: the address (TEST-NET, never routed) is then simply unreachable."""
-    result = join(cli, "http://192.0.2.10:8080", format_token(None, "t", SECRET), "--insecure-http")
+    result = join(cli, "http://192.0.2.10:8080", token(None), "--insecure-http")
     assert result.returncode == 1
     assert "cannot reach http://192.0.2.10:8080" in result.stderr
 
@@ -173,7 +177,7 @@ def test_a_data_dir_joined_to_another_server_is_refused(cli: Any, data_dir: Path
     WorkerConfig("http://127.0.0.1:1", "n1", "old", "apnode_x").write(data_dir)
     assert stat.S_IMODE(WorkerConfig.path(data_dir).stat().st_mode) == 0o600
     with standin(201, "") as server:
-        result = join(cli, server.url, format_token(None, "tok1", SECRET))
+        result = join(cli, server.url, token(None))
         assert server.bodies == []
     assert result.returncode == 1
     assert "is already joined to another server (http://127.0.0.1:1) as node old" in result.stderr
@@ -188,7 +192,7 @@ def test_its_own_data_dir_option_wins(cli: Any, tmp_path: Path) -> None:
         "join",
         "http://127.0.0.1:1",
         "--token",
-        format_token(None, "t", SECRET),
+        token(None),
         "--data-dir",
         str(other),
     )
