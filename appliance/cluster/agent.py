@@ -378,7 +378,11 @@ class Agent:
             if state == "available" and digest not in loaded:  # unloaded since (memory was needed)
                 state = "cached" if digest in listed else "failed"
             listed[digest] = {"digest": digest, "model": entry.model, "state": state, "reason": entry.reason}
-        return [{"reason": None, **item} for _, item in sorted(listed.items())]
+        report = []
+        for _, item in sorted(listed.items()):
+            reason = item.get("reason")  # within what the server takes of each
+            report.append({**item, "model": item["model"][:300], "reason": reason and reason[:4000]})
+        return report
 
     # -- config ----------------------------------------------------------------------------------
 
