@@ -10,8 +10,10 @@ its channel (``WorkChannel.submit`` / ``cancel``), as the router's remote engine
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ import pytest
 from appliance.cluster.wire import encode_prompt
 from appliance.engine.base import Prompt, SamplingParams
 from tests.cluster.conftest import Live
-from tests.conftest import APPLIANCE, Server
+from tests.conftest import APPLIANCE, Server, free_port
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
 T = TypeVar("T")
@@ -248,3 +250,82 @@ def test_work_sent_through_the_servers_channel_streams_back_from_the_worker_proc
     [embeddings] = live.call(embed(), timeout=60)
     assert embeddings["type"] == "embeddings"
     assert len(embeddings["vectors"]) == 2
+
+
+class ServeProcess:
+    """``appliance serve`` over HTTPS (the certificate of ``tls init``) on a given port."""
+
+    def __init__(self, data_dir: Path, port: int, ca_file: Path) -> None:
+        self.url = f"https://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = httpx.Client(
+            base_url=self.url, verify=ssl.create_default_context(cafile=ca_file), timeout=30
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None, "appliance serve exited"
+            assert time.monotonic() < deadline, "appliance serve did not get ready"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_a_worker_pins_the_servers_ca_from_the_token_and_rides_out_a_server_restart(
+    cli: Any, data_dir: Path, tiny_gguf: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]
+) -> None:
+    """Over HTTPS with nothing but the token's fingerprint (no CA set up on the worker), the join,
+    the heartbeats and the blob fetch all go through the pinned CA; a server that goes away is
+    retried with backoff until it is back."""
+    assert cli("tls", "init").returncode == 0
+    import_tiny(cli, tiny_gguf)
+    ca_file = data_dir / "tls" / "ca.crt"
+    port = free_port()
+    serving = ServeProcess(data_dir, port, ca_file)
+    try:
+        token = serving.client.post("/api/v1/nodes/tokens", json={}).json()["token"]
+        assert not token.startswith("apjoin1.-.")
+        worker_dir = tmp_path / "worker"
+        worker = workers(worker_dir, "join", serving.url, "--token", token, "--name", "tls1")
+        node = wait_for(lambda: node_named(serving.client, "tls1"), "the node", worker)
+        assigned = serving.client.post(f"/api/v1/nodes/{node['id']}/models", json={"model": "tiny"})
+        assert assigned.status_code == 202
+        wait_for(
+            lambda: (
+                (m := model_state(node_named(serving.client, "tls1"), "tiny:latest"))
+                and m["state"] == "available"
+            ),
+            "the model fetched over the pinned TLS and loaded",
+            worker,
+        )
+        saved = json.loads((worker_dir / "worker.json").read_text())
+        assert saved["ca_pem"] == ca_file.read_text()
+        assert saved["fingerprint"] == "sha256:" + token.split(".")[1]
+
+        serving.stop()
+        wait_for(lambda: "lost connection to" in worker.log, "the lost connection said", worker)
+        serving = ServeProcess(data_dir, port, ca_file)
+        wait_for(lambda: worker.log.count("connected to") >= 2, "connected again", worker)
+        wait_for(
+            lambda: (n := node_named(serving.client, "tls1")) and n["state"] == "ready",
+            "heartbeats again",
+            worker,
+        )
+        assert worker.log.count("lost connection to") == 1
+    finally:
+        serving.stop()
