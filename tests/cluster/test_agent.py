@@ -227,6 +227,11 @@ async def test_config_is_fetched_loaded_reported_and_acked_then_unloaded(
             cluster.heartbeats[0]["capabilities"]
         )
         assert all(beat["capabilities"] is None for beat in cluster.heartbeats[1:])
+        sent = len(cluster.heartbeats)
+        agent.pool.budget //= 2  # a capability that changed goes with the next heartbeat
+        await until(lambda: any(beat["capabilities"] for beat in cluster.heartbeats[sent:]))
+        changed = next(beat["capabilities"] for beat in cluster.heartbeats[sent:] if beat["capabilities"])
+        assert changed["memory_budget"] == agent.pool.budget
         assert "loading tiny:latest" in logged
         assert "tiny:latest available" in logged
         await until(lambda: f"connected to {files.url} as w1" in logged)  # the first poll's answer
