@@ -29,13 +29,17 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadNotFound         download_not_found
     │   ├── UserNotFound             user_not_found
     │   ├── ApiKeyNotFound           api_key_not_found
-    │   └── TaskNotFound             task_not_found
+    │   ├── TaskNotFound             task_not_found
+    │   ├── NodeNotFound             node_not_found
+    │   └── JoinTokenNotFound        join_token_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
     │   ├── DownloadCancelled        download_cancelled
     │   ├── UserExists               user_exists
-    │   └── TaskFinished             task_finished
+    │   ├── TaskFinished             task_finished
+    │   ├── NodeExists               node_exists
+    │   └── LeaseLost                lease_lost
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
@@ -87,10 +91,14 @@ __all__ = [
     "InvalidModelName",
     "InvalidModelRef",
     "InvalidSetting",
+    "JoinTokenNotFound",
     "LayoutTooNew",
+    "LeaseLost",
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
+    "NodeExists",
+    "NodeNotFound",
     "NotABundle",
     "NotFound",
     "NotReady",
@@ -283,6 +291,16 @@ class TaskNotFound(NotFound):
     default_hint = "list the tasks with `appliance tasks ls`"
 
 
+class NodeNotFound(NotFound):
+    code = "node_not_found"
+    default_hint = "`appliance nodes ls` lists the nodes by id and name"
+
+
+class JoinTokenNotFound(NotFound):
+    code = "join_token_not_found"
+    default_hint = "`appliance nodes token ls` lists the join tokens"
+
+
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
@@ -311,6 +329,18 @@ class UserExists(Conflict):
 class TaskFinished(Conflict):
     code = "task_finished"
     default_hint = "a finished task stays as it ended; create a new task to run it again"
+
+
+class NodeExists(Conflict):
+    code = "node_exists"
+    default_hint = "join with another --name, or remove the old node with `appliance nodes rm`"
+
+
+class LeaseLost(Conflict):
+    """Work a worker answers that is not (or no longer) leased to it."""
+
+    code = "lease_lost"
+    default_hint = "the work was handed elsewhere or failed; take new work from the work channel"
 
 
 class DigestMismatch(ApplianceError):

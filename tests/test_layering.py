@@ -58,11 +58,6 @@ RULES = [
         except_imports=("appliance.cluster.placement",),
     ),
     Rule(
-        "appliance.cluster",
-        ("appliance.web", "appliance.runtime", "appliance.cli"),
-        "the cluster is a service: the web layer, the CLI and the runtime call it, never the other way round",
-    ),
-    Rule(
         "appliance.engine.service",
         ("appliance.web", "appliance.runtime", "appliance.provision", *ENGINE_IMPLEMENTATIONS),
         "inference goes through the router and the Engine protocol",
@@ -93,6 +88,12 @@ RULES = [
         "appliance.tasks.service",
         ("appliance.web", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
         "the task service keeps tasks in the store and answers prompts through the inference service",
+    ),
+    Rule(
+        "appliance.cluster",
+        ("appliance.web", "appliance.runtime", "appliance.cli"),
+        "the cluster is a service (and a worker's loops): the web layer and the CLI call it, never the"
+        " other way round",
     ),
     Rule(
         "appliance.web",
