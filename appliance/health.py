@@ -15,8 +15,11 @@ class Readiness:
     reasons: tuple[str, ...]
 
 
-def check_readiness(models: ModelService, *, engine_running: bool) -> Readiness:
-    """Ready only once an inference path exists (REQ-MODELS-0114): never claim what cannot be served."""
+def check_readiness(models: ModelService, *, engine_running: bool, worker_paths: int = 0) -> Readiness:
+    """Ready only once an inference path exists (REQ-MODELS-0114): never claim what cannot be served.
+
+    The local engine with a loadable model is one; a ready worker with a model available
+    (``worker_paths`` counts them) is another."""
     reasons: list[str] = []
     if not engine_running:
         reasons.append("the inference engine is not running")
@@ -25,4 +28,6 @@ def check_readiness(models: ModelService, *, engine_running: bool) -> Readiness:
             "no loadable model and no external provider: import a GGUF model with"
             " `appliance models import ./model.gguf`"
         )
+    if reasons and worker_paths:
+        return Readiness(ready=True, reasons=())
     return Readiness(ready=not reasons, reasons=tuple(reasons))

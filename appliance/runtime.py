@@ -1,12 +1,14 @@
 """The long-lived parts (store, cache, services), opened once per process and closed on exit.
 
-The server opens it with its engine: the in-process pool behind the router, and the inference
-service over both. May import every service, the store and the cache; nothing imports it but
-the entry points (CLI, web app).
+The server opens it (in its app's lifespan, on its event loop) with its engine: the in-process
+pool and the workers' directory behind the router, and the inference service over both. May
+import every service, the store and the cache; nothing imports it but the entry points (CLI,
+web app).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ from appliance.tasks.service import TaskService
 
 if TYPE_CHECKING:
     from appliance.cluster.channel import WorkChannel
+    from appliance.cluster.directory import ClusterDirectory
     from appliance.engine.router import Router
     from appliance.engine.service import InferenceService
 
@@ -47,6 +50,7 @@ class Runtime:
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
     channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
+    nodes: ClusterDirectory | None = None  # the workers as routing and readiness see them
 
     @classmethod
     def open(cls, settings: Settings, *, with_engine: bool = False) -> Runtime:
@@ -69,16 +73,26 @@ class Runtime:
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
             from appliance.cluster.channel import WorkChannel
+            from appliance.cluster.directory import ClusterDirectory
             from appliance.engine.pool import EnginePool
             from appliance.engine.router import Router
             from appliance.engine.service import InferenceService
 
+            runtime.channel = WorkChannel(lease=settings.cluster.lease)
+            # Opened in the app's lifespan: this loop is the server's, where the channel lives.
+            loop = asyncio.get_running_loop()
+            runtime.nodes = ClusterDirectory(runtime.cluster, runtime.channel, loop=loop)
             engine = EnginePool(settings.engine)
             runtime.router = Router(
-                settings.engine, models, store=store, cache=cache, preferences=preferences, engine=engine
+                settings.engine,
+                models,
+                store=store,
+                cache=cache,
+                preferences=preferences,
+                engine=engine,
+                nodes=runtime.nodes,
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
-            runtime.channel = WorkChannel(lease=settings.cluster.lease)
             # The process that serves runs the task queue: prompts go through its inference service.
             runtime.tasks.inference = runtime.inference
             runtime.tasks.start()

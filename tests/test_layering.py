@@ -1,7 +1,8 @@
 """The import rules between layers, read from the source with ``ast`` so they cannot drift.
 
 Each rule names the modules it covers (a package or a module, by prefix), the prefixes they may
-not import, and the modules under that prefix it leaves to a rule of their own. Imports under
+not import (less the imports it allows under them), and the modules under that prefix it leaves to
+a rule of their own. Imports under
 ``if TYPE_CHECKING:`` count too: the rules are about what a module knows of, not only what it loads.
 """
 
@@ -28,6 +29,7 @@ class Rule:
     forbidden: tuple[str, ...]
     why: str
     except_modules: tuple[str, ...] = ()
+    except_imports: tuple[str, ...] = ()
 
 
 RULES = [
@@ -48,6 +50,12 @@ RULES = [
         "appliance.engine.router",
         ("appliance.web", "appliance.runtime", "appliance.provision", *ENGINE_IMPLEMENTATIONS),
         "the router resolves names for any Engine; the runtime picks the implementation",
+    ),
+    Rule(
+        "appliance.engine.router",
+        ("appliance.cluster",),
+        "the router picks among workers through its NodeDirectory protocol and the pure placement",
+        except_imports=("appliance.cluster.placement",),
     ),
     Rule(
         "appliance.engine.service",
@@ -167,7 +175,12 @@ def violations(root: Path, rules: list[Rule]) -> list[str]:
             if not _covered(rule, module):
                 continue
             for line, names in _imports(path, module):
-                offending = [name for name in names if any(_matches(name, p) for p in rule.forbidden)]
+                offending = [
+                    name
+                    for name in names
+                    if any(_matches(name, p) for p in rule.forbidden)
+                    and not any(_matches(name, p) for p in rule.except_imports)
+                ]
                 if offending:
                     where = path.relative_to(root.parent)
                     found.append(f"{where}:{line}: {module} imports {offending[0]} ({rule.why})")
@@ -195,6 +208,12 @@ def test_every_rule_covers_a_module(rule: Rule) -> None:
         ("models/formats.py", "from appliance.engine import llama\n", "appliance.engine"),
         ("web/handler.py", "from appliance.store.cache import BlobCache\n", "appliance.store.cache"),
         ("bridge.py", "from appliance.errors import ApplianceError\n", "appliance.errors"),
+        (
+            "engine/router.py",
+            "from appliance.cluster.remote import RemoteEngine\n",
+            "appliance.cluster.remote",
+        ),
+        ("cluster/directory.py", "from appliance.runtime import Runtime\n", "appliance.runtime"),
     ],
 )
 def test_a_forbidden_import_is_reported_with_its_place(
@@ -216,4 +235,11 @@ def test_the_router_and_the_inference_service_may_use_the_registry(tmp_path: Pat
     root = tmp_path / "appliance"
     (root / "engine").mkdir(parents=True)
     (root / "engine" / "router.py").write_text("from appliance.models.service import ModelService\n")
+    assert violations(root, RULES) == []
+
+
+def test_the_router_may_use_the_pure_placement(tmp_path: Path) -> None:
+    root = tmp_path / "appliance"
+    (root / "engine").mkdir(parents=True)
+    (root / "engine" / "router.py").write_text("from appliance.cluster.placement import Candidate, place\n")
     assert violations(root, RULES) == []

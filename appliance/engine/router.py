@@ -2,9 +2,13 @@
 engine that serves it, and record why (REQ-MODELS-0118).
 
 This is the service layer above the engines: what a name means (load, unload, remove) lives here,
-so the engines deal in digests and paths only. Only the in-process engine exists today; workers
-will be other ``Engine`` implementations to choose between. May import the engine's base, the
-registry (``appliance.models``), the store's types and the cache; never the web layer.
+so the engines deal in digests and paths only. With workers, a ``NodeDirectory`` lists them as
+placement candidates beside the in-process engine (node ``local``), ``place`` picks one, and its
+reason goes into the route (REQ-MODELS-0105, 0118); with none, the in-process engine serves as it
+always has. Loading, unloading and ``ps`` are the in-process engine's: a worker loads what its
+configuration lists. May import the engine's base, the registry (``appliance.models``), the
+store's types, the cache and the pure placement (``appliance.cluster.placement``); never the web
+layer, nor the cluster's implementations (the directory is a protocol).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import threading
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Protocol
 
 from appliance.audit import Context
+from appliance.cluster.placement import LOCAL, Candidate, place
 from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
 from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable
 from appliance.models.layers import ModelLayers
@@ -24,7 +30,7 @@ from appliance.settings import EngineSettings
 from appliance.store.base import Model, Store
 from appliance.store.cache import BlobCache
 
-__all__ = ["Loaded", "Router", "resolve_spec"]
+__all__ = ["Loaded", "NodeDirectory", "Routed", "Router", "resolve_spec"]
 
 REGISTRY_CHECK_SECONDS = 0.5
 
@@ -74,6 +80,34 @@ def _context_length(preferences: PreferenceService, model: Model, requested: int
     return min(configured, trained)
 
 
+class NodeDirectory(Protocol):
+    """The worker nodes routing may pick (the cluster implements it; cheap: called per request)."""
+
+    def candidates(self, digest: str) -> list[Candidate]:
+        """Every worker node, as a placement candidate for the model whose blob is ``digest``."""
+        ...
+
+    def engine(self, candidate: Candidate) -> Engine:
+        """The engine that reaches a worker ``candidates`` listed."""
+        ...
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where a request goes: the engine, what it loads, the model's name, and why that node (None
+    when the in-process engine is the only one)."""
+
+    engine: Engine
+    spec: LoadSpec
+    name: ModelName
+    placement: str | None = None
+
+    def route(self, reason: str) -> Route:
+        """The route as recorded, once the engine says how it came to have the model (``reason``)."""
+        why = reason if self.placement is None else f"{self.placement}; {reason}"
+        return Route(self.engine.name, self.engine.node, why)
+
+
 class Router:
     def __init__(
         self,
@@ -84,6 +118,7 @@ class Router:
         cache: BlobCache,
         preferences: PreferenceService,
         engine: Engine,
+        nodes: NodeDirectory | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -91,6 +126,7 @@ class Router:
         self.cache = cache
         self.preferences = preferences
         self.engine = engine
+        self.nodes = nodes
         self._closing = threading.Event()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
         self._watcher.start()
@@ -107,18 +143,37 @@ class Router:
         """What a model made by ``/api/create`` adds to each request: system, messages, options."""
         return self.models.layers(self.models.get(name))
 
-    def route(self, name: str, *, context_length: int | None = None) -> tuple[Engine, LoadSpec, ModelName]:
+    def route(self, name: str, *, context_length: int | None = None) -> Routed:
         """The engine that serves ``name`` and what it loads; records the use (LRU eviction order)."""
         model_name, spec = self.resolve(name, context_length=context_length)
         self.touch(model_name)
-        return self.engine, spec, model_name
+        nodes = self.nodes
+        workers = nodes.candidates(spec.digest) if nodes is not None else []
+        if nodes is None or not workers:
+            return Routed(self.engine, spec, model_name)
+        placement = place(spec.digest, spec.size_bytes, [self._local_candidate(spec.digest), *workers])
+        chosen = placement.candidate
+        engine = self.engine if chosen.local else nodes.engine(chosen)
+        return Routed(engine, spec, model_name, placement.reason)
+
+    def _local_candidate(self, digest: str) -> Candidate:
+        """The in-process engine as a node: the server's cache holds every registered model."""
+        loaded = self.engine.loaded()
+        budget = self.engine.memory_budget
+        return Candidate(
+            id=LOCAL,
+            name=LOCAL,
+            local=True,
+            loaded=frozenset(info.digest for info in loaded),
+            cached=frozenset({digest}),  # resolve() found the blob in the server's cache
+            memory_budget=budget,
+            memory_free=max(0, budget - sum(info.memory_bytes for info in loaded)),
+            load=sum(info.active_requests + info.queued_requests for info in loaded),
+        )
 
     def touch(self, name: ModelName) -> None:
         with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
             self.store.touch_model(name)
-
-    def route_of(self, engine: Engine, reason: str) -> Route:
-        return Route(engine.name, engine.node, reason)
 
     # -- what a name means -------------------------------------------------------------------------
 
@@ -128,10 +183,11 @@ class Router:
     def load(
         self, name: str, *, keep_alive: float | None = None, context_length: int | None = None
     ) -> tuple[Loaded, Route]:
-        """Load now (blocking), rather than on the first request."""
-        engine, spec, model_name = self.route(name, context_length=context_length)
-        info, reason = engine.load(spec, keep_alive=keep_alive)
-        return Loaded(model_name, info), self.route_of(engine, reason)
+        """Load now (blocking), rather than on the first request, into the in-process engine."""
+        model_name, spec = self.resolve(name, context_length=context_length)
+        self.touch(model_name)
+        info, reason = self.engine.load(spec, keep_alive=keep_alive)
+        return Loaded(model_name, info), Routed(self.engine, spec, model_name).route(reason)
 
     def unload(self, name: str) -> bool:
         """Unload now; requests in flight on it end with an error. False when it was not loaded."""

@@ -217,20 +217,20 @@ class InferenceService:
             return_context=options.return_context,
         )
         context_length = options.context_length
-        engine, spec, model_name = await anyio.to_thread.run_sync(
+        routed = await anyio.to_thread.run_sync(
             lambda: self.router.route(name, context_length=context_length)
         )
-        tracker.model = str(model_name)
+        tracker.model = str(routed.name)
         route: Route | None = None  # set once the engine has the model loaded
         finished: Finished | None = None
         reader: ToolCallReader | None = None
         unsent: tuple[TokenLogprob, ...] = ()  # logprobs of text the tool-call reader still holds
         try:
-            generation = engine.generate(spec, request)
+            generation = routed.engine.generate(routed.spec, request)
             async with aclosing(generation):  # closing this stream cancels the request at once
                 async for event in generation:
                     if isinstance(event, Ready):
-                        route = self.router.route_of(engine, event.reason)
+                        route = routed.route(event.reason)
                         self.metrics.queue_depth.labels(model=tracker.model).set(event.queued)
                         if request.tools is not None:
                             reader = ToolCallReader(event.tool_format or "generic", request.tools)
@@ -286,18 +286,18 @@ class InferenceService:
         it; ``normalize`` scales each vector to unit length (Ollama's /api/embed); ``dimensions``
         keeps the first N and normalizes again, as Ollama does."""
         tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        engine, spec, model_name = await anyio.to_thread.run_sync(
+        routed = await anyio.to_thread.run_sync(
             lambda: self.router.route(name, context_length=context_length)
         )
-        tracker.model = str(model_name)
-        result = await engine.embed(spec, inputs, keep_alive=keep_alive, truncate=truncate)
-        route = self.router.route_of(engine, result.reason)
+        tracker.model = str(routed.name)
+        result = await routed.engine.embed(routed.spec, inputs, keep_alive=keep_alive, truncate=truncate)
+        route = routed.route(result.reason)
         vectors = result.vectors
         if dimensions is not None and vectors:
             size = len(vectors[0])
             if dimensions > size:
                 raise InvalidInput(
-                    f"dimensions {dimensions} is more than the {size} model {model_name} makes"
+                    f"dimensions {dimensions} is more than the {size} model {routed.name} makes"
                 )
             vectors = [vector[:dimensions] for vector in vectors]
         if normalize or dimensions is not None:

@@ -26,7 +26,12 @@ class HealthController(Controller):
         """Readiness: 200 once an inference path exists; otherwise 503 with the reasons. Its
         details say whether script and commands tasks can run here (the sandbox), what holds
         them, and why not when not; prompt tasks need only the inference path."""
-        readiness = check_readiness(models, engine_running=state.runtime.router is not None)
+        nodes = state.runtime.nodes
+        readiness = check_readiness(
+            models,
+            engine_running=state.runtime.router is not None,
+            worker_paths=0 if nodes is None else nodes.inference_paths(),
+        )
         sandbox = state.runtime.tasks.sandbox.capabilities().as_dict()
         body = {"ready": readiness.ready, "reasons": list(readiness.reasons), "details": {"sandbox": sandbox}}
         return Response(content=body, status_code=200 if readiness.ready else 503)
