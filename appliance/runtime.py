@@ -91,6 +91,7 @@ class Runtime:
                 preferences=preferences,
                 engine=engine,
                 nodes=runtime.nodes,
+                local=settings.cluster.local_inference,
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
             # The process that serves runs the task queue: prompts go through its inference service.

@@ -274,7 +274,8 @@ TOKEN_EXPIRY_PATTERN = r"^(never|[1-9][0-9]{0,4}[smhdw])$"  # noqa: S105 (a life
 
 class ClusterSettings(BaseModel):
     """Workers: how often they report, when a silent one stops getting work, how long they may
-    hold work without answering, and how long a join token lasts."""
+    hold work without answering, how long a join token lasts, and whether the server's own engine
+    serves requests too."""
 
     heartbeat_interval: Duration = Field(
         default=3.0, gt=0, le=300, description="How often a worker heartbeats (seconds, or '3s')."
@@ -301,6 +302,11 @@ class ClusterSettings(BaseModel):
         pattern=TOKEN_EXPIRY_PATTERN,
         description="How long a join token lasts when `nodes token create` names no --expires "
         "('24h', '7d', 'never').",
+    )
+    local_inference: bool = Field(
+        default=True,
+        description="Whether the server's own engine is a routing candidate; false: the server only "
+        "coordinates and every request goes to a worker.",
     )
 
 

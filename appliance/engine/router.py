@@ -3,10 +3,11 @@ engine that serves it, and record why (REQ-MODELS-0118).
 
 This is the service layer above the engines: what a name means (load, unload, remove) lives here,
 so the engines deal in digests and paths only. With workers, a ``NodeDirectory`` lists them as
-placement candidates beside the in-process engine (node ``local``), ``place`` picks one, and its
-reason goes into the route (REQ-MODELS-0105, 0118); with none, the in-process engine serves as it
-always has. Loading, unloading and ``ps`` are the in-process engine's: a worker loads what its
-configuration lists. May import the engine's base, the registry (``appliance.models``), the
+placement candidates beside the in-process engine (node ``local``, unless ``local`` is false: a
+server that only coordinates), ``place`` picks one, and its reason goes into the route
+(REQ-MODELS-0105, 0118); with none, the in-process engine serves as it always has. Loading,
+unloading and ``ps`` are the in-process engine's: a worker loads what its configuration lists.
+May import the engine's base, the registry (``appliance.models``), the
 store's types, the cache and the pure placement (``appliance.cluster.placement``); never the web
 layer, nor the cluster's implementations (the directory is a protocol).
 """
@@ -21,7 +22,7 @@ from typing import Protocol
 from appliance.audit import Context
 from appliance.cluster.placement import LOCAL, Candidate, place
 from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
-from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable
+from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable, NotReady
 from appliance.models.layers import ModelLayers
 from appliance.models.service import ModelService
 from appliance.names import ModelName
@@ -119,6 +120,7 @@ class Router:
         preferences: PreferenceService,
         engine: Engine,
         nodes: NodeDirectory | None = None,
+        local: bool = True,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -127,6 +129,7 @@ class Router:
         self.preferences = preferences
         self.engine = engine
         self.nodes = nodes
+        self.local = local  # cluster.local_inference: the in-process engine is a candidate
         self._closing = threading.Event()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
         self._watcher.start()
@@ -149,9 +152,16 @@ class Router:
         self.touch(model_name)
         nodes = self.nodes
         workers = nodes.candidates(spec.digest) if nodes is not None else []
+        if not self.local and (nodes is None or not workers):
+            raise NotReady(
+                f"no worker can serve {model_name}: this server only coordinates"
+                " (cluster.local_inference is false) and no worker is joined and reachable",
+                hint="join a worker (appliance worker join), or set cluster.local_inference to true",
+            )
         if nodes is None or not workers:
             return Routed(self.engine, spec, model_name)
-        placement = place(spec.digest, spec.size_bytes, [self._local_candidate(spec.digest), *workers])
+        local = [self._local_candidate(spec.digest)] if self.local else []
+        placement = place(spec.digest, spec.size_bytes, [*local, *workers])
         chosen = placement.candidate
         engine = self.engine if chosen.local else nodes.engine(chosen)
         return Routed(engine, spec, model_name, placement.reason)

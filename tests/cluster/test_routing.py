@@ -27,7 +27,7 @@ from appliance.engine.router import Router
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.errors import NotReady
 from appliance.runtime import Runtime
-from appliance.settings import EngineSettings
+from appliance.settings import EngineSettings, Settings
 from tests.cluster.conftest import Live, Worker
 
 GIB = 1 << 30
@@ -66,7 +66,9 @@ def worker() -> Iterator[EnginePool]:
     pool.close()
 
 
-def make_router(runtime: Runtime, nodes: Directory | None, **settings: object) -> Router:
+def make_router(
+    runtime: Runtime, nodes: Directory | None, *, local: bool = True, **settings: object
+) -> Router:
     engine_settings = EngineSettings(**settings)  # type: ignore[arg-type]
     return Router(
         engine_settings,
@@ -76,6 +78,7 @@ def make_router(runtime: Runtime, nodes: Directory | None, **settings: object) -
         preferences=runtime.preferences,
         engine=EnginePool(engine_settings),
         nodes=nodes,
+        local=local,
     )
 
 
@@ -188,6 +191,55 @@ def test_with_no_node_that_fits_the_request_is_refused_naming_each(
         router.close()
 
 
+def test_a_server_that_only_coordinates_sends_even_a_model_it_holds_to_a_worker(
+    runtime: Runtime, tiny: str, directory: Directory, worker: EnginePool
+) -> None:
+    """cluster.local_inference false: the local engine is no candidate, though only it has the model."""
+    router = make_router(runtime, directory, local=False)
+    try:
+        directory.workers = [worker_candidate(router, tiny)]
+        directory.engines["n1"] = worker
+        started, _ = chat(runtime, router, tiny)
+    finally:
+        router.close()
+    assert started.route.node == "w1"
+    assert started.route.reason.startswith("node w1 has memory free for the model")
+    assert router.engine.loaded() == []
+
+
+@pytest.mark.parametrize("workers", ["none", "draining"])
+def test_a_server_that_only_coordinates_refuses_when_no_worker_can_serve(
+    runtime: Runtime, tiny: str, directory: Directory, workers: str
+) -> None:
+    router = make_router(runtime, directory, local=False)
+    try:
+        if workers == "draining":
+            directory.workers = [worker_candidate(router, tiny, loaded=True, state="draining")]
+            match = r"^no node can serve the model sha256:\w+: w1 is draining$"
+        else:
+            match = r"this server only coordinates \(cluster.local_inference is false\)"
+        with pytest.raises(NotReady, match=match):
+            router.route(tiny)
+        assert router.engine.loaded() == []
+    finally:
+        router.close()
+
+
+def test_the_setting_reaches_the_servers_router(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, cluster={"local_inference": False})  # type: ignore[arg-type]
+    assert Settings(data_dir=tmp_path).cluster.local_inference is True
+
+    async def open_runtime() -> bool:
+        runtime = Runtime.open(settings, with_engine=True)
+        try:
+            assert runtime.router is not None
+            return runtime.router.local
+        finally:
+            runtime.close()
+
+    assert asyncio.run(open_runtime()) is False
+
+
 def test_loading_by_name_stays_on_the_local_engine(
     runtime: Runtime, tiny: str, router: Router, directory: Directory, worker: EnginePool
 ) -> None:
@@ -238,7 +290,11 @@ def test_a_chat_reaches_the_worker_with_the_model_loaded_and_the_log_shows_node_
     worker = live.join("w1")
     advertise(worker, digest)
     taken: list[dict[str, Any]] = []
-    answer = [Ready("the model was already loaded", 5, 1), TextChunk("hello from w1"), Finished("stop", 5, 3)]
+    answer: list[EngineEvent] = [
+        Ready("the model was already loaded", 5, 1),
+        TextChunk("hello from w1"),
+        Finished("stop", 5, 3),
+    ]
     answering = answer_one(worker, answer, taken)
     reply = live.client.post(
         "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
