@@ -269,7 +269,7 @@ def complete_document(document: dict[str, Any]) -> None:
                 plain: dict[str, Any] = {"text/plain": {}, "application/json": {}}
                 operation["responses"] = {"200": {"description": "The route answers", "content": plain}}
                 if path.startswith("/api/v1/blobs/"):  # a worker's fetch; errors keep their type
-                    blob = {"application/octet-stream": {}, "application/problem+json": {}}
+                    blob: dict[str, Any] = {"application/octet-stream": {}, "application/problem+json": {}}
                     operation["responses"] = {
                         "200": {"description": "The verified blob is in the cache", "content": blob},
                         "206": {"description": "The range asked for can be served", "content": blob},
