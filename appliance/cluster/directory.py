@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 
 from appliance.cluster.channel import WorkChannel
 from appliance.cluster.placement import Candidate
@@ -37,23 +36,19 @@ class ClusterDirectory:
         channel: WorkChannel,
         *,
         loop: asyncio.AbstractEventLoop,
-        max_age: float = MAX_AGE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.channel = channel
         self.loop = loop  # the channel's
-        self.max_age = max_age
-        self.clock = clock
         self._lock = threading.Lock()  # guards the snapshot
         self._nodes: list[NodeOut] = []
         self._read_at: float | None = None
 
     def nodes(self) -> list[NodeOut]:
-        """Every node, as read at most ``max_age`` seconds ago (blocking: it may read the store)."""
+        """Every node, as read at most ``MAX_AGE_SECONDS`` ago (blocking: it may read the store)."""
         with self._lock:
-            now = self.clock()
-            if self._read_at is None or now - self._read_at >= self.max_age:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= MAX_AGE_SECONDS:
                 self._nodes, self._read_at = self.cluster.list_nodes(), now
             return self._nodes
 
