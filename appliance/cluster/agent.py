@@ -221,6 +221,7 @@ class Agent:
         self._config_waiting = asyncio.Event()
         self._pending: tuple[str, dict[str, Any]] | None = None  # a newer config to apply
         self._applying: str | None = None
+        self._malformed: str | None = None
         self.config_applied: str | None = None
         self._sent_marks: tuple[Any, ...] | None = None  # the change marks the server last heard
         self._states: dict[str, _Availability] = {}  # digest -> state of a config entry
@@ -351,7 +352,7 @@ class Agent:
 
     def _offer(self, version: str, config: dict[str, Any]) -> None:
         """Queue a config newer than any applied or being applied (ULIDs sort by time)."""
-        newest = max(v for v in (self.config_applied, self._applying, "") if v is not None)
+        newest = max(v for v in (self.config_applied, self._applying, self._malformed, "") if v is not None)
         pending = self._pending[0] if self._pending else ""
         if version > newest and version > pending:
             self._pending = (version, config)
@@ -396,6 +397,10 @@ class Agent:
             self._applying = version
             try:
                 await self.reconcile(config)
+            except (KeyError, TypeError, AttributeError) as exc:  # not acked: a newer config may mend it
+                self.log(f"config {version} not applied: it is malformed ({type(exc).__name__}: {exc})")
+                self._malformed = version  # not tried again on every heartbeat
+                continue
             finally:
                 self._applying = None
             self.config_applied = version

@@ -368,3 +368,17 @@ async def test_a_lost_connection_is_retried_with_backoff_and_said_once(
     assert len(lost) == 1
     assert lost[0].endswith("retrying in 0.5 s")
     assert logged[-1] == f"connected to {files.url} as w1"
+
+
+@in_loop
+async def test_a_malformed_config_is_not_acked_and_a_newer_one_is_applied(
+    files: FileServer, tmp_path: Path
+) -> None:
+    cluster = Cluster(config={"models": [{"model": "x"}]})  # no digest
+    async with running(cluster, files, tmp_path / "worker") as (_, logged):
+        await until(lambda: any("not applied: it is malformed" in line for line in logged))
+        await until(lambda: len(cluster.heartbeats) >= 4)
+        assert all(beat["config_applied"] is None for beat in cluster.heartbeats)
+        assert sum("not applied" in line for line in logged) == 1  # not retried on every heartbeat
+        cluster.config_version, cluster.config = V2, {"models": []}
+        await until(lambda: cluster.heartbeats[-1]["config_applied"] == V2)
