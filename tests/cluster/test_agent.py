@@ -88,10 +88,12 @@ class Cluster:
                 status = self.poll_statuses.pop(0)
                 return httpx.Response(status, json={"status": status, "detail": f"answered {status}"})
             try:
-                item = await asyncio.wait_for(self.items.get(), 0.3)
+                items = [await asyncio.wait_for(self.items.get(), 0.3)]
             except TimeoutError:
                 return httpx.Response(200, json={"items": []})
-            return httpx.Response(200, json={"items": [item]})
+            while not self.items.empty():
+                items.append(self.items.get_nowait())
+            return httpx.Response(200, json={"items": items})
         if path.endswith("/events"):
             work_id = path.split("/")[-2]
             assert request.headers["content-type"] == "application/x-ndjson"
@@ -259,7 +261,9 @@ async def test_a_blob_that_does_not_verify_is_reported_failed(files: FileServer,
 
 
 @in_loop
-async def test_generate_streams_tokens_back_as_they_are_made(files: FileServer, tmp_path: Path) -> None:
+async def test_generate_and_embed_run_on_the_workers_engine_several_at_once(
+    files: FileServer, tmp_path: Path
+) -> None:
     model = tiny(tmp_path)
     files.add(f"/api/v1/blobs/{model.digest}", model.content)
     cluster = Cluster()
@@ -273,13 +277,16 @@ async def test_generate_streams_tokens_back_as_they_are_made(files: FileServer, 
             "prompt": encode_prompt(prompt),
             "lease_seconds": 30,
         }
-        await cluster.items.put(item)
-        events = [decode_event(line) for line in await cluster.answer("w1")]
-        assert isinstance(events[0], Ready)
-        assert isinstance(events[-1], Finished)
-        assert events[-1].reason == "length"
-        assert events[-1].completion_tokens == 40
-        assert any(isinstance(event, TextChunk) for event in events[1:-1])
+        cluster.items.put_nowait(item)
+        cluster.items.put_nowait({**item, "id": "w1b"})  # in the same poll: both run at once
+        for work_id in ("w1", "w1b"):
+            events = [decode_event(line) for line in await cluster.answer(work_id)]
+            assert isinstance(events[0], Ready)
+            assert isinstance(events[-1], Finished)
+            assert events[-1].reason == "length"
+            assert events[-1].completion_tokens == 40
+            assert any(isinstance(event, TextChunk) for event in events[1:-1])
+        assert len(files.body_requests(f"/api/v1/blobs/{model.digest}")) == 1  # one fetch for both
 
         embed = {
             "id": "w2",
