@@ -270,7 +270,7 @@ class Agent:
         await self._stop.wait()
         raise _Stopped
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """The JSON answer; a 401 is the revoked credential, what is worth retrying is _Unreachable."""
         assert self._client is not None
         try:
@@ -282,9 +282,12 @@ class Agent:
         if response.is_error:
             raise _Unreachable(f"{method} {path} answered {response.status_code}: {problem_detail(response)}")
         try:
-            return response.json()
+            body = response.json()
         except ValueError as exc:
             raise _Unreachable(f"{method} {path} answered with no JSON: {exc}") from exc
+        if not isinstance(body, dict):  # every node route answers an object
+            raise _Unreachable(f"{method} {path} answered {type(body).__name__}, not a JSON object")
+        return body
 
     def _revoked(self, response: httpx.Response) -> Unauthorized:
         worker_file = WorkerConfig.path(self.data_dir)
@@ -481,7 +484,8 @@ class Agent:
             backoff.reset()
             self._reached()
             for item in reply.get("items", []):
-                self._dispatch(item, group)
+                if isinstance(item, dict):
+                    self._dispatch(item, group)
 
     def _dispatch(self, item: dict[str, Any], group: asyncio.TaskGroup) -> None:
         kind, work_id = item.get("kind"), str(item.get("id"))

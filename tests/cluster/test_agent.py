@@ -64,6 +64,7 @@ class Cluster:
     ended: dict[str, asyncio.Event] = field(default_factory=dict)
     poll_statuses: list[int] = field(default_factory=list)  # answered (and consumed) before work
     polls: list[float] = field(default_factory=list)
+    poll_answers: list[httpx.Response] = field(default_factory=list)  # then these, before work
     on_line: Any = None  # called with (work id, line) as each line arrives
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
@@ -87,6 +88,8 @@ class Cluster:
             if self.poll_statuses:
                 status = self.poll_statuses.pop(0)
                 return httpx.Response(status, json={"status": status, "detail": f"answered {status}"})
+            if self.poll_answers:
+                return self.poll_answers.pop(0)
             try:
                 items = [await asyncio.wait_for(self.items.get(), 0.3)]
             except TimeoutError:
@@ -389,3 +392,17 @@ async def test_a_malformed_config_is_not_acked_and_a_newer_one_is_applied(
         assert sum("not applied" in line for line in logged) == 1  # not retried on every heartbeat
         cluster.config_version, cluster.config = V2, {"models": []}
         await until(lambda: cluster.heartbeats[-1]["config_applied"] == V2)
+
+
+@in_loop
+async def test_an_answer_that_is_not_a_json_object_is_retried_like_a_lost_connection(
+    files: FileServer, tmp_path: Path
+) -> None:
+    cluster = Cluster(
+        poll_answers=[httpx.Response(200, text="<html>a proxy</html>"), httpx.Response(200, json=[1])]
+    )
+    async with running(cluster, files, tmp_path / "worker") as (_, logged):
+        await until(lambda: f"connected to {files.url} as w1" in logged)
+    [retrying] = [line for line in logged if "retrying in" in line]
+    assert "answered with no JSON" in retrying
+    assert len(cluster.polls) >= 3
