@@ -4,8 +4,7 @@ and the remote engine that reaches each one.
 Routing asks on every request, so the nodes are read from the store at most once a second (one
 read of every node, draining and unavailable ones too, so placement's notes name them); the work
 in flight on each node is read live from the work channel, on the server's event loop where the
-channel lives. A request from another event loop (the task queue runs on its own) is offered no
-worker and goes to the local engine: the remote engine streams on the channel's loop only.
+channel lives.
 
 A node's memory is estimated from what it reported: its engine's memory budget, less the sizes
 (from its configuration) of the models its last heartbeat listed as loaded.
@@ -18,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
-
-import anyio.from_thread
 
 from appliance.cluster.channel import WorkChannel
 from appliance.cluster.placement import Candidate
@@ -40,43 +36,32 @@ class ClusterDirectory:
         channel: WorkChannel,
         *,
         loop: asyncio.AbstractEventLoop,
-        max_age: float = MAX_AGE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.channel = channel
         self.loop = loop  # the channel's
-        self.max_age = max_age
-        self.clock = clock
         self._lock = threading.Lock()  # guards the snapshot
         self._nodes: list[NodeOut] = []
         self._read_at: float | None = None
 
     def nodes(self) -> list[NodeOut]:
-        """Every node, as read at most ``max_age`` seconds ago (blocking: it may read the store)."""
+        """Every node, as read at most ``MAX_AGE_SECONDS`` ago (blocking: it may read the store)."""
         with self._lock:
-            now = self.clock()
-            if self._read_at is None or now - self._read_at >= self.max_age:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= MAX_AGE_SECONDS:
                 self._nodes, self._read_at = self.cluster.list_nodes(), now
             return self._nodes
 
     def candidates(self, digest: str) -> list[Candidate]:
-        """Every node (blocking: called in a worker thread of the event loop that asks)."""
+        """Every node (blocking: called from a thread other than the channel's loop)."""
         nodes = self.nodes()
         if not nodes:
             return []
 
-        def in_flight() -> dict[str, int] | None:  # on the asking loop
-            if asyncio.get_running_loop() is not self.loop:
-                return None
+        async def in_flight() -> dict[str, int]:  # on the channel's loop: the channel is not thread-safe
             return {node.id: self.channel.load(node.id) for node in nodes}
 
-        try:
-            counts = anyio.from_thread.run_sync(in_flight)
-        except RuntimeError:  # not a worker thread of an event loop
-            return []
-        if counts is None:
-            return []
+        counts = asyncio.run_coroutine_threadsafe(in_flight(), self.loop).result()
         return [_candidate(node, counts[node.id]) for node in nodes]
 
     def engine(self, candidate: Candidate) -> Engine:
@@ -86,6 +71,7 @@ class ClusterDirectory:
             candidate.id,
             candidate.name,
             self.channel,
+            loop=self.loop,
             memory_budget=candidate.memory_budget,
             gpu_offload=isinstance(engine, dict) and bool(engine.get("gpu_offload")),
         )

@@ -7,15 +7,22 @@ worker's error comes back as the same error class (a prompt too long is a 400 fr
 Closing the stream early cancels the work on the worker. A node lost mid-answer ends the stream
 with NotReady, never a hang: the channel fails every item of a node it declares lost.
 
+The channel lives on the server's event loop. A request on another loop (the task queue runs on
+its own) has its answer relayed: the channel is used on its own loop, and the lines cross to the
+asking loop through a ``LoopInbox``.
+
 Loading and unloading are the node's configuration (``/api/v1/nodes/{id}/models``), not
-requests: here they only say so. Imports: the engine's base, ``wire`` and the errors.
+requests: here they only say so. Imports: the engine's base, ``wire``, the errors and the thread bridge.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
 
+from appliance.bridge import LoopInbox
 from appliance.cluster.wire import decode_embeddings, decode_error, decode_event, encode_prompt, encode_spec
 from appliance.engine.base import Embeddings, EngineEvent, Finished, LoadedInfo, LoadSpec, Prompt, Ready
 from appliance.errors import EngineFailure, InvalidInput, NotReady
@@ -25,6 +32,7 @@ __all__ = ["ENGINE_NAME", "RemoteEngine"]
 ENGINE_NAME = "worker:llama.cpp"
 
 T = TypeVar("T")
+_FINAL_TYPES = ("finished", "embeddings")  # the last line of an answer
 
 
 class Work(Protocol):
@@ -52,12 +60,14 @@ class RemoteEngine:
         node_name: str,
         channel: Channel,
         *,
+        loop: asyncio.AbstractEventLoop | None = None,
         memory_budget: int = 0,
         gpu_offload: bool = False,
     ) -> None:
         self.node_id = node_id
         self.node = node_name
         self.channel = channel
+        self.loop = loop  # the channel's; None: every request comes on the channel's loop
         self._memory_budget = memory_budget
         self._gpu_offload = gpu_offload
 
@@ -74,32 +84,21 @@ class RemoteEngine:
         """As the local engine: an error before Ready (the model cannot load) is raised, one after
         it ends the stream as a Finished that carries it."""
         item = {"kind": "generate", "spec": encode_spec(spec), "prompt": encode_prompt(prompt)}
-        work = self.channel.submit(self.node_id, item)
-        ended = False  # the channel ended the work: nothing to cancel
         ready = False
-        try:
-            async for line in work.events():
+        async with aclosing(self._answer(item)) as lines:
+            async for line in lines:
                 event = self._decode(line, decode_event)
                 if isinstance(event, Ready):
                     ready = True
-                if isinstance(event, Finished):
-                    ended = True
-                    if event.error is not None and not ready:
-                        raise event.error
-                    yield event
-                    return
+                if isinstance(event, Finished) and event.error is not None and not ready:
+                    raise event.error
                 yield event
-            ended = True
-            raise NotReady(
-                f"node {self.node} stopped before the answer was finished",
-                hint="retry: the request goes to another node, or to this one once it is back",
-            )
-        except NotReady:
-            ended = True
-            raise
-        finally:
-            if not ended:  # the client went away, or a line was unreadable: stop the worker's generation
-                self.channel.cancel(work.id)
+                if isinstance(event, Finished):
+                    return
+        raise NotReady(
+            f"node {self.node} stopped before the answer was finished",
+            hint="retry: the request goes to another node, or to this one once it is back",
+        )
 
     async def embed(
         self, spec: LoadSpec, texts: list[str], *, keep_alive: float | None, truncate: bool = False
@@ -111,21 +110,52 @@ class RemoteEngine:
             "keep_alive": keep_alive,
             "truncate": truncate,
         }
-        work = self.channel.submit(self.node_id, item)
-        ended = False
-        try:
-            async for line in work.events():
-                ended = True
+        async with aclosing(self._answer(item)) as lines:
+            async for line in lines:
                 if line.get("type") == "finished" and line.get("error") is not None:
                     raise decode_error(line["error"])
                 return self._decode(line, decode_embeddings)
-            ended = True
-            raise NotReady(f"node {self.node} stopped before the embeddings were sent")
-        except NotReady:
-            ended = True
-            raise
+        raise NotReady(f"node {self.node} stopped before the embeddings were sent")
+
+    async def _answer(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+        """The node's answer to ``item``, line by line, on whichever loop asks."""
+        if self.loop is None or asyncio.get_running_loop() is self.loop:
+            async with aclosing(self._submit(item)) as lines:
+                async for line in lines:
+                    yield line
+            return
+        inbox: LoopInbox[dict[str, Any] | Exception | None] = LoopInbox()
+
+        async def relay() -> None:  # on the channel's loop
+            try:
+                async with aclosing(self._submit(item)) as lines:
+                    async for line in lines:
+                        inbox.put(line)
+            except Exception as exc:
+                inbox.put(exc)
+            else:
+                inbox.put(None)
+
+        relaying = asyncio.run_coroutine_threadsafe(relay(), self.loop)
+        try:
+            while (got := await inbox.get()) is not None:
+                if isinstance(got, Exception):
+                    raise got
+                yield got
         finally:
-            if not ended:
+            relaying.cancel()  # the asker went away: closing _submit there cancels the work
+
+    async def _submit(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+        """On the channel's loop: submit ``item`` and yield the answer's lines; closed before the
+        last one (the client went away, a line was unreadable), the work is cancelled on the node."""
+        work = self.channel.submit(self.node_id, item)
+        final = False
+        try:
+            async for line in work.events():
+                final = line.get("type") in _FINAL_TYPES
+                yield line
+        finally:
+            if not final:  # also after the channel failed it: cancelling ended work does nothing
                 self.channel.cancel(work.id)
 
     def _decode(self, line: dict[str, Any], decode: Callable[[dict[str, Any]], T]) -> T:

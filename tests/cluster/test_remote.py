@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,7 +169,7 @@ def test_an_answer_that_breaks_off_ends_the_stream_with_not_ready() -> None:
 
 def test_work_no_worker_takes_ends_with_not_ready_within_its_lease() -> None:
     async def test() -> None:
-        with pytest.raises(NotReady, match="was not taken within its lease"):
+        with pytest.raises(NotReady, match="did not take it within its lease"):
             await collect(engine(WorkChannel(lease=0.2)).generate(SPEC, PROMPT))
 
     run(test)
@@ -287,3 +288,75 @@ def test_loading_is_the_nodes_configuration_not_a_request() -> None:
         1 << 30,
         False,
     )
+
+
+# -- from another event loop (the task queue's): relayed through the channel's own loop ---------------
+
+
+@pytest.fixture
+def channel_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+def on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run ``coroutine`` on the channel's loop; await its result from the asking loop."""
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))
+
+
+def test_a_generation_asked_from_another_loop_is_relayed(channel_loop: asyncio.AbstractEventLoop) -> None:
+    async def worker(channel: WorkChannel) -> None:
+        item = await take(channel)
+        await channel.accept(NODE, item["id"], lines(*map(encode_event, ANSWER)))
+
+    async def test() -> list[EngineEvent]:
+        channel = WorkChannel()
+        remote = RemoteEngine(NODE, "w1", channel, loop=channel_loop)
+        answering = on(channel_loop, worker(channel))
+        events = await collect(remote.generate(SPEC, PROMPT))
+        await answering
+        return events
+
+    assert run(test) == ANSWER
+
+
+def test_closing_a_relayed_stream_early_cancels_the_work(channel_loop: asyncio.AbstractEventLoop) -> None:
+    async def test() -> dict[str, Any]:
+        channel = WorkChannel()
+        remote = RemoteEngine(NODE, "w1", channel, loop=channel_loop)
+        stream = remote.generate(SPEC, PROMPT)
+        first = asyncio.create_task(anext(stream))
+        item = await on(channel_loop, take(channel))
+        hold = asyncio.Event()  # waited on by the channel's loop: set from there
+        body = lines(*map(encode_event, ANSWER), pause=hold)
+        answering = on(channel_loop, channel.accept(NODE, item["id"], body))
+        assert await first == ANSWER[0]
+        await stream.aclose()
+        cancel = await on(channel_loop, take(channel))
+        assert cancel["work"] == item["id"]
+        channel_loop.call_soon_threadsafe(hold.set)
+        assert await answering == {"state": "cancelled"}
+        return cancel
+
+    assert run(test)["kind"] == "cancel"
+
+
+def test_a_node_lost_under_a_relayed_stream_is_not_ready(channel_loop: asyncio.AbstractEventLoop) -> None:
+    async def lose(channel: WorkChannel) -> None:
+        await take(channel)
+        channel.node_lost(NODE, "node w1 missed its heartbeats")
+
+    async def test() -> None:
+        channel = WorkChannel()
+        remote = RemoteEngine(NODE, "w1", channel, loop=channel_loop)
+        losing = on(channel_loop, lose(channel))
+        with pytest.raises(NotReady, match="node w1 missed its heartbeats"):
+            await collect(remote.generate(SPEC, PROMPT))
+        await losing
+
+    run(test)

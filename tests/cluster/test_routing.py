@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import pytest
 
 from appliance.audit import Context
@@ -348,28 +347,42 @@ def test_a_worker_only_loading_its_model_is_no_inference_path(live_server: Any) 
     assert live.client.get("/readyz").status_code == 503
 
 
-def test_the_directory_counts_work_in_flight_and_offers_workers_to_the_servers_loop_only(
-    live_server: Any,
-) -> None:
+def test_the_directory_counts_the_work_in_flight_on_each_node(live_server: Any) -> None:
     live: Live = live_server()
     worker = live.join("w1")
     advertise(worker, "sha256:" + "c" * 64)
     nodes = live.runtime.nodes
     assert nodes is not None
 
-    async def on_the_servers_loop() -> list[Candidate]:
+    async def submit_two() -> None:
         live.channel.submit(worker.node_id, {"kind": "generate"})
         live.channel.submit(worker.node_id, {"kind": "generate"})
-        return await anyio.to_thread.run_sync(lambda: nodes.candidates("sha256:" + "c" * 64))
 
-    [candidate] = live.call(on_the_servers_loop())
+    live.call(submit_two())
+    [candidate] = nodes.candidates("sha256:" + "c" * 64)  # from this thread, as from any but the loop's
     assert (candidate.name, candidate.state, candidate.load) == ("w1", "ready", 2)
     assert candidate.loaded == candidate.cached == frozenset({"sha256:" + "c" * 64})
     assert (candidate.memory_budget, candidate.memory_free) == (8 * GIB, 8 * GIB)  # not in its config
-    assert nodes.engine(candidate).node == "w1"
+    remote = nodes.engine(candidate)
+    assert (remote.name, remote.node, remote.memory_budget) == ("worker:llama.cpp", "w1", 8 * GIB)
 
-    async def on_another_loop() -> list[Candidate]:
-        return await anyio.to_thread.run_sync(lambda: nodes.candidates("sha256:" + "c" * 64))
 
-    assert asyncio.run(on_another_loop()) == []  # the task queue's loop: served locally
-    assert nodes.candidates("sha256:" + "c" * 64) == []  # a plain thread
+def test_a_prompt_task_is_routed_to_the_worker_too(live_server: Any, tiny_gguf: Path) -> None:
+    """The task queue runs on its own event loop: the answer is relayed from the channel's."""
+    live: Live = live_server()
+    live.runtime.models.import_file(tiny_gguf, Context.cli(), name="tiny")
+    assert live.runtime.router is not None
+    worker = live.join("w1")
+    advertise(worker, live.runtime.router.resolve("tiny")[1].digest)
+    taken: list[dict[str, Any]] = []
+    answer = [Ready("the model was already loaded", 5, 1), TextChunk("a task answer"), Finished("stop", 5, 3)]
+    answering = answer_one(worker, answer, taken)
+    created = live.client.post("/api/v1/tasks", json={"model": "tiny", "text": "hi"})
+    assert created.status_code in (200, 201, 202), created.text
+    answering.join(timeout=30)
+    assert [item["kind"] for item in taken] == ["generate"]
+    deadline = time.monotonic() + 30
+    while not (records := live.client.get("/api/v1/inference").json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert (records[0]["node"], records[0]["engine"]) == ("w1", "worker:llama.cpp")
