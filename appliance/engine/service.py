@@ -263,6 +263,12 @@ class InferenceService:
                         if called and event.reason == "stop":
                             event = finished = replace(event, reason="tool_calls")
                         yield event
+        except Exception:
+            # The engine failed without a finished event (a worker's answer broke off): an error,
+            # not a client that went away.
+            if finished is None:
+                finished = Finished("error", 0, 0)
+            raise
         finally:
             if route is not None:  # a model that never loaded served nothing to log
                 served = route

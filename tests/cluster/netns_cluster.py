@@ -7,8 +7,9 @@ namespaces' names).
 The server serves TLS on both link addresses; the workers trust it by the join token's fingerprint
 alone. It pulls two models from a file server in this namespace (on loopback, which no worker can
 reach), tells worker 2 to load one and worker 1 to load and unload the other, answers chats routed
-to them, and refuses joins with wrong, expired and revoked tokens. Prints what happened as one
-JSON line; ``tests/cluster/test_e2e_netns.py`` judges it.
+to them, SIGKILLs worker 2 mid-answer and runs it again, and refuses joins with wrong, expired
+and revoked tokens. Prints what happened as one JSON line; ``tests/cluster/test_e2e_netns.py``
+judges it.
 
 Usage: python -m tests.cluster.netns_cluster WORK_DIR
 """
@@ -215,6 +216,34 @@ class Appliance:
         entry = next((m for m in found["models"] if m["model"] == model), None) if found else None
         return entry["state"] if entry else None
 
+    def chat_broken_off(self, model: str, worker: Worker) -> dict[str, Any]:
+        """A long streamed chat whose worker is SIGKILLed once its first words arrived: what the
+        client saw, and what the inference log recorded."""
+        seen: dict[str, Any] = {"chunks": 0, "error": None, "finish_reason": None}
+        with openai.DefaultHttpxClient(verify=self.trust()) as http:
+            client = openai.OpenAI(
+                base_url=f"{self.url('w1')}/v1", api_key=self.key, http_client=http, max_retries=0
+            )
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=100_000, stream=True
+            )
+            try:
+                for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            seen["chunks"] += 1
+                        seen["finish_reason"] = choice.finish_reason or seen["finish_reason"]
+                    if seen["chunks"] == 3:
+                        assert worker.process is not None
+                        worker.process.kill()
+                        seen["killed"] = worker.process.wait(timeout=30)
+            except openai.APIError as error:
+                seen["error"] = str(error)
+        with self.client() as api:
+            [record] = api.get("/api/v1/inference", params={"limit": 1}).json()
+        seen["logged"] = {key: record[key] for key in ("node", "outcome", "model")}
+        return seen
+
     def chat(self, model: str) -> dict[str, Any]:
         """A chat through the openai client; what the inference log recorded for it."""
         with openai.DefaultHttpxClient(verify=self.trust()) as http:
@@ -247,11 +276,12 @@ class Worker:
         return ["ip", "netns", "exec", self.netns, *APPLIANCE, "worker", *args]
 
     def join(self, url: str, token: str) -> None:
-        log = self.log_path.open("a")
-        command = self.command(
-            "join", url, "--token", token, "--name", self.name, "--data-dir", str(self.data_dir)
-        )
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.start("join", url, "--token", token, "--name", self.name)
+
+    def start(self, *args: str) -> None:
+        with self.log_path.open("a") as log:
+            command = self.command(*args, "--data-dir", str(self.data_dir))
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def log(self) -> str:
@@ -307,7 +337,8 @@ def main(work_dir: Path) -> None:
     report: dict[str, Any] = {}
     files = work_dir / "files"
     files.mkdir(parents=True)
-    write_llama_gguf(files / "tiny.gguf", chat_template=TINY_CHAT_TEMPLATE)
+    # a long context, so that an answer runs long enough to be broken off
+    write_llama_gguf(files / "tiny.gguf", chat_template=TINY_CHAT_TEMPLATE, context=8192)
     write_llama_gguf(files / "other.gguf", chat_template=TINY_CHAT_TEMPLATE, seed=1, name="other")
     origin = FileServer(files)
     server = Appliance(work_dir / "server")
@@ -382,6 +413,19 @@ def run(
     for name in workers:
         wait(partial(server.heartbeat_since, name, restarted), f"{name} heartbeating again", watch=live)
     report["chat_other_coordinating"] = server.chat("other")
+
+    # Worker 2 killed mid-answer: the client's stream ends with an error, not a cut-off reply;
+    # restarted, it comes back as the same node with its cache intact.
+    report["killed_mid_answer"] = server.chat_broken_off("tiny", w2)
+    rerun = time.monotonic()
+    w2.start("run")
+    wait(partial(server.heartbeat_since, "w2", rerun), "w2 heartbeating after its restart", watch=live)
+    wait(
+        lambda: server.model_state("w2", "tiny:latest") == "available",
+        "tiny available on w2 again",
+        watch=live,
+    )
+    report["chat_after_restart"] = server.chat("tiny")
 
     # Tokens the server must refuse, through the worker's own command.
     prefix, secret = token.rsplit(".", 1)

@@ -1,8 +1,9 @@
 """A server and two workers in network namespaces of their own (``tests/cluster/netns_cluster.py``,
 run under ``unshare -n -m`` so nothing touches the host's network): each worker reaches the
 server's address on its link and nothing else, listens on no port, and the server cannot reach
-it; models reach the workers from the server's cache only, and chats are routed to the node that
-has the model."""
+it; models reach the workers from the server's cache only, chats are routed to the node that has
+the model, a worker killed mid-answer ends its client's stream with an error and comes back with
+its cache, and wrong, expired and revoked join tokens are refused."""
 
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def test_workers_in_their_own_namespaces_join_load_from_the_server_and_serve_rou
     assert (other["node"], other["model"]) == ("w1", "other:latest")
     assert other["reason"].startswith("node w1 has the model cached; it loads it first")
     assert other["tokens"] >= 1
+
+    # Worker 2 SIGKILLed mid-answer: the client's stream ends in an error after the words it had;
+    # restarted (`worker run`), it is the same node, its cache intact (fetched once in all).
+    killed = report["killed_mid_answer"]
+    assert killed["killed"] == -9
+    assert killed["chunks"] >= 3
+    assert killed["finish_reason"] is None
+    assert "answer broke off" in killed["error"], killed
+    assert killed["logged"]["node"] == "w2"
+    assert killed["logged"]["outcome"] == "error", killed
+    assert report["chat_after_restart"]["node"] == "w2"
 
     for label, says in (
         ("wrong", "not one this server made"),

@@ -308,6 +308,29 @@ def test_a_chat_reaches_the_worker_with_the_model_loaded_and_the_log_shows_node_
     assert live.runtime.router.engine.loaded() == []
 
 
+def test_a_worker_answer_that_breaks_off_is_an_error_to_the_client_and_in_the_log(
+    live_server: Any, tiny_gguf: Path
+) -> None:
+    live: Live = live_server()
+    live.runtime.models.import_file(tiny_gguf, Context.cli(), name="tiny")
+    assert live.runtime.router is not None
+    worker = live.join("w1")
+    advertise(worker, live.runtime.router.resolve("tiny")[1].digest)
+    answer: list[EngineEvent] = [
+        Ready("the model was already loaded", 5, 1),
+        TextChunk("hello"),
+    ]  # no finished
+    answering = answer_one(worker, answer, [])
+    reply = live.client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    answering.join(timeout=30)
+    assert reply.status_code == 503, reply.text
+    assert "answer ended before it finished" in reply.json()["error"]["message"]
+    [record] = live.client.get("/api/v1/inference").json()
+    assert (record["node"], record["outcome"], record["completion_tokens"]) == ("w1", "error", 0)
+
+
 def test_a_drained_worker_gets_nothing_and_the_local_engine_serves(live_server: Any, tiny_gguf: Path) -> None:
     live: Live = live_server()
     live.runtime.models.import_file(tiny_gguf, Context.cli(), name="tiny")
