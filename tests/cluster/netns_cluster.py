@@ -16,10 +16,12 @@ Usage: python -m tests.cluster.netns_cluster WORK_DIR
 
 from __future__ import annotations
 
+import ctypes
 import http.server
 import json
 import os
 import secrets
+import signal
 import ssl
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import openai
@@ -44,6 +46,13 @@ T = TypeVar("T")
 LINKS = {"w1": ("10.79.1.1", "10.79.1.2"), "w2": ("10.79.2.1", "10.79.2.2")}
 LINK_ADDRESSES = [near for near, _ in LINKS.values()]  # the server's
 WAIT_SECONDS = 120
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """In a child before it runs: SIGKILL it when this driver dies (a test's timeout), so that no
+    server or worker outlives the namespaces."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def sh(*args: str) -> None:
@@ -146,7 +155,11 @@ class Appliance:
         return done.stdout
 
     def serve(self, **env: str) -> None:
-        log = (self.data_dir.parent / "serve.log").open("a")
+        with (self.data_dir.parent / "serve.log").open("a") as log:
+            self._start(log, env)
+        wait(lambda: self._ready(), "the server listening")
+
+    def _start(self, log: IO[str], env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
             [
                 *APPLIANCE,
@@ -168,8 +181,8 @@ class Appliance:
                 "APPLIANCE_CLUSTER__WORK_WAIT": "5s",
                 **env,
             },
+            preexec_fn=die_with_parent,
         )
-        wait(lambda: self._ready(), "the server listening")
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -281,7 +294,9 @@ class Worker:
     def start(self, *args: str) -> None:
         with self.log_path.open("a") as log:
             command = self.command(*args, "--data-dir", str(self.data_dir))
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
 
     @property
     def log(self) -> str:
