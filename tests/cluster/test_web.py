@@ -291,9 +291,9 @@ def test_work_not_started_within_its_lease_fails_naming_the_node(live_server: An
 
 
 def test_a_node_that_misses_heartbeats_or_is_removed_fails_its_work(live_server: Any) -> None:
-    live: Live = live_server(heartbeat_interval=0.2, heartbeat_timeout=0.6)
+    live: Live = live_server(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     silent, removed = live.join("w1"), live.join("w2")
-    for worker in (silent, removed):
+    for worker in (silent, removed):  # w2 is removed well within its heartbeat timeout
         assert worker.heartbeat().status_code == 200
     lost = submit(live, silent.node_id, {"kind": "generate"})
     gone = submit(live, removed.node_id, {"kind": "generate"})
@@ -303,7 +303,7 @@ def test_a_node_that_misses_heartbeats_or_is_removed_fails_its_work(live_server:
     started = time.monotonic()
     with pytest.raises(NotReady, match="node w1 missed its heartbeats"):
         rest(live, lost.events())
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
     assert live.client.get("/api/v1/nodes/w1").json()["state"] == "unavailable"
 
 
