@@ -40,7 +40,7 @@ from appliance.cluster.service import ClusterService, Node
 from appliance.errors import ApplianceError, InvalidInput, LeaseLost, NotReady
 from appliance.metrics import Metrics
 
-__all__ = ["Work", "WorkChannel", "watch_nodes"]
+__all__ = ["MAX_LINE_BYTES", "Work", "WorkChannel", "watch_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ WorkState = Literal["queued", "leased", "running", "done", "cancelled", "failed"
 _ENDED: tuple[WorkState, ...] = ("done", "cancelled", "failed")
 _REMEMBERED = 10_000  # ended work kept to answer a repeated answer (idempotent completion)
 _FINAL_TYPES = ("finished", "embeddings")  # a line of these types ends an answer
+MAX_LINE_BYTES = 256 * 1024 * 1024  # one line: a generation's event, or a batch's embeddings
 
 
 class _End:
@@ -254,6 +255,8 @@ async def _lines_of(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         for line in complete:
             if line.strip():
                 yield line
+        if len(pending) > MAX_LINE_BYTES:  # the body is not capped as a whole; each line is
+            raise InvalidInput(f"a line of the answer is longer than {MAX_LINE_BYTES} bytes")
     if pending.strip():
         yield pending
 
