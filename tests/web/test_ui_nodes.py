@@ -144,6 +144,10 @@ def test_a_token_made_in_the_page_joins_a_worker_that_shows_with_its_state_and_g
     expect(listed).to_have_attribute("data-state", "active")
     expect(page.locator("#tokens")).not_to_contain_text(token)  # the list never shows a secret
     expect(page.locator("#errors")).to_be_empty()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.get_by_role("button", name="Copy the line").click()
+    expect(page.locator("#new-token")).to_contain_text("copied")
+    assert page.evaluate("navigator.clipboard.readText()") == page.locator("#new-token-command").inner_text()
 
     worker = workers.join(token, "w1")
     worker.heartbeat(active=1, queued=2, loaded=[])
@@ -246,8 +250,12 @@ def test_remove_asks_first_and_the_servers_errors_show_with_their_hints(
     gone = worker.client.post("/api/v1/cluster/heartbeat", json={})
     assert gone.status_code == 401  # its credential went with it
 
-    workers.join(new_token(admin), "w2").heartbeat()
+    second = workers.join(new_token(admin), "w2")
     node = node_row(page, "w2")
+    expect(node).to_have_attribute("data-state", "unavailable", timeout=REDRAWN)  # no heartbeat yet
+    expect(node.locator(".node-heartbeat")).to_have_text("never")
+    expect(node.locator(".node-machine")).to_contain_text("16 CPUs")  # from its join
+    second.heartbeat()
     expect(node).to_have_attribute("data-state", "ready", timeout=REDRAWN)
     # The page's list of models was read when it opened: the model goes behind its back.
     assert admin.delete("/api/v1/models/tiny").status_code == 200
@@ -256,3 +264,11 @@ def test_remove_asks_first_and_the_servers_errors_show_with_their_hints(
     expect(page.locator("#errors")).to_contain_text("(list the models with `appliance models ls`)")
     assert admin.get("/api/v1/nodes/w2").json()["config"]["models"] == []
     shot(page, "nodes-error")
+
+
+def test_a_server_that_went_away_is_said_on_the_next_redraw(page: Page, server: Server) -> None:
+    open_nodes(page)
+    expect(page.locator("#nodes")).to_contain_text("No node has joined yet")
+    server.process.terminate()
+    server.process.wait(timeout=30)
+    expect(page.locator("#errors")).to_contain_text("Failed to fetch", timeout=REDRAWN)
