@@ -20,7 +20,7 @@ not hold the lease gets LeaseLost (409).
 ``watch_nodes`` is the sweep the server runs beside it: a node that missed its heartbeats has its
 work failed, a node removed too, and a node whose configuration changed is woken to fetch it.
 
-Imports: errors, and this package's service (for the sweep).
+Imports: errors, metrics, and this package's service (for the sweep).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
-from appliance.cluster.service import ClusterService
+from appliance.cluster.service import ClusterService, Node
 from appliance.errors import ApplianceError, InvalidInput, LeaseLost, NotReady
+from appliance.metrics import Metrics
 
 __all__ = ["Work", "WorkChannel", "watch_nodes"]
 
@@ -257,10 +258,12 @@ async def _lines_of(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield pending
 
 
-async def watch_nodes(cluster: ClusterService, channel: WorkChannel, *, every: float) -> None:
+async def watch_nodes(
+    cluster: ClusterService, channel: WorkChannel, *, every: float, metrics: Metrics | None = None
+) -> None:
     """Until cancelled: fail the work of nodes that missed their heartbeats or were removed (also
-    by ``appliance nodes rm``), and wake nodes whose config changed (also by ``appliance nodes
-    load``), every ``every`` seconds."""
+    by ``appliance nodes rm``), wake nodes whose config changed (also by ``appliance nodes
+    load``), and set the nodes' gauges, every ``every`` seconds."""
     unavailable: set[str] = set()
     while True:
         await asyncio.sleep(every)
@@ -285,3 +288,14 @@ async def watch_nodes(cluster: ClusterService, channel: WorkChannel, *, every: f
             if node.config_version != node.config_applied:
                 channel.announce_config(node.id, node.config_version)
         unavailable &= known
+        if metrics is not None:
+            _measure(metrics, cluster, channel, nodes)
+
+
+def _measure(metrics: Metrics, cluster: ClusterService, channel: WorkChannel, nodes: list[Node]) -> None:
+    states = [cluster.state(node) for node in nodes]
+    for state in ("ready", "draining", "unavailable"):
+        metrics.nodes.labels(state=state).set(states.count(state))
+    metrics.node_work.clear()  # removed nodes leave the gauge
+    for node in nodes:
+        metrics.node_work.labels(node=node.name).set(channel.load(node.id))

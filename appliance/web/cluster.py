@@ -79,7 +79,9 @@ async def cluster_lifespan(app: Litestar) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     assert runtime.channel is not None, "the server always opens the runtime with its channel"
     every = min(1.0, runtime.settings.cluster.heartbeat_interval)
-    sweep = asyncio.create_task(watch_nodes(runtime.cluster, runtime.channel, every=every))
+    sweep = asyncio.create_task(
+        watch_nodes(runtime.cluster, runtime.channel, every=every, metrics=runtime.metrics)
+    )
     try:
         yield
     finally:
@@ -112,6 +114,7 @@ def heartbeat(data: HeartbeatIn, node: Node, cluster: ClusterService) -> Heartbe
 
 @get("/api/v1/cluster/work")
 async def take_work(
+    request: Request[Any, Any, Any],
     node: Node,
     channel: WorkChannel,
     settings: Settings,
@@ -119,7 +122,22 @@ async def take_work(
 ) -> dict[str, list[dict[str, Any]]]:
     """Long-poll: the node's work as soon as there is any, else an empty list after ``wait``
     seconds (at most ``cluster.work_wait``). Work handed out is leased to the node."""
-    return {"items": await channel.poll(node.id, min(wait, settings.cluster.work_wait))}
+    poll = asyncio.ensure_future(channel.poll(node.id, min(wait, settings.cluster.work_wait)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait((poll, gone), return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not poll.done():  # the worker went away: what waits stays queued for its next poll
+        poll.cancel()
+        with suppress(asyncio.CancelledError):
+            await poll
+        return {"items": []}
+    return {"items": poll.result()}
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client closes the connection (a poll's request has no body to read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @post("/api/v1/cluster/work/{work_id:str}/events", status_code=200, request_max_body_size=None)

@@ -207,6 +207,18 @@ def test_a_poll_returns_as_soon_as_work_is_submitted_and_empty_after_its_wait(li
     assert item == {"kind": "generate", "spec": {}, "prompt": {}, "id": work.id, "lease_seconds": 30.0}
 
 
+def test_work_is_not_handed_to_a_poll_whose_worker_went_away(live_server: Any) -> None:
+    live: Live = live_server()
+    worker = live.join()
+    with worker.client(timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.get("/api/v1/cluster/work?wait=20")  # the worker gives up; its connection closes
+    time.sleep(0.2)
+    work = submit(live, worker.node_id, {"kind": "generate"})
+    with worker.client() as client:
+        items = client.get("/api/v1/cluster/work?wait=5").json()["items"]
+    assert [item["id"] for item in items] == [work.id]
+
+
 # -- answers -----------------------------------------------------------------------------------
 
 
@@ -349,3 +361,25 @@ def test_a_quarantined_absent_or_malformed_blob_is_refused(blob: tuple[Live, Wor
         live.runtime.store.mark_verified(digest, state="quarantined")
         answer = client.get(f"/api/v1/blobs/{digest}")
         assert (answer.status_code, answer.json()["code"]) == (404, "not_found")
+
+
+def test_metrics_count_nodes_by_state_and_their_work(live_server: Any) -> None:
+    live: Live = live_server(heartbeat_interval=0.2)
+    ready, silent = live.join("w1"), live.join("w2")
+    assert ready.heartbeat().status_code == 200
+    submit(live, ready.node_id, {"kind": "generate"})
+    submit(live, ready.node_id, {"kind": "generate"})
+    wanted = ['appliance_nodes{state="ready"} 1.0', 'appliance_nodes{state="unavailable"} 1.0']
+    wanted += ['appliance_node_work{node="w1"} 2.0', 'appliance_node_work{node="w2"} 0.0']
+    deadline = time.monotonic() + 10
+    while True:
+        text = live.client.get("/metrics").text
+        if all(line in text for line in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [line for line in wanted if line not in text] == []
+    assert live.client.delete(f"/api/v1/nodes/{silent.name}").status_code == 200
+    deadline = time.monotonic() + 10
+    while 'node="w2"' in live.client.get("/metrics").text:  # a removed node leaves the gauge
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
