@@ -1,7 +1,7 @@
 """Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``.
 
 Imports: the engine and its service (the routing log is ``InferenceService.history``), the cluster's
-service (the nodes' gauges), metrics; never the store.
+service (the nodes' heartbeat ages); never the store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.cluster.service import ClusterService
 from appliance.engine.router import Loaded, Router
 from appliance.engine.service import InferenceService
-from appliance.metrics import NodeSample
 from appliance.settings import Duration
 
 __all__ = ["EngineController", "LoadIn", "metrics"]
@@ -89,8 +88,12 @@ class EngineController(Controller):
 
 @get("/metrics", sync_to_thread=True, include_in_schema=False)
 def metrics(state: State, cluster: ClusterService) -> Response[bytes]:
-    """Prometheus text format; the nodes' gauges from the nodes list as it reads now (a store
-    read: in a thread)."""
-    nodes = [NodeSample(n.name, n.state, n.seconds_since_heartbeat) for n in cluster.list_nodes()]
-    rendered = state.runtime.metrics.render(nodes)
+    """Prometheus text format; the nodes' heartbeat ages from the nodes list as it reads now (a
+    store read: in a thread)."""
+    ages = {
+        n.name: n.seconds_since_heartbeat
+        for n in cluster.list_nodes()
+        if n.seconds_since_heartbeat is not None
+    }
+    rendered = state.runtime.metrics.render(ages)
     return Response(rendered, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,8 +1,9 @@
-"""The nodes in ``/metrics`` of a real server, with httpx playing the workers: how many are in each
-state, and each one's heartbeat age, as the nodes list reads at the scrape."""
+"""The nodes in ``/metrics`` of a real server, with httpx playing the workers: each one's heartbeat
+age as the nodes list reads at the scrape, beside the sweep's count of nodes by state."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -41,10 +42,22 @@ def scrape(server: Server) -> tuple[dict[str, float], dict[str, float]]:
     return states, ages
 
 
-def test_metrics_count_the_nodes_by_state_and_give_each_ones_heartbeat_age(
+def settled(server: Server, states: dict[str, float]) -> dict[str, float]:
+    """The heartbeat ages of the first scrape whose counts by state are ``states`` (the server's
+    sweep sets those about once a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        seen, ages = scrape(server)
+        if seen == states:
+            return ages
+        assert time.monotonic() < deadline, f"nodes by state: {seen}, not {states}"
+        time.sleep(0.1)
+
+
+def test_metrics_give_each_nodes_heartbeat_age_and_count_them_by_state(
     server: Server, worker_clients: list[httpx.Client]
 ) -> None:
-    assert scrape(server) == ({"ready": 0, "draining": 0, "unavailable": 0}, {})
+    assert scrape(server)[1] == {}
     token = server.client.post("/api/v1/nodes/tokens", json={}).json()["token"]
     for name in ("w1", "w2", "w3"):
         joined = server.client.post(
@@ -57,12 +70,15 @@ def test_metrics_count_the_nodes_by_state_and_give_each_ones_heartbeat_age(
         assert client.post("/api/v1/cluster/heartbeat", json={}).status_code == 200
     assert server.client.post("/api/v1/nodes/w2/drain").status_code == 200
 
-    states, ages = scrape(server)
-    assert states == {"ready": 1, "draining": 1, "unavailable": 1}
+    ages = settled(server, {"ready": 1, "draining": 1, "unavailable": 1})
     assert set(ages) == {"w1", "w2"}
     assert all(0 <= age < 60 for age in ages.values())
+    time.sleep(1.1)
+    later = scrape(server)[1]["w1"]
+    assert later >= ages["w1"] + 1  # read at the scrape: it grows until the next heartbeat
+    assert worker_clients[0].post("/api/v1/cluster/heartbeat", json={}).status_code == 200
+    assert scrape(server)[1]["w1"] < later
 
     assert server.client.delete("/api/v1/nodes/w1").status_code == 200
-    states, ages = scrape(server)
-    assert states == {"ready": 0, "draining": 1, "unavailable": 1}
-    assert set(ages) == {"w2"}  # a removed node leaves no series behind
+    assert set(scrape(server)[1]) == {"w2"}  # a removed node leaves no series behind, at once
+    settled(server, {"ready": 0, "draining": 1, "unavailable": 1})
