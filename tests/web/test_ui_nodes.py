@@ -67,10 +67,15 @@ class Worker:
     client: httpx.Client
 
     def heartbeat(
-        self, *, models: list[dict[str, Any]] | None = None, config_applied: str | None = None, **load: Any
+        self,
+        *,
+        models: list[dict[str, Any]] | None = None,
+        config_applied: str | None = None,
+        capabilities: dict[str, Any] | None = None,
+        **load: Any,
     ) -> dict[str, Any]:
         report = {
-            "capabilities": None,
+            "capabilities": capabilities,
             "load": load,
             "models": models or [],
             "config_applied": config_applied,
@@ -86,10 +91,10 @@ class Workers:
     url: str
     clients: list[httpx.Client] = field(default_factory=list)
 
-    def join(self, token: str, name: str) -> Worker:
+    def join(self, token: str, name: str, capabilities: dict[str, Any] = CAPABILITIES) -> Worker:
         answer = httpx.post(
             f"{self.url}/api/v1/cluster/join",
-            json={"token": token, "name": name, "capabilities": CAPABILITIES},
+            json={"token": token, "name": name, "capabilities": capabilities},
             timeout=30,
         )
         assert answer.status_code == 201, answer.text
@@ -250,13 +255,14 @@ def test_remove_asks_first_and_the_servers_errors_show_with_their_hints(
     gone = worker.client.post("/api/v1/cluster/heartbeat", json={})
     assert gone.status_code == 401  # its credential went with it
 
-    second = workers.join(new_token(admin), "w2")
+    second = workers.join(new_token(admin), "w2", capabilities={})
     node = node_row(page, "w2")
     expect(node).to_have_attribute("data-state", "unavailable", timeout=REDRAWN)  # no heartbeat yet
     expect(node.locator(".node-heartbeat")).to_have_text("never")
-    expect(node.locator(".node-machine")).to_contain_text("16 CPUs")  # from its join
-    second.heartbeat()
+    expect(node.locator(".node-machine")).to_have_text("not reported yet")
+    second.heartbeat(capabilities=CAPABILITIES)  # as a worker reports a change
     expect(node).to_have_attribute("data-state", "ready", timeout=REDRAWN)
+    expect(node.locator(".node-machine")).to_contain_text("16 CPUs")
     # The page's list of models was read when it opened: the model goes behind its back.
     assert admin.delete("/api/v1/models/tiny").status_code == 200
     node.get_by_role("button", name="Load").click()
@@ -272,3 +278,13 @@ def test_a_server_that_went_away_is_said_on_the_next_redraw(page: Page, server: 
     server.process.terminate()
     server.process.wait(timeout=30)
     expect(page.locator("#errors")).to_contain_text("Failed to fetch", timeout=REDRAWN)
+
+
+def test_a_user_has_no_nodes_link_and_the_page_is_for_admins(page: Page, keys: Keys, server: Server) -> None:
+    page.goto("/#/nodes")
+    sign_in(page, "alice", PASSWORD)
+    expect(page.get_by_role("heading", level=1)).to_have_text("Admins only")
+    expect(page.get_by_role("navigation").get_by_role("link", name="Nodes")).to_be_hidden()
+    user = {"Authorization": f"Bearer {keys.user}"}
+    assert server.client.get("/api/v1/nodes", headers=user).status_code == 403
+    assert server.client.post("/api/v1/nodes/tokens", json={}, headers=user).status_code == 403

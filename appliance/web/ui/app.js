@@ -619,7 +619,7 @@ async function nodes() {
       h("td", {}, h("strong", {}, n.name), h("div", { class: "muted mono" }, n.id)),
       h("td", { class: `node-state ${n.state === "ready" ? "ok" : n.state === "unavailable" ? "bad" : ""}` }, n.state),
       h("td", { class: "node-heartbeat", title: n.last_heartbeat_at || "" }, since === null ? "never" : ago(since)),
-      h("td", { class: "node-machine" },
+      Object.keys(caps).length === 0 ? h("td", { class: "node-machine muted" }, "not reported yet") : h("td", { class: "node-machine" },
         h("div", {}, `${caps.cpu?.count ?? "?"} CPUs, RAM ${bytes(memory.available_bytes)} free of ${bytes(memory.total_bytes)}`),
         gpus.length
           ? gpus.map((gpu) => h("div", { class: "node-gpu" }, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
