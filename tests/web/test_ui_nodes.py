@@ -225,6 +225,12 @@ def test_drain_and_a_model_loaded_onto_the_node_show_as_the_server_records_them(
     model.get_by_role("button", name="Unload").click()
     expect(model.get_by_role("button", name="Unload")).to_have_count(0)  # held still, no longer told to
     assert admin.get("/api/v1/nodes/w1").json()["config"]["models"] == []
+    expect(node.locator(".node-config")).to_have_text("config not applied yet")
+    newer = worker.heartbeat(models=held("available"), config_applied=reply["config_version"])
+    assert newer["config"] == {"models": []}
+    worker.heartbeat(models=held("cached"), config_applied=newer["config_version"])  # unloaded, kept
+    expect(model).to_have_attribute("data-state", "cached", timeout=REDRAWN)
+    expect(node.locator(".node-config")).to_have_count(0)
 
 
 def test_remove_asks_first_and_the_servers_errors_show_with_their_hints(

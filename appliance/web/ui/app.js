@@ -639,26 +639,26 @@ async function nodes() {
   // is told to keep loaded but has not reported yet; a model it is told to load can be unloaded.
   const nodeModels = (n) => {
     const assigned = n.config?.models || [];
-    const told = new Set(assigned.map((e) => e.digest));
+    const told = new Map(assigned.map((e) => [e.digest, e]));
     const held = new Set(n.models.map((m) => m.digest));
     const unload = (name) => h("button", { class: "secondary", onclick: () => act(() =>
       api("DELETE", `/api/v1/nodes/${encodeURIComponent(n.id)}/models/${name.split("/").map(encodeURIComponent).join("/")}`)) }, "Unload");
-    const entryOf = (digest) => assigned.find((e) => e.digest === digest);
     const rows = [
       ...n.models.map((m) => h("div", { class: "node-model", "data-model": m.model, "data-state": m.state },
         h("span", {}, m.model || m.digest.slice(0, 19)), " ",
         h("span", { class: m.state === "available" ? "ok" : m.state === "failed" ? "bad" : "" }, m.state),
         m.reason ? h("span", { class: "muted" }, `: ${m.reason}`) : null,
-        told.has(m.digest) ? [" ", unload(entryOf(m.digest).model)] : null)),
+        told.has(m.digest) ? [" ", unload(told.get(m.digest).model)] : null)),
       ...assigned.filter((e) => !held.has(e.digest)).map((e) => h("div", { class: "node-model", "data-model": e.model, "data-state": "assigned" },
         h("span", {}, e.model), " ", h("span", { class: "muted" }, "told to load, not reported yet"), " ", unload(e.model))),
     ];
     const select = h("select", { class: "node-pick", "aria-label": `model to load on ${n.name}`,
       onchange: (event) => picked.set(n.id, event.target.value) }, choices.map((name) => h("option", { value: name }, name)));
     if (picked.has(n.id) && choices.includes(picked.get(n.id))) select.value = picked.get(n.id);
-    const pending = n.config_applied !== n.config_version;
+    // A node that never acknowledged a config and is told nothing has nothing to apply.
+    const pending = n.config_applied !== n.config_version && (assigned.length > 0 || n.config_applied !== null);
     return [...(rows.length ? rows : [h("div", { class: "muted" }, "none")]),
-      pending && assigned.length ? h("div", { class: "muted node-config" }, "config not applied yet") : null,
+      pending ? h("div", { class: "muted node-config" }, "config not applied yet") : null,
       choices.length
         ? h("form", { class: "inline node-load-form", onsubmit: (event) => { event.preventDefault();
             act(() => api("POST", `/api/v1/nodes/${encodeURIComponent(n.id)}/models`, { model: select.value })); } },
