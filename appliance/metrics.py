@@ -1,12 +1,36 @@
-"""Prometheus metrics, on a registry of their own per app (no process-wide globals)."""
+"""Prometheus metrics, on a registry of their own per app (no process-wide globals).
+
+The nodes' heartbeat ages are not kept here: each scrape passes them as the nodes list reads then
+(a gauge set by the server's sweep would lag by up to a sweep and keep a removed node's series
+until cleared). The sweep sets the other node gauges.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _HeartbeatAges(Collector):
+    def __init__(self, ages: Mapping[str, float]) -> None:
+        self.ages = ages
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "appliance_node_heartbeat_age_seconds",
+            "Seconds since each worker node's last heartbeat (none for a node that never sent one).",
+            labels=["node"],
+        )
+        for node, age in self.ages.items():
+            family.add_metric([node], age)
+        yield family
 
 
 class Metrics:
@@ -91,6 +115,9 @@ class Metrics:
         if completion_tokens and seconds > 0:
             self.tokens_per_second.labels(model=model).set(completion_tokens / seconds)
 
-    def render(self) -> bytes:
-        rendered: bytes = generate_latest(self.registry)
+    def render(self, heartbeat_ages: Mapping[str, float] | None = None) -> bytes:
+        """The text format: this registry's metrics, then each node's heartbeat age (by name)."""
+        scrape = CollectorRegistry()
+        scrape.register(_HeartbeatAges(heartbeat_ages or {}))
+        rendered: bytes = generate_latest(self.registry) + generate_latest(scrape)
         return rendered

@@ -1,6 +1,7 @@
 """Loaded models over HTTP: ``/api/v1/ps``, load and unload, the routing log, and ``/metrics``.
 
-Imports: the engine and its service (the routing log is ``InferenceService.history``), never the store.
+Imports: the engine and its service (the routing log is ``InferenceService.history``), the cluster's
+service (the nodes' heartbeat ages); never the store.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from litestar.datastructures import State
 from litestar.params import Parameter
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.cluster.service import ClusterService
 from appliance.engine.router import Loaded, Router
 from appliance.engine.service import InferenceService
 from appliance.settings import Duration
@@ -84,7 +86,14 @@ class EngineController(Controller):
         return inference.history(model=model, limit=limit)
 
 
-@get("/metrics", sync_to_thread=False, include_in_schema=False)
-def metrics(state: State) -> Response[bytes]:
-    """Prometheus text format."""
-    return Response(state.runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+@get("/metrics", sync_to_thread=True, include_in_schema=False)
+def metrics(state: State, cluster: ClusterService) -> Response[bytes]:
+    """Prometheus text format; the nodes' heartbeat ages from the nodes list as it reads now (a
+    store read: in a thread)."""
+    ages = {
+        n.name: n.seconds_since_heartbeat
+        for n in cluster.list_nodes()
+        if n.seconds_since_heartbeat is not None
+    }
+    rendered = state.runtime.metrics.render(ages)
+    return Response(rendered, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,5 +1,5 @@
 // The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
-// No build step and nothing from the network but this server. A later page (nodes, providers)
+// No build step and nothing from the network but this server. A later page (providers)
 // is one more entry in `pages` and one more link in index.html (an admin's page: its link marked
 // data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
 
@@ -29,6 +29,11 @@ function bytes(count) {
   let value = count, unit = 0;
   while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function ago(seconds) {
+  if (seconds < 90) return `${Math.round(seconds)} s ago`;
+  return seconds < 5400 ? `${Math.round(seconds / 60)} min ago` : `${Math.round(seconds / 3600)} h ago`;
 }
 
 function showError(message) {
@@ -574,6 +579,146 @@ async function tasks() {
   }
 }
 
+// -- nodes -------------------------------------------------------------------------------------
+
+// Workers that joined this server: their state and heartbeat, machine, load and models, redrawn
+// every few seconds; join tokens to add one; drain, remove, and the models each keeps loaded.
+async function nodes() {
+  const token = generation;
+  const expires = h("select", { id: "token-expires" },
+    [["24h", "24 hours"], ["1h", "1 hour"], ["7d", "7 days"], ["never", "never"]].map(([value, label]) => h("option", { value }, label)));
+  const created = h("div", { id: "new-token" });
+  const tokenList = h("div", { id: "tokens" }, "Loading…");
+  const list = h("div", { id: "nodes" }, "Loading…");
+  const picked = new Map();  // node id -> the model chosen in its select, kept across redraws
+  const found = await refresh(() => firstRows("/api/v1/models", 1000));
+  if (token !== generation) return;
+  const choices = (found ? found.rows : []).filter((m) => m.formats.includes("gguf")).map((m) => m.name);
+
+  const draw = async () => {
+    const listed = await api("GET", "/api/v1/nodes");
+    if (token !== generation) return;
+    list.replaceChildren(listed.length ? h("table", { id: "nodes-table" },
+      h("thead", {}, h("tr", {}, ["Name", "State", "Heartbeat", "Machine", "Load", "Models", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, listed.map(nodeRow)))
+      : h("p", { class: "muted" }, "No node has joined yet: make a join token below and run the line it shows on the worker."));
+  };
+  // A timer's redraw waits while a model is being picked: it would close the open select.
+  const redraw = () => {
+    const focused = document.activeElement;
+    if (focused && focused.tagName === "SELECT" && list.contains(focused)) return undefined;
+    return refresh(draw);
+  };
+
+  const nodeRow = (n) => {
+    const caps = n.capabilities || {};
+    const memory = caps.memory || {};
+    const gpus = caps.gpus || [];
+    const since = n.seconds_since_heartbeat;
+    return h("tr", { "data-node": n.name, "data-state": n.state },
+      h("td", {}, h("strong", {}, n.name), h("div", { class: "muted mono" }, n.id)),
+      h("td", { class: `node-state ${n.state === "ready" ? "ok" : n.state === "unavailable" ? "bad" : ""}` }, n.state),
+      h("td", { class: "node-heartbeat", title: n.last_heartbeat_at || "" }, since === null ? "never" : ago(since)),
+      Object.keys(caps).length === 0 ? h("td", { class: "node-machine muted" }, "not reported yet") : h("td", { class: "node-machine" },
+        h("div", {}, `${caps.cpu?.count ?? "?"} CPUs, RAM ${bytes(memory.available_bytes)} free of ${bytes(memory.total_bytes)}`),
+        gpus.length
+          ? gpus.map((gpu) => h("div", { class: "node-gpu" }, `${gpu.name}: ${bytes(gpu.vram_used_bytes)} of ${bytes(gpu.vram_total_bytes)} VRAM`))
+          : h("div", { class: "muted node-gpu" }, "no GPU"),
+        caps.memory_budget === undefined ? null : h("div", { class: "muted" }, `engine budget ${bytes(caps.memory_budget)}`),
+        caps.version ? h("div", { class: "muted" }, `version ${caps.version}`) : null),
+      h("td", { class: "node-load" }, `${n.load?.active ?? 0} running, ${n.load?.queued ?? 0} queued`),
+      h("td", { class: "node-models" }, nodeModels(n)),
+      h("td", { class: "node-actions" },
+        n.state === "draining"
+          ? h("button", { class: "secondary", onclick: () => act(() => api("POST", `/api/v1/nodes/${encodeURIComponent(n.id)}/undrain`)) }, "Undrain")
+          : h("button", { class: "secondary", onclick: () => act(() => api("POST", `/api/v1/nodes/${encodeURIComponent(n.id)}/drain`)) }, "Drain"), " ",
+        h("button", { class: "danger", onclick: () => remove(n) }, "Remove")));
+  };
+
+  // What the node holds as it reported (cached, loading, available, failed and why), and what it
+  // is told to keep loaded but has not reported yet; a model it is told to load can be unloaded.
+  const nodeModels = (n) => {
+    const assigned = n.config?.models || [];
+    const told = new Map(assigned.map((e) => [e.digest, e]));
+    const held = new Set(n.models.map((m) => m.digest));
+    const unload = (name) => h("button", { class: "secondary", onclick: () => act(() =>
+      api("DELETE", `/api/v1/nodes/${encodeURIComponent(n.id)}/models/${name.split("/").map(encodeURIComponent).join("/")}`)) }, "Unload");
+    const rows = [
+      ...n.models.map((m) => h("div", { class: "node-model", "data-model": m.model, "data-state": m.state },
+        h("span", {}, m.model || m.digest.slice(0, 19)), " ",
+        h("span", { class: m.state === "available" ? "ok" : m.state === "failed" ? "bad" : "" }, m.state),
+        m.reason ? h("span", { class: "muted" }, `: ${m.reason}`) : null,
+        told.has(m.digest) ? [" ", unload(told.get(m.digest).model)] : null)),
+      ...assigned.filter((e) => !held.has(e.digest)).map((e) => h("div", { class: "node-model", "data-model": e.model, "data-state": "assigned" },
+        h("span", {}, e.model), " ", h("span", { class: "muted" }, "told to load, not reported yet"), " ", unload(e.model))),
+    ];
+    const select = h("select", { class: "node-pick", "aria-label": `model to load on ${n.name}`,
+      onchange: (event) => picked.set(n.id, event.target.value) }, choices.map((name) => h("option", { value: name }, name)));
+    if (picked.has(n.id) && choices.includes(picked.get(n.id))) select.value = picked.get(n.id);
+    // A node that never acknowledged a config and is told nothing has nothing to apply.
+    const pending = n.config_applied !== n.config_version && (assigned.length > 0 || n.config_applied !== null);
+    return [...(rows.length ? rows : [h("div", { class: "muted" }, "none")]),
+      pending ? h("div", { class: "muted node-config" }, "config not applied yet") : null,
+      choices.length
+        ? h("form", { class: "inline node-load-form", onsubmit: (event) => { event.preventDefault();
+            act(() => api("POST", `/api/v1/nodes/${encodeURIComponent(n.id)}/models`, { model: select.value })); } },
+          select, h("button", { type: "submit" }, "Load"))
+        : h("div", { class: "muted" }, "No GGUF model registered to load.")];
+  };
+
+  const act = async (action) => { if (await attempt(action)) await refresh(draw); };
+  const remove = async (n) => {
+    if (!confirm(`Remove node ${n.name}? Its credential stops working and its work in flight fails; it must join again.`)) return;
+    await act(() => api("DELETE", `/api/v1/nodes/${encodeURIComponent(n.id)}`));
+  };
+
+  const drawTokens = async () => {
+    const tokens = await api("GET", "/api/v1/nodes/tokens");
+    if (token !== generation) return;
+    tokenList.replaceChildren(tokens.length ? h("table", { id: "tokens-table" },
+      h("thead", {}, h("tr", {}, ["Token", "State", "Made by", "Created", "Expires", "Uses", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, tokens.map((t) => h("tr", { "data-token": t.id, "data-state": t.state },
+        h("td", { class: "mono" }, t.id), h("td", { class: t.state === "active" ? "ok" : "bad" }, t.state),
+        h("td", {}, t.created_by), h("td", {}, t.created_at.slice(0, 19)),
+        h("td", {}, t.expires_at ? t.expires_at.slice(0, 19) : "never"), h("td", {}, t.uses),
+        h("td", {}, t.state === "active" ? h("button", { class: "danger", onclick: () => revoke(t) }, "Revoke") : null)))))
+      : h("p", { class: "muted" }, "No join tokens yet."));
+  };
+  const revoke = async (t) => {
+    if (!confirm(`Revoke join token ${t.id}? No worker can join with it any more; the nodes that joined with it stay.`)) return;
+    if (await attempt(() => api("DELETE", `/api/v1/nodes/tokens/${encodeURIComponent(t.id)}`))) await refresh(drawTokens);
+  };
+  const create = async () => {
+    const made = await attempt(() => api("POST", "/api/v1/nodes/tokens", { expires: expires.value }));
+    if (!made) return;
+    // Shown once: the server keeps only its hash.
+    const command = h("code", { id: "new-token-command" }, `appliance worker join ${location.origin} --token ${made.token}`);
+    const copied = h("span", { class: "muted" });
+    const copy = async () => {
+      try { await navigator.clipboard.writeText(command.textContent); copied.textContent = " copied"; }
+      catch { getSelection().selectAllChildren(command); copied.textContent = " selected: copy it with Ctrl+C"; }
+    };
+    created.replaceChildren(h("div", { class: "card" },
+      h("p", {}, h("strong", {}, "The new join token. Copy it now: it will not be shown again."),
+        ` It expires ${made.expires_at ? made.expires_at.slice(0, 19).replace("T", " ") + " UTC" : "never"}.`),
+      h("p", {}, h("code", { id: "new-token-secret" }, made.token)),
+      h("p", {}, "On the worker, run:"),
+      h("pre", {}, command),
+      h("p", {}, h("button", { type: "button", class: "secondary", id: "new-token-copy", onclick: copy }, "Copy the line"), copied)));
+    await refresh(drawTokens);
+  };
+
+  page.replaceChildren(h("h1", {}, "Nodes"),
+    h("p", { class: "muted" }, "Workers that joined this server. A worker opens every connection itself: it needs no open port."),
+    h("div", { id: "nodes-wrap" }, list),
+    h("h2", {}, "Join tokens"),
+    h("form", { class: "inline", id: "token-form", onsubmit: (event) => { event.preventDefault(); create(); } },
+      h("label", {}, "Expires in", expires), h("button", { type: "submit" }, "Create join token")),
+    created, tokenList);
+  await Promise.all([refresh(draw), refresh(drawTokens)]);
+  every(token, 3, () => Promise.all([redraw(), refresh(drawTokens)]));
+}
+
 // -- audit -------------------------------------------------------------------------------------
 
 async function audit() {
@@ -844,8 +989,8 @@ function setupView() {
 
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, tasks, audit, settings, keys, users };
-const ADMIN_PAGES = new Set(["", "audit", "settings", "users"]);
+const pages = { "": dashboard, models, chat, tasks, nodes, audit, settings, keys, users };
+const ADMIN_PAGES = new Set(["", "nodes", "audit", "settings", "users"]);
 
 // Its link is hidden from them, and the server answers its calls with 403 anyway.
 function adminOnly() {
