@@ -35,7 +35,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadNotPending       download_not_pending
     │   ├── DownloadCancelled        download_cancelled
     │   ├── UserExists               user_exists
-    │   └── TaskFinished             task_finished
+    │   ├── TaskFinished             task_finished
+    │   └── LeaseLost                lease_lost
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
@@ -88,6 +89,7 @@ __all__ = [
     "InvalidModelRef",
     "InvalidSetting",
     "LayoutTooNew",
+    "LeaseLost",
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
@@ -311,6 +313,14 @@ class UserExists(Conflict):
 class TaskFinished(Conflict):
     code = "task_finished"
     default_hint = "a finished task stays as it ended; create a new task to run it again"
+
+
+class LeaseLost(Conflict):
+    code = "lease_lost"
+    default_hint = (
+        "the task's lease is no longer this node's (it was recovered and runs elsewhere, or it "
+        "ended): stop its job and claim new work"
+    )
 
 
 class DigestMismatch(ApplianceError):

@@ -9,10 +9,19 @@ lives in files under the data dir, written as it comes, so a restart keeps what 
     <data>/tasks/<id>/stderr
 
 The queue runs on a thread of its own with its own event loop (``start``/``close``): up to
-``tasks.max_running`` tasks at once, oldest first. A running task holds a lease that the queue
-renews; a task whose process died (its lease expired, or the process is gone from this host) is
-queued again once (``attempts`` < 2) or failed with the reason ``STOPPED_REASON``. Cancelling marks
-the row first, so any process may cancel; the process running it sees that and stops the job.
+``tasks.max_running`` tasks at once, oldest first. A running task holds a lease (``tasks.lease_seconds``)
+that the queue renews; a task whose process died (its lease expired, or the process is gone from
+this host) is queued again once (``attempts`` < 2) or failed with the reason ``STOPPED_REASON``.
+Cancelling marks the row first, so any process may cancel; the process running it sees that and
+stops the job.
+
+Worker nodes run script and commands tasks too (``tasks.where``: ``any``, ``local`` or
+``workers``), through the ``node_*`` methods the cluster's task routes call: a node claims a task
+(its lease owner is ``node:<node id>``), fetches its attachments, streams its output here (written
+to the same files and passed to followers as it comes), renews its lease and finishes it. Each of
+those is accepted only from the node that holds the lease (``LeaseLost`` otherwise), so a node
+thought dead cannot touch a task that moved on; the same finish twice is a duplicate, not a
+second end. A node that stops renewing is recovered like a process that died here.
 
 Followers (``follow``) get the task's state changes and output as they come: from memory while it
 runs here, from the store and the files otherwise.
@@ -43,27 +52,47 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.audit import Context, audited
 from appliance.bridge import LoopInbox
 from appliance.engine.base import Finished, TextChunk
-from appliance.errors import ApplianceError, BodyTooLarge, InvalidInput, TaskFinished, TaskNotFound
+from appliance.errors import (
+    ApplianceError,
+    BodyTooLarge,
+    Forbidden,
+    InvalidInput,
+    LeaseLost,
+    TaskFinished,
+    TaskNotFound,
+)
 from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder
+from appliance.tasks.forwarder import InferenceForwarder, local_forwarder
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
-from appliance.tasks.output import OutputCapture, OutputChunk
+from appliance.tasks.output import OutputCapture, OutputChunk, StreamName, utf8_prefix
 from appliance.tasks.sandbox import Sandbox
 
 if TYPE_CHECKING:
     from appliance.engine.service import InferenceService
 
-__all__ = ["STOPPED_REASON", "Attachment", "NewTask", "TaskEvent", "TaskOut", "TaskService", "TaskState"]
+__all__ = [
+    "NODE_MODES",
+    "STOPPED_REASON",
+    "Attachment",
+    "NewTask",
+    "NodeFinish",
+    "NodeTask",
+    "TaskEvent",
+    "TaskOut",
+    "TaskService",
+    "TaskState",
+    "node_owner",
+]
 
 log = logging.getLogger(__name__)
 
 STOPPED_REASON = "the server stopped while it ran"
-MAX_ATTEMPTS = 2  # a task that was running when its server stopped is run once more, then failed
-LEASE_SECONDS = 30.0
-RENEW_SECONDS = 5.0  # also how soon a cancel made by another process reaches the job
+MAX_ATTEMPTS = 2  # a task that was running when its server (or worker) stopped is run once more, then failed
+RENEW_SECONDS = 5.0  # at most; also how soon a cancel made by another process reaches the job
+NODE_MODES: tuple[TaskMode, ...] = ("script", "commands")  # prompts stay with the server's router
 POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
 FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
@@ -125,6 +154,28 @@ class TaskOut(BaseModel):
 
 
 @dataclass(frozen=True)
+class NodeTask(BaseModel):
+    """A task as a worker node gets it when it claims one: what its job needs."""
+
+    id: str
+    mode: TaskMode
+    text: str
+    limits: dict[str, Any]
+    inference: bool
+    attachments: list[dict[str, Any]]  # {"name", "size_bytes"}, fetched from the attachments route
+    lease_seconds: float  # renew well within this, or the task runs again elsewhere
+
+
+class NodeFinish(BaseModel):
+    """How a node's job ended: the task's state and its result (the fields of a local job's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: Literal["succeeded", "failed", "canceled"]
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TaskEvent:
     """What a follower gets: ``state`` (the task, as TaskOut's JSON), ``output`` (``stream`` and
     ``text``), then one ``end`` (the task as it ended)."""
@@ -178,6 +229,23 @@ class _Running:
     files: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Remote:
+    """A task a worker node runs: the node holding its lease now (None while it waits for another),
+    how much of each stream is written here, and its followers (kept across attempts)."""
+
+    live: _Live
+    owner: str | None = None
+    limit: int = 0  # bytes kept per stream: the task's output limit
+    written: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, bool] = field(default_factory=dict)
+
+
+def node_owner(node_id: str) -> str:
+    """The lease owner of a task a node runs."""
+    return f"node:{node_id}"
+
+
 def _now_plus(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -186,7 +254,7 @@ def _process_gone(owner: str | None) -> bool:
     """Whether the process a lease names is gone: it ran on this host and no longer lives, or it
     was this very process (a restart that got the same pid) before this queue started."""
     host, _, pid = (owner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not pid.isdigit() or (owner or "").startswith("node:"):
         return False
     if int(pid) == os.getpid():
         return True
@@ -214,16 +282,29 @@ class TaskService:
         self.models = models
         self.inference = inference
         self.sandbox = sandbox if sandbox is not None else Sandbox(hidden=_hidden_paths(settings))
-        self.forwarder = InferenceForwarder(settings, store)
+        self.forwarder: InferenceForwarder = local_forwarder(settings, store)
         self.root = settings.data_dir / "tasks"
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, _Running] = {}
         self._running_lock = threading.Lock()
+        self._remote: dict[str, _Remote] = {}
+        self._remote_lock = threading.Lock()
+        # Called (from any thread) when a task a node may take is queued: the cluster wakes its nodes.
+        self.on_queued: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+
+    @property
+    def lease_seconds(self) -> float:
+        return float(self.settings.tasks.lease_seconds)
+
+    @property
+    def renew_seconds(self) -> float:
+        """How often leases are renewed (and expired ones recovered): well within a lease."""
+        return min(RENEW_SECONDS, self.lease_seconds / 3)
 
     # -- files -------------------------------------------------------------------------------
 
@@ -286,6 +367,7 @@ class TaskService:
             note.bytes = sum(len(attachment.data) for attachment in attachments)
             note.detail.update(mode=request.mode, model=request.model, attachments=len(attachments))
         self._poke()
+        self._offer(task)
         return task, added
 
     def _limits(self, asked: dict[str, float]) -> dict[str, Any]:
@@ -378,6 +460,8 @@ class TaskService:
                 result={"reason": f"canceled by {context.actor}"},
             )
         self._stop_here(task_id, "cancel")
+        # A node learns it at its next renew; its followers learn it now.
+        self._end_remote(task)
         return task
 
     # -- following --------------------------------------------------------------------------
@@ -388,9 +472,9 @@ class TaskService:
         task = await asyncio.to_thread(self.get, task_id, who)
         yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
         while True:
-            running = self._running.get(task_id)
-            if running is not None:
-                async for event in running.live.follow():
+            live = self._live(task_id)
+            if live is not None:
+                async for event in live.follow():
                     yield event
                 return
             if task.state in FINISHED_TASK_STATES:
@@ -402,7 +486,7 @@ class TaskService:
                 return
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
             before, task = task.state, await asyncio.to_thread(self.get, task_id, who)
-            if task.state != before and task_id not in self._running:
+            if task.state != before and self._live(task_id) is None:
                 yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
 
     # -- the queue --------------------------------------------------------------------------
@@ -453,11 +537,17 @@ class TaskService:
             while not self._stopping.is_set():
                 while len(workers) < self.settings.tasks.max_running:
                     task = await asyncio.to_thread(
-                        self.store.claim_task, owner=self.owner, lease_expires_at=_now_plus(LEASE_SECONDS)
+                        self.store.claim_task,
+                        owner=self.owner,
+                        lease_expires_at=_now_plus(self.lease_seconds),
+                        modes=("prompt",) if self.settings.tasks.where == "workers" else (),
                     )
                     if task is None:
                         break
-                    self._running[task.id] = _Running(live=_Live())
+                    # A retry of a task a node ran keeps that task's followers.
+                    with self._remote_lock:
+                        remote = self._remote.pop(task.id, None)
+                    self._running[task.id] = _Running(live=remote.live if remote else _Live())
                     worker = asyncio.create_task(self._execute(task))
                     workers.add(worker)
                     worker.add_done_callback(workers.discard)
@@ -466,7 +556,7 @@ class TaskService:
                 with suppress(TimeoutError):
                     async with asyncio.timeout(POLL_SECONDS):
                         await _first_of(self._wake, self._stopping)
-                if time.monotonic() - renewed >= RENEW_SECONDS:
+                if time.monotonic() - renewed >= self.renew_seconds:
                     renewed = time.monotonic()
                     await asyncio.to_thread(self._renew)
                     await asyncio.to_thread(self.recover, at_start=False)
@@ -495,14 +585,17 @@ class TaskService:
         context = Context(Actor(id="tasks", kind="task"))
         if task.attempts < MAX_ATTEMPTS:
             with audited(self.store, context, action="task.retry", target=task.id) as note:
-                note.detail.update(reason=STOPPED_REASON, attempts=task.attempts)
-                return self.store.update_task(
+                note.detail.update(reason=STOPPED_REASON, attempts=task.attempts, owner=task.lease_owner)
+                queued = self.store.update_task(
                     task.id, only_from=("running",), state="queued", lease_owner=None, lease_expires_at=None
                 )
+            self._release_remote(queued)
+            self._offer(queued)
+            return queued
         with audited(self.store, context, action="task.finish", target=task.id) as note:
             note.outcome = "error"
-            note.detail.update(state="failed", reason=STOPPED_REASON)
-            return self.store.update_task(
+            note.detail.update(state="failed", reason=STOPPED_REASON, owner=task.lease_owner)
+            failed = self.store.update_task(
                 task.id,
                 only_from=("running",),
                 state="failed",
@@ -511,18 +604,220 @@ class TaskService:
                 lease_expires_at=None,
                 result={**(task.result or {}), "reason": STOPPED_REASON},
             )
+        self._end_remote(failed)
+        return failed
 
     def _renew(self) -> None:
         """Extend the leases of the tasks running here; one cancelled meanwhile (by any process) stops."""
         for task_id in list(self._running):
             try:
                 self.store.update_task(
-                    task_id, only_from=("running",), lease_expires_at=_now_plus(LEASE_SECONDS)
+                    task_id, only_from=("running",), lease_expires_at=_now_plus(self.lease_seconds)
                 )
             except TaskFinished:
                 self._stop_here(task_id, "cancel")
             except ApplianceError as exc:  # the store failed: the next round tries again
                 log.warning("could not renew the lease of task %s: %s", task_id, exc)
+
+    # -- tasks worker nodes run ------------------------------------------------------------
+
+    def claim_for_node(self, node_id: str, capabilities: dict[str, Any]) -> NodeTask | None:
+        """The oldest queued script or commands task, leased to the node now; None when none
+        waits, when such tasks run only on the server (``tasks.where`` = ``local``), or when the
+        node's capabilities say its sandbox cannot run jobs."""
+        sandbox = capabilities.get("sandbox")
+        if self.settings.tasks.where == "local" or not (
+            isinstance(sandbox, dict) and sandbox.get("available")
+        ):
+            return None
+        owner = node_owner(node_id)
+        task = self.store.claim_task(
+            owner=owner, lease_expires_at=_now_plus(self.lease_seconds), modes=NODE_MODES
+        )
+        if task is None:
+            return None
+        context = Context(Actor.from_label(task.actor), correlation_id=task.id)
+        _audit_start(self.store, context, task, node=node_id)
+        task_dir = self.task_dir(task.id)
+        for stream in ("stdout", "stderr"):  # a retry's output starts anew, as it does here
+            (task_dir / stream).write_text("")
+        with self._remote_lock:
+            remote = self._remote.setdefault(task.id, _Remote(live=_Live()))
+            remote.owner, remote.written, remote.truncated = owner, {}, {}
+            remote.limit = self._output_limit(task)
+        remote.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
+        attachments = [
+            {"name": path.name, "size_bytes": path.stat().st_size}
+            for path in sorted((task_dir / "work").iterdir())
+            if path.is_file() and not path.is_symlink()
+        ]
+        return NodeTask(
+            id=task.id,
+            mode=task.mode,
+            text=task.text,
+            limits=_job_limits(task),
+            inference=_has_inference(task),
+            attachments=attachments,
+            lease_seconds=self.lease_seconds,
+        )
+
+    def node_attachment(self, task_id: str, node_id: str, name: str) -> Path:
+        """The file of a task's work dir a node fetches; only for the node that holds its lease."""
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if task.state != "running" or task.lease_owner != node_owner(node_id):
+            raise Forbidden(
+                f"task {task_id} is not leased to node {node_id}",
+                hint="fetch the attachments only of a task this node claimed and still holds",
+            )
+        path = self.task_dir(task_id) / "work" / name
+        if "/" in name or name in ("", ".", "..") or not path.is_file() or path.is_symlink():
+            raise TaskNotFound(f"task {task_id} has no attachment {name!r}")
+        return path
+
+    def node_renew(self, task_id: str, node_id: str) -> Task:
+        """Extend the node's lease; LeaseLost once it is not the node's (recovered, cancelled, ended)."""
+        owner = node_owner(node_id)
+        try:
+            return self.store.update_task(
+                task_id,
+                only_from=("running",),
+                only_owner=owner,
+                lease_expires_at=_now_plus(self.lease_seconds),
+            )
+        except TaskFinished as exc:
+            raise LeaseLost(f"task {task_id} no longer runs: {exc}") from exc
+
+    def node_output(self, task_id: str, node_id: str, stream: StreamName, text: str) -> None:
+        """Append what the node's job printed to the task's files and pass it to its followers,
+        up to the task's output limit; LeaseLost once the lease is not the node's."""
+        remote = self._remote_for(task_id, node_owner(node_id))
+        data = text.encode()
+        with self._remote_lock:
+            if remote.owner != node_owner(node_id):
+                raise LeaseLost(f"task {task_id} is no longer leased to node {node_id}")
+            if remote.truncated.get(stream):
+                return
+            written = remote.written.get(stream, 0)
+            room = remote.limit - written
+            if len(data) > room:
+                data = utf8_prefix(data, room)
+                remote.truncated[stream] = True
+            remote.written[stream] = written + len(data)
+            if data:
+                with (self.task_dir(task_id) / stream).open("ab") as file:
+                    file.write(data)
+        if data:
+            remote.live.publish(
+                TaskEvent("output", {"stream": stream, "text": data.decode(errors="replace")})
+            )
+
+    def node_finish(self, task_id: str, node_id: str, finish: NodeFinish) -> tuple[Task, bool]:
+        """End the task as the node's job did; returns it and whether this finish was a duplicate
+        (the same node finished it already: nothing changes). LeaseLost from any other node."""
+        owner = node_owner(node_id)
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if task.lease_owner != owner:
+            raise LeaseLost(f"task {task_id} is not leased to node {node_id}")
+        if task.state in FINISHED_TASK_STATES and (task.result or {}).get("node") == node_id:
+            return task, True
+        context = Context(Actor.from_label(task.actor), correlation_id=task.id)
+        result = {**finish.result, "node": node_id}
+        with self._remote_lock:
+            remote = self._remote.get(task_id)
+            if remote is not None and remote.owner == owner:
+                truncated = result.get("truncated")
+                if isinstance(truncated, dict):  # cut here too, past what the node sent
+                    result["truncated"] = {
+                        stream: bool(truncated.get(stream)) or remote.truncated.get(stream, False)
+                        for stream in ("stdout", "stderr")
+                    }
+        with audited(self.store, context, action="task.finish", target=task_id) as note:
+            note.detail.update(node=node_id)
+            try:
+                ended = self.store.update_task(
+                    task_id,
+                    only_from=("running",),
+                    only_owner=owner,
+                    state=finish.state,
+                    result=result,
+                    finished_at=utcnow(),
+                    lease_expires_at=None,  # the owner stays: it tells a duplicate finish
+                )
+            except TaskFinished:  # cancelled meanwhile: keep that, with what the job did
+                found = self._reread(task)
+                ended = self.store.update_task(
+                    task_id,
+                    only_owner=owner,
+                    result={**result, "reason": (found.result or {}).get("reason", "canceled")},
+                    lease_expires_at=None,
+                )
+            note.outcome = "ok" if ended.state == "succeeded" else "error"
+            note.detail.update(state=ended.state, reason=(ended.result or {}).get("reason"))
+        self._end_remote(ended)
+        return ended, False
+
+    def _remote_for(self, task_id: str, owner: str) -> _Remote:
+        """The node's run of the task, checked against the store when this process does not know
+        it (it restarted since the claim); LeaseLost when the lease is not ``owner``'s."""
+        with self._remote_lock:
+            remote = self._remote.get(task_id)
+            if remote is not None and remote.owner == owner:
+                return remote
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id} not found")
+        if task.state != "running" or task.lease_owner != owner:
+            raise LeaseLost(f"task {task_id} is {task.state} and not leased to {owner}")
+        task_dir = self.task_dir(task_id)
+        with self._remote_lock:
+            remote = self._remote.setdefault(task_id, _Remote(live=_Live()))
+            if remote.owner != owner:
+                remote.owner, remote.truncated = owner, {}
+                remote.written = {
+                    stream: (task_dir / stream).stat().st_size if (task_dir / stream).exists() else 0
+                    for stream in ("stdout", "stderr")
+                }
+            remote.limit = self._output_limit(task)
+            return remote
+
+    def _output_limit(self, task: Task) -> int:
+        return int(_job_limits(task).get("output_bytes", self.settings.tasks.limits.output_bytes))
+
+    def _live(self, task_id: str) -> _Live | None:
+        """The followers' feed of a task running now, here or on a node."""
+        running = self._running.get(task_id)
+        if running is not None:
+            return running.live
+        with self._remote_lock:
+            remote = self._remote.get(task_id)
+        return remote.live if remote is not None else None
+
+    def _offer(self, task: Task) -> None:
+        """Tell the nodes a task they may take waits."""
+        if task.state == "queued" and task.mode in NODE_MODES and self.settings.tasks.where != "local":
+            hook = self.on_queued
+            if hook is not None:
+                hook()
+
+    def _release_remote(self, task: Task) -> None:
+        """A node's task waits again: no node holds it; its followers see it queued."""
+        with self._remote_lock:
+            remote = self._remote.get(task.id)
+            if remote is not None:
+                remote.owner = None
+        if remote is not None:
+            remote.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
+
+    def _end_remote(self, task: Task) -> None:
+        """A node's task ended: its followers get the end, and later output from a node is refused."""
+        with self._remote_lock:
+            remote = self._remote.pop(task.id, None)
+        if remote is not None:
+            remote.live.publish(TaskEvent("end", TaskOut.of(task).model_dump(mode="json")))
 
     # -- running one task -------------------------------------------------------------------
 
@@ -613,18 +908,7 @@ class TaskService:
             async for chunk in call:
                 self._write(running, chunk)
             done: JobResult = await call.result()
-        state: TaskState = (
-            "succeeded" if done.ok else "canceled" if done.outcome is Outcome.CANCELLED else "failed"
-        )
-        return state, {
-            "outcome": done.outcome.value,
-            "exit_code": done.exit_code,
-            "signal": done.signal,
-            "duration_seconds": round(done.duration_seconds, 3),
-            "peak_memory_bytes": done.peak_memory_bytes,
-            "truncated": {"stdout": done.truncated.stdout, "stderr": done.truncated.stderr},
-            "reason": done.reason,
-        }
+        return done.task_state, done.task_result()
 
     async def _answer(self, task: Task, running: _Running) -> tuple[TaskState, dict[str, Any]]:
         """A prompt's answer from its model, through the inference service (never a shell)."""
@@ -695,9 +979,11 @@ class TaskService:
         }
 
 
-def _audit_start(store: Store, context: Context, task: Task) -> None:
+def _audit_start(store: Store, context: Context, task: Task, *, node: str | None = None) -> None:
     with audited(store, context, action="task.start", target=task.id) as note:
         note.detail.update(mode=task.mode, attempt=task.attempts)
+        if node is not None:
+            note.detail.update(node=node)
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
