@@ -1,0 +1,281 @@
+"""Tasks run by worker nodes under leases: the task service's node side, on a real store.
+
+A node claims a script or commands task, fetches its attachments, streams its output, renews and
+finishes it; each only while it holds the lease (a node thought dead cannot touch a task that
+moved on), and the same finish twice is one end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit import Context
+from appliance.errors import Forbidden, LeaseLost, TaskNotFound
+from appliance.identity import Actor
+from appliance.runtime import Runtime
+from appliance.settings import Settings, TaskSettings
+from appliance.store.base import Task
+from appliance.tasks.service import Attachment, NewTask, NodeFinish, TaskEvent, TaskService
+
+ANN = Context(Actor(id="ann", kind="user", role="user"))
+JOBS: dict[str, Any] = {"sandbox": {"available": True}}  # a node whose sandbox can run jobs
+FINISHED = NodeFinish(
+    state="succeeded", result={"outcome": "exited", "exit_code": 0, "reason": "exited with status 0"}
+)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="appliance-test-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def open_runtime(shared_dir: Path, **tasks: Any) -> Runtime:
+    return Runtime.open(Settings(data_dir=shared_dir / "data", tasks=TaskSettings(**tasks)))
+
+
+@pytest.fixture
+def runtime(shared_dir: Path) -> Iterator[Runtime]:
+    runtime = open_runtime(shared_dir)
+    yield runtime
+    runtime.close()
+
+
+def script(service: TaskService, text: str = "echo hi", *attachments: Attachment) -> str:
+    task, _ = service.create(NewTask(mode="script", text=text), list(attachments), ANN)
+    return task.id
+
+
+def finishes(runtime: Runtime, task_id: str) -> list[Any]:
+    return [e for e in runtime.store.list_audit(action="task.finish", limit=1000) if e.target == task_id]
+
+
+def test_a_node_claims_the_oldest_script_with_its_attachments_and_lease(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    first = script(tasks, "cat data.txt", Attachment("data.txt", b"attached\n"))
+    script(tasks)
+    claimed = tasks.claim_for_node("n1", JOBS)
+    assert claimed is not None
+    assert (claimed.id, claimed.mode, claimed.text) == (first, "script", "cat data.txt")
+    assert claimed.attachments == [{"name": "data.txt", "size_bytes": 9}]
+    assert claimed.lease_seconds == 30.0
+    assert claimed.inference is False
+    assert claimed.limits["output_bytes"] == runtime.settings.tasks.limits.output_bytes
+    row = runtime.store.get_task(first)
+    assert row is not None
+    assert (row.state, row.lease_owner, row.attempts) == ("running", "node:n1", 1)
+    (start,) = [e for e in runtime.store.list_audit(action="task.start") if e.target == first]
+    assert start.detail["node"] == "n1"
+
+
+def test_prompts_stay_on_the_server_and_a_node_without_a_sandbox_gets_nothing(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    # A prompt (its model is the server's business) waits first: a node passes it by.
+    runtime.store.create_task(
+        Task(id="prompt1", mode="prompt", text="hi", model="tiny", state="queued", actor="user:ann")
+    )
+    assert tasks.claim_for_node("n1", JOBS) is None
+    task_id = script(tasks)
+    assert tasks.claim_for_node("n1", {}) is None
+    assert tasks.claim_for_node("n1", {"sandbox": {"available": False}}) is None
+    claimed = tasks.claim_for_node("n1", JOBS)
+    assert claimed is not None
+    assert claimed.id == task_id
+    prompt = runtime.store.get_task("prompt1")
+    assert prompt is not None
+    assert prompt.state == "queued"
+
+
+def test_tasks_where_local_gives_nodes_nothing(shared_dir: Path) -> None:
+    runtime = open_runtime(shared_dir, where="local")
+    try:
+        script(runtime.tasks)
+        assert runtime.tasks.claim_for_node("n1", JOBS) is None
+    finally:
+        runtime.close()
+
+
+def test_renew_and_finish_from_another_node_are_refused(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    task_id = script(tasks)
+    assert tasks.claim_for_node("n1", JOBS) is not None
+    with pytest.raises(LeaseLost):
+        tasks.node_renew(task_id, "n2")
+    with pytest.raises(LeaseLost):
+        tasks.node_finish(task_id, "n2", FINISHED)
+    with pytest.raises(LeaseLost):
+        tasks.node_output(task_id, "n2", "stdout", "not mine\n")
+    with pytest.raises(TaskNotFound):
+        tasks.node_renew("no-such-task", "n1")
+    assert tasks.node_renew(task_id, "n1").lease_owner == "node:n1"
+    row = runtime.store.get_task(task_id)
+    assert row is not None
+    assert row.state == "running"
+    assert finishes(runtime, task_id) == []
+    assert tasks.output(task_id, "stdout") == ""
+
+
+def test_the_same_finish_twice_is_one_end(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    task_id = script(tasks)
+    assert tasks.claim_for_node("n1", JOBS) is not None
+    ended, duplicate = tasks.node_finish(task_id, "n1", FINISHED)
+    assert (ended.state, duplicate, ended.result) == ("succeeded", False, {**FINISHED.result, "node": "n1"})
+    again, duplicate = tasks.node_finish(task_id, "n1", FINISHED)
+    assert (again.state, duplicate) == ("succeeded", True)
+    assert len(finishes(runtime, task_id)) == 1
+    with pytest.raises(LeaseLost):  # ended: no renewing it
+        tasks.node_renew(task_id, "n1")
+    with pytest.raises(LeaseLost):
+        tasks.node_finish(task_id, "n2", FINISHED)
+
+
+def test_renew_after_a_cancel_is_refused_and_the_finish_keeps_the_cancel(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    task_id = script(tasks)
+    assert tasks.claim_for_node("n1", JOBS) is not None
+    tasks.cancel(task_id, ANN)
+    with pytest.raises(LeaseLost):
+        tasks.node_renew(task_id, "n1")
+    with pytest.raises(LeaseLost):  # its followers have the end: later output is refused
+        tasks.node_output(task_id, "n1", "stdout", "late\n")
+    ended, duplicate = tasks.node_finish(
+        task_id, "n1", NodeFinish(state="canceled", result={"outcome": "cancelled", "reason": "cancelled"})
+    )
+    assert (ended.state, duplicate) == ("canceled", False)
+    assert ended.result is not None
+    assert ended.result["reason"] == "canceled by user:ann"
+    assert tasks.node_finish(task_id, "n1", FINISHED)[1] is True
+
+
+def test_attachments_go_only_to_the_node_holding_the_lease(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    task_id = script(tasks, "cat a", Attachment("a", b"A"))
+    with pytest.raises(Forbidden):  # queued: no one holds it
+        tasks.node_attachment(task_id, "n1", "a")
+    assert tasks.claim_for_node("n1", JOBS) is not None
+    assert tasks.node_attachment(task_id, "n1", "a").read_bytes() == b"A"
+    with pytest.raises(Forbidden):
+        tasks.node_attachment(task_id, "n2", "a")
+    for name in ("b", "..", "../stdout", ""):
+        with pytest.raises(TaskNotFound):
+            tasks.node_attachment(task_id, "n1", name)
+    with pytest.raises(TaskNotFound):
+        tasks.node_attachment("no-such-task", "n1", "a")
+
+
+def test_output_reaches_the_files_and_live_followers_up_to_the_limit(shared_dir: Path) -> None:
+    runtime = open_runtime(shared_dir, limits={"output_bytes": 9})
+    tasks = runtime.tasks
+    try:
+        task_id = script(tasks)
+
+        async def scenario() -> list[TaskEvent]:
+            claimed = await asyncio.to_thread(tasks.claim_for_node, "n1", JOBS)
+            assert claimed is not None
+            seen: list[TaskEvent] = []
+
+            async def follow() -> None:
+                async for event in tasks.follow(task_id, ANN.who):
+                    seen.append(event)
+
+            follower = asyncio.create_task(follow())
+            tasks.node_output(task_id, "n1", "stdout", "héllo ")
+            tasks.node_output(task_id, "n1", "stderr", "oops\n")
+            await asyncio.sleep(0.2)
+            assert [e.data.get("text") for e in seen if e.kind == "output"] == ["héllo ", "oops\n"]
+            tasks.node_output(task_id, "n1", "stdout", "wörld\n")  # past 9 bytes: cut on a character
+            tasks.node_output(task_id, "n1", "stdout", "more\n")
+            truncated = {"truncated": {"stdout": False, "stderr": False}}
+            finish = NodeFinish(state="succeeded", result={**FINISHED.result, **truncated})
+            await asyncio.to_thread(tasks.node_finish, task_id, "n1", finish)
+            await asyncio.wait_for(follower, 10)
+            return seen
+
+        seen = asyncio.run(scenario())
+        assert tasks.output(task_id, "stdout") == "héllo w"
+        assert tasks.output(task_id, "stderr") == "oops\n"
+        assert seen[-1].kind == "end"
+        assert seen[-1].data["state"] == "succeeded"
+        assert "".join(
+            e.data["text"] for e in seen if e.kind == "output" and e.data["stream"] == "stdout"
+        ) == ("héllo w")
+        row = runtime.store.get_task(task_id)
+        assert row is not None
+        assert row.result is not None
+        assert row.result["truncated"] == {
+            "stdout": True,
+            "stderr": False,
+        }  # cut here, past what the node sent
+    finally:
+        runtime.close()
+
+
+def test_an_expired_node_lease_runs_again_on_another_node_exactly_once(shared_dir: Path) -> None:
+    runtime = open_runtime(shared_dir, lease_seconds=1, where="workers")
+    tasks = runtime.tasks
+    offered: list[bool] = []
+    tasks.on_queued = lambda: offered.append(True)
+    try:
+        task_id = script(tasks)
+        assert offered == [True]
+        assert tasks.claim_for_node("n1", JOBS) is not None
+        tasks.node_output(task_id, "n1", "stdout", "first try\n")
+        assert tasks.recover(at_start=False) == []  # its lease holds
+        runtime.store.update_task(task_id, lease_expires_at="2000-01-01T00:00:00.000000Z")
+        (retried,) = tasks.recover(at_start=False)
+        assert (retried.state, retried.attempts, retried.lease_owner) == ("queued", 1, None)
+        assert offered == [True, True]
+        again = tasks.claim_for_node("n2", JOBS)
+        assert again is not None
+        assert again.id == task_id
+        assert tasks.output(task_id, "stdout") == ""  # a retry's output starts anew
+        # The node thought dead comes back: it may touch nothing.
+        for late in (
+            lambda: tasks.node_renew(task_id, "n1"),
+            lambda: tasks.node_output(task_id, "n1", "stdout", "late\n"),
+            lambda: tasks.node_finish(task_id, "n1", FINISHED),
+        ):
+            with pytest.raises(LeaseLost):
+                late()
+        tasks.node_output(task_id, "n2", "stdout", "second try\n")
+        ended, _ = tasks.node_finish(task_id, "n2", FINISHED)
+        assert (ended.state, ended.attempts, ended.result and ended.result["node"]) == ("succeeded", 2, "n2")
+        assert tasks.output(task_id, "stdout") == "second try\n"
+        (finish,) = finishes(runtime, task_id)
+        assert finish.detail["node"] == "n2"
+        # A second expiry past MAX_ATTEMPTS fails it instead.
+        other = script(tasks)
+        for node in ("n1", "n2"):
+            assert tasks.claim_for_node(node, JOBS) is not None
+            runtime.store.update_task(other, lease_expires_at="2000-01-01T00:00:00.000000Z")
+            tasks.recover(at_start=False)
+        failed = runtime.store.get_task(other)
+        assert failed is not None
+        assert (failed.state, failed.attempts) == ("failed", 2)
+    finally:
+        runtime.close()
+
+
+def test_with_tasks_on_workers_the_server_runs_no_script_itself(shared_dir: Path) -> None:
+    runtime = open_runtime(shared_dir, where="workers")
+    tasks = runtime.tasks
+    tasks.start()
+    try:
+        task_id = script(tasks)
+        asyncio.run(asyncio.sleep(1.5))  # the queue polls every second
+        row = runtime.store.get_task(task_id)
+        assert row is not None
+        assert row.state == "queued"
+        assert tasks.claim_for_node("n1", JOBS) is not None
+    finally:
+        runtime.close()
