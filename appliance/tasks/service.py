@@ -65,7 +65,7 @@ from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder, local_forwarder
+from appliance.tasks.forwarder import InferenceForwarder, local_forwarder, task_actor
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
 from appliance.tasks.output import OutputCapture, OutputChunk, StreamName, utf8_prefix
 from appliance.tasks.sandbox import Sandbox
@@ -675,6 +675,17 @@ class TaskService:
         if "/" in name or name in ("", ".", "..") or not path.is_file() or path.is_symlink():
             raise TaskNotFound(f"task {task_id} has no attachment {name!r}")
         return path
+
+    def node_acts_for(self, task_id: str, node_id: str) -> Actor:
+        """Who a node's call made for a task's job acts as (``task:<id>``, a user's rights): only
+        while the node holds the task's lease, else Forbidden."""
+        task = self.store.get_task(task_id)
+        if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
+            raise Forbidden(
+                f"node {node_id} does not hold a lease on task {task_id}",
+                hint="a worker calls models for a task only while it runs that task",
+            )
+        return task_actor(task_id)
 
     def node_renew(self, task_id: str, node_id: str) -> Task:
         """Extend the node's lease; LeaseLost once it is not the node's (recovered, cancelled, ended)."""

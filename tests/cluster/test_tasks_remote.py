@@ -279,3 +279,19 @@ def test_with_tasks_on_workers_the_server_runs_no_script_itself(shared_dir: Path
         assert tasks.claim_for_node("n1", JOBS) is not None
     finally:
         runtime.close()
+
+
+def test_a_node_acts_for_a_task_only_while_it_holds_the_lease(runtime: Runtime) -> None:
+    tasks = runtime.tasks
+    task_id = script(tasks)
+    with pytest.raises(Forbidden):  # queued
+        tasks.node_acts_for(task_id, "n1")
+    assert tasks.claim_for_node("n1", JOBS) is not None
+    assert tasks.node_acts_for(task_id, "n1") == Actor(id=task_id, kind="task", role="user")
+    with pytest.raises(Forbidden):
+        tasks.node_acts_for(task_id, "n2")
+    with pytest.raises(Forbidden):
+        tasks.node_acts_for("no-such-task", "n1")
+    tasks.node_finish(task_id, "n1", FINISHED)
+    with pytest.raises(Forbidden):  # ended
+        tasks.node_acts_for(task_id, "n1")
