@@ -909,6 +909,7 @@ from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers ab
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
 from appliance.cli_importdir import import_dir  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
+from appliance.cli_nodes import nodes  # noqa: E402 (it uses the helpers above)
 from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tasks import tasks  # noqa: E402
 from appliance.cli_tls import tls  # noqa: E402
@@ -923,3 +924,4 @@ cli.add_command(keys)
 cli.add_command(login)
 cli.add_command(logout)
 cli.add_command(tasks)
+cli.add_command(nodes)

@@ -29,13 +29,16 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadNotFound         download_not_found
     │   ├── UserNotFound             user_not_found
     │   ├── ApiKeyNotFound           api_key_not_found
-    │   └── TaskNotFound             task_not_found
+    │   ├── TaskNotFound             task_not_found
+    │   ├── NodeNotFound             node_not_found
+    │   └── JoinTokenNotFound        join_token_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
     │   ├── DownloadCancelled        download_cancelled
     │   ├── UserExists               user_exists
     │   ├── TaskFinished             task_finished
+    │   ├── NodeExists               node_exists
     │   └── LeaseLost                lease_lost
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
@@ -88,11 +91,14 @@ __all__ = [
     "InvalidModelName",
     "InvalidModelRef",
     "InvalidSetting",
+    "JoinTokenNotFound",
     "LayoutTooNew",
     "LeaseLost",
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
+    "NodeExists",
+    "NodeNotFound",
     "NotABundle",
     "NotFound",
     "NotReady",
@@ -285,6 +291,16 @@ class TaskNotFound(NotFound):
     default_hint = "list the tasks with `appliance tasks ls`"
 
 
+class NodeNotFound(NotFound):
+    code = "node_not_found"
+    default_hint = "`appliance nodes ls` lists the nodes by id and name"
+
+
+class JoinTokenNotFound(NotFound):
+    code = "join_token_not_found"
+    default_hint = "`appliance nodes token ls` lists the join tokens"
+
+
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
@@ -315,11 +331,18 @@ class TaskFinished(Conflict):
     default_hint = "a finished task stays as it ended; create a new task to run it again"
 
 
+class NodeExists(Conflict):
+    code = "node_exists"
+    default_hint = "join with another --name, or remove the old node with `appliance nodes rm`"
+
+
 class LeaseLost(Conflict):
+    """Work or a task a worker acts on that is not (or no longer) leased to it."""
+
     code = "lease_lost"
     default_hint = (
-        "the task's lease is no longer this node's (it was recovered and runs elsewhere, or it "
-        "ended): stop its job and claim new work"
+        "the work or task was handed elsewhere, recovered, cancelled or ended: stop it, and take "
+        "new work"
     )
 
 

@@ -53,6 +53,15 @@ class Metrics:
         self.loaded_models = Gauge(
             "appliance_loaded_models", "Models loaded in the engine.", registry=self.registry
         )
+        self.nodes = Gauge(
+            "appliance_nodes", "Worker nodes that joined, by state.", ["state"], registry=self.registry
+        )
+        self.node_work = Gauge(
+            "appliance_node_work",
+            "Work in flight on each worker node: queued for it, handed to it, or being answered.",
+            ["node"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "appliance_queue_depth",
             "Requests waiting for a free sequence.",

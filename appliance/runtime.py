@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
+from appliance.cluster.service import ClusterService
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
@@ -23,6 +24,7 @@ from appliance.store.factory import open_data_dir
 from appliance.tasks.service import TaskService
 
 if TYPE_CHECKING:
+    from appliance.cluster.channel import WorkChannel
     from appliance.engine.router import Router
     from appliance.engine.service import InferenceService
 
@@ -41,8 +43,10 @@ class Runtime:
     auth: AuthService
     login: LoginService
     tasks: TaskService
+    cluster: ClusterService
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
+    channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
 
     @classmethod
     def open(cls, settings: Settings, *, with_engine: bool = False) -> Runtime:
@@ -60,9 +64,11 @@ class Runtime:
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
             tasks=TaskService(settings, store, models),
+            cluster=ClusterService(settings, store, models),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
+            from appliance.cluster.channel import WorkChannel
             from appliance.engine.pool import EnginePool
             from appliance.engine.router import Router
             from appliance.engine.service import InferenceService
@@ -72,6 +78,7 @@ class Runtime:
                 settings.engine, models, store=store, cache=cache, preferences=preferences, engine=engine
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
+            runtime.channel = WorkChannel(lease=settings.cluster.lease)
             # The process that serves runs the task queue: prompts go through its inference service.
             runtime.tasks.inference = runtime.inference
             runtime.tasks.start()

@@ -29,7 +29,9 @@ from appliance.errors import InvalidSetting
 
 __all__ = [
     "POSTGRES_SCHEMES",
+    "TOKEN_EXPIRY_PATTERN",
     "CacheSettings",
+    "ClusterSettings",
     "DownloadSettings",
     "EngineSettings",
     "ModelsSettings",
@@ -279,6 +281,41 @@ class TaskSettings(BaseModel):
     )
 
 
+TOKEN_EXPIRY_PATTERN = r"^(never|[1-9][0-9]{0,4}[smhdw])$"  # noqa: S105 (a lifetime, not a secret)
+
+
+class ClusterSettings(BaseModel):
+    """Workers: how often they report, when a silent one stops getting work, how long they may
+    hold work without answering, and how long a join token lasts."""
+
+    heartbeat_interval: Duration = Field(
+        default=3.0, gt=0, le=300, description="How often a worker heartbeats (seconds, or '3s')."
+    )
+    heartbeat_timeout: Duration = Field(
+        default=15.0,
+        gt=0,
+        description="A worker silent this long is unavailable: it gets no new work and its work in "
+        "flight fails.",
+    )
+    work_wait: Duration = Field(
+        default=30.0,
+        gt=0,
+        le=300,
+        description="The longest a worker's long-poll for work is held open before it answers empty.",
+    )
+    lease: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="How long a worker has to start answering work handed to it before it fails.",
+    )
+    token_expiry: str = Field(
+        default="24h",
+        pattern=TOKEN_EXPIRY_PATTERN,
+        description="How long a join token lasts when `nodes token create` names no --expires "
+        "('24h', '7d', 'never').",
+    )
+
+
 # The Ollama release whose documented /api the compatibility routes follow (docs/api.md).
 OLLAMA_API_VERSION = "0.12.0"
 
@@ -419,6 +456,7 @@ class Settings(BaseSettings):
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     offline: bool = Field(
         default=False, description="No outbound network call at all (`--offline`, APPLIANCE_OFFLINE=1)."
     )

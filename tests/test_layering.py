@@ -82,6 +82,12 @@ RULES = [
         "the task service keeps tasks in the store and answers prompts through the inference service",
     ),
     Rule(
+        "appliance.cluster",
+        ("appliance.web", "appliance.runtime", "appliance.cli"),
+        "the cluster is a service (and a worker's loops): the web layer and the CLI call it, never the"
+        " other way round",
+    ),
+    Rule(
         "appliance.web",
         ("appliance.store",),
         "the web layer reaches data through the services, never the store or the cache",

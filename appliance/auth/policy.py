@@ -6,7 +6,8 @@ Roles, from most to least:
 - ``user``: infer, list and show models, read their own identity, manage their own API keys, and
   run tasks (seeing and cancelling only their own: the task service checks who owns one);
   pull too where the site grants it (``models.download.allowed_roles``, REQ-MODELS-0107).
-- ``node``: what a worker node will need, and no more for now: infer and read models.
+- ``node``: a worker, through the cluster's routes only (``cluster.node``): join, heartbeat, take
+  work, answer it, fetch blobs. Nothing on an admin's or a user's route.
 
 An actor without a role (an anonymous client) may do nothing; the web layer only asks when
 auth is on, so loopback without auth keeps working as before.
@@ -40,12 +41,15 @@ Action = Literal[
     "users.manage",
     "keys.own",  # list/create/revoke API keys; someone else's need admin (see Resource.owner)
     "tasks.run",  # create, follow and cancel tasks; a user reaches only their own
+    "cluster.node",  # a worker's routes: heartbeat, work, answers, blobs (each checks the node credential)
+    "nodes.read",  # list and show nodes and join tokens
+    "nodes.manage",  # join tokens, drain, undrain, remove, load and unload models on nodes
 ]
 ACTIONS: tuple[Action, ...] = Action.__args__  # type: ignore[attr-defined]
 
 _GRANTED: dict[Role, frozenset[str]] = {
     "user": frozenset({"me", "infer", "models.read", "keys.own", "tasks.run"}),
-    "node": frozenset({"me", "infer", "models.read"}),
+    "node": frozenset({"cluster.node"}),
 }
 
 

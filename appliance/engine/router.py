@@ -24,7 +24,7 @@ from appliance.settings import EngineSettings
 from appliance.store.base import Model, Store
 from appliance.store.cache import BlobCache
 
-__all__ = ["Loaded", "Router"]
+__all__ = ["Loaded", "Router", "resolve_spec"]
 
 REGISTRY_CHECK_SECONDS = 0.5
 
@@ -35,6 +35,43 @@ class Loaded:
 
     name: ModelName
     info: LoadedInfo
+
+
+def resolve_spec(
+    models: ModelService, name: str, *, context_length: int | None = None, n_gpu_layers: int | None = None
+) -> tuple[ModelName, LoadSpec]:
+    """The model's GGUF as a load spec (blocking: it may re-hash a hard-linked blob): what the
+    local engine loads, and what a worker is told to (its own path for the digest replaces ours)."""
+    model = models.get(name)
+    artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
+    if artifact is None:
+        raise ModelNotLoadable(f"model {model.name} has no GGUF file ({', '.join(model.formats)})")
+    if artifact.state != "ok" or not models.has_blob(artifact.digest):
+        raise ModelNotLoadable(
+            f"model {model.name}'s file failed verification and is quarantined",
+            hint="remove the model and import it again",
+        )
+    models.ensure_intact(artifact.digest)
+    spec = LoadSpec(
+        key=str(model.name),
+        digest=artifact.digest,
+        path=models.blob_path(artifact.digest),
+        size_bytes=artifact.size_bytes,
+        context_length=_context_length(models.preferences, model, context_length),
+        context_requested=context_length is not None,
+        n_gpu_layers=n_gpu_layers,
+        capabilities=model.capabilities,
+        chat_template=models.layers(model).template,
+    )
+    return model.name, spec
+
+
+def _context_length(preferences: PreferenceService, model: Model, requested: int | None) -> int:
+    """Tokens per sequence: the request's, else the stored preference (set from the UI), else
+    the setting; never more than the model was trained for."""
+    configured = requested or preferences.effective(CONTEXT_LENGTH)
+    trained = int(model.capabilities.get("context_length") or configured)
+    return min(configured, trained)
 
 
 class Router:
@@ -62,39 +99,13 @@ class Router:
 
     def resolve(self, name: str, *, context_length: int | None = None) -> tuple[ModelName, LoadSpec]:
         """The model's GGUF as a load spec (blocking: it may re-hash a hard-linked blob)."""
-        model = self.models.get(name)
-        artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
-        if artifact is None:
-            raise ModelNotLoadable(f"model {model.name} has no GGUF file ({', '.join(model.formats)})")
-        if artifact.state != "ok" or not self.cache.has(artifact.digest):
-            raise ModelNotLoadable(
-                f"model {model.name}'s file failed verification and is quarantined",
-                hint="remove the model and import it again",
-            )
-        self.models.ensure_intact(artifact.digest)
-        spec = LoadSpec(
-            key=str(model.name),
-            digest=artifact.digest,
-            path=self.cache.path(artifact.digest),
-            size_bytes=artifact.size_bytes,
-            context_length=self._context_length(model, context_length),
-            context_requested=context_length is not None,
-            n_gpu_layers=self.settings.n_gpu_layers,
-            capabilities=model.capabilities,
-            chat_template=self.models.layers(model).template,
+        return resolve_spec(
+            self.models, name, context_length=context_length, n_gpu_layers=self.settings.n_gpu_layers
         )
-        return model.name, spec
 
     def layers(self, name: str) -> ModelLayers:
         """What a model made by ``/api/create`` adds to each request: system, messages, options."""
         return self.models.layers(self.models.get(name))
-
-    def _context_length(self, model: Model, requested: int | None) -> int:
-        """Tokens per sequence: the request's, else the stored preference (set from the UI), else
-        the setting; never more than the model was trained for."""
-        configured = requested or self.preferences.effective(CONTEXT_LENGTH)
-        trained = int(model.capabilities.get("context_length") or configured)
-        return min(configured, trained)
 
     def route(self, name: str, *, context_length: int | None = None) -> tuple[Engine, LoadSpec, ModelName]:
         """The engine that serves ``name`` and what it loads; records the use (LRU eviction order)."""

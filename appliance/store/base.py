@@ -28,10 +28,15 @@ __all__ = [
     "DownloadChanges",
     "DownloadState",
     "InferenceRecord",
+    "JoinToken",
     "LoginSession",
     "Model",
     "ModelSummary",
     "NewArtifact",
+    "Node",
+    "NodeChanges",
+    "NodeModel",
+    "NodeModelState",
     "RemovedModel",
     "Store",
     "Task",
@@ -296,6 +301,68 @@ class LoginSession:
     expires_at: str
 
 
+@dataclass(frozen=True)
+class JoinToken:
+    """What lets a worker join: the secret only as its SHA-256; usable by many workers until it
+    expires or is revoked."""
+
+    id: str
+    secret_hash: str
+    created_by: str
+    created_at: str = field(default_factory=utcnow)
+    expires_at: str | None = None  # None: never
+    revoked_at: str | None = None
+    uses: int = 0  # how many nodes joined with it
+
+
+NodeModelState = Literal["cached", "loading", "available", "failed"]
+
+
+@dataclass(frozen=True)
+class NodeModel:
+    """A digest a node holds (cached) or serves (loading, available), or failed to load, as its
+    last heartbeat reported it."""
+
+    digest: str
+    model: str
+    state: NodeModelState
+    reason: str | None = None
+    updated_at: str = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A worker that joined: its credential only as its SHA-256, what it last reported, and the
+    configuration the server holds for it (``config_version`` is a ULID; ``config_applied`` the
+    one it acknowledged). Whether it is ready, draining or unavailable is derived, not stored."""
+
+    id: str
+    name: str
+    credential_hash: str
+    config_version: str
+    token_id: str | None = None
+    joined_at: str = field(default_factory=utcnow)
+    drained: bool = False
+    last_heartbeat_at: str | None = None
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    config_applied: str | None = None
+    models: tuple[NodeModel, ...] = ()
+
+
+class NodeChanges(TypedDict, total=False):
+    """The columns of a node row that ``update_node`` may set."""
+
+    drained: bool
+    last_heartbeat_at: str | None
+    capabilities: dict[str, Any]
+    load: dict[str, Any]
+    config: dict[str, Any]
+    config_version: str
+    config_applied: str | None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
@@ -496,4 +563,41 @@ class Store(Protocol):
     def delete_login_session(self, id_sha256: str) -> bool: ...
     def delete_login_sessions(self, user_name: str) -> int:
         """End every login of a user (their password changed); how many there were."""
+        ...
+
+    # cluster
+    def create_join_token(self, token: JoinToken) -> JoinToken: ...
+    def get_join_token(self, token_id: str) -> JoinToken | None: ...
+    def list_join_tokens(self) -> list[JoinToken]:
+        """Oldest first."""
+        ...
+
+    def revoke_join_token(self, token_id: str) -> JoinToken:
+        """Mark revoked (the row stays); raises JoinTokenNotFound. A second revocation keeps the
+        first one's time."""
+        ...
+
+    def create_node(self, node: Node) -> Node:
+        """Add a node and count a use of its join token, in one write; raises NodeExists when its
+        name is taken."""
+        ...
+
+    def get_node(self, id_or_name: str) -> Node | None:
+        """By id, else by name."""
+        ...
+
+    def find_node(self, credential_hash: str) -> Node | None: ...
+    def list_nodes(self) -> list[Node]:
+        """By name."""
+        ...
+
+    def update_node(
+        self, node_id: str, *, models: Sequence[NodeModel] | None = None, **changes: Unpack[NodeChanges]
+    ) -> Node:
+        """Set columns of one node and, when ``models`` is given, replace its availability list
+        with it, in one write; raises NodeNotFound."""
+        ...
+
+    def remove_node(self, node_id: str) -> Node:
+        """Forget a node and its availability (its credential with it); raises NodeNotFound."""
         ...

@@ -331,4 +331,47 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX tasks_actor ON tasks (actor, created_at);
         """,
     ),
+    Migration(
+        "0011_cluster",
+        # 0001's node_model_availability was a placeholder nothing wrote: replaced by one keyed by
+        # digest (a worker reports what it holds, by digest). Node state is derived, not stored.
+        """
+        DROP TABLE node_model_availability;
+
+        CREATE TABLE join_tokens (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            expires_at TEXT,
+            revoked_at TEXT,
+            uses INTEGER NOT NULL DEFAULT 0
+        );
+
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            credential_hash TEXT NOT NULL UNIQUE,
+            joined_at TEXT NOT NULL,
+            token_id TEXT,
+            drained INTEGER NOT NULL DEFAULT 0,
+            last_heartbeat_at TEXT,
+            capabilities TEXT NOT NULL DEFAULT '{}',
+            load TEXT NOT NULL DEFAULT '{}',
+            config TEXT NOT NULL DEFAULT '{}',
+            config_version TEXT NOT NULL,
+            config_applied TEXT
+        );
+
+        CREATE TABLE node_model_availability (
+            node_id TEXT NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+            digest TEXT NOT NULL,
+            model TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('cached', 'loading', 'available', 'failed')),
+            reason TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (node_id, digest)
+        );
+        """,
+    ),
 )

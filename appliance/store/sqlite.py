@@ -27,9 +27,12 @@ from appliance.errors import (
     DiskFull,
     DownloadNotFound,
     DownloadNotPending,
+    JoinTokenNotFound,
     LeaseLost,
     ModelExists,
     ModelNotFound,
+    NodeExists,
+    NodeNotFound,
     StoreFailure,
     TaskFinished,
     TaskNotFound,
@@ -48,10 +51,14 @@ from appliance.store.base import (
     DownloadChanges,
     DownloadState,
     InferenceRecord,
+    JoinToken,
     LoginSession,
     Model,
     ModelSummary,
     NewArtifact,
+    Node,
+    NodeChanges,
+    NodeModel,
     RemovedModel,
     Task,
     TaskChanges,
@@ -217,6 +224,33 @@ _KEY_COLUMNS = (
     "last_used_at",
     "revoked_at",
 )
+
+
+# In the order of JoinToken's fields.
+_JOIN_TOKEN_COLUMNS = ("id", "secret_hash", "created_by", "created_at", "expires_at", "revoked_at", "uses")
+# In the order of Node's fields (models aside); the JSON ones are text.
+_NODE_COLUMNS = (
+    "id",
+    "name",
+    "credential_hash",
+    "config_version",
+    "token_id",
+    "joined_at",
+    "drained",
+    "last_heartbeat_at",
+    "capabilities",
+    "load",
+    "config",
+    "config_applied",
+)
+_NODE_JSON_COLUMNS = ("capabilities", "load", "config")
+_NODE_MODEL_COLUMNS = ("digest", "model", "state", "reason", "updated_at")
+
+
+def _node_value(name: str, value: Any) -> Any:
+    if name in _NODE_JSON_COLUMNS:
+        return json.dumps(value)
+    return int(value) if name == "drained" else value
 
 
 class SqliteStore:
@@ -1050,3 +1084,117 @@ class SqliteStore:
         with self._write() as db:
             db.execute("DELETE FROM login_sessions WHERE user_name = ?", (user_name,))
             return int(db.changes())
+
+    # -- cluster -----------------------------------------------------------------------------
+
+    def create_join_token(self, token: JoinToken) -> JoinToken:
+        row = {name: getattr(token, name) for name in _JOIN_TOKEN_COLUMNS}
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO join_tokens ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+        return token
+
+    def _join_tokens(self, where: str, params: Sequence[Any] = ()) -> list[JoinToken]:
+        rows = self._query(f"SELECT {', '.join(_JOIN_TOKEN_COLUMNS)} FROM join_tokens {where}", params)
+        return [JoinToken(*row) for row in rows]
+
+    def get_join_token(self, token_id: str) -> JoinToken | None:
+        found = self._join_tokens("WHERE id = ?", (token_id,))
+        return found[0] if found else None
+
+    def list_join_tokens(self) -> list[JoinToken]:
+        return self._join_tokens("ORDER BY created_at, rowid")
+
+    def revoke_join_token(self, token_id: str) -> JoinToken:
+        with self._write() as db:
+            db.execute(
+                "UPDATE join_tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (utcnow(), token_id),
+            )
+            changed = db.changes()
+        token = self.get_join_token(token_id)
+        if not changed or token is None:
+            raise JoinTokenNotFound(f"no join token {token_id!r}")
+        return token
+
+    def create_node(self, node: Node) -> Node:
+        row = {name: _node_value(name, getattr(node, name)) for name in _NODE_COLUMNS}
+        with self._write() as db:
+            if list(db.execute("SELECT 1 FROM nodes WHERE name = ?", (node.name,))):
+                raise NodeExists(f"a node named {node.name!r} has already joined")
+            db.execute(
+                f"INSERT INTO nodes ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            if node.token_id is not None:
+                db.execute("UPDATE join_tokens SET uses = uses + 1 WHERE id = ?", (node.token_id,))
+        return node
+
+    def _nodes(self, where: str, params: Sequence[Any] = ()) -> list[Node]:
+        rows = self._query(f"SELECT {', '.join(_NODE_COLUMNS)} FROM nodes {where}", params)
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        held: dict[str, list[NodeModel]] = {node_id: [] for node_id in ids}
+        for node_id, *fields in self._query(
+            f"SELECT node_id, {', '.join(_NODE_MODEL_COLUMNS)} FROM node_model_availability"
+            f" WHERE node_id IN ({', '.join('?' * len(ids))}) ORDER BY model, digest",
+            ids,
+        ):
+            held[node_id].append(NodeModel(*fields))
+        nodes = []
+        for row in rows:
+            values = dict(zip(_NODE_COLUMNS, row, strict=True))
+            for name in _NODE_JSON_COLUMNS:
+                values[name] = json.loads(values[name])
+            values["drained"] = bool(values["drained"])
+            nodes.append(Node(**values, models=tuple(held[values["id"]])))
+        return nodes
+
+    def get_node(self, id_or_name: str) -> Node | None:
+        found = self._nodes("WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1", (id_or_name,) * 3)
+        return found[0] if found else None
+
+    def find_node(self, credential_hash: str) -> Node | None:
+        found = self._nodes("WHERE credential_hash = ?", (credential_hash,))
+        return found[0] if found else None
+
+    def list_nodes(self) -> list[Node]:
+        return self._nodes("ORDER BY name")
+
+    def update_node(
+        self, node_id: str, *, models: Sequence[NodeModel] | None = None, **changes: Unpack[NodeChanges]
+    ) -> Node:
+        # The names become SQL: refuse any a caller outside the type checker's sight made up.
+        unknown = set(changes) - NodeChanges.__optional_keys__
+        if unknown:
+            raise ValueError(f"not a node column: {sorted(unknown)}")
+        with self._write() as db:
+            if not list(db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,))):
+                raise NodeNotFound(f"no node {node_id!r}")
+            if changes:
+                assignments = ", ".join(f"{name} = ?" for name in changes)
+                values = [_node_value(name, value) for name, value in changes.items()]
+                db.execute(f"UPDATE nodes SET {assignments} WHERE id = ?", [*values, node_id])
+            if models is not None:
+                db.execute("DELETE FROM node_model_availability WHERE node_id = ?", (node_id,))
+                columns = ", ".join(_NODE_MODEL_COLUMNS)
+                db.executemany(
+                    f"INSERT OR REPLACE INTO node_model_availability (node_id, {columns})"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(node_id, m.digest, m.model, m.state, m.reason, m.updated_at) for m in models],
+                )
+        found = self.get_node(node_id)
+        if found is None:  # removed between the write and this read
+            raise NodeNotFound(f"no node {node_id!r}")
+        return found
+
+    def remove_node(self, node_id: str) -> Node:
+        node = self.get_node(node_id)
+        with self._write() as db:
+            db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+            if node is None or not db.changes():
+                raise NodeNotFound(f"no node {node_id!r}")
+        return node

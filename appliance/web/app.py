@@ -25,6 +25,7 @@ from appliance.web.auth import (
     me,
 )
 from appliance.web.bundles import bundle_router
+from appliance.web.cluster import CLUSTER_DEPENDENCIES, CLUSTER_ROUTES, NodesController, cluster_lifespan
 from appliance.web.completions import completions_router
 from appliance.web.dependencies import (
     provide_audit,
@@ -82,6 +83,8 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             import_dir,
             DownloadsController,
             TasksController,
+            NodesController,
+            *CLUSTER_ROUTES,
             SystemController,
             AuditController,
             UsersController,
@@ -102,7 +105,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
                 include_in_schema=False,
             ),
         ],
-        lifespan=[runtime_lifespan],
+        lifespan=[runtime_lifespan, cluster_lifespan],
         on_startup=[complete_openapi],
         dependencies={
             "audit": Provide(provide_audit, sync_to_thread=False),
@@ -114,6 +117,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             "router": Provide(provide_router, sync_to_thread=False),
             "creator": Provide(provide_creator, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
+            **CLUSTER_DEPENDENCIES,
         },
         exception_handlers=PROBLEM_HANDLERS,
         before_request=auth_guard(settings),

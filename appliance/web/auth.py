@@ -39,6 +39,7 @@ from appliance.auth.service import (
     NewKeyOut,
     UserOut,
 )
+from appliance.cluster.tokens import is_node_credential
 from appliance.errors import ApiKeyNotFound, CsrfFailed, Forbidden, Unauthorized
 from appliance.identity import Actor, Role
 from appliance.runtime import Runtime
@@ -65,6 +66,7 @@ OPENAPI_COMPONENTS = Components(
 OPENAPI_SECURITY: list[SecurityRequirement] = [{"bearer": []}]
 
 _MODELS = "/api/v1/models"
+_NODES = "/api/v1/nodes"
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # (method, path template) -> action. HEAD is GET's where it has none of its own; OPTIONS is
 # answered before any of this.
@@ -146,6 +148,23 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/api/push"): "models.manage",
     ("POST", "/api/embed"): "infer",
     ("POST", "/api/embeddings"): "infer",
+    # A worker's routes check its node credential themselves, auth on or off; join takes a join
+    # token instead (the token is the credential).
+    ("POST", "/api/v1/cluster/join"): "public",
+    ("POST", "/api/v1/cluster/heartbeat"): "cluster.node",
+    ("GET", "/api/v1/cluster/work"): "cluster.node",
+    ("POST", "/api/v1/cluster/work/{work_id}/events"): "cluster.node",
+    ("GET", "/api/v1/blobs/{digest}"): "cluster.node",
+    ("GET", _NODES): "nodes.read",
+    ("GET", f"{_NODES}/{{node_ref}}"): "nodes.read",
+    ("GET", f"{_NODES}/tokens"): "nodes.read",
+    ("POST", f"{_NODES}/tokens"): "nodes.manage",
+    ("DELETE", f"{_NODES}/tokens/{{token_id}}"): "nodes.manage",
+    ("POST", f"{_NODES}/{{node_ref}}/drain"): "nodes.manage",
+    ("POST", f"{_NODES}/{{node_ref}}/undrain"): "nodes.manage",
+    ("DELETE", f"{_NODES}/{{node_ref}}"): "nodes.manage",
+    ("POST", f"{_NODES}/{{node_ref}}/models"): "nodes.manage",
+    ("DELETE", f"{_NODES}/{{node_ref}}/models/{{model}}"): "nodes.manage",
 }
 
 
@@ -186,11 +205,12 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
         if forwarded is None:  # else it acts as its task, set above
             secret = _presented_key(request)
             # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
-            request.state.actor = (
-                auth.authenticate(secret, provide_context(request))
-                if secret is not None
-                else _session_actor(request)
-            )
+            if secret is not None and is_node_credential(secret):
+                request.state.actor = _node_actor(request, secret)
+            elif secret is not None:
+                request.state.actor = auth.authenticate(secret, provide_context(request))
+            else:
+                request.state.actor = _session_actor(request)
         if action is None:  # fail closed; the route-table test keeps this from happening
             raise Forbidden(
                 f"{request.method} {request.url.path} has no policy action", hint="please report it"
@@ -218,6 +238,14 @@ def _forwarded_task(request: Request[Any, Any, Any]) -> Actor | None:
             f"refused a forwarded request without its {TASK_HEADER} header", hint="please report it"
         )
     return task_actor(task_id)
+
+
+def _node_actor(request: Request[Any, Any, Any], credential: str) -> Actor:
+    """A worker: its node credential acts only on the cluster's routes (policy gives the node role
+    nothing else)."""
+    runtime: Runtime = request.app.state.runtime
+    node = runtime.cluster.authenticate(credential, provide_context(request))
+    return Actor(id=node.id, kind="node", role="node")
 
 
 def _session_actor(request: Request[Any, Any, Any]) -> Actor:

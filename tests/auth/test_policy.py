@@ -14,7 +14,7 @@ SERVICE = Actor("ci", "key", "user")
 NOBODY = Actor("127.0.0.1", "anonymous")
 
 USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own", "tasks.run"}
-NODE_ACTIONS = {"public", "me", "infer", "models.read"}
+NODE_ACTIONS = {"public", "cluster.node"}
 
 
 @pytest.mark.parametrize("action", ACTIONS)
