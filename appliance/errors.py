@@ -341,8 +341,7 @@ class LeaseLost(Conflict):
 
     code = "lease_lost"
     default_hint = (
-        "the work or task was handed elsewhere, recovered, cancelled or ended: stop it, and take "
-        "new work"
+        "the work or task was handed elsewhere, recovered, cancelled or ended: stop it, and take new work"
     )
 
 

@@ -88,6 +88,11 @@ RULES = [
         " other way round",
     ),
     Rule(
+        "appliance.cluster.tasks",
+        ("appliance.store", "appliance.tasks.service", "appliance.models", *ENGINE_IMPLEMENTATIONS),
+        "a worker runs the server's tasks with its sandbox alone: the tasks' state stays on the server",
+    ),
+    Rule(
         "appliance.web",
         ("appliance.store",),
         "the web layer reaches data through the services, never the store or the cache",

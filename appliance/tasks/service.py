@@ -621,13 +621,17 @@ class TaskService:
 
     # -- tasks worker nodes run ------------------------------------------------------------
 
-    def claim_for_node(self, node_id: str, capabilities: dict[str, Any]) -> NodeTask | None:
+    def claim_for_node(
+        self, node_id: str, capabilities: dict[str, Any], *, drained: bool = False
+    ) -> NodeTask | None:
         """The oldest queued script or commands task, leased to the node now; None when none
-        waits, when such tasks run only on the server (``tasks.where`` = ``local``), or when the
-        node's capabilities say its sandbox cannot run jobs."""
+        waits, when such tasks run only on the server (``tasks.where`` = ``local``), when the
+        node is drained, or when its capabilities say its sandbox cannot run jobs."""
         sandbox = capabilities.get("sandbox")
-        if self.settings.tasks.where == "local" or not (
-            isinstance(sandbox, dict) and sandbox.get("available")
+        if (
+            drained
+            or self.settings.tasks.where == "local"
+            or not (isinstance(sandbox, dict) and sandbox.get("available"))
         ):
             return None
         owner = node_owner(node_id)
@@ -676,15 +680,19 @@ class TaskService:
             raise TaskNotFound(f"task {task_id} has no attachment {name!r}")
         return path
 
-    def node_acts_for(self, task_id: str, node_id: str) -> Actor:
-        """Who a node's call made for a task's job acts as (``task:<id>``, a user's rights): only
-        while the node holds the task's lease, else Forbidden."""
-        task = self.store.get_task(task_id)
-        if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
-            raise Forbidden(
-                f"node {node_id} does not hold a lease on task {task_id}",
-                hint="a worker calls models for a task only while it runs that task",
-            )
+    def node_acts_for(self, task_id: str, node_id: str, *, route: str) -> Actor:
+        """Who a node's call for a task's job acts as (``task:<id>``, a user's rights): only while
+        the node holds the task's lease, else Forbidden. Audited here as ``task.inference``: the
+        worker that forwarded it keeps no audit log."""
+        context = Context(task_actor(task_id), correlation_id=task_id)
+        with audited(self.store, context, action="task.inference", target=task_id) as note:
+            note.detail.update(route=route, node=node_id)
+            task = self.store.get_task(task_id)
+            if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
+                raise Forbidden(
+                    f"node {node_id} does not hold a lease on task {task_id}",
+                    hint="a worker calls models for a task only while it runs that task",
+                )
         return task_actor(task_id)
 
     def node_renew(self, task_id: str, node_id: str) -> Task:

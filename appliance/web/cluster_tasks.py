@@ -11,29 +11,35 @@ for an attachment), so a node thought dead cannot touch a task that has moved on
     POST /{id}/renew                   -> {"lease_expires_at"}; 409: stop the job at once
     POST /{id}/finish                  {"state", "result"} -> {"state", "duplicate"}
 
-Imports: the task service, identity, errors and the web helpers.
+The server wakes its ready nodes with a ``tasks`` item on the work channel when a task they may
+take is queued (``cluster_tasks_lifespan`` hooks the task service to the channel); nodes also claim
+every few seconds.
+
+Imports: the task service, the cluster's service and channel, errors and the web helpers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import anyio
-from litestar import Controller, Request, get, post
+from litestar import Controller, Litestar, Request, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.response import File
 
-from appliance.audit import Context
-from appliance.errors import Forbidden, InvalidInput
+from appliance.cluster.service import Node
+from appliance.errors import InvalidInput
 from appliance.runtime import Runtime
 from appliance.tasks.output import StreamName
 from appliance.tasks.service import NodeFinish, TaskService
 from appliance.web.bodies import parse_body
 
-__all__ = ["MAX_OUTPUT_LINE_BYTES", "ClusterTasksController"]
+__all__ = ["MAX_OUTPUT_LINE_BYTES", "ClusterTasksController", "cluster_tasks_lifespan"]
 
 MAX_OUTPUT_LINE_BYTES = 1024 * 1024  # one output line; a job's output is cut far below it anyway
 STREAMS = ("stdout", "stderr")
@@ -44,14 +50,22 @@ def provide_tasks(state: State) -> TaskService:
     return runtime.tasks
 
 
-def _node_id(context: Context) -> str:
-    """The node the request acts as (the node-credential guard put it there)."""
-    who = context.who
-    if who.kind != "node":
-        raise Forbidden(
-            "only a worker node may call the cluster's task routes", hint="send a node credential"
-        )
-    return who.id
+@asynccontextmanager
+async def cluster_tasks_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """While the server runs: a task queued for nodes wakes the ready ones (after the runtime opened)."""
+    runtime: Runtime = app.state.runtime
+    channel, loop = runtime.channel, asyncio.get_running_loop()
+    assert channel is not None, "the server always opens the runtime with its channel"
+
+    def offer() -> None:  # on any thread; the channel lives on the loop
+        for node in runtime.cluster.available_nodes():
+            loop.call_soon_threadsafe(channel.announce_tasks, node.id)
+
+    runtime.tasks.on_queued = offer
+    try:
+        yield
+    finally:
+        runtime.tasks.on_queued = None
 
 
 class ClusterTasksController(Controller):
@@ -60,20 +74,17 @@ class ClusterTasksController(Controller):
     dependencies = {"tasks": Provide(provide_tasks, sync_to_thread=False)}  # noqa: RUF012
 
     @post("/claim", status_code=200)
-    async def claim(
-        self, request: Request[Any, Any, Any], tasks: TaskService, context: Context
-    ) -> dict[str, Any]:
+    async def claim(self, tasks: TaskService, node: Node) -> dict[str, Any]:
         """The oldest queued script or commands task, leased to this node, or `{"task": null}`."""
-        node_id = _node_id(context)
-        runtime: Runtime = request.app.state.runtime
-        capabilities = await anyio.to_thread.run_sync(lambda: runtime.node_capabilities(node_id))
-        task = await anyio.to_thread.run_sync(lambda: tasks.claim_for_node(node_id, capabilities))
+        task = await anyio.to_thread.run_sync(
+            lambda: tasks.claim_for_node(node.id, node.capabilities, drained=node.drained)
+        )
         return {"task": task.model_dump(mode="json") if task is not None else None}
 
     @get("/{task_id:str}/attachments/{name:str}", sync_to_thread=True)
-    def attachment(self, task_id: str, name: str, tasks: TaskService, context: Context) -> File:
+    def attachment(self, task_id: str, name: str, tasks: TaskService, node: Node) -> File:
         """One of the task's attachments (a file of its /work), for the node holding its lease."""
-        path = tasks.node_attachment(task_id, _node_id(context), name)
+        path = tasks.node_attachment(task_id, node.id, name)
         return File(
             path=path,
             filename=name,
@@ -83,10 +94,10 @@ class ClusterTasksController(Controller):
 
     @post("/{task_id:str}/output", status_code=200, request_max_body_size=None)
     async def output(
-        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, context: Context
+        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, node: Node
     ) -> dict[str, Any]:
         """What the node's job prints, as it prints it: one JSON object a line."""
-        node_id = _node_id(context)
+        node_id = node.id
         lines = 0
         async for batch in _ndjson(request.stream()):
             await anyio.to_thread.run_sync(lambda b=batch: _write(tasks, task_id, node_id, b))  # type: ignore[misc]
@@ -94,17 +105,17 @@ class ClusterTasksController(Controller):
         return {"lines": lines}
 
     @post("/{task_id:str}/renew", status_code=200, sync_to_thread=True)
-    def renew(self, task_id: str, tasks: TaskService, context: Context) -> dict[str, Any]:
+    def renew(self, task_id: str, tasks: TaskService, node: Node) -> dict[str, Any]:
         """Extend this node's lease; 409 lease_lost when it is not this node's any more."""
-        task = tasks.node_renew(task_id, _node_id(context))
+        task = tasks.node_renew(task_id, node.id)
         return {"lease_expires_at": task.lease_expires_at}
 
     @post("/{task_id:str}/finish", status_code=200)
     async def finish(
-        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, context: Context
+        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, node: Node
     ) -> dict[str, Any]:
         """End the task as the job did; the same finish again is `{"duplicate": true}`."""
-        node_id = _node_id(context)
+        node_id = node.id
         finish = parse_body(NodeFinish, await request.body())
         task, duplicate = await anyio.to_thread.run_sync(lambda: tasks.node_finish(task_id, node_id, finish))
         return {"state": task.state, "duplicate": duplicate}

@@ -8,12 +8,20 @@ moved on), and the same finish twice is one end.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from appliance.audit import Context
@@ -23,7 +31,9 @@ from appliance.runtime import Runtime
 from appliance.settings import Settings, TaskSettings
 from appliance.store.base import Task
 from appliance.tasks.service import Attachment, NewTask, NodeFinish, TaskEvent, TaskService
+from tests.conftest import APPLIANCE, free_port
 
+ROUTE = "POST /v1/chat/completions"
 ANN = Context(Actor(id="ann", kind="user", role="user"))
 JOBS: dict[str, Any] = {"sandbox": {"available": True}}  # a node whose sandbox can run jobs
 FINISHED = NodeFinish(
@@ -87,6 +97,7 @@ def test_prompts_stay_on_the_server_and_a_node_without_a_sandbox_gets_nothing(ru
     task_id = script(tasks)
     assert tasks.claim_for_node("n1", {}) is None
     assert tasks.claim_for_node("n1", {"sandbox": {"available": False}}) is None
+    assert tasks.claim_for_node("n1", JOBS, drained=True) is None
     claimed = tasks.claim_for_node("n1", JOBS)
     assert claimed is not None
     assert claimed.id == task_id
@@ -285,13 +296,244 @@ def test_a_node_acts_for_a_task_only_while_it_holds_the_lease(runtime: Runtime) 
     tasks = runtime.tasks
     task_id = script(tasks)
     with pytest.raises(Forbidden):  # queued
-        tasks.node_acts_for(task_id, "n1")
+        tasks.node_acts_for(task_id, "n1", route=ROUTE)
     assert tasks.claim_for_node("n1", JOBS) is not None
-    assert tasks.node_acts_for(task_id, "n1") == Actor(id=task_id, kind="task", role="user")
+    assert tasks.node_acts_for(task_id, "n1", route=ROUTE) == Actor(id=task_id, kind="task", role="user")
     with pytest.raises(Forbidden):
-        tasks.node_acts_for(task_id, "n2")
+        tasks.node_acts_for(task_id, "n2", route=ROUTE)
     with pytest.raises(Forbidden):
-        tasks.node_acts_for("no-such-task", "n1")
+        tasks.node_acts_for("no-such-task", "n1", route=ROUTE)
     tasks.node_finish(task_id, "n1", FINISHED)
     with pytest.raises(Forbidden):  # ended
-        tasks.node_acts_for(task_id, "n1")
+        tasks.node_acts_for(task_id, "n1", route=ROUTE)
+    calls = [e for e in runtime.store.list_audit(action="task.inference") if e.target == task_id]
+    assert [(e.outcome, e.actor, e.detail["node"]) for e in reversed(calls)] == [
+        ("error", f"task:{task_id}", "n1"),
+        ("ok", f"task:{task_id}", "n1"),
+        ("error", f"task:{task_id}", "n2"),
+        ("error", f"task:{task_id}", "n1"),
+    ]
+
+
+# -- over HTTP: a real server, and workers that are real processes --------------------------------
+
+
+@dataclass
+class Cluster:
+    url: str
+    data_dir: Path
+    client: httpx.Client
+    process: subprocess.Popen[str]
+
+    def join(self, name: str) -> tuple[str, str]:
+        """A node joined with a sandbox that runs jobs: its id and credential."""
+        token = self.client.post("/api/v1/nodes/tokens", json={"expires": "1h"})
+        assert token.status_code == 201, token.text
+        joined = self.client.post(
+            "/api/v1/cluster/join",
+            json={"token": token.json()["token"], "name": name, "capabilities": JOBS},
+        )
+        assert joined.status_code == 201, joined.text
+        return joined.json()["node_id"], joined.json()["credential"]
+
+    def task(self, text: str, **fields: Any) -> str:
+        created = self.client.post("/api/v1/tasks", json={"mode": "script", "text": text, **fields})
+        assert created.status_code == 201, created.text
+        task_id: str = created.json()["id"]
+        return task_id
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        task: dict[str, Any] = self.client.get(f"/api/v1/tasks/{task_id}").json()
+        return task
+
+    def wait(self, task_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (task := self.get(task_id))["state"] not in states:
+            assert time.monotonic() < deadline, f"task {task_id} stayed {task['state']}"
+            time.sleep(0.1)
+        return task
+
+    def audit(self, action: str, task_id: str) -> list[dict[str, Any]]:
+        rows = self.client.get("/api/v1/audit", params={"action": action, "limit": 1000}).json()
+        return [row for row in rows if row["target"] == task_id]
+
+
+@pytest.fixture
+def cluster(shared_dir: Path) -> Iterator[Cluster]:
+    """``appliance serve`` with tasks on workers only and 3-second leases."""
+    data_dir = shared_dir / "server"
+    port = free_port()
+    env = {**os.environ, "APPLIANCE_TASKS__WHERE": "workers", "APPLIANCE_TASKS__LEASE_SECONDS": "3"}
+    process = subprocess.Popen(
+        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        with suppress(httpx.TransportError):
+            if client.get("/readyz").status_code in (200, 503):
+                break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"appliance serve did not start:\n{process.communicate()[0]}")
+        time.sleep(0.1)
+    yield Cluster(url, data_dir, client, process)
+    client.close()
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+def node_client(cluster: Cluster, credential: str) -> httpx.Client:
+    return httpx.Client(base_url=cluster.url, headers={"authorization": f"Bearer {credential}"}, timeout=30)
+
+
+ROUTES = "/api/v1/cluster/tasks"
+
+
+def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster) -> None:
+    """Error paths, with httpx playing two workers."""
+    _, one = cluster.join("w1")
+    _, two = cluster.join("w2")
+    with node_client(cluster, one) as w1, node_client(cluster, two) as w2:
+        assert cluster.client.post(f"{ROUTES}/claim", json={}).status_code == 401  # no node credential
+        assert w1.post(f"{ROUTES}/claim", json={}).json() == {"task": None}
+        task_id = cluster.task("cat a", limits={"timeout_seconds": 30})
+        claimed = w1.post(f"{ROUTES}/claim", json={}).json()["task"]
+        assert (claimed["id"], claimed["lease_seconds"], claimed["attachments"]) == (task_id, 3.0, [])
+        assert w2.post(f"{ROUTES}/claim", json={}).json() == {"task": None}
+        # The other node: 409 on renew, output and finish, 403 on an attachment.
+        finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
+        for path, body in (("renew", {}), ("finish", finish)):
+            refused = w2.post(f"{ROUTES}/{task_id}/{path}", json=body)
+            assert (refused.status_code, refused.json()["code"]) == (409, "lease_lost")
+        out = w2.post(f"{ROUTES}/{task_id}/output", content=b'{"stream": "stdout", "text": "x"}\n')
+        assert (out.status_code, out.json()["code"]) == (409, "lease_lost")
+        assert w2.get(f"{ROUTES}/{task_id}/attachments/a").status_code == 403
+        assert w1.get(f"{ROUTES}/{task_id}/attachments/a").status_code == 404  # none by that name
+        bad = w1.post(f"{ROUTES}/{task_id}/output", content=b"not json\n")
+        assert (bad.status_code, bad.json()["code"]) == (400, "invalid_input")
+        bad = w1.post(f"{ROUTES}/{task_id}/finish", json={"state": "running", "result": {}})
+        assert bad.status_code == 400
+        # The holder: output, then the same finish twice is one end.
+        lines = b'{"stream": "stdout", "text": "hi\\n"}\n{"stream": "stderr", "text": "oops\\n"}\n'
+        assert w1.post(f"{ROUTES}/{task_id}/output", content=lines).json() == {"lines": 2}
+        assert w1.post(f"{ROUTES}/{task_id}/renew", json={}).status_code == 200
+        assert w1.post(f"{ROUTES}/{task_id}/finish", json=finish).json() == {
+            "state": "succeeded",
+            "duplicate": False,
+        }
+        assert w1.post(f"{ROUTES}/{task_id}/finish", json=finish).json() == {
+            "state": "succeeded",
+            "duplicate": True,
+        }
+        assert cluster.client.get(f"/api/v1/tasks/{task_id}/output").json() == {
+            "stdout": "hi\n",
+            "stderr": "oops\n",
+        }
+        assert len(cluster.audit("task.finish", task_id)) == 1
+        # Renew after a cancel: 409, and the worker stops.
+        cancelled = cluster.task("sleep 30")
+        assert w1.post(f"{ROUTES}/claim", json={}).json()["task"]["id"] == cancelled
+        assert cluster.client.post(f"/api/v1/tasks/{cancelled}/cancel").status_code == 200
+        renew = w1.post(f"{ROUTES}/{cancelled}/renew", json={})
+        assert (renew.status_code, renew.json()["code"]) == (409, "lease_lost")
+
+
+def start_worker(cluster: Cluster, credential: str, data_dir: Path) -> subprocess.Popen[str]:
+    data_dir.mkdir(mode=0o711)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster.task_worker", cluster.url, credential, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    output = process.communicate()[0]
+    return output
+
+
+def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other_once(
+    cluster: Cluster, shared_dir: Path
+) -> None:
+    nodes = dict([cluster.join("w1"), cluster.join("w2")])
+    workers = {
+        node_id: start_worker(cluster, credential, shared_dir / f"worker-{node_id}")
+        for node_id, credential in nodes.items()
+    }
+    try:
+        # Output reaches `tasks logs --follow` while the job still runs.
+        created = cluster.client.post(
+            "/api/v1/tasks",
+            data={"mode": "script", "text": "echo start; sleep 2; cat /work/a"},
+            files={"attachment": ("a", b"attached\n")},
+        )
+        assert created.status_code == 201, created.text
+        task_id = created.json()["id"]
+        port = cluster.url.rsplit(":", 1)[1]
+        logs = subprocess.Popen(
+            [
+                *APPLIANCE,
+                "--data-dir",
+                str(cluster.data_dir),
+                "tasks",
+                "logs",
+                task_id,
+                "--follow",
+                "--port",
+                port,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert logs.stdout is not None
+        assert logs.stdout.readline() == "start\n"
+        assert cluster.get(task_id)["state"] == "running"  # seen live, before the job ended
+        assert logs.stdout.readline() == "attached\n"
+        assert logs.wait(timeout=30) == 0
+        logs.stdout.close()
+        ended = cluster.wait(task_id, "succeeded", "failed")
+        assert (ended["state"], ended["attempts"]) == ("succeeded", 1)
+        assert ended["result"]["node"] in nodes
+
+        # SIGKILL the worker running a long task: it finishes on the other, exactly once.
+        long_task = cluster.task("echo started; sleep 3; echo done")
+        cluster.wait(long_task, "running")
+        (start,) = cluster.audit("task.start", long_task)
+        first = start["detail"]["node"]
+        workers[first].send_signal(signal.SIGKILL)
+        workers[first].wait(timeout=10)
+        ended = cluster.wait(long_task, "succeeded", "failed", timeout=60)
+        assert (ended["state"], ended["attempts"]) == ("succeeded", 2)
+        (other,) = set(nodes) - {first}
+        assert ended["result"]["node"] == other
+        # The row is written as the finish's update commits: give it that moment, then count.
+        deadline = time.monotonic() + 10
+        while not cluster.audit("task.finish", long_task) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        (finish,) = cluster.audit("task.finish", long_task)
+        assert (finish["outcome"], finish["detail"]["node"]) == ("ok", other)
+        assert [row["detail"]["attempts"] for row in cluster.audit("task.retry", long_task)] == [1]
+        assert cluster.client.get(f"/api/v1/tasks/{long_task}/output").json()["stdout"] == "started\ndone\n"
+    finally:
+        outputs = {node: stop(process) for node, process in workers.items()}
+    assert all("Traceback" not in text for text in outputs.values()), outputs
