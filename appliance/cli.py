@@ -913,6 +913,7 @@ from appliance.cli_nodes import nodes  # noqa: E402 (it uses the helpers above)
 from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tasks import tasks  # noqa: E402
 from appliance.cli_tls import tls  # noqa: E402
+from appliance.cli_worker import worker  # noqa: E402
 
 models.add_command(import_dir)
 models.add_command(copy_model)
@@ -925,3 +926,4 @@ cli.add_command(login)
 cli.add_command(logout)
 cli.add_command(tasks)
 cli.add_command(nodes)
+cli.add_command(worker)

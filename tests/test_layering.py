@@ -87,6 +87,24 @@ RULES = [
         "the cluster is a service (and a worker's loops): the web layer and the CLI call it, never the"
         " other way round",
     ),
+    *(
+        Rule(
+            module,
+            (
+                "appliance.models",
+                "appliance.store.base",
+                "appliance.store.sqlite",
+                "appliance.store.postgres",
+                "appliance.audit",
+                "appliance.auth",
+                "appliance.provision.service",
+                "appliance.cluster.service",
+                "appliance.cluster.channel",
+            ),
+            "a worker runs on an engine and a blob cache of its own, with no registry, store or accounts",
+        )
+        for module in ("appliance.cluster.agent", "appliance.cluster.fetch", "appliance.cluster.join")
+    ),
     Rule(
         "appliance.cluster.tasks",
         ("appliance.store", "appliance.tasks.service", "appliance.models", *ENGINE_IMPLEMENTATIONS),
