@@ -103,7 +103,12 @@ RULES = [
             ),
             "a worker runs on an engine and a blob cache of its own, with no registry, store or accounts",
         )
-        for module in ("appliance.cluster.agent", "appliance.cluster.fetch", "appliance.cluster.join")
+        for module in (
+            "appliance.cluster.agent",
+            "appliance.cluster.fetch",
+            "appliance.cluster.join",
+            "appliance.cluster.tasks",
+        )
     ),
     Rule(
         "appliance.cluster.tasks",

@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
@@ -48,10 +49,10 @@ RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)  # between tries to finish a task when
 NDJSON = "application/x-ndjson"
 
 
-def sandbox_capabilities(sandbox: Sandbox) -> dict[str, Any]:
-    """The ``sandbox`` part of the node's capability report: the server sends jobs only where
-    ``available`` is true."""
-    return sandbox.capabilities().as_dict()
+def sandbox_capabilities() -> dict[str, Any]:
+    """The ``sandbox`` part of the node's capability report (a probe: it starts one sandbox): the
+    server sends jobs only where ``available`` is true."""
+    return Sandbox().capabilities().as_dict()
 
 
 class TaskRunner:
@@ -76,6 +77,20 @@ class TaskRunner:
         self.poll_seconds = poll_seconds
         self._wake: asyncio.Event | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def for_worker(
+        cls,
+        client: httpx.AsyncClient,
+        *,
+        data_dir: Path,
+        server: str,
+        verify: ssl.SSLContext | bool,
+        credential: str,
+    ) -> TaskRunner:
+        """The runner of a worker's agent: jobs' inference calls go to ``server`` with the node credential."""
+        forwarder = InferenceForwarder(server, verify=verify, credential=credential)
+        return cls(client, data_dir=data_dir, sandbox=Sandbox(), forwarder=forwarder)
 
     @property
     def running(self) -> int:

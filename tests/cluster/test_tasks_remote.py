@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -450,21 +449,42 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         assert (renew.status_code, renew.json()["code"]) == (409, "lease_lost")
 
 
-def start_worker(cluster: Cluster, credential: str, data_dir: Path) -> subprocess.Popen[str]:
-    data_dir.mkdir(mode=0o711)
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.cluster.task_worker", cluster.url, credential, str(data_dir)],
+def start_worker(cluster: Cluster, name: str, data_dir: Path) -> tuple[str, subprocess.Popen[str]]:
+    """``appliance worker join`` in its own process and data dir; its node id once it joined."""
+    token = cluster.client.post("/api/v1/nodes/tokens", json={"expires": "1h"}).json()["token"]
+    process = subprocess.Popen(
+        [
+            *APPLIANCE,
+            "worker",
+            "join",
+            cluster.url,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--data-dir",
+            str(data_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    deadline = time.monotonic() + 60
+    while True:
+        nodes = {node["name"]: node for node in cluster.client.get("/api/v1/nodes").json()}
+        if name in nodes and nodes[name]["capabilities"].get("sandbox", {}).get("available"):
+            return nodes[name]["id"], process
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(f"worker {name} did not join:\n{process.communicate()[0]}")
+        time.sleep(0.1)
 
 
 def stop(process: subprocess.Popen[str]) -> str:
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
     output = process.communicate()[0]
@@ -474,11 +494,9 @@ def stop(process: subprocess.Popen[str]) -> str:
 def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other_once(
     cluster: Cluster, shared_dir: Path
 ) -> None:
-    nodes = dict([cluster.join("w1"), cluster.join("w2")])
-    workers = {
-        node_id: start_worker(cluster, credential, shared_dir / f"worker-{node_id}")
-        for node_id, credential in nodes.items()
-    }
+    """Two ``appliance worker`` processes, tasks on workers only; one is SIGKILLed mid-task."""
+    workers = dict(start_worker(cluster, name, shared_dir / name) for name in ("w1", "w2"))
+    nodes = set(workers)
     try:
         # Output reaches `tasks logs --follow` while the job still runs.
         created = cluster.client.post(
@@ -535,5 +553,5 @@ def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other
         assert [row["detail"]["attempts"] for row in cluster.audit("task.retry", long_task)] == [1]
         assert cluster.client.get(f"/api/v1/tasks/{long_task}/output").json()["stdout"] == "started\ndone\n"
     finally:
-        outputs = {node: stop(process) for node, process in workers.items()}
-    assert all("Traceback" not in text for text in outputs.values()), outputs
+        logs_of = {node: stop(process) for node, process in workers.items()}
+    assert all("Traceback" not in text for text in logs_of.values()), logs_of
