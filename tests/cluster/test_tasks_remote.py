@@ -407,10 +407,20 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
     with node_client(cluster, one) as w1, node_client(cluster, two) as w2:
         assert cluster.client.post(f"{ROUTES}/claim", json={}).status_code == 401  # no node credential
         assert w1.post(f"{ROUTES}/claim", json={}).json() == {"task": None}
+        assert w1.post("/api/v1/cluster/heartbeat", json={}).status_code == 200  # ready: it is woken
         task_id = cluster.task("cat a", limits={"timeout_seconds": 30})
+        woken = w1.get("/api/v1/cluster/work", params={"wait": 5}).json()["items"]
+        assert [item["kind"] for item in woken] == ["tasks"]
         claimed = w1.post(f"{ROUTES}/claim", json={}).json()["task"]
         assert (claimed["id"], claimed["lease_seconds"], claimed["attachments"]) == (task_id, 3.0, [])
         assert w2.post(f"{ROUTES}/claim", json={}).json() == {"task": None}
+        # Its job's inference calls act as the task, from the node holding it only.
+        as_task = {"x-appliance-task": task_id}
+        assert w1.get("/v1/models", headers=as_task).status_code == 200
+        assert w2.get("/v1/models", headers=as_task).status_code == 403
+        assert cluster.client.get("/v1/models", headers=as_task).status_code == 403  # no node credential
+        calls = [(row["outcome"], row["actor"]) for row in reversed(cluster.audit("task.inference", task_id))]
+        assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")]
         # The other node: 409 on renew, output and finish, 403 on an attachment.
         finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
         for path, body in (("renew", {}), ("finish", finish)):
@@ -531,6 +541,19 @@ def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other
         ended = cluster.wait(task_id, "succeeded", "failed")
         assert (ended["state"], ended["attempts"]) == ("succeeded", 1)
         assert ended["result"]["node"] in nodes
+
+        # A job on a worker calls models through its worker's forwarder and the server.
+        call = (
+            "import os, urllib.request; "
+            "print(urllib.request.urlopen(os.environ['INFERENCE_URL'] + '/models').status)"
+        )
+        asking = cluster.task(f'python3 -c "{call}"', inference=True)
+        ended = cluster.wait(asking, "succeeded", "failed")
+        output = cluster.client.get(f"/api/v1/tasks/{asking}/output").json()
+        assert (ended["state"], output["stdout"]) == ("succeeded", "200\n"), output
+        (inference,) = cluster.audit("task.inference", asking)
+        assert (inference["outcome"], inference["actor"]) == ("ok", f"task:{asking}")
+        assert inference["detail"]["node"] == ended["result"]["node"]
 
         # SIGKILL the worker running a long task: it finishes on the other, exactly once.
         long_task = cluster.task("echo started; sleep 3; echo done")
