@@ -7,7 +7,8 @@ under the same ``Sandbox`` the server uses, and meanwhile
 
 - streams the job's output back as it comes (one NDJSON request body, reopened if it drops),
 - renews the lease every third of it; a 409 means the lease is no longer this node's (the task
-  was cancelled, or recovered because this node was thought dead): the job is stopped at once,
+  was cancelled, or recovered because this node was thought dead): the job is stopped at once
+  (its finish is then kept for a cancelled task, and refused for one that moved on),
 - passes the job's inference calls to the server through its own ``InferenceForwarder``, with the
   node credential and the task's id (the server takes that only while the task is leased here),
 
@@ -27,7 +28,7 @@ import json
 import logging
 import shutil
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
@@ -146,24 +147,22 @@ class TaskRunner:
         task_id = str(task["id"])
         base = f"/api/v1/cluster/tasks/{task_id}"
         task_dir = self.root / task_id
-        lost = asyncio.Event()  # the lease is not ours any more: stop, and finish nothing
         try:
             work = await asyncio.to_thread(_fresh_work_dir, self.root, task_dir)
             for attachment in task.get("attachments", []):
                 await self._fetch(f"{base}/attachments/{attachment['name']}", work / attachment["name"])
-            done = await self._run_job(task, base, work, lost)
+            done = await self._run_job(task, base, work)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if lost.is_set():
-                return
             log.warning("task %s failed on this worker: %s", task_id, exc)
             await self._finish(base, "failed", {"reason": f"the worker could not run it: {exc}"})
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, task_dir, True)
-        if not lost.is_set():
-            await self._finish(base, done.task_state, done.task_result())
+        # Also when the lease was lost: a cancelled task keeps what its job did; one that moved
+        # on refuses it (409), and nothing changes.
+        await self._finish(base, done.task_state, done.task_result())
 
     async def _fetch(self, path: str, target: Path) -> None:
         async with self.client.stream("GET", path) as response:
@@ -172,7 +171,7 @@ class TaskRunner:
                 async for chunk in response.aiter_bytes():
                     file.write(chunk)
 
-    async def _run_job(self, task: dict[str, Any], base: str, work: Path, lost: asyncio.Event) -> JobResult:
+    async def _run_job(self, task: dict[str, Any], base: str, work: Path) -> JobResult:
         async with AsyncExitStack() as stack:
             socket = None
             if task.get("inference") and self.forwarder is not None:
@@ -186,11 +185,7 @@ class TaskRunner:
                 inference_socket=socket,
             )
             call = self.sandbox.stream(job)
-
-            def stop() -> None:
-                lost.set()
-                call.cancel()
-
+            stop = call.cancel  # the lease is not this node's any more
             output: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
             sender = asyncio.create_task(self._send_output(base, output, stop))
             renewer = asyncio.create_task(self._renew(base, float(task["lease_seconds"]), stop))
@@ -207,7 +202,9 @@ class TaskRunner:
                 await sender
         return done
 
-    async def _send_output(self, base: str, output: asyncio.Queue[OutputChunk | None], stop: Any) -> None:
+    async def _send_output(
+        self, base: str, output: asyncio.Queue[OutputChunk | None], stop: Callable[[], None]
+    ) -> None:
         """Stream the job's output; a request that drops is opened again for what comes next."""
         ended = False
 
@@ -237,7 +234,7 @@ class TaskRunner:
             if response.is_error:
                 log.warning("output of %s refused: %s %s", base, response.status_code, response.text)
 
-    async def _renew(self, base: str, lease_seconds: float, stop: Any) -> None:
+    async def _renew(self, base: str, lease_seconds: float, stop: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(lease_seconds / 3)
             try:

@@ -555,6 +555,18 @@ def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other
         assert (inference["outcome"], inference["actor"]) == ("ok", f"task:{asking}")
         assert inference["detail"]["node"] == ended["result"]["node"]
 
+        # A cancel reaches the job on its worker at its next renew: it stops at once.
+        cancelled = cluster.task("echo started; sleep 60")
+        cluster.wait(cancelled, "running")
+        assert cluster.client.post(f"/api/v1/tasks/{cancelled}/cancel").status_code == 200
+        deadline = time.monotonic() + 15
+        while "node" not in (cluster.get(cancelled)["result"] or {}):  # the worker's finish came
+            assert time.monotonic() < deadline, cluster.get(cancelled)
+            time.sleep(0.1)
+        stopped = cluster.get(cancelled)
+        assert (stopped["state"], stopped["result"]["outcome"]) == ("canceled", "cancelled")
+        assert stopped["result"]["duration_seconds"] < 10
+
         # SIGKILL the worker running a long task: it finishes on the other, exactly once.
         long_task = cluster.task("echo started; sleep 3; echo done")
         cluster.wait(long_task, "running")
