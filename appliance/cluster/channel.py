@@ -103,7 +103,7 @@ class WorkChannel:
         self._works[work_id] = work
         self._mailbox(node_id).items.append(work.item)
         self._mailbox(node_id).arrived.set()
-        self._arm(work, "was not taken")
+        self._arm(work, "did not take it")
         return work
 
     def cancel(self, work_id: str) -> None:

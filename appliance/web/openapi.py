@@ -23,8 +23,10 @@ from appliance.auth.service import (
     MIN_PASSWORD,
     USER_NAME_PATTERN,
 )
+from appliance.cluster.service import NODE_NAME_PATTERN
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
+from appliance.settings import TOKEN_EXPIRY_PATTERN
 from appliance.web.anthropic import MessagesBody
 from appliance.web.completions import CompletionBody
 from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
@@ -198,6 +200,8 @@ _FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {
         "name": {"pattern": USER_NAME_PATTERN},
         "password": {"minLength": MIN_PASSWORD, "maxLength": MAX_PASSWORD},
     },
+    "JoinIn": {"name": {"pattern": NODE_NAME_PATTERN}, "token": {"maxLength": 300}},
+    "TokenIn": {"expires": {"pattern": TOKEN_EXPIRY_PATTERN}},
     # A push names where it goes too.
     "PushBody": {"model": {"pattern": OLLAMA_NAME_PATTERN}, "name": {"pattern": OLLAMA_NAME_PATTERN}},
 }
@@ -264,6 +268,14 @@ def complete_document(document: dict[str, Any]) -> None:
             if method == "head":  # never a body, so no error shape either
                 plain: dict[str, Any] = {"text/plain": {}, "application/json": {}}
                 operation["responses"] = {"200": {"description": "The route answers", "content": plain}}
+                if path.startswith("/api/v1/blobs/"):  # a worker's fetch; errors keep their type
+                    blob: dict[str, Any] = {"application/octet-stream": {}, "application/problem+json": {}}
+                    operation["responses"] = {
+                        "200": {"description": "The verified blob is in the cache", "content": blob},
+                        "206": {"description": "The range asked for can be served", "content": blob},
+                        "416": {"description": "The range cannot be served", "content": blob},
+                        "default": {"description": "No node credential, no such blob", "content": blob},
+                    }
                 if path.startswith("/api/blobs/"):
                     operation["responses"] = {
                         "200": {"description": "The blob is in the cache", "content": plain},
