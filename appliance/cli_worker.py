@@ -95,7 +95,7 @@ def join(
         config = join_server(
             url,
             token,
-            name=name or socket.gethostname(),
+            name=name or socket.gethostname()[:64],  # as long as a node's name may be
             data_dir=settings.data_dir,
             capabilities=lambda: capabilities(settings.data_dir, pool.memory_budget),
             insecure_http=insecure_http,

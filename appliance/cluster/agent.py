@@ -224,6 +224,7 @@ class Agent:
         self._config_waiting = asyncio.Event()
         self._pending: tuple[str, dict[str, Any]] | None = None  # a newer config to apply
         self._applying: str | None = None
+        self._malformed: str | None = None
         self.config_applied: str | None = None
         self._sent_marks: tuple[Any, ...] | None = None  # the change marks the server last heard
         self._states: dict[str, _Availability] = {}  # digest -> state of a config entry
@@ -280,7 +281,7 @@ class Agent:
         await self._stop.wait()
         raise _Stopped
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """The JSON answer; a 401 is the revoked credential, what is worth retrying is _Unreachable."""
         assert self._client is not None
         try:
@@ -292,9 +293,12 @@ class Agent:
         if response.is_error:
             raise _Unreachable(f"{method} {path} answered {response.status_code}: {problem_detail(response)}")
         try:
-            return response.json()
+            body = response.json()
         except ValueError as exc:
             raise _Unreachable(f"{method} {path} answered with no JSON: {exc}") from exc
+        if not isinstance(body, dict):  # every node route answers an object
+            raise _Unreachable(f"{method} {path} answered {type(body).__name__}, not a JSON object")
+        return body
 
     def _revoked(self, response: httpx.Response) -> Unauthorized:
         worker_file = WorkerConfig.path(self.data_dir)
@@ -362,7 +366,7 @@ class Agent:
 
     def _offer(self, version: str, config: dict[str, Any]) -> None:
         """Queue a config newer than any applied or being applied (ULIDs sort by time)."""
-        newest = max(v for v in (self.config_applied, self._applying, "") if v is not None)
+        newest = max(v for v in (self.config_applied, self._applying, self._malformed, "") if v is not None)
         pending = self._pending[0] if self._pending else ""
         if version > newest and version > pending:
             self._pending = (version, config)
@@ -407,6 +411,10 @@ class Agent:
             self._applying = version
             try:
                 await self.reconcile(config)
+            except (KeyError, TypeError, AttributeError) as exc:  # not acked: a newer config may mend it
+                self.log(f"config {version} not applied: it is malformed ({type(exc).__name__}: {exc})")
+                self._malformed = version  # not tried again on every heartbeat
+                continue
             finally:
                 self._applying = None
             self.config_applied = version
@@ -487,7 +495,8 @@ class Agent:
             backoff.reset()
             self._reached()
             for item in reply.get("items", []):
-                self._dispatch(item, group)
+                if isinstance(item, dict):
+                    self._dispatch(item, group)
 
     def _dispatch(self, item: dict[str, Any], group: asyncio.TaskGroup) -> None:
         kind, work_id = item.get("kind"), str(item.get("id"))

@@ -64,6 +64,7 @@ class Cluster:
     ended: dict[str, asyncio.Event] = field(default_factory=dict)
     poll_statuses: list[int] = field(default_factory=list)  # answered (and consumed) before work
     polls: list[float] = field(default_factory=list)
+    poll_answers: list[httpx.Response] = field(default_factory=list)  # then these, before work
     on_line: Any = None  # called with (work id, line) as each line arrives
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
@@ -87,11 +88,15 @@ class Cluster:
             if self.poll_statuses:
                 status = self.poll_statuses.pop(0)
                 return httpx.Response(status, json={"status": status, "detail": f"answered {status}"})
+            if self.poll_answers:
+                return self.poll_answers.pop(0)
             try:
-                item = await asyncio.wait_for(self.items.get(), 0.3)
+                items = [await asyncio.wait_for(self.items.get(), 0.3)]
             except TimeoutError:
                 return httpx.Response(200, json={"items": []})
-            return httpx.Response(200, json={"items": [item]})
+            while not self.items.empty():
+                items.append(self.items.get_nowait())
+            return httpx.Response(200, json={"items": items})
         if path.endswith("/events"):
             work_id = path.split("/")[-2]
             assert request.headers["content-type"] == "application/x-ndjson"
@@ -259,7 +264,9 @@ async def test_a_blob_that_does_not_verify_is_reported_failed(files: FileServer,
 
 
 @in_loop
-async def test_generate_streams_tokens_back_as_they_are_made(files: FileServer, tmp_path: Path) -> None:
+async def test_generate_and_embed_run_on_the_workers_engine_several_at_once(
+    files: FileServer, tmp_path: Path
+) -> None:
     model = tiny(tmp_path)
     files.add(f"/api/v1/blobs/{model.digest}", model.content)
     cluster = Cluster()
@@ -273,13 +280,16 @@ async def test_generate_streams_tokens_back_as_they_are_made(files: FileServer, 
             "prompt": encode_prompt(prompt),
             "lease_seconds": 30,
         }
-        await cluster.items.put(item)
-        events = [decode_event(line) for line in await cluster.answer("w1")]
-        assert isinstance(events[0], Ready)
-        assert isinstance(events[-1], Finished)
-        assert events[-1].reason == "length"
-        assert events[-1].completion_tokens == 40
-        assert any(isinstance(event, TextChunk) for event in events[1:-1])
+        cluster.items.put_nowait(item)
+        cluster.items.put_nowait({**item, "id": "w1b"})  # in the same poll: both run at once
+        for work_id in ("w1", "w1b"):
+            events = [decode_event(line) for line in await cluster.answer(work_id)]
+            assert isinstance(events[0], Ready)
+            assert isinstance(events[-1], Finished)
+            assert events[-1].reason == "length"
+            assert events[-1].completion_tokens == 40
+            assert any(isinstance(event, TextChunk) for event in events[1:-1])
+        assert len(files.body_requests(f"/api/v1/blobs/{model.digest}")) == 1  # one fetch for both
 
         embed = {
             "id": "w2",
@@ -368,3 +378,31 @@ async def test_a_lost_connection_is_retried_with_backoff_and_said_once(
     assert len(lost) == 1
     assert lost[0].endswith("retrying in 0.5 s")
     assert logged[-1] == f"connected to {files.url} as w1"
+
+
+@in_loop
+async def test_a_malformed_config_is_not_acked_and_a_newer_one_is_applied(
+    files: FileServer, tmp_path: Path
+) -> None:
+    cluster = Cluster(config={"models": [{"model": "x"}]})  # no digest
+    async with running(cluster, files, tmp_path / "worker") as (_, logged):
+        await until(lambda: any("not applied: it is malformed" in line for line in logged))
+        await until(lambda: len(cluster.heartbeats) >= 4)
+        assert all(beat["config_applied"] is None for beat in cluster.heartbeats)
+        assert sum("not applied" in line for line in logged) == 1  # not retried on every heartbeat
+        cluster.config_version, cluster.config = V2, {"models": []}
+        await until(lambda: cluster.heartbeats[-1]["config_applied"] == V2)
+
+
+@in_loop
+async def test_an_answer_that_is_not_a_json_object_is_retried_like_a_lost_connection(
+    files: FileServer, tmp_path: Path
+) -> None:
+    cluster = Cluster(
+        poll_answers=[httpx.Response(200, text="<html>a proxy</html>"), httpx.Response(200, json=[1])]
+    )
+    async with running(cluster, files, tmp_path / "worker") as (_, logged):
+        await until(lambda: f"connected to {files.url} as w1" in logged)
+    [retrying] = [line for line in logged if "retrying in" in line]
+    assert "answered with no JSON" in retrying
+    assert len(cluster.polls) >= 3

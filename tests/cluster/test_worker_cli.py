@@ -138,6 +138,14 @@ def test_a_refused_join_says_the_servers_reason(
     assert not WorkerConfig.path(data_dir).exists()
 
 
+def test_any_other_refusal_is_the_servers_own_message(cli: Any, data_dir: Path) -> None:
+    with standin(400, "Validation failed for POST /api/v1/cluster/join: name") as server:
+        result = join(cli, server.url, token(None))
+    assert result.returncode == 1
+    assert "Validation failed for POST /api/v1/cluster/join: name" in result.stderr
+    assert not WorkerConfig.path(data_dir).exists()
+
+
 def test_a_name_taken_is_a_conflict(cli: Any) -> None:
     with standin(409, "the name w1 is taken by another node") as server:
         result = join(cli, server.url, token(None))
