@@ -74,7 +74,20 @@ RULES = [
         ("appliance.web", "appliance.store", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
         "the sandbox runs a job and reports it: the task service (and the forwarder, which audits each"
         " call a job makes) keeps state above it",
-        except_modules=("appliance.tasks.service", "appliance.tasks.forwarder"),
+        except_modules=(
+            "appliance.tasks.service",
+            "appliance.tasks.remote",
+            "appliance.tasks.records",
+            "appliance.tasks.forwarder",
+        ),
+    ),
+    *(
+        Rule(
+            module,
+            ("appliance.web", "appliance.runtime", "appliance.cli", "appliance.engine"),
+            "the task service's parts keep tasks in the store; they know no web layer and no engine",
+        )
+        for module in ("appliance.tasks.remote", "appliance.tasks.records")
     ),
     Rule(
         "appliance.tasks.service",

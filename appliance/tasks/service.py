@@ -16,12 +16,7 @@ Cancelling marks the row first, so any process may cancel; the process running i
 stops the job.
 
 Worker nodes run script and commands tasks too (``tasks.where``: ``any``, ``local`` or
-``workers``), through the ``node_*`` methods the cluster's task routes call: a node claims a task
-(its lease owner is ``node:<node id>``), fetches its attachments, streams its output here (written
-to the same files and passed to followers as it comes), renews its lease and finishes it. Each of
-those is accepted only from the node that holds the lease (``LeaseLost`` otherwise), so a node
-thought dead cannot touch a task that moved on; the same finish twice is a duplicate, not a
-second end. A node that stops renewing is recovered like a process that died here.
+``workers``), under leases owned by ``node:<node id>``: the ``node_*`` methods, in ``remote.py``.
 
 Followers (``follow``) get the task's state changes and output as they come: from memory while it
 runs here, from the store and the files otherwise.
@@ -43,21 +38,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context, audited
-from appliance.bridge import LoopInbox
 from appliance.engine.base import Finished, TextChunk
 from appliance.errors import (
     ApplianceError,
     BodyTooLarge,
-    Forbidden,
     InvalidInput,
-    LeaseLost,
     TaskFinished,
     TaskNotFound,
 )
@@ -65,9 +56,20 @@ from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder, local_forwarder, task_actor
+from appliance.tasks.forwarder import InferenceForwarder, local_forwarder
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
-from appliance.tasks.output import OutputCapture, OutputChunk, StreamName, utf8_prefix
+from appliance.tasks.output import OutputCapture, OutputChunk
+from appliance.tasks.records import (
+    INFERENCE_OPTION,
+    Live,
+    TaskEvent,
+    TaskOut,
+    audit_start,
+    has_inference,
+    job_limits,
+    now_plus,
+)
+from appliance.tasks.remote import NODE_MODES, NodeFinish, NodeTask, NodeTasks, RemoteRun, node_owner
 from appliance.tasks.sandbox import Sandbox
 
 if TYPE_CHECKING:
@@ -92,12 +94,10 @@ log = logging.getLogger(__name__)
 STOPPED_REASON = "the server stopped while it ran"
 MAX_ATTEMPTS = 2  # a task that was running when its server (or worker) stopped is run once more, then failed
 RENEW_SECONDS = 5.0  # at most; also how soon a cancel made by another process reaches the job
-NODE_MODES: tuple[TaskMode, ...] = ("script", "commands")  # prompts stay with the server's router
 POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
 FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
-INFERENCE_OPTION = "inference"  # in a task's stored limits: whether its job may call models
 
 
 @dataclass(frozen=True)
@@ -128,126 +128,14 @@ class NewTask(BaseModel):
     )
 
 
-class TaskOut(BaseModel):
-    """A task as the API and the CLI show it."""
-
-    id: str
-    mode: str
-    text: str
-    model: str | None
-    state: str
-    actor: str
-    attempts: int
-    limits: dict[str, Any]
-    inference: bool
-    result: dict[str, Any] | None
-    idempotency_key: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-
-    @classmethod
-    def of(cls, task: Task) -> TaskOut:
-        fields = {name: getattr(task, name) for name in cls.model_fields if name != "inference"}
-        fields["limits"] = _job_limits(task)
-        return cls(**fields, inference=_has_inference(task))
-
-
-@dataclass(frozen=True)
-class NodeTask(BaseModel):
-    """A task as a worker node gets it when it claims one: what its job needs."""
-
-    id: str
-    mode: TaskMode
-    text: str
-    limits: dict[str, Any]
-    inference: bool
-    attachments: list[dict[str, Any]]  # {"name", "size_bytes"}, fetched from the attachments route
-    lease_seconds: float  # renew well within this, or the task runs again elsewhere
-
-
-class NodeFinish(BaseModel):
-    """How a node's job ended: the task's state and its result (the fields of a local job's)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    state: Literal["succeeded", "failed", "canceled"]
-    result: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class TaskEvent:
-    """What a follower gets: ``state`` (the task, as TaskOut's JSON), ``output`` (``stream`` and
-    ``text``), then one ``end`` (the task as it ended)."""
-
-    kind: Literal["state", "output", "end"]
-    data: dict[str, Any]
-
-
-class _Live:
-    """A task running in this process: its events so far, handed to followers on any event loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[TaskEvent] = []
-        self._inboxes: set[LoopInbox[TaskEvent]] = set()
-
-    def publish(self, event: TaskEvent) -> None:
-        with self._lock:
-            self._events.append(event)
-            inboxes = list(self._inboxes)
-        for inbox in inboxes:
-            inbox.put(event)
-
-    async def follow(self) -> AsyncIterator[TaskEvent]:
-        inbox: LoopInbox[TaskEvent] = LoopInbox()
-        with self._lock:
-            seen = list(self._events)
-            self._inboxes.add(inbox)
-        try:
-            for event in seen:
-                yield event
-                if event.kind == "end":
-                    return
-            while True:
-                event = await inbox.get()
-                yield event
-                if event.kind == "end":
-                    return
-        finally:
-            with self._lock:
-                self._inboxes.discard(inbox)
-
-
 @dataclass
 class _Running:
     """A task this process runs: how to stop it, and why it was stopped."""
 
-    live: _Live
+    live: Live
     stop: Callable[[], None] | None = None
     stopped_for: Literal["cancel", "shutdown"] | None = None
     files: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Remote:
-    """A task a worker node runs: the node holding its lease now (None while it waits for another),
-    how much of each stream is written here, and its followers (kept across attempts)."""
-
-    live: _Live
-    owner: str | None = None
-    limit: int = 0  # bytes kept per stream: the task's output limit
-    written: dict[str, int] = field(default_factory=dict)
-    truncated: dict[str, bool] = field(default_factory=dict)
-
-
-def node_owner(node_id: str) -> str:
-    """The lease owner of a task a node runs."""
-    return f"node:{node_id}"
-
-
-def _now_plus(seconds: float) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _process_gone(owner: str | None) -> bool:
@@ -267,7 +155,7 @@ def _process_gone(owner: str | None) -> bool:
     return False
 
 
-class TaskService:
+class TaskService(NodeTasks):
     def __init__(
         self,
         settings: Settings,
@@ -287,7 +175,7 @@ class TaskService:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, _Running] = {}
         self._running_lock = threading.Lock()
-        self._remote: dict[str, _Remote] = {}
+        self._remote: dict[str, RemoteRun] = {}
         self._remote_lock = threading.Lock()
         # Called (from any thread) when a task a node may take is queued: the cluster wakes its nodes.
         self.on_queued: Callable[[], None] | None = None
@@ -296,10 +184,6 @@ class TaskService:
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
-
-    @property
-    def lease_seconds(self) -> float:
-        return float(self.settings.tasks.lease_seconds)
 
     @property
     def renew_seconds(self) -> float:
@@ -539,7 +423,7 @@ class TaskService:
                     task = await asyncio.to_thread(
                         self.store.claim_task,
                         owner=self.owner,
-                        lease_expires_at=_now_plus(self.lease_seconds),
+                        lease_expires_at=now_plus(self.lease_seconds),
                         modes=("prompt",) if self.settings.tasks.where == "workers" else (),
                     )
                     if task is None:
@@ -547,7 +431,7 @@ class TaskService:
                     # A retry of a task a node ran keeps that task's followers.
                     with self._remote_lock:
                         remote = self._remote.pop(task.id, None)
-                    self._running[task.id] = _Running(live=remote.live if remote else _Live())
+                    self._running[task.id] = _Running(live=remote.live if remote else Live())
                     worker = asyncio.create_task(self._execute(task))
                     workers.add(worker)
                     worker.add_done_callback(workers.discard)
@@ -612,231 +496,12 @@ class TaskService:
         for task_id in list(self._running):
             try:
                 self.store.update_task(
-                    task_id, only_from=("running",), lease_expires_at=_now_plus(self.lease_seconds)
+                    task_id, only_from=("running",), lease_expires_at=now_plus(self.lease_seconds)
                 )
             except TaskFinished:
                 self._stop_here(task_id, "cancel")
             except ApplianceError as exc:  # the store failed: the next round tries again
                 log.warning("could not renew the lease of task %s: %s", task_id, exc)
-
-    # -- tasks worker nodes run ------------------------------------------------------------
-
-    def claim_for_node(
-        self, node_id: str, capabilities: dict[str, Any], *, drained: bool = False
-    ) -> NodeTask | None:
-        """The oldest queued script or commands task, leased to the node now; None when none
-        waits, when such tasks run only on the server (``tasks.where`` = ``local``), when the
-        node is drained, or when its capabilities say its sandbox cannot run jobs."""
-        sandbox = capabilities.get("sandbox")
-        if (
-            drained
-            or self.settings.tasks.where == "local"
-            or not (isinstance(sandbox, dict) and sandbox.get("available"))
-        ):
-            return None
-        owner = node_owner(node_id)
-        task = self.store.claim_task(
-            owner=owner, lease_expires_at=_now_plus(self.lease_seconds), modes=NODE_MODES
-        )
-        if task is None:
-            return None
-        context = Context(Actor.from_label(task.actor), correlation_id=task.id)
-        _audit_start(self.store, context, task, node=node_id)
-        task_dir = self.task_dir(task.id)
-        for stream in ("stdout", "stderr"):  # a retry's output starts anew, as it does here
-            (task_dir / stream).write_text("")
-        with self._remote_lock:
-            remote = self._remote.setdefault(task.id, _Remote(live=_Live()))
-            remote.owner, remote.written, remote.truncated = owner, {}, {}
-            remote.limit = self._output_limit(task)
-        remote.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
-        attachments = [
-            {"name": path.name, "size_bytes": path.stat().st_size}
-            for path in sorted((task_dir / "work").iterdir())
-            if path.is_file() and not path.is_symlink()
-        ]
-        return NodeTask(
-            id=task.id,
-            mode=task.mode,
-            text=task.text,
-            limits=_job_limits(task),
-            inference=_has_inference(task),
-            attachments=attachments,
-            lease_seconds=self.lease_seconds,
-        )
-
-    def node_attachment(self, task_id: str, node_id: str, name: str) -> Path:
-        """The file of a task's work dir a node fetches; only for the node that holds its lease."""
-        task = self.store.get_task(task_id)
-        if task is None:
-            raise TaskNotFound(f"task {task_id} not found")
-        if task.state != "running" or task.lease_owner != node_owner(node_id):
-            raise Forbidden(
-                f"task {task_id} is not leased to node {node_id}",
-                hint="fetch the attachments only of a task this node claimed and still holds",
-            )
-        path = self.task_dir(task_id) / "work" / name
-        if "/" in name or name in ("", ".", "..") or not path.is_file() or path.is_symlink():
-            raise TaskNotFound(f"task {task_id} has no attachment {name!r}")
-        return path
-
-    def node_acts_for(self, task_id: str, node_id: str, *, route: str) -> Actor:
-        """Who a node's call for a task's job acts as (``task:<id>``, a user's rights): only while
-        the node holds the task's lease, else Forbidden. Audited here as ``task.inference``: the
-        worker that forwarded it keeps no audit log."""
-        context = Context(task_actor(task_id), correlation_id=task_id)
-        with audited(self.store, context, action="task.inference", target=task_id) as note:
-            note.detail.update(route=route, node=node_id)
-            task = self.store.get_task(task_id)
-            if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
-                raise Forbidden(
-                    f"node {node_id} does not hold a lease on task {task_id}",
-                    hint="a worker calls models for a task only while it runs that task",
-                )
-        return task_actor(task_id)
-
-    def node_renew(self, task_id: str, node_id: str) -> Task:
-        """Extend the node's lease; LeaseLost once it is not the node's (recovered, cancelled, ended)."""
-        owner = node_owner(node_id)
-        try:
-            return self.store.update_task(
-                task_id,
-                only_from=("running",),
-                only_owner=owner,
-                lease_expires_at=_now_plus(self.lease_seconds),
-            )
-        except TaskFinished as exc:
-            raise LeaseLost(f"task {task_id} no longer runs: {exc}") from exc
-
-    def node_output(self, task_id: str, node_id: str, stream: StreamName, text: str) -> None:
-        """Append what the node's job printed to the task's files and pass it to its followers,
-        up to the task's output limit; LeaseLost once the lease is not the node's."""
-        remote = self._remote_for(task_id, node_owner(node_id))
-        data = text.encode()
-        with self._remote_lock:
-            if remote.owner != node_owner(node_id):
-                raise LeaseLost(f"task {task_id} is no longer leased to node {node_id}")
-            if remote.truncated.get(stream):
-                return
-            written = remote.written.get(stream, 0)
-            room = remote.limit - written
-            if len(data) > room:
-                data = utf8_prefix(data, room)
-                remote.truncated[stream] = True
-            remote.written[stream] = written + len(data)
-            if data:
-                with (self.task_dir(task_id) / stream).open("ab") as file:
-                    file.write(data)
-        if data:
-            remote.live.publish(
-                TaskEvent("output", {"stream": stream, "text": data.decode(errors="replace")})
-            )
-
-    def node_finish(self, task_id: str, node_id: str, finish: NodeFinish) -> tuple[Task, bool]:
-        """End the task as the node's job did; returns it and whether this finish was a duplicate
-        (the same node finished it already: nothing changes). LeaseLost from any other node."""
-        owner = node_owner(node_id)
-        task = self.store.get_task(task_id)
-        if task is None:
-            raise TaskNotFound(f"task {task_id} not found")
-        if task.lease_owner != owner:
-            raise LeaseLost(f"task {task_id} is not leased to node {node_id}")
-        if task.state in FINISHED_TASK_STATES and (task.result or {}).get("node") == node_id:
-            return task, True
-        context = Context(Actor.from_label(task.actor), correlation_id=task.id)
-        result = {**finish.result, "node": node_id}
-        with self._remote_lock:
-            remote = self._remote.get(task_id)
-            if remote is not None and remote.owner == owner:
-                truncated = result.get("truncated")
-                if isinstance(truncated, dict):  # cut here too, past what the node sent
-                    result["truncated"] = {
-                        stream: bool(truncated.get(stream)) or remote.truncated.get(stream, False)
-                        for stream in ("stdout", "stderr")
-                    }
-        with audited(self.store, context, action="task.finish", target=task_id) as note:
-            note.detail.update(node=node_id)
-            try:
-                ended = self.store.update_task(
-                    task_id,
-                    only_from=("running",),
-                    only_owner=owner,
-                    state=finish.state,
-                    result=result,
-                    finished_at=utcnow(),
-                    lease_expires_at=None,  # the owner stays: it tells a duplicate finish
-                )
-            except TaskFinished:  # cancelled meanwhile: keep that, with what the job did
-                found = self._reread(task)
-                ended = self.store.update_task(
-                    task_id,
-                    only_owner=owner,
-                    result={**result, "reason": (found.result or {}).get("reason", "canceled")},
-                    lease_expires_at=None,
-                )
-            note.outcome = "ok" if ended.state == "succeeded" else "error"
-            note.detail.update(state=ended.state, reason=(ended.result or {}).get("reason"))
-        self._end_remote(ended)
-        return ended, False
-
-    def _remote_for(self, task_id: str, owner: str) -> _Remote:
-        """The node's run of the task, checked against the store when this process does not know
-        it (it restarted since the claim); LeaseLost when the lease is not ``owner``'s."""
-        with self._remote_lock:
-            remote = self._remote.get(task_id)
-            if remote is not None and remote.owner == owner:
-                return remote
-        task = self.store.get_task(task_id)
-        if task is None:
-            raise TaskNotFound(f"task {task_id} not found")
-        if task.state != "running" or task.lease_owner != owner:
-            raise LeaseLost(f"task {task_id} is {task.state} and not leased to {owner}")
-        task_dir = self.task_dir(task_id)
-        with self._remote_lock:
-            remote = self._remote.setdefault(task_id, _Remote(live=_Live()))
-            if remote.owner != owner:
-                remote.owner, remote.truncated = owner, {}
-                remote.written = {
-                    stream: (task_dir / stream).stat().st_size if (task_dir / stream).exists() else 0
-                    for stream in ("stdout", "stderr")
-                }
-            remote.limit = self._output_limit(task)
-            return remote
-
-    def _output_limit(self, task: Task) -> int:
-        return int(_job_limits(task).get("output_bytes", self.settings.tasks.limits.output_bytes))
-
-    def _live(self, task_id: str) -> _Live | None:
-        """The followers' feed of a task running now, here or on a node."""
-        running = self._running.get(task_id)
-        if running is not None:
-            return running.live
-        with self._remote_lock:
-            remote = self._remote.get(task_id)
-        return remote.live if remote is not None else None
-
-    def _offer(self, task: Task) -> None:
-        """Tell the nodes a task they may take waits."""
-        if task.state == "queued" and task.mode in NODE_MODES and self.settings.tasks.where != "local":
-            hook = self.on_queued
-            if hook is not None:
-                hook()
-
-    def _release_remote(self, task: Task) -> None:
-        """A node's task waits again: no node holds it; its followers see it queued."""
-        with self._remote_lock:
-            remote = self._remote.get(task.id)
-            if remote is not None:
-                remote.owner = None
-        if remote is not None:
-            remote.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
-
-    def _end_remote(self, task: Task) -> None:
-        """A node's task ended: its followers get the end, and later output from a node is refused."""
-        with self._remote_lock:
-            remote = self._remote.pop(task.id, None)
-        if remote is not None:
-            remote.live.publish(TaskEvent("end", TaskOut.of(task).model_dump(mode="json")))
 
     # -- running one task -------------------------------------------------------------------
 
@@ -844,7 +509,7 @@ class TaskService:
         running = self._running[task.id]
         context = Context(Actor.from_label(task.actor), correlation_id=task.id)
         running.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
-        await asyncio.to_thread(_audit_start, self.store, context, task)
+        await asyncio.to_thread(audit_start, self.store, context, task)
         task_dir = self.task_dir(task.id)
         result: dict[str, Any]
         state: TaskState
@@ -870,6 +535,13 @@ class TaskService:
             running.live.publish(TaskEvent("end", TaskOut.of(ended).model_dump(mode="json")))
         finally:
             self._running.pop(task.id, None)
+
+    def _live(self, task_id: str) -> Live | None:
+        """The followers' feed of a task running now, here or on a node."""
+        running = self._running.get(task_id)
+        if running is not None:
+            return running.live
+        return self._remote_live(task_id)
 
     def _reread(self, task: Task) -> Task:
         return self.store.get_task(task.id) or task
@@ -909,14 +581,14 @@ class TaskService:
         async with AsyncExitStack() as stack:
             socket = (
                 await stack.enter_async_context(self.forwarder.serving(task.id))
-                if _has_inference(task)
+                if has_inference(task)
                 else None
             )
             job = Job(
                 mode=task.mode,
                 text=task.text,
                 work_dir=self.task_dir(task.id) / "work",
-                limits=Limits(**_job_limits(task)),
+                limits=Limits(**job_limits(task)),
                 env={"TASK_ID": task.id},
                 inference_socket=socket,
             )
@@ -934,7 +606,7 @@ class TaskService:
         if self.inference is None:
             raise InvalidInput("this process serves no models", hint="run tasks in `appliance serve`")
         inference = self.inference
-        limits = Limits(**_job_limits(task))
+        limits = Limits(**job_limits(task))
         capture = OutputCapture(
             "stdout", limit=limits.output_bytes, on_output=lambda c: self._write(running, c)
         )
@@ -998,13 +670,6 @@ class TaskService:
         }
 
 
-def _audit_start(store: Store, context: Context, task: Task, *, node: str | None = None) -> None:
-    with audited(store, context, action="task.start", target=task.id) as note:
-        note.detail.update(mode=task.mode, attempt=task.attempts)
-        if node is not None:
-            note.detail.update(node=node)
-
-
 def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
 
@@ -1016,15 +681,6 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             wait.cancel()
-
-
-def _has_inference(task: Task) -> bool:
-    return bool(task.limits.get(INFERENCE_OPTION, False))
-
-
-def _job_limits(task: Task) -> dict[str, Any]:
-    """The task's ``Limits`` fields: its limits without the inference option kept beside them."""
-    return {name: value for name, value in task.limits.items() if name != INFERENCE_OPTION}
 
 
 def _may_see(who: Actor, task: Task) -> bool:
