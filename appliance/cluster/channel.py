@@ -40,7 +40,7 @@ from appliance.cluster.service import ClusterService, Node
 from appliance.errors import ApplianceError, InvalidInput, LeaseLost, NotReady
 from appliance.metrics import Metrics
 
-__all__ = ["Work", "WorkChannel", "watch_nodes"]
+__all__ = ["MAX_LINE_BYTES", "Work", "WorkChannel", "watch_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ WorkState = Literal["queued", "leased", "running", "done", "cancelled", "failed"
 _ENDED: tuple[WorkState, ...] = ("done", "cancelled", "failed")
 _REMEMBERED = 10_000  # ended work kept to answer a repeated answer (idempotent completion)
 _FINAL_TYPES = ("finished", "embeddings")  # a line of these types ends an answer
+MAX_LINE_BYTES = 256 * 1024 * 1024  # one line: a generation's event, or a batch's embeddings
 
 
 class _End:
@@ -260,6 +261,8 @@ async def _lines_of(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         for line in complete:
             if line.strip():
                 yield line
+        if len(pending) > MAX_LINE_BYTES:  # the body is not capped as a whole; each line is
+            raise InvalidInput(f"a line of the answer is longer than {MAX_LINE_BYTES} bytes")
     if pending.strip():
         yield pending
 
@@ -270,7 +273,7 @@ async def watch_nodes(
     """Until cancelled: fail the work of nodes that missed their heartbeats or were removed (also
     by ``appliance nodes rm``), wake nodes whose config changed (also by ``appliance nodes
     load``), and set the nodes' gauges, every ``every`` seconds."""
-    unavailable: set[str] = set()
+    unavailable: set[str] = set()  # the nodes found silent, so each is logged once
     while True:
         await asyncio.sleep(every)
         try:
@@ -278,24 +281,29 @@ async def watch_nodes(
         except ApplianceError as exc:
             log.warning("cannot read the nodes: %s", exc)
             continue
-        known = {node.id for node in nodes}
-        for node_id in channel.nodes_with_work() - known:
-            channel.node_lost(node_id, f"node {node_id} was removed")
-        for node in nodes:
-            if cluster.state(node) == "unavailable":
-                if node.id not in unavailable and node.last_heartbeat_at is not None:
-                    log.warning(
-                        "node %s (%s) missed its heartbeats: no new work goes there", node.name, node.id
-                    )
-                unavailable.add(node.id)
-                channel.node_lost(node.id, f"node {node.name} missed its heartbeats")
-                continue
-            unavailable.discard(node.id)
-            if node.config_version != node.config_applied:
-                channel.announce_config(node.id, node.config_version)
-        unavailable &= known
-        if metrics is not None:
-            _measure(metrics, cluster, channel, nodes)
+        try:
+            _sweep(cluster, channel, nodes, unavailable)
+            if metrics is not None:
+                _measure(metrics, cluster, channel, nodes)
+        except Exception:  # a bug here must not end the sweep for the life of the server
+            log.exception("the sweep of the nodes failed")
+
+
+def _sweep(cluster: ClusterService, channel: WorkChannel, nodes: list[Node], unavailable: set[str]) -> None:
+    known = {node.id for node in nodes}
+    for node_id in channel.nodes_with_work() - known:
+        channel.node_lost(node_id, f"node {node_id} was removed")
+    for node in nodes:
+        if cluster.state(node) == "unavailable":
+            if node.id not in unavailable and node.last_heartbeat_at is not None:
+                log.warning("node %s (%s) missed its heartbeats: no new work goes there", node.name, node.id)
+            unavailable.add(node.id)
+            channel.node_lost(node.id, f"node {node.name} missed its heartbeats")
+            continue
+        unavailable.discard(node.id)
+        if node.config_version != node.config_applied:
+            channel.announce_config(node.id, node.config_version)
+    unavailable &= known
 
 
 def _measure(metrics: Metrics, cluster: ClusterService, channel: WorkChannel, nodes: list[Node]) -> None:

@@ -63,8 +63,9 @@ NODE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NODE_NAME = re.compile(NODE_NAME_PATTERN)
 _EXPIRY = re.compile(TOKEN_EXPIRY_PATTERN)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-# The local engine's name in routing decisions: no worker may take it.
+# The local engine's name in routing decisions, and a path of the nodes API: no worker may take them.
 LOCAL_NODE = "local"
+_RESERVED_NAMES = (LOCAL_NODE, "tokens")
 
 NodeState = Literal["ready", "draining", "unavailable"]
 
@@ -274,11 +275,11 @@ class ClusterService:
         with audited(self.store, context, action="nodes.join", target=name) as note:
             parsed = self._check_token(token)
             note.detail["token"] = parsed.token_id
-            if not _NODE_NAME.match(name) or name == LOCAL_NODE:
+            if not _NODE_NAME.match(name) or name in _RESERVED_NAMES:
                 raise InvalidInput(
                     f"{name!r} is not a node name",
                     hint="use 1 to 64 letters, digits and . _ -, starting with a letter or digit"
-                    f" ({LOCAL_NODE!r} is the server's own engine)",
+                    f" ({LOCAL_NODE!r} is the server's own engine, 'tokens' a path of the nodes API)",
                 )
             credential = make_credential()
             node = Node(

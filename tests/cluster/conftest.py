@@ -52,7 +52,11 @@ class Live:
         )
         assert answer.status_code == 201, answer.text
         body = answer.json()
-        return Worker(body["node_id"], name, body["credential"], self.url)
+        worker = Worker(body["node_id"], name, body["credential"], self.url)
+        # As a worker does at once: a node that never heartbeated is unavailable, and the server's
+        # sweep fails its work.
+        assert worker.heartbeat(config_applied=body["config_version"]).status_code == 200
+        return worker
 
 
 @dataclass

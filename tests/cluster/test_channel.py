@@ -228,3 +228,23 @@ def test_lines_split_across_chunks_are_put_together() -> None:
         assert await drain(work.events()) == [{"type": "text", "text": "ab"}, FINISHED]
 
     run(test)
+
+
+def test_a_line_past_the_limit_fails_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.cluster.channel.MAX_LINE_BYTES", 100)
+
+    async def test() -> None:
+        channel = WorkChannel()
+        work = channel.submit("n1", {"kind": "embed"})
+        await channel.poll("n1", wait=1)
+
+        async def endless() -> AsyncIterator[bytes]:
+            while True:
+                yield b"x" * 60
+
+        with pytest.raises(InvalidInput, match="longer than 100 bytes"):
+            await channel.accept("n1", work.id, endless())
+        with pytest.raises(NotReady, match="broke off"):
+            await drain(work.events())
+
+    run(test)

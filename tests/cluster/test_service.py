@@ -107,7 +107,7 @@ def test_a_name_taken_or_malformed_is_refused(cluster: ClusterService, context: 
     cluster.join(token, "w1", CAPS, context)
     with pytest.raises(NodeExists):
         cluster.join(token, "w1", CAPS, context)
-    for name in ("local", "-x", "a b", ""):
+    for name in ("local", "tokens", "-x", "a b", ""):
         with pytest.raises(InvalidInput):
             cluster.join(token, name, CAPS, context)
     assert [node.name for node in cluster.list_nodes()] == ["w1"]

@@ -165,6 +165,7 @@ def test_a_model_assigned_wakes_the_node_and_its_heartbeat_carries_the_newer_con
     applied = first["config_version"]
     assert worker.heartbeat(config_applied=applied).json()["config"] is None
     with worker.client() as client:
+        client.get("/api/v1/cluster/work?wait=0")  # a wake-up for the first config, if any came
         poll = threading.Thread(target=lambda: found.append(client.get("/api/v1/cluster/work?wait=20")))
         found: list[httpx.Response] = []
         started = time.monotonic()
@@ -291,9 +292,9 @@ def test_work_not_started_within_its_lease_fails_naming_the_node(live_server: An
 
 
 def test_a_node_that_misses_heartbeats_or_is_removed_fails_its_work(live_server: Any) -> None:
-    live: Live = live_server(heartbeat_interval=0.2, heartbeat_timeout=0.6)
+    live: Live = live_server(heartbeat_interval=0.2, heartbeat_timeout=1.5)
     silent, removed = live.join("w1"), live.join("w2")
-    for worker in (silent, removed):
+    for worker in (silent, removed):  # w2 is removed well within its heartbeat timeout
         assert worker.heartbeat().status_code == 200
     lost = submit(live, silent.node_id, {"kind": "generate"})
     gone = submit(live, removed.node_id, {"kind": "generate"})
@@ -303,7 +304,7 @@ def test_a_node_that_misses_heartbeats_or_is_removed_fails_its_work(live_server:
     started = time.monotonic()
     with pytest.raises(NotReady, match="node w1 missed its heartbeats"):
         rest(live, lost.events())
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
     assert live.client.get("/api/v1/nodes/w1").json()["state"] == "unavailable"
 
 
@@ -365,8 +366,8 @@ def test_a_quarantined_absent_or_malformed_blob_is_refused(blob: tuple[Live, Wor
 
 def test_metrics_count_nodes_by_state_and_their_work(live_server: Any) -> None:
     live: Live = live_server(heartbeat_interval=0.2)
-    ready, silent = live.join("w1"), live.join("w2")
-    assert ready.heartbeat().status_code == 200
+    ready = live.join("w1")
+    live.runtime.cluster.join(live.token(), "w2", {}, Context.cli())  # never heartbeats
     submit(live, ready.node_id, {"kind": "generate"})
     submit(live, ready.node_id, {"kind": "generate"})
     wanted = ['appliance_nodes{state="ready"} 1.0', 'appliance_nodes{state="unavailable"} 1.0']
@@ -378,7 +379,7 @@ def test_metrics_count_nodes_by_state_and_their_work(live_server: Any) -> None:
             break
         time.sleep(0.1)
     assert [line for line in wanted if line not in text] == []
-    assert live.client.delete(f"/api/v1/nodes/{silent.name}").status_code == 200
+    assert live.client.delete("/api/v1/nodes/w2").status_code == 200
     deadline = time.monotonic() + 10
     while 'node="w2"' in live.client.get("/metrics").text:  # a removed node leaves the gauge
         assert time.monotonic() < deadline
