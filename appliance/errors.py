@@ -337,10 +337,12 @@ class NodeExists(Conflict):
 
 
 class LeaseLost(Conflict):
-    """Work a worker answers that is not (or no longer) leased to it."""
+    """Work or a task a worker acts on that is not (or no longer) leased to it."""
 
     code = "lease_lost"
-    default_hint = "the work was handed elsewhere or failed; take new work from the work channel"
+    default_hint = (
+        "the work or task was handed elsewhere, recovered, cancelled or ended: stop it, and take new work"
+    )
 
 
 class DigestMismatch(ApplianceError):

@@ -267,6 +267,18 @@ class TaskSettings(BaseModel):
         default=64 * 1024**2, ge=1, description="Largest total size of one task's attachments (or '64MiB')."
     )
     limits: TaskLimitSettings = Field(default_factory=TaskLimitSettings)
+    where: Literal["any", "local", "workers"] = Field(
+        default="any",
+        description="Where script and commands tasks run: 'any' (the server and its workers both "
+        "take them), 'local' (the server only) or 'workers' (workers only; prompt tasks stay on "
+        "the server, whose router may send their inference to a worker).",
+    )
+    lease_seconds: Duration = Field(
+        default=30.0,
+        ge=1,
+        description="How long a running task's lease lasts unrenewed (seconds or '1m'): a task "
+        "whose server or worker stopped renewing it this long runs again elsewhere.",
+    )
 
 
 TOKEN_EXPIRY_PATTERN = r"^(never|[1-9][0-9]{0,4}[smhdw])$"  # noqa: S105 (a lifetime, not a secret)

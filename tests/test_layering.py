@@ -82,7 +82,20 @@ RULES = [
         ("appliance.web", "appliance.store", "appliance.runtime", "appliance.cli", *ENGINE_IMPLEMENTATIONS),
         "the sandbox runs a job and reports it: the task service (and the forwarder, which audits each"
         " call a job makes) keeps state above it",
-        except_modules=("appliance.tasks.service", "appliance.tasks.forwarder"),
+        except_modules=(
+            "appliance.tasks.service",
+            "appliance.tasks.remote",
+            "appliance.tasks.records",
+            "appliance.tasks.forwarder",
+        ),
+    ),
+    *(
+        Rule(
+            module,
+            ("appliance.web", "appliance.runtime", "appliance.cli", "appliance.engine"),
+            "the task service's parts keep tasks in the store; they know no web layer and no engine",
+        )
+        for module in ("appliance.tasks.remote", "appliance.tasks.records")
     ),
     Rule(
         "appliance.tasks.service",
@@ -111,7 +124,17 @@ RULES = [
             ),
             "a worker runs on an engine and a blob cache of its own, with no registry, store or accounts",
         )
-        for module in ("appliance.cluster.agent", "appliance.cluster.fetch", "appliance.cluster.join")
+        for module in (
+            "appliance.cluster.agent",
+            "appliance.cluster.fetch",
+            "appliance.cluster.join",
+            "appliance.cluster.tasks",
+        )
+    ),
+    Rule(
+        "appliance.cluster.tasks",
+        ("appliance.store", "appliance.tasks.service", "appliance.models", *ENGINE_IMPLEMENTATIONS),
+        "a worker runs the server's tasks with its sandbox alone: the tasks' state stays on the server",
     ),
     Rule(
         "appliance.web",

@@ -42,6 +42,7 @@ import httpx
 from appliance import __version__, hostinfo
 from appliance.client import pinned_trust
 from appliance.cluster.fetch import BlobFetcher
+from appliance.cluster.tasks import TaskRunner, sandbox_capabilities
 from appliance.cluster.wire import (
     decode_prompt,
     decode_spec,
@@ -141,6 +142,7 @@ def capabilities(data_dir: Path, memory_budget: int) -> dict[str, Any]:
         },
         "memory_budget": memory_budget,
         "version": __version__,
+        "sandbox": sandbox_capabilities(),  # whether the server's script and commands tasks may come here
     }
 
 
@@ -216,6 +218,7 @@ class Agent:
         self.heartbeat_interval = heartbeat_interval
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self.tasks: TaskRunner | None = None  # the server's script and commands tasks, while running
         self._stop = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._config_waiting = asyncio.Event()
@@ -251,8 +254,16 @@ class Agent:
                 timeout=httpx.Timeout(30.0),
             ) as client:
                 self._client = client
+                self.tasks = TaskRunner.for_worker(
+                    client,
+                    data_dir=self.data_dir,
+                    server=self.config.server,
+                    verify=self.config.trust(),
+                    credential=self.config.credential,
+                )
                 try:
                     async with asyncio.TaskGroup() as group:
+                        group.create_task(self.tasks.run())
                         group.create_task(self._heartbeats())
                         group.create_task(self._poll_work(group))
                         group.create_task(self._reconciles())
@@ -491,6 +502,8 @@ class Agent:
         kind, work_id = item.get("kind"), str(item.get("id"))
         if kind == "config":
             self._beat_now.set()  # the heartbeat's reply carries the config
+        elif kind == "tasks" and self.tasks is not None:
+            self.tasks.wake()  # a task was queued: claim it now
         elif kind == "cancel":
             producer = self._work.get(str(item.get("work")))
             if producer is not None:

@@ -128,6 +128,12 @@ class WorkChannel:
         if not any(item.get("kind") == "config" for item in box.items):
             self._post(node_id, {"id": "w" + secrets.token_hex(8), "kind": "config"})
 
+    def announce_tasks(self, node_id: str) -> None:
+        """Wake the node to claim a task that was queued (one wake-up waits at most)."""
+        box = self._mailbox(node_id)
+        if not any(item.get("kind") == "tasks" for item in box.items):
+            self._post(node_id, {"id": "w" + secrets.token_hex(8), "kind": "tasks"})
+
     def node_lost(self, node_id: str, reason: str) -> None:
         """Fail everything queued or leased on the node; the waiters get NotReady(reason)."""
         for work in [w for w in self._works.values() if w.node_id == node_id]:

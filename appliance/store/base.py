@@ -496,15 +496,22 @@ class Store(Protocol):
         ...
 
     def update_task(
-        self, task_id: str, *, only_from: Sequence[TaskState] = (), **changes: Unpack[TaskChanges]
+        self,
+        task_id: str,
+        *,
+        only_from: Sequence[TaskState] = (),
+        only_owner: str | None = None,
+        **changes: Unpack[TaskChanges],
     ) -> Task:
         """Set columns of one task, atomically checking that its state is one of ``only_from``
-        when given; raises TaskNotFound or TaskFinished (it is in another state)."""
+        and its lease is ``only_owner``'s, when given; raises TaskNotFound, TaskFinished (it is
+        in another state) or LeaseLost (its state fits, but another owner holds it)."""
         ...
 
-    def claim_task(self, *, owner: str, lease_expires_at: str) -> Task | None:
-        """The oldest queued task, now running for ``owner`` (attempts counted, started now),
-        or None when none waits. Two processes never claim the same task."""
+    def claim_task(self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = ()) -> Task | None:
+        """The oldest queued task (of one of ``modes``, when given), now running for ``owner``
+        (attempts counted, started now), or None when none waits. Two processes never claim the
+        same task."""
         ...
 
     # inference

@@ -28,6 +28,7 @@ from appliance.errors import (
     DownloadNotFound,
     DownloadNotPending,
     JoinTokenNotFound,
+    LeaseLost,
     ModelExists,
     ModelNotFound,
     NodeExists,
@@ -61,6 +62,7 @@ from appliance.store.base import (
     RemovedModel,
     Task,
     TaskChanges,
+    TaskMode,
     TaskState,
     User,
     UserRole,
@@ -853,7 +855,12 @@ class SqliteStore:
         return [_task(row) for row in rows]
 
     def update_task(
-        self, task_id: str, *, only_from: Sequence[TaskState] = (), **changes: Unpack[TaskChanges]
+        self,
+        task_id: str,
+        *,
+        only_from: Sequence[TaskState] = (),
+        only_owner: str | None = None,
+        **changes: Unpack[TaskChanges],
     ) -> Task:
         # The names become SQL: refuse any a caller outside the type checker's sight made up.
         unknown = set(changes) - TaskChanges.__optional_keys__
@@ -862,27 +869,33 @@ class SqliteStore:
         if not changes:
             raise ValueError("update_task needs a column to set")
         condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
+        owner = [] if only_owner is None else [only_owner]
+        condition += " AND lease_owner = ?" if owner else ""
         assignments = ", ".join(f"{name} = ?" for name in changes)
         values = [_task_value(name, value) for name, value in changes.items()]
         with self._write() as db:
             db.execute(
-                f"UPDATE tasks SET {assignments} WHERE id = ?{condition}", [*values, task_id, *only_from]
+                f"UPDATE tasks SET {assignments} WHERE id = ?{condition}",
+                [*values, task_id, *only_from, *owner],
             )
             changed = db.changes()
         found = self.get_task(task_id)
         if found is None:
             raise TaskNotFound(f"task {task_id} not found")
         if changed == 0:
-            raise TaskFinished(f"task {task_id} is {found.state}, not {' or '.join(only_from)}")
+            if only_from and found.state not in only_from:
+                raise TaskFinished(f"task {task_id} is {found.state}, not {' or '.join(only_from)}")
+            raise LeaseLost(f"task {task_id} is leased to {found.lease_owner or 'no one'}, not {only_owner}")
         return found
 
-    def claim_task(self, *, owner: str, lease_expires_at: str) -> Task | None:
+    def claim_task(self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = ()) -> Task | None:
+        where, params = _where(within={"state": ("queued",), "mode": modes}, equal={})
         # Read first: an idle queue asks often, and a read takes no write lock.
-        if not self._query("SELECT 1 FROM tasks WHERE state = 'queued' LIMIT 1"):
+        if not self._query(f"SELECT 1 FROM tasks {where} LIMIT 1", params):
             return None
         with self._write() as db:
             rows = list(
-                db.execute("SELECT id FROM tasks WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1")
+                db.execute(f"SELECT id FROM tasks {where} ORDER BY created_at, rowid LIMIT 1", params)
             )
             if not rows:
                 return None

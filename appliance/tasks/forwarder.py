@@ -8,11 +8,15 @@ own 127.0.0.1:11434. Each connection carries one HTTP/1.1 exchange, checked here
 - a body of at most ``MAX_BODY_BYTES`` (413 past it) sent with a Content-Length (411 without);
 - ``EXCHANGE_SECONDS`` for the whole exchange, the answer included (504 if nothing was answered yet).
 
-It is then sent to the appliance's own API on loopback with no key: the job's own headers are
-dropped but for the body's type, and the forwarder adds its per-process secret with the task's id
-(``FORWARDER_HEADER``, ``TASK_HEADER``), from which the auth guard makes the actor ``task:<id>``
-(``X-Request-ID`` is the task's id too, so the inference log ties each request to it). The answer
-streams back as it comes, chunked. Each exchange is audited as ``task.inference`` by the task.
+It is then sent upstream: the job's own headers are dropped but for the body's type, and the
+forwarder adds the task's id (``TASK_HEADER``) with what vouches for it, from which the auth guard
+makes the actor ``task:<id>`` (``X-Request-ID`` is the task's id too, so the inference log ties
+each request to it). The answer streams back as it comes, chunked.
+
+- The server's own forwarder (``local_forwarder``) sends to the appliance's API on loopback with
+  its per-process secret (``FORWARDER_HEADER``), and audits each exchange as ``task.inference``.
+- A worker's (``credential`` given) sends to its server with the node's credential: the server
+  takes it for the task only while the task is leased to that node, and audits it there.
 
 The socket lives in a directory of its own, made for the job and removed with it.
 
@@ -52,6 +56,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "TASK_HEADER",
     "InferenceForwarder",
+    "local_forwarder",
     "task_actor",
 ]
 
@@ -94,18 +99,39 @@ class _Refused(Exception):
         self.unread = unread
 
 
-class InferenceForwarder:
-    """Serves jobs' inference sockets on the running event loop; ``serving(task_id)`` gives one."""
+def local_forwarder(settings: Settings, store: Store) -> InferenceForwarder:
+    """The server's forwarder: to its own API on loopback, audited here."""
+    host = settings.host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    trust = _data_dir_trust(settings)
+    upstream = f"{'http' if trust is None else 'https'}://{url_host(host)}:{settings.port}"
+    return InferenceForwarder(upstream, verify=trust if trust is not None else True, store=store)
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+
+class InferenceForwarder:
+    """Serves jobs' inference sockets on the running event loop; ``serving(task_id)`` gives one.
+    Calls go to ``upstream``, vouched for by this process's secret, or by ``credential`` (a
+    worker's node credential) when given; with a ``store``, each exchange is audited here."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        verify: ssl.SSLContext | bool = True,
+        store: Store | None = None,
+        credential: str | None = None,
+    ) -> None:
         self.store = store
         self._secret = secrets.token_urlsafe(32)
-        host = settings.host.strip("[]")
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-        trust = _data_dir_trust(settings)
-        self._upstream = f"{'http' if trust is None else 'https'}://{url_host(host)}:{settings.port}"
-        self._verify: ssl.SSLContext | bool = trust if trust is not None else True
+        self._credential = credential
+        self._upstream = upstream
+        self._verify = verify
         self._as_nobody = os.geteuid() == 0  # jobs then run as nobody, who must connect
+
+    def _vouching(self, task_id: str) -> dict[str, str]:
+        if self._credential is not None:
+            return {"authorization": f"Bearer {self._credential}", TASK_HEADER: task_id}
+        return {FORWARDER_HEADER: self._secret, TASK_HEADER: task_id}
 
     def trusts(self, secret: str) -> bool:
         """Whether a request's forwarder header is this process's secret."""
@@ -175,8 +201,7 @@ class InferenceForwarder:
                     content=body,
                     headers={
                         **{name: headers[name] for name in PASSED_HEADERS if name in headers},
-                        FORWARDER_HEADER: self._secret,
-                        TASK_HEADER: task_id,
+                        **self._vouching(task_id),
                         "x-request-id": task_id,
                     },
                 )
@@ -222,14 +247,15 @@ class InferenceForwarder:
             note.detail.update(message="the job hung up")
         finally:
             # Recorded even when the exchange is stopped (a record started runs to its end in its thread).
-            await asyncio.to_thread(
-                record,
-                self.store,
-                Context(task_actor(task_id), correlation_id=task_id),
-                action="task.inference",
-                note=note,
-                duration_ms=round((time.monotonic() - started) * 1000),
-            )
+            if self.store is not None:
+                await asyncio.to_thread(
+                    record,
+                    self.store,
+                    Context(task_actor(task_id), correlation_id=task_id),
+                    action="task.inference",
+                    note=note,
+                    duration_ms=round((time.monotonic() - started) * 1000),
+                )
         with suppress(ConnectionError):
             await writer.drain()
 

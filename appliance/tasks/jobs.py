@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from appliance.errors import InvalidInput
 
@@ -125,6 +125,23 @@ class JobResult:
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.EXITED and self.exit_code == 0
+
+    @property
+    def task_state(self) -> Literal["succeeded", "failed", "canceled"]:
+        """The state a task whose job this was ends in."""
+        return "succeeded" if self.ok else "canceled" if self.outcome is Outcome.CANCELLED else "failed"
+
+    def task_result(self) -> dict[str, Any]:
+        """The result a task whose job this was keeps (its output is in files, not here)."""
+        return {
+            "outcome": self.outcome.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "truncated": {"stdout": self.truncated.stdout, "stderr": self.truncated.stderr},
+            "reason": self.reason,
+        }
 
     @property
     def reason(self) -> str:

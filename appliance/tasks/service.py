@@ -9,10 +9,14 @@ lives in files under the data dir, written as it comes, so a restart keeps what 
     <data>/tasks/<id>/stderr
 
 The queue runs on a thread of its own with its own event loop (``start``/``close``): up to
-``tasks.max_running`` tasks at once, oldest first. A running task holds a lease that the queue
-renews; a task whose process died (its lease expired, or the process is gone from this host) is
-queued again once (``attempts`` < 2) or failed with the reason ``STOPPED_REASON``. Cancelling marks
-the row first, so any process may cancel; the process running it sees that and stops the job.
+``tasks.max_running`` tasks at once, oldest first. A running task holds a lease (``tasks.lease_seconds``)
+that the queue renews; a task whose process died (its lease expired, or the process is gone from
+this host) is queued again once (``attempts`` < 2) or failed with the reason ``STOPPED_REASON``.
+Cancelling marks the row first, so any process may cancel; the process running it sees that and
+stops the job.
+
+Worker nodes run script and commands tasks too (``tasks.where``: ``any``, ``local`` or
+``workers``), under leases owned by ``node:<node id>``: the ``node_*`` methods, in ``remote.py``.
 
 Followers (``follow``) get the task's state changes and output as they come: from memory while it
 runs here, from the store and the files otherwise.
@@ -34,41 +38,66 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context, audited
-from appliance.bridge import LoopInbox
 from appliance.engine.base import Finished, TextChunk
-from appliance.errors import ApplianceError, BodyTooLarge, InvalidInput, TaskFinished, TaskNotFound
+from appliance.errors import (
+    ApplianceError,
+    BodyTooLarge,
+    InvalidInput,
+    TaskFinished,
+    TaskNotFound,
+)
 from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder
+from appliance.tasks.forwarder import InferenceForwarder, local_forwarder
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
 from appliance.tasks.output import OutputCapture, OutputChunk
+from appliance.tasks.records import (
+    INFERENCE_OPTION,
+    Live,
+    TaskEvent,
+    TaskOut,
+    audit_start,
+    has_inference,
+    job_limits,
+    now_plus,
+)
+from appliance.tasks.remote import NODE_MODES, NodeFinish, NodeTask, NodeTasks, RemoteRun, node_owner
 from appliance.tasks.sandbox import Sandbox
 
 if TYPE_CHECKING:
     from appliance.engine.service import InferenceService
 
-__all__ = ["STOPPED_REASON", "Attachment", "NewTask", "TaskEvent", "TaskOut", "TaskService", "TaskState"]
+__all__ = [
+    "NODE_MODES",
+    "STOPPED_REASON",
+    "Attachment",
+    "NewTask",
+    "NodeFinish",
+    "NodeTask",
+    "TaskEvent",
+    "TaskOut",
+    "TaskService",
+    "TaskState",
+    "node_owner",
+]
 
 log = logging.getLogger(__name__)
 
 STOPPED_REASON = "the server stopped while it ran"
-MAX_ATTEMPTS = 2  # a task that was running when its server stopped is run once more, then failed
-LEASE_SECONDS = 30.0
-RENEW_SECONDS = 5.0  # also how soon a cancel made by another process reaches the job
+MAX_ATTEMPTS = 2  # a task that was running when its server (or worker) stopped is run once more, then failed
+RENEW_SECONDS = 5.0  # at most; also how soon a cancel made by another process reaches the job
 POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
 FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
-INFERENCE_OPTION = "inference"  # in a task's stored limits: whether its job may call models
 
 
 @dataclass(frozen=True)
@@ -99,94 +128,21 @@ class NewTask(BaseModel):
     )
 
 
-class TaskOut(BaseModel):
-    """A task as the API and the CLI show it."""
-
-    id: str
-    mode: str
-    text: str
-    model: str | None
-    state: str
-    actor: str
-    attempts: int
-    limits: dict[str, Any]
-    inference: bool
-    result: dict[str, Any] | None
-    idempotency_key: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-
-    @classmethod
-    def of(cls, task: Task) -> TaskOut:
-        fields = {name: getattr(task, name) for name in cls.model_fields if name != "inference"}
-        fields["limits"] = _job_limits(task)
-        return cls(**fields, inference=_has_inference(task))
-
-
-@dataclass(frozen=True)
-class TaskEvent:
-    """What a follower gets: ``state`` (the task, as TaskOut's JSON), ``output`` (``stream`` and
-    ``text``), then one ``end`` (the task as it ended)."""
-
-    kind: Literal["state", "output", "end"]
-    data: dict[str, Any]
-
-
-class _Live:
-    """A task running in this process: its events so far, handed to followers on any event loop."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[TaskEvent] = []
-        self._inboxes: set[LoopInbox[TaskEvent]] = set()
-
-    def publish(self, event: TaskEvent) -> None:
-        with self._lock:
-            self._events.append(event)
-            inboxes = list(self._inboxes)
-        for inbox in inboxes:
-            inbox.put(event)
-
-    async def follow(self) -> AsyncIterator[TaskEvent]:
-        inbox: LoopInbox[TaskEvent] = LoopInbox()
-        with self._lock:
-            seen = list(self._events)
-            self._inboxes.add(inbox)
-        try:
-            for event in seen:
-                yield event
-                if event.kind == "end":
-                    return
-            while True:
-                event = await inbox.get()
-                yield event
-                if event.kind == "end":
-                    return
-        finally:
-            with self._lock:
-                self._inboxes.discard(inbox)
-
-
 @dataclass
 class _Running:
     """A task this process runs: how to stop it, and why it was stopped."""
 
-    live: _Live
+    live: Live
     stop: Callable[[], None] | None = None
     stopped_for: Literal["cancel", "shutdown"] | None = None
     files: dict[str, Any] = field(default_factory=dict)
-
-
-def _now_plus(seconds: float) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _process_gone(owner: str | None) -> bool:
     """Whether the process a lease names is gone: it ran on this host and no longer lives, or it
     was this very process (a restart that got the same pid) before this queue started."""
     host, _, pid = (owner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not pid.isdigit() or (owner or "").startswith("node:"):
         return False
     if int(pid) == os.getpid():
         return True
@@ -199,7 +155,7 @@ def _process_gone(owner: str | None) -> bool:
     return False
 
 
-class TaskService:
+class TaskService(NodeTasks):
     def __init__(
         self,
         settings: Settings,
@@ -214,16 +170,25 @@ class TaskService:
         self.models = models
         self.inference = inference
         self.sandbox = sandbox if sandbox is not None else Sandbox(hidden=_hidden_paths(settings))
-        self.forwarder = InferenceForwarder(settings, store)
+        self.forwarder: InferenceForwarder = local_forwarder(settings, store)
         self.root = settings.data_dir / "tasks"
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, _Running] = {}
         self._running_lock = threading.Lock()
+        self._remote: dict[str, RemoteRun] = {}
+        self._remote_lock = threading.Lock()
+        # Called (from any thread) when a task a node may take is queued: the cluster wakes its nodes.
+        self.on_queued: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+
+    @property
+    def renew_seconds(self) -> float:
+        """How often leases are renewed (and expired ones recovered): well within a lease."""
+        return min(RENEW_SECONDS, self.lease_seconds / 3)
 
     # -- files -------------------------------------------------------------------------------
 
@@ -286,6 +251,7 @@ class TaskService:
             note.bytes = sum(len(attachment.data) for attachment in attachments)
             note.detail.update(mode=request.mode, model=request.model, attachments=len(attachments))
         self._poke()
+        self._offer(task)
         return task, added
 
     def _limits(self, asked: dict[str, float]) -> dict[str, Any]:
@@ -378,6 +344,8 @@ class TaskService:
                 result={"reason": f"canceled by {context.actor}"},
             )
         self._stop_here(task_id, "cancel")
+        # A node learns it at its next renew; its followers learn it now.
+        self._end_remote(task)
         return task
 
     # -- following --------------------------------------------------------------------------
@@ -388,9 +356,9 @@ class TaskService:
         task = await asyncio.to_thread(self.get, task_id, who)
         yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
         while True:
-            running = self._running.get(task_id)
-            if running is not None:
-                async for event in running.live.follow():
+            live = self._live(task_id)
+            if live is not None:
+                async for event in live.follow():
                     yield event
                 return
             if task.state in FINISHED_TASK_STATES:
@@ -402,7 +370,7 @@ class TaskService:
                 return
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
             before, task = task.state, await asyncio.to_thread(self.get, task_id, who)
-            if task.state != before and task_id not in self._running:
+            if task.state != before and self._live(task_id) is None:
                 yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
 
     # -- the queue --------------------------------------------------------------------------
@@ -453,11 +421,17 @@ class TaskService:
             while not self._stopping.is_set():
                 while len(workers) < self.settings.tasks.max_running:
                     task = await asyncio.to_thread(
-                        self.store.claim_task, owner=self.owner, lease_expires_at=_now_plus(LEASE_SECONDS)
+                        self.store.claim_task,
+                        owner=self.owner,
+                        lease_expires_at=now_plus(self.lease_seconds),
+                        modes=("prompt",) if self.settings.tasks.where == "workers" else (),
                     )
                     if task is None:
                         break
-                    self._running[task.id] = _Running(live=_Live())
+                    # A retry of a task a node ran keeps that task's followers.
+                    with self._remote_lock:
+                        remote = self._remote.pop(task.id, None)
+                    self._running[task.id] = _Running(live=remote.live if remote else Live())
                     worker = asyncio.create_task(self._execute(task))
                     workers.add(worker)
                     worker.add_done_callback(workers.discard)
@@ -466,7 +440,7 @@ class TaskService:
                 with suppress(TimeoutError):
                     async with asyncio.timeout(POLL_SECONDS):
                         await _first_of(self._wake, self._stopping)
-                if time.monotonic() - renewed >= RENEW_SECONDS:
+                if time.monotonic() - renewed >= self.renew_seconds:
                     renewed = time.monotonic()
                     await asyncio.to_thread(self._renew)
                     await asyncio.to_thread(self.recover, at_start=False)
@@ -495,14 +469,17 @@ class TaskService:
         context = Context(Actor(id="tasks", kind="task"))
         if task.attempts < MAX_ATTEMPTS:
             with audited(self.store, context, action="task.retry", target=task.id) as note:
-                note.detail.update(reason=STOPPED_REASON, attempts=task.attempts)
-                return self.store.update_task(
+                note.detail.update(reason=STOPPED_REASON, attempts=task.attempts, owner=task.lease_owner)
+                queued = self.store.update_task(
                     task.id, only_from=("running",), state="queued", lease_owner=None, lease_expires_at=None
                 )
+            self._release_remote(queued)
+            self._offer(queued)
+            return queued
         with audited(self.store, context, action="task.finish", target=task.id) as note:
             note.outcome = "error"
-            note.detail.update(state="failed", reason=STOPPED_REASON)
-            return self.store.update_task(
+            note.detail.update(state="failed", reason=STOPPED_REASON, owner=task.lease_owner)
+            failed = self.store.update_task(
                 task.id,
                 only_from=("running",),
                 state="failed",
@@ -511,13 +488,15 @@ class TaskService:
                 lease_expires_at=None,
                 result={**(task.result or {}), "reason": STOPPED_REASON},
             )
+        self._end_remote(failed)
+        return failed
 
     def _renew(self) -> None:
         """Extend the leases of the tasks running here; one cancelled meanwhile (by any process) stops."""
         for task_id in list(self._running):
             try:
                 self.store.update_task(
-                    task_id, only_from=("running",), lease_expires_at=_now_plus(LEASE_SECONDS)
+                    task_id, only_from=("running",), lease_expires_at=now_plus(self.lease_seconds)
                 )
             except TaskFinished:
                 self._stop_here(task_id, "cancel")
@@ -530,7 +509,7 @@ class TaskService:
         running = self._running[task.id]
         context = Context(Actor.from_label(task.actor), correlation_id=task.id)
         running.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
-        await asyncio.to_thread(_audit_start, self.store, context, task)
+        await asyncio.to_thread(audit_start, self.store, context, task)
         task_dir = self.task_dir(task.id)
         result: dict[str, Any]
         state: TaskState
@@ -556,6 +535,13 @@ class TaskService:
             running.live.publish(TaskEvent("end", TaskOut.of(ended).model_dump(mode="json")))
         finally:
             self._running.pop(task.id, None)
+
+    def _live(self, task_id: str) -> Live | None:
+        """The followers' feed of a task running now, here or on a node."""
+        running = self._running.get(task_id)
+        if running is not None:
+            return running.live
+        return self._remote_live(task_id)
 
     def _reread(self, task: Task) -> Task:
         return self.store.get_task(task.id) or task
@@ -595,14 +581,14 @@ class TaskService:
         async with AsyncExitStack() as stack:
             socket = (
                 await stack.enter_async_context(self.forwarder.serving(task.id))
-                if _has_inference(task)
+                if has_inference(task)
                 else None
             )
             job = Job(
                 mode=task.mode,
                 text=task.text,
                 work_dir=self.task_dir(task.id) / "work",
-                limits=Limits(**_job_limits(task)),
+                limits=Limits(**job_limits(task)),
                 env={"TASK_ID": task.id},
                 inference_socket=socket,
             )
@@ -613,25 +599,14 @@ class TaskService:
             async for chunk in call:
                 self._write(running, chunk)
             done: JobResult = await call.result()
-        state: TaskState = (
-            "succeeded" if done.ok else "canceled" if done.outcome is Outcome.CANCELLED else "failed"
-        )
-        return state, {
-            "outcome": done.outcome.value,
-            "exit_code": done.exit_code,
-            "signal": done.signal,
-            "duration_seconds": round(done.duration_seconds, 3),
-            "peak_memory_bytes": done.peak_memory_bytes,
-            "truncated": {"stdout": done.truncated.stdout, "stderr": done.truncated.stderr},
-            "reason": done.reason,
-        }
+        return done.task_state, done.task_result()
 
     async def _answer(self, task: Task, running: _Running) -> tuple[TaskState, dict[str, Any]]:
         """A prompt's answer from its model, through the inference service (never a shell)."""
         if self.inference is None:
             raise InvalidInput("this process serves no models", hint="run tasks in `appliance serve`")
         inference = self.inference
-        limits = Limits(**_job_limits(task))
+        limits = Limits(**job_limits(task))
         capture = OutputCapture(
             "stdout", limit=limits.output_bytes, on_output=lambda c: self._write(running, c)
         )
@@ -695,11 +670,6 @@ class TaskService:
         }
 
 
-def _audit_start(store: Store, context: Context, task: Task) -> None:
-    with audited(store, context, action="task.start", target=task.id) as note:
-        note.detail.update(mode=task.mode, attempt=task.attempts)
-
-
 def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
 
@@ -711,15 +681,6 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             wait.cancel()
-
-
-def _has_inference(task: Task) -> bool:
-    return bool(task.limits.get(INFERENCE_OPTION, False))
-
-
-def _job_limits(task: Task) -> dict[str, Any]:
-    """The task's ``Limits`` fields: its limits without the inference option kept beside them."""
-    return {name: value for name, value in task.limits.items() if name != INFERENCE_OPTION}
 
 
 def _may_see(who: Actor, task: Task) -> bool:

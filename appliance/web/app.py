@@ -26,6 +26,7 @@ from appliance.web.auth import (
 )
 from appliance.web.bundles import bundle_router
 from appliance.web.cluster import CLUSTER_DEPENDENCIES, CLUSTER_ROUTES, NodesController, cluster_lifespan
+from appliance.web.cluster_tasks import ClusterTasksController, cluster_tasks_lifespan
 from appliance.web.completions import completions_router
 from appliance.web.dependencies import (
     provide_audit,
@@ -85,6 +86,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             TasksController,
             NodesController,
             *CLUSTER_ROUTES,
+            ClusterTasksController,
             SystemController,
             AuditController,
             UsersController,
@@ -105,7 +107,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
                 include_in_schema=False,
             ),
         ],
-        lifespan=[runtime_lifespan, cluster_lifespan],
+        lifespan=[runtime_lifespan, cluster_lifespan, cluster_tasks_lifespan],
         on_startup=[complete_openapi],
         dependencies={
             "audit": Provide(provide_audit, sync_to_thread=False),

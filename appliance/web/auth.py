@@ -155,6 +155,11 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/api/v1/cluster/work"): "cluster.node",
     ("POST", "/api/v1/cluster/work/{work_id}/events"): "cluster.node",
     ("GET", "/api/v1/blobs/{digest}"): "cluster.node",
+    ("POST", "/api/v1/cluster/tasks/claim"): "cluster.node",
+    ("GET", "/api/v1/cluster/tasks/{task_id}/attachments/{name}"): "cluster.node",
+    ("POST", "/api/v1/cluster/tasks/{task_id}/output"): "cluster.node",
+    ("POST", "/api/v1/cluster/tasks/{task_id}/renew"): "cluster.node",
+    ("POST", "/api/v1/cluster/tasks/{task_id}/finish"): "cluster.node",
     ("GET", _NODES): "nodes.read",
     ("GET", f"{_NODES}/{{node_ref}}"): "nodes.read",
     ("GET", f"{_NODES}/tokens"): "nodes.read",
@@ -222,11 +227,13 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
 
 
 def _forwarded_task(request: Request[Any, Any, Any]) -> Actor | None:
-    """The task a job's call came from, when the forwarder sent it; a wrong secret is refused."""
+    """The task a job's call came from, when the forwarder sent it (this process's, with its
+    secret, or a worker's, with its node credential); a wrong secret is refused."""
     secret = request.headers.get(FORWARDER_HEADER)
-    if secret is None:
-        return None
     runtime: Runtime = request.app.state.runtime
+    if secret is None:
+        task_id = request.headers.get(TASK_HEADER)
+        return None if task_id is None else _node_task(request, task_id)
     if not runtime.tasks.forwarder.trusts(secret):
         raise Forbidden(
             f"refused a request with a wrong {FORWARDER_HEADER} header",
@@ -238,6 +245,20 @@ def _forwarded_task(request: Request[Any, Any, Any]) -> Actor | None:
             f"refused a forwarded request without its {TASK_HEADER} header", hint="please report it"
         )
     return task_actor(task_id)
+
+
+def _node_task(request: Request[Any, Any, Any], task_id: str) -> Actor:
+    """A call a worker's forwarder made for a job of a task it runs: it acts as that task, only
+    while the task is leased to that node, and is audited here (the worker has no audit log)."""
+    credential = _presented_key(request)
+    if credential is None or not is_node_credential(credential):
+        raise Forbidden(
+            f"refused a request with a {TASK_HEADER} header but no node credential",
+            hint="call the API with an API key; that header is the appliance's own",
+        )
+    runtime: Runtime = request.app.state.runtime
+    node = runtime.cluster.authenticate(credential, provide_context(request))
+    return runtime.tasks.node_acts_for(task_id, node.id, route=f"{request.method} {request.url.path}")
 
 
 def _node_actor(request: Request[Any, Any, Any], credential: str) -> Actor:

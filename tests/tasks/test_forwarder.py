@@ -19,7 +19,7 @@ from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.factory import open_data_dir
 from appliance.tasks import Job, Sandbox, sandbox
-from appliance.tasks.forwarder import MAX_HEAD_BYTES, InferenceForwarder
+from appliance.tasks.forwarder import MAX_HEAD_BYTES, InferenceForwarder, local_forwarder
 from appliance.tasks.sandbox import NOBODY
 from tests.conftest import free_port
 
@@ -70,7 +70,7 @@ def exchange(forwarder: InferenceForwarder, request: bytes) -> tuple[bytes, Path
 def test_a_call_reaches_the_api_as_the_task_with_no_key_and_the_socket_goes_after(
     tmp_path: Path, store: Store, upstream: int
 ) -> None:
-    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    forwarder = local_forwarder(Settings(data_dir=tmp_path, port=upstream), store)
     answer, path = exchange(
         forwarder, b"GET /api/tags?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer stolen\r\n\r\n"
     )
@@ -105,7 +105,7 @@ def test_a_call_reaches_the_api_as_the_task_with_no_key_and_the_socket_goes_afte
 def test_what_the_forwarder_refuses(
     tmp_path: Path, store: Store, upstream: int, request_bytes: bytes, status: bytes, message: bytes
 ) -> None:
-    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    forwarder = local_forwarder(Settings(data_dir=tmp_path, port=upstream), store)
     answer, _ = exchange(forwarder, request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status)
     assert message in answer
@@ -114,7 +114,7 @@ def test_what_the_forwarder_refuses(
 
 
 def test_an_api_that_does_not_answer_gets_502(tmp_path: Path, store: Store) -> None:
-    forwarder = InferenceForwarder(Settings(data_dir=tmp_path, port=free_port()), store)
+    forwarder = local_forwarder(Settings(data_dir=tmp_path, port=free_port()), store)
     answer, _ = exchange(forwarder, b"GET /api/tags HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 502")
     assert b"the appliance did not answer" in answer
