@@ -240,7 +240,13 @@ def serve(
         ssl_certfile=pair.cert if pair else None,
         ssl_keyfile=pair.key if pair else None,
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            staged.stopping()  # workers' long-polls end now, not after their wait
+            await super().shutdown(sockets)
+
+    server = Server(config)
     try:
         server.run(sockets=[listener])
     except KeyboardInterrupt:

@@ -93,6 +93,7 @@ class WorkChannel:
         self._ended: OrderedDict[str, tuple[str, WorkState]] = OrderedDict()  # id -> (node, state)
         self._mailboxes: dict[str, _Mailbox] = {}
         self._announced: dict[str, str] = {}  # node -> the config_version it was last woken for
+        self._stopping = False
 
     # -- the server's side -------------------------------------------------------------------------
 
@@ -134,6 +135,13 @@ class WorkChannel:
         if not any(item.get("kind") == "tasks" for item in box.items):
             self._post(node_id, {"id": "w" + secrets.token_hex(8), "kind": "tasks"})
 
+    def stop(self) -> None:
+        """The server is stopping: every long-poll answers now, with nothing, and so does every
+        later one, so that the server need not wait out the workers' polls to exit."""
+        self._stopping = True
+        for box in self._mailboxes.values():
+            box.arrived.set()
+
     def node_lost(self, node_id: str, reason: str) -> None:
         """Fail everything queued or leased on the node; the waiters get NotReady(reason)."""
         for work in [w for w in self._works.values() if w.node_id == node_id]:
@@ -157,10 +165,12 @@ class WorkChannel:
         box = self._mailbox(node_id)
         try:
             async with asyncio.timeout(wait):
-                while not box.items:
+                while not box.items and not self._stopping:
                     box.arrived.clear()
                     await box.arrived.wait()
         except TimeoutError:
+            return []
+        if self._stopping:
             return []
         items = list(box.items)
         box.items.clear()

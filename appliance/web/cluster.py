@@ -82,6 +82,7 @@ async def cluster_lifespan(app: Litestar) -> AsyncIterator[None]:
     sweep = asyncio.create_task(
         watch_nodes(runtime.cluster, runtime.channel, every=every, metrics=runtime.metrics)
     )
+    app.state.on_stopping = runtime.channel.stop  # web/staged.py calls it as the server begins to stop
     try:
         yield
     finally:

@@ -110,6 +110,14 @@ class StagedApp:
         self._app = app
         self._ready.set()
 
+    def stopping(self) -> None:
+        """The server begins to stop: the app ends the requests it holds open by design (a
+        worker's long-poll), which the server would otherwise wait out before it exits."""
+        state = getattr(self._app, "state", None)
+        on_stopping = getattr(state, "on_stopping", None) if state is not None else None
+        if callable(on_stopping):
+            on_stopping()
+
     def _fail(self, reason: str) -> None:
         assert self._ready is not None
         self.error = reason

@@ -238,7 +238,11 @@ class Appliance:
                 base_url=f"{self.url('w1')}/v1", api_key=self.key, http_client=http, max_retries=0
             )
             stream = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=100_000, stream=True
+                model=model,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=100_000,
+                stream=True,
+                temperature=0,  # greedy: the same long answer every run, so the kill always lands mid-answer
             )
             try:
                 for chunk in stream:
@@ -246,8 +250,10 @@ class Appliance:
                         if choice.delta.content:
                             seen["chunks"] += 1
                         seen["finish_reason"] = choice.finish_reason or seen["finish_reason"]
-                    if seen["chunks"] == 3:
+                    if seen["chunks"] == 1 and "killed" not in seen:
                         assert worker.process is not None
+                        # Stopped first: the tiny model is fast enough to finish while a kill is delivered.
+                        worker.process.send_signal(signal.SIGSTOP)
                         worker.process.kill()
                         seen["killed"] = worker.process.wait(timeout=30)
             except openai.APIError as error:

@@ -81,7 +81,7 @@ def test_workers_in_their_own_namespaces_join_load_from_the_server_and_serve_rou
     # restarted (`worker run`), it is the same node, its cache intact (fetched once in all).
     killed = report["killed_mid_answer"]
     assert killed["killed"] == -9
-    assert killed["chunks"] >= 3
+    assert killed["chunks"] >= 1
     assert killed["finish_reason"] is None
     assert "answer broke off" in killed["error"], killed
     assert killed["logged"]["node"] == "w2"
