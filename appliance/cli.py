@@ -266,7 +266,9 @@ def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (as uvicorn binds it), or our error saying why not."""
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY on accepted connections only then, and
+    # without it a streamed answer's small writes wait on delayed ACKs (40 ms each on Linux).
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((bare, port))

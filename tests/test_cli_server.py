@@ -117,3 +117,32 @@ def test_serve_prints_a_url_that_works(data_dir: Path, host: str, port: str, url
         process.wait(timeout=30)
         assert process.stderr is not None
         process.stderr.close()
+
+
+def test_serve_listens_so_that_its_connections_send_small_writes_at_once() -> None:
+    # uvicorn serves on the socket `serve` binds; asyncio turns Nagle off (TCP_NODELAY) on the
+    # connections it accepts only when that socket says it is TCP. With Nagle on, each streamed
+    # token after the first waits for the client's delayed ACK (40 ms on Linux).
+    import asyncio
+
+    from appliance.cli import _listen
+
+    listener = _listen("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    seen: list[int] = []
+
+    async def accept_one() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted: socket.socket = writer.get_extra_info("socket")
+            seen.append(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=listener)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.read()
+            writer.close()
+
+    asyncio.run(accept_one())
+    assert len(seen) == 1
+    assert seen[0] != 0
