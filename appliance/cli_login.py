@@ -17,7 +17,6 @@ import getpass
 import re
 import socket
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 
     import httpx
 
-    from appliance.client import Login
+    from appliance.client import Login, ServerAddress
     from appliance.settings import Settings
 
 __all__ = ["login", "logout"]
@@ -39,40 +38,7 @@ __all__ = ["login", "logout"]
 _FINGERPRINT = re.compile(r"^(?:sha256:)?((?:[0-9a-f]{2}:?){31}[0-9a-f]{2})$")
 
 
-@dataclass(frozen=True)
-class _Server:
-    url: str  # scheme://host:port, the port written out
-    host: str
-    port: int
-
-
-def _server(text: str) -> _Server:
-    """``text`` as a server's address, or an error saying how to write it."""
-    import httpx
-
-    from appliance.settings import url_host
-
-    try:
-        url = httpx.URL(text)
-    except httpx.InvalidURL as exc:
-        raise InvalidInput(f"{text!r} is not a URL: {exc}", hint="write it as https://HOST:PORT") from exc
-    if (
-        url.scheme not in ("http", "https")
-        or not url.host
-        or url.userinfo
-        or url.path not in ("", "/")
-        or url.query
-        or url.fragment
-    ):
-        raise InvalidInput(
-            f"{text!r} is not a server's address",
-            hint="write it as https://HOST:PORT (http://HOST:PORT for a server on plain HTTP), with no path",
-        )
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return _Server(f"{url.scheme}://{url_host(url.host)}:{port}", url.host, port)
-
-
-def _pinned(server: _Server, fingerprint: str) -> tuple[str, str]:
+def _pinned(server: ServerAddress, fingerprint: str) -> tuple[str, str]:
     """The fingerprint, written as ``tls show`` prints it, and the PEM of the certificate it pins."""
     if not server.url.startswith("https:"):
         raise InvalidInput(
@@ -198,7 +164,9 @@ def login(
         raise Conflict(
             f"already logged in to {saved.url} as {saved.name} ({path})", hint="run `appliance logout` first"
         )
-    server = _server(url)
+    from appliance.client import server_address
+
+    server = server_address(url)
     pin, ca_pem = _pinned(server, fingerprint) if fingerprint else (None, None)
     trust: ssl.SSLContext | bool = pinned_trust(ca_pem) if ca_pem else True
     with httpx.Client(base_url=server.url, verify=trust, timeout=30) as http:

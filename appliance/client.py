@@ -29,11 +29,21 @@ from typing import Any
 
 import httpx
 
-from appliance.errors import ApplianceError, CredentialsRefused, InvalidSetting, NotReady
+from appliance.errors import ApplianceError, CredentialsRefused, InvalidInput, InvalidSetting, NotReady
 from appliance.settings import Settings, url_host
 from appliance.tls import tls_files
 
-__all__ = ["Login", "ServerClient", "ServerError", "read_login", "remove_login", "write_login"]
+__all__ = [
+    "Login",
+    "ServerAddress",
+    "ServerClient",
+    "ServerError",
+    "read_login",
+    "remove_login",
+    "server_address",
+    "write_login",
+    "write_private",
+]
 
 
 class ServerError(ApplianceError):
@@ -90,14 +100,24 @@ def read_login(path: Path) -> Login | None:
 
 
 def write_login(path: Path, login: Login) -> None:
-    """Write the login file 0600 from birth, through a temporary file and a rename: a failure
-    leaves the old file or none, never half of one."""
+    """Write the login file 0600 from birth: a failure leaves the old file or none."""
+    write_private(
+        path,
+        json.dumps(asdict(login), indent=2),
+        what="the login file",
+        hint="check that its directory is writable, or set APPLIANCE_CLIENT_CONFIG to another file",
+    )
+
+
+def write_private(path: Path, text: str, *, what: str, hint: str) -> None:
+    """Write ``text`` to ``path`` 0600 from birth (a file holding a secret), through a temporary
+    file and a rename: a failure leaves the old file or none, never half of one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
             with os.fdopen(descriptor, "w") as out:  # mkstemp makes it 0600
-                json.dump(asdict(login), out, indent=2)
+                out.write(text)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, path)
@@ -105,10 +125,40 @@ def write_login(path: Path, login: Login) -> None:
             Path(partial).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise InvalidSetting(
-            f"cannot write the login file {path}: {exc.strerror or exc}",
-            hint="check that its directory is writable, or set APPLIANCE_CLIENT_CONFIG to another file",
-        ) from exc
+        raise InvalidSetting(f"cannot write {what} {path}: {exc.strerror or exc}", hint=hint) from exc
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    url: str  # scheme://host:port, the port written out
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https:")
+
+
+def server_address(text: str) -> ServerAddress:
+    """``text`` as a server's address, or an error saying how to write it."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise InvalidInput(f"{text!r} is not a URL: {exc}", hint="write it as https://HOST:PORT") from exc
+    if (
+        url.scheme not in ("http", "https")
+        or not url.host
+        or url.userinfo
+        or url.path not in ("", "/")
+        or url.query
+        or url.fragment
+    ):
+        raise InvalidInput(
+            f"{text!r} is not a server's address",
+            hint="write it as https://HOST:PORT (http://HOST:PORT for a server on plain HTTP), with no path",
+        )
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return ServerAddress(f"{url.scheme}://{url_host(url.host)}:{port}", url.host, port)
 
 
 def remove_login(path: Path) -> None:

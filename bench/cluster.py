@@ -43,36 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.servers import Server, free_port, start, wait_until_up, write_bench_model
+from bench.servers import Server, free_port, start, start_nginx, wait_until_up, write_bench_model
 
 GIB = 1 << 30
 FETCH_TARGET = 0.8  # ours / nginx, throughput
 TOKENS_TARGET = 0.95  # routed / direct, tokens/s
 TTFT_TARGET_MS = 20.0  # routed - direct, median time to first token
-
-NGINX_CONF = """\
-daemon off;
-worker_processes auto;
-user root;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-    }}
-}}
-"""
 
 
 def size_bytes(text: str) -> int:
@@ -150,10 +126,7 @@ def bench_fetch(work: Path, args: argparse.Namespace) -> tuple[int, list[tuple[f
     server = serve(data_dir, work / "fetch-server.log", {})
     nginx_port = free_port()
     prefix = work / "nginx"
-    prefix.mkdir()
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=nginx_port, root=www))
-    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    nginx = subprocess.Popen([nginx_bin, "-c", str(prefix / "nginx.conf"), "-p", str(prefix)])
+    nginx = start_nginx(www, prefix, nginx_port)
     rounds: list[tuple[float, float]] = []
     with running([server, nginx]):
         wait_until_up(f"http://127.0.0.1:{nginx_port}/model.gguf", nginx, prefix / "error.log")

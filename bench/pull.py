@@ -45,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.servers import start_nginx
+
 MIB = 1024 * 1024
 GIB = 1 << 30
 SLICE = 256 * 1024
@@ -104,42 +106,11 @@ def serve(root: Path, port: int, rate: int) -> None:
     server.serve_forever()
 
 
-NGINX_CONF = """\
-daemon off;
-worker_processes auto;
-user root;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        limit_rate {rate};
-    }}
-}}
-"""
-
-
 def start_server(kind: str, root: Path, port: int, rate: int) -> subprocess.Popen[bytes]:
     """nginx (``user root`` because it serves a 0700 temp dir; ignored when not root) or ours."""
     if kind == "builtin":
         return subprocess.Popen([sys.executable, __file__, "--serve", str(root), str(port), str(rate)])
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    prefix = root.parent / "nginx"  # beside the served files, not among them
-    prefix.mkdir()
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root, rate=rate))
-    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.DEVNULL)
+    return start_nginx(root, root.parent / "nginx", port, rate=rate)  # beside the served files
 
 
 def free_port() -> int:

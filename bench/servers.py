@@ -1,10 +1,12 @@
-"""The model and the servers the inference benchmarks start: the random-weight GGUF they all serve,
-``appliance serve`` (a build's interpreter, with its engine settings) and llama.cpp's ``llama-server``,
-each on a free loopback port and stopped by ``Server.stop``."""
+"""The model and the servers the benchmarks start: the random-weight GGUF they all serve,
+``appliance serve`` (a build's interpreter, with its engine settings), llama.cpp's ``llama-server``
+and nginx (the file server the pull and cluster benchmarks measure against), each on a free
+loopback port."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +18,15 @@ import httpx
 
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf  # the scripts put the repo root on sys.path
 
-__all__ = ["Server", "free_port", "start", "start_appliance", "start_llama_server", "write_bench_model"]
+__all__ = [
+    "Server",
+    "free_port",
+    "start",
+    "start_appliance",
+    "start_llama_server",
+    "start_nginx",
+    "write_bench_model",
+]
 
 
 def write_bench_model(path: Path, *, dim: int, layers: int) -> None:
@@ -115,3 +125,40 @@ def start_llama_server(
         *("--threads", str(threads), "--threads-batch", str(threads), "--n-gpu-layers", "99"),
     ]
     return start(command, dict(os.environ), f"http://127.0.0.1:{port}", "/health", work / "llama-server.log")
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes auto;
+user root;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        {limit}
+    }}
+}}
+"""
+
+
+def start_nginx(root: Path, prefix: Path, port: int, *, rate: str | None = None) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` (sendfile) on ``port``, its own files under ``prefix`` (made here),
+    each connection capped at ``rate`` (nginx's ``limit_rate``, e.g. ``40m``) when given."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    limit = f"limit_rate {rate};" if rate is not None else ""
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root, limit=limit))
+    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.DEVNULL)

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import ssl
-import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from dataclasses import asdict, dataclass
@@ -40,7 +38,7 @@ import anyio.to_thread
 import httpx
 
 from appliance import __version__, hostinfo
-from appliance.client import pinned_trust
+from appliance.client import pinned_trust, write_private
 from appliance.cluster.fetch import BlobFetcher
 from appliance.cluster.tasks import TaskRunner, sandbox_capabilities
 from appliance.cluster.wire import (
@@ -98,30 +96,16 @@ class WorkerConfig:
 
     def write(self, data_dir: Path) -> None:
         """0600 from birth, through a temporary file and a rename: never half a file."""
-        _write_private(self.path(data_dir), json.dumps(asdict(self), indent=2))
+        write_private(
+            self.path(data_dir),
+            json.dumps(asdict(self), indent=2),
+            what="the worker file",
+            hint="check that the data dir is writable",
+        )
 
     def trust(self) -> ssl.SSLContext | bool:
         """An https server is trusted through the pinned CA only."""
         return pinned_trust(self.ca_pem) if self.ca_pem else True
-
-
-def _write_private(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-        try:
-            with os.fdopen(descriptor, "w") as out:  # mkstemp makes it 0600
-                out.write(text)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise InvalidSetting(
-            f"cannot write {path}: {exc.strerror or exc}", hint="check that the data dir is writable"
-        ) from exc
 
 
 def capabilities(data_dir: Path, memory_budget: int) -> dict[str, Any]:
@@ -465,7 +449,12 @@ class Agent:
             path = await anyio.to_thread.run_sync(self.fetcher.fetch, digest)
         if model and self._names.get(digest) != model:
             self._names[digest] = model
-            _write_private(self.data_dir / MODELS_FILE, json.dumps(self._names, indent=2, sort_keys=True))
+            write_private(
+                self.data_dir / MODELS_FILE,
+                json.dumps(self._names, indent=2, sort_keys=True),
+                what="the worker's model names",
+                hint="check that the data dir is writable",
+            )
         return path
 
     def _read_names(self) -> dict[str, str]:

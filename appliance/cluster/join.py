@@ -11,54 +11,20 @@ Blocking. Imports: errors, settings, tls, client (the pinned trust), cluster (to
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from appliance.client import pinned_trust
+from appliance.client import ServerAddress, pinned_trust, server_address
 from appliance.cluster.agent import WorkerConfig, problem_detail
 from appliance.cluster.tokens import JoinTokenText, parse_join_token
 from appliance.errors import ApplianceError, Conflict, InvalidInput, InvalidSetting, NotReady, Unauthorized
-from appliance.settings import is_loopback_host, url_host
+from appliance.settings import is_loopback_host
 
 __all__ = ["ServerAddress", "join", "server_address"]
 
 JOIN_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    url: str  # scheme://host:port, the port written out
-    host: str
-    port: int
-
-    @property
-    def tls(self) -> bool:
-        return self.url.startswith("https:")
-
-
-def server_address(text: str) -> ServerAddress:
-    """``text`` as a server's address, or an error saying how to write it."""
-    try:
-        url = httpx.URL(text)
-    except httpx.InvalidURL as exc:
-        raise InvalidInput(f"{text!r} is not a URL: {exc}", hint="write it as https://HOST:PORT") from exc
-    if (
-        url.scheme not in ("http", "https")
-        or not url.host
-        or url.userinfo
-        or url.path not in ("", "/")
-        or url.query
-        or url.fragment
-    ):
-        raise InvalidInput(
-            f"{text!r} is not a server's address",
-            hint="write it as https://HOST:PORT (http://HOST:PORT for a server on plain HTTP), with no path",
-        )
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return ServerAddress(f"{url.scheme}://{url_host(url.host)}:{port}", url.host, port)
 
 
 def _trust(server: ServerAddress, token: JoinTokenText, *, insecure_http: bool) -> str | None:
