@@ -94,12 +94,15 @@ class WorkChannel:
         self._mailboxes: dict[str, _Mailbox] = {}
         self._announced: dict[str, str] = {}  # node -> the config_version it was last woken for
         self._stopping = False
+        self._names: dict[str, str] = {}  # node id -> name, for messages a client reads
 
     # -- the server's side -------------------------------------------------------------------------
 
-    def submit(self, node_id: str, item: dict[str, Any]) -> Work:
-        """Queue ``item`` (``kind`` and its fields) for ``node_id``; the channel adds ``id`` and
-        ``lease_seconds``."""
+    def submit(self, node_id: str, item: dict[str, Any], *, name: str | None = None) -> Work:
+        """Queue ``item`` (``kind`` and its fields) for ``node_id`` (called ``name`` in errors); the
+        channel adds ``id`` and ``lease_seconds``."""
+        if name is not None:
+            self._names[node_id] = name
         work_id = "w" + secrets.token_hex(8)
         work = Work(work_id, node_id, {**item, "id": work_id, "lease_seconds": self.lease})
         self._works[work_id] = work
@@ -134,6 +137,10 @@ class WorkChannel:
         box = self._mailbox(node_id)
         if not any(item.get("kind") == "tasks" for item in box.items):
             self._post(node_id, {"id": "w" + secrets.token_hex(8), "kind": "tasks"})
+
+    def name(self, node_id: str) -> str:
+        """The node's name as the work submitted to it gave it, else its id."""
+        return self._names.get(node_id, node_id)
 
     def stop(self) -> None:
         """The server is stopping: every long-poll answers now, with nothing, and so does every
@@ -212,11 +219,11 @@ class WorkChannel:
         except BaseException as exc:
             if work.state == "running":
                 reason = exc.message if isinstance(exc, ApplianceError) else "its connection ended"
-                self._end(work, "failed", NotReady(f"node {node_id}'s answer broke off: {reason}"))
+                self._end(work, "failed", NotReady(f"node {self.name(node_id)}'s answer broke off: {reason}"))
             raise
         if work.state != "running":
             return {"state": work.state}
-        self._end(work, "failed", NotReady(f"node {node_id}'s answer ended before it finished"))
+        self._end(work, "failed", NotReady(f"node {self.name(node_id)}'s answer ended before it finished"))
         raise InvalidInput(f"the answer to work {work_id} ended without a finished line")
 
     # -- inside ------------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ class WorkChannel:
             if work.state == "queued":
                 box = self._mailbox(work.node_id)
                 box.items = deque(item for item in box.items if item.get("id") != work.id)
-            message = f"node {work.node_id} {what} within its lease of {self.lease:g} s"
+            message = f"node {self.name(work.node_id)} {what} within its lease of {self.lease:g} s"
             self._end(work, "failed", NotReady(message, hint="retry: the request goes to another node"))
 
     def _end(self, work: Work, state: WorkState, last: ApplianceError | _End) -> None:
@@ -302,7 +309,7 @@ async def watch_nodes(
 def _sweep(cluster: ClusterService, channel: WorkChannel, nodes: list[Node], unavailable: set[str]) -> None:
     known = {node.id for node in nodes}
     for node_id in channel.nodes_with_work() - known:
-        channel.node_lost(node_id, f"node {node_id} was removed")
+        channel.node_lost(node_id, f"node {channel.name(node_id)} was removed")
     for node in nodes:
         if cluster.state(node) == "unavailable":
             if node.id not in unavailable and node.last_heartbeat_at is not None:

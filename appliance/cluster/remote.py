@@ -44,7 +44,7 @@ class Work(Protocol):
 class Channel(Protocol):
     """What the remote engine uses of ``WorkChannel``."""
 
-    def submit(self, node_id: str, item: dict[str, Any]) -> Work: ...
+    def submit(self, node_id: str, item: dict[str, Any], *, name: str | None = None) -> Work: ...
 
     def cancel(self, work_id: str) -> None: ...
 
@@ -148,7 +148,7 @@ class RemoteEngine:
     async def _submit(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
         """On the channel's loop: submit ``item`` and yield the answer's lines; closed before the
         last one (the client went away, a line was unreadable), the work is cancelled on the node."""
-        work = self.channel.submit(self.node_id, item)
+        work = self.channel.submit(self.node_id, item, name=self.node)
         final = False
         try:
             async for line in work.events():

@@ -169,7 +169,7 @@ def test_an_answer_that_breaks_off_ends_the_stream_with_not_ready() -> None:
 
 def test_work_no_worker_takes_ends_with_not_ready_within_its_lease() -> None:
     async def test() -> None:
-        with pytest.raises(NotReady, match="did not take it within its lease"):
+        with pytest.raises(NotReady, match="node w1 did not take it within its lease"):
             await collect(engine(WorkChannel(lease=0.2)).generate(SPEC, PROMPT))
 
     run(test)
