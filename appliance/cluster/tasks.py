@@ -13,8 +13,10 @@ under the same ``Sandbox`` the server uses, and meanwhile
   node credential and the task's id (the server takes that only while the task is leased here),
 
 then finishes it with its state and result (``finish``; retried while the server cannot be
-reached, since finishing is idempotent). A runner that stops (``run`` cancelled) stops its jobs and
-finishes none: their leases expire and the server runs them again elsewhere.
+reached, since finishing is idempotent). Output, renew and finish carry the attempt the claim handed
+out (``?attempt=N``): a late call of this job cannot touch a later attempt of the same task here.
+A runner that stops (``run`` cancelled) stops its jobs and finishes none: their leases expire and
+the server runs them again elsewhere.
 
     <data>/tasks/<id>/work/      the job's /work while it runs; removed when it ends
 
@@ -95,6 +97,7 @@ class TaskRunner:
 
     @property
     def running(self) -> int:
+        """The tasks this node runs now (counted in its heartbeat's load)."""
         return len(self._jobs)
 
     def wake(self) -> None:
@@ -146,23 +149,24 @@ class TaskRunner:
     async def _run_task(self, task: dict[str, Any]) -> None:
         task_id = str(task["id"])
         base = f"/api/v1/cluster/tasks/{task_id}"
+        attempt = {"attempt": int(task["attempt"])}
         task_dir = self.root / task_id
         try:
             work = await asyncio.to_thread(_fresh_work_dir, self.root, task_dir)
             for attachment in task.get("attachments", []):
                 await self._fetch(f"{base}/attachments/{attachment['name']}", work / attachment["name"])
-            done = await self._run_job(task, base, work)
+            done = await self._run_job(task, base, work, attempt)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("task %s failed on this worker: %s", task_id, exc)
-            await self._finish(base, "failed", {"reason": f"the worker could not run it: {exc}"})
+            await self._finish(base, attempt, "failed", {"reason": f"the worker could not run it: {exc}"})
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, task_dir, True)
         # Also when the lease was lost: a cancelled task keeps what its job did; one that moved
         # on refuses it (409), and nothing changes.
-        await self._finish(base, done.task_state, done.task_result())
+        await self._finish(base, attempt, done.task_state, done.task_result())
 
     async def _fetch(self, path: str, target: Path) -> None:
         async with self.client.stream("GET", path) as response:
@@ -171,7 +175,9 @@ class TaskRunner:
                 async for chunk in response.aiter_bytes():
                     file.write(chunk)
 
-    async def _run_job(self, task: dict[str, Any], base: str, work: Path) -> JobResult:
+    async def _run_job(
+        self, task: dict[str, Any], base: str, work: Path, attempt: dict[str, int]
+    ) -> JobResult:
         async with AsyncExitStack() as stack:
             socket = None
             if task.get("inference") and self.forwarder is not None:
@@ -187,8 +193,8 @@ class TaskRunner:
             call = self.sandbox.stream(job)
             stop = call.cancel  # the lease is not this node's any more
             output: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
-            sender = asyncio.create_task(self._send_output(base, output, stop))
-            renewer = asyncio.create_task(self._renew(base, float(task["lease_seconds"]), stop))
+            sender = asyncio.create_task(self._send_output(base, attempt, output, stop))
+            renewer = asyncio.create_task(self._renew(base, attempt, float(task["lease_seconds"]), stop))
             try:
                 async for chunk in call:
                     output.put_nowait(chunk)
@@ -203,7 +209,11 @@ class TaskRunner:
         return done
 
     async def _send_output(
-        self, base: str, output: asyncio.Queue[OutputChunk | None], stop: Callable[[], None]
+        self,
+        base: str,
+        attempt: dict[str, int],
+        output: asyncio.Queue[OutputChunk | None],
+        stop: Callable[[], None],
     ) -> None:
         """Stream the job's output; a request that drops is opened again for what comes next."""
         ended = False
@@ -218,6 +228,7 @@ class TaskRunner:
             try:
                 response = await self.client.post(
                     f"{base}/output",
+                    params=attempt,
                     content=lines(),
                     headers={"content-type": NDJSON},
                     timeout=httpx.Timeout(10.0, read=None, write=None),
@@ -234,11 +245,13 @@ class TaskRunner:
             if response.is_error:
                 log.warning("output of %s refused: %s %s", base, response.status_code, response.text)
 
-    async def _renew(self, base: str, lease_seconds: float, stop: Callable[[], None]) -> None:
+    async def _renew(
+        self, base: str, attempt: dict[str, int], lease_seconds: float, stop: Callable[[], None]
+    ) -> None:
         while True:
             await asyncio.sleep(lease_seconds / 3)
             try:
-                response = await self.client.post(f"{base}/renew", json={})
+                response = await self.client.post(f"{base}/renew", params=attempt, json={})
             except httpx.HTTPError as exc:  # the next round tries again, within the lease
                 log.warning("could not renew %s: %s", base, exc)
                 continue
@@ -247,10 +260,12 @@ class TaskRunner:
                 stop()
                 return
 
-    async def _finish(self, base: str, state: str, result: dict[str, Any]) -> None:
+    async def _finish(self, base: str, attempt: dict[str, int], state: str, result: dict[str, Any]) -> None:
         for pause in (*RETRY_SECONDS, None):
             try:
-                response = await self.client.post(f"{base}/finish", json={"state": state, "result": result})
+                response = await self.client.post(
+                    f"{base}/finish", params=attempt, json={"state": state, "result": result}
+                )
             except httpx.HTTPError as exc:
                 log.warning("could not finish %s: %s", base, exc)
             else:

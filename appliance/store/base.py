@@ -501,11 +501,13 @@ class Store(Protocol):
         *,
         only_from: Sequence[TaskState] = (),
         only_owner: str | None = None,
+        only_attempt: int | None = None,
         **changes: Unpack[TaskChanges],
     ) -> Task:
-        """Set columns of one task, atomically checking that its state is one of ``only_from``
-        and its lease is ``only_owner``'s, when given; raises TaskNotFound, TaskFinished (it is
-        in another state) or LeaseLost (its state fits, but another owner holds it)."""
+        """Set columns of one task, atomically checking that its state is one of ``only_from``,
+        its lease is ``only_owner``'s and its ``attempts`` is ``only_attempt``, when given; raises
+        TaskNotFound, TaskFinished (it is in another state) or LeaseLost (its state fits, but
+        another owner holds it or it is on another attempt)."""
         ...
 
     def claim_task(self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = ()) -> Task | None:

@@ -860,6 +860,7 @@ class SqliteStore:
         *,
         only_from: Sequence[TaskState] = (),
         only_owner: str | None = None,
+        only_attempt: int | None = None,
         **changes: Unpack[TaskChanges],
     ) -> Task:
         # The names become SQL: refuse any a caller outside the type checker's sight made up.
@@ -871,12 +872,14 @@ class SqliteStore:
         condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
         owner = [] if only_owner is None else [only_owner]
         condition += " AND lease_owner = ?" if owner else ""
+        attempt = [] if only_attempt is None else [only_attempt]
+        condition += " AND attempts = ?" if attempt else ""
         assignments = ", ".join(f"{name} = ?" for name in changes)
         values = [_task_value(name, value) for name, value in changes.items()]
         with self._write() as db:
             db.execute(
                 f"UPDATE tasks SET {assignments} WHERE id = ?{condition}",
-                [*values, task_id, *only_from, *owner],
+                [*values, task_id, *only_from, *owner, *attempt],
             )
             changed = db.changes()
         found = self.get_task(task_id)
@@ -885,6 +888,8 @@ class SqliteStore:
         if changed == 0:
             if only_from and found.state not in only_from:
                 raise TaskFinished(f"task {task_id} is {found.state}, not {' or '.join(only_from)}")
+            if only_attempt is not None and found.attempts != only_attempt:
+                raise LeaseLost(f"task {task_id} is on attempt {found.attempts}, not {only_attempt}")
             raise LeaseLost(f"task {task_id} is leased to {found.lease_owner or 'no one'}, not {only_owner}")
         return found
 

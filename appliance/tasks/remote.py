@@ -3,8 +3,10 @@
 A node claims a script or commands task (its lease owner is ``node:<node id>``), fetches its
 attachments, streams its output here (written to the task's files and passed to its followers as it
 comes, up to its output limit), renews its lease and finishes it. Each is accepted only from the
-node that holds the lease (``LeaseLost`` otherwise), so a node thought dead cannot touch a task that
-moved on; the same finish twice is a duplicate, not a second end. A node that stops renewing is
+node that holds the lease and for the attempt its claim handed out (``LeaseLost`` otherwise), so a
+node thought dead cannot touch a task that moved on, and a node's late call from a job of an earlier
+attempt cannot touch the task's next attempt on that node; the same finish twice is a duplicate, not
+a second end. A node that stops renewing is
 recovered by the task service like a process that died (``recover``). ``NodeTasks`` is a part of
 ``TaskService`` (its base), kept here for size; its followers' feeds outlive an attempt, so a
 follower sees a retry too.
@@ -46,6 +48,7 @@ class NodeTask(BaseModel):
     inference: bool
     attachments: list[dict[str, Any]]  # {"name", "size_bytes"}, fetched from the attachments route
     lease_seconds: float  # renew well within this, or the task runs again elsewhere
+    attempt: int  # the task's attempts with this claim: sent back with output, renew and finish
 
 
 class NodeFinish(BaseModel):
@@ -64,6 +67,7 @@ class RemoteRun:
 
     live: Live
     owner: str | None = None
+    attempt: int = 0  # the task's attempt the owner runs
     limit: int = 0  # bytes kept per stream: the task's output limit
     written: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, bool] = field(default_factory=dict)
@@ -116,7 +120,7 @@ class NodeTasks:
             (task_dir / stream).write_text("")
         with self._remote_lock:
             remote = self._remote.setdefault(task.id, RemoteRun(live=Live()))
-            remote.owner, remote.written, remote.truncated = owner, {}, {}
+            remote.owner, remote.attempt, remote.written, remote.truncated = owner, task.attempts, {}, {}
             remote.limit = self._output_limit(task)
         remote.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
         attachments = [
@@ -132,6 +136,7 @@ class NodeTasks:
             inference=has_inference(task),
             attachments=attachments,
             lease_seconds=self.lease_seconds,
+            attempt=task.attempts,
         )
 
     def node_attachment(self, task_id: str, node_id: str, name: str) -> Path:
@@ -164,27 +169,30 @@ class NodeTasks:
                 )
         return task_actor(task_id)
 
-    def node_renew(self, task_id: str, node_id: str) -> Task:
-        """Extend the node's lease; LeaseLost once it is not the node's (recovered, cancelled, ended)."""
+    def node_renew(self, task_id: str, node_id: str, *, attempt: int) -> Task:
+        """Extend the node's lease; LeaseLost once it is not the node's (recovered, cancelled,
+        ended) or ``attempt`` is not the task's current one."""
         owner = node_owner(node_id)
         try:
             return self.store.update_task(
                 task_id,
                 only_from=("running",),
                 only_owner=owner,
+                only_attempt=attempt,
                 lease_expires_at=now_plus(self.lease_seconds),
             )
         except TaskFinished as exc:
             raise LeaseLost(f"task {task_id} no longer runs: {exc}") from exc
 
-    def node_output(self, task_id: str, node_id: str, stream: StreamName, text: str) -> None:
+    def node_output(self, task_id: str, node_id: str, stream: StreamName, text: str, *, attempt: int) -> None:
         """Append what the node's job printed to the task's files and pass it to its followers,
-        up to the task's output limit; LeaseLost once the lease is not the node's."""
-        remote = self._remote_for(task_id, node_owner(node_id))
+        up to the task's output limit; LeaseLost once the lease is not the node's or ``attempt``
+        is not the task's current one."""
+        remote = self._remote_for(task_id, node_owner(node_id), attempt)
         data = text.encode()
         with self._remote_lock:
-            if remote.owner != node_owner(node_id):
-                raise LeaseLost(f"task {task_id} is no longer leased to node {node_id}")
+            if remote.owner != node_owner(node_id) or remote.attempt != attempt:
+                raise LeaseLost(f"task {task_id} is no longer leased to node {node_id} for attempt {attempt}")
             if remote.truncated.get(stream):
                 return
             written = remote.written.get(stream, 0)
@@ -201,22 +209,27 @@ class NodeTasks:
                 TaskEvent("output", {"stream": stream, "text": data.decode(errors="replace")})
             )
 
-    def node_finish(self, task_id: str, node_id: str, finish: NodeFinish) -> tuple[Task, bool]:
+    def node_finish(
+        self, task_id: str, node_id: str, finish: NodeFinish, *, attempt: int
+    ) -> tuple[Task, bool]:
         """End the task as the node's job did; returns it and whether this finish was a duplicate
-        (the same node finished it already: nothing changes). LeaseLost from any other node."""
+        (the same node finished this attempt already: nothing changes). LeaseLost from any other
+        node, and for an attempt that is not the task's last."""
         owner = node_owner(node_id)
         task = self.store.get_task(task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
         if task.lease_owner != owner:
             raise LeaseLost(f"task {task_id} is not leased to node {node_id}")
+        if task.attempts != attempt:
+            raise LeaseLost(f"task {task_id} is on attempt {task.attempts}, not {attempt}")
         if task.state in FINISHED_TASK_STATES and (task.result or {}).get("node") == node_id:
             return task, True
         context = Context(Actor.from_label(task.actor), correlation_id=task.id)
         result = {**finish.result, "node": node_id}
         with self._remote_lock:
             remote = self._remote.get(task_id)
-            if remote is not None and remote.owner == owner:
+            if remote is not None and remote.owner == owner and remote.attempt == attempt:
                 truncated = result.get("truncated")
                 if isinstance(truncated, dict):  # cut here too, past what the node sent
                     result["truncated"] = {
@@ -230,6 +243,7 @@ class NodeTasks:
                     task_id,
                     only_from=("running",),
                     only_owner=owner,
+                    only_attempt=attempt,
                     state=finish.state,
                     result=result,
                     finished_at=utcnow(),
@@ -240,6 +254,7 @@ class NodeTasks:
                 ended = self.store.update_task(
                     task_id,
                     only_owner=owner,
+                    only_attempt=attempt,
                     result={**result, "reason": (found.result or {}).get("reason", "canceled")},
                     lease_expires_at=None,
                 )
@@ -248,23 +263,27 @@ class NodeTasks:
         self._end_remote(ended)
         return ended, False
 
-    def _remote_for(self, task_id: str, owner: str) -> RemoteRun:
+    def _remote_for(self, task_id: str, owner: str, attempt: int) -> RemoteRun:
         """The node's run of the task, checked against the store when this process does not know
-        it (it restarted since the claim); LeaseLost when the lease is not ``owner``'s."""
+        it (it restarted since the claim); LeaseLost when the lease is not ``owner``'s or the
+        task is not on ``attempt``."""
         with self._remote_lock:
             remote = self._remote.get(task_id)
-            if remote is not None and remote.owner == owner:
+            if remote is not None and remote.owner == owner and remote.attempt == attempt:
                 return remote
         task = self.store.get_task(task_id)
         if task is None:
             raise TaskNotFound(f"task {task_id} not found")
-        if task.state != "running" or task.lease_owner != owner:
-            raise LeaseLost(f"task {task_id} is {task.state} and not leased to {owner}")
+        if task.state != "running" or task.lease_owner != owner or task.attempts != attempt:
+            raise LeaseLost(
+                f"task {task_id} is {task.state} on attempt {task.attempts}, not leased to {owner}"
+                f" for attempt {attempt}"
+            )
         task_dir = self.task_dir(task_id)
         with self._remote_lock:
             remote = self._remote.setdefault(task_id, RemoteRun(live=Live()))
-            if remote.owner != owner:
-                remote.owner, remote.truncated = owner, {}
+            if remote.owner != owner or remote.attempt != attempt:
+                remote.owner, remote.attempt, remote.truncated = owner, attempt, {}
                 remote.written = {
                     stream: (task_dir / stream).stat().st_size if (task_dir / stream).exists() else 0
                     for stream in ("stdout", "stderr")

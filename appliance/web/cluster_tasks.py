@@ -2,14 +2,17 @@
 
 Every route takes a node credential (as every ``/api/v1/cluster`` route does) and acts as that
 node; all but ``claim`` only for a task whose lease the node holds (409 ``lease_lost`` else, 403
-for an attachment), so a node thought dead cannot touch a task that has moved on:
+for an attachment), so a node thought dead cannot touch a task that has moved on. Output, renew and
+finish name the attempt the claim handed out (``?attempt=N``, required) and are refused (409
+``lease_lost``) for any other, so a late call from a node's earlier job of a task that came back to
+it cannot touch the new attempt:
 
-    POST /claim                        {} -> {"task": null | NodeTask}
+    POST /claim                        {} -> {"task": null | NodeTask}  (its "attempt" included)
     GET  /{id}/attachments/{name}      a file of the task's /work
-    POST /{id}/output                  NDJSON body, streamed: {"stream": "stdout"|"stderr", "text"}
+    POST /{id}/output?attempt=N        NDJSON body, streamed: {"stream": "stdout"|"stderr", "text"}
                                        per line, appended and passed to followers as it comes
-    POST /{id}/renew                   -> {"lease_expires_at"}; 409: stop the job at once
-    POST /{id}/finish                  {"state", "result"} -> {"state", "duplicate"}
+    POST /{id}/renew?attempt=N         -> {"lease_expires_at"}; 409: stop the job at once
+    POST /{id}/finish?attempt=N        {"state", "result"} -> {"state", "duplicate"}
 
 The server wakes its ready nodes with a ``tasks`` item on the work channel when a task they may
 take is queued (``cluster_tasks_lifespan`` hooks the task service to the channel); nodes also claim
@@ -24,12 +27,13 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import anyio
 from litestar import Controller, Litestar, Request, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.params import Parameter
 from litestar.response import File
 
 from appliance.cluster.service import Node
@@ -43,6 +47,7 @@ __all__ = ["MAX_OUTPUT_LINE_BYTES", "ClusterTasksController", "cluster_tasks_lif
 
 MAX_OUTPUT_LINE_BYTES = 1024 * 1024  # one output line; a job's output is cut far below it anyway
 STREAMS = ("stdout", "stderr")
+Attempt = Annotated[int, Parameter(ge=1, description="the attempt the claim handed out")]
 
 
 def provide_tasks(state: State) -> TaskService:
@@ -94,36 +99,40 @@ class ClusterTasksController(Controller):
 
     @post("/{task_id:str}/output", status_code=200, request_max_body_size=None)
     async def output(
-        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, node: Node
+        self, task_id: str, attempt: Attempt, request: Request[Any, Any, Any], tasks: TaskService, node: Node
     ) -> dict[str, Any]:
         """What the node's job prints, as it prints it: one JSON object a line."""
         node_id = node.id
         lines = 0
         async for batch in _ndjson(request.stream()):
-            await anyio.to_thread.run_sync(lambda b=batch: _write(tasks, task_id, node_id, b))  # type: ignore[misc]
+            await anyio.to_thread.run_sync(lambda b=batch: _write(tasks, task_id, node_id, attempt, b))  # type: ignore[misc]
             lines += len(batch)
         return {"lines": lines}
 
     @post("/{task_id:str}/renew", status_code=200, sync_to_thread=True)
-    def renew(self, task_id: str, tasks: TaskService, node: Node) -> dict[str, Any]:
+    def renew(self, task_id: str, attempt: Attempt, tasks: TaskService, node: Node) -> dict[str, Any]:
         """Extend this node's lease; 409 lease_lost when it is not this node's any more."""
-        task = tasks.node_renew(task_id, node.id)
+        task = tasks.node_renew(task_id, node.id, attempt=attempt)
         return {"lease_expires_at": task.lease_expires_at}
 
     @post("/{task_id:str}/finish", status_code=200)
     async def finish(
-        self, task_id: str, request: Request[Any, Any, Any], tasks: TaskService, node: Node
+        self, task_id: str, attempt: Attempt, request: Request[Any, Any, Any], tasks: TaskService, node: Node
     ) -> dict[str, Any]:
         """End the task as the job did; the same finish again is `{"duplicate": true}`."""
         node_id = node.id
         finish = parse_body(NodeFinish, await request.body())
-        task, duplicate = await anyio.to_thread.run_sync(lambda: tasks.node_finish(task_id, node_id, finish))
+        task, duplicate = await anyio.to_thread.run_sync(
+            lambda: tasks.node_finish(task_id, node_id, finish, attempt=attempt)
+        )
         return {"state": task.state, "duplicate": duplicate}
 
 
-def _write(tasks: TaskService, task_id: str, node_id: str, batch: list[tuple[StreamName, str]]) -> None:
+def _write(
+    tasks: TaskService, task_id: str, node_id: str, attempt: int, batch: list[tuple[StreamName, str]]
+) -> None:
     for stream, text in batch:
-        tasks.node_output(task_id, node_id, stream, text)
+        tasks.node_output(task_id, node_id, stream, text, attempt=attempt)
 
 
 async def _ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[StreamName, str]]]:

@@ -77,6 +77,7 @@ def test_a_node_claims_the_oldest_script_with_its_attachments_and_lease(runtime:
     assert (claimed.id, claimed.mode, claimed.text) == (first, "script", "cat data.txt")
     assert claimed.attachments == [{"name": "data.txt", "size_bytes": 9}]
     assert claimed.lease_seconds == 30.0
+    assert claimed.attempt == 1
     assert claimed.inference is False
     assert claimed.limits["output_bytes"] == runtime.settings.tasks.limits.output_bytes
     row = runtime.store.get_task(first)
@@ -119,14 +120,14 @@ def test_renew_and_finish_from_another_node_are_refused(runtime: Runtime) -> Non
     task_id = script(tasks)
     assert tasks.claim_for_node("n1", JOBS) is not None
     with pytest.raises(LeaseLost):
-        tasks.node_renew(task_id, "n2")
+        tasks.node_renew(task_id, "n2", attempt=1)
     with pytest.raises(LeaseLost):
-        tasks.node_finish(task_id, "n2", FINISHED)
+        tasks.node_finish(task_id, "n2", FINISHED, attempt=1)
     with pytest.raises(LeaseLost):
-        tasks.node_output(task_id, "n2", "stdout", "not mine\n")
+        tasks.node_output(task_id, "n2", "stdout", "not mine\n", attempt=1)
     with pytest.raises(TaskNotFound):
-        tasks.node_renew("no-such-task", "n1")
-    assert tasks.node_renew(task_id, "n1").lease_owner == "node:n1"
+        tasks.node_renew("no-such-task", "n1", attempt=1)
+    assert tasks.node_renew(task_id, "n1", attempt=1).lease_owner == "node:n1"
     row = runtime.store.get_task(task_id)
     assert row is not None
     assert row.state == "running"
@@ -138,15 +139,15 @@ def test_the_same_finish_twice_is_one_end(runtime: Runtime) -> None:
     tasks = runtime.tasks
     task_id = script(tasks)
     assert tasks.claim_for_node("n1", JOBS) is not None
-    ended, duplicate = tasks.node_finish(task_id, "n1", FINISHED)
+    ended, duplicate = tasks.node_finish(task_id, "n1", FINISHED, attempt=1)
     assert (ended.state, duplicate, ended.result) == ("succeeded", False, {**FINISHED.result, "node": "n1"})
-    again, duplicate = tasks.node_finish(task_id, "n1", FINISHED)
+    again, duplicate = tasks.node_finish(task_id, "n1", FINISHED, attempt=1)
     assert (again.state, duplicate) == ("succeeded", True)
     assert len(finishes(runtime, task_id)) == 1
     with pytest.raises(LeaseLost):  # ended: no renewing it
-        tasks.node_renew(task_id, "n1")
+        tasks.node_renew(task_id, "n1", attempt=1)
     with pytest.raises(LeaseLost):
-        tasks.node_finish(task_id, "n2", FINISHED)
+        tasks.node_finish(task_id, "n2", FINISHED, attempt=1)
 
 
 def test_renew_after_a_cancel_is_refused_and_the_finish_keeps_the_cancel(runtime: Runtime) -> None:
@@ -155,16 +156,15 @@ def test_renew_after_a_cancel_is_refused_and_the_finish_keeps_the_cancel(runtime
     assert tasks.claim_for_node("n1", JOBS) is not None
     tasks.cancel(task_id, ANN)
     with pytest.raises(LeaseLost):
-        tasks.node_renew(task_id, "n1")
+        tasks.node_renew(task_id, "n1", attempt=1)
     with pytest.raises(LeaseLost):  # its followers have the end: later output is refused
-        tasks.node_output(task_id, "n1", "stdout", "late\n")
-    ended, duplicate = tasks.node_finish(
-        task_id, "n1", NodeFinish(state="canceled", result={"outcome": "cancelled", "reason": "cancelled"})
-    )
+        tasks.node_output(task_id, "n1", "stdout", "late\n", attempt=1)
+    cancelled = NodeFinish(state="canceled", result={"outcome": "cancelled", "reason": "cancelled"})
+    ended, duplicate = tasks.node_finish(task_id, "n1", cancelled, attempt=1)
     assert (ended.state, duplicate) == ("canceled", False)
     assert ended.result is not None
     assert ended.result["reason"] == "canceled by user:ann"
-    assert tasks.node_finish(task_id, "n1", FINISHED)[1] is True
+    assert tasks.node_finish(task_id, "n1", FINISHED, attempt=1)[1] is True
 
 
 def test_attachments_go_only_to_the_node_holding_the_lease(runtime: Runtime) -> None:
@@ -199,15 +199,16 @@ def test_output_reaches_the_files_and_live_followers_up_to_the_limit(shared_dir:
                     seen.append(event)
 
             follower = asyncio.create_task(follow())
-            tasks.node_output(task_id, "n1", "stdout", "héllo ")
-            tasks.node_output(task_id, "n1", "stderr", "oops\n")
+            tasks.node_output(task_id, "n1", "stdout", "héllo ", attempt=1)
+            tasks.node_output(task_id, "n1", "stderr", "oops\n", attempt=1)
             await asyncio.sleep(0.2)
             assert [e.data.get("text") for e in seen if e.kind == "output"] == ["héllo ", "oops\n"]
-            tasks.node_output(task_id, "n1", "stdout", "wörld\n")  # past 9 bytes: cut on a character
-            tasks.node_output(task_id, "n1", "stdout", "more\n")
+            # past 9 bytes: cut on a character
+            tasks.node_output(task_id, "n1", "stdout", "wörld\n", attempt=1)
+            tasks.node_output(task_id, "n1", "stdout", "more\n", attempt=1)
             truncated = {"truncated": {"stdout": False, "stderr": False}}
             finish = NodeFinish(state="succeeded", result={**FINISHED.result, **truncated})
-            await asyncio.to_thread(tasks.node_finish, task_id, "n1", finish)
+            await asyncio.to_thread(tasks.node_finish, task_id, "n1", finish, attempt=1)
             await asyncio.wait_for(follower, 10)
             return seen
 
@@ -239,7 +240,7 @@ def test_an_expired_node_lease_runs_again_on_another_node_exactly_once(shared_di
         task_id = script(tasks)
         assert offered == [True]
         assert tasks.claim_for_node("n1", JOBS) is not None
-        tasks.node_output(task_id, "n1", "stdout", "first try\n")
+        tasks.node_output(task_id, "n1", "stdout", "first try\n", attempt=1)
         assert tasks.recover(at_start=False) == []  # its lease holds
         runtime.store.update_task(task_id, lease_expires_at="2000-01-01T00:00:00.000000Z")
         (retried,) = tasks.recover(at_start=False)
@@ -251,14 +252,15 @@ def test_an_expired_node_lease_runs_again_on_another_node_exactly_once(shared_di
         assert tasks.output(task_id, "stdout") == ""  # a retry's output starts anew
         # The node thought dead comes back: it may touch nothing.
         for late in (
-            lambda: tasks.node_renew(task_id, "n1"),
-            lambda: tasks.node_output(task_id, "n1", "stdout", "late\n"),
-            lambda: tasks.node_finish(task_id, "n1", FINISHED),
+            lambda: tasks.node_renew(task_id, "n1", attempt=1),
+            lambda: tasks.node_output(task_id, "n1", "stdout", "late\n", attempt=1),
+            lambda: tasks.node_finish(task_id, "n1", FINISHED, attempt=1),
         ):
             with pytest.raises(LeaseLost):
                 late()
-        tasks.node_output(task_id, "n2", "stdout", "second try\n")
-        ended, _ = tasks.node_finish(task_id, "n2", FINISHED)
+        assert again.attempt == 2
+        tasks.node_output(task_id, "n2", "stdout", "second try\n", attempt=2)
+        ended, _ = tasks.node_finish(task_id, "n2", FINISHED, attempt=2)
         assert (ended.state, ended.attempts, ended.result and ended.result["node"]) == ("succeeded", 2, "n2")
         assert tasks.output(task_id, "stdout") == "second try\n"
         (finish,) = finishes(runtime, task_id)
@@ -272,6 +274,50 @@ def test_an_expired_node_lease_runs_again_on_another_node_exactly_once(shared_di
         failed = runtime.store.get_task(other)
         assert failed is not None
         assert (failed.state, failed.attempts) == ("failed", 2)
+    finally:
+        runtime.close()
+
+
+def test_a_late_call_of_an_earlier_attempt_on_the_same_node_is_refused(shared_dir: Path) -> None:
+    """The task comes back to the node that lost it: its old job's calls must not count for the new one."""
+    runtime = open_runtime(shared_dir, lease_seconds=1, where="workers")
+    tasks = runtime.tasks
+    try:
+        task_id = script(tasks)
+        first = tasks.claim_for_node("n1", JOBS)
+        assert first is not None
+        assert first.attempt == 1
+        runtime.store.update_task(task_id, lease_expires_at="2000-01-01T00:00:00.000000Z")
+        (retried,) = tasks.recover(at_start=False)
+        assert retried.state == "queued"
+        with pytest.raises(LeaseLost):  # waiting again: no attempt runs
+            tasks.node_output(task_id, "n1", "stdout", "between\n", attempt=1)
+        second = tasks.claim_for_node("n1", JOBS)
+        assert second is not None
+        assert (second.id, second.attempt) == (task_id, 2)
+        # The old job, still going on n1, the lease owner again.
+        for late in (
+            lambda: tasks.node_renew(task_id, "n1", attempt=1),
+            lambda: tasks.node_output(task_id, "n1", "stdout", "old\n", attempt=1),
+            lambda: tasks.node_finish(task_id, "n1", FINISHED, attempt=1),
+            lambda: tasks.node_renew(task_id, "n1", attempt=3),  # one never handed out
+        ):
+            with pytest.raises(LeaseLost):
+                late()
+        row = runtime.store.get_task(task_id)
+        assert row is not None
+        assert (row.state, row.attempts, row.lease_owner) == ("running", 2, "node:n1")
+        assert finishes(runtime, task_id) == []
+        assert tasks.node_renew(task_id, "n1", attempt=2).attempts == 2
+        tasks.node_output(task_id, "n1", "stdout", "new\n", attempt=2)
+        ended, duplicate = tasks.node_finish(task_id, "n1", FINISHED, attempt=2)
+        assert (ended.state, ended.attempts, duplicate) == ("succeeded", 2, False)
+        assert tasks.output(task_id, "stdout") == "new\n"
+        with pytest.raises(LeaseLost):  # the old attempt's finish, now late: not a duplicate either
+            tasks.node_finish(task_id, "n1", FINISHED, attempt=1)
+        assert tasks.node_finish(task_id, "n1", FINISHED, attempt=2)[1] is True
+        (finish,) = finishes(runtime, task_id)
+        assert finish.detail["node"] == "n1"
     finally:
         runtime.close()
 
@@ -302,7 +348,7 @@ def test_a_node_acts_for_a_task_only_while_it_holds_the_lease(runtime: Runtime) 
         tasks.node_acts_for(task_id, "n2", route=ROUTE)
     with pytest.raises(Forbidden):
         tasks.node_acts_for("no-such-task", "n1", route=ROUTE)
-    tasks.node_finish(task_id, "n1", FINISHED)
+    tasks.node_finish(task_id, "n1", FINISHED, attempt=1)
     with pytest.raises(Forbidden):  # ended
         tasks.node_acts_for(task_id, "n1", route=ROUTE)
     calls = [e for e in runtime.store.list_audit(action="task.inference") if e.target == task_id]
@@ -413,6 +459,8 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         assert [item["kind"] for item in woken] == ["tasks"]
         claimed = w1.post(f"{ROUTES}/claim", json={}).json()["task"]
         assert (claimed["id"], claimed["lease_seconds"], claimed["attachments"]) == (task_id, 3.0, [])
+        assert claimed["attempt"] == 1
+        first = {"attempt": 1}
         assert w2.post(f"{ROUTES}/claim", json={}).json() == {"task": None}
         # Its job's inference calls act as the task, from the node holding it only.
         as_task = {"x-appliance-task": task_id}
@@ -423,26 +471,37 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")]
         # The other node: 409 on renew, output and finish, 403 on an attachment.
         finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
+        line = b'{"stream": "stdout", "text": "x"}\n'
         for path, body in (("renew", {}), ("finish", finish)):
-            refused = w2.post(f"{ROUTES}/{task_id}/{path}", json=body)
+            refused = w2.post(f"{ROUTES}/{task_id}/{path}", params=first, json=body)
             assert (refused.status_code, refused.json()["code"]) == (409, "lease_lost")
-        out = w2.post(f"{ROUTES}/{task_id}/output", content=b'{"stream": "stdout", "text": "x"}\n')
+        out = w2.post(f"{ROUTES}/{task_id}/output", params=first, content=line)
         assert (out.status_code, out.json()["code"]) == (409, "lease_lost")
+        # The holder, for an attempt it was not handed: 409; with none or a bad one: 400.
+        for path, body in (("renew", {}), ("finish", finish)):
+            refused = w1.post(f"{ROUTES}/{task_id}/{path}", params={"attempt": 2}, json=body)
+            assert (refused.status_code, refused.json()["code"]) == (409, "lease_lost")
+            for params in ({}, {"attempt": 0}, {"attempt": "one"}):
+                bad = w1.post(f"{ROUTES}/{task_id}/{path}", params=params, json=body)
+                assert bad.status_code == 400, (path, params, bad.text)
+        out = w1.post(f"{ROUTES}/{task_id}/output", params={"attempt": 2}, content=line)
+        assert (out.status_code, out.json()["code"]) == (409, "lease_lost")
+        assert w1.post(f"{ROUTES}/{task_id}/output", content=line).status_code == 400
         assert w2.get(f"{ROUTES}/{task_id}/attachments/a").status_code == 403
         assert w1.get(f"{ROUTES}/{task_id}/attachments/a").status_code == 404  # none by that name
-        bad = w1.post(f"{ROUTES}/{task_id}/output", content=b"not json\n")
+        bad = w1.post(f"{ROUTES}/{task_id}/output", params=first, content=b"not json\n")
         assert (bad.status_code, bad.json()["code"]) == (400, "invalid_input")
-        bad = w1.post(f"{ROUTES}/{task_id}/finish", json={"state": "running", "result": {}})
+        bad = w1.post(f"{ROUTES}/{task_id}/finish", params=first, json={"state": "running", "result": {}})
         assert bad.status_code == 400
         # The holder: output, then the same finish twice is one end.
         lines = b'{"stream": "stdout", "text": "hi\\n"}\n{"stream": "stderr", "text": "oops\\n"}\n'
-        assert w1.post(f"{ROUTES}/{task_id}/output", content=lines).json() == {"lines": 2}
-        assert w1.post(f"{ROUTES}/{task_id}/renew", json={}).status_code == 200
-        assert w1.post(f"{ROUTES}/{task_id}/finish", json=finish).json() == {
+        assert w1.post(f"{ROUTES}/{task_id}/output", params=first, content=lines).json() == {"lines": 2}
+        assert w1.post(f"{ROUTES}/{task_id}/renew", params=first, json={}).status_code == 200
+        assert w1.post(f"{ROUTES}/{task_id}/finish", params=first, json=finish).json() == {
             "state": "succeeded",
             "duplicate": False,
         }
-        assert w1.post(f"{ROUTES}/{task_id}/finish", json=finish).json() == {
+        assert w1.post(f"{ROUTES}/{task_id}/finish", params=first, json=finish).json() == {
             "state": "succeeded",
             "duplicate": True,
         }
@@ -455,7 +514,7 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         cancelled = cluster.task("sleep 30")
         assert w1.post(f"{ROUTES}/claim", json={}).json()["task"]["id"] == cancelled
         assert cluster.client.post(f"/api/v1/tasks/{cancelled}/cancel").status_code == 200
-        renew = w1.post(f"{ROUTES}/{cancelled}/renew", json={})
+        renew = w1.post(f"{ROUTES}/{cancelled}/renew", params=first, json={})
         assert (renew.status_code, renew.json()["code"]) == (409, "lease_lost")
 
 

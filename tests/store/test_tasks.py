@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from appliance.errors import TaskFinished, TaskNotFound
+from appliance.errors import LeaseLost, TaskFinished, TaskNotFound
 from appliance.store.base import Store, Task
 
 
@@ -59,6 +59,19 @@ def test_a_task_moves_from_a_state_only_once(store: Store) -> None:
     assert store.get_task("t1").state == "canceled"  # type: ignore[union-attr]
     with pytest.raises(TaskNotFound):
         store.update_task("nope", state="failed")
+
+
+def test_a_change_for_another_owner_or_attempt_is_refused_and_changes_nothing(store: Store) -> None:
+    store.create_task(task("t1"))
+    lease = "2099-01-01T00:00:00.000000Z"
+    assert store.claim_task(owner="node:n1", lease_expires_at=lease) is not None
+    with pytest.raises(LeaseLost, match="leased to node:n1, not node:n2"):
+        store.update_task("t1", only_owner="node:n2", only_attempt=1, state="failed")
+    with pytest.raises(LeaseLost, match="on attempt 1, not 2"):
+        store.update_task("t1", only_owner="node:n1", only_attempt=2, state="failed")
+    assert store.get_task("t1").state == "running"  # type: ignore[union-attr]
+    done = store.update_task("t1", only_owner="node:n1", only_attempt=1, state="succeeded")
+    assert (done.state, done.attempts) == ("succeeded", 1)
 
 
 def test_a_made_up_task_column_is_refused_and_changes_nothing(store: Store) -> None:
