@@ -359,7 +359,8 @@ class Agent:
     def load(self) -> dict[str, Any]:
         loaded = self.pool.loaded()
         return {
-            "active": len(self._work),
+            # routing weighs this: the server's tasks running here count as much as its requests
+            "active": len(self._work) + (self.tasks.running if self.tasks is not None else 0),
             "queued": sum(info.queued_requests for info in loaded),
             "loaded": sorted({info.digest for info in loaded}),
         }

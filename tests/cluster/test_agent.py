@@ -12,6 +12,8 @@ import asyncio
 import functools
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
@@ -66,6 +68,9 @@ class Cluster:
     polls: list[float] = field(default_factory=list)
     poll_answers: list[httpx.Response] = field(default_factory=list)  # then these, before work
     on_line: Any = None  # called with (work id, line) as each line arrives
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # handed out (and consumed) by claims
+    task_calls: list[tuple[str, str | None]] = field(default_factory=list)  # (route, ?attempt)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == f"Bearer {CREDENTIAL}"
@@ -97,6 +102,8 @@ class Cluster:
             while not self.items.empty():
                 items.append(self.items.get_nowait())
             return httpx.Response(200, json={"items": items})
+        if path.startswith("/api/v1/cluster/tasks/"):
+            return await self.task_route(request, path.rsplit("/", 1)[1])
         if path.endswith("/events"):
             work_id = path.split("/")[-2]
             assert request.headers["content-type"] == "application/x-ndjson"
@@ -114,6 +121,17 @@ class Cluster:
             return httpx.Response(200, json={"state": "done"})
         return httpx.Response(404, json={"status": 404, "detail": f"no route {path}"})
 
+    async def task_route(self, request: httpx.Request, route: str) -> httpx.Response:
+        """The task routes of a worker's runner: claim hands out ``tasks``; the rest are recorded."""
+        await request.aread()  # the output's streamed body whole: its lines are not looked at here
+        if route == "claim":
+            return httpx.Response(200, json={"task": self.tasks.pop(0) if self.tasks else None})
+        self.task_calls.append((route, request.url.params.get("attempt")))
+        if route == "finish":
+            self.finished.set()
+            return httpx.Response(200, json={"state": "succeeded", "duplicate": False})
+        return httpx.Response(200, json={"lines": 1, "lease_expires_at": "2099-01-01T00:00:00.000000Z"})
+
     async def answer(self, work_id: str) -> list[dict[str, Any]]:
         await asyncio.wait_for(self.ended.setdefault(work_id, asyncio.Event()).wait(), 60)
         return [line.data for line in self.events[work_id]]
@@ -124,6 +142,15 @@ def files() -> Iterator[FileServer]:
     with serve_files() as server:
         server.require_authorization = (f"Bearer {CREDENTIAL}", "Bearer", set())
         yield server
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A data dir the sandbox's jobs can reach (as root they run as nobody; tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="appliance-test-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -406,3 +433,31 @@ async def test_an_answer_that_is_not_a_json_object_is_retried_like_a_lost_connec
     [retrying] = [line for line in logged if "retrying in" in line]
     assert "answered with no JSON" in retrying
     assert len(cluster.polls) >= 3
+
+
+@in_loop
+async def test_a_running_task_counts_in_the_heartbeats_load_and_its_calls_name_its_attempt(
+    files: FileServer, reachable_dir: Path
+) -> None:
+    cluster = Cluster()
+    cluster.tasks.append(
+        {
+            "id": "t1",
+            "mode": "script",
+            "text": "echo hi; sleep 2",
+            "limits": {"timeout_seconds": 30},
+            "inference": False,
+            "attachments": [],
+            "lease_seconds": 0.6,  # renewed every 0.2 s
+            "attempt": 3,
+        }
+    )
+    async with running(cluster, files, reachable_dir / "worker") as (agent, _):
+        await until(lambda: cluster.heartbeats and cluster.heartbeats[-1]["load"]["active"] == 1)
+        assert agent.tasks is not None
+        assert agent.tasks.running == 1
+        await asyncio.wait_for(cluster.finished.wait(), 60)
+        await until(lambda: cluster.heartbeats[-1]["load"]["active"] == 0)
+    routes = {route for route, _ in cluster.task_calls}
+    assert routes == {"output", "renew", "finish"}, cluster.task_calls
+    assert {attempt for _, attempt in cluster.task_calls} == {"3"}
