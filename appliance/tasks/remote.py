@@ -6,10 +6,9 @@ comes, up to its output limit), renews its lease and finishes it. Each is accept
 node that holds the lease and for the attempt its claim handed out (``LeaseLost`` otherwise), so a
 node thought dead cannot touch a task that moved on, and a node's late call from a job of an earlier
 attempt cannot touch the task's next attempt on that node; the same finish twice is a duplicate, not
-a second end. A node that stops renewing is
-recovered by the task service like a process that died (``recover``). ``NodeTasks`` is a part of
-``TaskService`` (its base), kept here for size; its followers' feeds outlive an attempt, so a
-follower sees a retry too.
+a second end. A node that stops renewing is recovered by the task service like a process that died
+(``recover``). ``NodeTasks`` is a part of ``TaskService`` (its base), kept here for size; its
+followers' feeds outlive an attempt, so a follower sees a retry too.
 
 Imports: the store's records, audit, identity, errors, settings and this package's records.
 """
@@ -214,7 +213,7 @@ class NodeTasks:
     ) -> tuple[Task, bool]:
         """End the task as the node's job did; returns it and whether this finish was a duplicate
         (the same node finished this attempt already: nothing changes). LeaseLost from any other
-        node, and for an attempt that is not the task's last."""
+        node, and for an attempt that is not the task's current one."""
         owner = node_owner(node_id)
         task = self.store.get_task(task_id)
         if task is None:
