@@ -36,18 +36,28 @@ def token() -> None:
 
 @token.command("create")
 @click.option("--expires", help="Lifetime, like 1h, 24h or 7d, or never (default: cluster.token_expiry).")
+@click.option(
+    "--url",
+    help="The address workers reach this server at, like https://box.lan:8443, for the join line "
+    "(default: https://FIRST-PUBLIC-NAME:PORT with TLS, else this machine's local address).",
+)
 @json_option
 @click.pass_context
-def token_create(ctx: click.Context, expires: str | None, as_json: bool) -> None:
+def token_create(ctx: click.Context, expires: str | None, url: str | None, as_json: bool) -> None:
     """Make a join token and print it: this is the only time it is shown. It carries this server's
     certificate fingerprint (from `appliance tls init`), so a worker pins it before it sends
     anything; many workers may join with it until it expires or is revoked.
 
-    Example: appliance nodes token create --expires 1h
+    Example: appliance nodes token create --expires 1h --url https://box.lan:8443
     """
+    from appliance.client import server_address
+
+    given = server_address(url).url if url is not None else None  # checked before a token is made
     with _runtime(ctx) as runtime:
         made = runtime.cluster.create_token(_cli_context(), expires=expires)
-        url = _server_url(runtime.settings, tls=runtime.cluster.fingerprint() is not None)
+        tls = runtime.cluster.fingerprint() is not None
+        public = bool(runtime.settings.server.public_names) and tls
+        join_url = given or _server_url(runtime.settings, tls=tls)
     if as_json:
         _emit_json(made.model_dump())
         return
@@ -55,7 +65,14 @@ def token_create(ctx: click.Context, expires: str | None, as_json: bool) -> None
     lasts = "never expiring" if made.expires_at is None else f"until {made.expires_at}"
     stderr.print(f"join token {made.id} made, {lasts}.")
     stderr.print("On each worker, run:")
-    stderr.print(f"  appliance worker join {url} --token {made.token}", soft_wrap=True)
+    stderr.print(f"  appliance worker join {join_url} --token {made.token}", soft_wrap=True)
+    if given is None and not public:
+        # The settings' host and port: a `serve --port` or a name on the LAN is unknown here.
+        stderr.print(
+            f"{join_url} is this machine's local address from its settings (host, port); if workers"
+            " reach the server at another one (serve --port, a name on the LAN), use that, or make"
+            " the token with --url URL."
+        )
     stderr.print(f"It is shown only this once. Revoke it with: appliance nodes token rm {made.id}")
 
 

@@ -22,7 +22,7 @@ from typing import Protocol
 from appliance.audit import Context
 from appliance.cluster.placement import LOCAL, Candidate, place
 from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
-from appliance.errors import ApplianceError, DiskFull, ModelNotFound, ModelNotLoadable, NotReady
+from appliance.errors import ApplianceError, Conflict, DiskFull, ModelNotFound, ModelNotLoadable, NotReady
 from appliance.models.layers import ModelLayers
 from appliance.models.service import ModelService
 from appliance.names import ModelName
@@ -194,6 +194,15 @@ class Router:
         self, name: str, *, keep_alive: float | None = None, context_length: int | None = None
     ) -> tuple[Loaded, Route]:
         """Load now (blocking), rather than on the first request, into the in-process engine."""
+        if not self.local:
+            # A coordinator holds no model: its own engine is no routing candidate, so a model
+            # loaded there would only take memory. An unknown name stays a 404, as elsewhere.
+            model_name = self.models.get(name).name
+            raise Conflict(
+                f"cannot load {model_name} here: this server only coordinates"
+                " (cluster.local_inference is false) and holds no model",
+                hint=f"load it onto a node with `appliance nodes load NODE {model_name}`",
+            )
         model_name, spec = self.resolve(name, context_length=context_length)
         self.touch(model_name)
         info, reason = self.engine.load(spec, keep_alive=keep_alive)

@@ -48,6 +48,36 @@ def test_token_create_prints_the_token_alone_and_the_join_line(cli: Any) -> None
     assert never["expires_at"] is None
 
 
+def test_token_create_says_the_default_join_line_is_this_machines_local_address(cli: Any) -> None:
+    made: CliResult = cli("nodes", "token", "create", env={"APPLIANCE_PORT": "9123"})
+    assert made.returncode == 0, made.stderr
+    assert f"appliance worker join http://127.0.0.1:9123 --token {made.stdout.strip()}" in made.stderr
+    assert "http://127.0.0.1:9123 is this machine's local address" in made.stderr
+    assert "--url URL" in made.stderr
+
+
+def test_token_create_joins_at_the_given_url(cli: Any) -> None:
+    made: CliResult = cli("nodes", "token", "create", "--url", "https://box.lan")
+    assert made.returncode == 0, made.stderr
+    assert f"appliance worker join https://box.lan:443 --token {made.stdout.strip()}" in made.stderr
+    assert "local address" not in made.stderr
+    bad = cli("nodes", "token", "create", "--url", "box.lan/api")
+    assert bad.returncode == 1
+    assert "'box.lan/api' is not a server's address" in bad.stderr
+    assert len(json.loads(cli("nodes", "token", "ls", "--json").stdout)) == 1  # the bad one made none
+
+
+def test_token_create_joins_at_the_first_public_name_over_tls(cli: Any, data_dir: Path) -> None:
+    env = {"APPLIANCE_SERVER__PUBLIC_NAMES": '["box.lan", "192.168.7.7"]', "APPLIANCE_PORT": "8443"}
+    assert cli("tls", "init", env=env).returncode == 0
+    made: CliResult = cli("nodes", "token", "create", env=env)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert parse_join_token(token).fingerprint is not None
+    assert f"appliance worker join https://box.lan:8443 --token {token}" in made.stderr
+    assert "local address" not in made.stderr
+
+
 def test_nodes_are_listed_shown_drained_and_removed(cli: Any, data_dir: Path) -> None:
     _joined(data_dir, "w1", "w2")
     listed = json.loads(cli("nodes", "ls", "--json").stdout)

@@ -24,7 +24,7 @@ from appliance.engine.base import Engine, EngineEvent, Finished, Ready, TextChun
 from appliance.engine.pool import EnginePool
 from appliance.engine.router import Router
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.errors import NotReady
+from appliance.errors import Conflict, ModelNotFound, NotReady
 from appliance.runtime import Runtime
 from appliance.settings import EngineSettings, Settings
 from tests.cluster.conftest import Live, Worker
@@ -219,6 +219,24 @@ def test_a_server_that_only_coordinates_refuses_when_no_worker_can_serve(
             match = r"this server only coordinates \(cluster.local_inference is false\)"
         with pytest.raises(NotReady, match=match):
             router.route(tiny)
+        assert router.engine.loaded() == []
+    finally:
+        router.close()
+
+
+def test_a_server_that_only_coordinates_refuses_to_load_into_its_own_engine(
+    runtime: Runtime, tiny: str, directory: Directory
+) -> None:
+    router = make_router(runtime, directory, local=False)
+    try:
+        with pytest.raises(
+            Conflict, match=r"^cannot load tiny:latest here: this server only coordinates"
+        ) as e:
+            router.load(tiny)
+        assert e.value.hint == "load it onto a node with `appliance nodes load NODE tiny:latest`"
+        with pytest.raises(ModelNotFound):
+            router.load("ghost")
+        assert router.unload(tiny) is False
         assert router.engine.loaded() == []
     finally:
         router.close()

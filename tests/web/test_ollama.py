@@ -285,6 +285,45 @@ def test_load_unload_and_ps(client: ollama.Client, tiny: str, tiny_gguf: Path) -
     assert "context holds 64" in error.error
 
 
+@pytest.fixture
+def coordinating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server started after this fixture only coordinates (cluster.local_inference false)."""
+    monkeypatch.setenv("APPLIANCE_CLUSTER__LOCAL_INFERENCE", "false")
+
+
+def test_a_server_that_only_coordinates_refuses_to_load_into_its_own_engine(
+    coordinating: None, server: Server, cli: object, tiny: str
+) -> None:
+    """Ollama's preload and `models load` would load where no request is routed: a 409 that says
+    where to load instead; unloading a model that is not loaded still answers as before."""
+    port = server.url.rsplit(":", 1)[1]
+    with ollama.Client(host=server.url, timeout=60) as client:
+        refusals = [
+            response_error(lambda: client.generate(model="tiny")),
+            response_error(lambda: client.chat(model="tiny", messages=[])),
+            response_error(lambda: client.generate(model="tiny", keep_alive="5m")),
+        ]
+        for refused in refusals:
+            assert refused.status_code == 409
+            assert "this server only coordinates" in refused.error
+            assert "appliance nodes load NODE tiny:latest" in refused.error
+        assert client.generate(model="tiny", keep_alive=0).done_reason == "unload"  # not loaded: fine
+        assert response_error(lambda: client.generate(model="ghost")).status_code == 404
+        assert client.ps().models == []
+    api = server.client.post("/api/v1/models/load", json={"name": "tiny"})
+    assert api.status_code == 409
+    assert api.json()["code"] == "conflict"
+    assert "`appliance nodes load NODE tiny:latest`" in api.json()["hint"]
+    loaded: CliResult = cli("models", "load", "tiny", "--port", port)  # type: ignore[operator]
+    assert loaded.returncode == 1
+    assert "cannot load tiny:latest here: this server only coordinates" in loaded.stderr
+    assert "appliance nodes load NODE tiny:latest" in loaded.stderr
+    unloaded: CliResult = cli("models", "unload", "tiny", "--port", port)  # type: ignore[operator]
+    assert unloaded.returncode == 0, unloaded.stderr
+    assert "tiny was not loaded" in unloaded.stdout
+    assert server.client.get("/api/ps").json()["models"] == []
+
+
 # -- pull --------------------------------------------------------------------------------------
 
 
