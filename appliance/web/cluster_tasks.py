@@ -47,7 +47,16 @@ __all__ = ["MAX_OUTPUT_LINE_BYTES", "ClusterTasksController", "cluster_tasks_lif
 
 MAX_OUTPUT_LINE_BYTES = 1024 * 1024  # one output line; a job's output is cut far below it anyway
 STREAMS = ("stdout", "stderr")
-Attempt = Annotated[int, Parameter(ge=1, description="the attempt the claim handed out")]
+# Optional in the signature so that a call without a node credential is 401 before it is 400.
+Attempt = Annotated[int | None, Parameter(ge=1, description="the attempt the claim handed out")]
+
+
+def _attempt(attempt: int | None) -> int:
+    if attempt is None:
+        raise InvalidInput(
+            "this route needs ?attempt=N", hint="send the attempt number the claim handed out with the task"
+        )
+    return attempt
 
 
 def provide_tasks(state: State) -> TaskService:
@@ -99,31 +108,41 @@ class ClusterTasksController(Controller):
 
     @post("/{task_id:str}/output", status_code=200, request_max_body_size=None)
     async def output(
-        self, task_id: str, attempt: Attempt, request: Request[Any, Any, Any], tasks: TaskService, node: Node
+        self,
+        task_id: str,
+        request: Request[Any, Any, Any],
+        tasks: TaskService,
+        node: Node,
+        attempt: Attempt = None,
     ) -> dict[str, Any]:
         """What the node's job prints, as it prints it: one JSON object a line."""
-        node_id = node.id
+        node_id, attempt_now = node.id, _attempt(attempt)
         lines = 0
         async for batch in _ndjson(request.stream()):
-            await anyio.to_thread.run_sync(lambda b=batch: _write(tasks, task_id, node_id, attempt, b))  # type: ignore[misc]
+            await anyio.to_thread.run_sync(lambda b=batch: _write(tasks, task_id, node_id, attempt_now, b))  # type: ignore[misc]
             lines += len(batch)
         return {"lines": lines}
 
     @post("/{task_id:str}/renew", status_code=200, sync_to_thread=True)
-    def renew(self, task_id: str, attempt: Attempt, tasks: TaskService, node: Node) -> dict[str, Any]:
+    def renew(self, task_id: str, tasks: TaskService, node: Node, attempt: Attempt = None) -> dict[str, Any]:
         """Extend this node's lease; 409 lease_lost when it is not this node's any more."""
-        task = tasks.node_renew(task_id, node.id, attempt=attempt)
+        task = tasks.node_renew(task_id, node.id, attempt=_attempt(attempt))
         return {"lease_expires_at": task.lease_expires_at}
 
     @post("/{task_id:str}/finish", status_code=200)
     async def finish(
-        self, task_id: str, attempt: Attempt, request: Request[Any, Any, Any], tasks: TaskService, node: Node
+        self,
+        task_id: str,
+        request: Request[Any, Any, Any],
+        tasks: TaskService,
+        node: Node,
+        attempt: Attempt = None,
     ) -> dict[str, Any]:
         """End the task as the job did; the same finish again is `{"duplicate": true}`."""
-        node_id = node.id
+        node_id, attempt_now = node.id, _attempt(attempt)
         finish = parse_body(NodeFinish, await request.body())
         task, duplicate = await anyio.to_thread.run_sync(
-            lambda: tasks.node_finish(task_id, node_id, finish, attempt=attempt)
+            lambda: tasks.node_finish(task_id, node_id, finish, attempt=attempt_now)
         )
         return {"state": task.state, "duplicate": duplicate}
 
