@@ -33,6 +33,15 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 @pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL of a PostgreSQL schema of this test's own (tests/postgres.py); skips without PostgreSQL."""
+    from tests.postgres import fresh_schema
+
+    with fresh_schema() as url:
+        yield url
+
+
+@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
