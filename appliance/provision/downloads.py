@@ -1,28 +1,27 @@
 """The ``downloads`` rows of pulls: which row a pull writes, who runs it, its approval, how it ended.
 
-A pull's single-flight lock (an flock on ``<data>/tmp/downloads/<key>.lock``) is held by the
-process that runs it, CLI or server, from before its row is written until it ends. So a row in
+A pull's single-flight lock (an flock on ``<data>/tmp/downloads/<key>.lock``, or the store's
+shared lock where several servers share it) is held by the process that runs it, CLI or server,
+from before its row is written until it ends. So a row in
 an active state whose lock nobody holds lost its process (killed, or stopped with the server): it
 becomes ``interrupted``, and the next pull of its ref resumes it under the same id. A pull that
 waited on the lock while another pull of its ref ended reads that row: a cancel or a denial ends
 every waiter, and a failure is handed to them rather than run again by each.
 
 A pull that needs approval waits here as ``pending`` until an admin approves or denies its row.
-May import: audit, errors, names, refs, store.base.
+May import: audit, errors, names, refs, store.base, store.locks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from appliance.errors import (
 from appliance.names import ModelName
 from appliance.refs import ModelRef
 from appliance.store.base import ACTIVE_DOWNLOAD_STATES, Download, Store
+from appliance.store.locks import FileLocks, Locks, lock_name
 
 __all__ = ["DownloadRows", "ProgressWriter", "PullProgress", "flight_key"]
 
@@ -104,33 +104,12 @@ class ProgressWriter:
 class DownloadRows:
     def __init__(self, store: Store, locks_dir: Path) -> None:
         self.store = store
-        self.locks_dir = locks_dir
+        # Every server sharing the store must see a pull's lock; one machine's processes share files.
+        self.locks: Locks = store.shared_locks() or FileLocks(locks_dir)
 
-    @contextmanager
-    def lock(self, ref: str, *, blocking: bool) -> Iterator[bool]:
+    def lock(self, ref: str, *, blocking: bool) -> AbstractContextManager[bool]:
         """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
-        path = self.locks_dir / f"{flight_key(ref)}.lock"
-        while True:
-            self.locks_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                yield False
-                return
-            except BaseException:
-                os.close(fd)
-                raise
-            # gc removes a lock file nobody holds: between our open and our flock it may have removed
-            # this one, and another pull may hold a new file at the path. Ours would lock nothing.
-            if _same_file(fd, path):
-                break
-            os.close(fd)
-        try:
-            yield True
-        finally:
-            os.close(fd)
+        return self.locks.hold(ref, blocking=blocking)
 
     def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
         self.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
@@ -285,18 +264,9 @@ class DownloadRows:
         )
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        at_path = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
-
-
 def flight_key(text: str) -> str:
     """A ref's (or a file's) name on disk: its pull lock, its partial."""
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return lock_name(text)
 
 
 def _error_of(download: Download) -> ApplianceError:

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 from appliance.names import ModelName
+from appliance.store.feed import ChangeFeed
+from appliance.store.locks import Locks
 
 __all__ = [
     "ACTIVE_DOWNLOAD_STATES",
@@ -368,6 +370,17 @@ class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
 
     def close(self) -> None: ...
+
+    # between processes
+    def shared_locks(self) -> Locks | None:
+        """Locks every server sharing this store sees (PostgreSQL's advisory locks); None for a store
+        in one machine's file, whose processes use ``FileLocks`` in the data dir."""
+        ...
+
+    def change_feed(self) -> ChangeFeed:
+        """Counters that move when a write changes a topic's rows: this process's writes and, on a
+        store several servers share, theirs too. Callers still poll slowly as a fallback."""
+        ...
 
     # schema
     def applied_migrations(self) -> list[str]:

@@ -68,6 +68,8 @@ from appliance.store.base import (
     UserRole,
     utcnow,
 )
+from appliance.store.feed import ChangeFeed, LocalFeed, Topic
+from appliance.store.locks import Locks
 from appliance.store.migrations import MIGRATIONS, Migration
 
 __all__ = ["SqliteStore"]
@@ -263,6 +265,7 @@ class SqliteStore:
         self._connections: list[apsw.Connection] = []
         self._connections_lock = threading.Lock()
         self._writer = self._connect()
+        self._feed = LocalFeed()
         self._migrate(migrations)
 
     # -- connections -------------------------------------------------------------------------
@@ -288,13 +291,21 @@ class SqliteStore:
         return connection
 
     def close(self) -> None:
+        self._feed.close()
         with self._connections_lock:
             for connection in self._connections:
                 connection.close()
             self._connections.clear()
 
+    def shared_locks(self) -> Locks | None:
+        return None  # one machine's file: its processes share flock files in the data dir
+
+    def change_feed(self) -> ChangeFeed:
+        return self._feed
+
     @contextmanager
-    def _write(self) -> Iterator[apsw.Connection]:
+    def _write(self, *changes: Topic) -> Iterator[apsw.Connection]:
+        """One write transaction; once it commits, the ``changes`` topics' counters move."""
         with self._write_lock:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
@@ -313,6 +324,8 @@ class SqliteStore:
             except apsw.Error as exc:
                 self._rollback()
                 raise _translate(exc, self.path) from exc
+        if changes:
+            self._feed.bump(*changes)
 
     def _rollback(self) -> None:
         # SQLite has already rolled back after some errors (a full disk among them).
@@ -467,7 +480,7 @@ class SqliteStore:
         replacing: Sequence[str] = (),
         sole_format: bool = False,
     ) -> tuple[Model, bool]:
-        with self._write() as db:
+        with self._write("registry") as db:
             added = self._add_artifact(
                 db,
                 name,
@@ -489,7 +502,7 @@ class SqliteStore:
         sole_formats: Collection[str] = (),
     ) -> tuple[Model, bool]:
         added = False
-        with self._write() as db:
+        with self._write("registry") as db:
             for artifact in artifacts:
                 added |= self._add_artifact(
                     db,
@@ -598,7 +611,7 @@ class SqliteStore:
 
     def remove_model(self, name: ModelName) -> RemovedModel:
         model = self._require_model(name)
-        with self._write() as db:
+        with self._write("registry") as db:
             rows = list(
                 db.execute(
                     "SELECT v.id, v.model_id FROM model_versions v JOIN models m ON m.id = v.model_id"
@@ -632,7 +645,7 @@ class SqliteStore:
 
     def set_pinned(self, name: ModelName, pinned: bool) -> Model:
         self._require_model(name)
-        with self._write() as db:
+        with self._write("registry") as db:
             db.execute(
                 "UPDATE model_versions SET pinned = ?, updated_at = ? WHERE version = ? AND model_id ="
                 " (SELECT id FROM models WHERE name = ? AND vendor = '')",
@@ -670,7 +683,7 @@ class SqliteStore:
         return int(total)
 
     def mark_verified(self, digest: str, *, state: BlobState, link_stat: str | None = None) -> None:
-        with self._write() as db:
+        with self._write("registry") as db:
             db.execute(
                 "UPDATE blobs SET state = ?, last_verified_at = ?, link_stat = COALESCE(?, link_stat)"
                 " WHERE digest = ?",
@@ -678,7 +691,7 @@ class SqliteStore:
             )
 
     def forget_blobs(self, digests: Sequence[str]) -> None:
-        with self._write() as db:
+        with self._write("registry") as db:
             for digest in digests:
                 db.execute(
                     "DELETE FROM blobs WHERE digest = ? AND NOT EXISTS"
@@ -754,7 +767,7 @@ class SqliteStore:
 
     def create_download(self, download: Download) -> Download:
         row = {name: getattr(download, name) for name in _DOWNLOAD_COLUMNS}
-        with self._write() as db:
+        with self._write("downloads") as db:
             db.execute(
                 f"INSERT INTO downloads ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                 list(row.values()),
@@ -775,7 +788,7 @@ class SqliteStore:
         columns: dict[str, object] = {**changes, "updated_at": utcnow()}
         condition = f" AND state IN ({', '.join('?' * len(only_from))})" if only_from else ""
         assignments = ", ".join(f"{name} = ?" for name in columns)
-        with self._write() as db:
+        with self._write("downloads") as db:
             db.execute(
                 f"UPDATE downloads SET {assignments} WHERE id = ?{condition}",
                 [*columns.values(), download_id, *only_from],
@@ -822,7 +835,7 @@ class SqliteStore:
 
     def create_task(self, task: Task) -> tuple[Task, bool]:
         row = {name: _task_value(name, getattr(task, name)) for name in _TASK_COLUMNS}
-        with self._write() as db:
+        with self._write("tasks") as db:
             if task.idempotency_key is not None:
                 found = list(
                     db.execute(
@@ -876,7 +889,7 @@ class SqliteStore:
         condition += " AND attempts = ?" if attempt else ""
         assignments = ", ".join(f"{name} = ?" for name in changes)
         values = [_task_value(name, value) for name, value in changes.items()]
-        with self._write() as db:
+        with self._write("tasks") as db:
             db.execute(
                 f"UPDATE tasks SET {assignments} WHERE id = ?{condition}",
                 [*values, task_id, *only_from, *owner, *attempt],
@@ -898,7 +911,7 @@ class SqliteStore:
         # Read first: an idle queue asks often, and a read takes no write lock.
         if not self._query(f"SELECT 1 FROM tasks {where} LIMIT 1", params):
             return None
-        with self._write() as db:
+        with self._write("tasks") as db:
             rows = list(
                 db.execute(f"SELECT id FROM tasks {where} ORDER BY created_at, rowid LIMIT 1", params)
             )
@@ -953,7 +966,7 @@ class SqliteStore:
         return json.loads(rows[0][0]) if rows else None
 
     def set_preference(self, key: str, value: Any, *, actor: str) -> None:
-        with self._write() as db:
+        with self._write("preferences") as db:
             if value is None:
                 db.execute("DELETE FROM preferences WHERE key = ?", (key,))
                 return
