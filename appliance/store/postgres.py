@@ -132,10 +132,10 @@ class AdvisoryLocks:
     """PostgreSQL advisory locks: each held on an autocommit connection opened for it and closed
     when the block ends, so a process that dies (and its connection with it) frees its locks."""
 
-    def __init__(self, url: str, *, schema: str, failures: _Failures) -> None:
+    def __init__(self, url: str, *, schema: str) -> None:
         self._url = url
         self._schema = schema
-        self._failures = failures
+        self._failures = _Failures(url)
 
     @contextmanager
     def hold(self, key: str, *, blocking: bool) -> Iterator[bool]:
@@ -165,24 +165,24 @@ class NotifyFeed(LocalFeed):
     connection breaks it reconnects (backing off) and moves every counter: what changed
     meanwhile is unknown."""
 
-    def __init__(self, url: str, *, channel: str, failures: _Failures) -> None:
+    def __init__(self, url: str, *, channel: str) -> None:
         super().__init__()
         self._url = url
         self._channel = channel
-        self._failures = failures
+        self._failures = _Failures(url)
         self._stop = threading.Event()
-        self._listening = threading.Event()
+        self._tried = threading.Event()  # the first connection is listening, or failed
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
     def start(self) -> None:
-        """Listen, once; returns when listening (or, if the server does not answer, after a while:
-        the thread keeps trying)."""
+        """Start listening, once; returns when the first connection listens or fails (the thread
+        then keeps trying)."""
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._listen, name="appliance-store-feed", daemon=True)
                 self._thread.start()
-        self._listening.wait(CONNECT_TIMEOUT_S)
+        self._tried.wait(2 * CONNECT_TIMEOUT_S)
 
     def _listen(self) -> None:
         backoff = 0.1
@@ -197,7 +197,7 @@ class NotifyFeed(LocalFeed):
                         log.info("listening to %s again", self._failures.display_url)
                         self.bump(*TOPICS)
                     failed, backoff = False, 0.1
-                    self._listening.set()
+                    self._tried.set()
                     while not self._stop.is_set():
                         for notification in connection.notifies(timeout=0.5):
                             if notification.payload in TOPICS:
@@ -206,6 +206,7 @@ class NotifyFeed(LocalFeed):
                 if not failed:
                     log.warning("%s; retrying", self._failures(exc).message)
                     failed = True
+                self._tried.set()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -231,8 +232,8 @@ class PostgresStore(SqlStore):
         self.schema = self._find_schema()
         self._registry_lock = advisory_key(self.schema, "store:registry")
         self._channel = _channel(self.schema)
-        self._feed = NotifyFeed(url, channel=self._channel, failures=self._failures)
-        self._locks = AdvisoryLocks(url, schema=self.schema, failures=self._failures)
+        self._feed = NotifyFeed(url, channel=self._channel)
+        self._locks = AdvisoryLocks(url, schema=self.schema)
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url,
             min_size=1,
