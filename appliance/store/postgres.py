@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -284,19 +284,32 @@ class PostgresStore(SqlStore):
         """A pooled connection inside one transaction: committed when the block ends, rolled back
         on an error. For ``appliance db`` (status, copy); everything else uses the Store methods."""
         try:
-            with self._pool.connection() as connection, connection.transaction():
+            with self._transaction() as connection:
                 yield connection
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 
     @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A pooled connection inside a transaction it has begun. A pooled connection the server
+        dropped meanwhile (it restarted, say) fails at BEGIN, before anything ran: then once more
+        with another (the pool discards the dead one)."""
+        for attempt in range(2):
+            with ExitStack() as stack:
+                connection = stack.enter_context(self._pool.connection())
+                try:
+                    stack.enter_context(connection.transaction())
+                except psycopg.OperationalError:
+                    if attempt == 0 and connection.closed:
+                        continue
+                    raise
+                yield connection
+                return
+
+    @contextmanager
     def _write(self, *changes: Topic) -> Iterator[_Transaction]:
         try:
-            with (
-                self._pool.connection() as connection,
-                connection.transaction(),
-                connection.cursor() as cursor,
-            ):
+            with self._transaction() as connection, connection.cursor() as cursor:
                 if "registry" in changes:
                     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._registry_lock,))
                 yield _Transaction(cursor)
@@ -308,9 +321,17 @@ class PostgresStore(SqlStore):
             self._feed.bump(*changes)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        statement = _statement(sql, params)
         try:
             with self._pool.connection() as connection:
-                return connection.execute(*_statement(sql, params)).fetchall()
+                try:
+                    return connection.execute(*statement).fetchall()
+                except psycopg.OperationalError:
+                    if not connection.closed:
+                        raise
+            # The server dropped that connection (it restarted, say): a read is safe to repeat.
+            with self._pool.connection() as connection:
+                return connection.execute(*statement).fetchall()
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 

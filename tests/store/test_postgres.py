@@ -324,3 +324,24 @@ def test_the_store_names_its_schema_and_hands_out_a_transaction(postgres_url: st
         assert store.get_preference("k") == 1
     finally:
         store.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced_without_an_error(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+
+    def drop_the_pooled_connection() -> None:
+        with store.connection() as connection:
+            row = connection.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+
+    try:
+        store.set_preference("k", 1, actor="t")
+        drop_the_pooled_connection()
+        assert store.get_preference("k") == 1  # a read
+        drop_the_pooled_connection()
+        store.set_preference("k", 2, actor="t")  # a write
+        assert store.get_preference("k") == 2
+    finally:
+        store.close()
