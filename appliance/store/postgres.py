@@ -25,11 +25,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
+from psycopg.sql import SQL, Identifier
 from psycopg_pool import ConnectionPool
 
 from appliance.errors import ApplianceError, DiskFull, StoreFailure
@@ -109,7 +109,8 @@ class _Failures:
 
     def __init__(self, url: str) -> None:
         self.display_url = display_url(url)
-        self._password = urlsplit(url).password or ""
+        password = urlsplit(url).password
+        self._secrets = {password, unquote(password)} - {""} if password else set()
 
     def __call__(self, exc: psycopg.Error) -> ApplianceError:
         if exc.sqlstate == _DISK_FULL:
@@ -118,8 +119,8 @@ class _Failures:
                 hint="free disk space on the database server",
             )
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if self._password:
-            message = message.replace(self._password, "***")
+        for secret in self._secrets:  # libpq does not echo it; should a message ever, it is masked
+            message = message.replace(secret, "***")
         hint = (
             CONNECTION_HINT
             if isinstance(exc, psycopg.OperationalError)
@@ -192,7 +193,7 @@ class NotifyFeed(LocalFeed):
                 with psycopg.connect(
                     self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
                 ) as connection:
-                    connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    connection.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
                     if failed:
                         log.info("listening to %s again", self._failures.display_url)
                         self.bump(*TOPICS)
