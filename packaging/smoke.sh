@@ -2,9 +2,8 @@
 # Smoke-test a built executable from a clean directory, with no Python on PATH and an empty
 # environment: --version, libpq (a PostgreSQL store it cannot reach), import the tiny model, serve
 # on a free port, /healthz, one chat completion (so llama.cpp really loads in the frozen app), the
-# UI page, then SIGTERM and a clean exit. Also
-# that the frozen llama.cpp reports the same build (system info, devices) as the pip install
-# REFERENCE (default: .venv/bin/appliance).
+# UI page, then SIGTERM and a clean exit. Also that the frozen llama.cpp reports the same build
+# (system info, devices) as the pip install REFERENCE (default: .venv/bin/appliance).
 # Usage: packaging/smoke.sh dist/appliance/appliance [REFERENCE]
 set -euo pipefail
 binary=$(realpath "$1")
