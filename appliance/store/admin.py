@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
 import psycopg
 import sqlite_utils
@@ -35,6 +35,7 @@ from appliance.errors import Conflict, InvalidInput, NotFound, SourceNotFound, S
 from appliance.settings import POSTGRES_SCHEMES, Settings
 from appliance.store.factory import open_store
 from appliance.store.migrations import MIGRATIONS
+from appliance.store.postgres import PostgresStore, display_url
 
 __all__ = [
     "CopyProgress",
@@ -42,7 +43,6 @@ __all__ = [
     "DbStatus",
     "TableCopy",
     "copy",
-    "masked_url",
     "migrate",
     "sqlite_path",
     "status",
@@ -99,20 +99,6 @@ class CopyReport:
 
 
 # -- where a store is --------------------------------------------------------------------------
-
-
-def masked_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) written as ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(key == "password" for key, _ in pairs):
-        query = urlencode([(key, "***" if key == "password" else value) for key, value in pairs], safe="*")
-    return SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment).geturl()
 
 
 def sqlite_path(settings: Settings) -> Path | None:
@@ -220,7 +206,7 @@ def _failure(url: str, exc: psycopg.Error) -> StoreFailure:
     if password:
         reason = reason.replace(password, "***")
     return StoreFailure(
-        f"the PostgreSQL database {masked_url(url)} failed: {reason}",
+        f"the PostgreSQL database {display_url(url)} failed: {reason}",
         hint="check that the server runs and is reachable, and the URL's user, database and password",
     )
 
@@ -242,7 +228,7 @@ def _postgres_schema(connection: psycopg.Connection[tuple[Any, ...]], url: str) 
     row = connection.execute("SELECT current_schema()").fetchone()
     if row is None or row[0] is None:
         raise NotFound(
-            f"the PostgreSQL database {masked_url(url)} has no schema on its search_path",
+            f"the PostgreSQL database {display_url(url)} has no schema on its search_path",
             hint="create the schema, or name one that exists in the URL (options=-csearch_path=NAME)",
         )
     schema: str = row[0]
@@ -275,7 +261,7 @@ def _postgres_count(connection: psycopg.Connection[tuple[Any, ...]], table: str)
 def _postgres_status(connection: psycopg.Connection[tuple[Any, ...]], url: str) -> DbStatus:
     schema = _postgres_schema(connection, url)
     counts = {table: _postgres_count(connection, table) for table in _postgres_tables(connection)}
-    return _describe("postgresql", masked_url(url), schema, _postgres_applied(connection), counts)
+    return _describe("postgresql", display_url(url), schema, _postgres_applied(connection), counts)
 
 
 # -- copy ---------------------------------------------------------------------------------------
@@ -284,13 +270,14 @@ def _postgres_status(connection: psycopg.Connection[tuple[Any, ...]], url: str) 
 def copy(source: Path, target_url: str, *, progress: CopyProgress | None = None) -> CopyReport:
     """Copy the SQLite registry ``source`` into the PostgreSQL database ``target_url`` (module
     docstring); raises, having changed nothing, where the target would not equal the source."""
-    from appliance.store.postgres import PostgresStore
-
     started = time.monotonic()
     with _sqlite(source) as db:
         _check_source_schema(db, source)
         tables = _copy_order(db)
-        store = PostgresStore(target_url)  # migrates the target first
+        try:
+            store = PostgresStore(target_url)  # migrates the target first
+        except StoreFailure as exc:
+            raise StoreFailure(exc.message, hint="check the target's URL, and that its server is up") from exc
         try:
             with store.connection() as connection:
                 try:
@@ -302,7 +289,7 @@ def copy(source: Path, target_url: str, *, progress: CopyProgress | None = None)
             store.close()
     return CopyReport(
         source=str(source),
-        target=masked_url(target_url),
+        target=display_url(target_url),
         tables=copied,
         blobs_digest=blobs,
         artifacts_digest=artifacts,
@@ -347,10 +334,15 @@ def _copy_table(
     target = sql.Identifier(table)
     staged = sql.Identifier(f"copy_{table}")
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    identities = _identity_columns(connection, table)
+    identities = [column for column in _identity_columns(connection, table) if column in columns]
     with connection.cursor() as cursor:
-        # The target's column types (and collations): PostgreSQL parses and compares the values.
-        cursor.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {}) ON COMMIT DROP").format(staged, target))
+        # The copied columns with the target's types (and collations), and no constraint: PostgreSQL
+        # parses the values as the target's and compares them so.
+        cursor.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                staged, names, target
+            )
+        )
         sent = 0
         with cursor.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staged, names)) as stream:
             for batch in _batches(db.execute(_select(table, columns))):
@@ -376,9 +368,10 @@ def _copy_table(
 
 
 def _select(table: str, columns: Sequence[str]) -> str:
-    """SQLite's SELECT of ``columns`` of ``table``, quoted."""
+    """SQLite's SELECT of ``columns`` of ``table``, quoted, in the order the rows were written (a
+    target column numbered as rows arrive, like downloads' insertion order, keeps that order)."""
     quoted = ", ".join(f'"{column}"' for column in columns)
-    return f'SELECT {quoted} FROM "{table}"'
+    return f'SELECT {quoted} FROM "{table}" ORDER BY rowid'
 
 
 def _batches(cursor: sqlite3.Cursor) -> Iterator[list[Any]]:
@@ -456,8 +449,8 @@ def _check_digests(
         target = _digest(row[0] for row in connection.execute(query))
         if source != target:
             raise Conflict(
-                f"the digests of {table} in {masked_url(target_url)} differ from the source's after the copy;"
-                " nothing was copied",
+                f"the digests of {table} in {display_url(target_url)} differ from the source's after the"
+                " copy; nothing was copied",
                 hint="copy into an empty database (or schema), or one copied from this same file",
             )
         found.append(source)
