@@ -54,8 +54,11 @@ CopyProgress = Callable[[str, int, int], None]
 
 CONNECT_TIMEOUT_S = 10
 BATCH_ROWS = 1000
-# Each database's own: which migrations it has. A copy never carries it across.
+# Each database's own: which migrations it has. Not a table status counts.
 _BOOKKEEPING = frozenset({"schema_migrations"})
+# What a copy never carries to another database: its bookkeeping, and which servers run on it (each
+# registers itself on the database it serves from, and keeps its row fresh while it runs).
+_NOT_COPIED = _BOOKKEEPING | {"servers"}
 # A counter the target's own writes move (every model row the copy inserts bumps it): its row is
 # counted, never compared value by value.
 _COUNTERS = frozenset({"registry_generation"})
@@ -316,7 +319,7 @@ def _check_source_schema(db: sqlite_utils.Database, source: Path) -> None:
 
 def _copy_order(db: sqlite_utils.Database) -> list[str]:
     """The source's tables, each after those its foreign keys reference."""
-    names = sorted(_sqlite_tables(db))
+    names = sorted(name for name in _sqlite_tables(db) if name not in _NOT_COPIED)
     graph = TopologicalSorter(
         {name: sorted({key.other_table for key in db.table(name).foreign_keys}) for name in names}
     )

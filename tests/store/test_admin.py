@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import apsw
 import psycopg
 import pytest
 
@@ -267,3 +268,19 @@ def test_digests_that_differ_after_a_copy_are_refused(filled: tuple[Path, Filled
         ):
             admin._check_digests(db, connection, postgres_url)
         connection.rollback()
+
+
+def test_a_live_servers_file_is_copied_as_one_snapshot(
+    filled: tuple[Path, Filled], postgres_url: str
+) -> None:
+    """A write in progress (not committed) neither blocks the copy nor goes with it."""
+    data, _ = filled
+    writer = apsw.Connection(str(data / "appliance.db"))
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO preferences VALUES ('engine.context_length', '8192', 'now', 'cli:test')")
+        report = admin.copy(data / "appliance.db", postgres_url)
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+    assert {table.name: table.copied for table in report.tables}["preferences"] == 1
