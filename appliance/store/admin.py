@@ -169,10 +169,8 @@ def _sqlite(path: Path) -> Iterator[sqlite_utils.Database]:
             hint="pass the data dir (--data-dir) or file (--from) that holds it; `appliance db migrate`"
             " (or `appliance serve`) makes a new one",
         )
-    try:
-        connection = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreFailure(f"cannot open the SQLite registry {path}: {exc}") from exc
+    # Opened lazily: a file it cannot read fails at the first read, below.
+    connection = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
     try:
         connection.execute("BEGIN")
         db = sqlite_utils.Database(connection, recursive_triggers=False, execute_plugins=False)
@@ -284,7 +282,7 @@ def copy(source: Path, target_url: str, *, progress: CopyProgress | None = None)
         try:
             with store.connection() as connection:
                 try:
-                    copied = [_copy_table(db, connection, table, progress) for table in tables]
+                    copied = [_copy_one(db, connection, table, source, progress) for table in tables]
                     blobs, artifacts = _check_digests(db, connection, target_url)
                 except psycopg.Error as exc:
                     raise _failure(target_url, exc) from exc
@@ -324,6 +322,24 @@ def _copy_order(db: sqlite_utils.Database) -> list[str]:
         {name: sorted({key.other_table for key in db.table(name).foreign_keys}) for name in names}
     )
     return [name for name in graph.static_order() if name in names]
+
+
+def _copy_one(
+    db: sqlite_utils.Database,
+    connection: psycopg.Connection[tuple[Any, ...]],
+    table: str,
+    source: Path,
+    progress: CopyProgress | None,
+) -> TableCopy:
+    try:
+        return _copy_table(db, connection, table, progress)
+    except psycopg.DataError as exc:
+        # SQLite keeps any value in any column; PostgreSQL checks each against the column's type.
+        raise InvalidInput(
+            f"the SQLite registry {source} holds a value in {table} that PostgreSQL refuses:"
+            f" {str(exc).strip()}; nothing was copied",
+            hint="fix or remove that row in the source, then copy again",
+        ) from exc
 
 
 def _copy_table(

@@ -284,3 +284,17 @@ def test_a_live_servers_file_is_copied_as_one_snapshot(
     finally:
         writer.close()
     assert {table.name: table.copied for table in report.tables}["preferences"] == 1
+
+
+def test_a_value_postgresql_refuses_names_its_table_and_keeps_nothing(
+    filled: tuple[Path, Filled], postgres_url: str
+) -> None:
+    data, _ = filled
+    writer = apsw.Connection(str(data / "appliance.db"))
+    try:
+        writer.execute("UPDATE inference_requests SET prompt_tokens = 'many'")  # SQLite lets it in
+    finally:
+        writer.close()
+    with pytest.raises(InvalidInput, match="holds a value in inference_requests that PostgreSQL refuses"):
+        admin.copy(data / "appliance.db", postgres_url)
+    assert admin.status(on_postgres(postgres_url, data)).tables["models"] == 0
