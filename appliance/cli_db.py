@@ -128,6 +128,8 @@ def copy(ctx: click.Context, target: str, source: Path | None, as_json: bool) ->
     for copied in report.tables:
         table.add_row(copied.name, str(copied.rows), str(copied.copied), str(copied.already))
     stdout.print(table)
+    if report.left_behind:
+        stdout.print(f"not copied (each database's own): {', '.join(report.left_behind)}")
     stdout.print(f"blobs digest: {report.blobs_digest}")
     stdout.print(f"artifacts digest: {report.artifacts_digest}")
     stdout.print(

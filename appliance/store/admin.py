@@ -92,6 +92,7 @@ class CopyReport:
     source: str
     target: str  # password masked
     tables: list[TableCopy]
+    left_behind: list[str]  # the source's tables a copy never carries (each database's own)
     blobs_digest: str  # of the sorted blob digests, the same on both sides
     artifacts_digest: str  # of the sorted artifacts' sha256 column, the same on both sides
     seconds: float
@@ -275,6 +276,7 @@ def copy(source: Path, target_url: str, *, progress: CopyProgress | None = None)
     with _sqlite(source) as db:
         _check_source_schema(db, source)
         tables = _copy_order(db)
+        left_behind = sorted(set(_sqlite_tables(db)) - set(tables))
         try:
             store = PostgresStore(target_url)  # migrates the target first
         except StoreFailure as exc:
@@ -292,6 +294,7 @@ def copy(source: Path, target_url: str, *, progress: CopyProgress | None = None)
         source=str(source),
         target=display_url(target_url),
         tables=copied,
+        left_behind=left_behind,
         blobs_digest=blobs,
         artifacts_digest=artifacts,
         seconds=time.monotonic() - started,
