@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.settings import Settings
+from appliance.names import ModelName
+from appliance.settings import Settings, StoreSettings
 from appliance.store.factory import open_store
+from appliance.store.postgres import PostgresStore
 from appliance.store.sqlite import SqliteStore
 
 
@@ -34,13 +36,31 @@ def test_a_sqlite_url_keeps_the_registry_in_that_file(
     assert json.loads(cli("models", "ls", "--json").stdout) == []  # type: ignore[operator]
 
 
-def test_a_postgresql_url_is_refused_until_that_backend_is_built(cli: object, data_dir: Path) -> None:
-    url = "postgresql://appliance:s3cret@db.lan:5432/appliance"
+def test_a_postgresql_url_keeps_the_registry_in_that_database(
+    cli: object, tiny_gguf: Path, postgres_url: str, data_dir: Path
+) -> None:
+    there = {"APPLIANCE_STORE__URL": postgres_url}
+    imported = cli("models", "import", str(tiny_gguf), "--name", "tiny", env=there)  # type: ignore[operator]
+    assert imported.returncode == 0, imported.stderr
+    listed = cli("models", "ls", "--json", env=there)  # type: ignore[operator]
+    assert [model["name"] for model in json.loads(listed.stdout)] == ["tiny:latest"]
+    assert not (data_dir / "appliance.db").exists()
+    store = open_store(Settings(data_dir=data_dir, store=StoreSettings(url=postgres_url)))
+    assert isinstance(store, PostgresStore)
+    assert store.get_model(ModelName("tiny")) is not None
+    store.close()
+
+
+def test_an_unreachable_postgresql_url_is_a_clear_error_without_the_password(
+    cli: object, data_dir: Path
+) -> None:
+    url = "postgresql://appliance:s3cret@127.0.0.1:1/appliance"
     result = cli("models", "ls", env={"APPLIANCE_STORE__URL": url})  # type: ignore[operator]
     assert result.returncode != 0
-    assert "error: store.url names a PostgreSQL database" in result.stderr
-    assert "no PostgreSQL backend yet" in result.stderr
-    assert "hint: unset store.url (APPLIANCE_STORE__URL)" in result.stderr
+    assert "error: the PostgreSQL database postgresql://appliance:***@127.0.0.1:1/appliance failed" in (
+        result.stderr
+    )
+    assert "hint: check store.url / APPLIANCE_STORE__URL, and that the server is up" in result.stderr
     assert "s3cret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     assert not (data_dir / "appliance.db").exists()
