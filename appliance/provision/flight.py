@@ -5,15 +5,16 @@ a cancel written to its row by any of them.
 locks reach, a lock per slot (``download-slot:<i>``). The locks are the store's shared ones where
 several servers share it (PostgreSQL's advisory locks), else flock files in the data dir: a CLI
 pull and the server of one data dir share one network link and one disk, so they share the slots
-too. A pull that finds every slot taken waits for the downloads topic to move (a pull ending
-writes its row) or SLOT_POLL, whichever comes first, and stops waiting at a cancel.
+too. A pull that finds every slot taken looks again when a pull of this process gives its slot
+back, or after SLOT_POLL (a slot of another process: trying one may open a database connection,
+so it is not done at every change of the downloads), and stops waiting at a cancel.
 
 ``CancelWatch``: the pull runs on one server, its cancel may come from any (the API of another
 server, or of the server a CLI pull shares its data dir with). A cancel there writes the row's
 state; the watch reads the rows of this process's pulls every CANCEL_POLL and sets the cancel of a
 pull whose row turned ``cancelled``. Its thread runs only while pulls do.
 
-May import: errors, store.feed, store.locks, store.base.
+May import: errors, store.locks, store.base.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 
 from appliance.errors import ApplianceError, DownloadCancelled
 from appliance.store.base import Store
-from appliance.store.feed import ChangeFeed
 from appliance.store.locks import Locks
 
 __all__ = ["CANCEL_POLL", "SLOT_POLL", "CancelWatch", "DownloadSlots"]
@@ -37,23 +37,29 @@ CANCEL_POLL = 0.25  # seconds between looks at the rows of this process's pulls,
 
 
 class DownloadSlots:
-    def __init__(self, locks: Locks, feed: ChangeFeed, count: int) -> None:
+    def __init__(self, locks: Locks, count: int) -> None:
         self.locks = locks
-        self.feed = feed
         self.count = count
+        self._released = threading.Condition()  # a slot held in this process was given back
 
     @contextmanager
     def hold(self, cancel: threading.Event) -> Iterator[int]:
         """Wait for a free slot and hold it for the block; yields its number. Raises
         DownloadCancelled when ``cancel`` is set while it waits."""
         while True:
-            seen = self.feed.current("downloads")
             for slot in range(self.count):
-                with self.locks.hold(f"download-slot:{slot}", blocking=False) as taken:
-                    if taken:
-                        yield slot
-                        return
-            self.feed.wait("downloads", seen, SLOT_POLL)
+                held = False
+                try:
+                    with self.locks.hold(f"download-slot:{slot}", blocking=False) as held:
+                        if held:
+                            yield slot
+                            return
+                finally:
+                    if held:  # once the lock is given back, so a waiter of this process takes it
+                        with self._released:
+                            self._released.notify_all()
+            with self._released:
+                self._released.wait(SLOT_POLL)
             if cancel.is_set():
                 raise DownloadCancelled("the download was cancelled while it waited for a download slot")
 

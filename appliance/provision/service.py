@@ -140,7 +140,7 @@ class Provisioner:
         self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
         self._rows = DownloadRows(store, cache.downloads_dir)
         self._feed = store.change_feed()
-        self._slots = DownloadSlots(self._rows.locks, self._feed, settings.models.download.max_parallel)
+        self._slots = DownloadSlots(self._rows.locks, settings.models.download.max_parallel)
         self._watch = CancelWatch(store)
         # Puts a blob that another server sharing the store holds into this server's cache (the
         # peers service sets it); False, or None, and the pull downloads the bytes itself.
