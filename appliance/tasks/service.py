@@ -525,6 +525,8 @@ class TaskService(NodeTasks):
         running.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
         await asyncio.to_thread(audit_start, self.store, context, task)
         task_dir = self.task_dir(task.id)
+        if not task_dir.exists():  # queued by another server sharing the store: its files are there
+            await asyncio.to_thread(self._make_task_dir, task.id)
         result: dict[str, Any]
         state: TaskState
         try:
