@@ -22,6 +22,7 @@ import pytest
 
 from appliance.audit import Context
 from appliance.errors import DownloadCancelled, DownloadNotPending
+from appliance.provision.downloads import PullProgress
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.store.base import Artifact, Download
@@ -184,6 +185,23 @@ def test_a_cancel_on_one_server_stops_the_pull_running_on_the_other(
         first.provisioner.cancel(running.id, ADMIN)  # type: ignore[attr-defined]
     audit = [(e.action, e.outcome) for e in second.store.list_audit() if e.action == "downloads.cancel"]
     assert audit == [("downloads.cancel", "error"), ("downloads.cancel", "ok")]
+
+
+def test_a_cancel_that_arrives_with_the_last_byte_registers_nothing(
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    first, second = open_server("a"), open_server("b")
+    url = files.add("/last-byte.gguf", model_bytes)
+    cancelled: list[str] = []
+
+    def cancel_at_the_end(update: PullProgress) -> None:
+        if update.state == "running" and update.bytes_done == update.bytes_total and not cancelled:
+            cancelled.append(second.provisioner.cancel(update.download_id, ADMIN).id)
+
+    with pytest.raises(DownloadCancelled):
+        first.provisioner.ensure_present(url, context, on_progress=cancel_at_the_end)
+    assert first.models.list_models() == []
+    assert first.provisioner.get_download(cancelled[0]).state == "cancelled"
 
 
 def test_approval_and_cancel_from_another_server_reach_a_pending_pull(
