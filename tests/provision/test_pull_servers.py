@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from appliance.audit import Context
-from appliance.errors import DownloadCancelled, DownloadNotPending
+from appliance.errors import DownloadCancelled, DownloadNotPending, Offline
 from appliance.provision.downloads import PullProgress
 from appliance.runtime import Runtime
 from appliance.settings import Settings
@@ -58,6 +58,22 @@ def open_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Open
 
 def shared_cache(server: Runtime) -> bool:
     return server.store.shared_locks() is None  # SQLite: one data dir, one cache
+
+
+def fill_from(peer: Runtime, server: Runtime) -> list[str]:
+    """Let ``server`` fill its cache from ``peer``'s, as the peers service does over HTTP; returns
+    the digests it fills."""
+    filled: list[str] = []
+
+    def copy(artifact: Artifact) -> bool:
+        with server.cache.receive() as incoming:
+            incoming.write(peer.cache.path(artifact.digest).read_bytes())
+            incoming.finish(artifact.digest)
+        filled.append(artifact.digest)
+        return True
+
+    server.provisioner.fill_blob = copy
+    return filled
 
 
 def probes(files: FileServer, path: str) -> int:
@@ -111,16 +127,7 @@ def test_a_blob_a_peer_holds_fills_this_servers_cache_without_a_download(
     open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
 ) -> None:
     first, second = open_server("a"), open_server("b")
-    filled: list[str] = []
-
-    def from_first(artifact: Artifact) -> bool:  # what the peers service does over HTTP
-        with second.cache.receive() as incoming:
-            incoming.write(first.cache.path(artifact.digest).read_bytes())
-            incoming.finish(artifact.digest)
-        filled.append(artifact.digest)
-        return True
-
-    second.provisioner.fill_blob = from_first
+    filled = fill_from(first, second)
     url = files.add("/peer.gguf", model_bytes)
     first.provisioner.ensure_present(url, context)
     again = second.provisioner.ensure_present(url, context)
@@ -308,3 +315,20 @@ def test_a_pull_on_one_server_shows_live_on_the_others_events(
     # B lists at most every EVENTS_INTERVAL (0.5 s) without a change: a median lag well under it
     # says the change woke the stream
     assert statistics.median(lags) < 0.2, lags
+
+
+def test_offline_a_peer_still_fills_this_servers_cache(
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    """A peer's copy needs no network to the source; with no peer, offline mode refuses the pull."""
+    first, second = open_server("a"), open_server("b")
+    url = files.add("/offline.gguf", model_bytes)
+    first.provisioner.ensure_present(url, context)
+    first.preferences.set("offline", True, ADMIN)
+    hits = len(files.hits)
+    if not shared_cache(first):
+        with pytest.raises(Offline):
+            second.provisioner.ensure_present(url, context)
+    fill_from(first, second)
+    assert second.provisioner.ensure_present(url, context).path.read_bytes() == model_bytes
+    assert len(files.hits) == hits
