@@ -138,11 +138,16 @@ def test_a_blob_a_peer_holds_fills_this_servers_cache_without_a_download(
     assert probes(files, "/peer.gguf") == 1
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [False, True],  # no peer has it; a peer said it filled the cache, yet the blob is not there
+    ids=["no-peer", "blob-still-missing"],
+)
 def test_a_peer_without_the_blob_leaves_the_pull_to_download_it(
-    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context, answer: bool
 ) -> None:
     first, second = open_server("a"), open_server("b")
-    second.provisioner.fill_blob = lambda artifact: False  # no peer answers
+    second.provisioner.fill_blob = lambda artifact: answer
     url = files.add("/nopeer.gguf", model_bytes)
     first.provisioner.ensure_present(url, context)
     again = second.provisioner.ensure_present(url, context)
