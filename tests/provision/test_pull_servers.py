@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
 
 from appliance.audit import Context
@@ -337,3 +339,37 @@ def test_offline_a_peer_still_fills_this_servers_cache(
     fill_from(first, second)
     assert second.provisioner.ensure_present(url, context).path.read_bytes() == model_bytes
     assert len(files.hits) == hits
+
+
+def test_a_cancel_still_arrives_after_the_store_failed_to_answer_the_watch(
+    postgres_url: str,
+    tmp_path: Path,
+    files: FileServer,
+    model_bytes: bytes,
+    context: Context,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The watch of a pull waiting for a slot reads its row; a read the database cancels (a table
+    locked past A's statement timeout) is logged, and the next look sees the cancel."""
+    impatient = postgres_url.replace("options=", f"options={quote('-cstatement_timeout=200 ')}")
+    download = {"part_bytes": MIB, "max_parallel": 1}
+    first = Runtime.open(
+        Settings(data_dir=tmp_path / "a", store={"url": impatient}, models={"download": download})
+    )
+    second = Runtime.open(Settings(data_dir=tmp_path / "b", store={"url": postgres_url}))
+    locks = second.store.shared_locks()
+    assert locks is not None
+    try:
+        with locks.hold("download-slot:0", blocking=True):  # the only slot: the pull waits for it
+            ticket = first.provisioner.start(files.add("/waits.gguf", model_bytes), context)
+            queued = _wait_for_state(second, "queued")
+            with psycopg.connect(postgres_url) as locker:
+                locker.execute("LOCK TABLE downloads IN ACCESS EXCLUSIVE MODE")
+                wait_until(lambda: "could not read download" in caplog.text, "the watch's failed read")
+            second.provisioner.cancel(queued.id, ADMIN)  # type: ignore[attr-defined]
+            with pytest.raises(DownloadCancelled):
+                ticket.future.result(timeout=10)
+    finally:
+        first.close()
+        second.close()
+    assert "canceling statement due to statement timeout" in caplog.text
