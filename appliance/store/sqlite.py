@@ -60,6 +60,7 @@ from appliance.store.base import (
     NodeChanges,
     NodeModel,
     RemovedModel,
+    Server,
     Task,
     TaskChanges,
     TaskMode,
@@ -231,6 +232,7 @@ _KEY_COLUMNS = (
 # In the order of JoinToken's fields.
 _JOIN_TOKEN_COLUMNS = ("id", "secret_hash", "created_by", "created_at", "expires_at", "revoked_at", "uses")
 # In the order of Node's fields (models aside); the JSON ones are text.
+_SERVER_COLUMNS = ("id", "url", "credential_hash", "version", "started_at", "last_seen_at", "ca_pem")
 _NODE_COLUMNS = (
     "id",
     "name",
@@ -1216,3 +1218,32 @@ class SqliteStore:
             if node is None or not db.changes():
                 raise NodeNotFound(f"no node {node_id!r}")
         return node
+
+    # -- servers sharing this store ----------------------------------------------------------------
+
+    def register_server(self, server: Server) -> Server:
+        row = {name: getattr(server, name) for name in _SERVER_COLUMNS}
+        updates = ", ".join(f"{name} = excluded.{name}" for name in _SERVER_COLUMNS[1:])
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO servers ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+                f" ON CONFLICT (id) DO UPDATE SET {updates}",
+                list(row.values()),
+            )
+        return server
+
+    def touch_server(self, server_id: str, at: str) -> bool:
+        with self._write() as db:
+            db.execute("UPDATE servers SET last_seen_at = ? WHERE id = ?", (at, server_id))
+            return bool(db.changes())
+
+    def _servers(self, where: str, params: Sequence[Any] = ()) -> list[Server]:
+        rows = self._query(f"SELECT {', '.join(_SERVER_COLUMNS)} FROM servers {where}", params)
+        return [Server(*row) for row in rows]
+
+    def find_server(self, credential_hash: str) -> Server | None:
+        found = self._servers("WHERE credential_hash = ?", (credential_hash,))
+        return found[0] if found else None
+
+    def list_servers(self) -> list[Server]:
+        return self._servers("ORDER BY started_at, id")
