@@ -27,6 +27,7 @@ from appliance.runtime import Runtime
 from appliance.settings import ServerSettings, Settings, StoreSettings, default_advertise_url
 from appliance.store.base import Server
 from appliance.web.app import create_app
+from tests.web.serving import serving
 
 GENERATE = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4, "temperature": 0}}
 
@@ -310,3 +311,21 @@ def test_the_advertised_url_defaults_to_a_public_name_or_the_bound_address() -> 
     assert default_advertise_url(named, tls=True) == "https://box.lan:8443"
     everywhere = Settings(host="::", port=80)
     assert default_advertise_url(everywhere, tls=False) == f"http://{socket.gethostname()}:80"
+
+
+def test_two_serve_processes_on_one_database_fetch_from_each_other(
+    tmp_path: Path, store_url: str, tiny_gguf: Path
+) -> None:
+    env = {"APPLIANCE_STORE__URL": store_url}
+    with serving(tmp_path / "a", env=env) as a, serving(tmp_path / "b", env=env) as b:
+        imported = a.client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "tiny"})
+        assert imported.status_code in (200, 201), imported.text
+        tiny_gguf.unlink()
+
+        answer = b.client.post("/api/generate", json=GENERATE)
+
+        assert answer.status_code == 200, answer.text
+        digest = imported.json()["digest"]
+        assert _sha256(tmp_path / "b" / "blobs" / "sha256" / digest.removeprefix("sha256:")) == digest
+        listed = b.client.get("/api/v1/servers").json()
+        assert sorted((s["url"], s["alive"]) for s in listed) == sorted([(a.url, True), (b.url, True)])
