@@ -11,6 +11,8 @@ may be missing from another's cache. Then, before it is served there:
          Authorization: Bearer apserver_…)  ─► wrong bytes are discarded, the next peer is tried
       ─► else pulled again by the artifact's source ref (the provisioner: policy, approval, its
          own single flight)  ─► else ModelNotPresent
+    a pull of a ref another server pulled finds it registered and its blob missing here
+      ─► the provisioner asks ``fill_blob``: the same peers, the same fetch, before any download
     The request waits up to ``server.peer_wait`` seconds, then gets 503 (BlobFetching, Retry-After)
     while the fetch goes on; nothing is served until the blob is whole and verified.
 
@@ -155,6 +157,7 @@ class Peers:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peer-fetch")
         self._heartbeat = threading.Thread(target=self._beat, name="server-heartbeat", daemon=True)
         self._heartbeat.start()
+        self.provisioner.fill_blob = self.fill_blob
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -246,21 +249,31 @@ class Peers:
             if self._fetches.get(digest) is future:
                 del self._fetches[digest]
 
+    def fill_blob(self, artifact: Artifact) -> bool:
+        """Put a blob a live peer holds into this cache, verified: what the provisioner asks before
+        it downloads a ref another server pulled. False when no peer has it (then it downloads)."""
+        return self._credential is not None and self._from_peers(artifact, artifact.digest, [])
+
     def _bring_one(self, model: Model, artifact: Artifact) -> None:
-        digest = artifact.digest
-        with FileLocks(self.cache.downloads_dir).hold(f"peer-blob:{digest}", blocking=True):
-            if self.cache.has(digest):  # another process on this data dir brought it meanwhile
+        with FileLocks(self.cache.downloads_dir).hold(f"peer-blob:{artifact.digest}", blocking=True):
+            if self.cache.has(artifact.digest):  # another process on this data dir brought it meanwhile
                 return
             tried: list[str] = []
-            for peer in self._holders(digest, tried):
-                try:
-                    self._fetch_from(peer, model, artifact)
-                    return
-                except DiskFull:
-                    raise
-                except (ApplianceError, httpx.HTTPError, OSError) as exc:  # the next peer may do
-                    tried.append(f"{peer.url}: {exc}")
-            self._pull_again(model, artifact, tried)
+            if not self._from_peers(artifact, str(model.name), tried):
+                self._pull_again(model, artifact, tried)
+
+    def _from_peers(self, artifact: Artifact, target: str, tried: list[str]) -> bool:
+        """Fetch the blob from the first live peer that holds it and sends the right bytes; what
+        each one said otherwise goes into ``tried``."""
+        for peer in self._holders(artifact.digest, tried):
+            try:
+                self._fetch_from(peer, artifact, target)
+                return True
+            except DiskFull:
+                raise
+            except (ApplianceError, httpx.HTTPError, OSError) as exc:  # the next peer may do
+                tried.append(f"{peer.url}: {exc}")
+        return False
 
     def _holders(self, digest: str, tried: list[str]) -> list[Server]:
         """The live peers that answer HEAD for the blob, most recently heard from first."""
@@ -303,7 +316,7 @@ class Peers:
         context.load_verify_locations(cadata=peer.ca_pem)
         return context
 
-    def _fetch_from(self, peer: Server, model: Model, artifact: Artifact) -> None:
+    def _fetch_from(self, peer: Server, artifact: Artifact, target: str) -> None:
         assert self._credential is not None, "start() set it"
         fetcher = BlobFetcher(
             peer.url,
@@ -315,7 +328,7 @@ class Peers:
         )
         self._fetchers.add(fetcher)
         try:
-            with audited(self.store, self.context, action="models.fetch", target=str(model.name)) as note:
+            with audited(self.store, self.context, action="models.fetch", target=target) as note:
                 note.detail.update(digest=artifact.digest, peer=peer.id, url=peer.url)
                 note.bytes = artifact.size_bytes
                 fetcher.fetch(artifact.digest)  # verified before it is placed; wrong bytes are dropped

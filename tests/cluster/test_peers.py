@@ -27,6 +27,7 @@ from appliance.runtime import Runtime
 from appliance.settings import ServerSettings, Settings, StoreSettings, default_advertise_url
 from appliance.store.base import Server
 from appliance.web.app import create_app
+from tests.fileserver import serve_files
 from tests.web.serving import serving
 
 GENERATE = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4, "temperature": 0}}
@@ -329,3 +330,22 @@ def test_two_serve_processes_on_one_database_fetch_from_each_other(
         assert _sha256(tmp_path / "b" / "blobs" / "sha256" / digest.removeprefix("sha256:")) == digest
         listed = b.client.get("/api/v1/servers").json()
         assert sorted((s["url"], s["alive"]) for s in listed) == sorted([(a.url, True), (b.url, True)])
+
+
+def test_a_pull_of_a_ref_another_server_pulled_fetches_from_it_not_the_source(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    with serve_files() as files:
+        url = files.add("/tiny.gguf", tiny_gguf.read_bytes())
+        first = a.runtime.provisioner.ensure_present(url, Context.cli())
+
+        again = b.runtime.provisioner.ensure_present(url, Context.cli())
+
+        assert (again.digest, again.downloaded) == (first.digest, False)
+        assert _sha256(again.path) == first.digest
+        downloads = [hit for hit in files.hits_for("/tiny.gguf") if hit.range == "bytes=0-0"]
+        assert len(downloads) == 1  # A's; B's bytes came from A
+    fetched = b.runtime.store.list_audit(action="models.fetch")
+    assert [(e.target, e.detail["peer"]) for e in fetched] == [(first.digest, a.runtime.peers.id)]
