@@ -17,15 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
+import psycopg
 import pytest
 import uvicorn
 
 from appliance.audit import Context
+from appliance.cluster import peers
 from appliance.cluster.tokens import make_server_credential
+from appliance.engine.router import resolve_spec
+from appliance.errors import ModelNotPresent, StorageFailure
+from appliance.names import ModelName
 from appliance.runtime import Runtime
 from appliance.settings import ServerSettings, Settings, StoreSettings, default_advertise_url
-from appliance.store.base import Server
+from appliance.store.base import NewArtifact, Server
 from appliance.web.app import create_app
 from tests.fileserver import serve_files
 from tests.web.serving import serving
@@ -349,3 +355,88 @@ def test_a_pull_of_a_ref_another_server_pulled_fetches_from_it_not_the_source(
         assert len(downloads) == 1  # A's; B's bytes came from A
     fetched = b.runtime.store.list_audit(action="models.fetch")
     assert [(e.target, e.detail["peer"]) for e in fetched] == [(first.digest, a.runtime.peers.id)]
+
+
+def _forget_servers(store_url: str) -> None:
+    """Delete every servers row past the store, as restoring an older backup of the database would."""
+    if store_url.startswith("sqlite:"):
+        connection = apsw.Connection(store_url.removeprefix("sqlite://"))
+        connection.set_busy_timeout(10_000)  # the server heartbeats meanwhile
+        try:
+            connection.execute("DELETE FROM servers")
+        finally:
+            connection.close()
+        return
+    with psycopg.connect(store_url, autocommit=True) as connection:
+        connection.execute("DELETE FROM servers")
+
+
+def test_a_server_whose_row_was_forgotten_registers_again_at_its_next_heartbeat(
+    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch, store_url: str
+) -> None:
+    monkeypatch.setattr(peers, "HEARTBEAT_SECONDS", 0.05)
+    a = start("a")
+    _forget_servers(store_url)
+    deadline = time.monotonic() + 10
+    while not (rows := a.runtime.store.list_servers()):
+        assert time.monotonic() < deadline, "the server never registered again"
+        time.sleep(0.05)
+    assert [row.url for row in rows] == [a.url]
+    assert [s["alive"] for s in a.client.get("/api/v1/servers").json()] == [True]
+
+
+def test_a_command_on_another_data_dir_does_not_fetch_and_says_so(
+    start: Callable[..., Running], tiny_gguf: Path, tmp_path: Path, store_url: str
+) -> None:
+    a = start("a")
+    _import_on(a, tiny_gguf)
+    command = Runtime.open(Settings(data_dir=tmp_path / "cli", store=StoreSettings(url=store_url)))
+    try:
+        with pytest.raises(ModelNotPresent, match="only a running server fetches it from its peers"):
+            resolve_spec(command.models, "tiny")
+    finally:
+        command.close()
+
+
+def test_a_blob_with_no_source_and_no_peer_cannot_be_brought(start: Callable[..., Running]) -> None:
+    a = start("a")
+    b = start("b")
+    layer = b"{{ .Prompt }}"
+    with a.runtime.cache.receive() as incoming:  # as an upload (/api/blobs) places it: no source
+        incoming.write(layer)
+        digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+        incoming.finish(digest)
+    a.runtime.store.add_artifact(
+        ModelName.parse("bare"),
+        NewArtifact(
+            filename="template", format="file", digest=digest, size_bytes=len(layer), source_uri=None
+        ),
+        capabilities={},
+        actor="test",
+    )
+    a.stop()
+    with pytest.raises(ModelNotPresent, match="it has no source to pull it from"):
+        b.runtime.models.bring_blobs(b.runtime.models.get("bare"))
+    assert not b.runtime.cache.has(digest)
+
+
+def test_a_source_that_changed_since_is_not_pulled_again(
+    start: Callable[..., Running], tiny_gguf: Path, make_gguf: Any
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    a.stop()
+    tiny_gguf.write_bytes(make_gguf("other.gguf", seed=7).read_bytes())  # other content, same path
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 503
+    assert f"expected {digest}" in answer.json()["error"]
+    assert not b.runtime.cache.has(digest)
+
+
+def test_an_unreadable_server_id_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "server-id").mkdir()
+    with pytest.raises(StorageFailure, match="server-id"):
+        peers.server_id(tmp_path)
