@@ -9,6 +9,10 @@ waited on the lock while another pull of its ref ended reads that row: a cancel 
 every waiter, and a failure is handed to them rather than run again by each.
 
 A pull that needs approval waits here as ``pending`` until an admin approves or denies its row.
+A cancel, an approval and a denial are written to the row by whichever process (or server) is
+asked; the process running the pull reads them there. So the row's state only moves on from a
+state a pull runs in (``advance``) while no cancel came, and the end of a cancelled pull leaves
+what the cancel wrote.
 May import: audit, errors, names, refs, store.base, store.locks.
 """
 
@@ -248,6 +252,10 @@ class DownloadRows:
             return self.store.update_download(download.id, only_from=RESUMABLE_STATES, state=state)
         except DownloadNotPending as exc:
             raise DownloadCancelled(f"download {download.id} was cancelled") from exc
+
+    def raise_if_cancelled(self, download_id: str) -> None:
+        if self.get(download_id).state == "cancelled":
+            raise DownloadCancelled(f"download {download_id} was cancelled")
 
     # -- how a pull ended ------------------------------------------------------------------------
 

@@ -22,14 +22,14 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
+from psycopg.sql import SQL, Identifier
 from psycopg_pool import ConnectionPool
 
 from appliance.errors import ApplianceError, DiskFull, StoreFailure
@@ -109,7 +109,8 @@ class _Failures:
 
     def __init__(self, url: str) -> None:
         self.display_url = display_url(url)
-        self._password = urlsplit(url).password or ""
+        password = urlsplit(url).password
+        self._secrets = {password, unquote(password)} - {""} if password else set()
 
     def __call__(self, exc: psycopg.Error) -> ApplianceError:
         if exc.sqlstate == _DISK_FULL:
@@ -118,8 +119,8 @@ class _Failures:
                 hint="free disk space on the database server",
             )
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if self._password:
-            message = message.replace(self._password, "***")
+        for secret in self._secrets:  # libpq does not echo it; should a message ever, it is masked
+            message = message.replace(secret, "***")
         hint = (
             CONNECTION_HINT
             if isinstance(exc, psycopg.OperationalError)
@@ -192,7 +193,7 @@ class NotifyFeed(LocalFeed):
                 with psycopg.connect(
                     self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
                 ) as connection:
-                    connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    connection.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
                     if failed:
                         log.info("listening to %s again", self._failures.display_url)
                         self.bump(*TOPICS)
@@ -284,19 +285,32 @@ class PostgresStore(SqlStore):
         """A pooled connection inside one transaction: committed when the block ends, rolled back
         on an error. For ``appliance db`` (status, copy); everything else uses the Store methods."""
         try:
-            with self._pool.connection() as connection, connection.transaction():
+            with self._transaction() as connection:
                 yield connection
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 
     @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A pooled connection inside a transaction it has begun. A pooled connection the server
+        dropped meanwhile (it restarted, say) fails at BEGIN, before anything ran: then once more
+        with another (the pool discards the dead one)."""
+        for attempt in range(2):
+            with ExitStack() as stack:
+                connection = stack.enter_context(self._pool.connection())
+                try:
+                    stack.enter_context(connection.transaction())
+                except psycopg.OperationalError:
+                    if attempt == 0 and connection.closed:
+                        continue
+                    raise
+                yield connection
+                return
+
+    @contextmanager
     def _write(self, *changes: Topic) -> Iterator[_Transaction]:
         try:
-            with (
-                self._pool.connection() as connection,
-                connection.transaction(),
-                connection.cursor() as cursor,
-            ):
+            with self._transaction() as connection, connection.cursor() as cursor:
                 if "registry" in changes:
                     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._registry_lock,))
                 yield _Transaction(cursor)
@@ -308,9 +322,17 @@ class PostgresStore(SqlStore):
             self._feed.bump(*changes)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        statement = _statement(sql, params)
         try:
             with self._pool.connection() as connection:
-                return connection.execute(*_statement(sql, params)).fetchall()
+                try:
+                    return connection.execute(*statement).fetchall()
+                except psycopg.OperationalError:
+                    if not connection.closed:
+                        raise
+            # The server dropped that connection (it restarted, say): a read is safe to repeat.
+            with self._pool.connection() as connection:
+                return connection.execute(*statement).fetchall()
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 

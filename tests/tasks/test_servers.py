@@ -3,6 +3,7 @@ another's queue at once (the tasks topic of the change feed wakes it), and runs 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -14,7 +15,7 @@ from appliance.audit import Context
 from appliance.identity import Actor
 from appliance.runtime import Runtime
 from appliance.settings import Settings
-from appliance.tasks.service import POLL_SECONDS, NewTask
+from appliance.tasks.service import POLL_SECONDS, NewTask, TaskEvent
 
 ANN = Context(Actor(id="ann", kind="user", role="user"))
 
@@ -52,3 +53,20 @@ def test_a_task_queued_on_one_server_is_claimed_at_once_by_another(
         waits.append((stamp(found.started_at) - stamp(found.created_at)).total_seconds())
     # polling alone would take up to POLL_SECONDS, half of it on average
     assert max(waits) < POLL_SECONDS / 2, waits
+
+
+def test_a_follower_on_one_server_sees_a_task_another_runs_change_state(
+    two_servers: tuple[Runtime, Runtime],
+) -> None:
+    runner, front = two_servers
+    task, _ = front.tasks.create(NewTask(mode="commands", text="sleep 1"), [], ANN)
+
+    async def collect() -> list[TaskEvent]:
+        return [event async for event in front.tasks.follow(task.id, ANN.who)]
+
+    ran = [("state", "running"), ("state", "succeeded"), ("end", "succeeded")]
+    events = asyncio.run(asyncio.wait_for(collect(), timeout=60))
+    seen = [(e.kind, e.data["state"]) for e in events if e.kind != "output"]
+    # claimed at once: often before the follower's first look
+    assert seen in ([("state", "queued"), *ran], ran), seen
+    assert runner.store.list_audit(action="task.start")[0].target == task.id
