@@ -32,6 +32,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -235,9 +236,10 @@ class Peers:
         """Fetch the artifacts' blobs (one fetch per digest, whoever asks), waiting up to
         ``server.peer_wait`` seconds; BlobFetching when they are still on their way."""
         futures = [self._fetch(model, artifact) for artifact in artifacts]
+        deadline = time.monotonic() + self.settings.server.peer_wait
         try:
             for future in futures:
-                future.result(timeout=self.settings.server.peer_wait)
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             raise BlobFetching(
                 f"model {model.name}'s file is being fetched onto this server; it is served once it is"
