@@ -146,7 +146,7 @@ class ModelService:
         return self.preferences.effective(EVICT_POLICY)
 
     def cache_usage(self) -> dict[str, int | None]:
-        return {"used_bytes": self.store.cache_bytes(), "max_bytes": self.max_bytes()}
+        return {"used_bytes": self._held_bytes(), "max_bytes": self.max_bytes()}
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -427,23 +427,41 @@ class ModelService:
         candidates = [model for model in self.store.list_models() if not model.pinned and model.name != keep]
         return sorted(candidates, key=lambda model: model.last_used_at)
 
-    def _check_budget(self, incoming: int, *, keep: ModelName) -> None:
-        """Refuse up front, changing nothing, an import that cannot fit even after evicting."""
-        limit = self.max_bytes()
-        if limit is None:
-            return
-        kept = {
+    def _shared(self) -> bool:
+        """Whether other servers share the registry: then each keeps its own cache, and eviction here
+        drops only this cache's copies (the others may still serve the model, and fetch it back)."""
+        return self.blob_source is not None and self.blob_source.shared()
+
+    def _held_bytes(self) -> int:
+        """What the budget counts: every registered blob, or on a shared registry those in this cache."""
+        if not self._shared():
+            return self.store.cache_bytes()
+        on_disk = self.cache.blob_files()
+        return sum(blob.size_bytes for blob in self.store.list_blobs() if blob.digest in on_disk)
+
+    def _kept_digests(self, keep: ModelName | None) -> set[str]:
+        return {
             artifact.digest
             for model in self.store.list_models()
             if model.pinned or model.name == keep
             for artifact in model.artifacts
         }
+
+    def _check_budget(self, incoming: int, *, keep: ModelName) -> None:
+        """Refuse up front, changing nothing, an import that cannot fit even after evicting."""
+        limit = self.max_bytes()
+        if limit is None:
+            return
+        kept = self._kept_digests(keep)
+        if self._shared():
+            kept &= set(self.cache.blob_files())
+        held = self._held_bytes()
         kept_bytes = sum(blob.size_bytes for blob in self.store.list_blobs() if blob.digest in kept)
-        floor = kept_bytes if self.evict_policy() == "lru" else self.store.cache_bytes()
+        floor = kept_bytes if self.evict_policy() == "lru" else held
         if floor + incoming > limit:
             raise CacheFull(
-                f"the model needs {incoming} bytes; the cache holds {self.store.cache_bytes()} of"
-                f" models.cache.max_bytes={limit}, and only {self.store.cache_bytes() - floor} can be evicted"
+                f"the model needs {incoming} bytes; the cache holds {held} of"
+                f" models.cache.max_bytes={limit}, and only {held - floor} can be evicted"
             )
 
     def _make_room(self, incoming: int, *, keep: ModelName | None, context: Context) -> list[str]:
@@ -451,12 +469,29 @@ class ModelService:
         evicted: list[str] = []
         if limit is None or self.evict_policy() != "lru":
             return evicted
+        shared = self._shared()
         for model in self._evictable(keep):
-            if self.store.cache_bytes() + incoming <= limit:
+            if self._held_bytes() + incoming <= limit:
                 break
-            self._remove(model.name, context, action="models.evict")
+            if shared:
+                if not self._evict_here(model, self._kept_digests(keep), context):
+                    continue  # none of its files are in this cache
+            else:
+                self._remove(model.name, context, action="models.evict")
             evicted.append(str(model.name))
         return evicted
+
+    def _evict_here(self, model: Model, kept: set[str], context: Context) -> bool:
+        """On a shared registry: delete this cache's copies of a model's files (not those a pinned or
+        kept model uses), leaving it registered for the other servers; whether any were here."""
+        here = [a.digest for a in model.artifacts if a.digest not in kept and self.cache.has(a.digest)]
+        if not here:
+            return False
+        with audited(self.store, context, action="models.evict", target=str(model.name)) as note:
+            with self.cache.deleting():
+                note.bytes = sum(self.cache.remove(digest) for digest in here)
+            note.detail.update(digests=here, here_only=True)
+        return True
 
     # -- removal -----------------------------------------------------------------------------
 

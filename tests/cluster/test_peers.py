@@ -57,10 +57,6 @@ class Running:
 
 
 def _postgres_url(request: pytest.FixtureRequest) -> str:
-    try:
-        import appliance.store.postgres  # noqa: F401 (the backend another branch builds)
-    except ImportError:
-        pytest.skip("this build has no PostgreSQL store yet")
     url: str = request.getfixturevalue("postgres_url")
     return url
 
@@ -511,3 +507,31 @@ def test_a_server_on_a_full_disk_still_starts_and_registers_once_there_is_room(
             time.sleep(0.05)
     finally:
         runtime.close()
+
+
+def test_eviction_on_a_shared_registry_drops_only_this_servers_copy(
+    start: Callable[..., Running], tiny_gguf: Path, make_gguf: Any
+) -> None:
+    a = start("a")
+    b = start("b")
+    tiny = _import_on(a, tiny_gguf)
+    a.runtime.models.import_file(make_gguf("other.gguf", seed=7), Context.cli(), name="other")
+    other = a.runtime.models.get("other").artifacts[0].digest
+    for name in ("tiny", "other"):
+        b.runtime.models.bring_blobs(b.runtime.models.get(name))
+    b.runtime.store.touch_model(ModelName.parse("other"))  # tiny is the least recently used
+    budget = b.runtime.store.get_blob(other)
+    assert budget is not None
+    b.runtime.preferences.set("models.cache.max_bytes", budget.size_bytes + 100, Context.cli())
+
+    report = b.runtime.models.gc(Context.cli())
+
+    assert report.evicted == ("tiny:latest",)
+    assert not b.runtime.cache.has(tiny)  # B's copy is gone...
+    assert b.runtime.cache.has(other)
+    assert a.runtime.cache.has(tiny)  # ...A's stays, and the model is still registered for both
+    assert [str(m.name) for m in a.runtime.store.list_models()] == ["other:latest", "tiny:latest"]
+    (evicted,) = b.runtime.store.list_audit(action="models.evict")
+    assert evicted.detail == {"digests": [tiny], "here_only": True}
+    assert b.client.post("/api/generate", json=GENERATE).status_code == 200  # fetched back from A
+    assert b.runtime.cache.has(tiny)
