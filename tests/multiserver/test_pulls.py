@@ -1,0 +1,108 @@
+"""Pulls on two servers that share one PostgreSQL: one download for a ref however many servers ask
+for it, and a pull on one server followed live on the other's download events."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.fileserver import Faults, FileServer
+from tests.multiserver.servers import Pair
+from tests.provision.test_pull import digest_of
+from tests.provision.test_pull_processes import wait_for
+from tests.tiny_model import write_llama_gguf
+from tests.web.serving import Serving
+
+KIB = 1024
+
+
+def model_file(tmp_path: Path, name: str) -> bytes:
+    """A loadable GGUF under 1 MiB: one Range part, so each transfer is one body request."""
+    content = write_llama_gguf(tmp_path / name, padding_bytes=600 * KIB).read_bytes()
+    assert len(content) < 1024 * KIB
+    return content
+
+
+def blob(data_dir: Path, digest: str) -> Path:
+    return data_dir / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def pull(server: Serving, url: str, digest: str) -> httpx.Response:
+    return server.client.post("/api/v1/models/pull", json={"ref": url, "digest": digest})
+
+
+def test_eight_pulls_of_one_ref_across_two_servers_make_one_download(
+    pair: Pair, files: FileServer, tmp_path: Path
+) -> None:
+    content = model_file(tmp_path, "shared.gguf")
+    digest = digest_of(content)
+    # about 1.5 s from the origin, so all eight ask while the first transfer runs
+    url = files.add("/m/shared.gguf", content, Faults(bytes_per_second=len(content) * 2 // 3))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda server: pull(server, url, digest), [pair.a, pair.b] * 4))
+    assert [answer.status_code in (200, 202) for answer in answers] == [True] * 8, [a.text for a in answers]
+
+    # Each server ends with the blob in its own cache, verified.
+    wait_for(lambda: all(blob(data_dir, digest).exists() for data_dir in pair.data_dirs), "both caches")
+    for server, data_dir in zip(pair.both, pair.data_dirs, strict=True):
+        again = pull(server, url, digest)
+        assert again.status_code == 200, again.text
+        assert (again.json()["downloaded"], again.json()["digest"]) == (False, digest)
+        assert Path(again.json()["path"]) == blob(data_dir, digest)
+        assert blob(data_dir, digest).read_bytes() == content
+
+    # One download row, seen alike from both servers ...
+    rows = [server.client.get("/api/v1/downloads").json() for server in pair.both]
+    assert rows[0] == rows[1]
+    (download,) = rows[0]
+    assert (download["ref"], download["state"], download["bytes_done"]) == (url, "done", len(content))
+    # ... and one transfer from the origin: the second server copies the blob from the first.
+    assert len(files.body_requests("/m/shared.gguf")) == 1, files.hits_for("/m/shared.gguf")
+
+
+def follow_downloads(
+    server: Serving, seen: list[tuple[float, dict[str, Any]]], until: threading.Event
+) -> None:
+    """Collect the server's download events (with when each arrived) until ``until`` is set."""
+    with server.client.stream("GET", "/api/v1/downloads/events", timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                seen.append((time.monotonic(), json.loads(line.partition(":")[2])))
+            if until.is_set():
+                return
+
+
+def test_a_pull_started_on_a_shows_live_on_bs_download_events(
+    pair: Pair, files: FileServer, tmp_path: Path
+) -> None:
+    content = model_file(tmp_path, "watched.gguf")
+    url = files.add("/m/watched.gguf", content, Faults(bytes_per_second=len(content) // 2))  # about 2 s
+    seen: list[tuple[float, dict[str, Any]]] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=follow_downloads, args=(pair.b, seen, done), daemon=True)
+    watcher.start()
+    time.sleep(0.5)  # B's stream is open before the pull starts
+
+    answer = pull(pair.a, url, digest_of(content))
+    assert answer.status_code in (200, 202), answer.text
+    wait_for(
+        lambda: [row["state"] for _, row in seen if row["ref"] == url][-1:] == ["done"],
+        "the finished download on B's events",
+    )
+    done.set()
+    ended_on_b = next(at for at, row in seen if row["ref"] == url and row["state"] == "done")
+    finished = pair.a.client.get("/api/v1/downloads").json()[0]
+    assert (finished["ref"], finished["state"]) == (url, "done")
+
+    # B showed the transfer moving, not only its end: several progress values while it ran.
+    moving = [row["bytes_done"] for _, row in seen if row["ref"] == url and row["state"] == "running"]
+    assert len({done for done in moving if 0 < done < len(content)}) >= 2, moving
+    first_progress = next(at for at, row in seen if row["ref"] == url and row["bytes_done"] > 0)
+    assert ended_on_b - first_progress >= 0.5  # it ran about 2 s, and B saw it from early on
