@@ -168,6 +168,11 @@ def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None, off
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="PEM certificate (chain) for HTTPS.")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="Its PEM private key.")
 @click.option("--insecure-http", is_flag=True, help="Serve plain HTTP beyond loopback (warns).")
+@click.option(
+    "--database",
+    metavar="URL",
+    help="The store (store.url): postgresql://USER@HOST/DB to share one with other servers.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -176,6 +181,7 @@ def serve(
     tls_cert: Path | None,
     tls_key: Path | None,
     insecure_http: bool,
+    database: str | None,
 ) -> None:
     """Serve the API (and docs at /schema) until interrupted.
 
@@ -191,7 +197,8 @@ def serve(
     from appliance.tls import require_transport, serving_pair
     from appliance.web.staged import StagedApp
 
-    settings: Settings = ctx.obj["settings"](host=host, port=port)
+    store_flag = None if database is None else {"url": database}
+    settings: Settings = ctx.obj["settings"](host=host, port=port, store=store_flag)
     pair = serving_pair(settings, cert=tls_cert, key=tls_key, insecure_http=insecure_http)
     warning = require_transport(settings, tls=pair is not None, insecure_http=insecure_http)
     # Plain lines (click, not Rich) until the app exists: every import here delays the first answer.

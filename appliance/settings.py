@@ -388,7 +388,11 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 class StoreSettings(BaseModel):
     url: str | None = Field(
         default=None,
-        description="Where the registry lives: sqlite:///ABS/PATH.db; unset means appliance.db in data_dir.",
+        description=(
+            "Where the registry lives: sqlite:///ABS/PATH.db, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+            " (a schema other than public as ?options=-csearch_path%3DNAME) for a database several"
+            " servers share; unset means appliance.db in data_dir."
+        ),
     )
 
     @field_validator("url")
@@ -403,7 +407,7 @@ class StoreSettings(BaseModel):
         if scheme in POSTGRES_SCHEMES:
             return value  # well formed; whether this build can open it is the store's to say
         if scheme != "sqlite":
-            raise ValueError(f"{scheme}:// is not a store; use sqlite:///ABS/PATH.db")
+            raise ValueError(f"{scheme}:// is not a store; use sqlite:///ABS/PATH.db or postgresql://…")
         if not rest.startswith("/") or rest.endswith("/"):
             raise ValueError(f"{value!r} does not name a file by its absolute path, as sqlite:///ABS/PATH.db")
         if "?" in rest or "#" in rest:

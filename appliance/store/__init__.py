@@ -1,7 +1,8 @@
-"""Persistence: the Store protocol, its SQLite backend, the factory that picks one, and the blob cache.
+"""Persistence: the Store protocol, its SQLite and PostgreSQL backends, the factory that picks one, and
+the blob cache.
 
 The names are loaded on first use: a command that only reads ``appliance.store.base`` (the CLI's
-``--help`` does) should not pay for the SQLite driver and the settings.
+``--help`` does) should not pay for the database drivers and the settings.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ if TYPE_CHECKING:
     from appliance.store.base import Store
     from appliance.store.cache import BlobCache
     from appliance.store.factory import open_store
+    from appliance.store.postgres import PostgresStore
     from appliance.store.sqlite import SqliteStore
 
-__all__ = ["BlobCache", "SqliteStore", "Store", "open_store"]
+__all__ = ["BlobCache", "PostgresStore", "SqliteStore", "Store", "open_store"]
 
 _HOMES = {
     "BlobCache": "appliance.store.cache",
+    "PostgresStore": "appliance.store.postgres",
     "SqliteStore": "appliance.store.sqlite",
     "Store": "appliance.store.base",
     "open_store": "appliance.store.factory",

@@ -2,8 +2,9 @@
 
 SQL lives only in this package. Callers get these records, never cursors, and hold a
 ``Store``, never a backend: ``factory.open_store`` picks the backend ``store.url`` names.
-The SQLite backend (``sqlite.py``) is the embedded default; a PostgreSQL backend will
-implement the same protocol, and every backend passes ``tests/store/test_contract.py``.
+The SQLite backend (``sqlite.py``) is the embedded default; the PostgreSQL backend
+(``postgres.py``) is the one several servers share. Both run the SQL of ``sql.py``, and every
+backend passes ``tests/store/test_contract.py``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Which store a process opens: the one ``store.url`` names.
 
-| ``store.url``              | store                                                |
-| -------------------------- | ---------------------------------------------------- |
-| unset                      | SQLite, ``<data_dir>/appliance.db``                  |
-| ``sqlite:///ABS/PATH.db``  | SQLite, that file                                    |
-| ``postgresql://…``         | refused: this build has no PostgreSQL backend yet    |
+| ``store.url``              | store                                                      |
+| -------------------------- | ---------------------------------------------------------- |
+| unset                      | SQLite, ``<data_dir>/appliance.db``                        |
+| ``sqlite:///ABS/PATH.db``  | SQLite, that file                                          |
+| ``postgresql://…``         | PostgreSQL: the schema the URL's search_path names (else   |
+| (or ``postgres://…``)      | ``public``), which several servers may share               |
 
 The settings have already checked the URL's form (``StoreSettings``).
 """
@@ -44,10 +45,10 @@ def open_store(settings: Settings) -> Store:
     if scheme == "sqlite":
         return SqliteStore(Path(rest))
     if scheme in POSTGRES_SCHEMES:
-        raise InvalidSetting(
-            "store.url names a PostgreSQL database, and this build has no PostgreSQL backend yet",
-            hint="unset store.url (APPLIANCE_STORE__URL) to use the SQLite file in the data dir,"
-            " or set it to sqlite:///ABS/PATH.db",
-        )
+        from appliance.store.postgres import PostgresStore  # psycopg only where it is used
+
+        return PostgresStore(url)
     # Settings built without validation (model_construct) can still get here.
-    raise InvalidSetting(f"store.url: {scheme}:// is not a store", hint="use sqlite:///ABS/PATH.db")
+    raise InvalidSetting(
+        f"store.url: {scheme}:// is not a store", hint="use sqlite:///ABS/PATH.db or postgresql://…"
+    )
