@@ -15,6 +15,7 @@ layer, nor the cluster's implementations (the directory is a protocol).
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +35,9 @@ from appliance.store.cache import BlobCache
 __all__ = ["Loaded", "NodeDirectory", "Routed", "Router", "resolve_spec"]
 
 REGISTRY_CHECK_SECONDS = 0.5
+# A model's last use orders evictions, to the second at best: writing it on every request would
+# make each one a database write (and, on a shared PostgreSQL, a row every server contends for).
+TOUCH_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class Router:
         self.engine = engine
         self.nodes = nodes
         self.local = local  # cluster.local_inference: the in-process engine is a candidate
+        self._touched: dict[ModelName, float] = {}  # name -> when its last use was written (monotonic)
+        self._touched_lock = threading.Lock()
         self._closing = threading.Event()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
         self._watcher.start()
@@ -182,6 +188,13 @@ class Router:
         )
 
     def touch(self, name: ModelName) -> None:
+        """Record the model's use: at most once every TOUCH_EVERY seconds per model."""
+        now = time.monotonic()
+        with self._touched_lock:
+            last = self._touched.get(name)
+            if last is not None and now - last < TOUCH_EVERY:
+                return
+            self._touched[name] = now
         with suppress(DiskFull):  # last use only orders evictions: a full disk must not stop serving
             self.store.touch_model(name)
 

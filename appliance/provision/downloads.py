@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from appliance.errors import (
 )
 from appliance.names import ModelName
 from appliance.refs import ModelRef
-from appliance.store.base import ACTIVE_DOWNLOAD_STATES, Download, Store
+from appliance.store.base import ACTIVE_DOWNLOAD_STATES, Download, DownloadState, Store
 from appliance.store.locks import FileLocks, Locks, lock_name
 
 __all__ = ["DownloadRows", "ProgressWriter", "PullProgress", "flight_key"]
@@ -106,13 +105,19 @@ class DownloadRows:
         self.store = store
         # Every server sharing the store must see a pull's lock; one machine's processes share files.
         self.locks: Locks = store.shared_locks() or FileLocks(locks_dir)
+        self._checked = 0.0  # when mark_interrupted last ran (monotonic)
 
     def lock(self, ref: str, *, blocking: bool) -> AbstractContextManager[bool]:
         """The ref's pull lock, held by whichever process runs its pull; yields whether it was taken."""
         return self.locks.hold(ref, blocking=blocking)
 
-    def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
-        self.mark_interrupted()  # a pull killed while this process runs (a CLI's) shows as such
+    def list_downloads(
+        self, *, states: tuple[str, ...] = (), limit: int = 100, checked_within: float = 0.0
+    ) -> list[Download]:
+        # a pull killed while this process runs (a CLI's, another server's) shows as such; a check
+        # tries a lock per active row, so a live view that lists at every change skips most
+        if time.monotonic() - self._checked >= checked_within:
+            self.mark_interrupted()
         return self.store.list_downloads(states=states, limit=limit)
 
     def get(self, download_id: str) -> Download:
@@ -123,6 +128,7 @@ class DownloadRows:
 
     def mark_interrupted(self) -> None:
         """Rows some process should be running, whose pull lock nobody holds, lost their process."""
+        self._checked = time.monotonic()
         for download in self.store.list_downloads(states=ACTIVE_DOWNLOAD_STATES, limit=1000):
             with self.lock(download.ref, blocking=False) as free:
                 if free:
@@ -212,6 +218,8 @@ class DownloadRows:
             current = self.store.get_download(download.id)
             if current is None:
                 raise DownloadNotFound(f"download {download.id} disappeared while it waited for approval")
+            if current.state == "cancelled":  # by another process or server
+                raise DownloadCancelled(f"download {current.id} was cancelled while it waited for approval")
             if current.state == "denied":
                 raise DownloadDenied(
                     f"download {current.id} of {current.ref} was denied by {current.decided_by}"
@@ -233,6 +241,14 @@ class DownloadRows:
                 decided_by=context.actor,
             )
 
+    def advance(self, download: Download, state: DownloadState) -> Download:
+        """Move this process's pull on to ``state``. Its pull lock is held here, so the row can only
+        have left the states a pull runs in through a cancel (written by any process or server)."""
+        try:
+            return self.store.update_download(download.id, only_from=RESUMABLE_STATES, state=state)
+        except DownloadNotPending as exc:
+            raise DownloadCancelled(f"download {download.id} was cancelled") from exc
+
     # -- how a pull ended ------------------------------------------------------------------------
 
     def failed(self, download: Download, exc: BaseException) -> None:
@@ -252,16 +268,48 @@ class DownloadRows:
         note = AuditNote(target=str(ref), outcome="error", detail=detail)
         record(self.store, context, action="models.pull", note=note)
 
+    def cancel(self, download_id: str, context: Context) -> Download:
+        """Mark a pull's row cancelled, whichever process or server runs it: that pull sees it (its
+        CancelWatch) and stops; its finished parts stay for the next pull of the ref."""
+        try:
+            return self.store.update_download(
+                download_id,
+                only_from=ACTIVE_DOWNLOAD_STATES,
+                state="cancelled",
+                error=f"cancelled by {context.actor}",
+                error_code=DownloadCancelled.code,
+                rate_bytes_per_s=0,
+            )
+        except DownloadNotPending as exc:
+            state = self.get(download_id).state
+            raise DownloadNotPending(
+                f"download {download_id} is {state}; nothing runs to cancel",
+                hint="only a pending, approved, queued or running pull can be cancelled",
+            ) from exc
+
     def cancelled(self, download: Download, exc: DownloadCancelled) -> None:
-        self.store.update_download(
-            download.id, state="cancelled", error=str(exc), error_code=exc.code, rate_bytes_per_s=0
-        )
+        """A row cancelled by an admin keeps what the admin's cancel wrote."""
+        with contextlib.suppress(DownloadNotPending):
+            self.store.update_download(
+                download.id,
+                only_from=RESUMABLE_STATES,
+                state="cancelled",
+                error=str(exc),
+                error_code=exc.code,
+                rate_bytes_per_s=0,
+            )
 
     def interrupted(self, download: Download) -> None:
-        """Stopped without a cancel (Ctrl-C, the server stopping): the next pull resumes it."""
-        self.store.update_download(
-            download.id, state="interrupted", rate_bytes_per_s=0, note=INTERRUPTED_NOTE
-        )
+        """Stopped without a cancel (Ctrl-C, the server stopping): the next pull resumes it. A row
+        cancelled meanwhile (from another process) stays cancelled."""
+        with contextlib.suppress(DownloadNotPending):
+            self.store.update_download(
+                download.id,
+                only_from=RESUMABLE_STATES,
+                state="interrupted",
+                rate_bytes_per_s=0,
+                note=INTERRUPTED_NOTE,
+            )
 
 
 def flight_key(text: str) -> str:

@@ -1,8 +1,10 @@
 """``ensure_present``: make a ModelRef present, verified and registered, exactly once.
 
     parse ─► already present? (no network at all) ─► policy (offline, allow/deny)
-          ─► single-flight (threads: a lock per ref; processes: an flock per ref)
-          ─► approval, when required ─► one download (the transfer engine) ─► verify ─► register
+          ─► single-flight (threads: a lock per ref; processes and servers: the ref's pull lock)
+          ─► present now? (another pull finished it; a peer server's blob fills this cache)
+          ─► approval, when required ─► a download slot ─► one download (the transfer engine)
+          ─► verify ─► register
 
 Every pull that needs the network has a ``downloads`` row (progress written at most a few
 times a second) and an audit event; approvals and denials are audited too. Pulls that wait on
@@ -12,10 +14,21 @@ A row whose process ended before it did (killed, or stopped with the server) is 
 ref resumes it under the same id. A successful pull writes the engine handoff and appends to the
 provenance log.
 
+Several servers on one store (PostgreSQL) share the rows, the registry and the locks, but each
+keeps its own blob cache. So the single flight is of the *download* of a ref: its pull lock is the
+store's shared lock, one download row runs at a time whichever server asked, and a cancel, an
+approval or a denial written on any server reaches the pull wherever it runs (flight.py). The
+*bytes* land per server: a pull that waited while another server pulled the ref finds the model
+registered but its blobs missing here; it asks ``fill_blob`` (a peer server's copy, checked
+against the registered digest) and, when no peer has them, downloads them itself, as a download of
+its own (a row, the policy, the approval: it uses the network like any pull). The
+``models.download.max_parallel`` slots are shared the same way.
+
 Here: the single flight, ``ensure_present``, and a download's fetch and register. Elsewhere in
-this package: the rows, their approval and the pull lock (downloads.py), the resolver of each
-scheme (sources.py), the allow and deny lists (policy.py), the digest checks (verify.py), the
-handoff and provenance files (handoff.py), moving bytes (transfer.py).
+this package: the rows, their approval and the pull lock (downloads.py), the download slots and
+cancels across processes (flight.py), the resolver of each scheme (sources.py), the allow and
+deny lists (policy.py), the digest checks (verify.py), the handoff and provenance files
+(handoff.py), moving bytes (transfer.py).
 
 May import: audit, errors, names, refs, settings, preferences, models (the registry service and
 formats), store.base, store.cache; never the engine or the web layer.
@@ -40,7 +53,6 @@ from appliance.errors import (
     DigestRequired,
     DiskFull,
     DownloadCancelled,
-    DownloadNotPending,
     ModelNotFound,
     UnsupportedFormat,
 )
@@ -55,6 +67,7 @@ from appliance.preferences import (
     PreferenceService,
 )
 from appliance.provision.downloads import DownloadRows, ProgressWriter, PullProgress, flight_key
+from appliance.provision.flight import CancelWatch, DownloadSlots
 from appliance.provision.handoff import append_provenance, write_handoff
 from appliance.provision.plan import Plan
 from appliance.provision.policy import SourcePolicy
@@ -121,12 +134,17 @@ class Provisioner:
         self._transport = transport
         self._flights: dict[str, threading.Lock] = {}
         self._flights_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(settings.models.download.max_parallel)
         self.runtime_dir = settings.data_dir / "runtime"
         self._background: ThreadPoolExecutor | None = None
         self._cancels: dict[str, threading.Event] = {}  # download id -> its pull's cancel, in this process
         self._pending_cancels: set[threading.Event] = set()  # every background pull's cancel
         self._rows = DownloadRows(store, cache.downloads_dir)
+        self._feed = store.change_feed()
+        self._slots = DownloadSlots(self._rows.locks, settings.models.download.max_parallel)
+        self._watch = CancelWatch(store)
+        # Puts a blob that another server sharing the store holds into this server's cache (the
+        # peers service sets it); False, or None, and the pull downloads the bytes itself.
+        self.fill_blob: Callable[[Artifact], bool] | None = None
         self._closing = False  # a pull stopped by close() is interrupted, not cancelled
         self._rows.mark_interrupted()
         # pushes reach registries under the same policy and with the same client as pulls
@@ -139,6 +157,7 @@ class Provisioner:
             cancel.set()
         if self._background is not None:
             self._background.shutdown(wait=True, cancel_futures=True)
+        self._watch.close()
 
     # -- settings an admin can override with a preference ----------------------------------------
 
@@ -183,7 +202,8 @@ class Provisioner:
         self.policy().check(parsed)
         waiting_since = utcnow()
         with self._single_flight(str(parsed)):
-            present = self._present(parsed, expected, model_name, context)  # another pull finished it
+            # another pull finished it; on another server, so its blobs may only be in that one's cache
+            present = self._present(parsed, expected, model_name, context, fill=True)
             if present is not None:
                 return present
             self._rows.raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
@@ -240,16 +260,26 @@ class Provisioner:
         raise ModelNotFound(f"no model in the cache has the blob {ref.digest}")
 
     def _present(
-        self, ref: ModelRef, expected: str | None, name: ModelName | None, context: Context
+        self,
+        ref: ModelRef,
+        expected: str | None,
+        name: ModelName | None,
+        context: Context,
+        *,
+        fill: bool = False,
     ) -> ResolvedModel | None:
         """The fast path: the ref was pulled before and its blobs are intact. No network: under a new
-        name, the blobs already in the cache are registered under it too."""
+        name, the blobs already in the cache are registered under it too. With ``fill`` (under the
+        ref's pull lock), blobs registered but missing from this cache are asked of ``fill_blob``."""
         found = self._pulled_before(ref)
         if found is None:
             return None
         model, artifact = found
         members = [a for a in model.artifacts if (a.source_uri or "").startswith(f"{ref}#")]
-        if any(a.state != "ok" or not self.cache.has(a.digest) for a in members or [artifact]):
+        if any(a.state != "ok" for a in members or [artifact]):
+            return None
+        missing = [a for a in members or [artifact] if not self.cache.has(a.digest)]
+        if missing and not (fill and self._fill(missing)):
             return None
         digest = repo_digest([a.digest for a in members]) if members else artifact.digest
         if expected is not None and digest != expected:
@@ -262,6 +292,13 @@ class Provisioner:
         resolved = self._resolved(model, primary, str(ref), "present")
         size = sum(a.size_bytes for a in members)
         return ResolvedModel(**{**resolved.__dict__, "digest": digest, "size": size})
+
+    def _fill(self, artifacts: list[Artifact]) -> bool:
+        """Whether ``fill_blob`` put every one of ``artifacts`` into this server's cache."""
+        fill_blob = self.fill_blob
+        return fill_blob is not None and all(
+            fill_blob(artifact) and self.cache.has(artifact.digest) for artifact in artifacts
+        )
 
     def _pulled_before(self, ref: ModelRef) -> tuple[Model, Artifact] | None:
         """The newest artifact fetched from ``ref``. A pull whose bytes were already registered from
@@ -354,52 +391,57 @@ class Provisioner:
         cancel: threading.Event,
     ) -> ResolvedModel:
         download = self._rows.row_for(ref, model_name, expected, context)
-        try:
-            download = self._rows.await_approval(
-                download, context, cancel, on_progress, required=self.approval_required()
-            )
-        except DownloadCancelled as exc:
-            self._stopped(download, exc)
-            raise
-        download = self.store.update_download(download.id, state="queued", error=None)
-        if on_progress is not None:
-            on_progress(PullProgress(download.id, "queued", download.bytes_done, download.bytes_total, 0))
-        progress = ProgressWriter(self.store, download.id, on_progress)
-        try:
-            # Approved (or no approval needed): now wait for one of the max_parallel slots.
-            with self._slots:
-                download = self.store.update_download(download.id, state="running", error=None)
-                if on_progress is not None:
-                    on_progress(
-                        PullProgress(download.id, "running", download.bytes_done, download.bytes_total, 0)
+        with self._watch.watching(download.id, cancel):  # a cancel written by any server stops it
+            try:
+                download = self._rows.await_approval(
+                    download, context, cancel, on_progress, required=self.approval_required()
+                )
+                download = self._rows.advance(download, "queued")
+            except DownloadCancelled as exc:
+                self._stopped(download, exc)
+                raise
+            self._report(on_progress, download)
+            progress = ProgressWriter(self.store, download.id, on_progress)
+            try:
+                # Approved (or no approval needed): now wait for one of the max_parallel slots.
+                with self._slots.hold(cancel):
+                    download = self._rows.advance(download, "running")
+                    self._report(on_progress, download)
+                    with audited(self.store, context, action="models.pull", target=str(ref)) as note:
+                        note.detail.update(download_id=download.id, name=str(model_name))
+                        resolved = self._fetch_and_register(
+                            ref, plan, context, model_name, expected, progress, cancel, note
+                        )
+                    # ended before its slot is given back: the pull that takes the slot next starts after
+                    self.store.update_download(
+                        download.id,
+                        state="done",
+                        digest=resolved.digest,
+                        bytes_done=resolved.size,
+                        bytes_total=resolved.size,
                     )
-                with audited(self.store, context, action="models.pull", target=str(ref)) as note:
-                    note.detail.update(download_id=download.id, name=str(model_name))
-                    resolved = self._fetch_and_register(
-                        ref, plan, context, model_name, expected, progress, cancel, note
-                    )
-        except DownloadCancelled as exc:
-            self._stopped(download, exc)
-            raise
-        except Exception as exc:
-            self._rows.failed(download, exc)
-            raise
-        except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
-            self._rows.interrupted(download)
-            raise
-        self.store.update_download(
-            download.id,
-            state="done",
-            digest=resolved.digest,
-            bytes_done=resolved.size,
-            bytes_total=resolved.size,
-        )
-        if on_progress is not None:
-            on_progress(PullProgress(download.id, "done", resolved.size, resolved.size, 0))
+                    if on_progress is not None:
+                        on_progress(PullProgress(download.id, "done", resolved.size, resolved.size, 0))
+            except DownloadCancelled as exc:
+                self._stopped(download, exc)
+                raise
+            except Exception as exc:
+                self._rows.failed(download, exc)
+                raise
+            except BaseException:  # Ctrl-C in a CLI pull: the parts on disk stay, to resume
+                self._rows.interrupted(download)
+                raise
         model = self.models.get(resolved.id)
         write_handoff(self.runtime_dir, resolved, ctx_max=model.capabilities.get("context_length"))
         append_provenance(self.runtime_dir, resolved)
         return ResolvedModel(**{**resolved.__dict__, "download_id": download.id})
+
+    @staticmethod
+    def _report(on_progress: Callable[[PullProgress], None] | None, download: Download) -> None:
+        if on_progress is not None:
+            on_progress(
+                PullProgress(download.id, download.state, download.bytes_done, download.bytes_total, 0)
+            )
 
     def _stopped(self, download: Download, exc: DownloadCancelled) -> None:
         """A cancel ends the download; close() (the server stopping) only interrupts it."""
@@ -619,22 +661,28 @@ class Provisioner:
         return ticket
 
     def cancel(self, download_id: str, context: Context) -> Download:
-        """Stop a running or pending pull of this process; its finished parts stay, to resume."""
+        """Stop a pending or running pull, whichever process or server runs it (one of this
+        process at once, another within CANCEL_POLL); its finished parts stay, to resume."""
         with audited(self.store, context, action="downloads.cancel", target=download_id):
-            download = self.get_download(download_id)
+            download = self._rows.cancel(download_id, context)
             cancel = self._cancels.get(download_id)
-            if cancel is None or download.state not in ("pending", "approved", "queued", "running"):
-                raise DownloadNotPending(
-                    f"download {download_id} is {download.state}; nothing runs to cancel",
-                    hint="only a pending or running pull of this server can be cancelled",
-                )
-            cancel.set()
+            if cancel is not None:
+                cancel.set()
             return download
 
     # -- downloads -------------------------------------------------------------------------------
 
-    def list_downloads(self, *, states: tuple[str, ...] = (), limit: int = 100) -> list[Download]:
-        return self._rows.list_downloads(states=states, limit=limit)
+    def list_downloads(
+        self, *, states: tuple[str, ...] = (), limit: int = 100, checked_within: float = 0.0
+    ) -> list[Download]:
+        """Newest first. Rows whose process is gone are marked interrupted first, unless that was
+        checked less than ``checked_within`` seconds ago (a live view lists often)."""
+        return self._rows.list_downloads(states=states, limit=limit, checked_within=checked_within)
+
+    def downloads_seen(self) -> int:
+        """The downloads' change counter now: it moves at each write to a download row (on
+        PostgreSQL, by any server; on SQLite, by this process)."""
+        return self._feed.current("downloads")
 
     def get_download(self, download_id: str) -> Download:
         return self._rows.get(download_id)

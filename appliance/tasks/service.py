@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 STOPPED_REASON = "the server stopped while it ran"
 MAX_ATTEMPTS = 2  # a task that was running when its server (or worker) stopped is run once more, then failed
 RENEW_SECONDS = 5.0  # at most; also how soon a cancel made by another process reaches the job
-POLL_SECONDS = 1.0  # how often the queue looks for work other processes queued
+POLL_SECONDS = 1.0  # how often the queue looks for work that moved no change counter here
 FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
@@ -183,6 +183,7 @@ class TaskService(NodeTasks):
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
         self._started = threading.Event()
 
     @property
@@ -380,21 +381,34 @@ class TaskService(NodeTasks):
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="tasks", daemon=True)
         self._thread.start()
         self._started.wait()
+        threading.Thread(target=self._watch_tasks, name="tasks-feed", daemon=True).start()
 
     def close(self) -> None:
         """Stop the queue: tasks still running are stopped and queued again (or failed) as after a crash."""
         loop, stopping, thread = self._loop, self._stopping, self._thread
         if loop is None or stopping is None or thread is None:
             return
+        self._closing.set()
         with suppress(RuntimeError):  # its loop has already ended
             loop.call_soon_threadsafe(stopping.set)
-        thread.join()
+        thread.join()  # the feed's watcher ends at its next wake, which closing the store hastens
 
     def _poke(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             with suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
+
+    def _watch_tasks(self) -> None:
+        """Wake the queue whenever the tasks' change counter moves: a task queued on another server
+        sharing the store (PostgreSQL) is claimed here at once, not at the next POLL_SECONDS."""
+        feed = self.store.change_feed()
+        seen = feed.current("tasks")
+        while not self._closing.is_set():
+            now = feed.wait("tasks", seen, POLL_SECONDS)  # a feed reconnects itself; it never raises
+            if now != seen:
+                seen = now
+                self._poke()
 
     def _stop_here(self, task_id: str, why: Literal["cancel", "shutdown"]) -> None:
         running, loop = self._running.get(task_id), self._loop

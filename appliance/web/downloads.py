@@ -29,7 +29,13 @@ from appliance.web.errors import ErrorInfo, error_tail, problem_body
 __all__ = ["DownloadsController", "pull_model"]
 
 STARTED_WAIT = 10.0  # seconds a pull may take before the API answers 202 with its download
+# The events stream lists the rows when the downloads' change counter moves (a write on any server
+# sharing the store), looking at the counter every EVENTS_GAP: it is in memory, so an idle stream
+# holds no thread and reads nothing. A pull of another process on the same SQLite file moves no
+# counter here, so the stream lists anyway every EVENTS_INTERVAL.
+EVENTS_GAP = 0.1
 EVENTS_INTERVAL = 0.5
+INTERRUPTED_CHECK = 2.0  # seconds between the stream's looks for rows whose process is gone
 
 
 @post("/api/v1/models/pull", tags=["models"], status_code=200)
@@ -78,13 +84,19 @@ class DownloadsController(Controller):
         async def changes() -> AsyncIterator[ServerSentEventMessage]:
             seen: dict[str, str] = {}
             while True:
-                found = await anyio.to_thread.run_sync(lambda: provisioner.list_downloads(limit=50))
+                counter = provisioner.downloads_seen()
+                found = await anyio.to_thread.run_sync(
+                    lambda: provisioner.list_downloads(limit=50, checked_within=INTERRUPTED_CHECK)
+                )
                 for download in reversed(found):
                     if seen.get(download.id) != download.updated_at:
                         seen[download.id] = download.updated_at
                         row = json.dumps(DownloadOut.of(download).model_dump(mode="json"))
                         yield ServerSentEventMessage(data=row, event="download")
-                await asyncio.sleep(EVENTS_INTERVAL)
+                listed = time.monotonic()
+                await asyncio.sleep(EVENTS_GAP)
+                while provisioner.downloads_seen() == counter and time.monotonic() - listed < EVENTS_INTERVAL:
+                    await asyncio.sleep(EVENTS_GAP)
 
         # Each message names its event type itself: Litestar's event_type would also send a stray
         # "event:" line before the first message, which then carries the field twice.
