@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from tests.conftest import APPLIANCE, free_port
 from tests.web.serving import Serving
 
-__all__ = ["Pair", "two_servers"]
+__all__ = ["Pair", "pulled", "two_servers"]
 
 START_SECONDS = 60  # two servers start at once on a busy two-core machine
 
@@ -36,6 +37,20 @@ class Pair:
     @property
     def both(self) -> tuple[Serving, Serving]:
         return self.a, self.b
+
+
+def pulled(server: Serving, url: str, digest: str, timeout: float = 60) -> dict[str, Any]:
+    """Pull ``url`` on ``server`` until it is present there (a 202 means the pull goes on: asking
+    again joins it); the 200's model."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = server.client.post("/api/v1/models/pull", json={"ref": url, "digest": digest})
+        assert answer.status_code in (200, 202), answer.text
+        if answer.status_code == 200:
+            model: dict[str, Any] = answer.json()
+            return model
+        assert time.monotonic() < deadline, f"{url} is still not present on {server.url}: {answer.text}"
+        time.sleep(0.2)
 
 
 def _spawn(data_dir: Path, args: list[str], env: dict[str, str]) -> Serving:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.fileserver import FileServer
-from tests.multiserver.servers import Pair
+from tests.multiserver.servers import Pair, pulled
 from tests.provision.test_pull import digest_of
 from tests.tiny_model import write_llama_gguf
 
@@ -34,6 +34,4 @@ def test_offline_set_on_a_refuses_a_pull_on_b_and_unset_on_b_lets_a_pull(
     reset = pair.b.client.put("/api/v1/preferences/offline", json={"value": None})
     assert reset.status_code == 200, reset.text
     assert offline(pair.a.client.get("/api/v1/preferences").json()) == {"value": False, "overridden": False}
-    pulled = pair.a.client.post("/api/v1/models/pull", json={"ref": url, "digest": digest_of(content)})
-    assert pulled.status_code == 200, pulled.text
-    assert pulled.json()["digest"] == digest_of(content)
+    assert pulled(pair.a, url, digest_of(content))["digest"] == digest_of(content)

@@ -4,16 +4,18 @@ for it, and a pull on one server followed live on the other's download events.""
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.fileserver import Faults, FileServer
-from tests.multiserver.servers import Pair
+from tests.multiserver.servers import Pair, pulled
 from tests.provision.test_pull import digest_of
 from tests.provision.test_pull_processes import wait_for
 from tests.tiny_model import write_llama_gguf
@@ -24,7 +26,7 @@ KIB = 1024
 
 def model_file(tmp_path: Path, name: str) -> bytes:
     """A loadable GGUF under 1 MiB: one Range part, so each transfer is one body request."""
-    content = write_llama_gguf(tmp_path / name, padding_bytes=600 * KIB).read_bytes()
+    content = write_llama_gguf(tmp_path / name, padding_bytes=400 * KIB).read_bytes()
     assert len(content) < 1024 * KIB
     return content
 
@@ -51,32 +53,32 @@ def test_eight_pulls_of_one_ref_across_two_servers_make_one_download(
     # Each server ends with the blob in its own cache, verified.
     wait_for(lambda: all(blob(data_dir, digest).exists() for data_dir in pair.data_dirs), "both caches")
     for server, data_dir in zip(pair.both, pair.data_dirs, strict=True):
-        again = pull(server, url, digest)
-        assert again.status_code == 200, again.text
-        assert (again.json()["downloaded"], again.json()["digest"]) == (False, digest)
-        assert Path(again.json()["path"]) == blob(data_dir, digest)
+        again = pulled(server, url, digest)
+        assert (again["downloaded"], again["digest"]) == (False, digest)
+        assert Path(again["path"]) == blob(data_dir, digest)
         assert blob(data_dir, digest).read_bytes() == content
 
     # One download row, seen alike from both servers ...
     rows = [server.client.get("/api/v1/downloads").json() for server in pair.both]
     assert rows[0] == rows[1]
+    assert [row["state"] for row in rows[0]] == ["done"], rows[0]
     (download,) = rows[0]
     assert (download["ref"], download["state"], download["bytes_done"]) == (url, "done", len(content))
     # ... and one transfer from the origin: the second server copies the blob from the first.
     assert len(files.body_requests("/m/shared.gguf")) == 1, files.hits_for("/m/shared.gguf")
 
 
-def follow_downloads(
-    server: Serving, seen: list[tuple[float, dict[str, Any]]], until: threading.Event
-) -> None:
-    """Collect the server's download events (with when each arrived) until ``until`` is set."""
+def follow_downloads(server: Serving, ref: str, seen: list[tuple[float, dict[str, Any]]]) -> None:
+    """Collect the server's download events, with when each arrived (epoch seconds, to compare with
+    the rows' ``updated_at``), until ``ref``'s is done."""
     with server.client.stream("GET", "/api/v1/downloads/events", timeout=60) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data:"):
-                seen.append((time.monotonic(), json.loads(line.partition(":")[2])))
-            if until.is_set():
-                return
+                row = json.loads(line.partition(":")[2])
+                seen.append((time.time(), row))
+                if (row["ref"], row["state"]) == (ref, "done"):
+                    return
 
 
 def test_a_pull_started_on_a_shows_live_on_bs_download_events(
@@ -85,19 +87,15 @@ def test_a_pull_started_on_a_shows_live_on_bs_download_events(
     content = model_file(tmp_path, "watched.gguf")
     url = files.add("/m/watched.gguf", content, Faults(bytes_per_second=len(content) // 2))  # about 2 s
     seen: list[tuple[float, dict[str, Any]]] = []
-    done = threading.Event()
-    watcher = threading.Thread(target=follow_downloads, args=(pair.b, seen, done), daemon=True)
+    watcher = threading.Thread(target=follow_downloads, args=(pair.b, url, seen), daemon=True)
     watcher.start()
     time.sleep(0.5)  # B's stream is open before the pull starts
 
     answer = pull(pair.a, url, digest_of(content))
     assert answer.status_code in (200, 202), answer.text
-    wait_for(
-        lambda: [row["state"] for _, row in seen if row["ref"] == url][-1:] == ["done"],
-        "the finished download on B's events",
-    )
-    done.set()
-    ended_on_b = next(at for at, row in seen if row["ref"] == url and row["state"] == "done")
+    watcher.join(timeout=60)
+    assert not watcher.is_alive(), f"B never showed the download done: {seen}"
+    ended_on_b = seen[-1][0]
     finished = pair.a.client.get("/api/v1/downloads").json()[0]
     assert (finished["ref"], finished["state"]) == (url, "done")
 
@@ -106,3 +104,8 @@ def test_a_pull_started_on_a_shows_live_on_bs_download_events(
     assert len({done for done in moving if 0 < done < len(content)}) >= 2, moving
     first_progress = next(at for at, row in seen if row["ref"] == url and row["bytes_done"] > 0)
     assert ended_on_b - first_progress >= 0.5  # it ran about 2 s, and B saw it from early on
+    # and at once: a row A wrote reaches B's stream in well under B's fallback poll (0.5 s)
+    lags = [
+        at - datetime.fromisoformat(row["updated_at"]).timestamp() for at, row in seen if row["ref"] == url
+    ]
+    assert statistics.median(lags) < 0.2, lags
