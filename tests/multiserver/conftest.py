@@ -35,3 +35,5 @@ def pair(postgres_url: str, shared_root: Path) -> Iterator[Pair]:
     """Servers A and B on this test's own PostgreSQL schema; skips where no PostgreSQL is reachable."""
     with two_servers(postgres_url, shared_root) as servers:
         yield servers
+    for name, server in zip("AB", servers.both, strict=True):  # shown when the test failed
+        print(f"--- the end of server {name}'s output ---\n{''.join(server.output)[-4000:]}")

@@ -56,17 +56,25 @@ def pulled(server: Serving, url: str, digest: str, timeout: float = 60) -> dict[
 def _spawn(data_dir: Path, args: list[str], env: dict[str, str]) -> Serving:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **env},
-    )
+    data_dir.mkdir(parents=True)
+    # A file, not a pipe: a server logs every request, and a pipe nobody reads while a test runs
+    # fills up and stops the server mid-write.
+    with (data_dir.parent / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env},
+        )
     return Serving(url, port, httpx.Client(base_url=url, timeout=60), [], process)
 
 
-def _wait_ready(server: Serving, deadline: float) -> None:
+def _log(server: Serving, data_dir: Path) -> str:
+    return (data_dir.parent / "serve.log").read_text(errors="replace")
+
+
+def _wait_ready(server: Serving, data_dir: Path, deadline: float) -> None:
     while True:
         try:
             if server.client.get("/healthz").status_code == 200:
@@ -75,19 +83,21 @@ def _wait_ready(server: Serving, deadline: float) -> None:
             pass
         if server.process.poll() is not None or time.monotonic() > deadline:
             server.process.kill()
-            raise RuntimeError(f"appliance serve did not start:\n{server.process.communicate()[0]}")
+            server.process.wait()
+            raise RuntimeError(f"appliance serve did not start:\n{_log(server, data_dir)}")
         time.sleep(0.1)
 
 
-def _stop(server: Serving) -> None:
+def _stop(server: Serving, data_dir: Path) -> None:
+    """Stop the server; its output, for a failing test's report, is then in ``server.output``."""
     server.client.close()
     server.process.terminate()
     try:
-        out = server.process.communicate(timeout=15)[0]
+        server.process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         server.process.kill()
-        out = server.process.communicate()[0]
-    server.output.append(out)
+        server.process.wait()
+    server.output.append(_log(server, data_dir))
 
 
 @contextmanager
@@ -96,10 +106,10 @@ def two_servers(database: str, root: Path, env: dict[str, str] | None = None) ->
     data_dirs = (root / "a" / "data", root / "b" / "data")
     with ExitStack() as stack:
         a = _spawn(data_dirs[0], ["--database", database], env or {})
-        stack.callback(_stop, a)
+        stack.callback(_stop, a, data_dirs[0])
         b = _spawn(data_dirs[1], [], {**(env or {}), "APPLIANCE_STORE__URL": database})
-        stack.callback(_stop, b)
+        stack.callback(_stop, b, data_dirs[1])
         deadline = time.monotonic() + START_SECONDS
-        for server in (a, b):
-            _wait_ready(server, deadline)
+        for server, data_dir in ((a, data_dirs[0]), (b, data_dirs[1])):
+            _wait_ready(server, data_dir, deadline)
         yield Pair(a, b, database, data_dirs)
