@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Smoke-test a built executable from a clean directory, with no Python on PATH and an empty
-# environment: --version, import the tiny model, serve on a free port, /healthz, one chat completion
-# (so llama.cpp really loads in the frozen app), the UI page, then SIGTERM and a clean exit. Also
-# that the frozen llama.cpp reports the same build (system info, devices) as the pip install
-# REFERENCE (default: .venv/bin/appliance).
+# environment: --version, libpq (a PostgreSQL store it cannot reach), import the tiny model, serve
+# on a free port, /healthz, one chat completion (so llama.cpp really loads in the frozen app), the
+# UI page, then SIGTERM and a clean exit. Also that the frozen llama.cpp reports the same build
+# (system info, devices) as the pip install REFERENCE (default: .venv/bin/appliance).
 # Usage: packaging/smoke.sh dist/appliance/appliance [REFERENCE]
 set -euo pipefail
 binary=$(realpath "$1")
@@ -18,6 +18,13 @@ port=$("$repo/.venv/bin/python" -c "import socket; s = socket.socket(); s.bind((
 run() { (cd "$work" && exec env -i PATH=/usr/bin:/bin HOME="$work" "$binary" --data-dir "$work/data" "$@"); }
 
 run --version
+# psycopg's libpq is frozen in too: a PostgreSQL store it cannot reach fails with libpq's own reason.
+refused=$(cd "$work" && env -i PATH=/usr/bin:/bin HOME="$work" APPLIANCE_STORE__URL=postgresql://smoke@127.0.0.1:1/smoke \
+    "$binary" --data-dir "$work/data" models ls 2>&1 || true)
+if ! grep -q 'the PostgreSQL database postgresql://smoke@127.0.0.1:1/smoke failed: connection' <<<"$refused"; then
+    printf 'the frozen app does not reach PostgreSQL through libpq:\n%s\n' "$refused" >&2
+    exit 1
+fi
 # The same llama.cpp build frozen as installed: backends, CPU features, devices.
 engine_facts='import json, sys; facts = json.load(sys.stdin); print(facts["llama_cpp_system_info"]); print([d["name"] for d in facts["devices"]])'
 frozen=$(run system --json | "$repo/.venv/bin/python" -c "$engine_facts")

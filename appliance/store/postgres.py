@@ -22,14 +22,14 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import TupleRow
+from psycopg.sql import SQL, Identifier
 from psycopg_pool import ConnectionPool
 
 from appliance.errors import ApplianceError, DiskFull, StoreFailure
@@ -109,7 +109,8 @@ class _Failures:
 
     def __init__(self, url: str) -> None:
         self.display_url = display_url(url)
-        self._password = urlsplit(url).password or ""
+        password = urlsplit(url).password
+        self._secrets = {password, unquote(password)} - {""} if password else set()
 
     def __call__(self, exc: psycopg.Error) -> ApplianceError:
         if exc.sqlstate == _DISK_FULL:
@@ -118,8 +119,8 @@ class _Failures:
                 hint="free disk space on the database server",
             )
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if self._password:
-            message = message.replace(self._password, "***")
+        for secret in self._secrets:  # libpq does not echo it; should a message ever, it is masked
+            message = message.replace(secret, "***")
         hint = (
             CONNECTION_HINT
             if isinstance(exc, psycopg.OperationalError)
@@ -132,10 +133,10 @@ class AdvisoryLocks:
     """PostgreSQL advisory locks: each held on an autocommit connection opened for it and closed
     when the block ends, so a process that dies (and its connection with it) frees its locks."""
 
-    def __init__(self, url: str, *, schema: str, failures: _Failures) -> None:
+    def __init__(self, url: str, *, schema: str) -> None:
         self._url = url
         self._schema = schema
-        self._failures = failures
+        self._failures = _Failures(url)
 
     @contextmanager
     def hold(self, key: str, *, blocking: bool) -> Iterator[bool]:
@@ -165,24 +166,24 @@ class NotifyFeed(LocalFeed):
     connection breaks it reconnects (backing off) and moves every counter: what changed
     meanwhile is unknown."""
 
-    def __init__(self, url: str, *, channel: str, failures: _Failures) -> None:
+    def __init__(self, url: str, *, channel: str) -> None:
         super().__init__()
         self._url = url
         self._channel = channel
-        self._failures = failures
+        self._failures = _Failures(url)
         self._stop = threading.Event()
-        self._listening = threading.Event()
+        self._tried = threading.Event()  # the first connection is listening, or failed
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
     def start(self) -> None:
-        """Listen, once; returns when listening (or, if the server does not answer, after a while:
-        the thread keeps trying)."""
+        """Start listening, once; returns when the first connection listens or fails (the thread
+        then keeps trying)."""
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._listen, name="appliance-store-feed", daemon=True)
                 self._thread.start()
-        self._listening.wait(CONNECT_TIMEOUT_S)
+        self._tried.wait(2 * CONNECT_TIMEOUT_S)
 
     def _listen(self) -> None:
         backoff = 0.1
@@ -192,12 +193,12 @@ class NotifyFeed(LocalFeed):
                 with psycopg.connect(
                     self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
                 ) as connection:
-                    connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    connection.execute(SQL("LISTEN {}").format(Identifier(self._channel)))
                     if failed:
                         log.info("listening to %s again", self._failures.display_url)
                         self.bump(*TOPICS)
                     failed, backoff = False, 0.1
-                    self._listening.set()
+                    self._tried.set()
                     while not self._stop.is_set():
                         for notification in connection.notifies(timeout=0.5):
                             if notification.payload in TOPICS:
@@ -206,6 +207,7 @@ class NotifyFeed(LocalFeed):
                 if not failed:
                     log.warning("%s; retrying", self._failures(exc).message)
                     failed = True
+                self._tried.set()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -231,8 +233,8 @@ class PostgresStore(SqlStore):
         self.schema = self._find_schema()
         self._registry_lock = advisory_key(self.schema, "store:registry")
         self._channel = _channel(self.schema)
-        self._feed = NotifyFeed(url, channel=self._channel, failures=self._failures)
-        self._locks = AdvisoryLocks(url, schema=self.schema, failures=self._failures)
+        self._feed = NotifyFeed(url, channel=self._channel)
+        self._locks = AdvisoryLocks(url, schema=self.schema)
         self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
             url,
             min_size=1,
@@ -283,19 +285,32 @@ class PostgresStore(SqlStore):
         """A pooled connection inside one transaction: committed when the block ends, rolled back
         on an error. For ``appliance db`` (status, copy); everything else uses the Store methods."""
         try:
-            with self._pool.connection() as connection, connection.transaction():
+            with self._transaction() as connection:
                 yield connection
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 
     @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A pooled connection inside a transaction it has begun. A pooled connection the server
+        dropped meanwhile (it restarted, say) fails at BEGIN, before anything ran: then once more
+        with another (the pool discards the dead one)."""
+        for attempt in range(2):
+            with ExitStack() as stack:
+                connection = stack.enter_context(self._pool.connection())
+                try:
+                    stack.enter_context(connection.transaction())
+                except psycopg.OperationalError:
+                    if attempt == 0 and connection.closed:
+                        continue
+                    raise
+                yield connection
+                return
+
+    @contextmanager
     def _write(self, *changes: Topic) -> Iterator[_Transaction]:
         try:
-            with (
-                self._pool.connection() as connection,
-                connection.transaction(),
-                connection.cursor() as cursor,
-            ):
+            with self._transaction() as connection, connection.cursor() as cursor:
                 if "registry" in changes:
                     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._registry_lock,))
                 yield _Transaction(cursor)
@@ -307,9 +322,17 @@ class PostgresStore(SqlStore):
             self._feed.bump(*changes)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        statement = _statement(sql, params)
         try:
             with self._pool.connection() as connection:
-                return connection.execute(*_statement(sql, params)).fetchall()
+                try:
+                    return connection.execute(*statement).fetchall()
+                except psycopg.OperationalError:
+                    if not connection.closed:
+                        raise
+            # The server dropped that connection (it restarted, say): a read is safe to repeat.
+            with self._pool.connection() as connection:
+                return connection.execute(*statement).fetchall()
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
 

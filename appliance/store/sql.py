@@ -697,7 +697,9 @@ class SqlStore(ABC):
         if not rows:
             return None
         (model,) = self._models("WHERE v.id = ?", (rows[0][0],))
-        artifact = next(a for a in model.artifacts if (a.source_uri or "").split("#")[0] == source_uri)
+        artifact = next(
+            a for a in model.artifacts if source_uri in (a.source_uri, (a.source_uri or "").split("#")[0])
+        )
         return model, artifact
 
     # -- tasks -------------------------------------------------------------------------------

@@ -19,7 +19,16 @@ from appliance.errors import (
     UserNotFound,
 )
 from appliance.names import ModelName
-from appliance.store.base import ApiKey, AuditEvent, Download, LoginSession, NewArtifact, Store, User
+from appliance.store.base import (
+    ApiKey,
+    AuditEvent,
+    Download,
+    InferenceRecord,
+    LoginSession,
+    NewArtifact,
+    Store,
+    User,
+)
 from appliance.store.migrations import MIGRATIONS, Migration
 from tests.store.conftest import Backend
 
@@ -357,3 +366,45 @@ def test_an_api_key_is_found_by_its_hash_revoked_once_and_touched(store: Store) 
     assert store.revoke_api_key("k1").revoked_at == first
     with pytest.raises(ApiKeyNotFound):
         store.revoke_api_key("nope")
+
+
+def test_an_artifact_is_found_by_the_source_it_came_from(store: Store) -> None:
+    def fetched(name: str, digest: str, source: str) -> None:
+        file = NewArtifact(filename="m.gguf", format="gguf", digest=digest, size_bytes=10, source_uri=source)
+        store.add_artifact(ModelName(name), file, capabilities={}, actor="t")
+
+    fetched("a", DIGEST_A, "hf:org/repo#m.gguf")
+    fetched("b", DIGEST_B, "hf:org/repo-2#m.gguf")  # a longer source with the same beginning
+    found = store.find_artifact_by_source("hf:org/repo")
+    assert found is not None
+    assert (found[0].name, found[1].digest) == (ModelName("a"), DIGEST_A)
+    assert store.find_artifact_by_source("hf:org/repo-2#m.gguf") is not None
+    assert store.find_artifact_by_source("hf:org") is None
+    assert store.cache_bytes() == 20
+
+
+def test_inference_records_list_newest_first_per_model(store: Store) -> None:
+    for index, model in enumerate(["a", "b", "a"]):
+        store.append_inference(
+            InferenceRecord(
+                model, "/v1/chat/completions", "local", "", "loaded", "ok", 3, index, 10, f"c{index}"
+            )
+        )
+    assert [record.completion_tokens for record in store.list_inference()] == [2, 1, 0]
+    assert [record.completion_tokens for record in store.list_inference(model="a", limit=1)] == [2]
+
+
+def test_rows_made_in_the_same_instant_list_in_the_order_they_were_made(store: Store) -> None:
+    """Downloads and tasks newest first, keys and join tokens oldest first: a tie on the timestamp
+    goes by insertion, not by id."""
+    at = "2030-01-01T00:00:00.000000Z"
+    for download_id in ("d2", "d1", "d3"):
+        store.create_download(
+            Download(id=download_id, ref="hf:o/r", state="queued", requested_by="u", created_at=at)
+        )
+    assert [d.id for d in store.list_downloads(ref="hf:o/r")] == ["d3", "d1", "d2"]
+    assert [d.id for d in store.list_downloads(ref="hf:o/r", states=("queued",), limit=2)] == ["d3", "d1"]
+    assert store.list_downloads(ref="other") == []
+    for key_id in ("k2", "k1"):
+        store.create_api_key(ApiKey(key_id, key_id, "apl_", key_id * 32, "user", None, "t", created_at=at))
+    assert [key.id for key in store.list_api_keys()] == ["k2", "k1"]

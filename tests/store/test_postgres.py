@@ -4,6 +4,7 @@ What every backend does is in test_contract.py (and the other backend-parametris
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from appliance.errors import DiskFull, NodeExists, StoreFailure, UserExists
 from appliance.names import ModelName
 from appliance.store.base import NewArtifact, Node, Task, User
 from appliance.store.migrations import MIGRATIONS, Migration
-from appliance.store.postgres import PostgresStore, display_url
+from appliance.store.postgres import AdvisoryLocks, NotifyFeed, PostgresStore, display_url
 from tests.postgres import SERVER_URL
 
 LEASE = "2099-01-01T00:00:00.000000Z"
@@ -241,6 +242,8 @@ def test_a_database_out_of_disk_space_is_disk_full(postgres_url: str) -> None:
     [
         ("postgresql://appliance:s3cret@127.0.0.1:1/test", "Connection refused"),
         (SERVER_URL.replace("/test", "/no_such_database"), "does not exist"),
+        # Where the reason would hold the password (here: as the database's name too), it is masked.
+        ("postgresql://postgres:s3cret@127.0.0.1:5432/s3cret", 'database "***" does not exist'),
     ],
 )
 def test_a_database_it_cannot_reach_is_a_clear_error_without_the_password(url: str, reason: str) -> None:
@@ -252,10 +255,36 @@ def test_a_database_it_cannot_reach_is_a_clear_error_without_the_password(url: s
     with pytest.raises(StoreFailure) as raised:
         PostgresStore(url)
     assert time.monotonic() - started < 5
-    assert f"the PostgreSQL database {display_url(url)} failed" in raised.value.message
-    assert reason in raised.value.message
-    assert "s3cret" not in raised.value.message + raised.value.hint
+    shown, _, detail = raised.value.message.partition(" failed: ")
+    assert shown == f"the PostgreSQL database {display_url(url)}"
+    assert reason in detail
+    assert "s3cret" not in detail + raised.value.hint
     assert "APPLIANCE_STORE__URL" in raised.value.hint
+
+
+UNREACHABLE = "postgresql://appliance:s3cret@127.0.0.1:1/appliance"
+
+
+def test_a_lock_on_a_database_it_cannot_reach_is_a_clear_error() -> None:
+    locks = AdvisoryLocks(UNREACHABLE, schema="public")
+    pattern = r"appliance:\*\*\*@127\.0\.0\.1:1/appliance failed"
+    with pytest.raises(StoreFailure, match=pattern) as raised, locks.hold("pull:m", blocking=False):
+        pass
+    assert "s3cret" not in raised.value.message
+
+
+def test_a_feed_that_cannot_listen_says_so_once_and_keeps_trying(caplog: pytest.LogCaptureFixture) -> None:
+    feed = NotifyFeed(UNREACHABLE, channel="appliance_test")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="appliance.store.postgres"):
+        feed.start()
+        assert time.monotonic() - started < 5
+        assert feed.wait("tasks", 0, timeout=0.5) == 0  # nothing moves it; callers still poll
+        feed.close()
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert "the PostgreSQL database postgresql://appliance:***@127.0.0.1:1/appliance failed" in warnings[0]
+    assert "s3cret" not in warnings[0]
 
 
 def test_a_search_path_naming_no_schema_is_a_clear_error(postgres_url: str) -> None:
@@ -296,5 +325,26 @@ def test_the_store_names_its_schema_and_hands_out_a_transaction(postgres_url: st
         with pytest.raises(RuntimeError):
             delete_then_fail()
         assert store.get_preference("k") == 1
+    finally:
+        store.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced_without_an_error(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+
+    def drop_the_pooled_connection() -> None:
+        with store.connection() as connection:
+            row = connection.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+
+    try:
+        store.set_preference("k", 1, actor="t")
+        drop_the_pooled_connection()
+        assert store.get_preference("k") == 1  # a read
+        drop_the_pooled_connection()
+        store.set_preference("k", 2, actor="t")  # a write
+        assert store.get_preference("k") == 2
     finally:
         store.close()
