@@ -742,6 +742,19 @@ def deny_download(ctx: click.Context, download_id: str) -> None:
     _decide(ctx, download_id, approve=False)
 
 
+@downloads.command("cancel")
+@click.argument("download_id")
+@click.pass_context
+def cancel_download(ctx: click.Context, download_id: str) -> None:
+    """Cancel a pending or running pull, whichever process or server runs it; its finished
+    parts stay for the next pull of the ref.
+
+    Example: appliance downloads cancel 3f2a9c01b7de
+    """
+    cancelled = _run(ctx, lambda runtime: runtime.provisioner.cancel(download_id, _cli_context()))
+    click.echo(f"cancelled download {cancelled.id} of {cancelled.ref}")
+
+
 # -- preferences ------------------------------------------------------------------------------
 
 

@@ -249,6 +249,10 @@ class DownloadRows:
         except DownloadNotPending as exc:
             raise DownloadCancelled(f"download {download.id} was cancelled") from exc
 
+    def raise_if_cancelled(self, download_id: str) -> None:
+        if self.get(download_id).state == "cancelled":
+            raise DownloadCancelled(f"download {download_id} was cancelled")
+
     # -- how a pull ended ------------------------------------------------------------------------
 
     def failed(self, download: Download, exc: BaseException) -> None:

@@ -32,7 +32,7 @@ __all__ = ["CANCEL_POLL", "SLOT_POLL", "CancelWatch", "DownloadSlots"]
 
 logger = logging.getLogger(__name__)
 
-SLOT_POLL = 0.25  # seconds between looks at the slots, when no write wakes a waiting pull first
+SLOT_POLL = 0.25  # seconds between looks at the slots, unless a pull of this process gives one back first
 CANCEL_POLL = 0.25  # seconds between looks at the rows of this process's pulls, for a cancel
 
 

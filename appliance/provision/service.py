@@ -491,6 +491,9 @@ class Provisioner:
             digests = [staged.digest for _, staged, _ in fetched]
             verification = verify(ref, plan, [(remote, staged) for remote, staged, _ in fetched], expected)
             formats = [self._format(staged, remote, single=single) for remote, staged, _ in fetched]
+            # the last look before the model is registered: a cancel written since (by any process
+            # or server) is still honoured, however little the CancelWatch had left to see it
+            self._rows.raise_if_cancelled(progress.download_id)
         except (DigestMismatch, UnsupportedFormat):
             for _, staged, transfer in fetched:
                 staged.close()  # wrong content: nothing of it is kept

@@ -95,7 +95,11 @@ STOPPED_REASON = "the server stopped while it ran"
 MAX_ATTEMPTS = 2  # a task that was running when its server (or worker) stopped is run once more, then failed
 RENEW_SECONDS = 5.0  # at most; also how soon a cancel made by another process reaches the job
 POLL_SECONDS = 1.0  # how often the queue looks for work that moved no change counter here
-FOLLOW_POLL_SECONDS = 0.05  # a follower of a task not running here rereads the store this often
+# A follower of a task not running here rereads it when the tasks' change counter moved (looked at
+# this often: it is in memory), and at least every FOLLOW_REREAD_SECONDS (another process's write to
+# a SQLite file moves no counter here).
+FOLLOW_POLL_SECONDS = 0.05
+FOLLOW_REREAD_SECONDS = 0.5
 MAX_NAME_BYTES = 255
 PROMPT_ENDPOINT = "/api/v1/tasks"
 
@@ -354,7 +358,10 @@ class TaskService(NodeTasks):
     async def follow(self, task_id: str, who: Actor) -> AsyncIterator[TaskEvent]:
         """The task's state, its output as it comes, then ``end``: from memory while it runs in
         this process, else from the store and its files."""
+        feed = self.store.change_feed()
+        seen = feed.current("tasks")
         task = await asyncio.to_thread(self.get, task_id, who)
+        read = time.monotonic()
         yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
         while True:
             live = self._live(task_id)
@@ -370,6 +377,9 @@ class TaskService(NodeTasks):
                 yield TaskEvent("end", TaskOut.of(task).model_dump(mode="json"))
                 return
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            if feed.current("tasks") == seen and time.monotonic() - read < FOLLOW_REREAD_SECONDS:
+                continue
+            seen, read = feed.current("tasks"), time.monotonic()
             before, task = task.state, await asyncio.to_thread(self.get, task_id, who)
             if task.state != before and self._live(task_id) is None:
                 yield TaskEvent("state", TaskOut.of(task).model_dump(mode="json"))
@@ -525,6 +535,8 @@ class TaskService(NodeTasks):
         running.live.publish(TaskEvent("state", TaskOut.of(task).model_dump(mode="json")))
         await asyncio.to_thread(audit_start, self.store, context, task)
         task_dir = self.task_dir(task.id)
+        if not task_dir.exists():  # queued by another server sharing the store: its files are there
+            await asyncio.to_thread(self._make_task_dir, task.id)
         result: dict[str, Any]
         state: TaskState
         try:

@@ -10,13 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import apsw
 import pytest
 
 from appliance.audit import Context
 from appliance.engine.base import Finished, LoadSpec, Prompt, Ready, SamplingParams, TextChunk
 from appliance.engine.batcher import GenerationRequest, _stop_prefix_length
 from appliance.engine.pool import EnginePool, LoadedModel, estimate_memory
-from appliance.engine.router import Router
+from appliance.engine.router import TOUCH_EVERY, Router
 from appliance.errors import EngineBusy, InsufficientMemory, ModelNotLoadable, PromptTooLong
 from appliance.runtime import Runtime
 from appliance.settings import EngineSettings
@@ -404,3 +405,25 @@ def test_a_request_records_the_models_use(runtime: Runtime, pool: Router, tiny: 
     before = runtime.models.get(tiny).last_used_at
     pool.load(tiny)
     assert runtime.models.get(tiny).last_used_at > before
+
+
+def test_a_thousand_requests_write_the_models_use_a_few_times(
+    runtime: Runtime, pool: Router, tiny: str, data_dir: Path
+) -> None:
+    """A hot counter stays cool: last use still moves, but at most once a second per model."""
+    db = apsw.Connection(str(data_dir / "appliance.db"))
+    db.execute(
+        "CREATE TABLE touches (n INTEGER); INSERT INTO touches VALUES (0);"
+        " CREATE TRIGGER counted AFTER UPDATE OF last_used_at ON model_versions"
+        " BEGIN UPDATE touches SET n = n + 1; END;"
+    )
+    started = time.monotonic()
+    pool.route(tiny)
+    first = runtime.models.get(tiny).last_used_at
+    for _ in range(999):
+        pool.route(tiny)
+        time.sleep(0.0015)  # 1000 requests over about two seconds
+    seconds = time.monotonic() - started
+    assert runtime.models.get(tiny).last_used_at > first
+    ((writes,),) = db.execute("SELECT n FROM touches")
+    assert 2 <= writes <= seconds / TOUCH_EVERY + 1

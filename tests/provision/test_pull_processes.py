@@ -322,3 +322,35 @@ def test_a_killed_cli_pull_shows_interrupted_in_a_running_servers_list(
     (download,) = server.client.get("/api/v1/downloads").json()
     assert (download["state"], download["rate_bytes_per_s"]) == ("interrupted", 0)
     assert server.client.get(f"/api/v1/downloads/{download['id']}").json()["state"] == "interrupted"
+
+
+def test_a_cancel_from_another_process_stops_the_pull_where_it_runs(
+    server: Server, cli: object, files: FileServer, model_bytes: bytes, data_dir: Path
+) -> None:
+    http = server.client
+    by_cli = files.add("/m/by-cli.gguf", model_bytes, Faults(bytes_per_second=MIB))
+    process = pull_process(data_dir, by_cli)
+    wait_for(lambda: [d["state"] for d in http.get("/api/v1/downloads").json()] == ["running"], "running")
+    (download,) = http.get("/api/v1/downloads").json()
+    assert http.delete(f"/api/v1/downloads/{download['id']}").json()["state"] == "cancelled"
+    _, err = process.communicate(timeout=30)  # the CLI's pull saw its row cancelled by the server
+    assert process.returncode != 0
+    assert "cancelled" in err
+
+    # the server pulls over 16 connections: about four seconds
+    by_server = files.add("/m/by-server.gguf", model_bytes[:-1] + b"\x01", Faults(bytes_per_second=MIB // 8))
+    started = http.post("/api/v1/models/pull", json={"ref": by_server})
+    assert started.status_code == 202, started.text
+    download_id = started.json()["id"]
+    cancelled: CliResult = cli("downloads", "cancel", download_id)  # type: ignore[operator]
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith(f"cancelled download {download_id}")
+    assert http.get(f"/api/v1/downloads/{download_id}").json()["state"] == "cancelled"
+    files.faults["/m/by-server.gguf"].bytes_per_second = None
+    # a new download of the ref runs once the cancelled pull has ended and let go of the ref
+    http.post("/api/v1/models/pull", json={"ref": by_server})
+    wait_for(lambda: http.get("/api/v1/models/by-server").status_code == 200, "the pull after the cancel")
+    assert [d["state"] for d in http.get("/api/v1/downloads").json()][:2] == ["done", "cancelled"]
+    again: CliResult = cli("downloads", "cancel", download_id)  # type: ignore[operator]
+    assert again.returncode != 0
+    assert "is cancelled; nothing runs to cancel" in again.stderr

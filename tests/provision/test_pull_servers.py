@@ -8,18 +8,25 @@ schema (two servers: a cache each, advisory locks, LISTEN/NOTIFY).
 
 from __future__ import annotations
 
+import json
+import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from appliance.audit import Context
 from appliance.errors import DownloadCancelled, DownloadNotPending
+from appliance.provision.downloads import PullProgress
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.store.base import Artifact, Download
+from tests.conftest import APPLIANCE, Server, free_port
 from tests.fileserver import Faults, FileServer
 from tests.provision.test_pull import MIB, _wait_for_state, digest_of, wait_until
 
@@ -180,6 +187,23 @@ def test_a_cancel_on_one_server_stops_the_pull_running_on_the_other(
     assert audit == [("downloads.cancel", "error"), ("downloads.cancel", "ok")]
 
 
+def test_a_cancel_that_arrives_with_the_last_byte_registers_nothing(
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    first, second = open_server("a"), open_server("b")
+    url = files.add("/last-byte.gguf", model_bytes)
+    cancelled: list[str] = []
+
+    def cancel_at_the_end(update: PullProgress) -> None:
+        if update.state == "running" and update.bytes_done == update.bytes_total and not cancelled:
+            cancelled.append(second.provisioner.cancel(update.download_id, ADMIN).id)
+
+    with pytest.raises(DownloadCancelled):
+        first.provisioner.ensure_present(url, context, on_progress=cancel_at_the_end)
+    assert first.models.list_models() == []
+    assert first.provisioner.get_download(cancelled[0]).state == "cancelled"
+
+
 def test_approval_and_cancel_from_another_server_reach_a_pending_pull(
     open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
 ) -> None:
@@ -223,3 +247,64 @@ def test_a_cancel_reaches_a_pull_waiting_for_a_slot_on_another_server(
     first.provisioner.cancel(_wait_for_state(first, "running").id, ADMIN)  # type: ignore[attr-defined]
     with pytest.raises(DownloadCancelled):
         holder.future.result(timeout=30)
+
+
+@pytest.fixture
+def server_b(postgres_url: str, tmp_path: Path) -> Iterator[Server]:
+    """``appliance serve --database`` on the PostgreSQL schema, with a data dir of its own."""
+    port = free_port()
+    command = ["--data-dir", str(tmp_path / "b"), "serve", "--port", str(port), "--database", postgres_url]
+    process = subprocess.Popen([*APPLIANCE, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        wait_until(lambda: _answers(client) or process.poll() is not None, "appliance serve answering")
+        assert process.poll() is None, "appliance serve --database ended"
+        yield Server(url=str(client.base_url), process=process, client=client)  # type: ignore[arg-type]
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _answers(client: httpx.Client) -> bool:
+    """Whether the API answers (``/healthz`` answers before the runtime has opened)."""
+    try:
+        return client.get("/api/v1/downloads").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_pull_on_one_server_shows_live_on_the_others_events(
+    server_b: Server, postgres_url: str, tmp_path: Path, files: FileServer, model_bytes: bytes
+) -> None:
+    """Each progress write on A reaches B's stream through the change feed, not B's fallback poll."""
+    lags: list[float] = []
+    states: list[str] = []
+
+    def follow() -> None:
+        with server_b.client.stream("GET", "/api/v1/downloads/events") as events:
+            for line in events.iter_lines():
+                if line.startswith("data:"):
+                    row = json.loads(line.removeprefix("data:"))
+                    written = datetime.strptime(row["updated_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                    lags.append((datetime.now(UTC).replace(tzinfo=None) - written).total_seconds())
+                    states.append(row["state"])
+                    if row["state"] == "done":
+                        return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(0.5)  # the stream is open
+    settings = Settings(data_dir=tmp_path / "a", store={"url": postgres_url})
+    first = Runtime.open(settings)
+    try:
+        url = files.add("/live.gguf", model_bytes, Faults(bytes_per_second=MIB // 2))
+        first.provisioner.ensure_present(url, Context(actor="test"))
+    finally:
+        first.close()
+    reader.join(timeout=30)
+    assert states[-1] == "done"
+    assert states.count("running") >= 4, states  # progress, about four times a second
+    # B lists at most every EVENTS_INTERVAL (0.5 s) without a change: a median lag well under it
+    # says the change woke the stream
+    assert statistics.median(lags) < 0.2, lags
