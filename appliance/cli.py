@@ -192,7 +192,7 @@ def serve(
     """
     import uvicorn
 
-    from appliance.settings import url_host
+    from appliance.settings import default_advertise_url, url_host
     from appliance.store.factory import open_data_dir
     from appliance.tls import require_transport, serving_pair
     from appliance.web.staged import StagedApp
@@ -211,6 +211,11 @@ def serve(
         settings = settings.model_copy(update={"port": listener.getsockname()[1]})
     address = f"{url_host(settings.host)}:{settings.port}"
     scheme = "https" if pair else "http"
+    if settings.server.advertise_url is None:  # where servers sharing the store reach this one
+        advertised = default_advertise_url(settings, tls=pair is not None)
+        settings = settings.model_copy(
+            update={"server": settings.server.model_copy(update={"advertise_url": advertised})}
+        )
     click.echo(f"appliance {__version__} serving on {scheme}://{address} ({settings.data_dir})", err=True)
     serving = settings
 
@@ -938,6 +943,7 @@ from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above
 from appliance.cli_importdir import import_dir  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
 from appliance.cli_nodes import nodes  # noqa: E402 (it uses the helpers above)
+from appliance.cli_servers import servers  # noqa: E402 (it uses the helpers above)
 from appliance.cli_share import copy_model, push_model  # noqa: E402 (it uses the helpers above)
 from appliance.cli_tasks import tasks  # noqa: E402
 from appliance.cli_tls import tls  # noqa: E402
@@ -954,4 +960,5 @@ cli.add_command(login)
 cli.add_command(logout)
 cli.add_command(tasks)
 cli.add_command(nodes)
+cli.add_command(servers)
 cli.add_command(worker)

@@ -8,7 +8,6 @@ Attached to the ``appliance`` group by ``appliance/cli.py``.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 import click
@@ -77,14 +76,10 @@ def token_create(ctx: click.Context, expires: str | None, url: str | None, as_js
 
 
 def _server_url(settings: Settings, *, tls: bool) -> str:
-    """Where workers reach this server: its first public name, else the address it binds (this
-    host's name when it binds every address)."""
-    from appliance.settings import url_host
+    """Where workers reach this server: where other servers would (``default_advertise_url``)."""
+    from appliance.settings import default_advertise_url
 
-    host = settings.server.public_names[0] if settings.server.public_names else settings.host
-    if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (compared, not bound)
-        host = socket.gethostname()
-    return f"{'https' if tls else 'http'}://{url_host(host)}:{settings.port}"
+    return default_advertise_url(settings, tls=tls)
 
 
 @token.command("ls")

@@ -48,7 +48,9 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DiskFull                 disk_full
     │   └── CacheFull                cache_full
     ├── NotReady (503)               not_ready
-    │   └── EngineBusy               engine_busy          (Retry-After)
+    │   ├── EngineBusy               engine_busy          (Retry-After)
+    │   ├── BlobFetching             blob_fetching        (Retry-After)
+    │   └── ModelNotPresent          model_not_present
     ├── InsufficientMemory (507)     insufficient_memory
     ├── DownloadFailed (502)         download_failed
     ├── PushFailed (502)             push_failed
@@ -68,6 +70,7 @@ from typing import ClassVar
 __all__ = [
     "ApiKeyNotFound",
     "ApplianceError",
+    "BlobFetching",
     "BodyTooLarge",
     "BundleDamaged",
     "CacheFull",
@@ -97,6 +100,7 @@ __all__ = [
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
+    "ModelNotPresent",
     "NodeExists",
     "NodeNotFound",
     "NotABundle",
@@ -382,6 +386,21 @@ class EngineBusy(NotReady):
     code = "engine_busy"
     default_hint = "too many requests are waiting; retry after the Retry-After seconds"
     retry_after = 2
+
+
+class BlobFetching(NotReady):
+    """A model's blob is on its way into this server's cache (from a peer, or pulled again)."""
+
+    code = "blob_fetching"
+    default_hint = "the model's file is being fetched onto this server; retry after the Retry-After seconds"
+    retry_after = 5
+
+
+class ModelNotPresent(NotReady):
+    """A registered model whose blob is in no cache this server can reach."""
+
+    code = "model_not_present"
+    default_hint = "pull or import the model again (appliance models pull REF)"
 
 
 class PromptTooLong(InvalidInput):

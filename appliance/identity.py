@@ -1,6 +1,7 @@
-"""Who is acting: one ``Actor`` type for every caller (a user, an API key, a node, a task, the
-CLI, or an anonymous client on loopback), built once where a request or command enters and
-carried in its audit ``Context``. Policy (``appliance.auth.policy.decide``) reads its role.
+"""Who is acting: one ``Actor`` type for every caller (a user, an API key, a node, a server that
+shares the database, a task, the CLI, or an anonymous client on loopback), built once where a
+request or command enters and carried in its audit ``Context``. Policy
+(``appliance.auth.policy.decide``) reads its role.
 
 Its ``label`` is the text audit rows and download rows store: ``api:127.0.0.1`` for an
 anonymous API client, ``cli:root`` for the CLI, ``<kind>:<id>`` for the rest.
@@ -16,7 +17,7 @@ from typing import Literal, get_args
 
 __all__ = ["ROLES", "Actor", "ActorKind", "Role"]
 
-ActorKind = Literal["user", "key", "node", "task", "cli", "anonymous"]
+ActorKind = Literal["user", "key", "node", "server", "task", "cli", "anonymous"]
 Role = Literal["admin", "user", "node"]
 ROLES: tuple[Role, ...] = get_args(Role)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
+from appliance.cluster.peers import Peers
 from appliance.cluster.service import ClusterService
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
@@ -47,6 +48,7 @@ class Runtime:
     login: LoginService
     tasks: TaskService
     cluster: ClusterService
+    peers: Peers  # the other servers sharing the store; only a serving one registers and fetches
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
     channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
@@ -57,18 +59,20 @@ class Runtime:
         cache, store = open_data_dir(settings)
         preferences = PreferenceService(settings, store)
         models = ModelService(settings, store, cache, preferences=preferences)
+        provisioner = Provisioner(settings, store, cache, models, preferences=preferences)
         runtime = cls(
             settings=settings,
             store=store,
             cache=cache,
             models=models,
-            provisioner=Provisioner(settings, store, cache, models, preferences=preferences),
+            provisioner=provisioner,
             preferences=preferences,
             metrics=Metrics(),
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
             tasks=TaskService(settings, store, models),
             cluster=ClusterService(settings, store, models),
+            peers=Peers(settings, store, cache, models, provisioner),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
@@ -97,10 +101,12 @@ class Runtime:
             # The process that serves runs the task queue: prompts go through its inference service.
             runtime.tasks.inference = runtime.inference
             runtime.tasks.start()
+            runtime.peers.start()
         return runtime
 
     def close(self) -> None:
         self.tasks.close()  # first: a prompt task running now still needs the router
+        self.peers.close()  # before the provisioner: a fetch may be pulling again through it
         self.provisioner.close()
         if self.router is not None:
             self.router.close()

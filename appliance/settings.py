@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -38,6 +39,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StoreSettings",
+    "default_advertise_url",
     "load_settings",
     "parse_duration",
     "parse_size",
@@ -366,6 +368,20 @@ class ServerSettings(BaseModel):
         description="The version /api/version reports: the Ollama release whose API the /api routes "
         "match (clients such as VS Code's refuse servers below 0.6.4).",
     )
+    advertise_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#@\s]+$",
+        description="The URL other servers sharing the database reach this one at, to fetch blobs its "
+        "cache holds (e.g. 'https://box1.lan:8443'); unset means the first public name, else the bound "
+        "address (this host's name when binding every address), with the port and scheme served.",
+    )
+    peer_wait: Duration = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="How long a request waits for a model's blob to arrive from a peer server (or be "
+        "pulled again) before it is answered 503 with Retry-After; the fetch goes on.",
+    )
     max_body_bytes: ByteSize = Field(
         default=16 * 1024**2,
         ge=1024,
@@ -419,6 +435,15 @@ def url_host(host: str) -> str:
     """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), once."""
     bare = host.strip("[]")
     return f"[{bare}]" if ":" in bare else bare
+
+
+def default_advertise_url(settings: Settings, *, tls: bool) -> str:
+    """Where other servers reach this one when ``server.advertise_url`` is unset: its first public
+    name, else the address it binds (this host's name when it binds every address)."""
+    host = settings.server.public_names[0] if settings.server.public_names else settings.host
+    if host in ("0.0.0.0", "::", "[::]"):  # noqa: S104 (compared, not bound)
+        host = socket.gethostname()
+    return f"{'https' if tls else 'http'}://{url_host(host)}:{settings.port}"
 
 
 def is_loopback_host(host: str) -> bool:

@@ -7,7 +7,10 @@ Roles, from most to least:
   run tasks (seeing and cancelling only their own: the task service checks who owns one);
   pull too where the site grants it (``models.download.allowed_roles``, REQ-MODELS-0107).
 - ``node``: a worker, through the cluster's routes only (``cluster.node``): join, heartbeat, take
-  work, answer it, fetch blobs. Nothing on an admin's or a user's route.
+  work, answer it, fetch blobs (``blobs.read``). Nothing on an admin's or a user's route.
+
+A server that shares the database (an actor of kind ``server``, with its server credential) may
+fetch blobs (``blobs.read``) and nothing else, whatever role it is given.
 
 An actor without a role (an anonymous client) may do nothing; the web layer only asks when
 auth is on, so loopback without auth keeps working as before.
@@ -41,15 +44,17 @@ Action = Literal[
     "users.manage",
     "keys.own",  # list/create/revoke API keys; someone else's need admin (see Resource.owner)
     "tasks.run",  # create, follow and cancel tasks; a user reaches only their own
-    "cluster.node",  # a worker's routes: heartbeat, work, answers, blobs (each checks the node credential)
+    "cluster.node",  # a worker's routes: heartbeat, work, answers (each checks the node credential)
+    "blobs.read",  # a verified blob from the cache: a worker's, or a peer server's (the route checks which)
     "nodes.read",  # list and show nodes and join tokens
     "nodes.manage",  # join tokens, drain, undrain, remove, load and unload models on nodes
+    "servers.read",  # list the servers sharing the database
 ]
 ACTIONS: tuple[Action, ...] = Action.__args__  # type: ignore[attr-defined]
 
 _GRANTED: dict[Role, frozenset[str]] = {
     "user": frozenset({"me", "infer", "models.read", "keys.own", "tasks.run"}),
-    "node": frozenset({"cluster.node"}),
+    "node": frozenset({"cluster.node", "blobs.read"}),
 }
 
 
@@ -81,6 +86,8 @@ Decision = Allow | Deny
 def decide(actor: Actor, action: Action, resource: Resource | None = None) -> Decision:
     """Allow or deny, with the reason a denial is shown and audited with."""
     resource = resource or Resource()
+    if actor.kind == "server":  # a peer's credential reaches its blob route only
+        return Allow() if action in ("public", "blobs.read") else Deny(f"{action} is not for a peer server")
     if action == "public" or actor.role == "admin":
         return Allow()
     if actor.role is None:

@@ -4,8 +4,9 @@ A join token is ``apjoin1.<fingerprint>.<token id>.<secret>``: ``<fingerprint>``
 the server CA's SHA-256 fingerprint (``appliance tls show`` prints it with ``sha256:``), or ``-``
 when the server answers plain HTTP, so a worker can pin the CA before it sends anything (as
 kubeadm and k3s tokens do). A node credential is ``apnode_`` and 43 URL-safe characters; a
-worker sends it as ``Authorization: Bearer apnode_…``. The server keeps the SHA-256 of each
-secret only (256 random bits need no slow hash).
+worker sends it as ``Authorization: Bearer apnode_…``. A server credential is ``apserver_`` and 43
+more: what a server sharing the database sends to fetch a peer's blobs (``cluster/peers.py``). The
+server keeps the SHA-256 of each secret only (256 random bits need no slow hash).
 
 Shared by the server and the worker. Imports: errors only.
 """
@@ -25,17 +26,21 @@ __all__ = [
     "JoinTokenText",
     "hash_secret",
     "is_node_credential",
+    "is_server_credential",
     "make_credential",
     "make_join_token",
+    "make_server_credential",
     "parse_join_token",
 ]
 
 JOIN_PREFIX = "apjoin1"
 CREDENTIAL_PREFIX = "apnode_"
+SERVER_CREDENTIAL_PREFIX = "apserver_"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _TOKEN_ID = re.compile(r"^[0-9a-f]{8,32}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 _CREDENTIAL = re.compile(rf"^{CREDENTIAL_PREFIX}[A-Za-z0-9_-]{{43}}$")
+_SERVER_CREDENTIAL = re.compile(rf"^{SERVER_CREDENTIAL_PREFIX}[A-Za-z0-9_-]{{43}}$")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,14 @@ def make_credential() -> str:
 
 def is_node_credential(text: str) -> bool:
     return bool(_CREDENTIAL.match(text))
+
+
+def make_server_credential() -> str:
+    return SERVER_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+
+
+def is_server_credential(text: str) -> bool:
+    return bool(_SERVER_CREDENTIAL.match(text))
 
 
 def hash_secret(secret: str) -> str:

@@ -57,11 +57,12 @@ def resolve_spec(
     artifact = next((a for a in model.artifacts if a.format == "gguf"), None)
     if artifact is None:
         raise ModelNotLoadable(f"model {model.name} has no GGUF file ({', '.join(model.formats)})")
-    if artifact.state != "ok" or not models.has_blob(artifact.digest):
+    if artifact.state != "ok":
         raise ModelNotLoadable(
             f"model {model.name}'s file failed verification and is quarantined",
             hint="remove the model and import it again",
         )
+    models.bring_blobs(model)  # registered by a server sharing the store, and not in this cache yet
     models.ensure_intact(artifact.digest)
     spec = LoadSpec(
         key=str(model.name),

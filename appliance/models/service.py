@@ -6,10 +6,10 @@ The CLI and the API call these methods and nothing below them. Every mutation is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.audit import Context, audited
 from appliance.errors import (
@@ -17,12 +17,13 @@ from appliance.errors import (
     ModelExists,
     ModelNotFound,
     ModelNotLoadable,
+    ModelNotPresent,
     SourceUnreadable,
     StorageFailure,
     UnsupportedFormat,
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
-from appliance.models.layers import ModelLayers, read_layers
+from appliance.models.layers import LAYERS, ModelLayers, read_layers
 from appliance.models.listing import ListCache, ModelPage, read_page
 from appliance.names import ModelName, name_from_filename
 from appliance.preferences import EVICT_POLICY, MAX_BYTES, PreferenceService
@@ -30,7 +31,16 @@ from appliance.settings import Settings
 from appliance.store.base import Artifact, Model, ModelSummary, NewArtifact, Store
 from appliance.store.cache import BlobCache, IncomingBlob, ProgressCallback, StagedBlob, open_source
 
-__all__ = ["GcReport", "ImportResult", "Model", "ModelPage", "ModelService", "ModelSummary", "VerifyResult"]
+__all__ = [
+    "BlobSource",
+    "GcReport",
+    "ImportResult",
+    "Model",
+    "ModelPage",
+    "ModelService",
+    "ModelSummary",
+    "VerifyResult",
+]
 
 HEADER_BYTES = 64
 _REPLACE_HINT = (
@@ -67,6 +77,25 @@ class GcReport:
     missing: tuple[str, ...] = field(default_factory=tuple)
 
 
+class BlobSource(Protocol):
+    """Where a blob comes from that the store registers but this server's cache lacks: another
+    server sharing the store, or its source again (``cluster/peers.py``)."""
+
+    def bring(self, model: Model, artifacts: Sequence[Artifact]) -> None:
+        """Place the artifacts' blobs in this cache, verified; BlobFetching while they are still on
+        their way, ModelNotPresent when nothing can bring them."""
+        ...
+
+    def shared(self) -> bool:
+        """Whether other servers share the store, so a blob missing here may be in their caches."""
+        ...
+
+
+def serves(artifact: Artifact) -> bool:
+    """Whether inference reads the artifact: the GGUF the engine loads, or a layer (``/api/create``)."""
+    return artifact.format == "gguf" or (artifact.format == "file" and artifact.filename in LAYERS)
+
+
 class ModelService:
     def __init__(
         self, settings: Settings, store: Store, cache: BlobCache, *, preferences: PreferenceService
@@ -76,6 +105,7 @@ class ModelService:
         self.cache = cache
         self.preferences = preferences
         self._lists = ListCache(store)
+        self.blob_source: BlobSource | None = None  # set by the server that serves (cluster/peers.py)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -123,6 +153,24 @@ class ModelService:
 
     def has_blob(self, digest: str) -> bool:
         return self.cache.has(digest)
+
+    def bring_blobs(self, model: Model) -> None:
+        """Make the blobs that serving ``model`` reads (its GGUF, its layers) present in this cache:
+        one another server sharing the store registered is fetched from it, or pulled again, and
+        only placed once whole and verified (BlobFetching while it comes, ModelNotPresent when
+        nothing can bring it)."""
+        missing = [
+            a for a in model.artifacts if serves(a) and a.state == "ok" and not self.cache.has(a.digest)
+        ]
+        if not missing:
+            return
+        if self.blob_source is None:  # a command, not a server: it fetches from no peer
+            raise ModelNotPresent(
+                f"model {model.name} is registered, but its file {missing[0].filename} is not in the"
+                f" cache under {self.settings.data_dir}",
+                hint="run `appliance models verify`, then pull or import the model again",
+            )
+        self.blob_source.bring(model, missing)
 
     def blob_path(self, digest: str) -> Path:
         """Where a blob lives on disk (for display, as in a Modelfile's FROM line)."""
@@ -474,6 +522,11 @@ class ModelService:
     def _verify_blob(self, digest: str, names: tuple[str, ...], context: Context) -> VerifyResult:
         with audited(self.store, context, action="models.verify", target=digest) as note:
             note.detail["models"] = list(names)
+            if not self.cache.has(digest) and self.blob_source is not None and self.blob_source.shared():
+                # Another server's cache may hold it (it comes here when a request needs it):
+                # quarantining the shared row would take it from every server.
+                note.detail["here"] = False
+                return VerifyResult(digest, names, ok=True, detail="not in this server's cache; not checked")
             if not self.cache.has(digest):
                 detail = "the blob is missing or quarantined"
                 self.store.mark_verified(digest, state="quarantined")

@@ -41,6 +41,7 @@ __all__ = [
     "NodeModel",
     "NodeModelState",
     "RemovedModel",
+    "Server",
     "Store",
     "Task",
     "TaskChanges",
@@ -366,6 +367,21 @@ class NodeChanges(TypedDict, total=False):
     config_applied: str | None
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server process sharing this store: the URL its peers reach it at, its credential for
+    their blob fetches only as its SHA-256, and when it was last heard of (alive while recent).
+    ``ca_pem`` is the CA its TLS certificate chains to, when that is its own (``tls init``)."""
+
+    id: str
+    url: str
+    credential_hash: str
+    version: str
+    started_at: str = field(default_factory=utcnow)
+    last_seen_at: str = field(default_factory=utcnow)
+    ca_pem: str | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
@@ -616,4 +632,18 @@ class Store(Protocol):
 
     def remove_node(self, node_id: str) -> Node:
         """Forget a node and its availability (its credential with it); raises NodeNotFound."""
+        ...
+
+    # servers sharing this store
+    def register_server(self, server: Server) -> Server:
+        """Add the server, or replace the row of its id (a restart: new URL, credential, times)."""
+        ...
+
+    def touch_server(self, server_id: str, at: str) -> bool:
+        """Record that the server was alive at ``at``; False when it has no row (forgotten)."""
+        ...
+
+    def find_server(self, credential_hash: str) -> Server | None: ...
+    def list_servers(self) -> list[Server]:
+        """Oldest start first."""
         ...

@@ -658,4 +658,33 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0012_servers",
+        # The servers sharing this database (several on PostgreSQL): where peers reach each one,
+        # and its credential for their blob routes. One row per data dir (its id is kept there);
+        # alive while last_seen_at is recent. Which blobs a server holds is not stored: its peers
+        # ask it (HEAD of the blob route), so no second record can drift from its disk.
+        """
+        CREATE TABLE servers (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            credential_hash TEXT NOT NULL UNIQUE,
+            ca_pem TEXT,
+            version TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE servers (
+            id TEXT COLLATE "C" PRIMARY KEY,
+            url TEXT COLLATE "C" NOT NULL,
+            credential_hash TEXT COLLATE "C" NOT NULL UNIQUE,
+            ca_pem TEXT COLLATE "C",
+            version TEXT COLLATE "C" NOT NULL,
+            started_at TEXT COLLATE "C" NOT NULL,
+            last_seen_at TEXT COLLATE "C" NOT NULL
+        );
+        """,
+    ),
 )

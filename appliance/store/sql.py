@@ -54,6 +54,7 @@ from appliance.store.base import (
     NodeChanges,
     NodeModel,
     RemovedModel,
+    Server,
     Task,
     TaskChanges,
     TaskMode,
@@ -184,6 +185,9 @@ def _task(row: Sequence[Any]) -> Task:
 def _task_value(name: str, value: Any) -> Any:
     return json.dumps(value) if name in _TASK_JSON_COLUMNS and value is not None else value
 
+
+# In the order of Server's fields.
+_SERVER_COLUMNS = ("id", "url", "credential_hash", "version", "started_at", "last_seen_at", "ca_pem")
 
 _USER_COLUMNS = ("name", "role", "password_hash", "created_at", "updated_at")
 _SESSION_COLUMNS = ("id_sha256", "user_name", "csrf_token", "address", "created_at", "expires_at")
@@ -1057,3 +1061,27 @@ class SqlStore(ABC):
             if not db.run("DELETE FROM nodes WHERE id = ?", (node_id,)) or node is None:
                 raise NodeNotFound(f"no node {node_id!r}")
         return node
+
+    # -- servers sharing this store ----------------------------------------------------------------
+
+    def register_server(self, server: Server) -> Server:
+        row = {name: getattr(server, name) for name in _SERVER_COLUMNS}
+        updates = ", ".join(f"{name} = excluded.{name}" for name in _SERVER_COLUMNS[1:])
+        with self._write() as db:
+            db.run(*_insert("servers", row, f" ON CONFLICT (id) DO UPDATE SET {updates}"))
+        return server
+
+    def touch_server(self, server_id: str, at: str) -> bool:
+        with self._write() as db:
+            return bool(db.run("UPDATE servers SET last_seen_at = ? WHERE id = ?", (at, server_id)))
+
+    def _servers(self, where: str, params: Sequence[Any] = ()) -> list[Server]:
+        rows = self._query(f"SELECT {', '.join(_SERVER_COLUMNS)} FROM servers {where}", params)
+        return [Server(*row) for row in rows]
+
+    def find_server(self, credential_hash: str) -> Server | None:
+        found = self._servers("WHERE credential_hash = ?", (credential_hash,))
+        return found[0] if found else None
+
+    def list_servers(self) -> list[Server]:
+        return self._servers("ORDER BY started_at, id")

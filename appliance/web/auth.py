@@ -39,7 +39,7 @@ from appliance.auth.service import (
     NewKeyOut,
     UserOut,
 )
-from appliance.cluster.tokens import is_node_credential
+from appliance.cluster.tokens import is_node_credential, is_server_credential
 from appliance.errors import ApiKeyNotFound, CsrfFailed, Forbidden, Unauthorized
 from appliance.identity import Actor, Role
 from appliance.runtime import Runtime
@@ -154,7 +154,8 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/api/v1/cluster/heartbeat"): "cluster.node",
     ("GET", "/api/v1/cluster/work"): "cluster.node",
     ("POST", "/api/v1/cluster/work/{work_id}/events"): "cluster.node",
-    ("GET", "/api/v1/blobs/{digest}"): "cluster.node",
+    ("GET", "/api/v1/blobs/{digest}"): "blobs.read",  # a worker's, or a peer server's (apserver_…)
+    ("GET", "/api/v1/servers"): "servers.read",
     ("POST", "/api/v1/cluster/tasks/claim"): "cluster.node",
     ("GET", "/api/v1/cluster/tasks/{task_id}/attachments/{name}"): "cluster.node",
     ("POST", "/api/v1/cluster/tasks/{task_id}/output"): "cluster.node",
@@ -212,6 +213,8 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
             # Synchronous store calls, as the other guards' are: a key lookup is one indexed read.
             if secret is not None and is_node_credential(secret):
                 request.state.actor = _node_actor(request, secret)
+            elif secret is not None and is_server_credential(secret):
+                request.state.actor = _server_actor(request, secret)
             elif secret is not None:
                 request.state.actor = auth.authenticate(secret, provide_context(request))
             else:
@@ -267,6 +270,13 @@ def _node_actor(request: Request[Any, Any, Any], credential: str) -> Actor:
     runtime: Runtime = request.app.state.runtime
     node = runtime.cluster.authenticate(credential, provide_context(request))
     return Actor(id=node.id, kind="node", role="node")
+
+
+def _server_actor(request: Request[Any, Any, Any], credential: str) -> Actor:
+    """A server sharing the database: its credential reaches the blob route only (policy)."""
+    runtime: Runtime = request.app.state.runtime
+    server = runtime.peers.authenticate(credential, provide_context(request))
+    return Actor(id=server.id, kind="server")
 
 
 def _session_actor(request: Request[Any, Any, Any]) -> Actor:

@@ -2,8 +2,10 @@
 
 Worker routes (``/api/v1/cluster/*``, ``/api/v1/blobs/*``) take a node credential
 (``Authorization: Bearer apnode_…``) and check it themselves, whatever ``server.auth`` says;
-join takes a join token instead. Admin routes (``/api/v1/nodes…``) are guarded like any other
-(``nodes.read``, ``nodes.manage``).
+join takes a join token instead. The blob routes take a server credential too (``apserver_…``):
+servers sharing the database fetch blobs from each other there (``cluster/peers.py``). Admin
+routes (``/api/v1/nodes…``, ``/api/v1/servers``) are guarded like any other (``nodes.read``,
+``nodes.manage``, ``servers.read``).
 
 Imports: the cluster's service and channel, audit, refs, settings and the web helpers.
 """
@@ -27,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from appliance.audit import Context
 from appliance.cluster.channel import WorkChannel, watch_nodes
+from appliance.cluster.peers import Peers, ServerOut
 from appliance.cluster.service import (
     NODE_NAME_PATTERN,
     ClusterService,
@@ -38,13 +41,14 @@ from appliance.cluster.service import (
     Node,
     NodeOut,
 )
+from appliance.cluster.tokens import is_server_credential
 from appliance.errors import Unauthorized
 from appliance.refs import parse_digest
 from appliance.runtime import Runtime
 from appliance.settings import TOKEN_EXPIRY_PATTERN, Settings
 from appliance.web.dependencies import provide_context
 
-__all__ = ["CLUSTER_DEPENDENCIES", "CLUSTER_ROUTES", "NodesController", "cluster_lifespan"]
+__all__ = ["CLUSTER_DEPENDENCIES", "CLUSTER_ROUTES", "NodesController", "cluster_lifespan", "list_servers"]
 
 BLOCK_BYTES = 1024 * 1024  # a blob is read and sent in blocks of this size
 MAX_WAIT = 300.0  # the most a poll may ask for; cluster.work_wait caps it further
@@ -71,6 +75,20 @@ def provide_node(request: Request[Any, Any, Any], state: State) -> Node:
             hint="a worker gets one with `appliance worker join`",
         )
     return provide_cluster(state).authenticate(credential.strip(), provide_context(request))
+
+
+def provide_peers(state: State) -> Peers:
+    runtime: Runtime = state.runtime
+    return runtime.peers
+
+
+def provide_blob_reader(request: Request[Any, Any, Any], state: State) -> str:
+    """Who fetches a blob: a node, or a server sharing the database (its id); Unauthorized
+    (audited) otherwise, whatever ``server.auth`` says."""
+    _, _, credential = request.headers.get("authorization", "").partition(" ")
+    if is_server_credential(credential.strip()):
+        return provide_peers(state).authenticate(credential.strip(), provide_context(request)).id
+    return provide_node(request, state).id
 
 
 @asynccontextmanager
@@ -207,10 +225,11 @@ def _blob_answer(
 
 @get("/api/v1/blobs/{digest:str}")
 async def get_blob(
-    digest: str, request: Request[Any, Any, Any], node: Node, cluster: ClusterService
+    digest: str, request: Request[Any, Any, Any], reader: str, cluster: ClusterService
 ) -> Response[Any]:
     """A verified blob from the server's cache (``Range`` supported): how a worker fetches the
-    models it is told to load. A quarantined or absent blob is 404; a malformed digest 400."""
+    models it is told to load, and a server sharing the database one its cache lacks. A
+    quarantined or absent blob is 404; a malformed digest 400."""
     path, first, length, headers, status = await anyio.to_thread.run_sync(
         _blob_answer, digest, request, cluster
     )
@@ -221,7 +240,7 @@ async def get_blob(
 
 @head("/api/v1/blobs/{digest:str}")
 async def head_blob(
-    digest: str, request: Request[Any, Any, Any], node: Node, cluster: ClusterService
+    digest: str, request: Request[Any, Any, Any], reader: str, cluster: ClusterService
 ) -> Response[None]:
     """A blob's size, ETag and whether the range asked for can be served, without its bytes."""
     _, _, _, headers, status = await anyio.to_thread.run_sync(_blob_answer, digest, request, cluster)
@@ -306,9 +325,18 @@ class NodesController(Controller):
         return node
 
 
-CLUSTER_ROUTES = [join, heartbeat, take_work, work_events, get_blob, head_blob]
+@get("/api/v1/servers", tags=["servers"], sync_to_thread=True)
+def list_servers(peers: Peers) -> list[ServerOut]:
+    """The servers sharing this database: the URL each is reached at, its version, when it started
+    and was last heard from, and whether it is alive (heard from within 45 s)."""
+    return peers.list_servers()
+
+
+CLUSTER_ROUTES = [join, heartbeat, take_work, work_events, get_blob, head_blob, list_servers]
 CLUSTER_DEPENDENCIES = {
     "cluster": Provide(provide_cluster, sync_to_thread=False),
     "channel": Provide(provide_channel, sync_to_thread=False),
     "node": Provide(provide_node, sync_to_thread=False),
+    "reader": Provide(provide_blob_reader, sync_to_thread=False),
+    "peers": Provide(provide_peers, sync_to_thread=False),
 }

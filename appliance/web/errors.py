@@ -1,11 +1,11 @@
 """The one error mapping of the three HTTP surfaces.
 
 ``describe`` decides, for any exception, the status, stable code, message, hint and extra
-headers (Retry-After for EngineBusy, Allow for a 405); a renderer per surface gives it that
-surface's shape: problem details (RFC 9457) for ``/api/v1``, OpenAI's ``{"error": {...}}`` for
-``/v1``, Anthropic's ``{"type": "error", "error": {...}}`` for ``/v1/messages``, Ollama's
-``{"error": "..."}`` for ``/api``. A stream whose headers already went out says its
-error in the stream instead, through ``error_tail``, the same way for SSE and NDJSON.
+headers (Retry-After for EngineBusy and BlobFetching, Allow for a 405); a renderer per surface
+gives it that surface's shape: problem details (RFC 9457) for ``/api/v1``, OpenAI's
+``{"error": {...}}`` for ``/v1``, Anthropic's ``{"type": "error", "error": {...}}`` for
+``/v1/messages``, Ollama's ``{"error": "..."}`` for ``/api``. A stream whose headers already went
+out says its error in the stream instead, through ``error_tail``, the same way for SSE and NDJSON.
 
 Imports: ``appliance.errors`` and the web layer's body parsing only.
 """
@@ -22,7 +22,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from appliance.errors import ApplianceError, BodyTooLarge, EngineBusy, TooManyAttempts, Unauthorized
+from appliance.errors import ApplianceError, BodyTooLarge, Unauthorized
 from appliance.web.bodies import InvalidField
 
 __all__ = [
@@ -93,8 +93,9 @@ def describe(exc: BaseException, *, where: str) -> ErrorInfo:
     logged here (``where`` says what was being served), so no surface forgets to."""
     if isinstance(exc, ApplianceError):
         headers = {}
-        if isinstance(exc, EngineBusy | TooManyAttempts):
-            headers["Retry-After"] = str(exc.retry_after)
+        retry_after = getattr(exc, "retry_after", None)  # EngineBusy, BlobFetching, TooManyAttempts
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
         param = exc.param if isinstance(exc, InvalidField) else None

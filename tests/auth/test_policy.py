@@ -12,9 +12,12 @@ ALICE = Actor("alice", "user", "user")
 NODE = Actor("worker-1", "key", "node")
 SERVICE = Actor("ci", "key", "user")
 NOBODY = Actor("127.0.0.1", "anonymous")
+PEER = Actor("srv-b", "server")
+PEER_AS_ADMIN = Actor("srv-b", "server", "admin")  # a role never widens a server credential
 
 USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own", "tasks.run"}
-NODE_ACTIONS = {"public", "cluster.node"}
+NODE_ACTIONS = {"public", "cluster.node", "blobs.read"}
+PEER_ACTIONS = {"public", "blobs.read"}
 
 
 @pytest.mark.parametrize("action", ACTIONS)
@@ -23,6 +26,8 @@ def test_each_role_gets_its_actions_and_no_more(action: str) -> None:
     assert bool(decide(ALICE, action)) is (action in USER_ACTIONS)  # type: ignore[arg-type]
     assert bool(decide(NODE, action)) is (action in NODE_ACTIONS)  # type: ignore[arg-type]
     assert bool(decide(NOBODY, action)) is (action == "public")  # type: ignore[arg-type]
+    assert bool(decide(PEER, action)) is (action in PEER_ACTIONS)  # type: ignore[arg-type]
+    assert bool(decide(PEER_AS_ADMIN, action)) is (action in PEER_ACTIONS)  # type: ignore[arg-type]
 
 
 def test_a_denial_says_why() -> None:

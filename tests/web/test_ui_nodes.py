@@ -15,6 +15,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
+from appliance.store.base import Server as StoredServer
+from appliance.store.sqlite import SqliteStore
 from tests.conftest import Server
 from tests.web.browsing import browser, opened, shot, sign_in
 from tests.web.conftest import PASSWORD, Keys
@@ -294,3 +296,33 @@ def test_a_user_has_no_nodes_link_and_the_page_is_for_admins(page: Page, keys: K
     user = {"Authorization": f"Bearer {keys.user}"}
     assert server.client.get("/api/v1/nodes", headers=user).status_code == 403
     assert server.client.post("/api/v1/nodes/tokens", json={}, headers=user).status_code == 403
+
+
+def test_the_servers_sharing_the_database_show_alive_or_gone(
+    page: Page, server: Server, data_dir: Path
+) -> None:
+    # Another server that shared this database once, and stopped long ago.
+    store = SqliteStore(data_dir / "appliance.db")
+    try:
+        store.register_server(
+            StoredServer(
+                "oldpeer",
+                "https://old.lan:8443",
+                "9" * 64,
+                "0.0.9",
+                "2020-01-01T00:00:00.000000Z",
+                "2020-01-01T00:00:00.000000Z",
+            )
+        )
+    finally:
+        store.close()
+    this = (data_dir / "server-id").read_text().strip()
+    open_nodes(page)
+    row = page.locator(f"#servers-table tr[data-server='{this}']")
+    expect(row).to_have_attribute("data-state", "alive")
+    expect(row).to_contain_text(server.url)
+    expect(row).to_contain_text("(this one)")
+    gone = page.locator("#servers-table tr[data-server='oldpeer']")
+    expect(gone).to_have_attribute("data-state", "gone")
+    expect(gone).to_contain_text("https://old.lan:8443")
+    expect(page.locator("#errors")).to_be_empty()

@@ -589,6 +589,7 @@ async function nodes() {
     [["24h", "24 hours"], ["1h", "1 hour"], ["7d", "7 days"], ["never", "never"]].map(([value, label]) => h("option", { value }, label)));
   const created = h("div", { id: "new-token" });
   const tokenList = h("div", { id: "tokens" }, "Loading…");
+  const serverList = h("div", { id: "servers" }, "Loading…");
   const list = h("div", { id: "nodes" }, "Loading…");
   const picked = new Map();  // node id -> the model chosen in its select, kept across redraws
   const found = await refresh(() => firstRows("/api/v1/models", 1000));
@@ -684,6 +685,17 @@ async function nodes() {
         h("td", {}, t.state === "active" ? h("button", { class: "danger", onclick: () => revoke(t) }, "Revoke") : null)))))
       : h("p", { class: "muted" }, "No join tokens yet."));
   };
+  // The servers sharing this database, each with its own blob cache: what it fetches from the others.
+  const drawServers = async () => {
+    const listed = await api("GET", "/api/v1/servers");
+    if (token !== generation) return;
+    serverList.replaceChildren(h("table", { id: "servers-table" },
+      h("thead", {}, h("tr", {}, ["Server", "URL", "State", "Version", "Last seen"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, listed.map((s) => h("tr", { "data-server": s.id, "data-state": s.alive ? "alive" : "gone" },
+        h("td", { class: "mono" }, s.id, s.this ? h("span", { class: "muted" }, " (this one)") : null),
+        h("td", { class: "mono" }, s.url), h("td", { class: s.alive ? "ok" : "bad" }, s.alive ? "alive" : "gone"),
+        h("td", {}, s.version), h("td", {}, s.last_seen_at.slice(0, 19)))))));
+  };
   const revoke = async (t) => {
     if (!confirm(`Revoke join token ${t.id}? No worker can join with it any more; the nodes that joined with it stay.`)) return;
     if (await attempt(() => api("DELETE", `/api/v1/nodes/tokens/${encodeURIComponent(t.id)}`))) await refresh(drawTokens);
@@ -714,9 +726,12 @@ async function nodes() {
     h("h2", {}, "Join tokens"),
     h("form", { class: "inline", id: "token-form", onsubmit: (event) => { event.preventDefault(); create(); } },
       h("label", {}, "Expires in", expires), h("button", { type: "submit" }, "Create join token")),
-    created, tokenList);
-  await Promise.all([refresh(draw), refresh(drawTokens)]);
-  every(token, 3, () => Promise.all([redraw(), refresh(drawTokens)]));
+    created, tokenList,
+    h("h2", {}, "Servers on this database"),
+    h("p", { class: "muted" }, "Each keeps its own model cache and fetches a model it lacks from the others."),
+    serverList);
+  await Promise.all([refresh(draw), refresh(drawTokens), refresh(drawServers)]);
+  every(token, 3, () => Promise.all([redraw(), refresh(drawTokens), refresh(drawServers)]));
 }
 
 // -- audit -------------------------------------------------------------------------------------

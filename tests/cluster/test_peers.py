@@ -1,0 +1,351 @@
+"""Servers sharing one database, each with its own blob cache: a model one registered is fetched
+from it by another (over the blob route workers use, as a server), or pulled again by its ref, and
+never served half-present. Two real servers on loopback, each with its own data dir, on one
+SQLite file (one machine) and on one PostgreSQL schema."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from appliance.audit import Context
+from appliance.cluster.tokens import make_server_credential
+from appliance.runtime import Runtime
+from appliance.settings import ServerSettings, Settings, StoreSettings, default_advertise_url
+from appliance.store.base import Server
+from appliance.web.app import create_app
+from tests.fileserver import serve_files
+from tests.web.serving import serving
+
+GENERATE = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4, "temperature": 0}}
+
+
+@dataclass
+class Running:
+    url: str
+    runtime: Runtime
+    client: httpx.Client
+    stop: Callable[[], None]
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.runtime.cache.blobs_dir
+
+
+def _postgres_url(request: pytest.FixtureRequest) -> str:
+    try:
+        import appliance.store.postgres  # noqa: F401 (the backend another branch builds)
+    except ImportError:
+        pytest.skip("this build has no PostgreSQL store yet")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One database both servers use: a SQLite file, or a PostgreSQL schema of this test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return _postgres_url(request)
+
+
+@pytest.fixture
+def start(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]]:
+    """``start(name, **server settings)``: a server with the data dir ``tmp_path/name`` on the shared
+    database, served by uvicorn on a free loopback port in this process."""
+    running: list[Running] = []
+
+    def launch(name: str, **server: Any) -> Running:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        settings = Settings(
+            data_dir=tmp_path / name,
+            port=port,
+            store=StoreSettings(url=store_url),
+            server=ServerSettings(**server),
+        )
+        with warnings.catch_warnings():  # Litestar warns, at build, of handlers other modules declare
+            warnings.simplefilter("ignore", DeprecationWarning)
+            app = create_app(settings)
+        uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=lambda: loop.run_until_complete(uv.serve(sockets=[listener])), daemon=True
+        )
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not uv.started:
+            assert thread.is_alive(), "the server did not start"
+            assert time.monotonic() < deadline, "the server did not start in time"
+            time.sleep(0.02)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        stopped = threading.Event()
+
+        def stop() -> None:
+            if stopped.is_set():
+                return
+            stopped.set()
+            client.close()
+            uv.should_exit = True
+            thread.join(timeout=30)
+            listener.close()
+            loop.close()
+
+        served = Running(f"http://127.0.0.1:{port}", app.state.runtime, client, stop)
+        running.append(served)
+        return served
+
+    yield launch
+    for served in reversed(running):
+        served.stop()
+
+
+def _import_on(server: Running, source: Path) -> str:
+    imported = server.client.post("/api/v1/models/import", json={"path": str(source), "name": "tiny"})
+    assert imported.status_code in (200, 201), imported.text
+    digest = server.runtime.models.get("tiny").artifacts[0].digest
+    assert server.runtime.cache.has(digest)
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_b_serves_a_model_a_imported_by_fetching_it_from_as_cache(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    tiny_gguf.unlink()  # nothing to pull it again from: only A's cache has it
+    assert not b.runtime.cache.has(digest)
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["done"] is True
+    fetched = b.blob_dir / digest.removeprefix("sha256:")
+    assert _sha256(fetched) == digest
+    assert oct(fetched.stat().st_mode & 0o777) == "0o444"  # placed like any blob
+    events = b.runtime.store.list_audit(action="models.fetch")
+    assert [(e.actor, e.outcome, e.detail["peer"], e.detail["url"]) for e in events] == [
+        (f"server:{b.runtime.peers.id}", "ok", a.runtime.peers.id, a.url)
+    ]
+    listed = {s["id"]: s for s in b.client.get("/api/v1/servers").json()}
+    assert listed[a.runtime.peers.id]["url"] == a.url
+    assert listed[a.runtime.peers.id]["alive"] is True
+    assert listed[b.runtime.peers.id]["this"] is True
+
+
+def test_a_wrong_server_credential_gets_401_and_a_right_one_reaches_the_blob_route_only(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    digest = _import_on(a, tiny_gguf)
+    blob = f"/api/v1/blobs/{digest}"
+    wrong = a.client.get(blob, headers={"Authorization": f"Bearer {make_server_credential()}"})
+    assert wrong.status_code == 401
+    assert wrong.headers["www-authenticate"].startswith("Bearer")
+    refused = a.runtime.store.list_audit(action="auth.failed")
+    assert [event.detail for event in refused] == [{"reason": "unknown server credential"}]
+
+    # A server's real credential, as the store holds it (the test plays that server).
+    credential = make_server_credential()
+    a.runtime.store.register_server(
+        Server("peer-x", "http://127.0.0.1:9", hashlib.sha256(credential.encode()).hexdigest(), "0")
+    )
+    bearer = {"Authorization": f"Bearer {credential}"}
+    got = a.client.get(blob, headers={**bearer, "Range": "bytes=0-3"})
+    assert got.status_code == 206
+    assert got.content == b"GGUF"
+    assert a.client.post("/api/v1/cluster/heartbeat", json={}, headers=bearer).status_code == 401
+
+
+def test_with_auth_on_a_server_credential_is_refused_beyond_the_blob_route(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a", auth="on")
+    credential = make_server_credential()
+    a.runtime.store.register_server(
+        Server("peer-x", "http://127.0.0.1:9", hashlib.sha256(credential.encode()).hexdigest(), "0")
+    )
+    a.runtime.models.import_file(tiny_gguf, Context.cli(), name="tiny")
+    digest = a.runtime.models.get("tiny").artifacts[0].digest
+    bearer = {"Authorization": f"Bearer {credential}"}
+    assert a.client.head(f"/api/v1/blobs/{digest}", headers=bearer).status_code == 200
+    assert a.client.get("/api/v1/models", headers=bearer).status_code == 403
+    assert a.client.get("/api/v1/servers", headers=bearer).status_code == 403
+
+
+def test_a_peer_that_went_away_means_pulling_again_by_ref(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    a.stop()  # its row still reads alive: B finds it unreachable
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 200, answer.text
+    assert _sha256(b.blob_dir / digest.removeprefix("sha256:")) == digest
+    assert b.runtime.store.list_audit(action="models.fetch") == []
+    pulled = b.runtime.store.list_audit(action="models.import", actor=f"server:{b.runtime.peers.id}")
+    assert [e.detail["source"] for e in pulled] == [str(tiny_gguf)]
+
+
+def test_with_no_peer_and_no_source_the_error_says_what_to_do(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    a.stop()
+    tiny_gguf.unlink()
+
+    answer = b.client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    )
+
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert error["code"] == "model_not_present"
+    assert "no peer holds it" in error["message"]
+    assert "unreachable" in error["message"]
+    assert not b.runtime.cache.has(digest)
+
+
+def test_wrong_bytes_from_a_peer_are_discarded_and_nothing_is_placed(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    tiny_gguf.unlink()
+    on_a = a.blob_dir / digest.removeprefix("sha256:")
+    on_a.chmod(0o644)
+    content = bytearray(on_a.read_bytes())
+    content[-1] ^= 0xFF  # same size, other content: only the hash tells
+    on_a.write_bytes(bytes(content))
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 503
+    assert "hash to" in answer.json()["error"]
+    assert not b.runtime.cache.has(digest)
+    leftovers = [p.name for p in b.runtime.cache.downloads_dir.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+    failed = b.runtime.store.list_audit(action="models.fetch")
+    assert [(e.outcome, e.detail["error"]) for e in failed] == [("error", "digest_mismatch")]
+
+
+def test_while_the_blob_comes_a_request_gets_503_with_retry_after_then_it_is_served(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b", peer_wait=0.001)  # far shorter than a fetch over HTTP
+    digest = _import_on(a, tiny_gguf)
+
+    first = b.client.post("/api/v1/models/load", json={"name": "tiny"})
+
+    assert first.status_code == 503, first.text
+    assert first.headers["retry-after"] == "5"
+    assert first.json()["code"] == "blob_fetching"
+    deadline = time.monotonic() + 30
+    while not b.runtime.cache.has(digest):
+        assert time.monotonic() < deadline, "the fetch never finished"
+        time.sleep(0.05)
+    assert b.client.post("/api/v1/models/load", json={"name": "tiny"}).status_code == 200
+    assert _sha256(b.blob_dir / digest.removeprefix("sha256:")) == digest
+
+
+def test_verify_on_a_server_without_the_blob_leaves_it_alone_for_the_others(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+
+    results = b.client.post("/api/v1/models/verify", json={"name": "tiny"})
+
+    assert results.status_code == 200, results.text
+    assert results.json()[0]["detail"] == "not in this server's cache; not checked"
+    assert a.runtime.store.get_blob(digest).state == "ok"  # type: ignore[union-attr]
+    assert a.client.post("/api/generate", json=GENERATE).status_code == 200
+
+
+def test_the_cli_lists_the_servers_sharing_the_database(
+    start: Callable[..., Running], cli: Any, store_url: str, data_dir: Path
+) -> None:
+    a = start("a")
+    result = cli("servers", "--json", env={"APPLIANCE_STORE__URL": store_url})
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert [(s["id"], s["url"], s["alive"], s["this"]) for s in listed] == [
+        (a.runtime.peers.id, a.url, True, False)
+    ]
+    table = cli("servers", env={"APPLIANCE_STORE__URL": store_url})
+    assert a.runtime.peers.id in table.stdout
+    assert "alive" in table.stdout
+
+
+def test_the_advertised_url_defaults_to_a_public_name_or_the_bound_address() -> None:
+    assert default_advertise_url(Settings(port=8080), tls=False) == "http://127.0.0.1:8080"
+    named = Settings(host="0.0.0.0", port=8443, server=ServerSettings(public_names=["box.lan"]))
+    assert default_advertise_url(named, tls=True) == "https://box.lan:8443"
+    everywhere = Settings(host="::", port=80)
+    assert default_advertise_url(everywhere, tls=False) == f"http://{socket.gethostname()}:80"
+
+
+def test_two_serve_processes_on_one_database_fetch_from_each_other(
+    tmp_path: Path, store_url: str, tiny_gguf: Path
+) -> None:
+    env = {"APPLIANCE_STORE__URL": store_url}
+    with serving(tmp_path / "a", env=env) as a, serving(tmp_path / "b", env=env) as b:
+        imported = a.client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "tiny"})
+        assert imported.status_code in (200, 201), imported.text
+        tiny_gguf.unlink()
+
+        answer = b.client.post("/api/generate", json=GENERATE)
+
+        assert answer.status_code == 200, answer.text
+        digest = imported.json()["digest"]
+        assert _sha256(tmp_path / "b" / "blobs" / "sha256" / digest.removeprefix("sha256:")) == digest
+        listed = b.client.get("/api/v1/servers").json()
+        assert sorted((s["url"], s["alive"]) for s in listed) == sorted([(a.url, True), (b.url, True)])
+
+
+def test_a_pull_of_a_ref_another_server_pulled_fetches_from_it_not_the_source(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    with serve_files() as files:
+        url = files.add("/tiny.gguf", tiny_gguf.read_bytes())
+        first = a.runtime.provisioner.ensure_present(url, Context.cli())
+
+        again = b.runtime.provisioner.ensure_present(url, Context.cli())
+
+        assert (again.digest, again.downloaded) == (first.digest, False)
+        assert _sha256(again.path) == first.digest
+        downloads = [hit for hit in files.hits_for("/tiny.gguf") if hit.range == "bytes=0-0"]
+        assert len(downloads) == 1  # A's; B's bytes came from A
+    fetched = b.runtime.store.list_audit(action="models.fetch")
+    assert [(e.target, e.detail["peer"]) for e in fetched] == [(first.digest, a.runtime.peers.id)]
