@@ -940,6 +940,7 @@ def main() -> None:
 
 from appliance.cli_auth import keys, users  # noqa: E402 (it uses the helpers above)
 from appliance.cli_bundle import bundle  # noqa: E402 (it uses the helpers above)
+from appliance.cli_db import db  # noqa: E402 (it uses the helpers above)
 from appliance.cli_importdir import import_dir  # noqa: E402 (it uses the helpers above)
 from appliance.cli_login import login, logout  # noqa: E402
 from appliance.cli_nodes import nodes  # noqa: E402 (it uses the helpers above)
@@ -962,3 +963,4 @@ cli.add_command(tasks)
 cli.add_command(nodes)
 cli.add_command(servers)
 cli.add_command(worker)
+cli.add_command(db)

@@ -14,6 +14,7 @@ from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -21,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-__all__ = ["make_console", "make_progress", "make_table", "visible"]
+__all__ = ["make_console", "make_count_progress", "make_progress", "make_table", "visible"]
 
 # C0 and C1 controls but tab and newline: a terminal would act on them (move, clear, retitle).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -71,3 +72,9 @@ def make_progress(console: Console, *, eta: bool) -> Progress:
     if eta:
         columns.append(TimeRemainingColumn())
     return Progress(*columns, console=console, transient=True)
+
+
+def make_count_progress(console: Console) -> Progress:
+    """A bar per item counted (a table's rows, say): how many of how many."""
+    description = TextColumn("{task.description}", style="progress.description", markup=False)
+    return Progress(description, BarColumn(), MofNCompleteColumn(), console=console, transient=True)

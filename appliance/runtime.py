@@ -21,6 +21,8 @@ from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.settings import Settings
+from appliance.store import admin
+from appliance.store.admin import DbStatus
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
 from appliance.store.factory import open_data_dir
@@ -103,6 +105,10 @@ class Runtime:
             runtime.tasks.start()
             runtime.peers.start()
         return runtime
+
+    def database_status(self) -> DbStatus:
+        """Where this process's store stands: backend, location, migrations, rows per table."""
+        return admin.status(self.settings)
 
     def close(self) -> None:
         self.tasks.close()  # first: a prompt task running now still needs the router

@@ -28,6 +28,7 @@ from appliance.web.bundles import bundle_router
 from appliance.web.cluster import CLUSTER_DEPENDENCIES, CLUSTER_ROUTES, NodesController, cluster_lifespan
 from appliance.web.cluster_tasks import ClusterTasksController, cluster_tasks_lifespan
 from appliance.web.completions import completions_router
+from appliance.web.db import db_status
 from appliance.web.dependencies import (
     provide_audit,
     provide_context,
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             *CLUSTER_ROUTES,
             ClusterTasksController,
             SystemController,
+            db_status,
             AuditController,
             UsersController,
             KeysController,

@@ -122,6 +122,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/api/v1/preferences"): "preferences.read",
     ("PUT", "/api/v1/preferences/{key}"): "preferences.write",
     ("GET", "/api/v1/system"): "system.read",
+    ("GET", "/api/v1/db"): "system.read",
     ("GET", "/api/v1/audit"): "audit.read",
     ("GET", "/api/v1/inference"): "audit.read",
     ("GET", "/api/v1/ps"): "system.read",

@@ -764,7 +764,8 @@ async function audit() {
 
 async function settings() {
   page.replaceChildren(h("h1", {}, "Settings"), h("p", { class: "muted" },
-    "Preferences override the appliance's settings while it runs; Reset goes back to the setting."), h("div", { id: "preferences" }, "Loading…"));
+    "Preferences override the appliance's settings while it runs; Reset goes back to the setting."), h("div", { id: "preferences" }, "Loading…"),
+    h("h2", {}, "Database"), h("div", { id: "database" }, "Loading…"));
   const draw = async () => {
     const preferences = await api("GET", "/api/v1/preferences");
     document.getElementById("preferences")?.replaceChildren(...preferences.map(preferenceForm));
@@ -797,6 +798,35 @@ async function settings() {
       h("span", { class: "muted" }, p.overridden ? `setting: ${JSON.stringify(p.setting)}` : "from the settings"));
   };
   await attempt(draw);
+  await attempt(database);
+}
+
+// The store's status. Migrating and copying are the CLI's (operator actions on a database): shown as
+// the commands to run.
+async function database() {
+  const db = await api("GET", "/api/v1/db");
+  const facts = [
+    ["Backend", db.backend === "sqlite" ? "SQLite" : "PostgreSQL"],
+    ["Location", db.location],
+    db.schema_name === null ? null : ["Schema", db.schema_name],
+    ["Schema version", db.schema_version ?? "none"],
+    ["Pending migrations", db.pending.length ? db.pending.join(", ") : "none"],
+    db.newer.length ? ["Applied by a newer appliance", db.newer.join(", ")] : null,
+  ].filter(Boolean);
+  const hint = db.backend === "sqlite"
+    ? ["To move this registry to PostgreSQL (several servers on one database), stop the server and run ",
+      h("code", {}, "appliance db copy --to postgresql://USER@HOST/DATABASE"),
+      ", then serve with ", h("code", {}, "--database postgresql://…"), "."]
+    : ["Servers on this database share its registry, downloads and tasks. ", h("code", {}, "appliance db status"),
+      " shows the same; ", h("code", {}, "appliance db migrate"), " applies pending migrations."];
+  document.getElementById("database")?.replaceChildren(
+    h("section", { class: "card", id: "database-facts" },
+      facts.map(([label, value]) => h("div", {}, h("strong", {}, `${label}: `), h("span", { class: "mono" }, value))),
+      db.pending.length ? h("div", { class: "bad" }, "Run appliance db migrate (or restart the server) to apply the pending migrations.") : null),
+    h("p", { class: "muted", id: "database-hint" }, hint),
+    h("table", { id: "database-tables" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Table"), h("th", {}, "Rows"))),
+      h("tbody", {}, Object.entries(db.tables).map(([name, rows]) => h("tr", {}, h("td", { class: "mono" }, name), h("td", {}, rows))))));
 }
 
 // -- keys and users ----------------------------------------------------------------------------
