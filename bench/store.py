@@ -306,8 +306,12 @@ def main() -> None:
                 results[backend.name].append(figures)
                 print(f"round {round_number + 1} {backend.name}:")
                 for metric, value in figures.items():
-                    print(f"  {metric:<36} {value:>10.2f}")
+                    print(f"  {metric:<36} {shown(value):>10}")
         summarise(results, args)
+
+
+def shown(value: float) -> str:
+    return f"{value:.0f}" if value >= 1000 else f"{value:.2f}"
 
 
 def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -315,7 +319,7 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
     metrics = list(results[names[0]][0])
     print()
     header = f"{'metric (median, min-max over ' + str(args.rounds) + ' rounds)':<44}"
-    header += "".join(f" {name:>26}" for name in names)
+    header += "".join(f" {name:>24}" for name in names)
     if len(names) == 2:
         header += f" {names[1] + ' / ' + names[0]:>20}"
     print(header)
@@ -325,7 +329,8 @@ def summarise(results: dict[str, list[dict[str, float]]], args: argparse.Namespa
         for name in names:
             values = [figures[metric] for figures in results[name]]
             medians.append(statistics.median(values))
-            line += f" {f'{medians[-1]:.2f} ({min(values):.2f}-{max(values):.2f})':>26}"
+            spread = f"{shown(medians[-1])} ({shown(min(values))}-{shown(max(values))})"
+            line += f" {spread:>24}"
         if len(names) == 2:
             line += f" {medians[1] / medians[0]:>19.2f}x" if medians[0] else f" {'-':>20}"
         print(line)
