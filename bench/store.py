@@ -93,8 +93,14 @@ class Backend:
 def postgres_schema(server_url: str) -> Iterator[str]:
     """A new schema on the server, as a URL whose connections land in it; dropped afterwards."""
     schema = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as connection:
-        connection.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        with psycopg.connect(server_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'CREATE SCHEMA "{schema}"')
+    except psycopg.OperationalError as exc:
+        raise SystemExit(
+            f"no PostgreSQL at {server_url}: {str(exc).strip()}\n"
+            "pass --postgres-url, or --backends sqlite to measure SQLite alone"
+        ) from exc
     separator = "&" if "?" in server_url else "?"
     try:
         yield f"{server_url}{separator}options={quote(f'-csearch_path={schema}')}"
