@@ -9,6 +9,10 @@ waited on the lock while another pull of its ref ended reads that row: a cancel 
 every waiter, and a failure is handed to them rather than run again by each.
 
 A pull that needs approval waits here as ``pending`` until an admin approves or denies its row.
+A cancel, an approval and a denial are written to the row by whichever process (or server) is
+asked; the process running the pull reads them there. So the row's state only moves on from a
+state a pull runs in (``advance``) while no cancel came, and the end of a cancelled pull leaves
+what the cancel wrote.
 May import: audit, errors, names, refs, store.base, store.locks.
 """
 

@@ -1,10 +1,10 @@
 """``ensure_present``: make a ModelRef present, verified and registered, exactly once.
 
-    parse ─► already present? (no network at all) ─► policy (offline, allow/deny)
+    parse ─► already present? (no network at all)
           ─► single-flight (threads: a lock per ref; processes and servers: the ref's pull lock)
           ─► present now? (another pull finished it; a peer server's blob fills this cache)
-          ─► approval, when required ─► a download slot ─► one download (the transfer engine)
-          ─► verify ─► register
+          ─► policy (offline, allow/deny) ─► approval, when required ─► a download slot
+          ─► one download (the transfer engine) ─► verify ─► register
 
 Every pull that needs the network has a ``downloads`` row (progress written at most a few
 times a second) and an audit event; approvals and denials are audited too. Pulls that wait on
@@ -199,13 +199,14 @@ class Provisioner:
         present = self._present(parsed, expected, model_name, context)
         if present is not None:
             return present
-        self.policy().check(parsed)
         waiting_since = utcnow()
         with self._single_flight(str(parsed)):
-            # another pull finished it; on another server, so its blobs may only be in that one's cache
+            # Another pull finished it; on another server, so its blobs may be in that one's cache
+            # only. A peer's copy uses no network to the source: offline mode allows it.
             present = self._present(parsed, expected, model_name, context, fill=True)
             if present is not None:
                 return present
+            self.policy().check(parsed)
             self._rows.raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
             try:
                 plan = self._resolve(parsed)

@@ -7,7 +7,8 @@
                                        explicitly); never served
     <data>/tmp/downloads/<key>.partial a download, resumable (``<key>.state.json`` says which parts
                                        are on disk); never served
-    <data>/tmp/downloads/<key>.lock    flock: one pull of a ref at a time
+    <data>/tmp/downloads/<key>.lock    flock: one pull of a ref at a time, or one of the
+                                       models.download.max_parallel download slots
     <data>/quarantine/sha256/<hex>     blobs whose content no longer matched their name
     <data>/cache.lock                  flock: imports place blobs under a shared lock, deletions
                                        take it exclusively, so a blob is never deleted between

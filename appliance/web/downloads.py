@@ -122,5 +122,6 @@ class DownloadsController(Controller):
 
     @delete("/{download_id:str}", sync_to_thread=True, status_code=200)
     def cancel_download(self, download_id: str, provisioner: Provisioner, context: Context) -> DownloadOut:
-        """Cancel a pending or running pull; its finished parts stay for the next pull of the ref."""
+        """Cancel a pending or running pull, whichever process or server runs it (it stops within a
+        second); its finished parts stay for the next pull of the ref."""
         return DownloadOut.of(provisioner.cancel(download_id, context))

@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
 
 from appliance.audit import Context
-from appliance.errors import DownloadCancelled, DownloadNotPending
+from appliance.errors import DownloadCancelled, DownloadNotPending, Offline
 from appliance.provision.downloads import PullProgress
 from appliance.runtime import Runtime
 from appliance.settings import Settings
@@ -58,6 +60,22 @@ def open_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Open
 
 def shared_cache(server: Runtime) -> bool:
     return server.store.shared_locks() is None  # SQLite: one data dir, one cache
+
+
+def fill_from(peer: Runtime, server: Runtime) -> list[str]:
+    """Let ``server`` fill its cache from ``peer``'s, as the peers service does over HTTP; returns
+    the digests it fills."""
+    filled: list[str] = []
+
+    def copy(artifact: Artifact) -> bool:
+        with server.cache.receive() as incoming:
+            incoming.write(peer.cache.path(artifact.digest).read_bytes())
+            incoming.finish(artifact.digest)
+        filled.append(artifact.digest)
+        return True
+
+    server.provisioner.fill_blob = copy
+    return filled
 
 
 def probes(files: FileServer, path: str) -> int:
@@ -111,16 +129,7 @@ def test_a_blob_a_peer_holds_fills_this_servers_cache_without_a_download(
     open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
 ) -> None:
     first, second = open_server("a"), open_server("b")
-    filled: list[str] = []
-
-    def from_first(artifact: Artifact) -> bool:  # what the peers service does over HTTP
-        with second.cache.receive() as incoming:
-            incoming.write(first.cache.path(artifact.digest).read_bytes())
-            incoming.finish(artifact.digest)
-        filled.append(artifact.digest)
-        return True
-
-    second.provisioner.fill_blob = from_first
+    filled = fill_from(first, second)
     url = files.add("/peer.gguf", model_bytes)
     first.provisioner.ensure_present(url, context)
     again = second.provisioner.ensure_present(url, context)
@@ -131,11 +140,16 @@ def test_a_blob_a_peer_holds_fills_this_servers_cache_without_a_download(
     assert probes(files, "/peer.gguf") == 1
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [False, True],  # no peer has it; a peer said it filled the cache, yet the blob is not there
+    ids=["no-peer", "blob-still-missing"],
+)
 def test_a_peer_without_the_blob_leaves_the_pull_to_download_it(
-    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context, answer: bool
 ) -> None:
     first, second = open_server("a"), open_server("b")
-    second.provisioner.fill_blob = lambda artifact: False  # no peer answers
+    second.provisioner.fill_blob = lambda artifact: answer
     url = files.add("/nopeer.gguf", model_bytes)
     first.provisioner.ensure_present(url, context)
     again = second.provisioner.ensure_present(url, context)
@@ -308,3 +322,54 @@ def test_a_pull_on_one_server_shows_live_on_the_others_events(
     # B lists at most every EVENTS_INTERVAL (0.5 s) without a change: a median lag well under it
     # says the change woke the stream
     assert statistics.median(lags) < 0.2, lags
+
+
+def test_offline_a_peer_still_fills_this_servers_cache(
+    open_server: OpenServer, files: FileServer, model_bytes: bytes, context: Context
+) -> None:
+    """A peer's copy needs no network to the source; with no peer, offline mode refuses the pull."""
+    first, second = open_server("a"), open_server("b")
+    url = files.add("/offline.gguf", model_bytes)
+    first.provisioner.ensure_present(url, context)
+    first.preferences.set("offline", True, ADMIN)
+    hits = len(files.hits)
+    if not shared_cache(first):
+        with pytest.raises(Offline):
+            second.provisioner.ensure_present(url, context)
+    fill_from(first, second)
+    assert second.provisioner.ensure_present(url, context).path.read_bytes() == model_bytes
+    assert len(files.hits) == hits
+
+
+def test_a_cancel_still_arrives_after_the_store_failed_to_answer_the_watch(
+    postgres_url: str,
+    tmp_path: Path,
+    files: FileServer,
+    model_bytes: bytes,
+    context: Context,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The watch of a pull waiting for a slot reads its row; a read the database cancels (a table
+    locked past A's statement timeout) is logged, and the next look sees the cancel."""
+    impatient = postgres_url.replace("options=", f"options={quote('-cstatement_timeout=200 ')}")
+    download = {"part_bytes": MIB, "max_parallel": 1}
+    first = Runtime.open(
+        Settings(data_dir=tmp_path / "a", store={"url": impatient}, models={"download": download})
+    )
+    second = Runtime.open(Settings(data_dir=tmp_path / "b", store={"url": postgres_url}))
+    locks = second.store.shared_locks()
+    assert locks is not None
+    try:
+        with locks.hold("download-slot:0", blocking=True):  # the only slot: the pull waits for it
+            ticket = first.provisioner.start(files.add("/waits.gguf", model_bytes), context)
+            queued = _wait_for_state(second, "queued")
+            with psycopg.connect(postgres_url) as locker:
+                locker.execute("LOCK TABLE downloads IN ACCESS EXCLUSIVE MODE")
+                wait_until(lambda: "could not read download" in caplog.text, "the watch's failed read")
+            second.provisioner.cancel(queued.id, ADMIN)  # type: ignore[attr-defined]
+            with pytest.raises(DownloadCancelled):
+                ticket.future.result(timeout=10)
+    finally:
+        first.close()
+        second.close()
+    assert "canceling statement due to statement timeout" in caplog.text
