@@ -29,12 +29,15 @@ blob fetcher and the credential helpers.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import suppress
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -91,11 +94,18 @@ def server_id(data_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise StorageFailure(
+            f"cannot read {path}: {exc.strerror or exc}",
+            hint="it holds this server's id; remove it to make a new one",
+        ) from exc
     made = uuid.uuid4().hex[:16]
     staging = data_dir / f"{SERVER_ID_FILE}.{made}"
     try:
         staging.write_text(f"{made}\n")
-        staging.replace(path)  # two processes at once: the last rename wins, both read it back
+        with suppress(FileExistsError):  # two processes at once: the first link wins, both read it
+            os.link(staging, path)
+        staging.unlink()
         return path.read_text().strip()
     except OSError as exc:
         raise StorageFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -141,8 +151,8 @@ class Peers:
     # -- this server's row ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Register with a fresh credential, heartbeat, and fetch what the registry has and this
-        cache lacks (the server calls it when it starts serving)."""
+        """Register with a fresh credential and heartbeat; from now on blobs this cache lacks are
+        fetched from peers (the server calls it when it starts serving)."""
         url = self.settings.server.advertise_url or default_advertise_url(self.settings, tls=False)
         ca = tls_files(self.settings).ca_cert
         self._credential = make_server_credential()
@@ -162,8 +172,10 @@ class Peers:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                if not self.store.touch_server(self.id, utcnow()) and self._row is not None:
-                    self.store.register_server(self._row)  # forgotten meanwhile (a restored database)
+                now = utcnow()
+                if not self.store.touch_server(self.id, now) and self._row is not None:
+                    # forgotten meanwhile (a database restored from before it started)
+                    self.store.register_server(replace(self._row, last_seen_at=now))
             except ApplianceError as exc:  # the database is away: peers pass over us until it is back
                 logger.warning("server heartbeat failed: %s", exc)
 

@@ -17,7 +17,6 @@ from appliance.errors import (
     ModelExists,
     ModelNotFound,
     ModelNotLoadable,
-    ModelNotPresent,
     SourceUnreadable,
     StorageFailure,
     UnsupportedFormat,
@@ -162,15 +161,9 @@ class ModelService:
         missing = [
             a for a in model.artifacts if serves(a) and a.state == "ok" and not self.cache.has(a.digest)
         ]
-        if not missing:
-            return
-        if self.blob_source is None:  # a command, not a server: it fetches from no peer
-            raise ModelNotPresent(
-                f"model {model.name} is registered, but its file {missing[0].filename} is not in the"
-                f" cache under {self.settings.data_dir}",
-                hint="run `appliance models verify`, then pull or import the model again",
-            )
-        self.blob_source.bring(model, missing)
+        if missing:
+            assert self.blob_source is not None, "Runtime.open sets it"
+            self.blob_source.bring(model, missing)
 
     def blob_path(self, digest: str) -> Path:
         """Where a blob lives on disk (for display, as in a Modelfile's FROM line)."""

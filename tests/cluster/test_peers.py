@@ -9,23 +9,31 @@ import asyncio
 import hashlib
 import json
 import socket
+import ssl
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
+import psycopg
 import pytest
 import uvicorn
 
 from appliance.audit import Context
+from appliance.cluster import peers
 from appliance.cluster.tokens import make_server_credential
+from appliance.engine.router import resolve_spec
+from appliance.errors import ModelNotPresent, StorageFailure
+from appliance.names import ModelName
 from appliance.runtime import Runtime
 from appliance.settings import ServerSettings, Settings, StoreSettings, default_advertise_url
-from appliance.store.base import Server
+from appliance.store.base import NewArtifact, Server
+from appliance.tls import init_tls
 from appliance.web.app import create_app
 from tests.fileserver import serve_files
 from tests.web.serving import serving
@@ -68,22 +76,34 @@ def start(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]]:
     database, served by uvicorn on a free loopback port in this process."""
     running: list[Running] = []
 
-    def launch(name: str, **server: Any) -> Running:
+    def launch(name: str, *, tls: bool = False, **server: Any) -> Running:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
         port = listener.getsockname()[1]
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        if tls:  # peers reach it at https://127.0.0.1 and trust the CA its row carries
+            server["advertise_url"] = url
         settings = Settings(
             data_dir=tmp_path / name,
             port=port,
             store=StoreSettings(url=store_url),
             server=ServerSettings(**server),
         )
+        files = init_tls(settings, []) if tls else None
         with warnings.catch_warnings():  # Litestar warns, at build, of handlers other modules declare
             warnings.simplefilter("ignore", DeprecationWarning)
             app = create_app(settings)
-        uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        uv = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan="on",
+                ssl_certfile=files.server.cert if files else None,
+                ssl_keyfile=files.server.key if files else None,
+            )
+        )
         loop = asyncio.new_event_loop()
         thread = threading.Thread(
             target=lambda: loop.run_until_complete(uv.serve(sockets=[listener])), daemon=True
@@ -94,7 +114,8 @@ def start(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]]:
             assert thread.is_alive(), "the server did not start"
             assert time.monotonic() < deadline, "the server did not start in time"
             time.sleep(0.02)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        verify = ssl.create_default_context(cafile=files.ca_cert) if files else True
+        client = httpx.Client(base_url=url, timeout=60, verify=verify)
         stopped = threading.Event()
 
         def stop() -> None:
@@ -107,7 +128,7 @@ def start(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]]:
             listener.close()
             loop.close()
 
-        served = Running(f"http://127.0.0.1:{port}", app.state.runtime, client, stop)
+        served = Running(url, app.state.runtime, client, stop)
         running.append(served)
         return served
 
@@ -349,3 +370,123 @@ def test_a_pull_of_a_ref_another_server_pulled_fetches_from_it_not_the_source(
         assert len(downloads) == 1  # A's; B's bytes came from A
     fetched = b.runtime.store.list_audit(action="models.fetch")
     assert [(e.target, e.detail["peer"]) for e in fetched] == [(first.digest, a.runtime.peers.id)]
+
+
+def _forget_servers(store_url: str) -> None:
+    """Delete every servers row past the store, as restoring an older backup of the database would."""
+    if store_url.startswith("sqlite:"):
+        connection = apsw.Connection(store_url.removeprefix("sqlite://"))
+        connection.set_busy_timeout(10_000)  # the server heartbeats meanwhile
+        try:
+            connection.execute("DELETE FROM servers")
+        finally:
+            connection.close()
+        return
+    with psycopg.connect(store_url, autocommit=True) as connection:
+        connection.execute("DELETE FROM servers")
+
+
+def test_a_server_whose_row_was_forgotten_registers_again_at_its_next_heartbeat(
+    start: Callable[..., Running], monkeypatch: pytest.MonkeyPatch, store_url: str
+) -> None:
+    monkeypatch.setattr(peers, "HEARTBEAT_SECONDS", 0.05)
+    a = start("a")
+    _forget_servers(store_url)
+    deadline = time.monotonic() + 10
+    while not (rows := a.runtime.store.list_servers()):
+        assert time.monotonic() < deadline, "the server never registered again"
+        time.sleep(0.05)
+    assert [row.url for row in rows] == [a.url]
+    assert [s["alive"] for s in a.client.get("/api/v1/servers").json()] == [True]
+
+
+def test_a_command_on_another_data_dir_does_not_fetch_and_says_so(
+    start: Callable[..., Running], tiny_gguf: Path, tmp_path: Path, store_url: str
+) -> None:
+    a = start("a")
+    _import_on(a, tiny_gguf)
+    command = Runtime.open(Settings(data_dir=tmp_path / "cli", store=StoreSettings(url=store_url)))
+    try:
+        with pytest.raises(ModelNotPresent, match="only a running server fetches it from its peers"):
+            resolve_spec(command.models, "tiny")
+    finally:
+        command.close()
+
+
+def test_a_blob_with_no_source_and_no_peer_cannot_be_brought(start: Callable[..., Running]) -> None:
+    a = start("a")
+    b = start("b")
+    layer = b"{{ .Prompt }}"
+    with a.runtime.cache.receive() as incoming:  # as an upload (/api/blobs) places it: no source
+        incoming.write(layer)
+        digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+        incoming.finish(digest)
+    a.runtime.store.add_artifact(
+        ModelName.parse("bare"),
+        NewArtifact(
+            filename="template", format="file", digest=digest, size_bytes=len(layer), source_uri=None
+        ),
+        capabilities={},
+        actor="test",
+    )
+    a.stop()
+    with pytest.raises(ModelNotPresent, match="it has no source to pull it from"):
+        b.runtime.models.bring_blobs(b.runtime.models.get("bare"))
+    assert not b.runtime.cache.has(digest)
+
+
+def test_a_source_that_changed_since_is_not_pulled_again(
+    start: Callable[..., Running], tiny_gguf: Path, make_gguf: Any
+) -> None:
+    a = start("a")
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    a.stop()
+    tiny_gguf.write_bytes(make_gguf("other.gguf", seed=7).read_bytes())  # other content, same path
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 503
+    assert f"expected {digest}" in answer.json()["error"]
+    assert not b.runtime.cache.has(digest)
+
+
+def test_an_unreadable_server_id_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "server-id").mkdir()
+    with pytest.raises(StorageFailure, match="server-id"):
+        peers.server_id(tmp_path)
+
+
+def test_a_peer_serving_https_with_its_own_ca_is_trusted_through_its_row(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a", tls=True)
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    tiny_gguf.unlink()
+    (row,) = [s for s in b.runtime.store.list_servers() if s.id == a.runtime.peers.id]
+    assert row.url.startswith("https://")
+    assert row.ca_pem == (a.runtime.settings.data_dir / "tls" / "ca.crt").read_text()
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 200, answer.text
+    assert _sha256(b.blob_dir / digest.removeprefix("sha256:")) == digest
+
+
+def test_a_peer_whose_certificate_is_not_of_the_ca_in_its_row_is_not_trusted(
+    start: Callable[..., Running], tiny_gguf: Path, tmp_path: Path
+) -> None:
+    a = start("a", tls=True)
+    b = start("b")
+    digest = _import_on(a, tiny_gguf)
+    tiny_gguf.unlink()
+    other_ca = init_tls(Settings(data_dir=tmp_path / "elsewhere"), []).ca_cert.read_text()
+    (row,) = [s for s in b.runtime.store.list_servers() if s.id == a.runtime.peers.id]
+    b.runtime.store.register_server(replace(row, ca_pem=other_ca))
+
+    answer = b.client.post("/api/generate", json=GENERATE)
+
+    assert answer.status_code == 503
+    assert "CERTIFICATE_VERIFY_FAILED" in answer.json()["error"]
+    assert not b.runtime.cache.has(digest)

@@ -34,10 +34,11 @@ def node(name: str = "w1", *, token_id: str | None = "t1") -> Node:
 
 
 def test_the_migration_replaces_the_old_placeholder_table(tmp_path: Path) -> None:
-    before = SqliteStore(tmp_path / "old.db", migrations=MIGRATIONS[:-1])
+    cluster = [migration.name for migration in MIGRATIONS].index("0011_cluster")
+    before = SqliteStore(tmp_path / "old.db", migrations=MIGRATIONS[:cluster])
     before.close()
     after = SqliteStore(tmp_path / "old.db")
-    assert after.applied_migrations()[-1] == "0011_cluster"
+    assert "0011_cluster" in after.applied_migrations()
     after.close()
     connection = apsw.Connection(str(tmp_path / "old.db"))
     columns = [row[1] for row in connection.execute("PRAGMA table_info(node_model_availability)")]
