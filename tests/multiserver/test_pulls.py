@@ -24,9 +24,9 @@ from tests.web.serving import Serving
 KIB = 1024
 
 
-def model_file(tmp_path: Path, name: str) -> bytes:
+def model_file(tmp_path: Path, name: str, *, seed: int = 0) -> bytes:
     """A loadable GGUF under 1 MiB: one Range part, so each transfer is one body request."""
-    content = write_llama_gguf(tmp_path / name, padding_bytes=400 * KIB).read_bytes()
+    content = write_llama_gguf(tmp_path / name, seed=seed, padding_bytes=400 * KIB).read_bytes()
     assert len(content) < 1024 * KIB
     return content
 
@@ -109,3 +109,43 @@ def test_a_pull_started_on_a_shows_live_on_bs_download_events(
         at - datetime.fromisoformat(row["updated_at"]).timestamp() for at, row in seen if row["ref"] == url
     ]
     assert statistics.median(lags) < 0.2, lags
+
+
+APPROVAL = "/api/v1/preferences/models.download.require_user_approval"
+
+
+def test_a_pull_waiting_for_approval_on_b_is_approved_on_a_and_a_pull_on_a_is_cancelled_on_b(
+    pair: Pair, files: FileServer, tmp_path: Path
+) -> None:
+    required = pair.a.client.put(APPROVAL, json={"value": True})
+    assert required.status_code == 200, required.text
+    content = model_file(tmp_path, "approved.gguf")
+    url = files.add("/m/approved.gguf", content)
+    waiting = pull(pair.b, url, digest_of(content))
+    assert (waiting.status_code, waiting.json()["state"]) == (202, "pending"), waiting.text
+    pending = pair.a.client.get("/api/v1/downloads", params={"state": "pending"}).json()
+    assert [row["id"] for row in pending] == [waiting.json()["id"]]
+    assert files.body_requests("/m/approved.gguf") == []  # nothing moves before an admin says so
+    approved = pair.a.client.post(f"/api/v1/downloads/{waiting.json()['id']}/approve")
+    assert (approved.status_code, approved.json()["state"]) == (200, "approved"), approved.text
+    assert pulled(pair.b, url, digest_of(content))["digest"] == digest_of(content)
+
+    # A pull running on A, cancelled through B's API.
+    reset = pair.b.client.put(APPROVAL, json={"value": None})
+    assert reset.status_code == 200, reset.text
+    slow = model_file(tmp_path, "cancelled.gguf", seed=1)
+    slow_url = files.add("/m/cancelled.gguf", slow, Faults(bytes_per_second=len(slow) // 20))  # about 20 s
+    running = pull(pair.a, slow_url, digest_of(slow))
+    assert running.status_code == 202, running.text
+    row_url = f"/api/v1/downloads/{running.json()['id']}"
+    wait_for(lambda: pair.a.client.get(row_url).json()["bytes_done"] > 0, "progress")
+    cancelled = pair.b.client.delete(row_url)
+    assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled"), cancelled.text
+    # A stops the transfer (its progress stands still), and the model never arrives there.
+    time.sleep(1.0)
+    stopped = pair.a.client.get(row_url).json()
+    time.sleep(1.0)
+    assert pair.a.client.get(row_url).json() == stopped
+    assert (stopped["state"], 0 < stopped["bytes_done"] < len(slow)) == ("cancelled", True), stopped
+    assert pair.a.client.get("/api/v1/models/cancelled").status_code == 404
+    assert not blob(pair.data_dirs[0], digest_of(slow)).exists()

@@ -6,8 +6,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
+
 from tests.multiserver.servers import Pair
 from tests.provision.test_pull_processes import wait_for
+from tests.web.serving import Serving
 
 TASKS = 200
 FINISHED = ("succeeded", "failed", "canceled")
@@ -52,3 +55,15 @@ def test_two_hundred_tasks_created_on_both_servers_each_run_exactly_once(pair: P
     # and the audit both servers share says each started once
     starts = pair.a.client.get("/api/v1/audit", params={"action": "task.start", "limit": 10_000}).json()
     assert Counter(event["target"] for event in starts) == dict.fromkeys(ids, 1)
+
+
+def test_an_idempotency_key_sent_to_both_servers_at_once_makes_one_task(pair: Pair) -> None:
+    def create(server: Serving) -> httpx.Response:
+        body = {"mode": "commands", "text": "echo once"}
+        return server.client.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": "k-1"})
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(create, pair.both))
+    assert sorted(answer.status_code for answer in answers) == [200, 201], [a.text for a in answers]
+    assert answers[0].json()["id"] == answers[1].json()["id"]
+    assert [task["id"] for task in pair.a.client.get("/api/v1/tasks").json()] == [answers[0].json()["id"]]
