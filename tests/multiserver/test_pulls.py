@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from tests.fileserver import Faults, FileServer
-from tests.multiserver.servers import Pair, pulled
+from tests.multiserver.servers import Pair, pulled, two_servers
 from tests.provision.test_pull import digest_of
 from tests.provision.test_pull_processes import wait_for
 from tests.tiny_model import write_llama_gguf
@@ -149,3 +149,31 @@ def test_a_pull_waiting_for_approval_on_b_is_approved_on_a_and_a_pull_on_a_is_ca
     assert (stopped["state"], 0 < stopped["bytes_done"] < len(slow)) == ("cancelled", True), stopped
     assert pair.a.client.get("/api/v1/models/cancelled").status_code == 404
     assert not blob(pair.data_dirs[0], digest_of(slow)).exists()
+
+
+def test_one_download_slot_holds_across_both_servers(
+    postgres_url: str, shared_root: Path, files: FileServer, tmp_path: Path
+) -> None:
+    """``models.download.max_parallel`` 1 on both: a pull on B waits while A's runs, then runs."""
+    contents = [model_file(tmp_path, f"slot-{n}.gguf", seed=n) for n in range(2)]
+    urls = [
+        files.add(f"/m/slot-{n}.gguf", content, Faults(bytes_per_second=len(content) // 2))  # about 2 s
+        for n, content in enumerate(contents)
+    ]
+    with two_servers(postgres_url, shared_root, env={"APPLIANCE_MODELS__DOWNLOAD__MAX_PARALLEL": "1"}) as two:
+        first = pull(two.a, urls[0], digest_of(contents[0]))
+        assert first.status_code == 202, first.text
+        wait_for(lambda: two.a.client.get("/api/v1/downloads").json()[0]["state"] == "running", "A's pull")
+        second = pull(two.b, urls[1], digest_of(contents[1]))
+        assert second.status_code == 202, second.text
+        states: list[tuple[str, str]] = []
+
+        def both_done() -> bool:
+            rows = {row["ref"]: row["state"] for row in two.b.client.get("/api/v1/downloads").json()}
+            states.append((rows[urls[0]], rows[urls[1]]))
+            return states[-1] == ("done", "done")
+
+        wait_for(both_done, "both pulls")
+    assert ("running", "queued") in states  # B's pull waited for the slot A's held ...
+    assert ("running", "running") not in states, states  # ... and never ran beside it
+    assert ("done", "running") in states
