@@ -32,6 +32,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,7 +164,10 @@ class Peers:
             version=__version__,
             ca_pem=ca.read_text() if url.startswith("https:") and ca.is_file() else None,
         )
-        self.store.register_server(self._row)
+        try:
+            self.store.register_server(self._row)
+        except DiskFull as exc:  # serving goes on; the heartbeat registers it once there is room
+            logger.warning("cannot register this server for its peers: %s", exc)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peer-fetch")
         self._heartbeat = threading.Thread(target=self._beat, name="server-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -174,7 +178,8 @@ class Peers:
             try:
                 now = utcnow()
                 if not self.store.touch_server(self.id, now) and self._row is not None:
-                    # forgotten meanwhile (a database restored from before it started)
+                    # never registered (a full disk at start), or forgotten since (a database
+                    # restored from before it started)
                     self.store.register_server(replace(self._row, last_seen_at=now))
             except ApplianceError as exc:  # the database is away: peers pass over us until it is back
                 logger.warning("server heartbeat failed: %s", exc)
@@ -231,9 +236,10 @@ class Peers:
         """Fetch the artifacts' blobs (one fetch per digest, whoever asks), waiting up to
         ``server.peer_wait`` seconds; BlobFetching when they are still on their way."""
         futures = [self._fetch(model, artifact) for artifact in artifacts]
+        deadline = time.monotonic() + self.settings.server.peer_wait
         try:
             for future in futures:
-                future.result(timeout=self.settings.server.peer_wait)
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             raise BlobFetching(
                 f"model {model.name}'s file is being fetched onto this server; it is served once it is"

@@ -36,7 +36,10 @@ from appliance.store.base import NewArtifact, Server
 from appliance.tls import init_tls
 from appliance.web.app import create_app
 from tests.fileserver import serve_files
+from tests.models.conftest import fill, small_disk
 from tests.web.serving import serving
+
+__all__ = ["small_disk"]  # a fixture this module uses from the models' tests
 
 GENERATE = {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4, "temperature": 0}}
 
@@ -490,3 +493,21 @@ def test_a_peer_whose_certificate_is_not_of_the_ca_in_its_row_is_not_trusted(
     assert answer.status_code == 503
     assert "CERTIFICATE_VERIFY_FAILED" in answer.json()["error"]
     assert not b.runtime.cache.has(digest)
+
+
+def test_a_server_on_a_full_disk_still_starts_and_registers_once_there_is_room(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "HEARTBEAT_SECONDS", 0.05)
+    runtime = Runtime.open(Settings(data_dir=small_disk / "data"))
+    try:
+        fill(small_disk)
+        runtime.peers.start()  # as the server does when it begins to serve
+        assert runtime.store.list_servers() == []
+        (small_disk / "filler").unlink()
+        deadline = time.monotonic() + 10
+        while not runtime.store.list_servers():
+            assert time.monotonic() < deadline, "the heartbeat never registered the server"
+            time.sleep(0.05)
+    finally:
+        runtime.close()

@@ -369,6 +369,26 @@ def test_an_api_key_is_found_by_its_hash_revoked_once_and_touched(store: Store) 
         store.revoke_api_key("nope")
 
 
+def test_a_server_registers_again_under_its_id_and_is_found_by_its_credential(store: Store) -> None:
+    def at(day: int) -> str:
+        return f"2030-01-0{day}T00:00:00.000000Z"
+
+    first = Server("s1", "http://a:8080", "1" * 64, "1.0", at(1), at(1))
+    other = Server("s2", "https://b:8443", "2" * 64, "1.0", at(2), at(2), ca_pem="PEM")
+    store.register_server(other)
+    store.register_server(first)
+    assert store.list_servers() == [first, other]
+    assert store.find_server("2" * 64) == other
+    # A restart: the same id with a new URL and credential; the old credential stops working.
+    restarted = Server("s1", "http://a:9090", "3" * 64, "1.1", at(3), at(3))
+    store.register_server(restarted)
+    assert store.find_server("1" * 64) is None
+    assert store.find_server("3" * 64) == restarted
+    assert store.touch_server("s1", at(4)) is True
+    assert [server.last_seen_at for server in store.list_servers()] == [at(2), at(4)]  # s2, then s1
+    assert store.touch_server("nope", at(4)) is False
+
+
 def test_an_artifact_is_found_by_the_source_it_came_from(store: Store) -> None:
     def fetched(name: str, digest: str, source: str) -> None:
         file = NewArtifact(filename="m.gguf", format="gguf", digest=digest, size_bytes=10, source_uri=source)
@@ -409,23 +429,3 @@ def test_rows_made_in_the_same_instant_list_in_the_order_they_were_made(store: S
     for key_id in ("k2", "k1"):
         store.create_api_key(ApiKey(key_id, key_id, "apl_", key_id * 32, "user", None, "t", created_at=at))
     assert [key.id for key in store.list_api_keys()] == ["k2", "k1"]
-
-
-def test_a_server_registers_again_under_its_id_and_is_found_by_its_credential(store: Store) -> None:
-    def at(day: int) -> str:
-        return f"2030-01-0{day}T00:00:00.000000Z"
-
-    first = Server("s1", "http://a:8080", "1" * 64, "1.0", at(1), at(1))
-    other = Server("s2", "https://b:8443", "2" * 64, "1.0", at(2), at(2), ca_pem="PEM")
-    store.register_server(other)
-    store.register_server(first)
-    assert store.list_servers() == [first, other]
-    assert store.find_server("2" * 64) == other
-    # A restart: the same id with a new URL and credential; the old credential stops working.
-    restarted = Server("s1", "http://a:9090", "3" * 64, "1.1", at(3), at(3))
-    store.register_server(restarted)
-    assert store.find_server("1" * 64) is None
-    assert store.find_server("3" * 64) == restarted
-    assert store.touch_server("s1", at(4)) is True
-    assert [server.last_seen_at for server in store.list_servers()] == [at(2), at(4)]  # s2, then s1
-    assert store.touch_server("nope", at(4)) is False
