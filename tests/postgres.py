@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 # The server the tests use: the machine's own on loopback (user postgres, database test, trust).
-SERVER_URL = os.environ.get("APPLIANCE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# Not an APPLIANCE_* variable: the tests clear those before this module is imported.
+SERVER_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @cache

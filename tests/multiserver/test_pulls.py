@@ -4,11 +4,9 @@ for it, and a pull on one server followed live on the other's download events.""
 from __future__ import annotations
 
 import json
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +102,6 @@ def test_a_pull_started_on_a_shows_live_on_bs_download_events(
     assert len({done for done in moving if 0 < done < len(content)}) >= 2, moving
     first_progress = next(at for at, row in seen if row["ref"] == url and row["bytes_done"] > 0)
     assert ended_on_b - first_progress >= 0.5  # it ran about 2 s, and B saw it from early on
-    # and at once: a row A wrote reaches B's stream in well under B's fallback poll (0.5 s)
-    lags = [
-        at - datetime.fromisoformat(row["updated_at"]).timestamp() for at, row in seen if row["ref"] == url
-    ]
-    assert statistics.median(lags) < 0.2, lags
 
 
 APPROVAL = "/api/v1/preferences/models.download.require_user_approval"
