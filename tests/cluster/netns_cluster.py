@@ -88,6 +88,8 @@ def listening(netns: str) -> list[str]:
 @contextmanager
 def worker_namespaces() -> Iterator[dict[str, str]]:
     """Two named namespaces, each on its own veth link to this one; removed however this ends."""
+    # The mount point may not exist on a fresh machine (`ip netns add` makes it, once ever run).
+    Path("/run/netns").mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/netns"], check=True)
     sh("ip", "link", "set", "lo", "up")
     tag = secrets.token_hex(3)
