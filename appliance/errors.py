@@ -38,6 +38,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadCancelled        download_cancelled
     │   ├── UserExists               user_exists
     │   ├── TaskFinished             task_finished
+    │   ├── TaskElsewhere            task_elsewhere
     │   ├── NodeExists               node_exists
     │   └── LeaseLost                lease_lost
     ├── DigestMismatch (422)         digest_mismatch
@@ -116,6 +117,7 @@ __all__ = [
     "SourceUnreadable",
     "StorageFailure",
     "StoreFailure",
+    "TaskElsewhere",
     "TaskFinished",
     "TaskNotFound",
     "TooManyAttempts",
@@ -333,6 +335,13 @@ class UserExists(Conflict):
 class TaskFinished(Conflict):
     code = "task_finished"
     default_hint = "a finished task stays as it ended; create a new task to run it again"
+
+
+class TaskElsewhere(Conflict):
+    """A task's files (its output) are in another server's data dir: several servers share the store."""
+
+    code = "task_elsewhere"
+    default_hint = "read its output from that server: each server keeps the files of the tasks it ran"
 
 
 class NodeExists(Conflict):

@@ -62,6 +62,7 @@ class Runtime:
         preferences = PreferenceService(settings, store)
         models = ModelService(settings, store, cache, preferences=preferences)
         provisioner = Provisioner(settings, store, cache, models, preferences=preferences)
+        peers = Peers(settings, store, cache, models, provisioner)
         runtime = cls(
             settings=settings,
             store=store,
@@ -72,9 +73,9 @@ class Runtime:
             metrics=Metrics(),
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
-            tasks=TaskService(settings, store, models),
+            tasks=TaskService(settings, store, models, server=peers.id),
             cluster=ClusterService(settings, store, models),
-            peers=Peers(settings, store, cache, models, provisioner),
+            peers=peers,
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.

@@ -250,6 +250,10 @@ class Task:
     created_at: str = field(default_factory=utcnow)
     started_at: str | None = None
     finished_at: str | None = None
+    # Servers sharing the store keep task files in their own data dirs: the one holding its
+    # attachments (only it claims the task), and the one that last claimed it (its output is there).
+    attachments_on: str | None = None
+    ran_on: str | None = None
 
 
 class TaskChanges(TypedDict, total=False):
@@ -540,10 +544,13 @@ class Store(Protocol):
         another owner holds it or it is on another attempt)."""
         ...
 
-    def claim_task(self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = ()) -> Task | None:
+    def claim_task(
+        self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = (), server: str | None = None
+    ) -> Task | None:
         """The oldest queued task (of one of ``modes``, when given), now running for ``owner``
         (attempts counted, started now), or None when none waits. Two processes never claim the
-        same task."""
+        same task. With ``server``, only tasks whose attachments are on no other server, and the
+        task's ``ran_on`` becomes ``server``."""
         ...
 
     # inference

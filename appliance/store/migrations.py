@@ -687,4 +687,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        "0013_task_servers",
+        # Several servers share one queue, each keeping task files in its own data dir: a task's
+        # attachments are on the server it was created on (only that one, or its workers, runs it);
+        # its output is on the server that last claimed it (another server says where to read it).
+        """
+        ALTER TABLE tasks ADD COLUMN attachments_on TEXT;
+        ALTER TABLE tasks ADD COLUMN ran_on TEXT;
+        """,
+        postgres="""
+        ALTER TABLE tasks ADD COLUMN attachments_on TEXT COLLATE "C";
+        ALTER TABLE tasks ADD COLUMN ran_on TEXT COLLATE "C";
+        """,
+    ),
 )

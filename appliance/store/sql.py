@@ -170,6 +170,8 @@ _TASK_COLUMNS = (
     "created_at",
     "started_at",
     "finished_at",
+    "attachments_on",
+    "ran_on",
 )
 _TASK_JSON_COLUMNS = ("limits", "result")
 
@@ -775,8 +777,13 @@ class SqlStore(ABC):
             raise LeaseLost(f"task {task_id} is leased to {found.lease_owner or 'no one'}, not {only_owner}")
         return found
 
-    def claim_task(self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = ()) -> Task | None:
+    def claim_task(
+        self, *, owner: str, lease_expires_at: str, modes: Sequence[TaskMode] = (), server: str | None = None
+    ) -> Task | None:
         where, params = _where(within={"state": ("queued",), "mode": modes}, equal={})
+        if server is not None:
+            where += " AND (attachments_on IS NULL OR attachments_on = ?)"
+            params.append(server)
         # Read first: an idle queue asks often, and a read takes no write lock.
         if not self._query(f"SELECT 1 FROM tasks {where} LIMIT 1", params):
             return None
@@ -790,9 +797,10 @@ class SqlStore(ABC):
                 return None
             found = db.rows(
                 "UPDATE tasks SET state = 'running', attempts = attempts + 1, lease_owner = ?,"
-                " lease_expires_at = ?, started_at = ?, finished_at = NULL, result = NULL WHERE id = ?"
+                " lease_expires_at = ?, started_at = ?, finished_at = NULL, result = NULL,"
+                " ran_on = coalesce(?, ran_on) WHERE id = ?"
                 f" RETURNING {', '.join(_TASK_COLUMNS)}",
-                (owner, lease_expires_at, utcnow(), rows[0][0]),
+                (owner, lease_expires_at, utcnow(), server, rows[0][0]),
             )
         return _task(found[0])
 

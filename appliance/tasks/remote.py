@@ -82,6 +82,7 @@ class NodeTasks:
 
     settings: Settings
     store: Store
+    server: str | None
     on_queued: Callable[[], None] | None  # set by the cluster: wake the nodes, from any thread
     _remote: dict[str, RemoteRun]
     _remote_lock: threading.Lock
@@ -108,7 +109,7 @@ class NodeTasks:
             return None
         owner = node_owner(node_id)
         task = self.store.claim_task(
-            owner=owner, lease_expires_at=now_plus(self.lease_seconds), modes=NODE_MODES
+            owner=owner, lease_expires_at=now_plus(self.lease_seconds), modes=NODE_MODES, server=self.server
         )
         if task is None:
             return None

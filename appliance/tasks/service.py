@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +49,7 @@ from appliance.errors import (
     ApplianceError,
     BodyTooLarge,
     InvalidInput,
+    TaskElsewhere,
     TaskFinished,
     TaskNotFound,
 )
@@ -168,8 +169,12 @@ class TaskService(NodeTasks):
         *,
         inference: InferenceService | None = None,
         sandbox: Sandbox | None = None,
+        server: str | None = None,
     ) -> None:
         self.settings = settings
+        # This data dir's server id, where servers share the store: tasks record which server holds
+        # their attachments and output, as each keeps task files in its own data dir.
+        self.server = server
         self.store = store
         self.models = models
         self.inference = inference
@@ -210,11 +215,24 @@ class TaskService(NodeTasks):
         return task_dir
 
     def output(self, task_id: str, stream: Literal["stdout", "stderr"]) -> str:
-        """What the task printed on ``stream`` so far (empty before it started)."""
+        """What the task printed on ``stream`` so far (empty before it started); TaskElsewhere when
+        another server sharing the store ran it (its output is in that server's data dir)."""
+        task = self.store.get_task(task_id)
+        if task is not None and task.ran_on is not None and task.ran_on != self.server:
+            self._raise_elsewhere(task)
         try:
             return (self.task_dir(task_id) / stream).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def _raise_elsewhere(self, task: Task) -> NoReturn:
+        found = next((server for server in self.store.list_servers() if server.id == task.ran_on), None)
+        where = f"server {task.ran_on} ({found.url})" if found is not None else f"server {task.ran_on}"
+        raise TaskElsewhere(
+            f"task {task.id} ran on {where}, which shares this database: its output is in that"
+            " server's data dir",
+            hint=f"read it from {found.url if found is not None else 'that server'}",
+        )
 
     # -- creating, reading, cancelling ----------------------------------------------------------
 
@@ -243,6 +261,7 @@ class TaskService(NodeTasks):
                         actor=context.actor,
                         limits=limits,
                         idempotency_key=request.idempotency_key,
+                        attachments_on=self.server if attachments else None,
                     )
                 )
             except BaseException:
@@ -370,7 +389,9 @@ class TaskService(NodeTasks):
                     yield event
                 return
             if task.state in FINISHED_TASK_STATES:
-                for stream in ("stdout", "stderr"):
+                # Output another server holds is read there (``output`` says where); the end is shown.
+                here = task.ran_on is None or task.ran_on == self.server
+                for stream in ("stdout", "stderr") if here else ():
                     text = await asyncio.to_thread(self.output, task_id, stream)
                     if text:
                         yield TaskEvent("output", {"stream": stream, "text": text})
@@ -449,6 +470,7 @@ class TaskService(NodeTasks):
                         owner=self.owner,
                         lease_expires_at=now_plus(self.lease_seconds),
                         modes=("prompt",) if self.settings.tasks.where == "workers" else (),
+                        server=self.server,
                     )
                     if task is None:
                         break

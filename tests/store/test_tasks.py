@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -105,3 +106,20 @@ def test_claims_take_the_oldest_first_and_never_the_same_task_twice(store: Store
     assert first is not None
     assert (first.state, first.attempts, first.started_at is not None) == ("running", 1, True)
     assert store.claim_task(owner="w", lease_expires_at="2099-01-01T00:00:00.000000Z") is None
+
+
+def test_a_server_claims_no_task_whose_attachments_another_holds_and_marks_where_it_ran(
+    store: Store,
+) -> None:
+    lease = "2099-01-01T00:00:00.000000Z"
+    store.create_task(replace(task("held"), attachments_on="server-b"))
+    store.create_task(task("free"))
+
+    claimed = store.claim_task(owner="a:1", lease_expires_at=lease, server="server-a")
+
+    assert claimed is not None
+    assert (claimed.id, claimed.ran_on) == ("free", "server-a")
+    assert store.claim_task(owner="a:1", lease_expires_at=lease, server="server-a") is None
+    held = store.claim_task(owner="b:1", lease_expires_at=lease, server="server-b")
+    assert held is not None
+    assert (held.id, held.attachments_on, held.ran_on) == ("held", "server-b", "server-b")

@@ -1,5 +1,6 @@
 """The task queue of servers that share a PostgreSQL store: a task queued on one is claimed by
-another's queue at once (the tasks topic of the change feed wakes it), and runs there once."""
+another's queue at once (the tasks topic of the change feed wakes it), and runs there once; a task
+with attachments runs where they are, and output is read where the task ran."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import Context
+from appliance.errors import TaskElsewhere
 from appliance.identity import Actor
 from appliance.runtime import Runtime
 from appliance.settings import Settings
-from appliance.tasks.service import POLL_SECONDS, NewTask, TaskEvent
+from appliance.store.base import Store, Task
+from appliance.tasks.service import POLL_SECONDS, Attachment, NewTask, TaskEvent
 
 ANN = Context(Actor(id="ann", kind="user", role="user"))
 
@@ -70,3 +73,45 @@ def test_a_follower_on_one_server_sees_a_task_another_runs_change_state(
     # claimed at once: often before the follower's first look
     assert seen in ([("state", "queued"), *ran], ran), seen
     assert runner.store.list_audit(action="task.start")[0].target == task.id
+
+
+def wait_until_ended(store: Store, task_id: str) -> Task:
+    deadline = time.monotonic() + 60
+    while (found := store.get_task(task_id)) is not None and found.state in ("queued", "running"):
+        assert time.monotonic() < deadline, f"task {task_id} is still {found.state}"
+        time.sleep(0.05)
+    assert found is not None
+    return found
+
+
+def test_a_task_with_attachments_runs_only_on_the_server_holding_them(
+    two_servers: tuple[Runtime, Runtime],
+) -> None:
+    runner, front = two_servers
+    files = [Attachment("input.txt", b"from the front\n")]
+    task, _ = front.tasks.create(NewTask(mode="commands", text="cat input.txt"), files, ANN)
+    plain, _ = front.tasks.create(NewTask(mode="commands", text="echo any"), [], ANN)
+    assert wait_until_ended(runner.store, plain.id).ran_on == runner.tasks.server  # anyone's to run
+    found = runner.store.get_task(task.id)
+    assert found is not None
+    assert found.state == "queued"  # the runner does not hold its attachments: it leaves it
+
+    front.tasks.start()
+    ran = wait_until_ended(front.store, task.id)
+
+    assert (ran.state, ran.attempts, ran.ran_on) == ("succeeded", 1, front.tasks.server)
+    assert front.tasks.output(task.id, "stdout") == "from the front\n"
+
+
+def test_output_another_server_holds_is_an_error_that_names_it(
+    two_servers: tuple[Runtime, Runtime],
+) -> None:
+    runner, front = two_servers
+    task, _ = front.tasks.create(NewTask(mode="commands", text="echo here"), [], ANN)
+    wait_until_ended(runner.store, task.id)
+
+    with pytest.raises(TaskElsewhere, match=f"ran on server {runner.tasks.server}") as raised:
+        front.tasks.output(task.id, "stdout")
+
+    assert raised.value.status == 409
+    assert runner.tasks.output(task.id, "stdout") == "here\n"
