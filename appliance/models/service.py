@@ -592,8 +592,11 @@ class ModelService:
                         quarantined.unlink()
                         freed += info.st_size if info.st_nlink == 1 else 0  # a linked source keeps it
                 partials, partial_bytes = self.cache.remove_stale_staging()
+            # On a registry other servers share, a blob missing here is theirs to hold (fetched when needed).
             missing = tuple(
-                digest for digest, blob in registered.items() if digest not in on_disk and blob.state == "ok"
+                digest
+                for digest, blob in registered.items()
+                if digest not in on_disk and blob.state == "ok" and not self._shared()
             )
             evicted = self._make_room(0, keep=None, context=context)
             report = GcReport(

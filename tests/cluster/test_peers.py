@@ -535,3 +535,16 @@ def test_eviction_on_a_shared_registry_drops_only_this_servers_copy(
     assert evicted.detail == {"digests": [tiny], "here_only": True}
     assert b.client.post("/api/generate", json=GENERATE).status_code == 200  # fetched back from A
     assert b.runtime.cache.has(tiny)
+
+
+def test_gc_on_a_shared_registry_does_not_call_the_others_blobs_missing(
+    start: Callable[..., Running], tiny_gguf: Path
+) -> None:
+    a = start("a")
+    b = start("b")
+    _import_on(a, tiny_gguf)
+
+    report = b.runtime.models.gc(Context.cli())
+
+    assert report.missing == ()
+    assert a.runtime.models.get("tiny").state == "ok"
