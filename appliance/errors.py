@@ -14,14 +14,17 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DigestRequired           digest_required
     │   ├── NotABundle               not_a_bundle
     │   ├── PromptTooLong            prompt_too_long
-    │   └── ModelNotLoadable         model_not_loadable
+    │   ├── ModelNotLoadable         model_not_loadable
+    │   └── ProviderUnsupported      unsupported_by_provider
     ├── Unauthorized (401)           unauthorized         (WWW-Authenticate)
     ├── Forbidden (403)              forbidden
     │   ├── Offline                  offline
     │   ├── SourceNotAllowed         source_not_allowed
     │   ├── CredentialsRefused       credentials_refused
     │   ├── DownloadDenied           download_denied
-    │   └── CsrfFailed               csrf_failed
+    │   ├── CsrfFailed               csrf_failed
+    │   ├── ExternalDenied           external_denied
+    │   └── EgressDenied             egress_denied
     ├── NotFound (404)               not_found
     │   ├── ModelNotFound            model_not_found      (also LookupError)
     │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
@@ -31,7 +34,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── ApiKeyNotFound           api_key_not_found
     │   ├── TaskNotFound             task_not_found
     │   ├── NodeNotFound             node_not_found
-    │   └── JoinTokenNotFound        join_token_not_found
+    │   ├── JoinTokenNotFound        join_token_not_found
+    │   └── ProviderNotFound         provider_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
@@ -40,7 +44,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── TaskFinished             task_finished
     │   ├── TaskElsewhere            task_elsewhere
     │   ├── NodeExists               node_exists
-    │   └── LeaseLost                lease_lost
+    │   ├── LeaseLost                lease_lost
+    │   └── ProviderExists           provider_exists
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
@@ -55,11 +60,13 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     ├── InsufficientMemory (507)     insufficient_memory
     ├── DownloadFailed (502)         download_failed
     ├── PushFailed (502)             push_failed
+    ├── ProviderFailed (502)         provider_failed      (Retry-After when the provider sent one)
     ├── SchemeNotSupported (501)     scheme_not_supported
     └── StorageFailure (500)         storage_failure
         ├── StoreFailure             store_failure
         ├── LayoutTooNew             layout_too_new
-        └── EngineFailure            engine_failure
+        ├── EngineFailure            engine_failure
+        └── ProviderKeyUnreadable    provider_key_unreadable
 
 A status in parentheses holds for the whole branch below it.
 """
@@ -86,8 +93,10 @@ __all__ = [
     "DownloadFailed",
     "DownloadNotFound",
     "DownloadNotPending",
+    "EgressDenied",
     "EngineBusy",
     "EngineFailure",
+    "ExternalDenied",
     "Forbidden",
     "InsufficientMemory",
     "InsufficientStorage",
@@ -109,6 +118,11 @@ __all__ = [
     "NotReady",
     "Offline",
     "PromptTooLong",
+    "ProviderExists",
+    "ProviderFailed",
+    "ProviderKeyUnreadable",
+    "ProviderNotFound",
+    "ProviderUnsupported",
     "PushFailed",
     "RemoteNotFound",
     "SchemeNotSupported",
@@ -257,6 +271,22 @@ class CsrfFailed(Forbidden):
     default_hint = "send the session's csrf_token (from /api/v1/login or /api/v1/me) as X-CSRF-Token"
 
 
+class ExternalDenied(Forbidden):
+    """Routing would need an external provider that policy does not allow (REQ-MODELS-0117)."""
+
+    code = "external_denied"
+    default_hint = (
+        "an admin may allow the provider in model_routing.allowed_external_providers, or import the model"
+    )
+
+
+class EgressDenied(Forbidden):
+    """An outbound call a provider's allow-lists refuse: this subject or this operation."""
+
+    code = "egress_denied"
+    default_hint = "an admin may widen the provider's subjects or operations (`appliance providers ls`)"
+
+
 class NotFound(ApplianceError):
     code = "not_found"
     status = 404
@@ -305,6 +335,11 @@ class NodeNotFound(NotFound):
 class JoinTokenNotFound(NotFound):
     code = "join_token_not_found"
     default_hint = "`appliance nodes token ls` lists the join tokens"
+
+
+class ProviderNotFound(NotFound):
+    code = "provider_not_found"
+    default_hint = "`appliance providers ls` lists the configured providers"
 
 
 class Conflict(ApplianceError):
@@ -356,6 +391,11 @@ class LeaseLost(Conflict):
     default_hint = (
         "the work or task was handed elsewhere, recovered, cancelled or ended: stop it, and take new work"
     )
+
+
+class ProviderExists(Conflict):
+    code = "provider_exists"
+    default_hint = "pick another name, or remove the provider first (`appliance providers rm NAME`)"
 
 
 class DigestMismatch(ApplianceError):
@@ -422,6 +462,14 @@ class ModelNotLoadable(InvalidInput):
     default_hint = "only GGUF models can be served; import a .gguf file"
 
 
+class ProviderUnsupported(InvalidInput):
+    """A request field an external provider cannot honour (a llama.cpp sampler, a raw prompt on a
+    chat-only API): refused, never dropped in silence."""
+
+    code = "unsupported_by_provider"
+    default_hint = "leave the field out, or ask for a local model"
+
+
 class InsufficientMemory(ApplianceError):
     code = "insufficient_memory"
     status = 507
@@ -442,6 +490,18 @@ class PushFailed(ApplianceError):
     default_hint = (
         "check that the registry is up and takes pushes, then push again; blobs it has are not sent twice"
     )
+
+
+class ProviderFailed(ApplianceError):
+    """An external provider failed the call after the retries (its status and message, scrubbed)."""
+
+    code = "provider_failed"
+    status = 502
+    default_hint = "`appliance providers test NAME` checks the provider; try again later"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class SchemeNotSupported(ApplianceError):
@@ -468,6 +528,15 @@ class LayoutTooNew(StorageFailure):
 class EngineFailure(StorageFailure):
     code = "engine_failure"
     default_hint = "see the server log"
+
+
+class ProviderKeyUnreadable(StorageFailure):
+    """The key that encrypts provider keys is missing, unreadable or not the one they were sealed with."""
+
+    code = "provider_key_unreadable"
+    default_hint = (
+        "restore <data>/secrets/provider.key (or egress.encryption_key), or set the provider's key again"
+    )
 
 
 def all_error_classes() -> list[type[ApplianceError]]:

@@ -34,7 +34,9 @@ __all__ = [
     "CacheSettings",
     "ClusterSettings",
     "DownloadSettings",
+    "EgressSettings",
     "EngineSettings",
+    "ModelRoutingSettings",
     "ModelsSettings",
     "ServerSettings",
     "Settings",
@@ -324,6 +326,56 @@ class ClusterSettings(BaseModel):
     )
 
 
+class ModelRoutingSettings(BaseModel):
+    """Where a model call goes when the name could be served more than one way (REQ-MODELS-0112..0117).
+    Both are also preferences, so an admin may change them while the appliance runs."""
+
+    prefer_local: bool = Field(
+        default=True,
+        description="Serve from a local engine or a worker when one can; an external provider only when "
+        "none fits (the model is not local, or the local queue is full). False: an allowed provider that "
+        "serves the model goes first.",
+    )
+    allowed_external_providers: list[str] = Field(
+        default_factory=list,
+        description="Providers routing may send model calls to ('*': every configured one); empty: none, "
+        "so nothing leaves the box unless an admin allows it.",
+    )
+
+
+class EgressSettings(BaseModel):
+    """The one component that calls external providers: where their keys' key is kept, and how
+    patiently it calls them."""
+
+    encryption_key: SecretStr | None = Field(
+        default=None,
+        description="The key that encrypts provider keys at rest (url-safe base64 of 32 bytes, as "
+        "`appliance providers keygen` prints); servers sharing a database must set the same one. Unset: "
+        "a key file under the data dir (secrets/provider.key, mode 0600), made on first use.",
+    )
+    connect_timeout: Duration = Field(
+        default=10.0, gt=0, description="Seconds to wait for a provider's connection."
+    )
+    read_timeout: Duration = Field(
+        default=300.0, gt=0, description="Seconds a provider may go silent mid-answer before the call fails."
+    )
+    retries: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="Tries again after a 429, a 5xx or a dropped connection, with backoff, before any "
+        "byte of the answer is passed on.",
+    )
+    retry_max_wait: Duration = Field(
+        default=30.0, gt=0, description="The longest wait between tries (a provider's Retry-After included)."
+    )
+    probe_every: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="How long a provider's reachability (for /readyz) is trusted before it is checked again.",
+    )
+
+
 # The Ollama release whose documented /api the compatibility routes follow (docs/api.md).
 OLLAMA_API_VERSION = "0.12.0"
 
@@ -492,6 +544,8 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     tasks: TaskSettings = Field(default_factory=TaskSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    model_routing: ModelRoutingSettings = Field(default_factory=ModelRoutingSettings)
+    egress: EgressSettings = Field(default_factory=EgressSettings)
     offline: bool = Field(
         default=False, description="No outbound network call at all (`--offline`, APPLIANCE_OFFLINE=1)."
     )

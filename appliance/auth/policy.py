@@ -49,6 +49,8 @@ Action = Literal[
     "nodes.read",  # list and show nodes and join tokens
     "nodes.manage",  # join tokens, drain, undrain, remove, load and unload models on nodes
     "servers.read",  # list the servers sharing the database
+    "providers.read",  # list and show external providers (never a key: no surface reads one back)
+    "providers.manage",  # add, change, remove and test external providers
 ]
 ACTIONS: tuple[Action, ...] = Action.__args__  # type: ignore[attr-defined]
 

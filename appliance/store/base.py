@@ -40,6 +40,9 @@ __all__ = [
     "NodeChanges",
     "NodeModel",
     "NodeModelState",
+    "Operation",
+    "Provider",
+    "ProviderKind",
     "RemovedModel",
     "Server",
     "Store",
@@ -386,6 +389,32 @@ class Server:
     ca_pem: str | None = None
 
 
+ProviderKind = Literal["openai", "anthropic"]
+# What a call to a provider does: the allow-list a provider's ``operations`` holds.
+Operation = Literal["chat", "complete", "embed", "models"]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An external provider as every surface shows it: its key is only ever ``key_set`` (the
+    ciphertext sits in ``provider_credentials``, read by the egress component alone)."""
+
+    name: str
+    kind: ProviderKind
+    base_url: str  # e.g. https://api.openai.com/v1 (openai) or https://api.anthropic.com (anthropic)
+    models: tuple[str, ...] = ()  # the model names it serves; empty: whatever name is asked for
+    operations: tuple[Operation, ...] = ("chat", "complete", "embed", "models")
+    # Who may have calls made on their behalf: "*", "role:admin", "role:user", "user:NAME",
+    # "key:ID", "task" (a task's job). A call whose subject matches none is refused.
+    subjects: tuple[str, ...] = ("*",)
+    key_set: bool = False
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistence for the registry, the audit log and the preferences."""
@@ -653,4 +682,30 @@ class Store(Protocol):
     def find_server(self, credential_hash: str) -> Server | None: ...
     def list_servers(self) -> list[Server]:
         """Oldest start first."""
+        ...
+
+    # external providers (their keys as ciphertext only: the egress component seals and opens them)
+    def add_provider(self, provider: Provider, ciphertext: bytes | None) -> Provider:
+        """Add it (with its sealed key, if any); raises ProviderExists for a name taken."""
+        ...
+
+    def update_provider(self, provider: Provider) -> Provider:
+        """Replace its fields but the name and key (updated_at set); raises ProviderNotFound."""
+        ...
+
+    def set_provider_key(self, name: str, ciphertext: bytes | None) -> Provider:
+        """Set or (None) clear its sealed key; raises ProviderNotFound."""
+        ...
+
+    def get_provider(self, name: str) -> Provider | None: ...
+    def list_providers(self) -> list[Provider]:
+        """By name."""
+        ...
+
+    def provider_ciphertext(self, name: str) -> bytes | None:
+        """Its sealed key; None when it has none (or no such provider)."""
+        ...
+
+    def remove_provider(self, name: str) -> bool:
+        """Remove it and its key; False when there was none."""
         ...

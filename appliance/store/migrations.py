@@ -701,4 +701,43 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE tasks ADD COLUMN ran_on TEXT COLLATE "C";
         """,
     ),
+    Migration(
+        "0014_providers",
+        # External providers (REQ-MODELS-0113): what they serve and who may reach them. Their keys
+        # sit apart, encrypted with a key kept outside the database, and no API reads them back.
+        """
+        CREATE TABLE providers (
+            name TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            base_url TEXT NOT NULL,
+            models TEXT NOT NULL DEFAULT '[]',
+            operations TEXT NOT NULL DEFAULT '[]',
+            subjects TEXT NOT NULL DEFAULT '[]',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE provider_credentials (
+            provider TEXT PRIMARY KEY REFERENCES providers(name) ON DELETE CASCADE,
+            ciphertext BLOB NOT NULL,
+            set_at TEXT NOT NULL
+        );
+        """,
+        postgres="""
+        CREATE TABLE providers (
+            name TEXT COLLATE "C" PRIMARY KEY,
+            kind TEXT COLLATE "C" NOT NULL,
+            base_url TEXT COLLATE "C" NOT NULL,
+            models TEXT COLLATE "C" NOT NULL DEFAULT '[]',
+            operations TEXT COLLATE "C" NOT NULL DEFAULT '[]',
+            subjects TEXT COLLATE "C" NOT NULL DEFAULT '[]',
+            created_at TEXT COLLATE "C" NOT NULL,
+            updated_at TEXT COLLATE "C" NOT NULL
+        );
+        CREATE TABLE provider_credentials (
+            provider TEXT COLLATE "C" PRIMARY KEY REFERENCES providers(name) ON DELETE CASCADE,
+            ciphertext BYTEA NOT NULL,
+            set_at TEXT COLLATE "C" NOT NULL
+        );
+        """,
+    ),
 )

@@ -28,6 +28,8 @@ from appliance.errors import (
     ModelNotFound,
     NodeExists,
     NodeNotFound,
+    ProviderExists,
+    ProviderNotFound,
     TaskFinished,
     TaskNotFound,
     UserExists,
@@ -53,6 +55,7 @@ from appliance.store.base import (
     Node,
     NodeChanges,
     NodeModel,
+    Provider,
     RemovedModel,
     Server,
     Task,
@@ -190,6 +193,47 @@ def _task_value(name: str, value: Any) -> Any:
 
 # In the order of Server's fields.
 _SERVER_COLUMNS = ("id", "url", "credential_hash", "version", "started_at", "last_seen_at", "ca_pem")
+
+# In the order of Provider's fields (key_set is read from provider_credentials).
+_PROVIDER_COLUMNS = (
+    "name",
+    "kind",
+    "base_url",
+    "models",
+    "operations",
+    "subjects",
+    "created_at",
+    "updated_at",
+)
+_PROVIDER_JSON_COLUMNS = ("models", "operations", "subjects")
+_PROVIDER_SELECT = (
+    "SELECT p.name, p.kind, p.base_url, p.models, p.operations, p.subjects, p.created_at, p.updated_at,"
+    " c.provider IS NOT NULL FROM providers p LEFT JOIN provider_credentials c ON c.provider = p.name"
+)
+
+
+def _provider_row(provider: Provider) -> dict[str, Any]:
+    row = {name: getattr(provider, name) for name in _PROVIDER_COLUMNS}
+    return {
+        name: json.dumps(list(value)) if name in _PROVIDER_JSON_COLUMNS else value
+        for name, value in row.items()
+    }
+
+
+def _provider(row: Sequence[Any]) -> Provider:
+    name, kind, base_url, models, operations, subjects, created_at, updated_at, key_set = row
+    return Provider(
+        name=name,
+        kind=kind,
+        base_url=base_url,
+        models=tuple(json.loads(models)),
+        operations=tuple(json.loads(operations)),
+        subjects=tuple(json.loads(subjects)),
+        key_set=bool(key_set),
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
 
 _USER_COLUMNS = ("name", "role", "password_hash", "created_at", "updated_at")
 _SESSION_COLUMNS = ("id_sha256", "user_name", "csrf_token", "address", "created_at", "expires_at")
@@ -1093,3 +1137,63 @@ class SqlStore(ABC):
 
     def list_servers(self) -> list[Server]:
         return self._servers("ORDER BY started_at, id")
+
+    # -- external providers --------------------------------------------------------------------
+
+    def add_provider(self, provider: Provider, ciphertext: bytes | None) -> Provider:
+        with self._write() as db:
+            if not db.run(*_insert("providers", _provider_row(provider), " ON CONFLICT (name) DO NOTHING")):
+                raise ProviderExists(f"a provider named {provider.name!r} already exists")
+            if ciphertext is not None:
+                db.run(
+                    "INSERT INTO provider_credentials (provider, ciphertext, set_at) VALUES (?, ?, ?)",
+                    (provider.name, ciphertext, provider.updated_at),
+                )
+        return self._require_provider(provider.name)
+
+    def update_provider(self, provider: Provider) -> Provider:
+        row = _provider_row(provider)
+        row["updated_at"] = utcnow()
+        del row["name"], row["created_at"]
+        with self._write() as db:
+            assignments = ", ".join(f"{name} = ?" for name in row)
+            if not db.run(
+                f"UPDATE providers SET {assignments} WHERE name = ?", (*row.values(), provider.name)
+            ):
+                raise ProviderNotFound(f"no provider named {provider.name!r}")
+        return self._require_provider(provider.name)
+
+    def set_provider_key(self, name: str, ciphertext: bytes | None) -> Provider:
+        now = utcnow()
+        with self._write() as db:
+            if not db.run("UPDATE providers SET updated_at = ? WHERE name = ?", (now, name)):
+                raise ProviderNotFound(f"no provider named {name!r}")
+            db.run("DELETE FROM provider_credentials WHERE provider = ?", (name,))
+            if ciphertext is not None:
+                db.run(
+                    "INSERT INTO provider_credentials (provider, ciphertext, set_at) VALUES (?, ?, ?)",
+                    (name, ciphertext, now),
+                )
+        return self._require_provider(name)
+
+    def get_provider(self, name: str) -> Provider | None:
+        rows = self._query(f"{_PROVIDER_SELECT} WHERE p.name = ?", (name,))
+        return _provider(rows[0]) if rows else None
+
+    def _require_provider(self, name: str) -> Provider:
+        found = self.get_provider(name)
+        if found is None:
+            raise ProviderNotFound(f"no provider named {name!r}")
+        return found
+
+    def list_providers(self) -> list[Provider]:
+        return [_provider(row) for row in self._query(f"{_PROVIDER_SELECT} ORDER BY p.name")]
+
+    def provider_ciphertext(self, name: str) -> bytes | None:
+        rows = self._query("SELECT ciphertext FROM provider_credentials WHERE provider = ?", (name,))
+        return bytes(rows[0][0]) if rows else None
+
+    def remove_provider(self, name: str) -> bool:
+        with self._write() as db:
+            db.run("DELETE FROM provider_credentials WHERE provider = ?", (name,))
+            return bool(db.run("DELETE FROM providers WHERE name = ?", (name,)))
