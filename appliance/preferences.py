@@ -20,6 +20,7 @@ from appliance.settings import ByteSize, Settings
 from appliance.store.base import Store
 
 __all__ = [
+    "ALLOWED_PROVIDERS",
     "ALLOWED_ROLES",
     "ALLOWED_SOURCES",
     "CONTEXT_LENGTH",
@@ -28,6 +29,7 @@ __all__ = [
     "EVICT_POLICY",
     "MAX_BYTES",
     "OFFLINE",
+    "PREFER_LOCAL",
     "REQUIRE_APPROVAL",
     "Key",
     "Preference",
@@ -94,6 +96,17 @@ CONTEXT_LENGTH: Key[int] = Key(
     TypeAdapter(Annotated[int, Field(ge=64)]),
     "Tokens of context per request, capped at the model's own.",
 )
+PREFER_LOCAL: Key[bool] = Key(
+    "model_routing.prefer_local",
+    TypeAdapter(bool),
+    "Serve from a local engine or a worker when one can; an allowed external provider only when none"
+    " fits. Off: an allowed provider that serves the model goes first.",
+)
+ALLOWED_PROVIDERS: Key[list[str]] = Key(
+    "model_routing.allowed_external_providers",
+    TypeAdapter(list[str]),
+    "External providers routing may send model calls to, by name ('*': every configured one); empty: none.",
+)
 
 EDITABLE: dict[str, Key[Any]] = {
     key.name: key
@@ -106,6 +119,8 @@ EDITABLE: dict[str, Key[Any]] = {
         ALLOWED_ROLES,
         OFFLINE,
         CONTEXT_LENGTH,
+        PREFER_LOCAL,
+        ALLOWED_PROVIDERS,
     )
 }
 

@@ -62,6 +62,30 @@ RULES = [
         ("appliance.web", "appliance.runtime", "appliance.provision", *ENGINE_IMPLEMENTATIONS),
         "inference goes through the router and the Engine protocol",
     ),
+    *(
+        Rule(
+            module,
+            ("appliance.egress",),
+            "routing and inference know providers by their types; only the egress component calls them",
+            except_imports=("appliance.egress.types",),
+        )
+        for module in (*ENGINE_SERVICES, "appliance.engine.routing", "appliance.engine.external")
+    ),
+    Rule(
+        "appliance.egress",
+        (
+            "appliance.engine.router",
+            "appliance.engine.routing",
+            "appliance.engine.service",
+            "appliance.engine.external",
+            "appliance.web",
+            "appliance.runtime",
+            "appliance.cli",
+            "appliance.tasks",
+            "appliance.cluster",
+        ),
+        "the egress component calls providers for whoever asks; routing and the services sit above it",
+    ),
     Rule(
         "appliance.models",
         ("appliance.engine", "appliance.web", "appliance.runtime"),
@@ -237,6 +261,8 @@ def test_every_rule_covers_a_module(rule: Rule) -> None:
             "appliance.cluster.remote",
         ),
         ("cluster/directory.py", "from appliance.runtime import Runtime\n", "appliance.runtime"),
+        ("engine/router.py", "from appliance.egress.client import Egress\n", "appliance.egress.client"),
+        ("egress/client.py", "from appliance.engine.router import Router\n", "appliance.engine.router"),
     ],
 )
 def test_a_forbidden_import_is_reported_with_its_place(

@@ -7,9 +7,14 @@ placement candidates beside the in-process engine (node ``local``, unless ``loca
 server that only coordinates), ``place`` picks one, and its reason goes into the route
 (REQ-MODELS-0105, 0118); with none, the in-process engine serves as it always has. Loading,
 unloading and ``ps`` are the in-process engine's: a worker loads what its configuration lists.
+
+With external providers (a ``ProviderDirectory``), ``route`` may answer ``ExternalRouted`` instead:
+the pure policy in ``engine/routing.py`` decides from the name, whether a local path fits, the
+providers and the ``model_routing`` preferences (REQ-MODELS-0112..0118).
 May import the engine's base, the registry (``appliance.models``), the
-store's types, the cache and the pure placement (``appliance.cluster.placement``); never the web
-layer, nor the cluster's implementations (the directory is a protocol).
+store's types, the cache, the pure placement (``appliance.cluster.placement``) and the egress types;
+never the web layer, the egress component, nor the cluster's implementations (the directories are
+protocols).
 """
 
 from __future__ import annotations
@@ -17,24 +22,38 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance.audit import Context
 from appliance.cluster.placement import LOCAL, Candidate, place
+from appliance.egress.types import Operation, Provider, ProviderDirectory
 from appliance.engine.base import Engine, LoadedInfo, LoadSpec, Route
-from appliance.errors import ApplianceError, Conflict, DiskFull, ModelNotFound, ModelNotLoadable, NotReady
+from appliance.engine.routing import Policy, decide
+from appliance.errors import (
+    ApplianceError,
+    BlobFetching,
+    Conflict,
+    DiskFull,
+    InvalidModelName,
+    ModelNotFound,
+    ModelNotLoadable,
+    NotReady,
+)
 from appliance.models.layers import ModelLayers
 from appliance.models.service import ModelService
 from appliance.names import ModelName
-from appliance.preferences import CONTEXT_LENGTH, PreferenceService
+from appliance.preferences import ALLOWED_PROVIDERS, CONTEXT_LENGTH, OFFLINE, PREFER_LOCAL, PreferenceService
 from appliance.settings import EngineSettings
 from appliance.store.base import Model, Store
 from appliance.store.cache import BlobCache
 
-__all__ = ["Loaded", "NodeDirectory", "Routed", "Router", "resolve_spec"]
+__all__ = ["ExternalRouted", "Loaded", "NodeDirectory", "Routed", "Router", "resolve_spec"]
 
 REGISTRY_CHECK_SECONDS = 0.5
+# Why a local path may not fit, so that an allowed provider may serve the name instead. A blob on
+# its way (BlobFetching) is not among them: the local path fits in a moment.
+_NOT_LOCAL = (ModelNotFound, InvalidModelName, ModelNotLoadable, NotReady)
 # A model's last use orders evictions, to the second at best: writing it on every request would
 # make each one a database write (and, on a shared PostgreSQL, a row every server contends for).
 TOUCH_EVERY = 1.0
@@ -108,10 +127,28 @@ class Routed:
     name: ModelName
     placement: str | None = None
 
+    layers: ModelLayers = field(
+        default_factory=ModelLayers
+    )  # what a model made by /api/create adds to each request
+
     def route(self, reason: str) -> Route:
         """The route as recorded, once the engine says how it came to have the model (``reason``)."""
         why = reason if self.placement is None else f"{self.placement}; {reason}"
         return Route(self.engine.name, self.engine.node, why)
+
+
+@dataclass(frozen=True)
+class ExternalRouted:
+    """A request an external provider serves, through the egress component: the provider, its own
+    name of the model, and why routing sent it there."""
+
+    provider: Provider
+    model: str
+    reason: str
+
+    def route(self) -> Route:
+        """As the inference log and the X-Appliance-Engine headers show it."""
+        return Route(f"external:{self.provider.kind}", self.provider.name, self.reason)
 
 
 class Router:
@@ -126,6 +163,7 @@ class Router:
         engine: Engine,
         nodes: NodeDirectory | None = None,
         local: bool = True,
+        providers: ProviderDirectory | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -135,6 +173,7 @@ class Router:
         self.engine = engine
         self.nodes = nodes
         self.local = local  # cluster.local_inference: the in-process engine is a candidate
+        self.providers = providers  # the external providers; None: this process routes locally only
         self._touched: dict[ModelName, float] = {}  # name -> when its last use was written (monotonic)
         self._touched_lock = threading.Lock()
         self._closing = threading.Event()
@@ -153,8 +192,65 @@ class Router:
         """What a model made by ``/api/create`` adds to each request: system, messages, options."""
         return self.models.layers(self.models.get(name))
 
-    def route(self, name: str, *, context_length: int | None = None) -> Routed:
-        """The engine that serves ``name`` and what it loads; records the use (LRU eviction order)."""
+    def route(
+        self,
+        name: str,
+        *,
+        context_length: int | None = None,
+        provider: str | None = None,
+        operation: Operation = "chat",
+        busy: NotReady | None = None,
+    ) -> Routed | ExternalRouted:
+        """Where a request for ``name`` goes (blocking): a local engine or worker, or an external
+        provider when policy allows (``engine/routing.py``). ``provider`` is the X-Appliance-Provider
+        header; ``busy`` the local engine's refusal of this request (its queue is full), which sends
+        it elsewhere when policy allows and is raised again when not. Refusals say why."""
+        providers = self.providers.list() if self.providers is not None else []
+        policy = self.policy() if providers else Policy()  # no provider: no preference to read
+
+        def external(local: ApplianceError | None) -> ExternalRouted | None:
+            decision = decide(
+                name, operation=operation, providers=providers, policy=policy, local=local, named=provider
+            )
+            if decision.provider is None:
+                return None
+            return ExternalRouted(decision.provider, decision.model, decision.reason)
+
+        if busy is not None:
+            routed = external(busy)
+            assert routed is not None  # a local path that is busy never fits
+            return routed
+        if provider is not None or not policy.prefer_local:
+            # named, or a provider goes first: the local path is not even looked at when it wins
+            first = external(None)
+            if first is not None:
+                return first
+        try:
+            local = self._route_local(name, context_length)
+        except _NOT_LOCAL as exc:
+            if isinstance(exc, BlobFetching):
+                raise
+            routed = external(exc)
+            assert routed is not None
+            return routed
+        return local
+
+    def policy(self) -> Policy:
+        """The model_routing preferences (and offline) as they are in effect now."""
+        preferences = self.preferences
+        return Policy(
+            prefer_local=preferences.effective(PREFER_LOCAL),
+            allowed=tuple(preferences.effective(ALLOWED_PROVIDERS)),
+            offline=preferences.effective(OFFLINE),
+        )
+
+    def _route_local(self, name: str, context_length: int | None) -> Routed:
+        """The local engine or the worker that serves ``name`` and what it loads; records the use
+        (LRU eviction order). A created model's ``num_ctx`` applies when the request sets none."""
+        layers = self.layers(name)
+        if context_length is None:
+            num_ctx = layers.parameters.get("num_ctx")
+            context_length = num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else None
         model_name, spec = self.resolve(name, context_length=context_length)
         self.touch(model_name)
         nodes = self.nodes
@@ -166,12 +262,12 @@ class Router:
                 hint="join a worker (appliance worker join), or set cluster.local_inference to true",
             )
         if nodes is None or not workers:
-            return Routed(self.engine, spec, model_name)
+            return Routed(self.engine, spec, model_name, layers=layers)
         local = [self._local_candidate(spec.digest)] if self.local else []
         placement = place(spec.digest, spec.size_bytes, [*local, *workers])
         chosen = placement.candidate
         engine = self.engine if chosen.local else nodes.engine(chosen)
-        return Routed(engine, spec, model_name, placement.reason)
+        return Routed(engine, spec, model_name, placement.reason, layers=layers)
 
     def _local_candidate(self, digest: str) -> Candidate:
         """The in-process engine as a node: the server's cache holds every registered model."""

@@ -4,8 +4,15 @@ The OpenAI and Ollama surfaces both call this. The router resolves the name and 
 engine; the engine loads the model if needed, renders and tokenizes the prompt, and streams
 events; this records the routing decision, token counts and timings. A service over the
 engine: may import the engine's base, router and tool-call reader (``engine/tools.py``, pure),
-metrics and the store's types; never the web layer, and never an engine implementation (it talks
-to the ``Engine`` protocol).
+metrics, the store's types and the egress types; never the web layer, never an engine
+implementation (it talks to the ``Engine`` protocol), and never the egress component itself (it
+calls providers through the ``EgressCalls`` protocol).
+
+When the router sends a request to an external provider (``ExternalRouted``), the request is
+built from what the client set (``engine/external.py``) and the egress streams the provider's
+answer as the same events, its tool calls already read (``Ready.tool_format`` "native"). A local
+engine whose queue is full before the request started (EngineBusy) hands it to an allowed
+provider when policy allows one, with "the local queue ... is full" as the route's reason.
 
 A model that thinks streams its reasoning block as ReasoningChunks, which pass by the tool-call
 reader. When tools are offered, the answer is read as it streams (``ToolCallReader``, in the tool-call
@@ -26,7 +33,10 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from appliance.audit import Context
+from appliance.egress.types import EgressCalls, Operation
 from appliance.engine.base import (
+    Embeddings,
     Finished,
     Prompt,
     Ready,
@@ -39,15 +49,23 @@ from appliance.engine.base import (
     ToolCall,
     ToolSet,
 )
-from appliance.engine.router import Router
+from appliance.engine.external import external_request
+from appliance.engine.router import ExternalRouted, Routed, Router
 from appliance.engine.tools import ToolCallReader
-from appliance.errors import InvalidInput
+from appliance.errors import (
+    ApplianceError,
+    EngineBusy,
+    Forbidden,
+    InvalidInput,
+    NotReady,
+    ProviderUnsupported,
+)
 from appliance.metrics import Metrics
 from appliance.models.layers import ModelLayers
 from appliance.names import ModelName
 from appliance.store.base import InferenceRecord, Store
 
-__all__ = ["GenerationOptions", "InferenceService", "Started"]
+__all__ = ["Event", "GenerationOptions", "InferenceService", "Started"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,9 @@ class GenerationOptions(SamplerOptions):
     think: bool | None = None  # the template's reasoning switch; None: the template's default
     context: tuple[int, ...] = ()  # token ids to go before the prompt (Ollama's context)
     return_context: bool = False  # Finished.context: the prompt's and the answer's token ids
+    # Options holding a value the client's API implies (OpenAI's temperature 1), not one the client
+    # sent: the local engine uses them; an external provider applies its own defaults instead.
+    implied: frozenset[str] = frozenset()
 
     def under(self, parameters: dict[str, Any]) -> GenerationOptions:
         """These options, where unset taken from a model's parameters (its params layer)."""
@@ -139,14 +160,20 @@ class _Tracker:
     first_token: float | None = None
 
 
+Event = Started | TextChunk | ReasoningChunk | ToolCall | Finished
+
+
 class InferenceService:
-    def __init__(self, router: Router, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self, router: Router, store: Store, metrics: Metrics, egress: EgressCalls | None = None
+    ) -> None:
         self.router = router
         self.store = store
         self.metrics = metrics
+        self.egress = egress  # external providers' calls; None: this process has no egress
 
     def history(self, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Served requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
+        """Served and refused requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
         wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
         return [record.__dict__ for record in self.store.list_inference(model=wanted, limit=limit)]
 
@@ -157,11 +184,14 @@ class InferenceService:
         options: GenerationOptions,
         *,
         endpoint: str,
-        correlation_id: str,
-    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
+        context: Context,
+        provider: str | None = None,
+    ) -> AsyncGenerator[Event]:
         """Events of a chat turn: Started, then TextChunks, ReasoningChunks (a model that thinks)
-        and ToolCalls (when tools are offered), then Finished. Close it to stop early."""
-        return self._stream(name, options, endpoint, correlation_id, messages=messages)
+        and ToolCalls (when tools are offered), then Finished. Close it to stop early. ``context``
+        says who asks (an external provider's allow-list reads it); ``provider`` is the
+        X-Appliance-Provider header."""
+        return self._stream(name, options, endpoint, context, provider=provider, messages=messages)
 
     def complete(
         self,
@@ -170,10 +200,11 @@ class InferenceService:
         options: GenerationOptions,
         *,
         endpoint: str,
-        correlation_id: str,
+        context: Context,
+        provider: str | None = None,
         suffix: str | None = None,
         parse_special: bool = True,
-    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
+    ) -> AsyncGenerator[Event]:
         """Events of a raw completion, as ``chat`` (never a ToolCall: no tools are offered). With
         a ``suffix``, the model fills in the middle between ``prompt`` and it; ``parse_special``
         False reads control tokens written in the text as plain text."""
@@ -181,7 +212,8 @@ class InferenceService:
             name,
             options,
             endpoint,
-            correlation_id,
+            context,
+            provider=provider,
             prompt=prompt,
             suffix=suffix,
             parse_special=parse_special,
@@ -192,15 +224,109 @@ class InferenceService:
         name: str,
         options: GenerationOptions,
         endpoint: str,
-        correlation_id: str,
+        context: Context,
         *,
+        provider: str | None,
         messages: list[dict[str, Any]] | None = None,
         prompt: str | None = None,
         suffix: str | None = None,
         parse_special: bool = True,
-    ) -> AsyncGenerator[Started | TextChunk | ReasoningChunk | ToolCall | Finished]:
-        tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        layers = await anyio.to_thread.run_sync(lambda: self.router.layers(name))
+    ) -> AsyncGenerator[Event]:
+        tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=context.correlation_id)
+        operation: Operation = "chat" if messages is not None else "complete"
+        routed = await self._route(
+            tracker, name, operation=operation, provider=provider, context_length=options.context_length
+        )
+        if isinstance(routed, Routed):
+            local = self._local(
+                tracker,
+                routed,
+                options,
+                messages=messages,
+                prompt=prompt,
+                suffix=suffix,
+                parse_special=parse_special,
+            )
+            async with aclosing(local):  # closing this stream cancels the request at once
+                started = await anext(local)
+                try:
+                    first = await anext(local)  # the engine took the request (or finished it at once)
+                except EngineBusy as busy:
+                    assert isinstance(started, Started)
+                    routed = await self._fallback(tracker, name, busy, started.route, operation=operation)
+                else:
+                    yield started
+                    yield first
+                    async for event in local:
+                        yield event
+                    return
+        outbound = self._external(
+            tracker,
+            routed,
+            options,
+            context,
+            messages=messages,
+            prompt=prompt,
+            suffix=suffix,
+            parse_special=parse_special,
+        )
+        async with aclosing(outbound):
+            async for event in outbound:
+                yield event
+
+    async def _route(
+        self,
+        tracker: _Tracker,
+        name: str,
+        *,
+        operation: Operation,
+        provider: str | None,
+        context_length: int | None = None,
+    ) -> Routed | ExternalRouted:
+        """The route for ``name``; a refusal is recorded with its reason (REQ-MODELS-0117, 0118)."""
+        try:
+            routed = await anyio.to_thread.run_sync(
+                lambda: self.router.route(
+                    name, context_length=context_length, provider=provider, operation=operation
+                )
+            )
+        except ApplianceError as exc:
+            await self._refused(tracker, exc)
+            raise
+        tracker.model = str(routed.name) if isinstance(routed, Routed) else _external_name(routed)
+        return routed
+
+    async def _fallback(
+        self, tracker: _Tracker, name: str, busy: EngineBusy, local: Route, *, operation: Operation
+    ) -> ExternalRouted:
+        """The local queue is full before the request started: an external provider when policy
+        allows one for ``name``, else the local refusal, recorded as the local engine's."""
+        try:
+            routed = await anyio.to_thread.run_sync(
+                lambda: self.router.route(name, operation=operation, busy=busy)
+            )
+        except ApplianceError:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: self._record(tracker, local, Finished("error", 0, 0)))
+            raise
+        assert isinstance(routed, ExternalRouted)
+        tracker.model = _external_name(routed)
+        return routed
+
+    async def _local(
+        self,
+        tracker: _Tracker,
+        routed: Routed,
+        options: GenerationOptions,
+        *,
+        messages: list[dict[str, Any]] | None,
+        prompt: str | None,
+        suffix: str | None,
+        parse_special: bool,
+    ) -> AsyncGenerator[Event]:
+        """A local engine's (or a worker's) events; a full queue before the request started is
+        raised unrecorded, for the caller to send it elsewhere or record it."""
+        layers = routed.layers
         options = options.under(layers.parameters)
         request = Prompt(
             messages=None if messages is None else _with_layers(messages, layers),
@@ -216,12 +342,8 @@ class InferenceService:
             context=options.context,
             return_context=options.return_context,
         )
-        context_length = options.context_length
-        routed = await anyio.to_thread.run_sync(
-            lambda: self.router.route(name, context_length=context_length)
-        )
-        tracker.model = str(routed.name)
         route: Route | None = None  # set once the engine has the model loaded
+        answered = False  # an event past Ready came: the request is the engine's
         finished: Finished | None = None
         reader: ToolCallReader | None = None
         unsent: tuple[TokenLogprob, ...] = ()  # logprobs of text the tool-call reader still holds
@@ -232,18 +354,19 @@ class InferenceService:
                     if isinstance(event, Ready):
                         route = routed.route(event.reason)
                         self.metrics.queue_depth.labels(model=tracker.model).set(event.queued)
-                        if request.tools is not None:
+                        if request.tools is not None and event.tool_format != "native":
                             reader = ToolCallReader(event.tool_format or "generic", request.tools)
                         yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
                         continue
+                    answered = True
                     if isinstance(event, TextChunk | ReasoningChunk) and tracker.first_token is None:
                         tracker.first_token = time.monotonic()
                     if isinstance(event, Finished):
                         finished = event
                         if event.error is not None:
                             raise event.error
-                    if reader is None or isinstance(event, ReasoningChunk):  # tools are called in the answer
-                        yield event
+                    if reader is None or isinstance(event, ReasoningChunk | ToolCall):
+                        yield event  # tools are called in the answer; a native engine reads its own
                         continue
                     if isinstance(event, TextChunk):
                         parts, unsent = reader.feed(event.text), (*unsent, *event.logprobs)
@@ -263,6 +386,12 @@ class InferenceService:
                         if called and event.reason == "stop":
                             event = finished = replace(event, reason="tool_calls")
                         yield event
+        except EngineBusy:
+            if not answered:
+                route = None  # not started: the caller sends it elsewhere, or records it
+            elif finished is None:
+                finished = Finished("error", 0, 0)
+            raise
         except Exception:
             # The engine failed without a finished event (a worker's answer broke off): an error,
             # not a client that went away.
@@ -275,6 +404,63 @@ class InferenceService:
                 with anyio.CancelScope(shield=True):  # a client that hung up still gets its request recorded
                     await anyio.to_thread.run_sync(lambda: self._record(tracker, served, finished))
 
+    async def _external(
+        self,
+        tracker: _Tracker,
+        routed: ExternalRouted,
+        options: GenerationOptions,
+        context: Context,
+        *,
+        messages: list[dict[str, Any]] | None,
+        prompt: str | None,
+        suffix: str | None,
+        parse_special: bool,
+    ) -> AsyncGenerator[Event]:
+        """An external provider's events, through the egress component (which checks its
+        allow-lists, scrubs its key and audits the call); recorded here as any request is."""
+        egress = self._egress()
+        request = external_request(
+            routed.model,
+            options,
+            provider=routed.provider.name,
+            messages=messages,
+            prompt=prompt,
+            suffix=suffix,
+            parse_special=parse_special,
+        )
+        call = egress.chat if messages is not None else egress.complete
+        route = routed.route()
+        finished: Finished | None = None
+        try:
+            events = call(routed.provider, request, context=context)
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Ready):
+                        yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
+                        continue
+                    if isinstance(event, TextChunk | ReasoningChunk) and tracker.first_token is None:
+                        tracker.first_token = time.monotonic()
+                    if isinstance(event, Finished):
+                        finished = event
+                        if event.error is not None:
+                            raise event.error
+                    yield event
+        except Exception as exc:
+            if finished is None:  # refused by the egress's allow-lists, or the provider failed
+                finished = Finished("refused" if isinstance(exc, Forbidden) else "error", 0, 0)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: self._record(tracker, route, finished))
+
+    def _egress(self) -> EgressCalls:
+        if self.egress is None:
+            raise NotReady(
+                "external providers are not reachable from this process",
+                hint="ask the appliance server (appliance serve), which holds the providers' keys",
+            )
+        return self.egress
+
     async def embed(
         self,
         name: str,
@@ -282,7 +468,8 @@ class InferenceService:
         *,
         keep_alive: float | None,
         endpoint: str,
-        correlation_id: str,
+        context: Context,
+        provider: str | None = None,
         truncate: bool = False,
         normalize: bool = False,
         dimensions: int | None = None,
@@ -290,28 +477,77 @@ class InferenceService:
     ) -> tuple[list[list[float]], int, Route, str]:
         """One vector per input. ``truncate`` cuts an input past the context instead of refusing
         it; ``normalize`` scales each vector to unit length (Ollama's /api/embed); ``dimensions``
-        keeps the first N and normalizes again, as Ollama does."""
-        tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=correlation_id)
-        routed = await anyio.to_thread.run_sync(
-            lambda: self.router.route(name, context_length=context_length)
+        keeps the first N and normalizes again, as Ollama does. An external provider's vectors
+        are cut and scaled here the same way."""
+        tracker = _Tracker(endpoint=endpoint, model=name, correlation_id=context.correlation_id)
+        routed = await self._route(
+            tracker, name, operation="embed", provider=provider, context_length=context_length
         )
-        tracker.model = str(routed.name)
-        result = await routed.engine.embed(routed.spec, inputs, keep_alive=keep_alive, truncate=truncate)
-        route = routed.route(result.reason)
+        if isinstance(routed, ExternalRouted):
+            result, route = await self._embed_external(tracker, routed, inputs, context, context_length)
+        else:
+            result = await routed.engine.embed(routed.spec, inputs, keep_alive=keep_alive, truncate=truncate)
+            route = routed.route(result.reason)
         vectors = result.vectors
         if dimensions is not None and vectors:
             size = len(vectors[0])
             if dimensions > size:
                 raise InvalidInput(
-                    f"dimensions {dimensions} is more than the {size} model {routed.name} makes"
+                    f"dimensions {dimensions} is more than the {size} model {tracker.model} makes"
                 )
             vectors = [vector[:dimensions] for vector in vectors]
         if normalize or dimensions is not None:
             vectors = [_unit(vector) for vector in vectors]
-        await anyio.to_thread.run_sync(
-            lambda: self._record(tracker, route, Finished("stop", result.tokens, 0))
-        )
+        if isinstance(routed, Routed):
+            await anyio.to_thread.run_sync(
+                lambda: self._record(tracker, route, Finished("stop", result.tokens, 0))
+            )
         return vectors, result.tokens, route, tracker.model
+
+    async def _embed_external(
+        self,
+        tracker: _Tracker,
+        routed: ExternalRouted,
+        inputs: list[str],
+        context: Context,
+        context_length: int | None,
+    ) -> tuple[Embeddings, Route]:
+        if context_length is not None:
+            raise ProviderUnsupported(
+                f"num_ctx is not supported by external provider {routed.provider.name} (the provider"
+                " decides its context length)",
+                hint="leave num_ctx out, or ask for a local model",
+            )
+        egress = self._egress()
+        route = routed.route()
+        finished = Finished("error", 0, 0)
+        try:
+            result = await egress.embed(routed.provider, routed.model, inputs, context=context)
+            finished = Finished("stop", result.tokens, 0)
+        except Forbidden:
+            finished = Finished("refused", 0, 0)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: self._record(tracker, route, finished))
+        return result, route
+
+    async def _refused(self, tracker: _Tracker, error: ApplianceError) -> None:
+        """A request routing refused, in the inference log with its reason (REQ-MODELS-0117)."""
+        record = InferenceRecord(
+            model=tracker.model,
+            endpoint=tracker.endpoint,
+            engine="",
+            node="",
+            reason=f"{error.code}: {error.message}",
+            outcome="refused",
+            prompt_tokens=0,
+            completion_tokens=0,
+            duration_ms=round((time.monotonic() - tracker.started) * 1000),
+            correlation_id=tracker.correlation_id,
+        )
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: self.store.append_inference(record))
 
     def _record(self, tracker: _Tracker, route: Route, finished: Finished | None) -> None:
         elapsed = time.monotonic() - tracker.started
@@ -342,6 +578,11 @@ class InferenceService:
                 correlation_id=tracker.correlation_id,
             )
         )
+
+
+def _external_name(routed: ExternalRouted) -> str:
+    """A model an external provider serves, as the log and the answers name it."""
+    return f"{routed.provider.name}/{routed.model}"
 
 
 def _with_layers(messages: list[dict[str, Any]], layers: ModelLayers) -> list[dict[str, Any]]:

@@ -57,7 +57,7 @@ from appliance.identity import Actor
 from appliance.models.service import ModelService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder, local_forwarder
+from appliance.tasks.forwarder import InferenceForwarder, local_forwarder, task_actor
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
 from appliance.tasks.output import OutputCapture, OutputChunk
 from appliance.tasks.records import (
@@ -670,7 +670,7 @@ class TaskService(NodeTasks):
                 messages,
                 GenerationOptions(),
                 endpoint=PROMPT_ENDPOINT,
-                correlation_id=task.id,
+                context=Context(task_actor(task.id), correlation_id=task.id),
             )
             try:
                 async for event in stream:

@@ -28,9 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall, ToolSet
 from appliance.engine.service import GenerationOptions, InferenceService, Started
-from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, implied, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import ANTHROPIC_HANDLERS, anthropic_body, error_tail
-from appliance.web.generation import Generation, event_stream, named_event, open_chat, route_headers
+from appliance.web.generation import (
+    Generation,
+    event_stream,
+    named_event,
+    named_provider,
+    open_chat,
+    route_headers,
+)
 
 __all__ = ["MessagesBody", "anthropic_router"]
 
@@ -76,6 +83,7 @@ class MessagesBody(_Body):
             stop=tuple(self.stop_sequences or ()),
             json_schema=self._schema(),
             tools=self._tools(),
+            implied=implied(self, "temperature", "top_p"),
         )
         # Unset, top_k stays the engine's default, as on the other compatible APIs.
         return options if self.top_k is None else replace(options, top_k=self.top_k)
@@ -275,7 +283,13 @@ async def create_message(
     body = parse_body(MessagesBody, await request.body())
     options, messages = body.options(), body.chat_messages()
     generation, started = await open_chat(
-        inference, body.model, messages, options, endpoint="/v1/messages", context=context
+        inference,
+        body.model,
+        messages,
+        options,
+        endpoint="/v1/messages",
+        context=context,
+        provider=named_provider(request),
     )
     message = _message(started, f"msg_{uuid.uuid4().hex}")
     if body.stream:

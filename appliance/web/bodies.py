@@ -12,7 +12,7 @@ from appliance.engine.base import ToolSet
 from appliance.engine.tools import offer_tools
 from appliance.errors import InvalidInput
 
-__all__ = ["InvalidField", "offer_body_tools", "parse_body", "refuse_unsupported"]
+__all__ = ["InvalidField", "implied", "offer_body_tools", "parse_body", "refuse_unsupported"]
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -60,6 +60,12 @@ def refuse_unsupported(body: BaseModel, accepted: Mapping[str, tuple[Any, ...]],
             param=f"{where}{field}",
             hint=f"leave {field} out (or send {shown})",
         )
+
+
+def implied(body: BaseModel, *names: str) -> frozenset[str]:
+    """Which of ``names`` hold the API's own default, not a value the client sent: an external
+    provider applies its own default for them (GenerationOptions.implied)."""
+    return frozenset(names) - body.model_fields_set
 
 
 def offer_body_tools(tools: list[Any] | None, choice: Any, parallel: bool | None) -> ToolSet | None:

@@ -19,7 +19,7 @@ from appliance.engine.service import GenerationOptions, InferenceService
 from appliance.errors import InvalidInput
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS
-from appliance.web.generation import close_all, event_stream, route_headers
+from appliance.web.generation import close_all, event_stream, named_provider, route_headers
 from appliance.web.logprobs import completion_logprobs
 from appliance.web.openai import (
     GenerationBody,
@@ -70,7 +70,8 @@ async def completions(
             prompt,
             options,
             endpoint="/v1/completions",
-            correlation_id=context.correlation_id,
+            context=context,
+            provider=named_provider(request),
             suffix=body.suffix or None,
         ),
     )

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import anyio
+from litestar import Request
 from litestar.response import Stream
 
 from appliance.audit import Context
@@ -27,6 +28,7 @@ __all__ = [
     "event_stream",
     "interleave",
     "named_event",
+    "named_provider",
     "open_chat",
     "open_choices",
     "route_headers",
@@ -123,6 +125,15 @@ class Generation:
         return "".join(parts), calls, event
 
 
+PROVIDER_HEADER = "X-Appliance-Provider"
+
+
+def named_provider(request: Request[Any, Any, Any]) -> str | None:
+    """The external provider a request names in its X-Appliance-Provider header, if it does
+    (REQ-MODELS-0116): routing sends it there when policy allows, and refuses it otherwise."""
+    return request.headers.get(PROVIDER_HEADER) or None
+
+
 def route_headers(started: Started, *, stream: bool = False) -> dict[str, str]:
     """Which engine served the answer and why (REQ-MODELS-0118); a stream is never cached."""
     headers = {"X-Appliance-Engine": started.route.engine, "X-Appliance-Route-Reason": started.route.reason}
@@ -147,10 +158,11 @@ async def open_chat(
     *,
     endpoint: str,
     context: Context,
+    provider: str | None = None,
 ) -> tuple[Generation, Started]:
     """One chat turn's generation, opened: the Responses and Messages APIs answer with a single one."""
     generation = Generation(
-        inference.chat(model, messages, options, endpoint=endpoint, correlation_id=context.correlation_id)
+        inference.chat(model, messages, options, endpoint=endpoint, context=context, provider=provider)
     )
     return generation, await generation.open()
 

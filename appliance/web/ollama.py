@@ -54,7 +54,7 @@ from appliance.refs import DigestRef, FileRef, ModelRef, parse_digest
 from appliance.settings import Duration, Settings
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, ErrorInfo, error_tail, ollama_body
-from appliance.web.generation import Events, Generation
+from appliance.web.generation import Events, Generation, named_provider
 from appliance.web.lists import CACHED_LIST
 from appliance.web.logprobs import ollama_logprobs
 
@@ -588,13 +588,19 @@ async def generate(
             body.prompt,
             options,
             endpoint="/api/generate",
-            correlation_id=context.correlation_id,
+            context=context,
+            provider=named_provider(request),
             suffix=body.suffix,
             parse_special=body.raw,
         )
     elif body.raw:
         events = inference.complete(
-            body.model, body.prompt, options, endpoint="/api/generate", correlation_id=context.correlation_id
+            body.model,
+            body.prompt,
+            options,
+            endpoint="/api/generate",
+            context=context,
+            provider=named_provider(request),
         )
     else:
         events = inference.chat(
@@ -602,7 +608,8 @@ async def generate(
             body.messages(),
             options,
             endpoint="/api/generate",
-            correlation_id=context.correlation_id,
+            context=context,
+            provider=named_provider(request),
         )
     return await _respond(
         events,
@@ -634,7 +641,12 @@ async def chat(
         return Response({**piece("", [], ""), "done": True, "done_reason": reason})
     messages = [message.turn(index) for index, message in enumerate(body.messages)]
     events = inference.chat(
-        body.model, messages, options, endpoint="/api/chat", correlation_id=context.correlation_id
+        body.model,
+        messages,
+        options,
+        endpoint="/api/chat",
+        context=context,
+        provider=named_provider(request),
     )
     return await _respond(events, stream=body.stream, piece=piece, final=_no_final, logprobs=body.logprobs)
 

@@ -35,6 +35,7 @@ from appliance.refs import OciRef
 from appliance.settings import Duration
 from appliance.web.bodies import parse_body, refuse_unsupported
 from appliance.web.errors import OLLAMA_HANDLERS, error_tail
+from appliance.web.generation import named_provider
 from appliance.web.ollama import NDJSON, ModelBody, Options, _Body, _error_line, _line
 
 __all__ = ["CopyBody", "CreateBody", "EmbedBody", "EmbeddingsBody", "PushBody", "ollama_models_router"]
@@ -172,7 +173,8 @@ async def embed(
         body.inputs(),
         keep_alive=body.keep_alive,
         endpoint="/api/embed",
-        correlation_id=context.correlation_id,
+        context=context,
+        provider=named_provider(request),
         truncate=body.truncate,
         normalize=True,
         dimensions=body.dimensions,
@@ -197,7 +199,8 @@ async def embeddings(
         [body.prompt] if body.prompt else [],
         keep_alive=body.keep_alive,
         endpoint="/api/embeddings",
-        correlation_id=context.correlation_id,
+        context=context,
+        provider=named_provider(request),
         context_length=body.options.num_ctx if body.options is not None else None,
     )
     return {"embedding": vectors[0] if vectors else []}

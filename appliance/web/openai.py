@@ -41,7 +41,7 @@ from appliance.engine.service import GenerationOptions, InferenceService, Starte
 from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService, ModelSummary
 from appliance.settings import Duration
-from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, implied, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail, openai_body
 from appliance.web.generation import (
     Events,
@@ -49,6 +49,7 @@ from appliance.web.generation import (
     close_all,
     event_stream,
     interleave,
+    named_provider,
     open_choices,
     route_headers,
 )
@@ -192,6 +193,7 @@ class GenerationBody(_Body):
             json_mode=fmt == "json_object",
             json_schema=schema,
             keep_alive=self.keep_alive,
+            implied=implied(self, "temperature", "top_p", "frequency_penalty", "presence_penalty"),
         )
 
     @property
@@ -300,7 +302,8 @@ async def chat_completions(
             messages,
             options,
             endpoint="/v1/chat/completions",
-            correlation_id=context.correlation_id,
+            context=context,
+            provider=named_provider(request),
         ),
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -447,7 +450,12 @@ async def embeddings(
     body = parse_body(EmbeddingBody, await request.body())
     inputs = body.inputs()
     vectors, tokens, _, model = await inference.embed(
-        body.model, inputs, keep_alive=None, endpoint="/v1/embeddings", correlation_id=context.correlation_id
+        body.model,
+        inputs,
+        keep_alive=None,
+        endpoint="/v1/embeddings",
+        context=context,
+        provider=named_provider(request),
     )
     return {
         "object": "list",

@@ -29,9 +29,16 @@ from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, ToolCall, ToolSet
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.settings import Duration
-from appliance.web.bodies import InvalidField, offer_body_tools, parse_body, refuse_unsupported
+from appliance.web.bodies import InvalidField, implied, offer_body_tools, parse_body, refuse_unsupported
 from appliance.web.errors import OPENAI_HANDLERS, error_tail
-from appliance.web.generation import Generation, event_stream, named_event, open_chat, route_headers
+from appliance.web.generation import (
+    Generation,
+    event_stream,
+    named_event,
+    named_provider,
+    open_chat,
+    route_headers,
+)
 
 __all__ = ["ResponsesBody", "responses_router"]
 
@@ -94,6 +101,7 @@ class ResponsesBody(BaseModel):
             json_schema=schema,
             keep_alive=self.keep_alive,
             tools=self._tools(),
+            implied=implied(self, "temperature", "top_p"),
         )
 
     def _format(self) -> tuple[bool, dict[str, Any] | None]:
@@ -319,7 +327,13 @@ async def create_response(
     body = parse_body(ResponsesBody, await request.body())
     options, messages = body.options(), body.messages()
     generation, started = await open_chat(
-        inference, body.model, messages, options, endpoint="/v1/responses", context=context
+        inference,
+        body.model,
+        messages,
+        options,
+        endpoint="/v1/responses",
+        context=context,
+        provider=named_provider(request),
     )
     reply = _Reply(body, started)
     if body.stream:

@@ -99,7 +99,7 @@ def chat(runtime: Runtime, router: Router, model: str) -> tuple[Started, Finishe
             [{"role": "user", "content": "hi"}],
             GenerationOptions(max_tokens=4, temperature=0),
             endpoint="test",
-            correlation_id="c1",
+            context=Context("test:user", "c1"),
         )
         async for event in stream:
             if isinstance(event, Started):
