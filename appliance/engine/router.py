@@ -43,7 +43,7 @@ from appliance.errors import (
 from appliance.models.layers import ModelLayers
 from appliance.models.service import ModelService
 from appliance.names import ModelName
-from appliance.preferences import ALLOWED_PROVIDERS, CONTEXT_LENGTH, OFFLINE, PREFER_LOCAL, PreferenceService
+from appliance.preferences import CONTEXT_LENGTH, PreferenceService
 from appliance.settings import EngineSettings
 from appliance.store.base import Model, Store
 from appliance.store.cache import BlobCache
@@ -206,7 +206,9 @@ class Router:
         header; ``busy`` the local engine's refusal of this request (its queue is full), which sends
         it elsewhere when policy allows and is raised again when not. Refusals say why."""
         providers = self.providers.list() if self.providers is not None else []
-        policy = self.policy() if providers else Policy()  # no provider: no preference to read
+        policy = (
+            Policy.read(self.preferences) if providers else Policy()
+        )  # no provider: no preference to read
 
         def external(local: ApplianceError | None) -> ExternalRouted | None:
             decision = decide(
@@ -234,15 +236,6 @@ class Router:
             assert routed is not None
             return routed
         return local
-
-    def policy(self) -> Policy:
-        """The model_routing preferences (and offline) as they are in effect now."""
-        preferences = self.preferences
-        return Policy(
-            prefer_local=preferences.effective(PREFER_LOCAL),
-            allowed=tuple(preferences.effective(ALLOWED_PROVIDERS)),
-            offline=preferences.effective(OFFLINE),
-        )
 
     def _route_local(self, name: str, context_length: int | None) -> Routed:
         """The local engine or the worker that serves ``name`` and what it loads; records the use

@@ -12,7 +12,8 @@ overloaded); ``decide`` answers with the local path, an external provider, or a 
     offline                                    never external: the refusal says external providers are off
 
 Among the allowed providers one that lists the model goes before one that serves any name, then
-the directory's order. Imports: errors and the egress types (a ``Provider`` holds no key).
+the directory's order. Imports: errors, the preferences' keys and the egress types (a
+``Provider`` holds no key).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from appliance.errors import (
     Offline,
     ProviderNotFound,
 )
+from appliance.preferences import ALLOWED_PROVIDERS, OFFLINE, PREFER_LOCAL, PreferenceService
 
 __all__ = ["ALLOW_LIST", "Decision", "Policy", "decide", "split_name"]
 
@@ -45,6 +47,15 @@ class Policy:
     prefer_local: bool = True
     allowed: tuple[str, ...] = ()  # provider names; "*": every configured one
     offline: bool = False
+
+    @classmethod
+    def read(cls, preferences: PreferenceService) -> Policy:
+        """The model_routing preferences (and offline) as they are in effect now."""
+        return cls(
+            prefer_local=preferences.effective(PREFER_LOCAL),
+            allowed=tuple(preferences.effective(ALLOWED_PROVIDERS)),
+            offline=preferences.effective(OFFLINE),
+        )
 
     def allows(self, provider: Provider) -> bool:
         return "*" in self.allowed or provider.name in self.allowed
