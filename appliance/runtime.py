@@ -102,6 +102,7 @@ class Runtime:
                 engine=engine,
                 nodes=runtime.nodes,
                 local=settings.cluster.local_inference,
+                providers=runtime.providers,
             )
             runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
             # The process that serves runs the task queue: prompts go through its inference service.

@@ -2,7 +2,7 @@
 
 An external provider honours what OpenAI's and Anthropic's APIs can say; the samplers and token
 tricks of the local engine it cannot (min_p, typical_p, repeat_penalty, repeat_last_n, mirostat,
-Ollama's context and num_ctx, fill in the middle, think), so those are refused by name, never
+Ollama's context, num_ctx and think, fill in the middle), so those are refused by name, never
 dropped. Only what the client set goes out: a value the client's API implies by default
 (``GenerationOptions.implied``, such as OpenAI's temperature 1) is left to the provider's own.
 
@@ -49,7 +49,6 @@ def external_request(
     messages: list[dict[str, Any]] | None = None,
     prompt: str | None = None,
     suffix: str | None = None,
-    parse_special: bool = True,
 ) -> ExternalRequest:
     """The provider's request for ``model``; ProviderUnsupported naming the first field it cannot
     honour."""
@@ -64,8 +63,6 @@ def external_request(
         _refuse("think", provider, "its reasoning switch is the provider's own")
     if suffix is not None:
         _refuse("suffix", provider, "fill in the middle needs a local model's FIM tokens")
-    if not parse_special:
-        _refuse("raw", provider, "control tokens written as text are a local model's")
 
     def given(name: str, value: Any) -> Any:
         return None if name in options.implied else value

@@ -268,7 +268,6 @@ class InferenceService:
             messages=messages,
             prompt=prompt,
             suffix=suffix,
-            parse_special=parse_special,
         )
         async with aclosing(outbound):
             async for event in outbound:
@@ -414,7 +413,6 @@ class InferenceService:
         messages: list[dict[str, Any]] | None,
         prompt: str | None,
         suffix: str | None,
-        parse_special: bool,
     ) -> AsyncGenerator[Event]:
         """An external provider's events, through the egress component (which checks its
         allow-lists, scrubs its key and audits the call); recorded here as any request is."""
@@ -426,7 +424,6 @@ class InferenceService:
             messages=messages,
             prompt=prompt,
             suffix=suffix,
-            parse_special=parse_special,
         )
         call = egress.chat if messages is not None else egress.complete
         route = routed.route()

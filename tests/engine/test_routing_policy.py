@@ -87,7 +87,8 @@ def route(
             {"local": ModelNotLoadable("model big:latest has no GGUF file (safetensors)")},
             "lan",
             "big",
-            "model big cannot be served locally (model big:latest has no GGUF file (safetensors)); provider lan",
+            "model big cannot be served locally (model big:latest has no GGUF file (safetensors));"
+            " provider lan",
         ),
         (
             "tiny",
