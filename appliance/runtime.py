@@ -16,6 +16,7 @@ from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
 from appliance.cluster.peers import Peers
 from appliance.cluster.service import ClusterService
+from appliance.egress.providers import ProviderService
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
@@ -51,6 +52,7 @@ class Runtime:
     tasks: TaskService
     cluster: ClusterService
     peers: Peers  # the other servers sharing the store; only a serving one registers and fetches
+    providers: ProviderService  # external providers and their sealed keys (the CLI's too)
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
     channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
@@ -76,6 +78,7 @@ class Runtime:
             tasks=TaskService(settings, store, models, server=peers.id),
             cluster=ClusterService(settings, store, models),
             peers=peers,
+            providers=ProviderService(settings, store),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
