@@ -23,6 +23,7 @@ from appliance.errors import EgressDenied, Offline, ProviderFailed, ProviderUnsu
 from appliance.identity import Actor
 from appliance.metrics import Metrics
 from appliance.preferences import PreferenceService
+from appliance.runtime import Runtime
 from appliance.settings import EgressSettings, Settings
 from appliance.store.base import AuditEvent, Store
 from appliance.store.factory import open_data_dir
@@ -518,3 +519,22 @@ def test_probe_result_is_what_reachable_reads(parts: Parts, fake_openai: FakeOpe
     assert result.ok
     assert parts.egress.reachable(provider) is True
     assert len(fake_openai.requests) == 1  # the explicit probe answered it
+
+
+def test_the_runtime_s_egress_reads_sealed_keys_and_scrubs_every_provider_s(
+    runtime: Runtime, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    admin = Context.cli()
+    runtime.providers.add("lan", kind="openai", base_url=fake_openai.base_url, key=KEY, context=admin)
+    runtime.providers.add(
+        "claude", kind="anthropic", base_url=fake_anthropic.base_url, key=OTHER_KEY, context=admin
+    )
+    fake_openai.script = f"Theirs: {OTHER_KEY}."
+    fake_openai.echo_key = True
+    request = ExternalRequest("fake-model", HELLO)
+    events = asyncio.run(_collect(runtime.egress.chat(runtime.providers.get("lan"), request, context=USER)))
+    assert text_of(events) == "Theirs: [redacted]. Your key is [redacted]."
+    assert fake_openai.requests[0].headers["authorization"] == f"Bearer {KEY}"
+    probed = asyncio.run(runtime.egress.probe(runtime.providers.get("claude"), context=admin))
+    assert probed.ok
+    assert fake_anthropic.requests[0].headers["x-api-key"] == OTHER_KEY
