@@ -10,6 +10,7 @@
 - ``streams``: their streamed answers read back as the engine's events.
 - ``scrub``: every configured key replaced in all text that leaves, across stream chunks.
 
-May import: settings, errors, audit, identity, metrics, preferences (offline), the store, and ``appliance.engine.base``
-(the event types). Never the router, the inference service, the web layer, tasks or the cluster.
+May import: settings, errors, audit, identity, metrics, preferences (offline), the store, and
+``appliance.engine.base`` (the event types). Never the router, the inference service, the web
+layer, tasks or the cluster.
 """
