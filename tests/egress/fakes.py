@@ -75,7 +75,8 @@ class FakeProvider:
     echo_key: bool = False  # answer (and error messages) say the key the request carried
     require_key: str | None = None  # 401 unless the request carries this key
     delay: float = 0.0  # seconds before answering anything
-    drop_after: int | None = None  # close the connection after this many SSE events
+    drop_after: int | None = None  # close the connection after this many SSE events ...
+    drop_times: int | None = None  # ... in this many answers (None: every one)
     redirect_to: str | None = None  # answer every request with a 307 to this URL
     usage: tuple[int, int] = (11, 7)  # (prompt tokens, completion tokens)
     models: list[str] = field(default_factory=lambda: ["fake-model", "fake-model-large"])
@@ -452,9 +453,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        fake = self.fake
+        with fake._lock:
+            drop = fake.drop_after is not None and (fake.drop_times is None or fake.drop_times > 0)
+            if drop and fake.drop_times is not None:
+                fake.drop_times -= 1
         try:
             for sent, event in enumerate(events):
-                if self.fake.drop_after is not None and sent >= self.fake.drop_after:
+                if drop and fake.drop_after is not None and sent >= fake.drop_after:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return

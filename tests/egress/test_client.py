@@ -259,6 +259,18 @@ def test_an_answer_that_breaks_off_after_text_ends_with_an_error(
     assert len(fake_openai.requests) == 1  # ... so it is not tried again
 
 
+def test_an_answer_that_breaks_off_before_any_text_is_tried_again(
+    parts: Parts, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.drop_after = 3  # message_start, ping, the text block's start: nothing to pass on yet
+    fake_anthropic.drop_times = 1
+    provider = configured(parts, fake_anthropic)
+    events = chat(parts, provider)
+    assert text_of(events) == "Hello from the fake provider."
+    assert [type(event) for event in events].count(Ready) == 1
+    assert parts.audit()[0].detail["attempts"] == 2
+
+
 def test_a_redirect_is_not_followed(
     parts: Parts, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
 ) -> None:
