@@ -135,7 +135,7 @@ class _Call:
             return
         self.outcome = next((name for kind, name in outcomes.items() if isinstance(exc, kind)), "failed")
         self.error = exc.code if isinstance(exc, ApplianceError) else "internal_error"
-        self.reason = self.reason or (str(exc) if not isinstance(exc, ProviderFailed) else None)
+        self.reason = _summary(exc) if isinstance(exc, ProviderFailed) else str(exc)
 
     def detail(self) -> dict[str, Any]:
         detail: dict[str, Any] = {
@@ -381,7 +381,6 @@ class Egress:
     ) -> None:
         """Wait before the next try, or raise the call's ProviderFailed when it gets none."""
         failure = exc if isinstance(exc, _Failure) else _broken(call, exc, scrubber)
-        call.reason = str(failure.error).split(": ", 1)[0]
         wait = min(0.5 * 2 ** (call.attempts - 1), self.options.retry_max_wait)
         if failure.retry_after is not None:
             wait = failure.retry_after
@@ -437,7 +436,7 @@ class Egress:
         return (seen[0], seen[2]) if seen is not None and seen[1] == provider.updated_at else None
 
     def _probed_failure(self, call: _Call, error: ProviderFailed) -> ProbeResult:
-        call.outcome, call.error, call.reason = "failed", error.code, str(error).split(": ", 1)[0]
+        call.outcome, call.error, call.reason = "failed", error.code, _summary(error)
         return ProbeResult(False, call.status, [], time.monotonic() - call.started, str(error))
 
     def _probe_in_background(self, provider: Provider) -> None:
@@ -558,6 +557,11 @@ def _broken(call: _Call, exc: Exception, scrubber: Scrubber) -> _Failure:
             ProviderFailed(f"provider {name} reported an error: {detail}"), retryable=exc.retryable
         )
     return _Failure(ProviderFailed(f"provider {name}'s answer broke off: {detail}"), retryable=True)
+
+
+def _summary(error: ProviderFailed) -> str:
+    """Its message up to what the provider said (which may quote a prompt): for the audit row."""
+    return str(error).split(": ", 1)[0]
 
 
 def _seconds(value: str | None) -> float | None:

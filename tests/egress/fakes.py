@@ -78,6 +78,7 @@ class FakeProvider:
     drop_after: int | None = None  # close the connection after this many SSE events ...
     drop_times: int | None = None  # ... in this many answers (None: every one)
     redirect_to: str | None = None  # answer every request with a 307 to this URL
+    garbage: bytes | None = None  # a 200 of these bytes (JSON) in place of every answer
     usage: tuple[int, int] = (11, 7)  # (prompt tokens, completion tokens)
     models: list[str] = field(default_factory=lambda: ["fake-model", "fake-model-large"])
     requests: list[Received] = field(default_factory=list)
@@ -424,6 +425,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", fake.redirect_to)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if fake.garbage is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(fake.garbage)))
+            self.end_headers()
+            self.wfile.write(fake.garbage)
             return
         key = fake.key_of(headers)
         if fake.require_key is not None and key != fake.require_key:

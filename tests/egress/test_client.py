@@ -19,7 +19,7 @@ from appliance.audit import Context
 from appliance.egress.client import Egress, ProbeResult, subject_allowed
 from appliance.egress.types import ExternalRequest, Provider
 from appliance.engine.base import Finished, Ready, ReasoningChunk, TextChunk, ToolCall, ToolSet
-from appliance.errors import EgressDenied, Offline, ProviderFailed, ProviderUnsupported
+from appliance.errors import EgressDenied, Offline, ProviderFailed, ProviderKeyUnreadable, ProviderUnsupported
 from appliance.identity import Actor
 from appliance.metrics import Metrics
 from appliance.preferences import PreferenceService
@@ -40,8 +40,11 @@ class Keys:
 
     keys: dict[str, str] = field(default_factory=dict)
     providers: list[Provider] = field(default_factory=list)
+    unreadable: set[str] = field(default_factory=set)  # sealed with a key that is gone
 
     def key(self, name: str) -> str | None:
+        if name in self.unreadable:
+            raise ProviderKeyUnreadable(f"the key of provider {name} cannot be unsealed")
         return self.keys.get(name)
 
     def list(self) -> list[Provider]:
@@ -482,6 +485,16 @@ def test_embeddings_from_an_openai_provider(parts: Parts, fake_openai: FakeOpenA
     )
 
 
+def test_an_answer_in_another_format_is_provider_failed(parts: Parts, fake_openai: FakeOpenAI) -> None:
+    fake_openai.garbage = b'{"data": "no vectors, no stream"}'
+    provider = configured(parts, fake_openai)
+    with pytest.raises(ProviderFailed, match="embeddings that are not a list of vectors"):
+        asyncio.run(parts.egress.embed(provider, "fake-embed", ["a"], context=USER))
+    with pytest.raises(ProviderFailed, match=r"answer broke off: its answer ended before \[DONE\]"):
+        chat(parts, provider)
+    assert [row.detail["outcome"] for row in parts.audit()] == ["failed", "failed"]
+
+
 def test_probe_lists_the_models_or_says_why_not(parts: Parts, fake_openai: FakeOpenAI) -> None:
     provider = configured(parts, fake_openai, subjects=("task",), operations=("chat",))
     result = asyncio.run(parts.egress.probe(provider, context=USER))  # the allow-lists are for calls
@@ -522,6 +535,20 @@ def test_reachable_probes_once_then_answers_from_its_cache(
                 break
             asyncio.run(asyncio.sleep(0.02))
         assert parts.egress.reachable(changed) is True
+
+
+def test_an_unreadable_key_fails_its_own_provider_only(
+    parts: Parts, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    broken = configured(parts, fake_anthropic, name="broken")
+    parts.keys.unreadable.add("broken")
+    provider = configured(parts, fake_openai)
+    assert text_of(chat(parts, provider)) == "Hello from the fake provider."  # another's key: skipped
+    with pytest.raises(ProviderKeyUnreadable):
+        chat(parts, broken)
+    assert parts.egress.reachable(broken) is False
+    assert fake_anthropic.requests == []
+    assert parts.audit()[-1].detail["error"] == "provider_key_unreadable"
 
 
 def test_probe_result_is_what_reachable_reads(parts: Parts, fake_openai: FakeOpenAI) -> None:
