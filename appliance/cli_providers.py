@@ -194,27 +194,17 @@ def providers_set(
 
     if key_stdin and clear_key:
         raise InvalidInput("--key-stdin and --clear-key contradict each other", hint="give one of them")
-    fields = (base_url, models, operations, subjects)
-    if all(value is None for value in fields) and not (key_stdin or clear_key):
-        raise InvalidInput(
-            f"nothing to change in provider {name!r}",
-            hint="give --base-url, --models, --operations, --subjects, --key-stdin or --clear-key",
-        )
-    key = _read_key() if key_stdin else None
-    context = _cli_context()
     with _runtime(ctx) as runtime:
-        changed = runtime.providers.get(name)
-        if any(value is not None for value in fields):
-            changed = runtime.providers.update(
-                name,
-                base_url=base_url,
-                models=_list(models),
-                operations=_list(operations),
-                subjects=_list(subjects),
-                context=context,
-            )
-        if key_stdin or clear_key:
-            changed = runtime.providers.set_key(name, key, context)
+        changed = runtime.providers.change(
+            name,
+            base_url=base_url,
+            models=_list(models),
+            operations=_list(operations),
+            subjects=_list(subjects),
+            key=_read_key() if key_stdin else None,
+            key_given=key_stdin or clear_key,
+            context=_cli_context(),
+        )
     stdout.print(f"changed provider {_describe(changed)}")
 
 

@@ -92,6 +92,27 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.egress_requests = Counter(
+            "appliance_egress_requests",
+            "Calls to external providers, by provider, operation and outcome (ok, failed, denied, "
+            "offline, unsupported, cancelled).",
+            ["provider", "operation", "outcome"],
+            registry=self.registry,
+        )
+        self.egress_seconds = Histogram(
+            "appliance_egress_seconds",
+            "Time of a call to an external provider, from admission to its last byte.",
+            ["provider", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.egress_tokens = Counter(
+            "appliance_egress_tokens",
+            "Tokens external providers counted, by provider, subject (who the call was for) and "
+            'direction ("in": prompt, "out": answer).',
+            ["provider", "subject", "direction"],
+            registry=self.registry,
+        )
 
     def observe_request(
         self,
@@ -114,6 +135,23 @@ class Metrics:
             self.first_token.labels(model=model).observe(first_token_seconds)
         if completion_tokens and seconds > 0:
             self.tokens_per_second.labels(model=model).set(completion_tokens / seconds)
+
+    def observe_egress(
+        self,
+        *,
+        provider: str,
+        operation: str,
+        outcome: str,
+        seconds: float,
+        subject: str,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        self.egress_requests.labels(provider=provider, operation=operation, outcome=outcome).inc()
+        self.egress_seconds.labels(provider=provider, operation=operation).observe(seconds)
+        if tokens_in or tokens_out:
+            self.egress_tokens.labels(provider=provider, subject=subject, direction="in").inc(tokens_in)
+            self.egress_tokens.labels(provider=provider, subject=subject, direction="out").inc(tokens_out)
 
     def render(self, heartbeat_ages: Mapping[str, float] | None = None) -> bytes:
         """The text format: this registry's metrics, then each node's heartbeat age (by name)."""

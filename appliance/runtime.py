@@ -16,6 +16,7 @@ from appliance.auth.login import LoginService
 from appliance.auth.service import AuthService
 from appliance.cluster.peers import Peers
 from appliance.cluster.service import ClusterService
+from appliance.egress.client import Egress
 from appliance.egress.providers import ProviderService
 from appliance.metrics import Metrics
 from appliance.models.service import ModelService
@@ -53,6 +54,7 @@ class Runtime:
     cluster: ClusterService
     peers: Peers  # the other servers sharing the store; only a serving one registers and fetches
     providers: ProviderService  # external providers and their sealed keys (the CLI's too)
+    egress: Egress  # the one component that calls them (`providers test` from the CLI too)
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
     channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
@@ -65,6 +67,8 @@ class Runtime:
         models = ModelService(settings, store, cache, preferences=preferences)
         provisioner = Provisioner(settings, store, cache, models, preferences=preferences)
         peers = Peers(settings, store, cache, models, provisioner)
+        providers = ProviderService(settings, store)
+        metrics = Metrics()
         runtime = cls(
             settings=settings,
             store=store,
@@ -72,13 +76,21 @@ class Runtime:
             models=models,
             provisioner=provisioner,
             preferences=preferences,
-            metrics=Metrics(),
+            metrics=metrics,
             auth=(auth := AuthService(settings, store, preferences)),
             login=LoginService(settings, store, auth),
             tasks=TaskService(settings, store, models, server=peers.id),
             cluster=ClusterService(settings, store, models),
             peers=peers,
-            providers=ProviderService(settings, store),
+            providers=providers,
+            egress=Egress(
+                settings,
+                providers,
+                store=store,
+                metrics=metrics,
+                preferences=preferences,
+                directory=providers,  # every provider's key is scrubbed from what comes back
+            ),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
@@ -121,4 +133,5 @@ class Runtime:
         self.provisioner.close()
         if self.router is not None:
             self.router.close()
+        self.egress.close()
         self.store.close()

@@ -6,8 +6,11 @@
 - ``providers``: ``ProviderService``, adding, listing, changing, removing and testing providers.
 - ``client``: ``Egress``, the one place an outbound provider call is made: allow-lists, timeouts,
   retries, streaming, one log and audit record per call, usage counters, key scrubbing.
-- ``adapters``: the OpenAI and Anthropic wire formats, to and from the engine's events.
+- ``adapters``: the requests each kind gets (OpenAI's, Anthropic's), and the fields it refuses.
+- ``streams``: their streamed answers read back as the engine's events.
+- ``scrub``: every configured key replaced in all text that leaves, across stream chunks.
 
-May import: settings, errors, audit, identity, metrics, the store, and ``appliance.engine.base``
-(the event types). Never the router, the inference service, the web layer, tasks or the cluster.
+May import: settings, errors, audit, identity, metrics, preferences (offline), the store, and
+``appliance.engine.base`` (the event types). Never the router, the inference service, the web
+layer, tasks or the cluster.
 """

@@ -16,6 +16,7 @@ import builtins
 import re
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel
@@ -115,24 +116,43 @@ class ProviderService:
         context: Context,
     ) -> Provider:
         """Change what is given (None leaves a field as it is); its name, kind and key stay."""
-        current = self.get(name)
-        changes: dict[str, object] = {}
-        if base_url is not None:
-            changes["base_url"] = check_base_url(base_url)
-        if models is not None:
-            changes["models"] = check_models(models)
-        if operations is not None:
-            changes["operations"] = check_operations(operations)
-        if subjects is not None:
-            changes["subjects"] = check_subjects(subjects)
+        changes = _changes(base_url=base_url, models=models, operations=operations, subjects=subjects)
         if not changes:
             raise InvalidInput(
                 f"nothing to change in provider {name!r}",
                 hint="give a new base URL, models, operations or subjects (the key is set on its own)",
             )
+        return self._update(name, changes, context)
+
+    def change(
+        self,
+        name: str,
+        *,
+        base_url: str | None = None,
+        models: Iterable[str] | None = None,
+        operations: Iterable[str] | None = None,
+        subjects: Iterable[str] | None = None,
+        key: str | None = None,
+        key_given: bool = False,
+        context: Context,
+    ) -> Provider:
+        """``update`` and, when ``key_given``, ``set_key`` (None clears) in one, for the API and the
+        CLI: everything is checked before anything changes."""
+        changes = _changes(base_url=base_url, models=models, operations=operations, subjects=subjects)
+        checked_key = check_key(key) if key is not None else None
+        if not changes and not key_given:
+            raise InvalidInput(
+                f"nothing to change in provider {name!r}",
+                hint="give a new base URL, models, operations, subjects or key",
+            )
+        changed = self._update(name, changes, context) if changes else self.get(name)
+        return self.set_key(name, checked_key, context) if key_given else changed
+
+    def _update(self, name: str, changes: dict[str, Any], context: Context) -> Provider:
+        current = self.get(name)
         with audited(self.store, context, action="providers.update", target=name) as note:
             note.detail.update({field: _shown(value) for field, value in changes.items()})
-            return self.store.update_provider(replace(current, **changes))  # type: ignore[arg-type]
+            return self.store.update_provider(replace(current, **changes))
 
     def set_key(self, name: str, key: str | None, context: Context) -> Provider:
         """Set its key (sealed) or, with None, clear it: a provider on the LAN may need none."""
@@ -162,6 +182,26 @@ class ProviderService:
         it); None when it has none. ProviderKeyUnreadable when the key that sealed it is gone."""
         ciphertext = self.store.provider_ciphertext(name)
         return None if ciphertext is None else self.box.unseal(ciphertext)
+
+
+def _changes(
+    *,
+    base_url: str | None,
+    models: Iterable[str] | None,
+    operations: Iterable[str] | None,
+    subjects: Iterable[str] | None,
+) -> dict[str, Any]:
+    """The fields given, checked (a field None is left as it is)."""
+    changes: dict[str, Any] = {}
+    if base_url is not None:
+        changes["base_url"] = check_base_url(base_url)
+    if models is not None:
+        changes["models"] = check_models(models)
+    if operations is not None:
+        changes["operations"] = check_operations(operations)
+    if subjects is not None:
+        changes["subjects"] = check_subjects(subjects)
+    return changes
 
 
 def _detail(provider: Provider) -> dict[str, object]:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, get_args
 
 from appliance.audit import Context
-from appliance.engine.base import Embeddings, EngineEvent, ToolSet
+from appliance.engine.base import Embeddings, EngineEvent, ToolCall, ToolSet
 from appliance.store.base import Operation, Provider, ProviderKind
 
 __all__ = [
     "KINDS",
     "OPERATIONS",
     "EgressCalls",
+    "ExternalEvent",
     "ExternalRequest",
     "Operation",
     "Provider",
@@ -27,6 +28,10 @@ __all__ = [
 
 KINDS: tuple[ProviderKind, ...] = get_args(ProviderKind)
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
+
+# What an external call streams: the engine's events, and the tool calls the provider made itself
+# (whole, with their arguments parsed), where a local engine's come out of its text.
+ExternalEvent = EngineEvent | ToolCall
 
 
 @dataclass(frozen=True)
@@ -64,14 +69,14 @@ class EgressCalls(Protocol):
 
     def chat(
         self, provider: Provider, request: ExternalRequest, *, context: Context
-    ) -> AsyncGenerator[EngineEvent]:
+    ) -> AsyncGenerator[ExternalEvent]:
         """Ready (tool_format "native"), then TextChunks, ReasoningChunks and ToolCalls as the
         provider streams them, then Finished with its token counts; errors are raised."""
         ...
 
     def complete(
         self, provider: Provider, request: ExternalRequest, *, context: Context
-    ) -> AsyncGenerator[EngineEvent]:
+    ) -> AsyncGenerator[ExternalEvent]:
         """As ``chat``, for a raw ``prompt`` (openai kind only)."""
         ...
 

@@ -53,6 +53,7 @@ from appliance.web.ollama import ollama_router
 from appliance.web.ollama_models import ollama_models_router
 from appliance.web.openai import openai_router
 from appliance.web.openapi import complete_openapi
+from appliance.web.providers import ProvidersController
 from appliance.web.responses import responses_router
 from appliance.web.system import SystemController
 from appliance.web.tasks import TasksController
@@ -86,6 +87,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             DownloadsController,
             TasksController,
             NodesController,
+            ProvidersController,
             *CLUSTER_ROUTES,
             ClusterTasksController,
             SystemController,

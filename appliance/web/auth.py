@@ -67,6 +67,7 @@ OPENAPI_SECURITY: list[SecurityRequirement] = [{"bearer": []}]
 
 _MODELS = "/api/v1/models"
 _NODES = "/api/v1/nodes"
+_PROVIDERS = "/api/v1/providers"
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # (method, path template) -> action. HEAD is GET's where it has none of its own; OPTIONS is
 # answered before any of this.
@@ -172,6 +173,11 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("DELETE", f"{_NODES}/{{node_ref}}"): "nodes.manage",
     ("POST", f"{_NODES}/{{node_ref}}/models"): "nodes.manage",
     ("DELETE", f"{_NODES}/{{node_ref}}/models/{{model}}"): "nodes.manage",
+    ("GET", _PROVIDERS): "providers.read",
+    ("GET", f"{_PROVIDERS}/{{name}}"): "providers.read",
+    ("POST", _PROVIDERS): "providers.manage",
+    ("PATCH", f"{_PROVIDERS}/{{name}}"): "providers.manage",
+    ("DELETE", f"{_PROVIDERS}/{{name}}"): "providers.manage",
 }
 
 

@@ -75,8 +75,10 @@ class FakeProvider:
     echo_key: bool = False  # answer (and error messages) say the key the request carried
     require_key: str | None = None  # 401 unless the request carries this key
     delay: float = 0.0  # seconds before answering anything
-    drop_after: int | None = None  # close the connection after this many SSE events
+    drop_after: int | None = None  # close the connection after this many SSE events ...
+    drop_times: int | None = None  # ... in this many answers (None: every one)
     redirect_to: str | None = None  # answer every request with a 307 to this URL
+    garbage: bytes | None = None  # a 200 of these bytes (JSON) in place of every answer
     usage: tuple[int, int] = (11, 7)  # (prompt tokens, completion tokens)
     models: list[str] = field(default_factory=lambda: ["fake-model", "fake-model-large"])
     requests: list[Received] = field(default_factory=list)
@@ -85,7 +87,8 @@ class FakeProvider:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll: stop() waits for it, and every test stops a fake.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -423,6 +426,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if fake.garbage is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(fake.garbage)))
+            self.end_headers()
+            self.wfile.write(fake.garbage)
+            return
         key = fake.key_of(headers)
         if fake.require_key is not None and key != fake.require_key:
             message = f"invalid x-api-key: {key}" if fake.echo_key else "invalid API key"
@@ -451,9 +461,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        fake = self.fake
+        with fake._lock:
+            drop = fake.drop_after is not None and (fake.drop_times is None or fake.drop_times > 0)
+            if drop and fake.drop_times is not None:
+                fake.drop_times -= 1
         try:
             for sent, event in enumerate(events):
-                if self.fake.drop_after is not None and sent >= self.fake.drop_after:
+                if drop and fake.drop_after is not None and sent >= fake.drop_after:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return

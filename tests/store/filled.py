@@ -18,18 +18,21 @@ from tests.tiny_model import write_llama_gguf
 __all__ = ["Filled", "fill_registry"]
 
 PASSWORD = "correct horse battery"
+PROVIDER_KEY = "sk-test-copied-provider-key"
 
 
 @dataclass(frozen=True)
 class Filled:
     models: dict[str, str]  # name: digest
     user_key: str  # alice's API key
+    provider_key: str  # the key of provider "remote", sealed with the data dir's key file
 
 
 def fill_registry(data_dir: Path, work: Path) -> Filled:
     """Two models (one imported, one pulled over HTTP, so a download too), users, API keys, a
     login session, a queued task, a preference, a join token, a node that joined (holding a
-    model), an inference record, and the audit events all of that wrote."""
+    model), an inference record, an external provider with its key, and the audit events all of
+    that wrote."""
     context = Context.cli()
     work.mkdir(parents=True, exist_ok=True)
     runtime = Runtime.open(Settings(data_dir=data_dir))
@@ -50,6 +53,9 @@ def fill_registry(data_dir: Path, work: Path) -> Filled:
         joined = runtime.cluster.join(token.token, "worker-1", {"cpu_count": 2}, context)
         held = ModelAvailabilityIn(digest=imported.digest, model="tiny:latest", state="cached")
         runtime.cluster.heartbeat(runtime.cluster.authenticate(joined.credential), HeartbeatIn(models=[held]))
+        runtime.providers.add(
+            "remote", kind="openai", base_url="https://api.example.test/v1", key=PROVIDER_KEY, context=context
+        )
         runtime.store.append_inference(
             InferenceRecord(
                 "tiny:latest", "/v1/chat/completions", "local", "local", "loaded", "ok", 3, 5, 12, "c1"
@@ -57,6 +63,6 @@ def fill_registry(data_dir: Path, work: Path) -> Filled:
         )
         models = {str(model.name): model.artifacts[0].digest for model in runtime.store.list_models()}
         assert set(models) == {str(imported.model.name), pulled.id}
-        return Filled(models=models, user_key=key.key)
+        return Filled(models=models, user_key=key.key, provider_key=PROVIDER_KEY)
     finally:
         runtime.close()

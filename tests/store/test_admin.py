@@ -11,6 +11,7 @@ import apsw
 import psycopg
 import pytest
 
+from appliance.egress.providers import ProviderService
 from appliance.errors import Conflict, InvalidInput, NotFound, SourceNotFound, StoreFailure
 from appliance.settings import Settings, StoreSettings
 from appliance.store import admin
@@ -164,6 +165,9 @@ def test_a_copy_carries_every_row_and_the_target_serves_the_same_registry(
         assert key is not None
         assert key.user_name == "alice"
         assert {user.name: user.role for user in store.list_users()} == {"root": "admin", "alice": "user"}
+        # The provider's key moved as its ciphertext: the source data dir's key file still opens it.
+        assert store.provider_ciphertext("remote") != fill.provider_key.encode()
+        assert ProviderService(on_postgres(postgres_url, data), store).key("remote") == fill.provider_key
         # The identity columns' sequences moved past the copied ids: new rows get new ones.
         copied_ids = {event.id for event in store.list_audit(limit=1000)}
         added = store.append_audit(AuditEvent("cli:test", "db.check", "", "ok", "c2"))

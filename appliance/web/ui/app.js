@@ -1,7 +1,7 @@
 // The browser UI: one page per hash route, each drawn from the same JSON API the CLI uses.
-// No build step and nothing from the network but this server. A later page (providers)
-// is one more entry in `pages` and one more link in index.html (an admin's page: its link marked
-// data-admin, its name in ADMIN_PAGES). With auth on, nothing draws before a login.
+// No build step and nothing from the network but this server. A page is one entry in `pages` and
+// one link in index.html (an admin's page: its link marked data-admin, its name in ADMIN_PAGES).
+// With auth on, nothing draws before a login.
 
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
@@ -734,6 +734,117 @@ async function nodes() {
   every(token, 3, () => Promise.all([redraw(), refresh(drawTokens), refresh(drawServers)]));
 }
 
+// -- providers ---------------------------------------------------------------------------------
+
+// External providers: a key is write-only here as everywhere. Its field is a password field that
+// is emptied as soon as it is sent and never filled back; the list says only "set" or "unset".
+async function providers() {
+  const token = generation;
+  const name = h("input", { id: "provider-name", required: true, placeholder: "openai" });
+  const kind = h("select", { id: "provider-kind" }, ["openai", "anthropic"].map((k) => h("option", { value: k }, k)));
+  const baseUrl = h("input", { id: "provider-base-url", required: true, size: 36, placeholder: "https://api.openai.com/v1" });
+  const modelsField = h("input", { id: "provider-models", size: 28, placeholder: "gpt-4o, gpt-4o-mini (empty: any)" });
+  const operations = h("input", { id: "provider-operations", size: 26, value: "chat, complete, embed, models" });
+  const subjects = h("input", { id: "provider-subjects", size: 16, value: "*" });
+  const key = h("input", { id: "provider-key", type: "password", autocomplete: "off", size: 28, placeholder: "its API key (optional)" });
+  const routing = h("div", { id: "provider-routing", class: "card" }, "Loading…");
+  const list = h("div", { id: "providers" }, "Loading…");
+  const results = new Map();  // provider name -> its last test, kept across redraws
+  const listed = (text) => text.split(",").map((part) => part.trim()).filter(Boolean);
+
+  const draw = async () => {
+    const found = await api("GET", "/api/v1/providers");
+    if (token !== generation) return;
+    list.replaceChildren(found.length ? h("table", { id: "providers-table" },
+      h("thead", {}, h("tr", {}, ["Name", "Kind", "Base URL", "Models", "Key", "Operations", "Subjects", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, found.map(providerRow)))
+      : h("p", { class: "muted" }, "No provider yet: add one below (or with appliance providers add)."));
+  };
+  const providerRow = (p) => h("tr", { "data-provider": p.name },
+    h("td", {}, h("strong", {}, p.name)), h("td", {}, p.kind), h("td", { class: "mono" }, p.base_url),
+    h("td", {}, p.models.length ? p.models.join(", ") : h("span", { class: "muted" }, "any")),
+    h("td", { class: `provider-key ${p.key_set ? "ok" : "muted"}` }, p.key_set ? "set" : "unset"),
+    h("td", {}, p.operations.join(", ")), h("td", { class: "mono" }, p.subjects.join(", ")),
+    h("td", { class: "provider-actions" },
+      h("button", { class: "secondary", onclick: () => test(p) }, "Test"), " ",
+      h("button", { class: "secondary", onclick: (event) => changeKey(p, event.target) }, "Change key"), " ",
+      p.key_set ? [h("button", { class: "secondary", onclick: () => clearKey(p) }, "Clear key"), " "] : null,
+      h("button", { class: "danger", onclick: () => remove(p) }, "Remove"),
+      h("div", { class: "provider-test" }, results.get(p.name) ?? null)));
+
+  // The probe's answer: reachable with its key (and the models it lists), or what went wrong.
+  const test = async (p) => {
+    results.set(p.name, h("span", { class: "muted" }, "testing…"));
+    await refresh(draw);
+    const probe = await attempt(() => api("POST", `/api/v1/providers/${encodeURIComponent(p.name)}/test`));
+    results.set(p.name, !probe ? h("span", { class: "bad" }, "test failed: see the message above")
+      : probe.ok
+        ? h("span", { class: "ok" }, `reachable (HTTP ${probe.status}, ${probe.seconds.toFixed(2)} s)`,
+            probe.models.length ? h("div", { class: "muted" }, `lists ${probe.models.length} models: ${probe.models.slice(0, 10).join(", ")}${probe.models.length > 10 ? ", …" : ""}`) : null)
+        : h("span", { class: "bad" }, `not reachable${probe.status ? ` (HTTP ${probe.status})` : ""}: ${probe.error ?? "no answer"}`));
+    await refresh(draw);
+  };
+  // A password field of its own in the row; sent once, then gone with the form.
+  const changeKey = (p, button) => {
+    const field = h("input", { type: "password", autocomplete: "off", class: "provider-new-key", "aria-label": `new key of ${p.name}`, required: true });
+    const form = h("form", { class: "inline", onsubmit: async (event) => {
+      event.preventDefault();
+      const saved = await attempt(() => api("PATCH", `/api/v1/providers/${encodeURIComponent(p.name)}`, { key: field.value }));
+      field.value = "";
+      if (saved) await refresh(draw);
+    } }, field, h("button", { type: "submit" }, "Save key"));
+    button.closest("td").append(form);
+    field.focus();
+  };
+  const clearKey = async (p) => {
+    if (!confirm(`Clear the key of ${p.name}? Calls to it are then made without one.`)) return;
+    if (await attempt(() => api("PATCH", `/api/v1/providers/${encodeURIComponent(p.name)}`, { key: null }))) await refresh(draw);
+  };
+  const remove = async (p) => {
+    if (!confirm(`Remove ${p.name} and its key? Model calls are no longer routed to it.`)) return;
+    // 204: no body, so the call says itself that it went through.
+    if (await attempt(async () => { await api("DELETE", `/api/v1/providers/${encodeURIComponent(p.name)}`); return true; })) {
+      results.delete(p.name);
+      await refresh(draw);
+    }
+  };
+  const add = async () => {
+    const body = { name: name.value.trim(), kind: kind.value, base_url: baseUrl.value.trim(), models: listed(modelsField.value),
+      operations: listed(operations.value), subjects: listed(subjects.value) };
+    if (key.value) body.key = key.value;
+    key.value = "";  // sent or not, it is not kept in the page
+    const added = await attempt(() => api("POST", "/api/v1/providers", body));
+    if (!added) return;
+    name.value = ""; baseUrl.value = ""; modelsField.value = "";
+    await refresh(draw);
+  };
+  // The two routing preferences, as the Settings page edits them.
+  const drawRouting = async () => {
+    const preferences = await api("GET", "/api/v1/preferences");
+    if (token !== generation) return;
+    const value = (wanted) => preferences.find((p) => p.key === wanted)?.value;
+    const preferLocal = value("model_routing.prefer_local");
+    const allowed = value("model_routing.allowed_external_providers");
+    routing.replaceChildren(h("h2", {}, "Routing"),
+      h("div", { id: "routing-prefer-local" }, h("strong", {}, "model_routing.prefer_local: "),
+        preferLocal === undefined ? "unknown" : preferLocal ? "yes (a provider only when no local path fits)" : "no (an allowed provider first)"),
+      h("div", { id: "routing-allowed" }, h("strong", {}, "model_routing.allowed_external_providers: "),
+        allowed === undefined ? "unknown" : allowed.length ? allowed.join(", ") : "none (no call is routed to a provider)"),
+      h("p", {}, h("a", { href: "#/settings", id: "routing-settings" }, "Change them on the Settings page")));
+  };
+
+  page.replaceChildren(h("h1", {}, "Providers"),
+    h("p", { class: "muted" }, "External OpenAI-compatible or Anthropic APIs that model calls may be routed to, where routing allows. Their keys are stored encrypted and never shown again."),
+    routing,
+    h("h2", {}, "Configured providers"), list,
+    h("h2", {}, "Add a provider"),
+    h("form", { class: "inline", id: "provider-form", onsubmit: (event) => { event.preventDefault(); add(); } },
+      h("label", {}, "Name", name), h("label", {}, "Kind", kind), h("label", {}, "Base URL", baseUrl),
+      h("label", {}, "Models", modelsField), h("label", {}, "Operations", operations), h("label", {}, "Subjects", subjects),
+      h("label", {}, "Key", key), h("button", { type: "submit" }, "Add provider")));
+  await Promise.all([refresh(draw), refresh(drawRouting)]);
+}
+
 // -- audit -------------------------------------------------------------------------------------
 
 async function audit() {
@@ -1034,8 +1145,8 @@ function setupView() {
 
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, tasks, nodes, audit, settings, keys, users };
-const ADMIN_PAGES = new Set(["", "nodes", "audit", "settings", "users"]);
+const pages = { "": dashboard, models, chat, tasks, nodes, providers, audit, settings, keys, users };
+const ADMIN_PAGES = new Set(["", "nodes", "providers", "audit", "settings", "users"]);
 
 // Its link is hidden from them, and the server answers its calls with 403 anyway.
 function adminOnly() {
