@@ -116,7 +116,9 @@ class Runtime:
                 local=settings.cluster.local_inference,
                 providers=runtime.providers,
             )
-            runtime.inference = InferenceService(runtime.router, store, runtime.metrics)
+            runtime.inference = InferenceService(
+                runtime.router, store, runtime.metrics, egress=runtime.egress
+            )
             # The process that serves runs the task queue: prompts go through its inference service.
             runtime.tasks.inference = runtime.inference
             runtime.tasks.start()

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from appliance import hostinfo
 from appliance.audit import Context
 from appliance.engine.sizing import engine_choices
+from appliance.health import provider_states
 from appliance.preferences import Preference, PreferenceService
 from appliance.runtime import Runtime
 from appliance.settings import secret_states
@@ -40,15 +41,18 @@ class SystemController(Controller):
 
     @get("/system", sync_to_thread=True)
     def system(self, state: State) -> dict[str, Any]:
-        """CPU, memory, GPUs and VRAM, the cache against its budget, the data dir's free space, and
-        which secret settings are set (never their values)."""
+        """CPU, memory, GPUs and VRAM, the cache against its budget, the data dir's free space,
+        which secret settings are set (never their values), and each external provider's state
+        (allowed by routing, reachable: as /readyz counts them)."""
         runtime: Runtime = state.runtime
         facts = hostinfo.report(runtime.settings.data_dir)
+        providers, _ = provider_states(runtime.providers, runtime.egress, runtime.preferences)
         return {
             **facts,
             "engine": engine_choices(runtime.settings.engine, gpu_offload=facts["gpu_offload"]),
             "cache": runtime.models.cache_usage(),
             "secrets": secret_states(runtime.settings),
+            "providers": [provider.__dict__ for provider in providers],
         }
 
     @get("/preferences", sync_to_thread=True)

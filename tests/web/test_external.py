@@ -152,6 +152,8 @@ def test_readyz_counts_a_reachable_allowed_provider_and_offline_turns_it_off(app
     states = {state["name"]: state for state in ready.json()["details"]["providers"]}
     assert states["fakeopenai"] == {"name": "fakeopenai", "allowed": True, "reachable": True}
     assert states["stranger"] == {"name": "stranger", "allowed": False, "reachable": None}  # never probed
+    assert appliance.client.get("/api/v1/system").json()["providers"] == ready.json()["details"]["providers"]
+    assert appliance.fake_openai.received("/v1/models")  # the probe, with its key
     appliance.prefer("offline", True)
     try:
         offline = appliance.client.get("/readyz")
@@ -269,22 +271,25 @@ def test_ollama_client_chat_is_routed_out(appliance: Appliance) -> None:
 
 
 def test_a_caller_names_the_provider_in_the_model_or_a_header(
-    appliance: Appliance, client: openai.OpenAI
+    appliance: Appliance, client: openai.OpenAI, long_model: str
 ) -> None:
-    answer = client.chat.completions.create(model="fakeopenai/some-model", messages=ASK)
-    assert answer.choices[0].message.content == ANSWER
+    """Naming an allowed provider sends the call there even for a model served locally."""
+    raw = client.chat.completions.with_raw_response.create(model=f"fakeopenai/{long_model}", messages=ASK)
+    assert raw.parse().choices[0].message.content == ANSWER
+    assert raw.headers["x-appliance-route-reason"] == (
+        "the model name fakeopenai/long names provider fakeopenai, allowed by"
+        " model_routing.allowed_external_providers"
+    )
+    assert appliance.fake_openai.received("/v1/chat/completions")[0].body["model"] == long_model
     raw = client.chat.completions.with_raw_response.create(
-        model="claude-x",
-        messages=ASK,
-        extra_headers={"X-Appliance-Provider": "fakeanthropic"},
+        model="claude-x", messages=ASK, extra_headers={"X-Appliance-Provider": "fakeanthropic"}
     )
     assert raw.parse().choices[0].message.content == ANSWER
+    assert raw.headers["x-appliance-engine"] == "external:anthropic"
     assert raw.headers["x-appliance-route-reason"] == (
         "the X-Appliance-Provider header names provider fakeanthropic, allowed by"
         " model_routing.allowed_external_providers"
     )
-    # fakeopenai lists its models: some-model is not one of them, so the name was the caller's choice
-    assert appliance.fake_openai.received("/v1/chat/completions")[0].body["model"] == "some-model"
     assert appliance.fake_anthropic.received("/v1/messages")[0].body["model"] == "claude-x"
 
 
