@@ -51,6 +51,7 @@ from appliance.engine.base import (
 )
 from appliance.engine.external import external_request
 from appliance.engine.router import ExternalRouted, Routed, Router
+from appliance.engine.routing import split_name
 from appliance.engine.tools import ToolCallReader
 from appliance.errors import (
     ApplianceError,
@@ -173,9 +174,21 @@ class InferenceService:
         self.egress = egress  # external providers' calls; None: this process has no egress
 
     def history(self, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Served and refused requests, newest first: which engine served each and why (REQ-MODELS-0118)."""
-        wanted = None if model is None else str(ModelName.parse(model))  # "tiny" means "tiny:latest"
+        """Served and refused requests, newest first: which engine served each and why
+        (REQ-MODELS-0118). ``model`` is a local name ("tiny" means "tiny:latest") or, for a
+        provider's, ``PROVIDER/MODEL`` as the log names it."""
+        wanted = None if model is None else self._logged_name(model)
         return [record.__dict__ for record in self.store.list_inference(model=wanted, limit=limit)]
+
+    def routable(self, name: str) -> None:
+        """Raise what routing would refuse a chat with ``name`` with (blocking; nothing is
+        recorded): a prompt task for a provider's model is checked when it is queued."""
+        self.router.route(name)
+
+    def _logged_name(self, model: str) -> str:
+        directory = self.router.providers
+        provider, _ = split_name(model, directory.list() if directory is not None else [])
+        return model if provider is not None else str(ModelName.parse(model))
 
     def chat(
         self,
@@ -248,12 +261,13 @@ class InferenceService:
                 parse_special=parse_special,
             )
             async with aclosing(local):  # closing this stream cancels the request at once
-                started = await anext(local)
+                started: Event | None = None
                 try:
+                    started = await anext(local)
                     first = await anext(local)  # the engine took the request (or finished it at once)
                 except EngineBusy as busy:
-                    assert isinstance(started, Started)
-                    routed = await self._fallback(tracker, name, busy, started.route, operation=operation)
+                    tried = started.route if isinstance(started, Started) else None
+                    routed = await self._fallback(tracker, name, busy, tried, operation=operation)
                 else:
                     yield started
                     yield first
@@ -296,17 +310,22 @@ class InferenceService:
         return routed
 
     async def _fallback(
-        self, tracker: _Tracker, name: str, busy: EngineBusy, local: Route, *, operation: Operation
+        self, tracker: _Tracker, name: str, busy: EngineBusy, local: Route | None, *, operation: Operation
     ) -> ExternalRouted:
         """The local queue is full before the request started: an external provider when policy
-        allows one for ``name``, else the local refusal, recorded as the local engine's."""
+        allows one for ``name``, else the local refusal, recorded as the local engine's (once it
+        had the model loaded, as any request that failed there)."""
         try:
             routed = await anyio.to_thread.run_sync(
                 lambda: self.router.route(name, operation=operation, busy=busy)
             )
         except ApplianceError:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: self._record(tracker, local, Finished("error", 0, 0)))
+            if local is not None:
+                tried = local
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(
+                        lambda: self._record(tracker, tried, Finished("error", 0, 0))
+                    )
             raise
         assert isinstance(routed, ExternalRouted)
         tracker.model = _external_name(routed)

@@ -49,6 +49,7 @@ from appliance.errors import (
     ApplianceError,
     BodyTooLarge,
     InvalidInput,
+    ModelNotFound,
     TaskElsewhere,
     TaskFinished,
     TaskNotFound,
@@ -315,7 +316,12 @@ class TaskService(NodeTasks):
                 )
             if request.model is None:
                 raise InvalidInput("a prompt task needs a model", hint="name one with model (--model)")
-            self.models.get(request.model)  # ModelNotFound, InvalidModelName
+            try:
+                self.models.get(request.model)  # ModelNotFound, InvalidModelName
+            except ModelNotFound:
+                if self.inference is None:
+                    raise
+                self.inference.routable(request.model)  # an allowed provider's, else the refusal
             if attachments:
                 raise InvalidInput(
                     "a prompt task takes no attachments",

@@ -193,8 +193,8 @@ def test_openai_client_gets_a_model_that_is_not_local_from_the_provider(
     stream = client.chat.completions.create(model="gpt-4o", messages=ASK, stream=True, temperature=0.2)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == ANSWER
     assert appliance.fake_openai.received("/v1/chat/completions")[-1].body["temperature"] == 0.2
-    logged = appliance.decisions(model="fakeopenai/gpt-4o", outcome="stop")
-    assert len(logged) == 2
+    logged = appliance.client.get("/api/v1/inference", params={"model": "fakeopenai/gpt-4o"}).json()
+    assert [row["outcome"] for row in logged] == ["stop", "stop"]
     assert {(row["engine"], row["node"], row["reason"]) for row in logged} == {
         ("external:openai", "fakeopenai", reason)
     }
@@ -413,6 +413,17 @@ def test_each_call_out_is_audited_as_the_caller(appliance: Appliance, client: op
     client.chat.completions.create(model="gpt-4o", messages=ASK)
     rows = appliance.client.get("/api/v1/audit", params={"action": "egress.call", "limit": 1}).json()
     assert (rows[0]["actor"], rows[0]["target"]) == ("api:127.0.0.1", "fakeopenai")
+
+
+def test_a_prompt_task_is_answered_by_the_provider_as_the_task(appliance: Appliance) -> None:
+    """A task's prompt goes through the same routing; the call out is the task's (subject ``task``)."""
+    task = appliance.client.post("/api/v1/tasks", json={"text": "Say hello.", "model": "gpt-4o"}).json()
+    wait_for(lambda: appliance.client.get(f"/api/v1/tasks/{task['id']}").json()["state"] == "succeeded")
+    assert appliance.client.get(f"/api/v1/tasks/{task['id']}/output").json()["stdout"] == ANSWER
+    rows = appliance.client.get("/api/v1/audit", params={"action": "egress.call", "limit": 1}).json()
+    assert (rows[0]["actor"], rows[0]["detail"]["task"]) == (f"task:{task['id']}", task["id"])
+    refused = appliance.client.post("/api/v1/tasks", json={"text": "hi", "model": "forbidden-model"})
+    assert (refused.status_code, refused.json()["code"]) == (403, "external_denied")  # refused when queued
 
 
 def wait_for(condition: Callable[[], bool], *, seconds: float = 10) -> None:
