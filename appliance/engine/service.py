@@ -376,13 +376,13 @@ class InferenceService:
                             reader = ToolCallReader(event.tool_format or "generic", request.tools)
                         yield Started(route=route, model=tracker.model, prompt_tokens=event.prompt_tokens)
                         continue
-                    answered = True
                     if isinstance(event, TextChunk | ReasoningChunk) and tracker.first_token is None:
                         tracker.first_token = time.monotonic()
                     if isinstance(event, Finished):
                         finished = event
                         if event.error is not None:
-                            raise event.error
+                            raise event.error  # as the first event: not answered (a full queue)
+                    answered = True
                     if reader is None or isinstance(event, ReasoningChunk | ToolCall):
                         yield event  # tools are called in the answer; a native engine reads its own
                         continue
