@@ -165,6 +165,12 @@ def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server
     budget.get_by_role("button", name="Save").click()
     expect(page.locator("#errors")).to_be_empty()
 
+    # routing's preferences (REQ-MODELS-0122): which providers model calls may go to
+    allowed = page.locator("form[data-key='model_routing.allowed_external_providers']")
+    allowed.get_by_role("textbox").fill("openai\nlan")
+    allowed.get_by_role("button", name="Save").click()
+    expect(allowed).to_contain_text("setting: []")
+
     page.reload()
     expect(page.get_by_label(re.compile("models.download.require_user_approval"))).to_be_checked()
     expect(page.locator("form[data-key='models.cache.max_bytes']").get_by_role("textbox")).to_have_value(
@@ -174,6 +180,7 @@ def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server
     stored = {p["key"]: p["value"] for p in server.client.get("/api/v1/preferences").json()}
     assert stored["models.download.require_user_approval"] is True
     assert stored["models.cache.max_bytes"] == 500_000_000_000
+    assert stored["model_routing.allowed_external_providers"] == ["openai", "lan"]
 
 
 def test_a_pending_download_is_approved_from_the_page(page: Page, server: Server, tmp_path: Path) -> None:
