@@ -2,17 +2,19 @@
 ``providers.manage``). A key goes in (``key`` on create, and on change: a string sets it, null
 clears it, absent leaves it) and never comes out: every answer carries ``key_set`` only.
 
-Imports: the provider service and audit.
+Imports: the provider service, the egress (for a test) and audit.
 """
 
 from __future__ import annotations
 
+import anyio.to_thread
 from litestar import Controller, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from appliance.audit import Context
+from appliance.egress.client import Egress, ProbeResult
 from appliance.egress.providers import NAME_PATTERN, ProviderOut, ProviderService
 from appliance.egress.types import OPERATIONS, Operation, ProviderKind
 from appliance.runtime import Runtime
@@ -23,6 +25,11 @@ __all__ = ["ProvidersController"]
 def provide_providers(state: State) -> ProviderService:
     runtime: Runtime = state.runtime
     return runtime.providers
+
+
+def provide_egress(state: State) -> Egress:
+    runtime: Runtime = state.runtime
+    return runtime.egress
 
 
 class ProviderIn(BaseModel):
@@ -62,7 +69,10 @@ def _plain(key: SecretStr | None) -> str | None:
 class ProvidersController(Controller):
     path = "/api/v1/providers"
     tags = ["providers"]  # noqa: RUF012 (Litestar reads it as a class attribute)
-    dependencies = {"providers": Provide(provide_providers, sync_to_thread=False)}  # noqa: RUF012
+    dependencies = {  # noqa: RUF012
+        "providers": Provide(provide_providers, sync_to_thread=False),
+        "egress": Provide(provide_egress, sync_to_thread=False),
+    }
 
     @get("/", sync_to_thread=True)
     def list_providers(self, providers: ProviderService) -> list[ProviderOut]:
@@ -111,3 +121,12 @@ class ProvidersController(Controller):
     def remove_provider(self, name: str, providers: ProviderService, context: Context) -> None:
         """Remove a provider and its key."""
         providers.remove(name, context)
+
+    @post("/{name:str}/test", status_code=200)
+    async def test_provider(
+        self, name: str, providers: ProviderService, egress: Egress, context: Context
+    ) -> ProbeResult:
+        """Fetch its model list with its key: whether it answered (``ok``), its HTTP status, the
+        models it lists, how long it took, and what went wrong (scrubbed of every key)."""
+        provider = await anyio.to_thread.run_sync(providers.get, name)
+        return await egress.probe(provider, context=context)
