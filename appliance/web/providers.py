@@ -7,8 +7,10 @@ Imports: the provider service, the egress (for a test) and audit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio.to_thread
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -18,8 +20,9 @@ from appliance.egress.client import Egress, ProbeResult
 from appliance.egress.providers import NAME_PATTERN, ProviderOut, ProviderService
 from appliance.egress.types import OPERATIONS, Operation, ProviderKind
 from appliance.runtime import Runtime
+from appliance.web.bodies import parse_body
 
-__all__ = ["ProvidersController"]
+__all__ = ["ProviderChange", "ProviderIn", "ProvidersController"]
 
 
 def provide_providers(state: State) -> ProviderService:
@@ -66,6 +69,34 @@ def _plain(key: SecretStr | None) -> str | None:
     return None if key is None else key.get_secret_value()
 
 
+def _add(providers: ProviderService, data: ProviderIn, context: Context) -> ProviderOut:
+    added = providers.add(
+        data.name,
+        kind=data.kind,
+        base_url=data.base_url,
+        models=data.models,
+        operations=data.operations,
+        subjects=data.subjects,
+        key=_plain(data.key),
+        context=context,
+    )
+    return ProviderOut.of(added)
+
+
+def _change(providers: ProviderService, name: str, data: ProviderChange, context: Context) -> ProviderOut:
+    changed = providers.change(
+        name,
+        base_url=data.base_url,
+        models=data.models,
+        operations=data.operations,
+        subjects=data.subjects,
+        key=_plain(data.key),
+        key_given="key" in data.model_fields_set,
+        context=context,
+    )
+    return ProviderOut.of(changed)
+
+
 class ProvidersController(Controller):
     path = "/api/v1/providers"
     tags = ["providers"]  # noqa: RUF012 (Litestar reads it as a class attribute)
@@ -83,39 +114,24 @@ class ProvidersController(Controller):
     def show_provider(self, name: str, providers: ProviderService) -> ProviderOut:
         return ProviderOut.of(providers.get(name))
 
-    @post("/", status_code=201, sync_to_thread=True)
-    def add_provider(self, data: ProviderIn, providers: ProviderService, context: Context) -> ProviderOut:
-        """Add a provider (409 provider_exists for a name taken)."""
-        return ProviderOut.of(
-            providers.add(
-                data.name,
-                kind=data.kind,
-                base_url=data.base_url,
-                models=data.models,
-                operations=data.operations,
-                subjects=data.subjects,
-                key=_plain(data.key),
-                context=context,
-            )
-        )
-
-    @patch("/{name:str}", sync_to_thread=True)
-    def change_provider(
-        self, name: str, data: ProviderChange, providers: ProviderService, context: Context
+    # The bodies are parsed here, not by Litestar: a failure in a body field named like one of
+    # the app's dependencies (`models`) would be answered with a 500 there.
+    @post("/", status_code=201)
+    async def add_provider(
+        self, request: Request[Any, Any, Any], providers: ProviderService, context: Context
     ) -> ProviderOut:
-        """Change the fields given; a key set or cleared is audited as ``providers.key``."""
-        return ProviderOut.of(
-            providers.change(
-                name,
-                base_url=data.base_url,
-                models=data.models,
-                operations=data.operations,
-                subjects=data.subjects,
-                key=_plain(data.key),
-                key_given="key" in data.model_fields_set,
-                context=context,
-            )
-        )
+        """Add a provider (409 provider_exists for a name taken). Body: ProviderIn."""
+        data = parse_body(ProviderIn, await request.body())
+        return await anyio.to_thread.run_sync(lambda: _add(providers, data, context))
+
+    @patch("/{name:str}")
+    async def change_provider(
+        self, name: str, request: Request[Any, Any, Any], providers: ProviderService, context: Context
+    ) -> ProviderOut:
+        """Change the fields given; a key set or cleared is audited as ``providers.key``. Body:
+        ProviderChange."""
+        data = parse_body(ProviderChange, await request.body())
+        return await anyio.to_thread.run_sync(lambda: _change(providers, name, data, context))
 
     @delete("/{name:str}", status_code=204, sync_to_thread=True)
     def remove_provider(self, name: str, providers: ProviderService, context: Context) -> None:
