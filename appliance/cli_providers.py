@@ -232,3 +232,32 @@ def providers_keygen() -> None:
     from appliance.egress.secrets import KeyBox
 
     click.echo(KeyBox.generate())
+
+
+@providers.command("test")
+@click.argument("name")
+@json_option
+@click.pass_context
+def providers_test(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Fetch a provider's model list with its key and say whether it answered; exits 1 when not.
+
+    Example: appliance providers test openai
+    """
+    import asyncio
+    from dataclasses import asdict
+
+    with _runtime(ctx) as runtime:
+        provider = runtime.providers.get(name)
+        probe = asyncio.run(runtime.egress.probe(provider, context=_cli_context()))
+    if as_json:
+        _emit_json(asdict(probe))
+    elif probe.ok:
+        listed = f"; it lists {len(probe.models)} models: {', '.join(probe.models)}" if probe.models else ""
+        stdout.print(_visible(f"{name} answered (HTTP {probe.status}, {probe.seconds:.2f} s){listed}"))
+    else:
+        status = f" (HTTP {probe.status})" if probe.status is not None else ""
+        stderr.print(_visible(f"{name} did not answer{status}: {probe.error or 'no answer'}"))
+        if probe.status in (401, 403):
+            stderr.print(f"hint: set its key again: appliance providers set {name} --key-stdin")
+    if not probe.ok:
+        ctx.exit(1)

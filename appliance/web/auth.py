@@ -178,6 +178,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", _PROVIDERS): "providers.manage",
     ("PATCH", f"{_PROVIDERS}/{{name}}"): "providers.manage",
     ("DELETE", f"{_PROVIDERS}/{{name}}"): "providers.manage",
+    ("POST", f"{_PROVIDERS}/{{name}}/test"): "providers.manage",
 }
 
 

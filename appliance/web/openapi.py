@@ -24,6 +24,7 @@ from appliance.auth.service import (
     USER_NAME_PATTERN,
 )
 from appliance.cluster.service import NODE_NAME_PATTERN
+from appliance.egress.providers import NAME_PATTERN as PROVIDER_NAME_PATTERN
 from appliance.models.formats import FORMATS
 from appliance.preferences import EDITABLE
 from appliance.settings import TOKEN_EXPIRY_PATTERN
@@ -33,6 +34,7 @@ from appliance.web.login import MAX_LOGIN_NAME, MAX_SETUP_TOKEN
 from appliance.web.ollama import ChatBody, GenerateBody, ModelBody, PullBody
 from appliance.web.ollama_models import CopyBody, CreateBody, EmbedBody, EmbeddingsBody, PushBody
 from appliance.web.openai import ChatCompletionBody, EmbeddingBody
+from appliance.web.providers import ProviderChange, ProviderIn
 from appliance.web.responses import ResponsesBody
 
 __all__ = ["complete_openapi"]
@@ -67,7 +69,8 @@ _QUERIES: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "pattern": NAME_PATTERN, "maxLength": 200},
 }
 
-# Bodies the compatible APIs parse themselves (to answer in their own error shapes).
+# Bodies the compatible APIs parse themselves (to answer in their own error shapes), and the
+# providers' (a body field named `models` collides with a dependency's name in Litestar's parsing).
 _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/v1/chat/completions", "post"): ChatCompletionBody,
     ("/v1/completions", "post"): CompletionBody,
@@ -84,6 +87,8 @@ _BODIES: dict[tuple[str, str], type[BaseModel]] = {
     ("/api/push", "post"): PushBody,
     ("/api/embed", "post"): EmbedBody,
     ("/api/embeddings", "post"): EmbeddingsBody,
+    ("/api/v1/providers", "post"): ProviderIn,
+    ("/api/v1/providers/{name}", "patch"): ProviderChange,
 }
 
 # Bodies read as bytes, streamed, whatever their Content-Type (a bundle is a tar).
@@ -202,6 +207,7 @@ _FIELDS_OF: dict[str, dict[str, dict[str, Any]]] = {
     },
     "JoinIn": {"name": {"pattern": NODE_NAME_PATTERN}, "token": {"maxLength": 300}},
     "TokenIn": {"expires": {"pattern": TOKEN_EXPIRY_PATTERN}},
+    "ProviderIn": {"name": {"pattern": PROVIDER_NAME_PATTERN}},
     # A push names where it goes too.
     "PushBody": {"model": {"pattern": OLLAMA_NAME_PATTERN}, "name": {"pattern": OLLAMA_NAME_PATTERN}},
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.egress.secrets import KEY_FILE
+from tests.egress.fakes import FakeAnthropic
 
 PROVIDER_KEY = "sk-test-cli-key-0123456789"
 NEW_KEY = "sk-test-cli-key-replaced-42"
@@ -119,3 +120,34 @@ def test_keygen_prints_a_key_the_setting_takes(cli: Any, data_dir: Path) -> None
     assert wrong.returncode == 1
     assert "egress.encryption_key is not a key" in wrong.stderr
     assert "appliance providers keygen" in wrong.stderr
+
+
+def test_providers_test_fetches_the_model_list_with_the_key(cli: Any, fake_anthropic: FakeAnthropic) -> None:
+    fake_anthropic.require_key = PROVIDER_KEY
+    fake_anthropic.echo_key = True  # its 401 would say the key it got: that must not come out
+    added = cli(
+        "providers",
+        "add",
+        "claude",
+        "--kind",
+        "anthropic",
+        "--base-url",
+        fake_anthropic.base_url,
+        "--key-stdin",
+        input=PROVIDER_KEY + "\n",
+    )
+    assert added.returncode == 0, added.stderr
+    answered = cli("providers", "test", "claude")
+    assert answered.returncode == 0, answered.stderr
+    assert "claude answered (HTTP 200" in answered.stdout
+    assert "it lists 2 models: fake-model, fake-model-large" in answered.stdout
+    [request] = fake_anthropic.received("/v1/models")
+    assert request.headers["x-api-key"] == PROVIDER_KEY
+
+    assert cli("providers", "set", "claude", "--key-stdin", input=NEW_KEY + "\n").returncode == 0
+    refused = cli("providers", "test", "claude", "--json")
+    assert refused.returncode == 1
+    probe = json.loads(refused.stdout)
+    assert (probe["ok"], probe["status"], probe["models"]) == (False, 401, [])
+    assert "[redacted]" in probe["error"]
+    assert NEW_KEY not in refused.stdout + refused.stderr

@@ -13,6 +13,8 @@ from appliance.audit import Context
 from appliance.runtime import Runtime
 from appliance.settings import ServerSettings, Settings
 from appliance.web.app import create_app
+from tests.conftest import free_port
+from tests.egress.fakes import serve_fake_openai
 from tests.web.conftest import PASSWORD
 
 # Litestar warns, as the app is made, of dependencies other modules declare.
@@ -157,6 +159,15 @@ def test_an_admin_adds_lists_changes_and_removes_a_provider(api: Api) -> None:
             "invalid_input",
             "one line",
         ),
+        (
+            "POST",
+            "",
+            {"name": "x", "base_url": "https://x.example", "models": {}},
+            400,
+            "invalid_input",
+            "models",
+        ),
+        ("PATCH", "/dup", {"models": "gpt-4o"}, 400, "invalid_input", "models"),
         ("PATCH", "/dup", {}, 400, "invalid_input", "nothing to change"),
         ("PATCH", "/dup", {"kind": "anthropic"}, 400, "invalid_input", "kind"),
         ("PATCH", "/dup", {"operations": ["images"]}, 400, "invalid_input", "operations"),
@@ -189,9 +200,33 @@ def test_a_user_may_neither_read_nor_manage_providers(api: Api) -> None:
         ("POST", "/api/v1/providers"),
         ("PATCH", "/api/v1/providers/dup"),
         ("DELETE", "/api/v1/providers/dup"),
+        ("POST", "/api/v1/providers/dup/test"),
     ]:
         refused = api.call(method, path, as_user=True, json={"name": "u", "base_url": "https://u.example"})
         assert refused.status_code == 403, (method, path)
         assert refused.json()["code"] == "forbidden"
     anonymous = api.client.get("/api/v1/providers")
     assert anonymous.status_code == 401
+
+
+def test_a_test_fetches_the_model_list_with_the_key(api: Api) -> None:
+    with serve_fake_openai() as fake:
+        fake.require_key = PROVIDER_KEY
+        body = {"name": "fake", "base_url": fake.base_url, "key": PROVIDER_KEY}
+        assert api.call("POST", "/api/v1/providers", json=body).status_code == 201
+        probe = api.call("POST", "/api/v1/providers/fake/test")
+        assert probe.status_code == 200, probe.text
+        assert {k: probe.json()[k] for k in ("ok", "status", "models", "error")} == {
+            "ok": True,
+            "status": 200,
+            "models": ["fake-model", "fake-model-large"],
+            "error": None,
+        }
+        assert fake.received("/v1/models")[0].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    nobody = {"name": "nobody", "base_url": f"http://127.0.0.1:{free_port()}/v1"}  # nothing listens
+    assert api.call("POST", "/api/v1/providers", json=nobody).status_code == 201
+    gone = api.call("POST", "/api/v1/providers/nobody/test").json()
+    assert (gone["ok"], gone["status"], gone["models"]) == (False, None, [])
+    assert gone["error"]
+    assert api.call("POST", "/api/v1/providers/nope/test").json()["code"] == "provider_not_found"
+    assert PROVIDER_KEY not in "".join(api.seen)
