@@ -237,6 +237,23 @@ class Router:
             return routed
         return local
 
+    def external_models(self) -> list[tuple[str, Provider]]:
+        """The models allowed providers list, as ``provider/model`` with their provider: what
+        ``/v1/models`` shows beside the local ones (none offline; a provider that serves any name
+        lists nothing)."""
+        providers = self.providers.list() if self.providers is not None else []
+        if not providers:
+            return []
+        policy = Policy.read(self.preferences)
+        if policy.offline:
+            return []
+        return [
+            (f"{provider.name}/{model}", provider)
+            for provider in providers
+            if policy.allows(provider)
+            for model in provider.models
+        ]
+
     def _route_local(self, name: str, context_length: int | None) -> Routed:
         """The local engine or the worker that serves ``name`` and what it loads; records the use
         (LRU eviction order). A created model's ``num_ctx`` applies when the request sets none."""

@@ -78,18 +78,22 @@ class ListCache:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._answers: dict[str, tuple[int, bytes]] = {}
+        self._answers: dict[str, tuple[int, str, bytes]] = {}
         # Guards _answers and makes concurrent requests after a change render once, not once each.
         self._lock = threading.Lock()
 
-    def answer(self, key: str, render: Callable[[list[ModelSummary]], bytes], *, gguf_only: bool) -> bytes:
+    def answer(
+        self, key: str, render: Callable[[list[ModelSummary]], bytes], *, gguf_only: bool, variant: str = ""
+    ) -> bytes:
+        """``render`` of the summaries, rendered again once the registry or ``variant`` (what else the
+        answer holds, e.g. the external providers' models) is not what it was."""
         with self._lock:
             # Read before the models: a write between the two leaves the answer newer than its
             # generation says, so the next request renders again, never an older one kept.
             generation = self._store.registry_generation()
             cached = self._answers.get(key)
-            if cached is not None and cached[0] == generation:
-                return cached[1]
+            if cached is not None and cached[:2] == (generation, variant):
+                return cached[2]
             body = render(self._store.list_model_summaries(gguf_only=gguf_only))
-            self._answers[key] = (generation, body)
+            self._answers[key] = (generation, variant, body)
             return body

@@ -125,9 +125,12 @@ class ModelService:
             cursor=cursor,
         )
 
-    def cached_list(self, key: str, render: Callable[[list[ModelSummary]], bytes]) -> bytes:
-        """``render`` of the GGUF models' summaries, cached under ``key`` until the registry changes."""
-        return self._lists.answer(key, render, gguf_only=True)
+    def cached_list(
+        self, key: str, render: Callable[[list[ModelSummary]], bytes], *, variant: str = ""
+    ) -> bytes:
+        """``render`` of the GGUF models' summaries, cached under ``key`` until the registry (or
+        ``variant``: what else ``render`` puts in) changes."""
+        return self._lists.answer(key, render, gguf_only=True, variant=variant)
 
     def has_loadable(self) -> bool:
         return self.store.has_loadable_model()

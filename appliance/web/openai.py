@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context
 from appliance.engine.base import Finished, ReasoningChunk, TextChunk, TokenLogprob, ToolCall
+from appliance.engine.router import Router as EngineRouter
 from appliance.engine.service import GenerationOptions, InferenceService, Started
 from appliance.errors import InvalidInput
 from appliance.models.service import Model, ModelService, ModelSummary
@@ -259,13 +260,19 @@ def _tool_call(call: ToolCall) -> dict[str, Any]:
 
 
 @get("/models", sync_to_thread=True, responses={200: CACHED_LIST})
-def list_models(models: ModelService) -> Response[bytes]:
-    """The GGUF models; the answer is kept until the registry changes."""
+def list_models(models: ModelService, router: EngineRouter) -> Response[bytes]:
+    """The GGUF models, then the models allowed external providers list (as ``provider/model``,
+    owned by the provider); the answer is kept until the registry or those models change."""
+    external = [
+        {"id": name, "object": "model", "created": _created(provider.created_at), "owned_by": provider.name}
+        for name, provider in router.external_models()
+    ]
 
     def render(summaries: list[ModelSummary]) -> bytes:
-        return encode_json({"object": "list", "data": [_model_entry(model) for model in summaries]})
+        return encode_json({"object": "list", "data": [*map(_model_entry, summaries), *external]})
 
-    return Response(models.cached_list("openai.models", render), media_type=MediaType.JSON)
+    variant = json.dumps(external)
+    return Response(models.cached_list("openai.models", render, variant=variant), media_type=MediaType.JSON)
 
 
 @get("/models/{name:path}", sync_to_thread=True)
@@ -274,9 +281,13 @@ def retrieve_model(name: str, models: ModelService) -> dict[str, Any]:
 
 
 def _model_entry(model: Model | ModelSummary) -> dict[str, Any]:
-    # created_at is UTC, to the second (fromisoformat is ~20x faster than strptime: 10,000 models a list).
-    created = int(datetime.fromisoformat(model.created_at[:19]).replace(tzinfo=UTC).timestamp())
+    created = _created(model.created_at)
     return {"id": str(model.name), "object": "model", "created": created, "owned_by": "appliance"}
+
+
+def _created(at: str) -> int:
+    # Stored UTC, to the second (fromisoformat is ~20x faster than strptime: 10,000 models a list).
+    return int(datetime.fromisoformat(at[:19]).replace(tzinfo=UTC).timestamp())
 
 
 async def open_generations(

@@ -173,6 +173,29 @@ def test_readyz_counts_a_reachable_allowed_provider_and_offline_turns_it_off(app
 # -- the compatible clients, routed out ----------------------------------------------------------
 
 
+def test_the_model_list_shows_what_allowed_providers_list(
+    appliance: Appliance, client: openai.OpenAI
+) -> None:
+    """/v1/models ends with the models allowed providers list, as ``provider/model`` owned by the
+    provider (a client picks them from there); a provider not allowed, or offline, adds none."""
+    listed = {model.id: model.owned_by for model in client.models.list()}
+    assert listed == {
+        "fakeopenai/gpt-4o": "fakeopenai",
+        "fakeopenai/text-embed": "fakeopenai",
+        "fakeopenai/long": "fakeopenai",
+        "fakeanthropic/claude-x": "fakeanthropic",
+    }
+    appliance.prefer("model_routing.allowed_external_providers", ["stranger"])
+    try:
+        assert [model.id for model in client.models.list()] == ["stranger/forbidden-model"]
+        appliance.prefer("offline", True)
+        assert list(client.models.list()) == []
+    finally:
+        appliance.prefer("offline", None)
+        appliance.prefer("model_routing.allowed_external_providers", ["fakeopenai", "fakeanthropic"])
+    assert len(list(client.models.list())) == 4
+
+
 def test_openai_client_gets_a_model_that_is_not_local_from_the_provider(
     appliance: Appliance, client: openai.OpenAI
 ) -> None:
