@@ -168,7 +168,10 @@ def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server
     # routing's preferences (REQ-MODELS-0122): which providers model calls may go to
     allowed = page.locator("form[data-key='model_routing.allowed_external_providers']")
     allowed.get_by_role("textbox").fill("openai\nlan")
-    allowed.get_by_role("button", name="Save").click()
+    # The form reads "setting: []" before the save as after it: wait for the save's answer itself.
+    with page.expect_response(lambda answer: answer.request.method == "PUT") as saved:
+        allowed.get_by_role("button", name="Save").click()
+    assert saved.value.status == 200
     expect(allowed).to_contain_text("setting: []")
 
     page.reload()
