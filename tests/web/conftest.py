@@ -115,6 +115,14 @@ def shared_import(data_dir: Path, name: str, template: str, **gguf: Any) -> str:
 
 
 @pytest.fixture(scope="module")
+def shared_tiny(shared_data_dir: Path, tiny_gguf_master: Path) -> str:
+    """The tiny model of ``tiny_gguf`` as ``tiny``, in the module's data dir."""
+    with isolated(shared_data_dir.parent):
+        import_file(shared_data_dir, tiny_gguf_master, "tiny")
+    return "tiny"
+
+
+@pytest.fixture(scope="module")
 def shared_models(shared_data_dir: Path) -> dict[str, str]:
     """The ``models`` fixture's models, in the module's data dir."""
     return {
