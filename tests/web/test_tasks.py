@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import import_file
 from tests.web.conftest import Keys
 from tests.web.serving import Serving, serving
 from tests.web.tasking import data_dir
@@ -177,8 +178,8 @@ def test_cancel_and_what_is_not_there(served: Serving) -> None:
     assert served.client.get("/api/v1/tasks", params={"state": "done"}).status_code == 400
 
 
-def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_gguf: Path, cli: Any) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_gguf: Path) -> None:
+    import_file(data_dir, tiny_gguf, "tiny")
     marker = data_dir.parent / "ran"
     with serving(data_dir) as server:
         task = server.client.post(
@@ -257,9 +258,9 @@ PY
 
 
 def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
-    data_dir: Path, tiny_gguf: Path, cli: Any, keys: Keys
+    data_dir: Path, tiny_gguf: Path, keys: Keys
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    import_file(data_dir, tiny_gguf, "tiny")
     user = {"Authorization": f"Bearer {keys.user}"}
     run_dir = data_dir.parent / "run"  # where the server makes each job's socket dir
     run_dir.mkdir(mode=0o711)
