@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,19 @@ from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads the developer's own config, data dir or APPLIANCE_* variables."""
+def isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """No APPLIANCE_* variables, and the config and data dirs XDG names under ``root``."""
     for key in list(os.environ):
         if key.startswith("APPLIANCE_"):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(root / "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "xdg-data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's own config, data dir or APPLIANCE_* variables."""
+    isolate(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -75,6 +81,17 @@ def tiny_gguf(tmp_path: Path, tiny_gguf_master: Path) -> Path:
     copy.parent.mkdir(exist_ok=True)
     copy.write_bytes(tiny_gguf_master.read_bytes())
     return copy
+
+
+def import_file(data_dir: Path, path: Path, name: str | None = None) -> str:
+    """``appliance models import PATH --name NAME``, by the same service in this process: a model a
+    test needs, without a process's start-up (about a second each; the command's own tests run it).
+    The imported model's full name."""
+    runtime = Runtime.open(Settings(data_dir=data_dir))
+    try:
+        return str(runtime.models.import_file(path, Context.cli(), name=name).model.name)
+    finally:
+        runtime.close()
 
 
 @pytest.fixture
@@ -134,13 +151,23 @@ class Server:
 @pytest.fixture
 def server(data_dir: Path) -> Iterator[Server]:
     """``appliance serve`` in its own process on a free loopback port."""
+    with started_server(data_dir) as started:
+        yield started
+
+
+@contextmanager
+def started_server(data_dir: Path, log: Path | None = None) -> Iterator[Server]:
+    """``appliance serve`` on ``data_dir``, in its own process (with this process's environment).
+    Its output goes to ``log`` where given: a server that answers many requests fills a pipe that
+    nobody reads, and then stops mid-write."""
     port = free_port()
-    process = subprocess.Popen(
-        [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with open(log, "w") if log else nullcontext(subprocess.PIPE) as output:
+        process = subprocess.Popen(
+            [*APPLIANCE, "--data-dir", str(data_dir), "serve", "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, timeout=30)
     deadline = time.monotonic() + 30
@@ -152,8 +179,8 @@ def server(data_dir: Path) -> Iterator[Server]:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            output = process.communicate()[0]
-            raise RuntimeError(f"appliance serve did not start:\n{output}")
+            said = log.read_text() if log else process.communicate()[0]
+            raise RuntimeError(f"appliance serve did not start:\n{said}")
         time.sleep(0.1)
     yield Server(url=url, process=process, client=client)
     client.close()
@@ -163,5 +190,5 @@ def server(data_dir: Path) -> Iterator[Server]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    assert process.stdout is not None
-    process.stdout.close()
+    if process.stdout is not None:
+        process.stdout.close()

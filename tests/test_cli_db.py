@@ -64,14 +64,20 @@ def test_copy_never_prints_the_password(cli: object, data_dir: Path) -> None:
     assert "error:" in failed.stderr
 
 
-def _registry(client: Any) -> tuple[Any, dict[str, Any]]:
-    """What clients see of the models: the list and each one's details."""
+def _registry(client: Any) -> tuple[Any, dict[str, Any], list[str], dict[str, Any]]:
+    """What clients see of the models: the Ollama list and each one's details, the OpenAI list,
+    and each model's artifacts (file names, digests, sizes)."""
     tags = client.get("/api/tags").json()
     shown = {
         model["name"]: client.post("/api/show", json={"model": model["name"]}).json()
         for model in tags["models"]
     }
-    return tags, shown
+    listed = sorted(model["id"] for model in client.get("/v1/models").json()["data"])
+    artifacts = {
+        model["name"]: sorted((a["filename"], a["digest"], a["size_bytes"]) for a in model["artifacts"])
+        for model in client.get("/api/v1/models").json()
+    }
+    return tags, shown, listed, artifacts
 
 
 def test_a_copied_registry_serves_the_same_models_with_the_same_digests(
@@ -98,3 +104,9 @@ def test_a_copied_registry_serves_the_same_models_with_the_same_digests(
     with serving(data_dir, env=on_postgres) as on_pg:
         assert _registry(on_pg.client) == before
         assert on_pg.client.get("/api/v1/db").json()["backend"] == "postgresql"
+        answer = on_pg.client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "tiny:latest"

@@ -18,6 +18,8 @@ from appliance.store.base import Download
 from tests.conftest import APPLIANCE, CliResult
 
 # Each would be a Rich markup tag, a broken one, or an emoji code if it were printed as markup.
+# A pull from a port nothing listens on fails at its first try, not after its retries' backoff.
+NO_RETRIES = {"APPLIANCE_MODELS__DOWNLOAD__RETRIES": "0"}
 MARKUP = ["[/x]y.gguf", "[red]y.gguf", "[bold]x[/bold].gguf", ":smile:.gguf", "[link=http://a]b.gguf"]
 
 
@@ -64,7 +66,7 @@ def test_stored_text_is_listed_as_stored(cli: object, tmp_path: Path) -> None:
     """A failed pull leaves a download row and audit events holding the ref; listing them shows it whole."""
     # Nothing listens on port 1, so the pull fails at once. Longer than any terminal: piped, it stays whole.
     ref = f"http://127.0.0.1:1/{'a' * 300}/[/x]/[red]y.gguf"
-    pulled: CliResult = cli("models", "pull", ref)  # type: ignore[operator]
+    pulled: CliResult = cli("models", "pull", ref, env=NO_RETRIES)  # type: ignore[operator]
     assert pulled.returncode == 1
     assert ref in pulled.stderr
     downloads: CliResult = cli("downloads", "ls")  # type: ignore[operator]
@@ -81,7 +83,7 @@ def test_stored_text_is_listed_as_stored(cli: object, tmp_path: Path) -> None:
         assert target in table.stdout
 
 
-def run_on_a_terminal(args: list[str], *, cwd: Path) -> tuple[int, str]:
+def run_on_a_terminal(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the CLI with stderr on a pseudo-terminal (so it draws progress); return its exit and stderr."""
     main, terminal = pty.openpty()
     process = subprocess.Popen(
@@ -90,7 +92,7 @@ def run_on_a_terminal(args: list[str], *, cwd: Path) -> tuple[int, str]:
         stdout=subprocess.DEVNULL,
         stderr=terminal,
         cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+        env={**os.environ, "COLUMNS": "200", "TERM": "xterm", **(env or {})},
     )
     os.close(terminal)
     chunks: list[bytes] = []
@@ -127,7 +129,9 @@ def test_progress_shows_the_file_name_as_it_is(tmp_path: Path, tiny_gguf: Path) 
 def test_pull_progress_shows_the_ref_as_it_is(tmp_path: Path) -> None:
     ref = "http://127.0.0.1:1/[/x]y.gguf"
     returncode, output = run_on_a_terminal(
-        [*APPLIANCE, "--data-dir", str(tmp_path / "data"), "models", "pull", ref], cwd=tmp_path
+        [*APPLIANCE, "--data-dir", str(tmp_path / "data"), "models", "pull", ref],
+        cwd=tmp_path,
+        env=NO_RETRIES,
     )
     assert returncode == 1
     assert "MarkupError" not in output

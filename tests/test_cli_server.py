@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import APPLIANCE, CliResult, Server, free_port
+from tests.conftest import APPLIANCE, CliResult, Server, free_port, import_file
 
 
 def test_ps_load_and_unload_reach_the_server_given_by_port(
-    cli: object, server: Server, tiny_gguf: Path
+    cli: object, server: Server, tiny_gguf: Path, data_dir: Path
 ) -> None:
     port = server.url.rsplit(":", 1)[1]
-    assert cli("models", "import", str(tiny_gguf)).returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf)
     listed: CliResult = cli("ps", "--json", "--port", port)  # type: ignore[operator]
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == {**json.loads(listed.stdout), "models": []}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import CliResult
+from tests.conftest import CliResult, import_file
 from tests.provision.test_oci import registry  # noqa: F401 (a fixture)
 
 
@@ -18,7 +18,7 @@ def _models(cli: object) -> dict[str, list[str]]:
 def test_a_copy_shares_the_blobs_and_refuses_a_taken_name(
     cli: object, tiny_gguf: Path, data_dir: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     blobs = sorted(path.name for path in (data_dir / "blobs").rglob("*") if path.is_file())
     copied: CliResult = cli("models", "cp", "tiny", "team/tiny:v1")  # type: ignore[operator]
     assert copied.returncode == 0, copied.stderr
@@ -35,9 +35,14 @@ def test_a_copy_shares_the_blobs_and_refuses_a_taken_name(
     assert set(_models(cli)) == {"tiny:latest", "team/tiny:v1"}  # the refusals changed nothing
 
 
-def test_a_pushed_model_pulls_back_whole(cli: object, tiny_gguf: Path, registry: str) -> None:  # noqa: F811
+def test_a_pushed_model_pulls_back_whole(
+    cli: object,
+    tiny_gguf: Path,
+    data_dir: Path,
+    registry: str,  # noqa: F811
+) -> None:
     """The registry in the name says where to; the local model is the name without it."""
-    assert cli("models", "import", str(tiny_gguf), "--name", "team/tiny:v1").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "team/tiny:v1")
     where = f"{registry}/team/tiny:v1"
     refused: CliResult = cli("models", "push", where)  # type: ignore[operator]
     assert refused.returncode == 1  # plain HTTP only when asked, and only to loopback

@@ -26,7 +26,7 @@ import pytest
 from appliance.cluster.wire import encode_prompt
 from appliance.engine.base import Prompt, SamplingParams
 from tests.cluster.conftest import Live
-from tests.conftest import APPLIANCE, Server, free_port
+from tests.conftest import APPLIANCE, Server, free_port, import_file
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 
 T = TypeVar("T")
@@ -58,6 +58,13 @@ class WorkerProcess:
             code = self.process.wait()
         self._log.close()
         return code
+
+
+@pytest.fixture
+def short_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server started after this holds a worker's work poll open 1 s, not 25: a worker says it
+    connected when its first poll is answered, which the tests wait for."""
+    monkeypatch.setenv("APPLIANCE_CLUSTER__WORK_WAIT", "1s")
 
 
 @pytest.fixture
@@ -116,15 +123,15 @@ def listening_sockets(pid: int) -> set[int]:
     return held & listening
 
 
-def import_tiny(cli: Any, tiny_gguf: Path) -> None:
-    result = cli("models", "import", str(tiny_gguf), "--name", "tiny")
-    assert result.returncode == 0, result.stderr
-
-
 def test_a_worker_joins_loads_a_model_from_the_server_and_keeps_it_over_a_restart(
-    server: Server, cli: Any, tiny_gguf: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]
+    short_polls: None,
+    server: Server,
+    data_dir: Path,
+    tiny_gguf: Path,
+    tmp_path: Path,
+    workers: Callable[..., WorkerProcess],
 ) -> None:
-    import_tiny(cli, tiny_gguf)
+    import_file(data_dir, tiny_gguf, "tiny")
     token = server.client.post("/api/v1/nodes/tokens", json={"expires": "1h"}).json()["token"]
     worker_dir = tmp_path / "worker"
     worker = workers(worker_dir, "join", server.url, "--token", token, "--name", "w1")
@@ -185,10 +192,14 @@ def test_a_worker_joins_loads_a_model_from_the_server_and_keeps_it_over_a_restar
 
 
 def test_work_sent_through_the_servers_channel_streams_back_from_the_worker_process(
-    live_server: Any, cli: Any, tmp_path: Path, workers: Callable[..., WorkerProcess]
+    live_server: Any, data_dir: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]
 ) -> None:
     # a long context, so that a generation runs long enough to be cancelled mid-way
-    import_tiny(cli, write_llama_gguf(tmp_path / "long.gguf", context=8192, chat_template=TINY_CHAT_TEMPLATE))
+    import_file(
+        data_dir,
+        write_llama_gguf(tmp_path / "long.gguf", context=8192, chat_template=TINY_CHAT_TEMPLATE),
+        "tiny",
+    )
     live: Live = live_server()
     worker = workers(tmp_path / "worker", "join", live.url, "--token", live.token(), "--name", "w2")
     node = wait_for(lambda: node_named(live.client, "w2"), "the node", worker)
@@ -287,13 +298,18 @@ class ServeProcess:
 
 
 def test_a_worker_pins_the_servers_ca_from_the_token_and_rides_out_a_server_restart(
-    cli: Any, data_dir: Path, tiny_gguf: Path, tmp_path: Path, workers: Callable[..., WorkerProcess]
+    short_polls: None,
+    cli: Any,
+    data_dir: Path,
+    tiny_gguf: Path,
+    tmp_path: Path,
+    workers: Callable[..., WorkerProcess],
 ) -> None:
     """Over HTTPS with nothing but the token's fingerprint (no CA set up on the worker), the join,
     the heartbeats and the blob fetch all go through the pinned CA; a server that goes away is
     retried with backoff until it is back."""
     assert cli("tls", "init").returncode == 0
-    import_tiny(cli, tiny_gguf)
+    import_file(data_dir, tiny_gguf, "tiny")
     ca_file = data_dir / "tls" / "ca.crt"
     port = free_port()
     serving = ServeProcess(data_dir, port, ca_file)

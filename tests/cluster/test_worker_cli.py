@@ -63,7 +63,8 @@ class StandIn:
 @contextmanager
 def standin(status: int, detail: str, *, tls: ssl.SSLContext | None = None) -> Iterator[StandIn]:
     server = StandIn(status, detail, tls=tls)
-    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    # a short poll_interval: shutdown waits for serve_forever's next look
+    thread = threading.Thread(target=server.httpd.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server

@@ -20,7 +20,7 @@ from appliance.models.importdir import DirImporter
 from appliance.runtime import Runtime
 from appliance.web.errors import PROBLEM_HANDLERS
 from appliance.web.importdir import import_dir
-from tests.conftest import CliResult, Server
+from tests.conftest import CliResult, Server, import_file
 from tests.models.dirlayouts import (
     COMMIT_GGUF,
     COMMIT_ST,
@@ -199,9 +199,9 @@ def test_a_second_run_reports_present_and_duplicates_nothing(
 
 
 def test_a_name_taken_by_other_content_is_refused_and_kept(
-    cli: object, layouts: Layouts, tiny_gguf: Path
+    cli: object, layouts: Layouts, tiny_gguf: Path, data_dir: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny:1b").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny:1b")
     digest = listed(cli)["tiny:1b"]["artifacts"][0]["digest"]
     models = by_name(run_json(cli, str(layouts.ollama), expect=1))
     assert models["tiny:1b"]["status"] == "failed"

@@ -39,7 +39,8 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def upstream() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # a short poll_interval: shutdown waits for serve_forever's next look
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
     server.server_close()

@@ -5,6 +5,7 @@ its tool_result answered, errors in Anthropic's shape, and API keys sent as ``x-
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,25 @@ import anthropic
 import pytest
 
 from tests import tool_definitions
-from tests.conftest import Server
+from tests.conftest import Server, started_server
 from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import ASK, messages_tool
-from tests.web.conftest import Keys, import_model
+from tests.web.conftest import Keys, import_model, ran
 
 WEATHER: Any = messages_tool(tool_definitions.WEATHER)
 TIME: Any = messages_tool(tool_definitions.TIME)
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module: its tests only ask, and each reads only its own answers (the
+    one with auth on has a server of its own)."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def models(shared_models: dict[str, str]) -> dict[str, str]:
+    return shared_models
 
 
 @pytest.fixture
@@ -198,12 +211,17 @@ def test_what_it_cannot_honour_is_refused_in_anthropics_shape(
     server: Server, models: dict[str, str], extra: dict[str, Any], message: str
 ) -> None:
     body = {"model": models["generic"], "max_tokens": 4, "messages": ASK, **extra}
-    refused = server.client.post("/v1/messages", json={k: v for k, v in body.items() if v is not None})
+    request_id = uuid.uuid4().hex
+    refused = server.client.post(
+        "/v1/messages",
+        json={k: v for k, v in body.items() if v is not None},
+        headers={"X-Request-ID": request_id},
+    )
     assert refused.status_code == 400
     error = refused.json()
     assert (error["type"], error["error"]["type"]) == ("error", "invalid_request_error")
     assert error["error"]["message"].startswith(message)
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, request_id) == []  # nothing ran
 
 
 def test_errors_reach_the_client_as_its_own_and_unknown_fields_pass(
@@ -224,12 +242,14 @@ def test_errors_reach_the_client_as_its_own_and_unknown_fields_pass(
 
 
 @pytest.fixture
-def secured(keys: Keys, server: Server) -> Server:
-    return server
+def secured(keys: Keys, data_dir: Path) -> Iterator[Server]:
+    """A server of this test's own, with auth on (``keys``)."""
+    with started_server(data_dir) as started:
+        yield started
 
 
-def test_api_keys_go_as_x_api_key(secured: Server, keys: Keys, cli: object, tmp_path: Path) -> None:
-    model = import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE)
+def test_api_keys_go_as_x_api_key(secured: Server, keys: Keys, data_dir: Path) -> None:
+    model = import_model(data_dir, "generic", TINY_CHAT_TEMPLATE)
     with anthropic.Anthropic(base_url=secured.url, api_key=keys.user, max_retries=0) as client:
         message = client.messages.create(model=model, messages=ASK, max_tokens=1)
     assert message.usage.output_tokens == 1

@@ -13,28 +13,43 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import APPLIANCE, Server
+from tests.conftest import APPLIANCE, Server, import_file, started_server
 from tests.fileserver import serve_files
 from tests.web.serving import serving
 
 PROBLEM = "application/problem+json"
 
 
-def test_health_and_readiness(server: Server, cli: object, tiny_gguf: Path) -> None:
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server, with no models, for the module's tests that change nothing (or put back what
+    they change); those that add models, or read the audit log or what is loaded, have
+    ``own_server``."""
+    return shared_server
+
+
+@pytest.fixture
+def own_server(data_dir: Path) -> Iterator[Server]:
+    with started_server(data_dir) as started:
+        yield started
+
+
+def test_health_and_readiness(own_server: Server, data_dir: Path, tiny_gguf: Path) -> None:
     """REQ-MODELS-0114: not ready while no inference path exists, and say why."""
+    server = own_server
     assert server.client.get("/healthz").json() == {"status": "ok"}
     not_ready = server.client.get("/readyz")
     assert not_ready.status_code == 503
     reasons = not_ready.json()["reasons"]
     assert any("import a GGUF model" in reason for reason in reasons)
-    assert cli("models", "import", str(tiny_gguf)).returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf)
     ready = server.client.get("/readyz")
     assert ready.status_code == 200
     assert (ready.json()["ready"], ready.json()["reasons"]) == (True, [])
 
 
-def test_models_lifecycle_over_http(server: Server, tiny_gguf: Path) -> None:
-    client = server.client
+def test_models_lifecycle_over_http(own_server: Server, tiny_gguf: Path) -> None:
+    client = own_server.client
     assert client.get("/api/v1/models").json() == []
     imported = client.post(
         "/api/v1/models/import",
@@ -156,8 +171,8 @@ def test_cross_site_requests_and_foreign_host_names_are_refused(server: Server) 
     assert server.client.get("/api/v1/models", headers={"Host": f"localhost:{port}"}).status_code == 200
 
 
-def test_every_post_that_creates_nothing_answers_200(server: Server, tiny_gguf: Path) -> None:
-    client = server.client
+def test_every_post_that_creates_nothing_answers_200(own_server: Server, tiny_gguf: Path) -> None:
+    client = own_server.client
     assert (
         client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "tiny"}).status_code == 200
     )
@@ -169,8 +184,9 @@ def test_every_post_that_creates_nothing_answers_200(server: Server, tiny_gguf: 
 
 @pytest.mark.parametrize("keep_alive", ["bogus", "", "5 minutes"])
 def test_load_refuses_a_keep_alive_that_is_not_a_duration(
-    server: Server, tiny_gguf: Path, data_dir: Path, keep_alive: object
+    own_server: Server, tiny_gguf: Path, data_dir: Path, keep_alive: object
 ) -> None:
+    server = own_server
     assert server.client.post("/api/v1/models/import", json={"path": str(tiny_gguf)}).is_success
     refused = server.client.post("/api/v1/models/load", json={"name": "tiny", "keep_alive": keep_alive})
     assert refused.status_code == 400
@@ -236,7 +252,8 @@ def test_a_filter_that_cannot_match_is_refused_with_the_accepted_forms(
     assert words in refused.json()["hint"]
 
 
-def test_a_valid_filter_still_filters(server: Server, tiny_gguf: Path) -> None:
+def test_a_valid_filter_still_filters(own_server: Server, tiny_gguf: Path) -> None:
+    server = own_server
     assert server.client.post("/api/v1/models/import", json={"path": str(tiny_gguf)}).is_success
     assert len(server.client.get("/api/v1/audit", params={"since": "2000-01-01"}).json()) == 1
     assert server.client.get("/api/v1/audit", params={"until": "2000-01-01T00:00:00Z"}).json() == []
@@ -281,8 +298,9 @@ def client_stream(server: Server, path: str) -> Iterator[httpx.Response]:
         yield response
 
 
-def test_download_events_are_each_well_formed(server: Server, tiny_gguf: Path) -> None:
+def test_download_events_are_each_well_formed(own_server: Server, tiny_gguf: Path) -> None:
     """Every event is one block of `event:` and `data:` lines ended by a blank line, once each."""
+    server = own_server
     with serve_files() as files, client_stream(server, "/api/v1/downloads/events") as response:
         served = files.add("/events.gguf", tiny_gguf.read_bytes())
         assert server.client.post("/api/v1/models/pull", json={"ref": served}).status_code in (200, 202)
@@ -316,9 +334,9 @@ def test_every_response_carries_the_security_headers(server: Server) -> None:
 
 
 def test_import_over_http_refuses_a_second_gguf_then_replaces_it_when_asked(
-    server: Server, tiny_gguf: Path, make_gguf: Any
+    own_server: Server, tiny_gguf: Path, make_gguf: Any
 ) -> None:
-    client = server.client
+    client = own_server.client
     first = client.post("/api/v1/models/import", json={"path": str(tiny_gguf), "name": "swap"})
     assert first.status_code == 200, first.text
     other = make_gguf("other.gguf", seed=7)
@@ -336,8 +354,8 @@ def test_import_over_http_refuses_a_second_gguf_then_replaces_it_when_asked(
     assert replaced.json()["digest"] != first.json()["digest"]
 
 
-def test_import_over_http_hard_links_only_when_asked(server: Server, tiny_gguf: Path) -> None:
-    linked = server.client.post(
+def test_import_over_http_hard_links_only_when_asked(own_server: Server, tiny_gguf: Path) -> None:
+    linked = own_server.client.post(
         "/api/v1/models/import", json={"path": str(tiny_gguf), "name": "linked", "link": True}
     )
     assert linked.status_code == 200, linked.text

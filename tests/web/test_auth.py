@@ -16,7 +16,7 @@ from appliance.identity import Actor
 from appliance.settings import Settings
 from appliance.web.app import create_app
 from appliance.web.auth import ROUTE_ACTIONS
-from tests.conftest import APPLIANCE, Server, free_port
+from tests.conftest import APPLIANCE, Server, free_port, import_file
 from tests.web.conftest import PASSWORD, Keys
 
 # A value for each path parameter: enough to reach the handler (which may then say 404 or 400).
@@ -199,8 +199,8 @@ def test_the_site_may_let_users_pull(secured: Server, keys: Keys) -> None:
 
 
 @pytest.fixture
-def tiny_secured(keys: Keys, cli: object, tiny_gguf: Path, server: Server) -> Server:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+def tiny_secured(keys: Keys, data_dir: Path, tiny_gguf: Path, server: Server) -> Server:
+    import_file(data_dir, tiny_gguf, "tiny")
     return server
 
 

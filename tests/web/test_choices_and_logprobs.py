@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ollama
@@ -13,16 +13,21 @@ import openai
 import pytest
 
 from tests.conftest import Server
-from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import ASK, WEATHER
-from tests.web.conftest import import_model
+from tests.web.conftest import ran
 
 HELLO: Any = [{"role": "user", "content": "hello"}]
 
 
+@pytest.fixture(scope="module")
+def server(shared_server: Server, shared_tiny: str) -> Server:
+    """One server for the module, with ``tiny``: its tests only ask, and each reads only its own
+    answers."""
+    return shared_server
+
+
 @pytest.fixture
-def client(server: Server, cli: object, tiny_gguf: Path) -> Iterator[openai.OpenAI]:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+def client(server: Server) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
         yield client
 
@@ -41,9 +46,16 @@ def joined_bytes(entries: list[Any]) -> str:
 
 
 def test_n_choices_are_decoded_together_and_seeded_ones_repeat(client: openai.OpenAI, server: Server) -> None:
+    request_id = uuid.uuid4().hex
+
     def texts(**extra: Any) -> list[str]:
         completion = client.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=8, temperature=1, **extra
+            model="tiny",
+            messages=HELLO,
+            max_tokens=8,
+            temperature=1,
+            extra_headers={"X-Request-ID": request_id},
+            **extra,
         )
         assert [choice.index for choice in completion.choices] == list(range(len(completion.choices)))
         assert completion.usage is not None
@@ -55,7 +67,7 @@ def test_n_choices_are_decoded_together_and_seeded_ones_repeat(client: openai.Op
     assert texts(n=3, seed=5) == seeded  # repeatable
     assert len(set(seeded)) > 1  # seeds 5, 6 and 7: different draws
     assert texts(seed=5) == seeded[:1]  # choice 0 is what the seed alone gives
-    assert len(server.client.get("/api/v1/inference").json()) == 7  # one sequence per choice
+    assert len(ran(server, request_id)) == 7  # one sequence per choice
 
 
 def test_n_choices_stream_interleaved_with_their_index(client: openai.OpenAI) -> None:
@@ -90,8 +102,10 @@ def test_n_completions(client: openai.OpenAI) -> None:
     assert completion.usage.completion_tokens == 12
 
 
-def test_n_choices_each_read_their_own_tool_calls(client: openai.OpenAI, cli: object, tmp_path: Path) -> None:
-    model = import_model(cli, tmp_path, "generic", TINY_CHAT_TEMPLATE)  # room for the tools in the prompt
+def test_n_choices_each_read_their_own_tool_calls(
+    client: openai.OpenAI, shared_models: dict[str, str]
+) -> None:
+    model = shared_models["generic"]  # room for the tools in the prompt
     completion = client.chat.completions.create(
         model=model,
         messages=ASK,
@@ -197,17 +211,20 @@ def test_legacy_completion_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_logprobs_errors(client: openai.OpenAI, server: Server) -> None:
+    sent = {"X-Request-ID": uuid.uuid4().hex}
     for extra, param in (
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, extra_body=extra)
+            client.chat.completions.create(
+                model="tiny", messages=HELLO, max_tokens=2, extra_body=extra, extra_headers=sent
+            )
         assert refused.value.body["param"] == param  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=21)
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=21, extra_headers=sent)
     assert refused.value.body["param"] == "logprobs"  # type: ignore[index]
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, sent["X-Request-ID"]) == []  # nothing ran
 
 
 # -- Ollama ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.errors import CredentialsRefused
 from appliance.tls import fetch_pinned_ca
+from tests.conftest import import_file
 from tests.web.serving import serving
 
 PROBLEM = "application/problem+json"
@@ -243,7 +244,7 @@ def test_blob_and_bundle_uploads_are_not_held_to_the_json_cap(
 ) -> None:
     body = tiny_gguf.read_bytes()
     assert len(body) > 64 * 1024
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     bundle = tmp_path / "tiny.tar"
     assert cli("bundle", "export", "tiny", "-o", str(bundle)).returncode == 0  # type: ignore[operator]
     assert cli("models", "rm", "tiny").returncode == 0  # type: ignore[operator]

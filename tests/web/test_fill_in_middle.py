@@ -6,6 +6,7 @@ after ``<s>`` 1), so the returned context shows how the prompt was built, token 
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import ollama
@@ -14,16 +15,22 @@ import pytest
 
 from tests.conftest import Server
 from tests.tiny_model import TINY_CHAT_TEMPLATE
-from tests.web.conftest import import_model
+from tests.web.conftest import ran, shared_import
 
 BOS, FIM_PRE, FIM_SUF, FIM_MID = 1, 3, 4, 5
 GREEDY = {"temperature": 0, "num_predict": 6}
 
 
-@pytest.fixture
-def coder(cli: object, tmp_path: Path) -> str:
-    import_model(cli, tmp_path, "coder", TINY_CHAT_TEMPLATE, fim=True)
-    import_model(cli, tmp_path, "tiny", TINY_CHAT_TEMPLATE)
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module: its tests only ask, and each reads only its own answers."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def coder(shared_data_dir: Path) -> str:
+    shared_import(shared_data_dir, "coder", TINY_CHAT_TEMPLATE, fim=True)
+    shared_import(shared_data_dir, "tiny", TINY_CHAT_TEMPLATE)
     return "coder"
 
 
@@ -119,11 +126,13 @@ def test_context_holds_the_prompt_and_answer_and_continues(ollama_client: ollama
 
 
 @pytest.mark.parametrize("token", [-1, 100_000])
-def test_context_tokens_outside_the_vocabulary_are_refused(
-    ollama_client: ollama.Client, server: Server, coder: str, token: int
-) -> None:
-    with pytest.raises(ollama.ResponseError) as refused:
-        ollama_client.generate(model=coder, prompt="hi", context=[BOS, token])
+def test_context_tokens_outside_the_vocabulary_are_refused(server: Server, coder: str, token: int) -> None:
+    request_id = uuid.uuid4().hex
+    with (
+        ollama.Client(host=server.url, timeout=60, headers={"X-Request-ID": request_id}) as client,
+        pytest.raises(ollama.ResponseError) as refused,
+    ):
+        client.generate(model=coder, prompt="hi", context=[BOS, token])
     assert refused.value.status_code == 400
     assert f"context.1 is token {token}, outside this model's vocabulary of 260 tokens" in refused.value.error
-    assert [record["outcome"] for record in server.client.get("/api/v1/inference").json()] == []
+    assert ran(server, request_id) == []  # nothing ran

@@ -129,8 +129,11 @@ def test_the_cli_pages_too(runtime: Runtime, context: Context, tiny_gguf: Path, 
         ({"cursor": base64.urlsafe_b64encode(b"Bad Name!").decode()}, "is not one a model list gave"),
     ],
 )
-def test_a_bad_limit_or_cursor_is_a_clear_400(server: Server, params: dict[str, str], says: str) -> None:
-    answer = server.client.get("/api/v1/models", params=params)
+def test_a_bad_limit_or_cursor_is_a_clear_400(
+    shared_server: Server, params: dict[str, str], says: str
+) -> None:
+    """One server for every case: a refusal changes nothing."""
+    answer = shared_server.client.get("/api/v1/models", params=params)
     assert answer.status_code == 400
     assert says in answer.text
 

@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,13 +19,27 @@ import ollama
 import pytest
 
 from appliance.settings import OLLAMA_API_VERSION
-from tests.conftest import CliResult, Server
+from tests.conftest import CliResult, Server, import_file, started_server
 from tests.fileserver import serve_files
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.web.conftest import ran
 from tests.web.serving import serving
 
 GREEDY = {"temperature": 0, "num_predict": 5}
 NO_SUCH = "sha256:" + "0" * 64
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module's tests that only ask (each reads only its own answers) and find
+    ``tiny`` alone there; those that add, delete, load or unload models, or read what is loaded,
+    or need other settings, have ``own_server``."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_tiny: str) -> str:
+    return shared_tiny
 
 
 @pytest.fixture
@@ -33,22 +48,30 @@ def client(server: Server) -> Iterator[ollama.Client]:
         yield client
 
 
-def import_model(cli: object, path: Path, name: str) -> None:
-    result: CliResult = cli("models", "import", str(path), "--name", name)  # type: ignore[operator]
-    assert result.returncode == 0, result.stderr
+@pytest.fixture
+def own_server(data_dir: Path) -> Iterator[Server]:
+    with started_server(data_dir) as started:
+        yield started
 
 
 @pytest.fixture
-def tiny(cli: object, tiny_gguf: Path) -> str:
-    import_model(cli, tiny_gguf, "tiny")
+def own_client(own_server: Server) -> Iterator[ollama.Client]:
+    with ollama.Client(host=own_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def own_tiny(data_dir: Path, tiny_gguf: Path) -> str:
+    """``tiny`` in this test's own data dir."""
+    import_file(data_dir, tiny_gguf, "tiny")
     return "tiny"
 
 
 @pytest.fixture
-def long_model(cli: object, tmp_path: Path) -> str:
+def long_model(data_dir: Path, tmp_path: Path) -> str:
     """Greedy decoding never stops on its own here: about 4,000 tokens, several seconds of work."""
     path = write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE)
-    import_model(cli, path, "long")
+    import_file(data_dir, path, "long")
     return "long"
 
 
@@ -96,7 +119,10 @@ def test_version_and_list(server: Server, client: ollama.Client, tiny: str, tiny
     assert server.client.get("/api/tags").json()["models"][0]["name"] == "tiny:latest"
 
 
-def test_show(server: Server, client: ollama.Client, tiny: str, make_gguf: Any, cli: object) -> None:
+def test_show(
+    own_server: Server, own_client: ollama.Client, own_tiny: str, make_gguf: Any, data_dir: Path
+) -> None:
+    server, client = own_server, own_client
     shown = client.show("tiny")
     assert shown.template == TINY_CHAT_TEMPLATE
     assert shown.parameters == ""
@@ -110,7 +136,7 @@ def test_show(server: Server, client: ollama.Client, tiny: str, make_gguf: Any, 
     assert shown.modelfile is not None
     assert "\nFROM /" in shown.modelfile
 
-    import_model(cli, make_gguf("plain.gguf"), "plain")  # no chat template: the engine uses ChatML
+    import_file(data_dir, make_gguf("plain.gguf"), "plain")  # no chat template: the engine uses ChatML
     plain = server.client.post("/api/show", json={"name": "plain"})  # "name": the older spelling
     assert plain.status_code == 200
     assert (plain.json()["template"], plain.json()["parameters"]) == ("", f'{"stop":<30} "<|im_end|>"')
@@ -120,7 +146,8 @@ def test_show(server: Server, client: ollama.Client, tiny: str, make_gguf: Any, 
     assert (missing.status_code, missing.json()) == (400, {"error": "model is required"})
 
 
-def test_delete(server: Server, client: ollama.Client, tiny: str) -> None:
+def test_delete(own_server: Server, own_client: ollama.Client, own_tiny: str) -> None:
+    server, client = own_server, own_client
     assert client.generate(model="tiny").done_reason == "load"
     assert client.delete("tiny").status == "success"
     assert client.list().models == []
@@ -142,10 +169,11 @@ def loaded_names(server: Server) -> list[str]:
 
 @pytest.mark.parametrize("surface", ["ollama", "api"])
 def test_deleting_a_model_unloads_it_once_its_requests_end(
-    server: Server, client: ollama.Client, tiny: str, long_model: str, surface: str
+    own_server: Server, own_client: ollama.Client, own_tiny: str, long_model: str, surface: str
 ) -> None:
     """One behaviour on every surface: an idle model unloads at once; one serving a request leaves
     ps at once, lets the request finish, then unloads."""
+    server, client = own_server, own_client
     assert client.generate(model="tiny", keep_alive=-1).done_reason == "load"
     assert delete_over(server, surface, "tiny").status_code == 200
     assert loaded_names(server) == []
@@ -168,8 +196,9 @@ def test_deleting_a_model_unloads_it_once_its_requests_end(
 
 
 def test_a_model_removed_by_the_cli_leaves_the_servers_pool(
-    server: Server, client: ollama.Client, tiny: str, cli: object
+    own_server: Server, own_client: ollama.Client, own_tiny: str, cli: object
 ) -> None:
+    server, client = own_server, own_client
     assert client.generate(model="tiny", keep_alive=-1).done_reason == "load"
     removed: CliResult = cli("models", "rm", "tiny")  # type: ignore[operator]
     assert removed.returncode == 0, removed.stderr
@@ -247,7 +276,8 @@ def test_chat_streamed_and_whole(client: ollama.Client, tiny: str) -> None:
     assert (whole.done_reason, whole.eval_count) == ("length", 5)
 
 
-def test_load_unload_and_ps(client: ollama.Client, tiny: str, tiny_gguf: Path) -> None:
+def test_load_unload_and_ps(own_client: ollama.Client, own_tiny: str, tiny_gguf: Path) -> None:
+    client = own_client
     assert client.ps().models == []
     loaded = client.generate(model="tiny")  # no prompt: only load
     assert (loaded.done, loaded.done_reason, loaded.response) == (True, "load", "")
@@ -292,10 +322,11 @@ def coordinating(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_server_that_only_coordinates_refuses_to_load_into_its_own_engine(
-    coordinating: None, server: Server, cli: object, tiny: str
+    coordinating: None, own_server: Server, cli: object, own_tiny: str
 ) -> None:
     """Ollama's preload and `models load` would load where no request is routed: a 409 that says
     where to load instead; unloading a model that is not loaded still answers as before."""
+    server = own_server
     port = server.url.rsplit(":", 1)[1]
     with ollama.Client(host=server.url, timeout=60) as client:
         refusals = [
@@ -327,7 +358,10 @@ def test_a_server_that_only_coordinates_refuses_to_load_into_its_own_engine(
 # -- pull --------------------------------------------------------------------------------------
 
 
-def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path, tmp_path: Path) -> None:
+def test_pull_local_files(
+    own_server: Server, own_client: ollama.Client, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    server, client = own_server, own_client
     source = tmp_path / "pulled" / "Other-Model.gguf"
     source.parent.mkdir()
     source.write_bytes(tiny_gguf.read_bytes())
@@ -354,15 +388,17 @@ def test_pull_local_files(server: Server, client: ollama.Client, tiny_gguf: Path
     ],
 )
 def test_pull_errors(client: ollama.Client, ref: str, status: int, words: str) -> None:
+    before = client.list().models
     error = response_error(lambda: client.pull(ref))
     assert error.status_code == status
     assert words in error.error
     streamed = response_error(lambda: client.pull(ref, stream=True))  # fails before the stream starts
     assert streamed.status_code == status
-    assert client.list().models == []
+    assert client.list().models == before  # the pulls added nothing
 
 
-def test_pull_a_url_with_progress(client: ollama.Client, tiny_gguf: Path) -> None:
+def test_pull_a_url_with_progress(own_client: ollama.Client, tiny_gguf: Path) -> None:
+    client = own_client
     with serve_files() as files:
         url = files.add("/models/Web-Model.gguf", tiny_gguf.read_bytes())
         statuses = list(client.pull(url, stream=True))
@@ -385,7 +421,10 @@ def test_pull_of_a_file_that_is_not_a_model(client: ollama.Client, tmp_path: Pat
 # -- blobs -------------------------------------------------------------------------------------
 
 
-def test_blobs(server: Server, client: ollama.Client, data_dir: Path, tiny: str, tiny_gguf: Path) -> None:
+def test_blobs(
+    own_server: Server, own_client: ollama.Client, data_dir: Path, own_tiny: str, tiny_gguf: Path
+) -> None:
+    server, client = own_server, own_client
     http = server.client
     assert http.head(f"/api/blobs/{sha256(tiny_gguf.read_bytes())}").status_code == 200
 
@@ -484,12 +523,14 @@ def test_invalid_generate_requests_are_400(
     ],
 )
 def test_fields_it_cannot_honour_are_refused_by_name(
-    server: Server, client: ollama.Client, tiny: str, call: Callable[[ollama.Client], Any], field: str
+    server: Server, tiny: str, call: Callable[[ollama.Client], Any], field: str
 ) -> None:
-    error = response_error(lambda: call(client))
+    request_id = uuid.uuid4().hex
+    with ollama.Client(host=server.url, timeout=60, headers={"X-Request-ID": request_id}) as client:
+        error = response_error(lambda: call(client))
     assert error.status_code == 400
     assert field in error.error
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, request_id) == []  # nothing ran
 
 
 def test_sampling_options_reach_llama_cpps_samplers(client: ollama.Client, tiny: str) -> None:
@@ -507,9 +548,9 @@ def test_sampling_options_reach_llama_cpps_samplers(client: ollama.Client, tiny:
 
 
 def test_options_the_appliance_decides_are_ignored_and_said_in_the_log(
-    cli: object, tiny_gguf: Path, data_dir: Path
+    tiny_gguf: Path, data_dir: Path
 ) -> None:
-    import_model(cli, tiny_gguf, "tiny")
+    import_file(data_dir, tiny_gguf, "tiny")
     with serving(data_dir) as server, ollama.Client(host=server.url, timeout=60) as client:
         options = {"num_thread": 2, "use_mmap": True, "num_keep": 4, **GREEDY}
         assert client.generate(model="tiny", prompt="hi", options=options).done
@@ -561,7 +602,7 @@ def one_slot_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequ
     """A server whose models decode one request at a time and let one more wait."""
     monkeypatch.setenv("APPLIANCE_ENGINE__PARALLEL", "1")
     monkeypatch.setenv("APPLIANCE_ENGINE__QUEUE_SIZE", "1")
-    server: Server = request.getfixturevalue("server")
+    server: Server = request.getfixturevalue("own_server")
     return server
 
 
@@ -598,7 +639,8 @@ def test_a_full_queue_is_503_with_retry_after(one_slot_server: Server, long_mode
     assert [response.status_code for response in waiting] == [200]
 
 
-def test_a_stream_stops_when_its_client_goes_away(server: Server, long_model: str) -> None:
+def test_a_stream_stops_when_its_client_goes_away(own_server: Server, long_model: str) -> None:
+    server = own_server
     body = {"model": "long", "prompt": "hi", "options": {"temperature": 0}}
     with server.client.stream(
         "POST", "/api/chat", json={**body, "messages": [{"role": "user", "content": "hi"}]}

@@ -14,13 +14,26 @@ import ollama
 import pytest
 
 from appliance.settings import OLLAMA_API_VERSION
-from tests.conftest import CliResult, Server
+from tests.conftest import CliResult, Server, import_file, started_server
 from tests.provision.test_oci import registry, serving_registry  # noqa: F401 (registry: a fixture)
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
 from tests.web.serving import serving
-from tests.web.test_ollama import import_model, response_error
+from tests.web.test_ollama import response_error
 
 GREEDY = {"temperature": 0, "num_predict": 4}
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module's tests that only ask, or add a model no other test reads; those
+    that read the data dir or the whole list of models, or need other settings, have
+    ``own_server``."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_tiny: str) -> str:
+    return shared_tiny
 
 
 @pytest.fixture
@@ -30,17 +43,29 @@ def client(server: Server) -> Iterator[ollama.Client]:
 
 
 @pytest.fixture
-def tiny(cli: object, tiny_gguf: Path) -> str:
-    import_model(cli, tiny_gguf, "tiny")
+def own_server(data_dir: Path) -> Iterator[Server]:
+    with started_server(data_dir) as started:
+        yield started
+
+
+@pytest.fixture
+def own_client(own_server: Server) -> Iterator[ollama.Client]:
+    with ollama.Client(host=own_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def own_tiny(data_dir: Path, tiny_gguf: Path) -> str:
+    """``tiny`` in this test's own data dir."""
+    import_file(data_dir, tiny_gguf, "tiny")
     return "tiny"
 
 
 @pytest.fixture
-def long_model(cli: object, tmp_path: Path) -> str:
+def long_model(data_dir: Path, tmp_path: Path) -> str:
     """Greedy decoding never stops on its own here (about 4,000 tokens)."""
-    import_model(
-        cli, write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE), "long"
-    )
+    path = write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE)
+    import_file(data_dir, path, "long")
     return "long"
 
 
@@ -65,7 +90,8 @@ def norm(vector: list[float]) -> float:
 # -- version -----------------------------------------------------------------------------------
 
 
-def test_version_reports_the_ollama_api_level_and_answers_head(server: Server, data_dir: Path) -> None:
+def test_version_reports_the_ollama_api_level_and_answers_head(own_server: Server, data_dir: Path) -> None:
+    server = own_server
     assert server.client.get("/api/version").json() == {"version": OLLAMA_API_VERSION}
     for path in ("/api/version", "/api/tags"):
         answer = server.client.head(path)
@@ -143,8 +169,9 @@ def test_embed_refusals(server: Server, tiny: str, body: dict[str, Any], status:
 
 
 def test_create_from_an_uploaded_blob_then_from_that_model(
-    server: Server, client: ollama.Client, cli: Any, data_dir: Path, tiny_gguf: Path
+    own_server: Server, own_client: ollama.Client, cli: Any, data_dir: Path, tiny_gguf: Path
 ) -> None:
+    server, client = own_server, own_client
     digest = client.create_blob(tiny_gguf)
     statuses = [
         update.status
@@ -195,7 +222,10 @@ def test_create_from_an_uploaded_blob_then_from_that_model(
     assert "PARAMETER num_predict" in (shown.modelfile or "")
 
 
-def test_parameters_are_the_models_defaults_under_the_request(client: ollama.Client, long_model: str) -> None:
+def test_parameters_are_the_models_defaults_under_the_request(
+    own_client: ollama.Client, long_model: str
+) -> None:
+    client = own_client
     client.create(
         model="brief", from_=long_model, parameters={"num_predict": 3, "stop": "never"}, stream=False
     )
@@ -220,7 +250,8 @@ def test_create_with_a_jinja_template_and_messages(client: ollama.Client, tiny: 
     assert scripted.prompt_eval_count != bare.prompt_eval_count  # another template, earlier turns
 
 
-def test_copy_shares_the_blobs(client: ollama.Client, tiny: str, cli: Any, data_dir: Path) -> None:
+def test_copy_shares_the_blobs(own_client: ollama.Client, own_tiny: str, cli: Any, data_dir: Path) -> None:
+    client, tiny = own_client, own_tiny
     before = blob_files(data_dir)
     assert client.copy(tiny, "tiny-copy").status == "success"
     listed = models_ls(cli)
@@ -258,8 +289,9 @@ CREATE_REFUSALS: list[tuple[dict[str, Any], int, str]] = [
 ]
 
 
-def test_create_refusals_change_nothing(server: Server, tiny: str, cli: Any, data_dir: Path) -> None:
+def test_create_refusals_change_nothing(own_server: Server, own_tiny: str, cli: Any, data_dir: Path) -> None:
     """One server for every case: each is refused before anything is written."""
+    server = own_server
     before, blobs = models_ls(cli), blob_files(data_dir)
     for body, status, words in CREATE_REFUSALS:
         answer = server.client.post("/api/create", json=body)
@@ -298,7 +330,7 @@ def test_push_to_a_site_registry_and_pull_back_by_name(
         "APPLIANCE_MODELS__DOWNLOAD__OLLAMA_REGISTRY": registry,
         "APPLIANCE_MODELS__DOWNLOAD__OCI_PLAIN_HTTP": json.dumps([registry]),
     }
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    import_file(data_dir, tiny_gguf, "tiny")
     with serving(data_dir, env=env) as server, ollama.Client(host=server.url, timeout=60) as client:
         client.create(model="terse", from_="tiny", system="Answer in one word.", stream=False)
         pushed = list(client.push("terse", stream=True))
@@ -346,16 +378,17 @@ def test_insecure_pushes_only_to_loopback(
 
 
 def test_what_cannot_be_pushed_or_is_refused_by_the_registry(
-    client: ollama.Client,
-    cli: Any,
+    own_client: ollama.Client,
+    data_dir: Path,
     tmp_path: Path,
-    tiny: str,
+    own_tiny: str,
     readonly_registry: str,
 ) -> None:
+    client = own_client
     weights = tmp_path / "encoder.safetensors"
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
-    assert cli("models", "import", str(weights), "--name", "encoder").returncode == 0
+    import_file(data_dir, weights, "encoder")
     other = response_error(lambda: client.push(f"{readonly_registry}/library/encoder", insecure=True))
     assert other.status_code == 400
     assert "cannot be pushed in Ollama's layout" in other.error
@@ -386,7 +419,7 @@ def test_push_refusals(server: Server, tiny: str, body: dict[str, Any], status: 
 
 
 def test_bare_names_and_pushes_follow_offline_mode(data_dir: Path, cli: Any, tiny_gguf: Path) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    import_file(data_dir, tiny_gguf, "tiny")
     with serving(data_dir, env={"APPLIANCE_OFFLINE": "1"}) as server:
         insecure = server.client.post("/api/pull", json={"model": "llama3.2", "insecure": True})
         assert insecure.status_code == 400

@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,14 +17,35 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import APPLIANCE, Server
+from tests.conftest import APPLIANCE, Server, import_file, started_server
 from tests.tiny_model import write_llama_gguf
+from tests.web.conftest import ran
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server, shared_tiny: str) -> Server:
+    """One server for the module's tests that only ask, each reading only its own answers; those
+    that read the server's totals (metrics, what is loaded), load or unload, or need other
+    settings have ``own_server``."""
+    return shared_server
 
 
 @pytest.fixture
-def client(server: Server, cli: object, tiny_gguf: Path) -> Iterator[openai.OpenAI]:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+def client(server: Server) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def own_server(data_dir: Path) -> Iterator[Server]:
+    with started_server(data_dir) as started:
+        yield started
+
+
+@pytest.fixture
+def own_client(own_server: Server, data_dir: Path, tiny_gguf: Path) -> Iterator[openai.OpenAI]:
+    import_file(data_dir, tiny_gguf, "tiny")
+    with openai.OpenAI(base_url=f"{own_server.url}/v1", api_key="unused", max_retries=0) as client:
         yield client
 
 
@@ -33,8 +55,13 @@ def test_models_are_listed_by_name(client: openai.OpenAI) -> None:
 
 
 def test_chat_completion(client: openai.OpenAI, server: Server) -> None:
+    request_id = uuid.uuid4().hex
     response = client.chat.completions.with_raw_response.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=12,
+        temperature=0,
+        extra_headers={"X-Request-ID": request_id},
     )
     completion = response.parse()
     assert completion.object == "chat.completion"
@@ -46,7 +73,7 @@ def test_chat_completion(client: openai.OpenAI, server: Server) -> None:
     assert completion.usage.prompt_tokens > 0
     assert response.headers["x-appliance-engine"] == "local:llama.cpp"
     # REQ-MODELS-0118: the routing decision and its reason are recorded for every request.
-    logged = server.client.get("/api/v1/inference").json()[0]
+    [logged] = ran(server, request_id)
     assert (logged["engine"], logged["model"], logged["completion_tokens"]) == (
         "local:llama.cpp",
         "tiny:latest",
@@ -134,10 +161,11 @@ def test_a_missing_or_malformed_body_is_a_clear_400(server: Server) -> None:
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(
-    client: openai.OpenAI, server: Server, cli: object, tmp_path: Path
+    own_client: openai.OpenAI, own_server: Server, data_dir: Path, tmp_path: Path
 ) -> None:
+    client, server = own_client, own_server
     long_model = write_llama_gguf(tmp_path / "long.gguf", context=4096)  # long enough to hang up halfway
-    assert cli("models", "import", str(long_model), "--name", "long").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, long_model, "long")
     body = {
         "model": "long",
         "messages": [{"role": "user", "content": "x"}],
@@ -168,7 +196,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(
     )
 
 
-def test_metrics(client: openai.OpenAI, server: Server) -> None:
+def test_metrics(own_client: openai.OpenAI, own_server: Server) -> None:
+    client, server = own_client, own_server
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5)
     text = server.client.get("/metrics").text
     assert 'appliance_tokens_generated_total{model="tiny:latest"} 5.0' in text
@@ -177,8 +206,9 @@ def test_metrics(client: openai.OpenAI, server: Server) -> None:
 
 
 def test_usage_and_metrics_count_the_prompt_tokens_taken_from_the_cache(
-    client: openai.OpenAI, server: Server
+    own_client: openai.OpenAI, own_server: Server
 ) -> None:
+    client, server = own_client, own_server
     messages: list[Any] = [{"role": "user", "content": "the same question"}]
     first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
     second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
@@ -195,8 +225,8 @@ def test_usage_and_metrics_count_the_prompt_tokens_taken_from_the_cache(
     assert f'appliance_prompt_tokens_total{{model="tiny:latest"}} {2.0 * second.usage.prompt_tokens}' in text
 
 
-def test_cli_load_ps_unload(client: openai.OpenAI, server: Server, data_dir: Path) -> None:
-    port = server.url.rsplit(":", 1)[1]
+def test_cli_load_ps_unload(own_client: openai.OpenAI, own_server: Server, data_dir: Path) -> None:
+    port = own_server.url.rsplit(":", 1)[1]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -241,18 +271,18 @@ def one_slot_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequ
     """A server whose models decode one request at a time and let one more wait."""
     monkeypatch.setenv("APPLIANCE_ENGINE__PARALLEL", "1")
     monkeypatch.setenv("APPLIANCE_ENGINE__QUEUE_SIZE", "1")
-    server: Server = request.getfixturevalue("server")
+    server: Server = request.getfixturevalue("own_server")
     return server
 
 
 def test_a_full_queue_refuses_a_stream_before_it_starts(
-    one_slot_server: Server, cli: object, tmp_path: Path
+    one_slot_server: Server, data_dir: Path, tmp_path: Path
 ) -> None:
     """A stream that cannot be queued is a 503 with Retry-After, which OpenAI clients retry,
     not an error inside a stream whose success status is already sent."""
     server = one_slot_server
     long_model = write_llama_gguf(tmp_path / "long.gguf", context=4096)
-    assert cli("models", "import", str(long_model), "--name", "long").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, long_model, "long")
     busy = {"model": "long", "messages": [{"role": "user", "content": "x"}], "stream": True, "temperature": 0}
     with server.client.stream("POST", "/v1/chat/completions", json=busy) as running:  # the only slot
         lines = running.iter_lines()  # kept: a dropped line iterator closes the response
@@ -308,11 +338,14 @@ def test_fields_it_cannot_honour_are_refused_by_name(
     client: openai.OpenAI, server: Server, extra: dict[str, Any], param: str
 ) -> None:
     messages = extra.pop("messages", [{"role": "user", "content": "x"}])
+    sent = {"X-Request-ID": uuid.uuid4().hex}
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body=extra)
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=2, extra_body=extra, extra_headers=sent
+        )
     assert refused.value.body["param"] == param  # type: ignore[index]
     assert param in refused.value.body["message"]  # type: ignore[index]
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, sent["X-Request-ID"]) == []  # nothing ran
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
@@ -371,14 +404,14 @@ def test_every_post_answers_200(client: openai.OpenAI, server: Server) -> None:
 @pytest.fixture
 def far_east_server(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Server:
     monkeypatch.setenv("TZ", "XST-9")  # nine hours east of UTC, a POSIX zone that needs no tzdata
-    server: Server = request.getfixturevalue("server")
+    server: Server = request.getfixturevalue("own_server")
     return server
 
 
 def test_created_is_utc_whatever_the_servers_zone(
-    far_east_server: Server, cli: object, tiny_gguf: Path
+    far_east_server: Server, data_dir: Path, tiny_gguf: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     created_at = far_east_server.client.get("/api/v1/models/tiny").json()["created_at"]
     expected = int(datetime.fromisoformat(created_at.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp())
     listed = far_east_server.client.get("/v1/models").json()["data"][0]["created"]

@@ -5,6 +5,7 @@ named choice and their output sent back, structured output, and what it refuses 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import openai
@@ -13,9 +14,21 @@ import pytest
 from tests import tool_definitions
 from tests.conftest import Server
 from tests.tool_definitions import ASK, responses_tool
+from tests.web.conftest import ran
 
 WEATHER: Any = responses_tool(tool_definitions.WEATHER)
 TIME: Any = responses_tool(tool_definitions.TIME)
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module: its tests only ask, and each reads only its own answers."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def models(shared_models: dict[str, str]) -> dict[str, str]:
+    return shared_models
 
 
 def test_text_with_instructions(openai_client: openai.OpenAI, models: dict[str, str]) -> None:
@@ -212,12 +225,14 @@ def test_text_format_json_schema(openai_client: openai.OpenAI, models: dict[str,
 def test_what_it_cannot_honour_is_refused_by_name(
     server: Server, models: dict[str, str], extra: dict[str, Any], param: str, message: str
 ) -> None:
-    refused = server.client.post("/v1/responses", json={"model": models["generic"], "input": "x", **extra})
+    body = {"model": models["generic"], "input": "x", **extra}
+    request_id = uuid.uuid4().hex
+    refused = server.client.post("/v1/responses", json=body, headers={"X-Request-ID": request_id})
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert error["message"].startswith(message)
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, request_id) == []  # nothing ran
 
 
 def test_unknown_fields_are_accepted_and_errors_are_openai_shaped(

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.web.conftest import Keys
+from tests.conftest import import_file
+from tests.web.conftest import Keys, isolated
 from tests.web.serving import Serving, serving
 from tests.web.tasking import data_dir
 
@@ -29,6 +31,15 @@ LIMITS = {
 def served(data_dir: Path) -> Iterator[Serving]:
     with serving(data_dir, env=LIMITS) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def refusing(shared_data_dir: Path) -> Iterator[Serving]:
+    """One server with the limits for the module's tests that run no task and read no list."""
+    with ExitStack() as stack:
+        with isolated(shared_data_dir.parent):
+            started = stack.enter_context(serving(shared_data_dir, env=LIMITS))
+        yield started
 
 
 def events(
@@ -73,8 +84,8 @@ def test_a_script_task_runs_and_its_output_streams(served: Serving) -> None:
     assert served.client.get("/api/v1/tasks", params={"state": "queued"}).json() == []
 
 
-def test_readiness_says_whether_the_sandbox_runs_here(served: Serving) -> None:
-    sandbox = served.client.get("/readyz").json()["details"]["sandbox"]
+def test_readiness_says_whether_the_sandbox_runs_here(refusing: Serving) -> None:
+    sandbox = refusing.client.get("/readyz").json()["details"]["sandbox"]
     assert (sandbox["available"], sandbox["reason"], sandbox["no_new_privs"]) == (True, None, True)
     assert sandbox["limits"]
 
@@ -148,9 +159,9 @@ def test_oversized_attachments_and_bodies_get_413_with_the_limit(served: Serving
     ],
 )
 def test_bad_requests_are_refused_with_what_was_wrong(
-    served: Serving, kwargs: dict[str, Any], message: str
+    refusing: Serving, kwargs: dict[str, Any], message: str
 ) -> None:
-    response = served.client.post("/api/v1/tasks", **kwargs)
+    response = refusing.client.post("/api/v1/tasks", **kwargs)
     assert response.status_code == 400, response.text
     assert message in response.json()["detail"]
 
@@ -177,8 +188,8 @@ def test_cancel_and_what_is_not_there(served: Serving) -> None:
     assert served.client.get("/api/v1/tasks", params={"state": "done"}).status_code == 400
 
 
-def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_gguf: Path, cli: Any) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_gguf: Path) -> None:
+    import_file(data_dir, tiny_gguf, "tiny")
     marker = data_dir.parent / "ran"
     with serving(data_dir) as server:
         task = server.client.post(
@@ -257,9 +268,9 @@ PY
 
 
 def test_a_job_with_inference_calls_the_model_as_its_task_and_only_that(
-    data_dir: Path, tiny_gguf: Path, cli: Any, keys: Keys
+    data_dir: Path, tiny_gguf: Path, keys: Keys
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0
+    import_file(data_dir, tiny_gguf, "tiny")
     user = {"Authorization": f"Bearer {keys.user}"}
     run_dir = data_dir.parent / "run"  # where the server makes each job's socket dir
     run_dir.mkdir(mode=0o711)

@@ -20,7 +20,7 @@ from tests.conftest import Server
 from tests.engine.tool_templates import THINKING
 from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import WEATHER
-from tests.web.conftest import import_model
+from tests.web.conftest import shared_import
 
 # The generation prompt opens the reasoning block; enable_thinking false writes an empty one instead.
 OPENS_THE_BLOCK = TINY_CHAT_TEMPLATE.replace(
@@ -35,10 +35,16 @@ ASK: list[Any] = [{"role": "user", "content": "hi"}]
 CLOSES_THE_BLOCK = {"type": "string", "enum": ["</think>hi"]}
 
 
-@pytest.fixture
-def thinker(cli: object, tmp_path: Path) -> str:
-    import_model(cli, tmp_path, "thinker", OPENS_THE_BLOCK)
-    import_model(cli, tmp_path, "plain", TINY_CHAT_TEMPLATE)
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module: its tests only ask, and each reads only its own answers."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def thinker(shared_data_dir: Path) -> str:
+    shared_import(shared_data_dir, "thinker", OPENS_THE_BLOCK)
+    shared_import(shared_data_dir, "plain", TINY_CHAT_TEMPLATE)
     return "thinker"
 
 
@@ -123,10 +129,10 @@ def test_an_earlier_answers_thinking_is_accepted_back(ollama_client: ollama.Clie
 
 
 def test_a_required_tool_call_after_an_opened_block_is_still_a_call(
-    openai_client: openai.OpenAI, cli: object, tmp_path: Path
+    openai_client: openai.OpenAI, shared_data_dir: Path
 ) -> None:
     """Qwen 3's template opens the block; a required call's grammar makes the answer the call."""
-    import_model(cli, tmp_path, "qwen3", THINKING)
+    shared_import(shared_data_dir, "qwen3", THINKING)
     completion = openai_client.chat.completions.create(
         model="qwen3", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0
     )

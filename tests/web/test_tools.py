@@ -8,6 +8,7 @@ the same on a model whose template cannot show tools."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,22 @@ import pytest
 
 from tests.conftest import Server
 from tests.engine.tool_templates import QWEN, THINKING
-from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
+from tests.tiny_model import TINY_CHAT_TEMPLATE
 from tests.tool_definitions import ASK, TIME, WEATHER
-from tests.web.conftest import import_model
+from tests.web.conftest import ran, shared_import
 
 NAMED_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Server) -> Server:
+    """One server for the module: its tests only ask, and each reads only its own answers."""
+    return shared_server
+
+
+@pytest.fixture(scope="module")
+def models(shared_models: dict[str, str]) -> dict[str, str]:
+    return shared_models
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
@@ -194,14 +206,17 @@ def test_tool_choice_none_offers_no_tools(
 def test_tool_requests_it_cannot_honour_are_refused(
     server: Server, models: dict[str, str], body: dict[str, Any], message: str
 ) -> None:
+    request_id = uuid.uuid4().hex
     refused = server.client.post(
-        "/v1/chat/completions", json={"model": models["generic"], "messages": ASK, **body}
+        "/v1/chat/completions",
+        json={"model": models["generic"], "messages": ASK, **body},
+        headers={"X-Request-ID": request_id},
     )
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["message"].startswith(message)
     assert message.startswith(error["param"] or "a required")  # the field at fault, where one is
-    assert server.client.get("/api/v1/inference").json() == []  # nothing ran
+    assert ran(server, request_id) == []  # nothing ran
 
 
 def test_tools_on_a_plain_completion_are_refused_by_name(server: Server, models: dict[str, str]) -> None:
@@ -337,14 +352,11 @@ def test_ollama_refuses_malformed_tool_turns(
     )
 
 
-def test_show_lists_what_each_template_can_do(
-    ollama_client: ollama.Client, cli: object, tmp_path: Path
-) -> None:
-    import_model(cli, tmp_path, "plain", TINY_CHAT_TEMPLATE)
-    import_model(cli, tmp_path, "qwen", QWEN)
-    import_model(cli, tmp_path, "thinker", THINKING)
-    fim = write_llama_gguf(tmp_path / "coder.gguf", chat_template=TINY_CHAT_TEMPLATE, fim=True)
-    assert cli("models", "import", str(fim), "--name", "coder").returncode == 0  # type: ignore[operator]
+def test_show_lists_what_each_template_can_do(ollama_client: ollama.Client, shared_data_dir: Path) -> None:
+    shared_import(shared_data_dir, "plain", TINY_CHAT_TEMPLATE)
+    shared_import(shared_data_dir, "qwen", QWEN)
+    shared_import(shared_data_dir, "thinker", THINKING)
+    shared_import(shared_data_dir, "coder", TINY_CHAT_TEMPLATE, fim=True)
     assert ollama_client.show("plain").capabilities == ["completion"]
     assert ollama_client.show("qwen").capabilities == ["completion", "tools"]
     assert ollama_client.show("thinker").capabilities == ["completion", "tools", "thinking"]

@@ -17,7 +17,7 @@ from appliance.names import ModelName
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.store.base import NewArtifact
-from tests.conftest import Server
+from tests.conftest import Server, import_file
 from tests.fileserver import Faults, serve_files
 from tests.models.dirlayouts import write_ollama_dir
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf
@@ -47,8 +47,8 @@ def test_no_other_page_can_frame_the_ui(browser: Browser, server: Server) -> Non
 
 
 @pytest.fixture
-def tiny(cli: object, tiny_gguf: Path) -> str:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+def tiny(data_dir: Path, tiny_gguf: Path) -> str:
+    import_file(data_dir, tiny_gguf, "tiny")
     return "tiny:latest"
 
 
@@ -221,10 +221,10 @@ def test_pin_load_verify_and_unload_from_the_models_page(page: Page, server: Ser
 
 
 def test_stop_ends_a_long_answer_and_frees_the_model(
-    page: Page, server: Server, cli: object, tmp_path: Path
+    page: Page, server: Server, data_dir: Path, tmp_path: Path
 ) -> None:
     long = write_llama_gguf(tmp_path / "long.gguf", context=4096, chat_template=TINY_CHAT_TEMPLATE)
-    assert cli("models", "import", str(long), "--name", "long").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, long, "long")
     page.goto("/#/chat")
     page.get_by_label("Temperature").fill("0")  # greedy decoding of this model never ends on its own
     page.get_by_label("Max tokens").fill("4000")
@@ -243,11 +243,11 @@ def test_stop_ends_a_long_answer_and_frees_the_model(
         raise AssertionError("the stopped request still holds its sequence")
 
 
-def test_an_action_that_fails_keeps_its_message_on_screen(page: Page, cli: object, tmp_path: Path) -> None:
+def test_an_action_that_fails_keeps_its_message_on_screen(page: Page, data_dir: Path, tmp_path: Path) -> None:
     weights = tmp_path / "weights.safetensors"
     header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
     weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
-    assert cli("models", "import", str(weights), "--name", "weights").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, weights, "weights")
     page.goto("/#/models")
     page.locator("#models-table tr[data-model='weights:latest']").get_by_role("button", name="Load").click()
     expect(page.locator("#errors")).to_contain_text("GGUF")

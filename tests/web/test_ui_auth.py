@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import Server
+from tests.conftest import Server, import_file
 from tests.fileserver import Faults, serve_files
 from tests.tiny_model import write_llama_gguf
 from tests.web.browsing import browser, opened, shot, sign_in
@@ -107,9 +107,9 @@ def test_too_many_wrong_passwords_say_how_long_to_wait(two_attempts: None, page:
 
 
 def test_a_user_sees_models_read_only_and_no_admin_page(
-    page: Page, server: Server, keys: Keys, cli: object, tiny_gguf: Path
+    page: Page, server: Server, keys: Keys, data_dir: Path, tiny_gguf: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     page.goto("/")
     sign_in(page, "alice", PASSWORD)
     expect(page.get_by_role("heading", level=1)).to_have_text("Models")  # a user's home: no dashboard

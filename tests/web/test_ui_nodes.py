@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from appliance.store.base import Server as StoredServer
 from appliance.store.sqlite import SqliteStore
-from tests.conftest import Server
+from tests.conftest import Server, import_file
 from tests.web.browsing import browser, opened, shot, sign_in
 from tests.web.conftest import PASSWORD, Keys
 
@@ -180,9 +180,9 @@ def test_a_token_made_in_the_page_joins_a_worker_that_shows_with_its_state_and_g
 
 
 def test_drain_and_a_model_loaded_onto_the_node_show_as_the_server_records_them(
-    page: Page, admin: httpx.Client, workers: Workers, cli: object, tiny_gguf: Path
+    page: Page, admin: httpx.Client, workers: Workers, data_dir: Path, tiny_gguf: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     worker = workers.join(new_token(admin), "w1")
     worker.heartbeat()
     open_nodes(page)
@@ -236,9 +236,9 @@ def test_drain_and_a_model_loaded_onto_the_node_show_as_the_server_records_them(
 
 
 def test_remove_asks_first_and_the_servers_errors_show_with_their_hints(
-    page: Page, admin: httpx.Client, workers: Workers, cli: object, tiny_gguf: Path
+    page: Page, admin: httpx.Client, workers: Workers, data_dir: Path, tiny_gguf: Path
 ) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+    import_file(data_dir, tiny_gguf, "tiny")
     worker = workers.join(new_token(admin), "w1")
     worker.heartbeat()
     open_nodes(page)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, expect
 
+from tests.conftest import import_file
 from tests.web.browsing import browser, page, shot
 from tests.web.tasking import data_dir
 
@@ -43,8 +44,8 @@ def test_a_running_task_is_cancelled_from_the_page(page: Page) -> None:
     expect(page.locator("#task-cancel")).to_be_disabled()
 
 
-def test_a_prompt_is_answered_by_the_model(page: Page, cli: object, tiny_gguf: Path) -> None:
-    assert cli("models", "import", str(tiny_gguf), "--name", "tiny").returncode == 0  # type: ignore[operator]
+def test_a_prompt_is_answered_by_the_model(page: Page, data_dir: Path, tiny_gguf: Path) -> None:
+    import_file(data_dir, tiny_gguf, "tiny")
     page.goto("/#/tasks")
     expect(page.locator("#task-model")).to_have_value("tiny:latest")
     page.get_by_label("Text").fill("Say hello")
