@@ -36,6 +36,7 @@ from appliance.web.generation import (
     named_event,
     named_provider,
     open_chat,
+    prompt_tokens,
     route_headers,
 )
 
@@ -299,7 +300,9 @@ async def create_message(
     content += [_tool_use_block(call) for call in calls]
     stop_reason, stop_sequence = _stop_reason(finished, body)
     message.update(content=content, stop_reason=stop_reason, stop_sequence=stop_sequence)
-    message["usage"]["output_tokens"] = finished.completion_tokens
+    message["usage"].update(
+        input_tokens=prompt_tokens(started, finished), output_tokens=finished.completion_tokens
+    )
     return Response(message, headers=route_headers(started))
 
 
@@ -353,7 +356,11 @@ async def _events(
             yield event(
                 "message_delta",
                 delta={"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                usage={"output_tokens": piece.completion_tokens},
+                usage={
+                    # an external provider counts the prompt only at its end
+                    "input_tokens": max(message["usage"]["input_tokens"], piece.prompt_tokens),
+                    "output_tokens": piece.completion_tokens,
+                },
             )
             yield event("message_stop")
         finally:

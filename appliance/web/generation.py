@@ -31,6 +31,7 @@ __all__ = [
     "named_provider",
     "open_chat",
     "open_choices",
+    "prompt_tokens",
     "route_headers",
 ]
 
@@ -132,6 +133,12 @@ def named_provider(request: Request[Any, Any, Any]) -> str | None:
     """The external provider a request names in its X-Appliance-Provider header, if it does
     (REQ-MODELS-0116): routing sends it there when policy allows, and refuses it otherwise."""
     return request.headers.get(PROVIDER_HEADER) or None
+
+
+def prompt_tokens(started: Started, finished: Finished) -> int:
+    """The prompt's tokens: the local engine counts them before the first token, an external
+    provider only in its last event."""
+    return max(started.prompt_tokens, finished.prompt_tokens)
 
 
 def route_headers(started: Started, *, stream: bool = False) -> dict[str, str]:

@@ -52,6 +52,7 @@ from appliance.web.generation import (
     interleave,
     named_provider,
     open_choices,
+    prompt_tokens,
     route_headers,
 )
 from appliance.web.lists import CACHED_LIST
@@ -242,10 +243,11 @@ def choices_usage(started: Started, finished: list[Finished]) -> dict[str, Any]:
     prompt tokens every choice took from the KV cache of an earlier request."""
     completion = sum(each.completion_tokens for each in finished)
     cached = min((each.cached_tokens for each in finished), default=0)
+    prompt = max((prompt_tokens(started, each) for each in finished), default=started.prompt_tokens)
     return {
-        "prompt_tokens": started.prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": started.prompt_tokens + completion,
+        "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
 

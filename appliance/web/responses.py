@@ -37,6 +37,7 @@ from appliance.web.generation import (
     named_event,
     named_provider,
     open_chat,
+    prompt_tokens,
     route_headers,
 )
 
@@ -286,12 +287,13 @@ class _Reply:
         usage = None
         if finished is not None:
             output_tokens = finished.completion_tokens
+            input_tokens = prompt_tokens(self.started, finished)
             usage = {
-                "input_tokens": self.started.prompt_tokens,
+                "input_tokens": input_tokens,
                 "input_tokens_details": {"cached_tokens": finished.cached_tokens},
                 "output_tokens": output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": self.started.prompt_tokens + output_tokens,
+                "total_tokens": input_tokens + output_tokens,
             }
         body = self.body
         return {

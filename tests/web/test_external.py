@@ -202,6 +202,8 @@ def test_openai_client_gets_a_model_that_is_not_local_from_the_provider(
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=ASK)
     answer = raw.parse()
     assert answer.choices[0].message.content == ANSWER
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == appliance.fake_openai.usage
     assert raw.headers["x-appliance-engine"] == "external:openai"
     reason = raw.headers["x-appliance-route-reason"]
     assert reason == (
@@ -264,8 +266,12 @@ def test_anthropic_client_is_routed_to_the_anthropic_provider(appliance: Applian
         message = client.messages.create(model="claude-x", max_tokens=64, messages=ASK)
         assert message.content[0].text == ANSWER
         assert message.stop_reason == "end_turn"
+        # the provider's own counts, which it gives only at the end
+        assert (message.usage.input_tokens, message.usage.output_tokens) == appliance.fake_anthropic.usage
         with client.messages.stream(model="claude-x", max_tokens=64, messages=ASK) as stream:
             assert "".join(stream.text_stream) == ANSWER
+            final = stream.get_final_message()
+        assert (final.usage.input_tokens, final.usage.output_tokens) == appliance.fake_anthropic.usage
     sent = appliance.fake_anthropic.received("/v1/messages")
     assert [request.body["model"] for request in sent] == ["claude-x", "claude-x"]
     assert sent[0].body["max_tokens"] == 64
