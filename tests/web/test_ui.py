@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Response, expect
 
 from appliance.names import ModelName
 from appliance.runtime import Runtime
@@ -146,6 +146,11 @@ def test_deleting_a_model_asks_first(page: Page, server: Server, tiny: str) -> N
     assert server.client.get("/api/v1/models").json() == []
 
 
+def saves(answer: Response, key: str) -> bool:
+    """Whether ``answer`` is the server's to the page's save of preference ``key``."""
+    return answer.request.method == "PUT" and answer.url.endswith(f"/api/v1/preferences/{key}")
+
+
 def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server) -> None:
     page.goto("/#/settings")
     approval = page.get_by_label(re.compile("models.download.require_user_approval"))
@@ -162,14 +167,18 @@ def test_a_settings_change_is_validated_and_persisted(page: Page, server: Server
     budget.get_by_role("button", name="Save").click()
     expect(page.locator("#errors")).to_contain_text("invalid value for models.cache.max_bytes")
     budget.get_by_role("textbox").fill("500GB")
-    budget.get_by_role("button", name="Save").click()
+    with page.expect_response(lambda answer: saves(answer, "models.cache.max_bytes")) as saved_budget:
+        budget.get_by_role("button", name="Save").click()
+    assert saved_budget.value.status == 200
     expect(page.locator("#errors")).to_be_empty()
 
     # routing's preferences (REQ-MODELS-0122): which providers model calls may go to
     allowed = page.locator("form[data-key='model_routing.allowed_external_providers']")
     allowed.get_by_role("textbox").fill("openai\nlan")
     # The form reads "setting: []" before the save as after it: wait for the save's answer itself.
-    with page.expect_response(lambda answer: answer.request.method == "PUT") as saved:
+    with page.expect_response(
+        lambda answer: saves(answer, "model_routing.allowed_external_providers")
+    ) as saved:
         allowed.get_by_role("button", name="Save").click()
     assert saved.value.status == 200
     expect(allowed).to_contain_text("setting: []")
