@@ -15,7 +15,7 @@ import getpass
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-__all__ = ["ROLES", "Actor", "ActorKind", "Role"]
+__all__ = ["ROLES", "Actor", "ActorKind", "Role", "TaskScope"]
 
 ActorKind = Literal["user", "key", "node", "server", "task", "cli", "anonymous"]
 Role = Literal["admin", "user", "node"]
@@ -54,3 +54,14 @@ class Actor:
         if kind is None or not rest:
             return cls(id=label, kind="task")
         return cls(id=rest, kind=kind)
+
+
+@dataclass(frozen=True)
+class TaskScope:
+    """The job a forwarded call came from, as its forwarder vouched for it: the task, its run (the
+    attempt, "1" for the first) and the job (an id the forwarder made when the job started). The
+    MCP gateway refuses a call whose own ids do not match these."""
+
+    task_id: str
+    run_id: str
+    job_id: str

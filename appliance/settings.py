@@ -376,6 +376,17 @@ class EgressSettings(BaseModel):
     )
 
 
+class McpSettings(BaseModel):
+    """The MCP gateway at /mcp: the appliance's capabilities as tools for agents."""
+
+    enabled: bool = Field(default=True, description="Serve the MCP gateway at /mcp.")
+    max_result_bytes: ByteSize = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="The most a tool's answer may take (its JSON); a longer one is cut, with truncated set.",
+    )
+
+
 # The Ollama release whose documented /api the compatibility routes follow (docs/api.md).
 OLLAMA_API_VERSION = "0.12.0"
 
@@ -546,6 +557,7 @@ class Settings(BaseSettings):
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     model_routing: ModelRoutingSettings = Field(default_factory=ModelRoutingSettings)
     egress: EgressSettings = Field(default_factory=EgressSettings)
+    mcp: McpSettings = Field(default_factory=McpSettings)
     offline: bool = Field(
         default=False, description="No outbound network call at all (`--offline`, APPLIANCE_OFFLINE=1)."
     )

@@ -51,11 +51,12 @@ Action = Literal[
     "servers.read",  # list the servers sharing the database
     "providers.read",  # list and show external providers (never a key: no surface reads one back)
     "providers.manage",  # add, change, remove and test external providers
+    "mcp.tool.invoke",  # reach the MCP gateway; each tool then needs its own action (appliance.mcp)
 ]
 ACTIONS: tuple[Action, ...] = Action.__args__  # type: ignore[attr-defined]
 
 _GRANTED: dict[Role, frozenset[str]] = {
-    "user": frozenset({"me", "infer", "models.read", "keys.own", "tasks.run"}),
+    "user": frozenset({"me", "infer", "models.read", "keys.own", "tasks.run", "mcp.tool.invoke"}),
     "node": frozenset({"cluster.node", "blobs.read"}),
 }
 

@@ -53,7 +53,10 @@ __all__ = [
     "EXCHANGE_SECONDS",
     "FORWARDER_HEADER",
     "INFERENCE_ROUTES",
+    "JOB_HEADER",
     "MAX_BODY_BYTES",
+    "MCP_PATH",
+    "RUN_HEADER",
     "TASK_HEADER",
     "InferenceForwarder",
     "local_forwarder",
@@ -79,6 +82,9 @@ FINISH_SECONDS = 5.0  # for an exchange to end once its job has
 MAX_HEAD_BYTES = 64 * 1024
 FORWARDER_HEADER = "x-appliance-forwarder"
 TASK_HEADER = "x-appliance-task"
+RUN_HEADER = "x-appliance-run"  # the job's run (the task's attempt), vouched for like TASK_HEADER
+JOB_HEADER = "x-appliance-job"  # the job's id, made by the forwarder when the job starts
+MCP_PATH = "/mcp"  # reachable through the forwarder only for a job whose task was granted tools
 PASSED_HEADERS = ("content-type", "accept")  # the job's headers that reach the API; no credentials
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 SOCKET_NAME = "inference.sock"

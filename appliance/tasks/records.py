@@ -19,16 +19,19 @@ from appliance.store.base import Store, Task
 
 __all__ = [
     "INFERENCE_OPTION",
+    "TOOLS_OPTION",
     "Live",
     "TaskEvent",
     "TaskOut",
     "audit_start",
+    "granted_tools",
     "has_inference",
     "job_limits",
     "now_plus",
 ]
 
 INFERENCE_OPTION = "inference"  # in a task's stored limits: whether its job may call models
+TOOLS_OPTION = "tools"  # in a task's stored limits: the MCP tools its job was granted (names)
 
 
 class TaskOut(BaseModel):
@@ -115,6 +118,12 @@ def has_inference(task: Task) -> bool:
     return bool(task.limits.get(INFERENCE_OPTION, False))
 
 
+def granted_tools(task: Task) -> frozenset[str]:
+    """The MCP tools the task's job may call (none unless granted at create)."""
+    return frozenset(task.limits.get(TOOLS_OPTION, ()))
+
+
 def job_limits(task: Task) -> dict[str, Any]:
-    """The task's ``Limits`` fields: its limits without the inference option kept beside them."""
-    return {name: value for name, value in task.limits.items() if name != INFERENCE_OPTION}
+    """The task's ``Limits`` fields: its limits without the options kept beside them."""
+    options = (INFERENCE_OPTION, TOOLS_OPTION)
+    return {name: value for name, value in task.limits.items() if name not in options}

@@ -1,0 +1,9 @@
+"""MCP tools: tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.mcp.types import Tool
+
+TOOLS: list[Tool[Any, Any]] = []
