@@ -23,8 +23,6 @@ from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
 from appliance.provision.service import Provisioner
 from appliance.settings import Settings
-from appliance.store import admin
-from appliance.store.admin import DbStatus
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
 from appliance.store.factory import open_data_dir
@@ -35,6 +33,7 @@ if TYPE_CHECKING:
     from appliance.cluster.directory import ClusterDirectory
     from appliance.engine.router import Router
     from appliance.engine.service import InferenceService
+    from appliance.store.admin import DbStatus
 
 __all__ = ["Runtime"]
 
@@ -127,6 +126,9 @@ class Runtime:
 
     def database_status(self) -> DbStatus:
         """Where this process's store stands: backend, location, migrations, rows per table."""
+        # Imported here: the PostgreSQL driver and sqlite_utils cost every command's start ~0.2 s.
+        from appliance.store import admin
+
         return admin.status(self.settings)
 
     def close(self) -> None:
