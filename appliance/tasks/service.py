@@ -253,10 +253,11 @@ class TaskService(NodeTasks):
         """Queue a task (its attachments in its work dir); returns it and whether it is new. The
         same idempotency key from the same actor gives back the first task, and writes nothing."""
         limits = self._limits(request.limits)
+        tools = self._tools(request, context.who)
         self._check(request, attachments)
         # Kept with the limits: like them, they bound what the job may reach.
         limits[INFERENCE_OPTION] = request.inference
-        limits[TOOLS_OPTION] = self._tools(request, context.who)
+        limits[TOOLS_OPTION] = tools
         task_id = uuid.uuid4().hex
         with audited(self.store, context, action="task.create", target=task_id) as note:
             task_dir = self._make_task_dir(task_id)
