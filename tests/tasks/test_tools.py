@@ -101,6 +101,12 @@ def test_with_auth_on_a_creator_grants_only_tools_it_may_call(with_auth: TaskSer
     assert create(with_auth, ANN, tools=["models.pull"]).tools == ["models.pull"]
 
 
+def test_with_auth_on_a_tasks_job_passes_on_what_an_admin_granted_it(with_auth: TaskService) -> None:
+    parent = create(with_auth, ADMIN, tools=["preference.get", "tasks.create"])
+    child = create(with_auth, Context(task_actor(parent.id)), tools=["preference.get"])
+    assert child.tools == ["preference.get"]  # a user's role could not grant it; the admin's grant holds
+
+
 def test_a_tasks_job_grants_only_the_tools_it_holds(service: TaskService) -> None:
     parent = create(service, tools=["tasks.create", "tasks.get", "preference.get"])
     as_job = Context(task_actor(parent.id), correlation_id=parent.id)
