@@ -497,6 +497,11 @@ async function chat() {
 
 // -- tasks -------------------------------------------------------------------------------------
 
+// The MCP tools a task may be granted: appliance/mcp/types.py's TOOL_NAMES (a test keeps them equal).
+const TOOL_NAMES = ["preference.get", "preference.list", "preference.effective", "models.list", "models.show",
+  "models.pull", "chat", "embed", "tasks.create", "tasks.get", "tasks.output", "artifacts.list", "artifacts.read",
+  "artifacts.write"];
+
 // Create a task (a prompt, a script or commands, with attachments), watch its output as it comes,
 // cancel it. The events are read through fetch, not EventSource, so a key-only tab gets them too.
 async function tasks() {
@@ -508,6 +513,7 @@ async function tasks() {
   const text = h("textarea", { id: "task-text", rows: 5, required: true, placeholder: "A prompt, a script, or commands (one per line)" });
   const files = h("input", { id: "task-files", type: "file", multiple: true });
   const inference = h("input", { id: "task-inference", type: "checkbox" });
+  const tools = TOOL_NAMES.map((name) => h("input", { type: "checkbox", name: "task-tool", value: name }));
   const create = h("button", { type: "submit", id: "task-create" }, "Create");
   const list = h("tbody", { id: "tasks-table" });
   const watched = h("section", { id: "task-watch" });
@@ -518,6 +524,8 @@ async function tasks() {
     h("label", {}, "Mode", mode), h("label", {}, "Model (prompts)", model), h("label", {}, "Text", text),
     h("label", {}, "Attachments (scripts and commands: in /work)", files),
     h("label", {}, inference, " Inference (scripts and commands may call models at $INFERENCE_URL and $OLLAMA_BASE_URL)"),
+    h("fieldset", { id: "task-tools" }, h("legend", {}, "MCP tools (scripts and commands may call them at $MCP_URL)"),
+      ...tools.map((box) => h("label", {}, box, ` ${box.value}`))),
     h("p", {}, create));
   page.replaceChildren(h("h1", {}, "Tasks"), form, watched,
     h("h2", {}, "Recent tasks"),
@@ -539,6 +547,7 @@ async function tasks() {
     body.append("text", text.value);
     if (mode.value === "prompt" && model.value) body.append("model", model.value);
     if (mode.value !== "prompt" && inference.checked) body.append("inference", "true");
+    if (mode.value !== "prompt") for (const box of tools) if (box.checked) body.append("tools", box.value);
     for (const file of files.files) body.append("attachment", file, file.name);
     const response = await fetch("/api/v1/tasks", { method: "POST", headers: credentials("POST"), body });
     const data = await readBody(response);
