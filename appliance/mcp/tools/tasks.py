@@ -17,7 +17,7 @@ from appliance.errors import InvalidInput
 from appliance.mcp.limits import fit_text
 from appliance.mcp.types import Tool, ToolCall, ToolInput, ToolOutput
 from appliance.store.base import FINISHED_TASK_STATES, Task, TaskMode
-from appliance.tasks.records import TaskOut, granted_tools
+from appliance.tasks.records import TaskOut
 from appliance.tasks.service import NewTask
 
 __all__ = ["TOOLS", "OutputIn", "OutputOut", "TaskAnswer", "TaskCreateIn", "TaskGetIn"]
@@ -64,12 +64,8 @@ class TaskAnswer(ToolOutput):
 
     @classmethod
     def of(cls, task: Task) -> TaskAnswer:
-        shown = TaskOut.of(task)
-        return cls(
-            **shown.model_dump(exclude={"idempotency_key"}),
-            finished=task.state in FINISHED_TASK_STATES,
-            tools=sorted(granted_tools(task)),
-        )
+        shown = TaskOut.of(task).model_dump(exclude={"idempotency_key"})
+        return cls(**shown, finished=task.state in FINISHED_TASK_STATES)
 
 
 class OutputIn(ToolInput):
