@@ -138,6 +138,11 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/api/v1/inference"): "audit.read",
     ("GET", "/api/v1/ps"): "system.read",
     ("GET", "/metrics"): "system.read",
+    # The gateway: each tool then needs its own action, or a job's grant (appliance.mcp.server).
+    ("POST", "/mcp"): "mcp.tool.invoke",
+    ("GET", "/mcp"): "mcp.tool.invoke",
+    ("DELETE", "/mcp"): "mcp.tool.invoke",
+    ("GET", "/api/v1/mcp/tools"): "mcp.tool.invoke",
     ("GET", "/v1/models"): "models.read",
     ("GET", "/v1/models/{name}"): "models.read",
     ("POST", "/v1/chat/completions"): "infer",
