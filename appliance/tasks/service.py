@@ -340,7 +340,7 @@ class TaskService(NodeTasks):
                     " it was granted itself",
                     hint=f"grant only {', '.join(sorted(held))}" if held else "grant no tools",
                 )
-        if self.settings.auth_enabled:
+        elif self.settings.auth_enabled:  # a job's own grant was its creator's to give
             pulls = PreferenceService(self.settings, self.store).effective(ALLOWED_ROLES)
             for tool in tools:
                 action = TOOL_ACTIONS[tool]

@@ -467,8 +467,16 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         assert w1.get("/v1/models", headers=as_task).status_code == 200
         assert w2.get("/v1/models", headers=as_task).status_code == 403
         assert cluster.client.get("/v1/models", headers=as_task).status_code == 403  # no node credential
+        # ... and only for the task's current attempt, when the call names its run.
+        current, earlier = (
+            {**as_task, "x-appliance-run": run, "x-appliance-job": "j1"} for run in ("1", "2")
+        )
+        assert w1.get("/v1/models", headers=current).status_code == 200
+        late = w1.get("/v1/models", headers=earlier)
+        assert late.status_code == 403
+        assert f"called for run 2 of task {task_id}, which is on run 1" in late.json()["error"]["message"]
         calls = [(row["outcome"], row["actor"]) for row in reversed(cluster.audit("task.inference", task_id))]
-        assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")]
+        assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")] * 2
         # The other node: 409 on renew, output and finish, 403 on an attachment.
         finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
         line = b'{"stream": "stdout", "text": "x"}\n'

@@ -3,6 +3,8 @@ what a worker's claim and its forwarded calls get. Jobs calling the tools: tests
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +101,12 @@ def test_with_auth_on_a_creator_grants_only_tools_it_may_call(with_auth: TaskSer
     assert create(with_auth, ANN, tools=["models.pull"]).tools == ["models.pull"]
 
 
+def test_with_auth_on_a_tasks_job_passes_on_what_an_admin_granted_it(with_auth: TaskService) -> None:
+    parent = create(with_auth, ADMIN, tools=["preference.get", "tasks.create"])
+    child = create(with_auth, Context(task_actor(parent.id)), tools=["preference.get"])
+    assert child.tools == ["preference.get"]  # a user's role could not grant it; the admin's grant holds
+
+
 def test_a_tasks_job_grants_only_the_tools_it_holds(service: TaskService) -> None:
     parent = create(service, tools=["tasks.create", "tasks.get", "preference.get"])
     as_job = Context(task_actor(parent.id), correlation_id=parent.id)
@@ -110,6 +118,13 @@ def test_a_tasks_job_grants_only_the_tools_it_holds(service: TaskService) -> Non
     with pytest.raises(Forbidden, match=r"may not grant tasks\.get") as refused:
         create(service, Context(task_actor(bare.id)), tools=["tasks.get"])
     assert refused.value.hint == "grant no tools"
+
+
+def test_the_task_forms_tool_boxes_are_the_catalogues_names() -> None:
+    script = (Path(__file__).parents[2] / "appliance/web/ui/app.js").read_text()
+    found = re.search(r"const TOOL_NAMES = (\[[^\]]*\]);", script)
+    assert found is not None
+    assert tuple(json.loads(found.group(1))) == TOOL_NAMES
 
 
 def test_a_jobs_environment_has_mcp_only_when_granted() -> None:
