@@ -197,8 +197,11 @@ class Gateway:
         return types.ServerResult(types.ListToolsResult(tools=[tool_listing(tool) for tool in tools]))
 
     async def _call_tool(self, request: types.CallToolRequest) -> types.ServerResult:
+        return types.ServerResult(await self.call(self._caller(), request))
+
+    async def call(self, caller: Caller, request: types.CallToolRequest) -> types.CallToolResult:
+        """One ``tools/call`` from ``caller``, checked, run and audited; a refusal raises ``McpError``."""
         started = time.monotonic()
-        caller = self._caller()
         name = request.params.name
         meta = request.params.meta.model_dump() if request.params.meta is not None else {}
         note = AuditNote(target=name, outcome="error")
@@ -227,7 +230,7 @@ class Gateway:
         note.bytes = size
         note.detail["response_bytes"] = size
         await self._finish(caller, note, started, tool=name, outcome=note.detail["result"])
-        return types.ServerResult(result)
+        return result
 
     async def _run(
         self, caller: Caller, name: str, arguments: dict[str, Any], meta: dict[str, Any], note: AuditNote

@@ -4,23 +4,41 @@ catalogue, the answers against their schemas, the refusals as protocol errors, t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from appliance.audit import Context
 from appliance.errors import ToolNotFound
 from appliance.mcp.catalog import CATALOG
 from appliance.mcp.types import TASK_ONLY_TOOLS
 from appliance.preferences import EDITABLE
+from appliance.runtime import Runtime
+from appliance.settings import Settings
 from tests.conftest import Server
+from tests.fileserver import serve_files
 from tests.mcp.conftest import call, checked, listed, mcp_rows, module_server, refusal
+from tests.tiny_model import write_llama_gguf
+from tests.web.conftest import isolated
 
 LIMIT = 2048  # small enough that the preferences' list is cut
 CALLABLE = [name for name in CATALOG if name not in TASK_ONLY_TOOLS]
 
 
+MODELS = [f"m{number:02}:latest" for number in range(24)]  # more than one answer holds at LIMIT
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf_master: Path) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("mcp") / "data"
+    with isolated(data_dir.parent):
+        runtime = Runtime.open(Settings(data_dir=data_dir))
+        try:
+            for name in MODELS:  # one blob under many names: quick
+                runtime.models.import_file(tiny_gguf_master, Context.cli(), name=name)
+        finally:
+            runtime.close()
     with module_server(data_dir, APPLIANCE_MCP__MAX_RESULT_BYTES=str(LIMIT)) as started:
         yield started
 
@@ -115,3 +133,61 @@ def test_the_rest_surface_and_the_metrics(server: Server) -> None:
     metrics = server.client.get("/metrics").text
     assert 'appliance_mcp_calls_total{outcome="ok",tool="preference.get"}' in metrics
     assert "appliance_mcp_call_seconds_bucket" in metrics
+
+
+def test_models_list_pages_and_a_cut_page_goes_on_from_its_last_model(server: Server) -> None:
+    tool = listed(server)["models.list"]
+    seen: list[str] = []
+    arguments: dict[str, Any] = {}
+    cut = False
+    while True:
+        result = call(server, "models.list", arguments)
+        page = checked(tool, result)
+        assert len(result.content[0].text.encode()) <= LIMIT  # type: ignore[union-attr]
+        cut = cut or page["truncated"]
+        seen += [model["name"] for model in page["models"]]
+        if page["next_cursor"] is None:
+            break
+        arguments = {"cursor": page["next_cursor"]}
+    assert cut
+    assert seen == MODELS
+    first = checked(tool, call(server, "models.list", {"limit": 1}))["models"][0]
+    assert first == {**first, "name": "m00:latest", "formats": ["gguf"], "family": "llama"}
+
+
+def test_models_show_and_a_missing_model(server: Server) -> None:
+    shown = checked(listed(server)["models.show"], call(server, "models.show", {"name": "m01"}))
+    assert shown["name"] == "m01:latest"
+    assert shown["artifacts"][0]["digest"].startswith("sha256:")
+    assert "chat_template" not in shown["capabilities"]
+    missing = call(server, "models.show", {"name": "nothing-here"})
+    assert missing.isError
+    assert missing.content[0].text.startswith("model_not_found:")  # type: ignore[union-attr]
+
+
+def test_models_pull_waits_for_a_quick_pull_and_answers_a_pending_one_with_its_download(
+    server: Server, tmp_path: Path
+) -> None:
+    tool = listed(server)["models.pull"]
+    content = write_llama_gguf(tmp_path / "served.gguf", seed=7).read_bytes()
+    with serve_files() as files:
+        url = files.add("/models/pulled.gguf", content)
+        done = checked(tool, call(server, "models.pull", {"ref": url, "wait_seconds": 30}))
+        assert done["state"] == "done"
+        assert done["name"] == "pulled:latest"
+        assert done["downloaded"] is True
+        approval = server.client.put(
+            "/api/v1/preferences/models.download.require_user_approval", json={"value": True}
+        )
+        assert approval.status_code == 200
+        try:
+            other = files.add("/models/waiting.gguf", content)
+            pending = checked(tool, call(server, "models.pull", {"ref": other, "wait_seconds": 0.5}))
+            assert pending["state"] == "pending"
+            assert pending["download_id"]
+            denied = server.client.post(f"/api/v1/downloads/{pending['download_id']}/deny")
+            assert denied.status_code == 200
+        finally:
+            server.client.put(
+                "/api/v1/preferences/models.download.require_user_approval", json={"value": None}
+            )
