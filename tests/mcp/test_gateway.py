@@ -185,7 +185,7 @@ def test_models_pull_waits_for_a_quick_pull_and_answers_a_pending_one_with_its_d
             other = files.add("/models/waiting.gguf", content)
             pending = checked(tool, call(server, "models.pull", {"ref": other, "wait_seconds": 0.5}))
             assert pending["state"] == "pending"
-            assert pending["download_id"]
+            assert f"appliance downloads approve {pending['download_id']}" in pending["note"]
             denied = server.client.post(f"/api/v1/downloads/{pending['download_id']}/deny")
             assert denied.status_code == 200
         finally:

@@ -3,8 +3,9 @@ still gives the cursor to go on from its last model); ``models.show`` is one mod
 goes through the provisioner as ``POST /api/v1/models/pull`` does (the gateway checks
 ``models.pull`` with the site's granted roles first, and approval, offline mode and the allowed
 sources apply as to any pull), and waits a bounded time: a pull still running, or waiting for an
-admin's approval, answers its download id and state to poll with ``models.pull`` again (the same
-ref joins the same download) or ``GET /api/v1/downloads/{id}``.
+admin's approval, answers its download's id and state, and a note on how to follow it
+(``models.show`` once it is done, ``GET /api/v1/downloads/{id}``). Pulling the same ref again
+would only wait behind the first, holding a pull thread: the note says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from appliance.store.base import Model, ModelSummary
 
 __all__ = ["TOOLS"]
 
+_FOLLOW = (
+    "see whether the model is there with models.show (or follow the download at GET "
+    "/api/v1/downloads/{id}) rather than pulling it again, which only waits behind this pull"
+)
 DEFAULT_PAGE = 100
 MAX_WAIT = 60.0  # seconds a pull may hold the call open; a longer one answers its download to poll
 
@@ -115,6 +120,7 @@ class PullOut(ToolOutput):
     )
     bytes_done: int | None
     bytes_total: int | None
+    note: str | None = Field(default=None, description="What to do next, when the pull has not ended.")
 
 
 async def _list(call: ToolCall, given: ListIn) -> ListOut:
@@ -188,6 +194,7 @@ async def _pull(call: ToolCall, given: PullIn) -> PullOut:
             download_id=None,
             bytes_done=None,
             bytes_total=None,
+            note=f"still importing, or waiting for another pull of {given.ref}; {_FOLLOW}",
         )
     download = await asyncio.to_thread(provisioner.get_download, ticket.download_id)
     return PullOut(
@@ -199,6 +206,11 @@ async def _pull(call: ToolCall, given: PullIn) -> PullOut:
         download_id=download.id,
         bytes_done=download.bytes_done,
         bytes_total=download.bytes_total,
+        note=(
+            f"waits for an admin to approve it (appliance downloads approve {download.id}); {_FOLLOW}"
+            if download.state == "pending"
+            else f"still {download.state}; {_FOLLOW}"
+        ),
     )
 
 
