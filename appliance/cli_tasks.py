@@ -100,6 +100,11 @@ def tasks() -> None:
     is_flag=True,
     help="Let a script or commands call models: $INFERENCE_URL (OpenAI) and $OLLAMA_BASE_URL inside.",
 )
+@click.option(
+    "--tools",
+    metavar="NAME,NAME",
+    help="The MCP tools a script or commands may call at $MCP_URL (`appliance mcp tools` lists them).",
+)
 @click.option("--follow", is_flag=True, help="Print its output as it comes; exit 1 unless it succeeds.")
 @json_option
 @host_option
@@ -114,6 +119,7 @@ def create_task(
     limits: tuple[str, ...],
     idempotency_key: str | None,
     inference: bool,
+    tools: str | None,
     follow: bool,
     as_json: bool,
     host: str | None,
@@ -139,14 +145,23 @@ def create_task(
     fields: dict[str, Any] = {"mode": mode, "text": text, "model": model, "limits": asked}
     if inference:
         fields["inference"] = True
+    granted = [name.strip() for name in (tools or "").split(",") if name.strip()]
+    if granted:
+        fields["tools"] = granted
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     with _server(ctx, host, port) as server:
         if attachments:
-            form = {name: value for name, value in fields.items() if value is not None and name != "limits"}
+            form = {
+                name: value
+                for name, value in fields.items()
+                if value is not None and name not in ("limits", "tools")
+            }
             form["limits"] = json.dumps(asked)
             if inference:
                 form["inference"] = "true"
+            if granted:
+                form["tools"] = ",".join(granted)
             files = [("attachment", (path.name, path.read_bytes())) for path in attachments]
             task = server.request("POST", "/api/v1/tasks", data=form, files=files)
         else:
@@ -197,7 +212,7 @@ def list_tasks(
 @port_option
 @click.pass_context
 def show_task(ctx: click.Context, task_id: str, as_json: bool, host: str | None, port: int | None) -> None:
-    """Show a task: its state, attempts, limits and result.
+    """Show a task: its state, attempts, grants (inference, tools) and result.
 
     Example: appliance tasks show 3f2a9c
     """
@@ -210,6 +225,10 @@ def show_task(ctx: click.Context, task_id: str, as_json: bool, host: str | None,
     for name in ("mode", "model", "actor", "attempts", "created_at", "started_at", "finished_at"):
         if task.get(name) is not None:
             click.echo(f"{name}: {task[name]}")
+    if task.get("inference"):
+        click.echo("inference: yes")
+    if task.get("tools"):
+        click.echo(f"tools: {', '.join(task['tools'])}")
     for name, value in (task.get("result") or {}).items():
         click.echo(f"result.{name}: {value}")
 

@@ -24,7 +24,12 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── DownloadDenied           download_denied
     │   ├── CsrfFailed               csrf_failed
     │   ├── ExternalDenied           external_denied
-    │   └── EgressDenied             egress_denied
+    │   ├── EgressDenied             egress_denied
+    │   ├── ToolDenied               tool_denied
+    │   ├── ToolTaskOnly             tool_task_only
+    │   ├── ToolNotGranted           tool_not_granted
+    │   ├── McpScopeMissing          mcp_scope_missing
+    │   └── McpScopeMismatch         mcp_scope_mismatch
     ├── NotFound (404)               not_found
     │   ├── ModelNotFound            model_not_found      (also LookupError)
     │   ├── SourceNotFound           source_not_found     (also FileNotFoundError)
@@ -35,7 +40,8 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     │   ├── TaskNotFound             task_not_found
     │   ├── NodeNotFound             node_not_found
     │   ├── JoinTokenNotFound        join_token_not_found
-    │   └── ProviderNotFound         provider_not_found
+    │   ├── ProviderNotFound         provider_not_found
+    │   └── ToolNotFound             tool_not_found
     ├── Conflict (409)               conflict
     │   ├── ModelExists              model_exists
     │   ├── DownloadNotPending       download_not_pending
@@ -49,6 +55,7 @@ Where a stdlib type fits, the error inherits it too, so callers can catch either
     ├── DigestMismatch (422)         digest_mismatch
     │   └── BundleDamaged            bundle_damaged
     ├── BodyTooLarge (413)           payload_too_large
+    ├── ResultTooLarge (500)         result_too_large
     ├── TooManyAttempts (429)        too_many_attempts    (Retry-After)
     ├── InsufficientStorage (507)    insufficient_storage
     │   ├── DiskFull                 disk_full
@@ -107,6 +114,8 @@ __all__ = [
     "JoinTokenNotFound",
     "LayoutTooNew",
     "LeaseLost",
+    "McpScopeMismatch",
+    "McpScopeMissing",
     "ModelExists",
     "ModelNotFound",
     "ModelNotLoadable",
@@ -125,6 +134,7 @@ __all__ = [
     "ProviderUnsupported",
     "PushFailed",
     "RemoteNotFound",
+    "ResultTooLarge",
     "SchemeNotSupported",
     "SourceNotAllowed",
     "SourceNotFound",
@@ -135,6 +145,10 @@ __all__ = [
     "TaskFinished",
     "TaskNotFound",
     "TooManyAttempts",
+    "ToolDenied",
+    "ToolNotFound",
+    "ToolNotGranted",
+    "ToolTaskOnly",
     "Unauthorized",
     "UnsupportedFormat",
     "UserExists",
@@ -193,6 +207,14 @@ class BodyTooLarge(ApplianceError):
             hint=f"send less, or raise the {setting} setting",
         )
         self.limit = limit
+
+
+class ResultTooLarge(ApplianceError):
+    """A tool's answer larger than ``mcp.max_result_bytes`` that the tool cannot cut."""
+
+    code = "result_too_large"
+    status = 500
+    default_hint = "ask for less, or raise the mcp.max_result_bytes setting"
 
 
 class TooManyAttempts(ApplianceError):
@@ -287,6 +309,45 @@ class EgressDenied(Forbidden):
     default_hint = "an admin may widen the provider's subjects or operations (`appliance providers ls`)"
 
 
+class ToolDenied(Forbidden):
+    """An MCP tool whose action the caller's role may not do."""
+
+    code = "tool_denied"
+    default_hint = (
+        "ask an admin, or use a key with a role that may (appliance mcp tools lists each tool's action)"
+    )
+
+
+class ToolTaskOnly(Forbidden):
+    """An MCP tool that acts on a job's own work directory, called from outside a task's job."""
+
+    code = "tool_task_only"
+    default_hint = "only a task's job may call it: grant it to a task (appliance tasks create --tools NAME)"
+
+
+class ToolNotGranted(Forbidden):
+    """An MCP tool a job's task was not granted."""
+
+    code = "tool_not_granted"
+    default_hint = "grant it when creating the task: appliance tasks create --tools NAME"
+
+
+class McpScopeMissing(Forbidden):
+    """A job's MCP call without its task_id, run_id and job_id in the request's _meta."""
+
+    code = "mcp_scope_missing"
+    default_hint = "send the job's TASK_ID, RUN_ID and JOB_ID as _meta task_id, run_id and job_id"
+
+
+class McpScopeMismatch(Forbidden):
+    """An MCP call whose _meta ids are not the calling job's own (or come from a caller that is no job)."""
+
+    code = "mcp_scope_mismatch"
+    default_hint = (
+        "send the job's own TASK_ID, RUN_ID and JOB_ID; a caller that is not a task's job sends none"
+    )
+
+
 class NotFound(ApplianceError):
     code = "not_found"
     status = 404
@@ -345,6 +406,11 @@ class ProviderNotFound(NotFound):
 class Conflict(ApplianceError):
     code = "conflict"
     status = 409
+
+
+class ToolNotFound(NotFound):
+    code = "tool_not_found"
+    default_hint = "list the tools with tools/list, or: appliance mcp tools"
 
 
 class ModelExists(Conflict):

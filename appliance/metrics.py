@@ -114,6 +114,20 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.mcp_calls = Counter(
+            "appliance_mcp_calls",
+            "MCP tool calls, by tool and outcome (ok, failed, denied).",
+            ["tool", "outcome"],
+            registry=self.registry,
+        )
+        self.mcp_seconds = Histogram(
+            "appliance_mcp_call_seconds",
+            "Time of an MCP tool call, from its arrival to its answer.",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
     def observe_request(
         self,
         *,
@@ -152,6 +166,10 @@ class Metrics:
         if tokens_in or tokens_out:
             self.egress_tokens.labels(provider=provider, subject=subject, direction="in").inc(tokens_in)
             self.egress_tokens.labels(provider=provider, subject=subject, direction="out").inc(tokens_out)
+
+    def observe_mcp_call(self, *, tool: str, outcome: str, seconds: float) -> None:
+        self.mcp_calls.labels(tool=tool, outcome=outcome).inc()
+        self.mcp_seconds.labels(tool=tool).observe(seconds)
 
     def render(self, heartbeat_ages: Mapping[str, float] | None = None) -> bytes:
         """The text format: this registry's metrics, then each node's heartbeat age (by name)."""

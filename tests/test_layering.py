@@ -171,6 +171,12 @@ RULES = [
         "the web layer serves through the engine's services; importing llama.cpp would slow every start",
     ),
     Rule(
+        "appliance.mcp",
+        ("appliance.web", "appliance.cli", "appliance.client", "appliance.store", *ENGINE_IMPLEMENTATIONS),
+        "the gateway is a service the web layer mounts: its tools call the services, never HTTP or the store",
+        except_imports=("appliance.store.base",),
+    ),
+    Rule(
         "appliance.identity",
         ("appliance",),
         "identity sits below everything, so every layer may use it",

@@ -9,8 +9,9 @@ under the same ``Sandbox`` the server uses, and meanwhile
 - renews the lease every third of it; a 409 means the lease is no longer this node's (the task
   was cancelled, or recovered because this node was thought dead): the job is stopped at once
   (its finish is then kept for a cancelled task, and refused for one that moved on),
-- passes the job's inference calls to the server through its own ``InferenceForwarder``, with the
-  node credential and the task's id (the server takes that only while the task is leased here),
+- passes the job's inference calls, and its MCP calls when its task was granted tools, to the
+  server through its own ``InferenceForwarder``, with the node credential and the task's id, run
+  and job (the server takes that only while the task is leased here, on that attempt),
 
 then finishes it with its state and result (``finish``; retried while the server cannot be
 reached, since finishing is idempotent). Output, renew and finish carry the attempt the claim handed
@@ -37,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from appliance.tasks.forwarder import InferenceForwarder
+from appliance.tasks.forwarder import InferenceForwarder, JobAccess
 from appliance.tasks.jobs import Job, JobResult, Limits
 from appliance.tasks.output import OutputChunk
 from appliance.tasks.sandbox import Sandbox
@@ -178,17 +179,22 @@ class TaskRunner:
     async def _run_job(
         self, task: dict[str, Any], base: str, work: Path, attempt: dict[str, int]
     ) -> JobResult:
+        task_id = str(task["id"])
+        access = JobAccess(
+            run_id=str(task["attempt"]), inference=bool(task.get("inference")), tools=bool(task.get("tools"))
+        )
         async with AsyncExitStack() as stack:
             socket = None
-            if task.get("inference") and self.forwarder is not None:
-                socket = await stack.enter_async_context(self.forwarder.serving(str(task["id"])))
+            if access.routes() and self.forwarder is not None:
+                socket = await stack.enter_async_context(self.forwarder.serving(task_id, access))
             job = Job(
                 mode=task["mode"],
                 text=task["text"],
                 work_dir=work,
                 limits=Limits(**task.get("limits", {})),
-                env={"TASK_ID": str(task["id"])},
+                env=access.env(task_id) if socket is not None else {"TASK_ID": task_id},
                 inference_socket=socket,
+                inference=access.inference,
             )
             call = self.sandbox.stream(job)
             stop = call.cancel  # the lease is not this node's any more

@@ -1,20 +1,25 @@
 """The inference forwarder: a Unix socket per job that passes the job's inference calls to the appliance.
 
-A job given inference (``NewTask.inference``) gets a socket bind-mounted at
-``/run/appliance/inference.sock``; the relay inside its sandbox (``relay.py``) puts it on the job's
-own 127.0.0.1:11434. Each connection carries one HTTP/1.1 exchange, checked here:
+A job given inference (``NewTask.inference``) or MCP tools (``NewTask.tools``) gets a socket
+bind-mounted at ``/run/appliance/inference.sock``; the relay inside its sandbox (``relay.py``) puts
+it on the job's own 127.0.0.1:11434. Each connection carries one HTTP/1.1 exchange, checked here:
 
-- only the inference routes (``INFERENCE_ROUTES``): anything else gets 403 with the routes allowed;
+- only the routes its ``JobAccess`` opens: the inference routes (``INFERENCE_ROUTES``) for a job
+  given inference, the MCP gateway (``MCP_PATH``) for a job granted tools; anything else gets 403
+  with the routes allowed;
 - a body of at most ``MAX_BODY_BYTES`` (413 past it) sent with a Content-Length (411 without);
 - ``EXCHANGE_SECONDS`` for the whole exchange, the answer included (504 if nothing was answered yet).
 
 It is then sent upstream: the job's own headers are dropped but for the body's type, and the
-forwarder adds the task's id (``TASK_HEADER``) with what vouches for it, from which the auth guard
-makes the actor ``task:<id>`` (``X-Request-ID`` is the task's id too, so the inference log ties
-each request to it). The answer streams back as it comes, chunked.
+forwarder adds the task's id (``TASK_HEADER``), its run and the job's id (``RUN_HEADER``,
+``JOB_HEADER``) with what vouches for them, from which the auth guard makes the actor ``task:<id>``
+and the gateway's ``TaskScope`` (``X-Request-ID`` is the task's id too, so the inference log ties
+each request to it). An MCP call keeps its protocol headers too. The answer streams back as it
+comes, chunked.
 
 - The server's own forwarder (``local_forwarder``) sends to the appliance's API on loopback with
-  its per-process secret (``FORWARDER_HEADER``), and audits each exchange as ``task.inference``.
+  its per-process secret (``FORWARDER_HEADER``), and audits each inference exchange, and each
+  one it refuses, as ``task.inference`` (the gateway audits the MCP calls it passes, as ``mcp.call``).
 - A worker's (``credential`` given) sends to its server with the node's credential: the server
   takes it for the task only while the task is leased to that node, and audits it there.
 
@@ -37,6 +42,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
@@ -56,9 +62,11 @@ __all__ = [
     "JOB_HEADER",
     "MAX_BODY_BYTES",
     "MCP_PATH",
+    "MCP_ROUTES",
     "RUN_HEADER",
     "TASK_HEADER",
     "InferenceForwarder",
+    "JobAccess",
     "local_forwarder",
     "task_actor",
 ]
@@ -85,7 +93,11 @@ TASK_HEADER = "x-appliance-task"
 RUN_HEADER = "x-appliance-run"  # the job's run (the task's attempt), vouched for like TASK_HEADER
 JOB_HEADER = "x-appliance-job"  # the job's id, made by the forwarder when the job starts
 MCP_PATH = "/mcp"  # reachable through the forwarder only for a job whose task was granted tools
+MCP_ROUTES = frozenset({("POST", MCP_PATH), ("GET", MCP_PATH), ("DELETE", MCP_PATH)})
+MCP_URL = "http://127.0.0.1:11434" + MCP_PATH  # the gateway as the job reaches it, through its relay
 PASSED_HEADERS = ("content-type", "accept")  # the job's headers that reach the API; no credentials
+# An MCP call's own protocol headers pass too (the session's, though the gateway keeps none).
+MCP_HEADERS = ("mcp-protocol-version", "mcp-session-id", "last-event-id")
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 SOCKET_NAME = "inference.sock"
 
@@ -93,6 +105,30 @@ SOCKET_NAME = "inference.sock"
 def task_actor(task_id: str) -> Actor:
     """Who a job's inference calls act as: its task, with a user's rights (the routes are inference only)."""
     return Actor(id=task_id, kind="task", role="user")
+
+
+@dataclass(frozen=True)
+class JobAccess:
+    """What one job's socket carries: the inference routes, the MCP gateway, or both; and the ids
+    its calls are vouched with (the run is the task's attempt; the job's id is made here, anew for
+    each job started)."""
+
+    run_id: str = "1"
+    inference: bool = True
+    tools: bool = False
+    job_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def env(self, task_id: str) -> dict[str, str]:
+        """The job's variables: its task's id; for a job granted tools, ``MCP_URL`` and the run's
+        and job's ids too, which its MCP calls send back (``_meta``)."""
+        if not self.tools:
+            return {"TASK_ID": task_id}
+        return {"TASK_ID": task_id, "RUN_ID": self.run_id, "JOB_ID": self.job_id, "MCP_URL": MCP_URL}
+
+    def routes(self) -> frozenset[tuple[str, str]]:
+        return (INFERENCE_ROUTES if self.inference else frozenset()) | (
+            MCP_ROUTES if self.tools else frozenset()
+        )
 
 
 class _Refused(Exception):
@@ -134,18 +170,21 @@ class InferenceForwarder:
         self._verify = verify
         self._as_nobody = os.geteuid() == 0  # jobs then run as nobody, who must connect
 
-    def _vouching(self, task_id: str) -> dict[str, str]:
+    def _vouching(self, task_id: str, access: JobAccess) -> dict[str, str]:
+        ids = {TASK_HEADER: task_id, RUN_HEADER: access.run_id, JOB_HEADER: access.job_id}
         if self._credential is not None:
-            return {"authorization": f"Bearer {self._credential}", TASK_HEADER: task_id}
-        return {FORWARDER_HEADER: self._secret, TASK_HEADER: task_id}
+            return {"authorization": f"Bearer {self._credential}", **ids}
+        return {FORWARDER_HEADER: self._secret, **ids}
 
     def trusts(self, secret: str) -> bool:
         """Whether a request's forwarder header is this process's secret."""
         return hmac.compare_digest(secret.encode(), self._secret.encode())
 
     @asynccontextmanager
-    async def serving(self, task_id: str) -> AsyncIterator[Path]:
-        """A socket for the task's job, served until the block ends; then it and its dir go."""
+    async def serving(self, task_id: str, access: JobAccess | None = None) -> AsyncIterator[Path]:
+        """A socket for the task's job, served until the block ends; then it and its dir go.
+        ``access`` says what it carries (the default: inference alone, on the first run)."""
+        access = access if access is not None else JobAccess()
         directory = Path(tempfile.mkdtemp(prefix="appliance-inference-"))
         path = directory / SOCKET_NAME
         exchanges: set[asyncio.Task[None]] = set()
@@ -159,7 +198,7 @@ class InferenceForwarder:
             assert current is not None
             exchanges.add(current)
             try:
-                await self._exchange(client, task_id, reader, writer)
+                await self._exchange(client, task_id, access, reader, writer)
             finally:
                 exchanges.discard(current)
                 writer.close()
@@ -191,23 +230,28 @@ class InferenceForwarder:
         self,
         client: httpx.AsyncClient,
         task_id: str,
+        access: JobAccess,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         note = AuditNote(target=task_id)
         started = time.monotonic()
         answered = False
+        audit = True
         try:
             async with asyncio.timeout(EXCHANGE_SECONDS):
-                method, target, headers, body = await _read_request(reader, note)
+                method, target, headers, body = await _read_request(reader, note, access.routes())
                 note.bytes = len(body)
+                mcp = (method, target.partition("?")[0]) in MCP_ROUTES
+                audit = not mcp  # the gateway audits each MCP call itself (mcp.call)
+                passed = (*PASSED_HEADERS, *MCP_HEADERS) if mcp else PASSED_HEADERS
                 request = client.build_request(
                     method,
                     target,
                     content=body,
                     headers={
-                        **{name: headers[name] for name in PASSED_HEADERS if name in headers},
-                        **self._vouching(task_id),
+                        **{name: headers[name] for name in passed if name in headers},
+                        **self._vouching(task_id, access),
                         "x-request-id": task_id,
                     },
                 )
@@ -253,7 +297,7 @@ class InferenceForwarder:
             note.detail.update(message="the job hung up")
         finally:
             # Recorded even when the exchange is stopped (a record started runs to its end in its thread).
-            if self.store is not None:
+            if self.store is not None and audit:
                 await asyncio.to_thread(
                     record,
                     self.store,
@@ -267,10 +311,10 @@ class InferenceForwarder:
 
 
 async def _read_request(
-    reader: asyncio.StreamReader, note: AuditNote
+    reader: asyncio.StreamReader, note: AuditNote, routes: frozenset[tuple[str, str]]
 ) -> tuple[str, str, dict[str, str], bytes]:
-    """Method, target, headers (lower-cased names) and body of one request, or _Refused; the
-    route goes in ``note`` as soon as it is known."""
+    """Method, target, headers (lower-cased names) and body of one request to one of ``routes``,
+    or _Refused; the route goes in ``note`` as soon as it is known."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
@@ -302,14 +346,9 @@ async def _read_request(
             HTTPStatus.BAD_REQUEST, f"Content-Length {length_text!r} is not a number", "send the body's size"
         )
     length = int(length_text)
-    if (method, target.partition("?")[0]) not in INFERENCE_ROUTES:
-        allowed = ", ".join(f"{verb} {path}" for verb, path in sorted(INFERENCE_ROUTES, key=lambda r: r[1]))
-        raise _Refused(
-            HTTPStatus.FORBIDDEN,
-            f"{method} {target.partition('?')[0]} is not an inference route: a job may call only {allowed}",
-            "call one of those routes at $INFERENCE_URL (OpenAI) or $OLLAMA_BASE_URL (Ollama)",
-            unread=length,
-        )
+    route = (method, target.partition("?")[0])
+    if route not in routes:
+        raise _Refused(HTTPStatus.FORBIDDEN, *_not_allowed(route, routes), unread=length)
     if length > MAX_BODY_BYTES:
         raise _Refused(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -319,6 +358,29 @@ async def _read_request(
             unread=length,
         )
     return method, target, headers, await reader.readexactly(length)
+
+
+def _not_allowed(route: tuple[str, str], routes: frozenset[tuple[str, str]]) -> tuple[str, str]:
+    """Why a job may not call ``route``, and what it may call instead."""
+    called = f"{route[0]} {route[1]}"
+    allowed = ", ".join(f"{verb} {path}" for verb, path in sorted(routes, key=lambda r: (r[1], r[0])))
+    if route in MCP_ROUTES:
+        why = f"{called}: this job's task was granted no MCP tools"
+        if routes:
+            why += f"; it may call only {allowed}"
+        return why, "create the task with the tools its job calls (--tools, the API's tools)"
+    if route in INFERENCE_ROUTES:
+        return (
+            f"{called}: this job's task was not given inference; it may call only {allowed}",
+            "create the task with inference (--inference) to call models",
+        )
+    if not routes & INFERENCE_ROUTES:
+        return f"{called} is not the MCP gateway: this job may call only {allowed}", "call $MCP_URL"
+    return (
+        f"{called} is not an inference route: a job may call only {allowed}",
+        "call one of those routes at $INFERENCE_URL (OpenAI) or $OLLAMA_BASE_URL (Ollama)"
+        + (", or the MCP gateway at $MCP_URL" if routes >= MCP_ROUTES else ""),
+    )
 
 
 def _head(status: int, headers: list[tuple[str, str]]) -> bytes:

@@ -53,7 +53,8 @@ class Limits:
 @dataclass(frozen=True)
 class Job:
     """One run of a script or of commands. ``env`` adds variables to the job's clean environment
-    (only names the sandbox allows); ``inference_socket`` is bind-mounted for the job when given."""
+    (only names the sandbox allows); ``inference_socket`` is bind-mounted for the job when given,
+    with the inference variables unless ``inference`` is false (a socket for the MCP gateway alone)."""
 
     mode: JobMode
     text: str
@@ -61,6 +62,7 @@ class Job:
     limits: Limits = field(default_factory=Limits)
     env: Mapping[str, str] = field(default_factory=dict)
     inference_socket: Path | None = None
+    inference: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("script", "commands"):

@@ -46,6 +46,7 @@ class TaskOut(BaseModel):
     attempts: int
     limits: dict[str, Any]
     inference: bool
+    tools: list[str]
     result: dict[str, Any] | None
     idempotency_key: str | None
     created_at: str
@@ -54,9 +55,10 @@ class TaskOut(BaseModel):
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
-        fields = {name: getattr(task, name) for name in cls.model_fields if name != "inference"}
+        options = ("inference", "tools")
+        fields = {name: getattr(task, name) for name in cls.model_fields if name not in options}
         fields["limits"] = job_limits(task)
-        return cls(**fields, inference=has_inference(task))
+        return cls(**fields, inference=has_inference(task), tools=sorted(granted_tools(task)))
 
 
 @dataclass(frozen=True)

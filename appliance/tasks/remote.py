@@ -28,9 +28,18 @@ from appliance.errors import Forbidden, LeaseLost, TaskFinished, TaskNotFound
 from appliance.identity import Actor
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, utcnow
-from appliance.tasks.forwarder import task_actor
+from appliance.tasks.forwarder import MCP_PATH, task_actor
 from appliance.tasks.output import StreamName, utf8_prefix
-from appliance.tasks.records import Live, TaskEvent, TaskOut, audit_start, has_inference, job_limits, now_plus
+from appliance.tasks.records import (
+    Live,
+    TaskEvent,
+    TaskOut,
+    audit_start,
+    granted_tools,
+    has_inference,
+    job_limits,
+    now_plus,
+)
 
 __all__ = ["NODE_MODES", "NodeFinish", "NodeTask", "NodeTasks", "RemoteRun", "node_owner"]
 
@@ -45,6 +54,7 @@ class NodeTask(BaseModel):
     text: str
     limits: dict[str, Any]
     inference: bool
+    tools: list[str] = []  # the MCP tools its job may call: MCP_URL, run and job ids in its env
     attachments: list[dict[str, Any]]  # {"name", "size_bytes"}, fetched from the attachments route
     lease_seconds: float  # renew well within this, or the task runs again elsewhere
     attempt: int  # the task's attempts with this claim: sent back with output, renew and finish
@@ -134,6 +144,7 @@ class NodeTasks:
             text=task.text,
             limits=job_limits(task),
             inference=has_inference(task),
+            tools=sorted(granted_tools(task)),
             attachments=attachments,
             lease_seconds=self.lease_seconds,
             attempt=task.attempts,
@@ -154,19 +165,30 @@ class NodeTasks:
             raise TaskNotFound(f"task {task_id} has no attachment {name!r}")
         return path
 
-    def node_acts_for(self, task_id: str, node_id: str, *, route: str) -> Actor:
+    def node_acts_for(self, task_id: str, node_id: str, *, route: str, run_id: str | None = None) -> Actor:
         """Who a node's call for a task's job acts as (``task:<id>``, a user's rights): only while
-        the node holds the task's lease, else Forbidden. Audited here as ``task.inference``: the
-        worker that forwarded it keeps no audit log."""
+        the node holds the task's lease and, when the call names its run, for the task's current
+        attempt; else Forbidden. Audited here as ``task.inference`` (the worker that forwarded it
+        keeps no audit log), but for an MCP call let through, which the gateway audits itself."""
+        task = self.store.get_task(task_id)
+        refusal = None
+        if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
+            refusal = Forbidden(
+                f"node {node_id} does not hold a lease on task {task_id}",
+                hint="a worker calls the appliance for a task only while it runs that task",
+            )
+        elif run_id is not None and run_id != str(task.attempts):
+            refusal = Forbidden(
+                f"node {node_id} called for run {run_id} of task {task_id}, which is on run {task.attempts}",
+                hint="a job's calls count only while its run is the task's current attempt",
+            )
+        if refusal is None and route.partition(" ")[2] == MCP_PATH:
+            return task_actor(task_id)
         context = Context(task_actor(task_id), correlation_id=task_id)
         with audited(self.store, context, action="task.inference", target=task_id) as note:
             note.detail.update(route=route, node=node_id)
-            task = self.store.get_task(task_id)
-            if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
-                raise Forbidden(
-                    f"node {node_id} does not hold a lease on task {task_id}",
-                    hint="a worker calls models for a task only while it runs that task",
-                )
+            if refusal is not None:
+                raise refusal
         return task_actor(task_id)
 
     def node_renew(self, task_id: str, node_id: str, *, attempt: int) -> Task:

@@ -24,7 +24,8 @@ How it is held (bubblewrap's flags, then what runs inside):
   descriptor is inherited but stdin (/dev/null), stdout and stderr. bubblewrap reads its options
   (paths, variables) from a file (``--args``), so that ``ps`` on the host shows none of them.
 - A job given an inference socket also gets ``INFERENCE_URL`` (OpenAI's base) and
-  ``OLLAMA_BASE_URL`` pointing at 127.0.0.1:11434 on its own loopback, where ``relay.py`` (run by
+  ``OLLAMA_BASE_URL`` (unless its socket carries only the MCP gateway: ``Job.inference`` false)
+  pointing at 127.0.0.1:11434 on its own loopback, where ``relay.py`` (run by
   the system's /usr/bin/python3 before the program, outside its rlimits) passes each connection
   to the socket, and so to the forwarder (``forwarder.py``): the job's only way out.
 - ``--new-session``: no terminal to push input into. ``--die-with-parent``: the job dies with us.
@@ -98,6 +99,9 @@ DEFAULT_ALLOWED_ENV = frozenset(
         "OLLAMA_BASE_URL",
         "OPENAI_BASE_URL",
         "TASK_ID",
+        "RUN_ID",
+        "JOB_ID",
+        "MCP_URL",
         "LANG",
         "LC_ALL",
         "TZ",
@@ -305,7 +309,8 @@ class Sandbox:
                     "has none",
                     hint="install python3 (apt-get install python3), or run the task without inference",
                 )
-            env.update(INFERENCE_ENV)
+            if job.inference:
+                env.update(INFERENCE_ENV)
         if self._job_ids is not None:
             _hand_over(job.work_dir, *self._job_ids)
 

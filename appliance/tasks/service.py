@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.audit import Context, audited
+from appliance.auth.policy import Deny, Resource, decide
 from appliance.engine.base import Finished, TextChunk
 from appliance.errors import (
     ApplianceError,
     BodyTooLarge,
+    Forbidden,
     InvalidInput,
     ModelNotFound,
     TaskElsewhere,
@@ -55,18 +57,22 @@ from appliance.errors import (
     TaskNotFound,
 )
 from appliance.identity import Actor
+from appliance.mcp.types import TOOL_ACTIONS, TOOL_NAMES
 from appliance.models.service import ModelService
+from appliance.preferences import ALLOWED_ROLES, PreferenceService
 from appliance.settings import Settings
 from appliance.store.base import FINISHED_TASK_STATES, Store, Task, TaskMode, TaskState, utcnow
-from appliance.tasks.forwarder import InferenceForwarder, local_forwarder, task_actor
+from appliance.tasks.forwarder import InferenceForwarder, JobAccess, local_forwarder, task_actor
 from appliance.tasks.jobs import Job, JobResult, Limits, Outcome
 from appliance.tasks.output import OutputCapture, OutputChunk
 from appliance.tasks.records import (
     INFERENCE_OPTION,
+    TOOLS_OPTION,
     Live,
     TaskEvent,
     TaskOut,
     audit_start,
+    granted_tools,
     has_inference,
     job_limits,
     now_plus,
@@ -131,6 +137,10 @@ class NewTask(BaseModel):
     inference: bool = Field(
         default=False,
         description="Let a script or commands call models: INFERENCE_URL and OLLAMA_BASE_URL inside the job.",
+    )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="The MCP tools a script or commands may call (MCP_URL inside the job); none by default.",
     )
 
 
@@ -243,9 +253,11 @@ class TaskService(NodeTasks):
         """Queue a task (its attachments in its work dir); returns it and whether it is new. The
         same idempotency key from the same actor gives back the first task, and writes nothing."""
         limits = self._limits(request.limits)
+        tools = self._tools(request, context.who)
         self._check(request, attachments)
-        # Kept with the limits: like them, it bounds what the job may reach.
+        # Kept with the limits: like them, they bound what the job may reach.
         limits[INFERENCE_OPTION] = request.inference
+        limits[TOOLS_OPTION] = tools
         task_id = uuid.uuid4().hex
         with audited(self.store, context, action="task.create", target=task_id) as note:
             task_dir = self._make_task_dir(task_id)
@@ -300,6 +312,46 @@ class TaskService(NodeTasks):
                 raise InvalidInput(f"the task limit {name} must be a whole number, not {value!r}")
             limits[name] = type(cap)(value)
         return limits
+
+    def _tools(self, request: NewTask, who: Actor) -> list[str]:
+        """The tools the task's job is granted, sorted: each one known, and each one its creator
+        may call (a task's own job may grant only tools it was granted itself)."""
+        if not request.tools:
+            return []
+        if request.mode == "prompt":
+            raise InvalidInput(
+                "tools are for script and commands tasks: a prompt task runs no job to call them",
+                hint="leave tools out of a prompt task",
+            )
+        unknown = sorted(set(request.tools) - set(TOOL_NAMES))
+        if unknown:
+            raise InvalidInput(
+                f"no MCP tool is named {', '.join(map(repr, unknown))}",
+                hint=f"grant any of {', '.join(TOOL_NAMES)} (`appliance mcp tools` lists them)",
+            )
+        tools = sorted(set(request.tools))
+        if who.kind == "task":
+            creator = self.store.get_task(who.id)
+            held = granted_tools(creator) if creator is not None else frozenset()
+            beyond = [tool for tool in tools if tool not in held]
+            if beyond:
+                raise Forbidden(
+                    f"task {who.id} may not grant {', '.join(beyond)}: a task's job grants only tools"
+                    " it was granted itself",
+                    hint=f"grant only {', '.join(sorted(held))}" if held else "grant no tools",
+                )
+        elif self.settings.auth_enabled:  # a job's own grant was its creator's to give
+            pulls = PreferenceService(self.settings, self.store).effective(ALLOWED_ROLES)
+            for tool in tools:
+                action = TOOL_ACTIONS[tool]
+                granted = pulls if action == "models.pull" else ()
+                decision = decide(who, action, Resource(granted_roles=granted))
+                if isinstance(decision, Deny):
+                    raise Forbidden(
+                        f"{who.label} may not grant the tool {tool}: {decision.reason}",
+                        hint="grant only tools you may call yourself, or ask an admin to create the task",
+                    )
+        return tools
 
     def _check(self, request: NewTask, attachments: Sequence[Attachment]) -> None:
         if not request.text.strip():
@@ -632,10 +684,13 @@ class TaskService(NodeTasks):
 
     async def _run_job(self, task: Task, running: _Running) -> tuple[TaskState, dict[str, Any]]:
         assert task.mode != "prompt"
+        access = JobAccess(
+            run_id=str(task.attempts), inference=has_inference(task), tools=bool(granted_tools(task))
+        )
         async with AsyncExitStack() as stack:
             socket = (
-                await stack.enter_async_context(self.forwarder.serving(task.id))
-                if has_inference(task)
+                await stack.enter_async_context(self.forwarder.serving(task.id, access))
+                if access.routes()
                 else None
             )
             job = Job(
@@ -643,8 +698,9 @@ class TaskService(NodeTasks):
                 text=task.text,
                 work_dir=self.task_dir(task.id) / "work",
                 limits=Limits(**job_limits(task)),
-                env={"TASK_ID": task.id},
+                env=access.env(task.id),
                 inference_socket=socket,
+                inference=access.inference,
             )
             call = self.sandbox.stream(job)
             running.stop = call.cancel

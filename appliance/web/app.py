@@ -48,6 +48,7 @@ from appliance.web.guards import SecurityHeaders
 from appliance.web.health import HealthController
 from appliance.web.importdir import import_dir
 from appliance.web.login import LOGIN_ROUTES
+from appliance.web.mcp import mcp_endpoint, mcp_lifespan, mcp_tools
 from appliance.web.models import ModelsController
 from appliance.web.ollama import ollama_router
 from appliance.web.ollama_models import ollama_models_router
@@ -99,6 +100,8 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
             *LOGIN_ROUTES,
             EngineController,
             metrics,
+            mcp_endpoint,
+            mcp_tools,
             openai_router,
             completions_router,
             responses_router,
@@ -111,7 +114,7 @@ def create_app(settings: Settings, *, setup_token: str | None = None) -> Litesta
                 include_in_schema=False,
             ),
         ],
-        lifespan=[runtime_lifespan, cluster_lifespan, cluster_tasks_lifespan],
+        lifespan=[runtime_lifespan, cluster_lifespan, cluster_tasks_lifespan, mcp_lifespan],
         on_startup=[complete_openapi],
         dependencies={
             "audit": Provide(provide_audit, sync_to_thread=False),

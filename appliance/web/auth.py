@@ -6,8 +6,11 @@ auth on, a request names its key as ``Authorization: Bearer KEY`` or ``x-api-key
 or one unknown, revoked or expired, gets 401 with ``WWW-Authenticate: Bearer``; an action the
 key's role may not do gets 403 (audited, with the reason). A browser comes with its session
 cookie instead (``web/login.py``), and then sends ``X-CSRF-Token`` with every change.
-A job's inference call comes through the task forwarder (``tasks/forwarder.py``) with no key: it
-carries the forwarder's per-process secret, and acts as its task (``task:<id>``), auth on or off.
+A job's inference or MCP call comes through the task forwarder (``tasks/forwarder.py``) with no key:
+it carries the forwarder's per-process secret (or a worker's node credential), and acts as its task
+(``task:<id>``), auth on or off; the run and job ids vouched beside it become
+``request.state.task_scope``, which the MCP gateway checks a call's own ids against (``None`` for
+any other request).
 
 Imports: the auth service, audit and identity; the guards for the checks that come first; the
 login routes for the cookie's and the header's names.
@@ -41,10 +44,17 @@ from appliance.auth.service import (
 )
 from appliance.cluster.tokens import is_node_credential, is_server_credential
 from appliance.errors import ApiKeyNotFound, CsrfFailed, Forbidden, Unauthorized
-from appliance.identity import Actor, Role
+from appliance.identity import Actor, Role, TaskScope
 from appliance.runtime import Runtime
 from appliance.settings import Settings
-from appliance.tasks.forwarder import FORWARDER_HEADER, TASK_HEADER, task_actor
+from appliance.tasks.forwarder import (
+    FORWARDER_HEADER,
+    JOB_HEADER,
+    MCP_PATH,
+    RUN_HEADER,
+    TASK_HEADER,
+    task_actor,
+)
 from appliance.web.dependencies import provide_context
 from appliance.web.guards import request_actor, request_guard
 from appliance.web.login import CSRF_HEADER, SESSION_COOKIE, session_login
@@ -128,6 +138,11 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/api/v1/inference"): "audit.read",
     ("GET", "/api/v1/ps"): "system.read",
     ("GET", "/metrics"): "system.read",
+    # The gateway: each tool then needs its own action, or a job's grant (appliance.mcp.server).
+    ("POST", "/mcp"): "mcp.tool.invoke",
+    ("GET", "/mcp"): "mcp.tool.invoke",
+    ("DELETE", "/mcp"): "mcp.tool.invoke",
+    ("GET", "/api/v1/mcp/tools"): "mcp.tool.invoke",
     ("GET", "/v1/models"): "models.read",
     ("GET", "/v1/models/{name}"): "models.read",
     ("POST", "/v1/chat/completions"): "infer",
@@ -204,8 +219,10 @@ def auth_guard(settings: Settings) -> Callable[[Request[Any, Any, Any]], Awaitab
 
     async def guard(request: Request[Any, Any, Any]) -> Response[None] | None:
         forwarded = _forwarded_task(request)
+        request.state.task_scope = None
         if forwarded is not None:
             request.state.actor = forwarded
+            request.state.task_scope = _task_scope(request, forwarded.id)
         answered = await base(request)
         auth = _auth(request.app.state)
         if answered is not None or not auth.enabled:
@@ -258,6 +275,20 @@ def _forwarded_task(request: Request[Any, Any, Any]) -> Actor | None:
     return task_actor(task_id)
 
 
+def _task_scope(request: Request[Any, Any, Any], task_id: str) -> TaskScope | None:
+    """The job a forwarded call came from; an MCP call must name it (the forwarder always does),
+    else the gateway could not hold the job to its task's tools."""
+    run_id, job_id = request.headers.get(RUN_HEADER, ""), request.headers.get(JOB_HEADER, "")
+    if run_id and job_id:
+        return TaskScope(task_id=task_id, run_id=run_id, job_id=job_id)
+    if request.url.path == MCP_PATH:
+        raise Forbidden(
+            f"refused a forwarded MCP call without its {RUN_HEADER} and {JOB_HEADER} headers",
+            hint="update the worker that forwarded it to this server's version",
+        )
+    return None
+
+
 def _node_task(request: Request[Any, Any, Any], task_id: str) -> Actor:
     """A call a worker's forwarder made for a job of a task it runs: it acts as that task, only
     while the task is leased to that node, and is audited here (the worker has no audit log)."""
@@ -269,7 +300,12 @@ def _node_task(request: Request[Any, Any, Any], task_id: str) -> Actor:
         )
     runtime: Runtime = request.app.state.runtime
     node = runtime.cluster.authenticate(credential, provide_context(request))
-    return runtime.tasks.node_acts_for(task_id, node.id, route=f"{request.method} {request.url.path}")
+    return runtime.tasks.node_acts_for(
+        task_id,
+        node.id,
+        route=f"{request.method} {request.url.path}",
+        run_id=request.headers.get(RUN_HEADER) or None,
+    )
 
 
 def _node_actor(request: Request[Any, Any, Any], credential: str) -> Actor:

@@ -33,7 +33,7 @@ from appliance.web.errors import ErrorInfo, error_tail, problem_body
 __all__ = ["TasksController"]
 
 TASK_STATES = ("queued", "running", "succeeded", "failed", "canceled")
-FORM_FIELDS = ("mode", "text", "model", "idempotency_key", "limits", "inference")
+FORM_FIELDS = ("mode", "text", "model", "idempotency_key", "limits", "inference", "tools")
 
 
 def provide_tasks(state: State) -> TaskService:
@@ -146,6 +146,8 @@ async def _from_form(request: Request[Any, Any, Any]) -> tuple[NewTask, list[Att
                 raise InvalidInput(
                     "limits is not JSON", hint='send it as a JSON object, e.g. {"timeout_seconds": 60}'
                 ) from exc
+        elif name == "tools":  # repeated, or names separated by commas
+            fields.setdefault(name, []).extend(tool.strip() for tool in value.split(",") if tool.strip())
         else:
             fields[name] = value
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import socket
 import threading
@@ -19,7 +20,7 @@ from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.factory import open_data_dir
 from appliance.tasks import Job, Sandbox, sandbox
-from appliance.tasks.forwarder import MAX_HEAD_BYTES, InferenceForwarder, local_forwarder
+from appliance.tasks.forwarder import MAX_HEAD_BYTES, InferenceForwarder, JobAccess, local_forwarder
 from appliance.tasks.sandbox import NOBODY
 from tests.conftest import free_port
 
@@ -28,6 +29,16 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = f"{self.path} {self.headers.get('x-appliance-task')} {self.headers.get('authorization')}"
         self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_POST(self) -> None:
+        """Echo the request's headers (lower-cased names) and body as JSON."""
+        sent = self.rfile.read(int(self.headers.get("content-length", "0")))
+        body = json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": sent.decode()})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body.encode())
@@ -53,11 +64,13 @@ def store(tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
-def exchange(forwarder: InferenceForwarder, request: bytes) -> tuple[bytes, Path]:
+def exchange(
+    forwarder: InferenceForwarder, request: bytes, access: JobAccess | None = None
+) -> tuple[bytes, Path]:
     """Send ``request`` through the task's socket; returns all that came back, and the socket's path."""
 
     async def run() -> tuple[bytes, Path]:
-        async with forwarder.serving("t1") as path:
+        async with forwarder.serving("t1", access) as path:
             reader, writer = await asyncio.open_unix_connection(str(path))
             writer.write(request)
             await writer.drain()
@@ -133,3 +146,58 @@ def test_a_job_with_inference_needs_the_systems_python(
         monkeypatch.setattr(sandbox, "RELAY_PYTHON", str(shared_dir / "no-python3"))
         with pytest.raises(NotReady, match=r"needs .*no-python3, which runs its relay"):
             Sandbox().run(Job(mode="script", text="true", work_dir=work_dir, inference_socket=socket_path))
+
+
+MCP_CALL = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
+MCP_REQUEST = (
+    b"POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+    b"Mcp-Protocol-Version: 2025-06-18\r\nAuthorization: Bearer stolen\r\nX-Appliance-Job: forged\r\n"
+    b"Content-Length: %d\r\n\r\n%b" % (len(MCP_CALL), MCP_CALL)
+)
+
+
+def test_a_job_granted_no_tools_gets_403_on_mcp_audited(tmp_path: Path, store: Store, upstream: int) -> None:
+    forwarder = local_forwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    answer, _ = exchange(forwarder, MCP_REQUEST)
+    assert answer.startswith(b"HTTP/1.1 403")
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert "POST /mcp: this job's task was granted no MCP tools" in error["message"]
+    assert "--tools" in error["hint"]
+    (row,) = AuditService(store).list_events(action="task.inference")
+    assert (row.actor, row.outcome, row.detail["route"], row.detail["status"]) == (
+        "task:t1",
+        "error",
+        "POST /mcp",
+        403,
+    )
+
+
+def test_a_granted_job_reaches_mcp_vouched_for_and_audited_by_the_gateway_alone(
+    tmp_path: Path, store: Store, upstream: int
+) -> None:
+    forwarder = local_forwarder(Settings(data_dir=tmp_path, port=upstream), store)
+    access = JobAccess(run_id="2", inference=False, tools=True)
+    answer, _ = exchange(forwarder, MCP_REQUEST, access)
+    assert answer.startswith(b"HTTP/1.1 200")
+    chunked = answer.partition(b"\r\n\r\n")[2]
+    echoed = json.loads(chunked.partition(b"\r\n")[2].rpartition(b"\r\n0\r\n")[0])
+    headers = echoed["headers"]
+    assert echoed["body"] == MCP_CALL.decode()
+    assert (headers["x-appliance-task"], headers["x-appliance-run"], headers["x-appliance-job"]) == (
+        "t1",
+        "2",
+        access.job_id,  # the forwarder's, never the job's own
+    )
+    assert forwarder.trusts(headers["x-appliance-forwarder"])
+    assert headers["mcp-protocol-version"] == "2025-06-18"
+    assert headers["accept"] == "application/json, text/event-stream"
+    assert "authorization" not in headers
+    assert AuditService(store).list_events(action="task.inference") == []
+    # Tools without inference: the inference routes stay shut.
+    refused, _ = exchange(forwarder, b"GET /api/tags HTTP/1.1\r\n\r\n", access)
+    assert refused.startswith(b"HTTP/1.1 403")
+    assert b"GET /api/tags: this job's task was not given inference" in refused
+    other, _ = exchange(forwarder, b"GET /api/v1/models HTTP/1.1\r\n\r\n", access)
+    assert b"GET /api/v1/models is not the MCP gateway: this job may call only" in other
+    rows = AuditService(store).list_events(action="task.inference")
+    assert sorted(row.detail["route"] for row in rows) == ["GET /api/tags", "GET /api/v1/models"]

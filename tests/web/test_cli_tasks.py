@@ -28,7 +28,7 @@ def test_create_with_an_attachment_and_follow_it(served: Serving, cli: Any, tmp_
     port = str(served.port)
     run = cli(
         "tasks", "create", "--mode", "script", "--attach", str(data), "wc -l < /work/data.csv; echo e >&2",
-        "--follow", "--port", port,
+        "--tools", "tasks.get, preference.get", "--follow", "--port", port,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout == "3\n"
@@ -38,6 +38,7 @@ def test_create_with_an_attachment_and_follow_it(served: Serving, cli: Any, tmp_
     shown = cli("tasks", "show", task["id"], "--port", port)
     assert f"task {task['id']} succeeded" in shown.stdout
     assert "result.exit_code: 0" in shown.stdout
+    assert "tools: preference.get, tasks.get\n" in shown.stdout
     logs = cli("tasks", "logs", task["id"], "--port", port)
     assert (logs.stdout, logs.stderr) == ("3\n", "e\n")
     followed = cli("tasks", "logs", task["id"], "--follow", "--port", port)
@@ -56,9 +57,12 @@ def test_a_failing_task_exits_1_with_its_reason(served: Serving, cli: Any) -> No
 def test_cancel_a_running_task_and_the_errors_a_user_sees(served: Serving, cli: Any) -> None:
     port = str(served.port)
     created = cli(
-        "tasks", "create", "--mode", "script", "-", "--key", "k", "--port", port, input="sleep 60\n"
-    )
+        "tasks", "create", "--mode", "script", "-", "--key", "k", "--tools", "tasks.get", "--port", port,
+        input="sleep 60\n",
+    )  # fmt: skip
     task_id = created.stdout.strip()
+    shown = json.loads(cli("tasks", "show", task_id, "--json", "--port", port).stdout)
+    assert shown["tools"] == ["tasks.get"]
     again = cli("tasks", "create", "--mode", "script", "other", "--key", "k", "--port", port)
     assert again.stdout.strip() == task_id  # the same key: the same task
     running = cli("tasks", "ls", "--state", "queued", "--state", "running", "--port", port)
@@ -78,6 +82,9 @@ def test_cancel_a_running_task_and_the_errors_a_user_sees(served: Serving, cli: 
     )
     assert bad_limit.returncode == 1
     assert "is not NAME=NUMBER" in bad_limit.stderr
+    bad_tool = cli("tasks", "create", "--mode", "script", "ls", "--tools", "shell", "--port", port)
+    assert bad_tool.returncode == 1
+    assert "no MCP tool is named 'shell'" in bad_tool.stderr
     no_model = cli("tasks", "create", "hello", "--port", port)
     assert (no_model.returncode, "a prompt task needs a model" in no_model.stderr) == (1, True)
 

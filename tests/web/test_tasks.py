@@ -148,6 +148,15 @@ def test_oversized_attachments_and_bodies_get_413_with_the_limit(served: Serving
             {"json": {"text": "hello", "model": "tiny", "inference": True}},
             "inference is for script and commands",
         ),
+        (
+            {"json": {"text": "hello", "model": "tiny", "tools": ["preference.get"]}},
+            "tools are for script and commands tasks",
+        ),
+        ({"json": {"mode": "script", "text": "ls", "tools": ["shell"]}}, "no MCP tool is named 'shell'"),
+        (
+            {"data": {"mode": "script", "text": "ls", "tools": ["preference.get", "a,b"]}},
+            "no MCP tool is named 'a', 'b'",
+        ),
         ({"data": {"mode": "script", "text": "ls", "limits": "{"}}, "limits is not JSON"),
         ({"data": {"mode": "script", "text": "ls", "shell": "bash"}}, "'shell' is not a task field"),
         ({"data": {"mode": "script"}, "files": [("attachment", ("x", b"1"))]}, "text"),

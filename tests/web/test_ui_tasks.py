@@ -33,12 +33,13 @@ def test_a_script_with_an_attachment_runs_and_its_output_shows(page: Page, tmp_p
     shot(page, "tasks")
 
 
-def test_a_running_task_is_cancelled_from_the_page(page: Page) -> None:
+def test_a_running_task_granted_a_tool_is_cancelled_from_the_page(page: Page) -> None:
     page.goto("/#/tasks")
     page.locator("#task-mode").select_option("commands")
-    page.get_by_label("Text").fill("echo started\nsleep 60")
+    page.get_by_label("Text").fill("echo started $MCP_URL\nsleep 60")
+    page.get_by_label("preference.get").check()
     page.get_by_role("button", name="Create").click()
-    expect(page.locator("#task-stdout")).to_have_text("started\n")
+    expect(page.locator("#task-stdout")).to_have_text("started http://127.0.0.1:11434/mcp\n")
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator("#task-state")).to_contain_text(re.compile(r"canceled \(canceled by "))
     expect(page.locator("#task-cancel")).to_be_disabled()

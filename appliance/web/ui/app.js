@@ -3,6 +3,8 @@
 // one link in index.html (an admin's page: its link marked data-admin, its name in ADMIN_PAGES).
 // With auth on, nothing draws before a login.
 
+import { mcpPage } from "./mcp.js";
+
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
 let leaving = [];  // what the current page must stop (timers, event streams) when another opens
@@ -497,6 +499,11 @@ async function chat() {
 
 // -- tasks -------------------------------------------------------------------------------------
 
+// The MCP tools a task may be granted: appliance/mcp/types.py's TOOL_NAMES (a test keeps them equal).
+const TOOL_NAMES = ["preference.get", "preference.list", "preference.effective", "models.list", "models.show",
+  "models.pull", "chat", "embed", "tasks.create", "tasks.get", "tasks.output", "artifacts.list", "artifacts.read",
+  "artifacts.write"];
+
 // Create a task (a prompt, a script or commands, with attachments), watch its output as it comes,
 // cancel it. The events are read through fetch, not EventSource, so a key-only tab gets them too.
 async function tasks() {
@@ -508,6 +515,7 @@ async function tasks() {
   const text = h("textarea", { id: "task-text", rows: 5, required: true, placeholder: "A prompt, a script, or commands (one per line)" });
   const files = h("input", { id: "task-files", type: "file", multiple: true });
   const inference = h("input", { id: "task-inference", type: "checkbox" });
+  const tools = TOOL_NAMES.map((name) => h("input", { type: "checkbox", name: "task-tool", value: name }));
   const create = h("button", { type: "submit", id: "task-create" }, "Create");
   const list = h("tbody", { id: "tasks-table" });
   const watched = h("section", { id: "task-watch" });
@@ -518,6 +526,8 @@ async function tasks() {
     h("label", {}, "Mode", mode), h("label", {}, "Model (prompts)", model), h("label", {}, "Text", text),
     h("label", {}, "Attachments (scripts and commands: in /work)", files),
     h("label", {}, inference, " Inference (scripts and commands may call models at $INFERENCE_URL and $OLLAMA_BASE_URL)"),
+    h("fieldset", { id: "task-tools" }, h("legend", {}, "MCP tools (scripts and commands may call them at $MCP_URL)"),
+      ...tools.map((box) => h("label", {}, box, ` ${box.value}`))),
     h("p", {}, create));
   page.replaceChildren(h("h1", {}, "Tasks"), form, watched,
     h("h2", {}, "Recent tasks"),
@@ -539,6 +549,7 @@ async function tasks() {
     body.append("text", text.value);
     if (mode.value === "prompt" && model.value) body.append("model", model.value);
     if (mode.value !== "prompt" && inference.checked) body.append("inference", "true");
+    if (mode.value !== "prompt") for (const box of tools) if (box.checked) body.append("tools", box.value);
     for (const file of files.files) body.append("attachment", file, file.name);
     const response = await fetch("/api/v1/tasks", { method: "POST", headers: credentials("POST"), body });
     const data = await readBody(response);
@@ -1145,7 +1156,13 @@ function setupView() {
 
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, tasks, nodes, providers, audit, settings, keys, users };
+// The MCP page lives in its own module; it gets the helpers it draws with.
+function mcp() {
+  const token = generation;
+  return mcpPage({ h, api, page, me, report, current: () => token === generation });
+}
+
+const pages = { "": dashboard, models, chat, tasks, mcp, nodes, providers, audit, settings, keys, users };
 const ADMIN_PAGES = new Set(["", "nodes", "providers", "audit", "settings", "users"]);
 
 // Its link is hidden from them, and the server answers its calls with 403 anyway.
