@@ -12,6 +12,7 @@ import pytest
 from appliance.audit import Context
 from appliance.errors import ToolNotFound
 from appliance.mcp.catalog import CATALOG
+from appliance.mcp.types import TASK_ONLY_TOOLS
 from appliance.preferences import EDITABLE
 from appliance.runtime import Runtime
 from appliance.settings import Settings
@@ -22,6 +23,7 @@ from tests.tiny_model import write_llama_gguf
 from tests.web.conftest import isolated
 
 LIMIT = 2048  # small enough that the preferences' list is cut
+CALLABLE = [name for name in CATALOG if name not in TASK_ONLY_TOOLS]
 
 
 MODELS = [f"m{number:02}:latest" for number in range(24)]  # more than one answer holds at LIMIT
@@ -43,7 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf_master: Path) -> 
 
 def test_the_client_lists_the_catalogue_with_schemas(server: Server) -> None:
     tools = listed(server)
-    assert list(tools) == list(CATALOG)  # with auth off a caller that is no job may call all but task-only
+    assert list(tools) == CALLABLE  # with auth off a caller that is no job may call all but task-only
     get = tools["preference.get"]
     assert get.inputSchema["properties"]["key"]["enum"] == list(EDITABLE)
     assert get.outputSchema is not None
@@ -123,7 +125,7 @@ def test_audit_rows_carry_sizes_and_never_arguments_or_results(server: Server) -
 
 def test_the_rest_surface_and_the_metrics(server: Server) -> None:
     tools = server.client.get("/api/v1/mcp/tools").json()
-    assert [tool["name"] for tool in tools] == list(CATALOG)
+    assert [tool["name"] for tool in tools] == CALLABLE
     first = tools[0]
     assert first["action"] == "preferences.read"
     assert first["task_only"] is False

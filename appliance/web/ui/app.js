@@ -3,6 +3,8 @@
 // one link in index.html (an admin's page: its link marked data-admin, its name in ADMIN_PAGES).
 // With auth on, nothing draws before a login.
 
+import { mcpPage } from "./mcp.js";
+
 const page = document.getElementById("page");
 const errors = document.getElementById("errors");
 let leaving = [];  // what the current page must stop (timers, event streams) when another opens
@@ -1154,7 +1156,13 @@ function setupView() {
 
 // -- routing -----------------------------------------------------------------------------------
 
-const pages = { "": dashboard, models, chat, tasks, nodes, providers, audit, settings, keys, users };
+// The MCP page lives in its own module; it gets the helpers it draws with.
+function mcp() {
+  const token = generation;
+  return mcpPage({ h, api, page, me, report, current: () => token === generation });
+}
+
+const pages = { "": dashboard, models, chat, tasks, mcp, nodes, providers, audit, settings, keys, users };
 const ADMIN_PAGES = new Set(["", "nodes", "providers", "audit", "settings", "users"]);
 
 // Its link is hidden from them, and the server answers its calls with 403 anyway.
