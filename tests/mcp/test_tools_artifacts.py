@@ -162,6 +162,17 @@ def test_what_is_not_there_or_not_a_file_is_refused(runtime: Runtime, task: Task
     assert missing.value.hint == "list the files with artifacts.list"
     with pytest.raises(NotFound):
         run_tool(runtime, "artifacts.list", {"path": "nowhere"}, scope=scope)
+    os.mkfifo(work / "pipe")
+    with pytest.raises(InvalidInput, match="'pipe' is not a file"):  # and no writer holds the call
+        run_tool(runtime, "artifacts.read", {"path": "pipe"}, scope=scope)
+    with pytest.raises(InvalidInput, match="'pipe' cannot be opened in the job's work directory"):
+        run_tool(runtime, "artifacts.write", {"path": "pipe", "content": "x"}, scope=scope)
+    (work / "twin").hardlink_to(work / "file")
+    with pytest.raises(Forbidden, match="'twin' has other hard links"):
+        run_tool(runtime, "artifacts.write", {"path": "twin", "content": "x"}, scope=scope)
+    with pytest.raises(Forbidden, match="'file' has other hard links"):
+        run_tool(runtime, "artifacts.read", {"path": "file"}, scope=scope)
+    (work / "twin").unlink()
     with pytest.raises(InvalidInput, match="'dir' is not a file"):
         run_tool(runtime, "artifacts.read", {"path": "dir"}, scope=scope)
     with pytest.raises(InvalidInput, match="'dir' is a directory"):
