@@ -362,6 +362,17 @@ def test_a_node_acts_for_a_task_only_while_it_holds_the_lease(runtime: Runtime) 
 
 # -- over HTTP: a real server, and workers that are real processes --------------------------------
 
+# A job's MCP call, JSON-RPC by hand: preference.get of offline, with the job's own ids.
+MCP_CALL = """#!/usr/bin/python3
+import json, os, urllib.request
+ids = {name.lower(): os.environ[name] for name in ("TASK_ID", "RUN_ID", "JOB_ID")}
+params = {"name": "preference.get", "arguments": {"key": "offline"}, "_meta": ids}
+body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}).encode()
+headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+request = urllib.request.Request(os.environ["MCP_URL"], data=body, headers=headers)
+print(json.load(urllib.request.urlopen(request, timeout=60))["result"]["structuredContent"]["value"])
+"""
+
 
 @dataclass
 class Cluster:
@@ -477,6 +488,10 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         assert f"called for run 2 of task {task_id}, which is on run 1" in late.json()["error"]["message"]
         calls = [(row["outcome"], row["actor"]) for row in reversed(cluster.audit("task.inference", task_id))]
         assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")] * 2
+        # An MCP call it forwards must name the job's run and job, which the gateway holds it to.
+        unnamed = w1.post("/mcp", headers=as_task, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert unnamed.status_code == 403
+        assert "without its x-appliance-run and x-appliance-job headers" in unnamed.text
         # The other node: 409 on renew, output and finish, 403 on an attachment.
         finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
         line = b'{"stream": "stdout", "text": "x"}\n'
@@ -621,6 +636,21 @@ def test_a_task_runs_on_a_worker_and_a_killed_workers_task_finishes_on_the_other
         (inference,) = cluster.audit("task.inference", asking)
         assert (inference["outcome"], inference["actor"]) == ("ok", f"task:{asking}")
         assert inference["detail"]["node"] == ended["result"]["node"]
+
+        # A job granted a tool calls it through its worker's forwarder, as its task, on its run.
+        granted = cluster.task(MCP_CALL, tools=["preference.get"])
+        ended = cluster.wait(granted, "succeeded", "failed")
+        output = cluster.client.get(f"/api/v1/tasks/{granted}/output").json()
+        assert (ended["state"], output["stdout"]) == ("succeeded", "False\n"), output
+        (call,) = [
+            row for row in cluster.audit("mcp.call", "preference.get") if row["actor"] == f"task:{granted}"
+        ]
+        assert (call["detail"]["result"], call["detail"]["task_id"], call["detail"]["run_id"]) == (
+            "ok",
+            granted,
+            "1",
+        )
+        assert cluster.audit("task.inference", granted) == []  # the gateway's row is the call's
 
         # A cancel reaches the job on its worker at its next renew: it stops at once.
         cancelled = cluster.task("echo started; sleep 60")

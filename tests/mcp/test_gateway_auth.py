@@ -3,11 +3,17 @@ audited as a denied MCP call), each tool's action per role, and the gateway swit
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.shared.exceptions import McpError
 
 from appliance.audit import Context
 from appliance.auth.policy import decide
@@ -118,3 +124,23 @@ def test_the_gateway_switched_off_answers_404_with_a_hint(tmp_path: Path) -> Non
         answer = off.client.post("/mcp", json=_tools_call("preference.get"))
         assert answer.status_code == 404
         assert "mcp.enabled" in answer.json()["hint"]
+
+
+def test_the_stdio_bridge_carries_a_client_with_a_key_and_says_why_without_one(
+    server: Server, keys: dict[str, str]
+) -> None:
+    async def session(key: str | None) -> list[str] | str:
+        env = {**os.environ, **({"APPLIANCE_API_KEY": key} if key else {})}
+        command = ["-m", "appliance", "mcp", "stdio", "--url", f"{server.url}/mcp"]
+        parameters = StdioServerParameters(command=sys.executable, args=command, env=env)
+        async with stdio_client(parameters) as (read, write), ClientSession(read, write) as client:
+            try:
+                await client.initialize()
+            except McpError as refused:
+                return refused.error.message
+            return [tool.name for tool in (await client.list_tools()).tools]
+
+    assert "preference.get" in asyncio.run(session(keys["admin"]))
+    refused = asyncio.run(session(None))
+    assert isinstance(refused, str)
+    assert "API key" in refused
