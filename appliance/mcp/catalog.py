@@ -1,4 +1,5 @@
-"""Every tool the gateway serves, by name, in the order ``TOOL_NAMES`` gives."""
+"""Every tool the gateway serves, by name, in the order ``TOOL_NAMES`` gives: each name there has
+its tool, and each tool a name there (its action comes from it), or the import fails."""
 
 from __future__ import annotations
 
@@ -11,4 +12,6 @@ __all__ = ["CATALOG"]
 
 _MODULES = (preferences, models, inference, tasks, artifacts)
 _BY_NAME = {tool.name: tool for module in _MODULES for tool in module.TOOLS}
-CATALOG: dict[str, Tool[Any, Any]] = {name: _BY_NAME[name] for name in TOOL_NAMES if name in _BY_NAME}
+if set(_BY_NAME) != set(TOOL_NAMES):  # a programming error: fail at import, not at a caller's call
+    raise RuntimeError(f"the MCP tools and TOOL_NAMES differ: {sorted(set(_BY_NAME) ^ set(TOOL_NAMES))}")
+CATALOG: dict[str, Tool[Any, Any]] = {name: _BY_NAME[name] for name in TOOL_NAMES}

@@ -217,15 +217,17 @@ class Gateway:
             result = await self._run(caller, name, request.params.arguments or {}, meta, note)
         except _Refused as refused:
             error = refused.error
-            note.detail.update(result="denied", code=error.code, reason=error.message, response_bytes=0)
+            answer = types.ErrorData(
+                code=refused.rpc_code,
+                message=f"{error.message} ({error.hint})" if error.hint else error.message,
+                data={"code": error.code, "hint": error.hint},
+            )
+            note.bytes = len(answer.model_dump_json(exclude_none=True).encode())
+            note.detail.update(
+                result="denied", code=error.code, reason=error.message, response_bytes=note.bytes
+            )
             await self._finish(caller, note, started, tool=name, outcome="denied")
-            raise McpError(
-                types.ErrorData(
-                    code=refused.rpc_code,
-                    message=f"{error.message} ({error.hint})" if error.hint else error.message,
-                    data={"code": error.code, "hint": error.hint},
-                )
-            ) from None
+            raise McpError(answer) from None
         size = len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
         note.bytes = size
         note.detail["response_bytes"] = size
@@ -298,6 +300,10 @@ class Gateway:
             note=note,
             duration_ms=round(seconds * 1000),
         )
+        self.observe(tool, outcome, seconds)
+
+    def observe(self, tool: str, outcome: str, seconds: float) -> None:
+        """Count a call in the metrics (the web layer's refusals too)."""
         label = tool if tool in self.catalog else "unknown"  # no label per name a client makes up
         self.runtime.metrics.observe_mcp_call(tool=label, outcome=outcome, seconds=seconds)
 

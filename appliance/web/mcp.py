@@ -12,6 +12,7 @@ Imports: the gateway (``appliance.mcp``), errors, audit and the web layer's guar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from pydantic import BaseModel
 
 from appliance.audit import AuditNote, record
-from appliance.errors import Forbidden, NotFound, Unauthorized
+from appliance.errors import ApplianceError, Forbidden, NotFound, Unauthorized
 from appliance.identity import TaskScope
 from appliance.mcp.server import CALLER_KEY, Caller, Gateway
 from appliance.mcp.types import TASK_ONLY_TOOLS
@@ -59,7 +60,8 @@ async def mcp_lifespan(app: Litestar) -> AsyncIterator[None]:
         max_request_body_size=int(runtime.settings.server.max_body_bytes),
     )
     app.state.mcp = _Mcp(gateway, manager)
-    # The SDK logs every request at INFO; the server's access log and the audit already say it.
+    # Host and origin checks are the app's guard's (web/guards.py): the SDK's own stay off (its
+    # default). The SDK logs every request at INFO; the access log and the audit already say it.
     logging.getLogger("mcp.server").setLevel(logging.WARNING)
     async with manager.run():
         yield
@@ -77,26 +79,31 @@ def _caller(request: Request[Any, Any, Any]) -> Caller:
 
 
 async def _guard_audited(request: Request[Any, Any, Any]) -> Response[None] | None:
-    """The app's guard; a request it refuses is audited as an MCP call denied."""
+    """The app's guard; a request it refuses is audited (and counted) as an MCP call denied."""
     started = time.monotonic()
     try:
         answered = await cast(_Guard, request.app.before_request)(request)
     except (Unauthorized, Forbidden) as exc:
+        target = await _called(request)
         note = AuditNote(
-            target=await _called(request),
+            target=target,
             outcome="error",
             detail={
                 "result": "denied",
                 "code": exc.code,
                 "reason": exc.message,
                 "request_bytes": int(request.headers.get("content-length") or 0),
-                "response_bytes": 0,
+                "response_bytes": None,  # unknown here: the error handler writes the answer next
                 "truncated": False,
             },
         )
         runtime: Runtime = request.app.state.runtime
-        elapsed = round((time.monotonic() - started) * 1000)
-        record(runtime.store, provide_context(request), action="mcp.call", note=note, duration_ms=elapsed)
+        seconds = time.monotonic() - started
+        context = provide_context(request)
+        await asyncio.to_thread(
+            record, runtime.store, context, action="mcp.call", note=note, duration_ms=round(seconds * 1000)
+        )
+        _mcp(request.app.state).gateway.observe(target, "denied", seconds)
         raise
     return answered
 
@@ -107,7 +114,7 @@ async def _called(request: Request[Any, Any, Any]) -> str:
         return f"{request.method} {MCP_PATH}"
     try:
         message = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, ApplianceError):  # not JSON, or a body past server.max_body_bytes
         return "(not JSON-RPC)"
     if not isinstance(message, dict):
         return "(a batch)" if isinstance(message, list) else "(not JSON-RPC)"

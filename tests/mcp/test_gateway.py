@@ -19,6 +19,7 @@ from appliance.settings import Settings
 from tests.conftest import Server
 from tests.fileserver import serve_files
 from tests.mcp.conftest import call, checked, listed, mcp_rows, module_server, refusal
+from tests.mcp.examples import EXAMPLES, filled, task_only
 from tests.tiny_model import write_llama_gguf
 from tests.web.conftest import isolated
 
@@ -191,3 +192,16 @@ def test_models_pull_waits_for_a_quick_pull_and_answers_a_pending_one_with_its_d
             server.client.put(
                 "/api/v1/preferences/models.download.require_user_approval", json={"value": None}
             )
+
+
+def test_every_tool_a_caller_that_is_no_job_may_call_answers_once(server: Server, tmp_path: Path) -> None:
+    assert sorted(EXAMPLES) == sorted(CATALOG)  # the table covers the catalogue
+    tools = listed(server)
+    made = {"file": str(write_llama_gguf(tmp_path / "pulled.gguf", seed=11)), "task": ""}
+    for name in task_only(False):
+        answer = checked(tools[name], call(server, name, filled(EXAMPLES[name], **made)))
+        if name == "tasks.create":
+            made["task"] = answer["id"]
+    rows = mcp_rows(server)[: len(task_only(False))]
+    assert [row["target"] for row in reversed(rows)] == task_only(False)
+    assert {row["detail"]["result"] for row in rows} == {"ok"}

@@ -78,6 +78,8 @@ def test_a_call_without_a_key_is_refused_at_the_route_and_audited_as_a_denied_ca
         assert (row["target"], row["outcome"]) == ("preference.get", "error")
         assert row["detail"] == {**row["detail"], "result": "denied", "code": "unauthorized"}
     assert server.client.get("/api/v1/mcp/tools").status_code == 401
+    metrics = server.client.get("/metrics", headers={"Authorization": f"Bearer {keys['admin']}"}).text
+    assert 'appliance_mcp_calls_total{outcome="denied",tool="preference.get"} 2.0' in metrics
 
 
 def test_a_browser_session_without_its_csrf_token_is_refused_and_audited(

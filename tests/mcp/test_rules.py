@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from mcp import types
 from mcp.shared.exceptions import McpError
@@ -25,6 +26,7 @@ from appliance.runtime import Runtime
 from appliance.settings import Settings
 from appliance.store.base import Task
 from appliance.tasks.records import TOOLS_OPTION
+from tests.mcp.examples import EXAMPLES, task_only
 
 SCOPE = TaskScope(task_id="t-mcp-1", run_id="1", job_id="0123456789abcdef")
 JOB = Caller(actor=Actor(id=SCOPE.task_id, kind="task", role="user"), scope=SCOPE, correlation_id="r1")
@@ -75,10 +77,11 @@ def runtime(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime
             model=None,
             state="running",
             actor="user:alice",
-            limits={TOOLS_OPTION: ["artifacts.list", "preference.get"]},
+            limits={TOOLS_OPTION: ["artifacts.list", "artifacts.read", "artifacts.write", "preference.get"]},
             attempts=1,
         )
     )
+    (opened.tasks.task_dir(SCOPE.task_id) / "work").mkdir(parents=True)  # the job's /work
     yield opened
     opened.close()
 
@@ -149,7 +152,12 @@ def test_a_job_call_without_its_own_ids_is_refused_before_the_tool_runs_and_audi
 
 
 def test_a_job_sees_and_calls_only_its_granted_tools(gateway: Gateway, runtime: Runtime) -> None:
-    assert [tool.name for tool in gateway.visible(JOB)] == ["preference.get", "artifacts.list"]
+    assert [tool.name for tool in gateway.visible(JOB)] == [
+        "preference.get",
+        "artifacts.list",
+        "artifacts.read",
+        "artifacts.write",
+    ]
     assert _refused(gateway, JOB, "models.pull", **_ids()) == "tool_not_granted"
     assert _refused(gateway, JOB, "preference.list", **_ids()) == "tool_not_granted"
     assert not _call(gateway, JOB, "artifacts.list", **_ids()).isError
@@ -191,3 +199,13 @@ def test_an_answer_too_large_is_cut_by_its_tool_or_refused_as_an_error(
     assert huge.content[0].text.startswith("result_too_large:")  # type: ignore[union-attr]
     row = _last_row(runtime)
     assert row.detail == {**row.detail, "result": "failed", "code": "result_too_large"}
+
+
+def test_every_tool_only_a_job_may_call_answers_its_job_once(runtime: Runtime) -> None:
+    gateway = Gateway(runtime)  # the real catalogue
+    for name in task_only(True):
+        result = _call(gateway, JOB, name, EXAMPLES[name], **_ids())
+        assert not result.isError, result.content
+        assert result.structuredContent is not None
+        jsonschema.validate(result.structuredContent, CATALOG[name].schemas()[1])
+    assert result.structuredContent["entries"][0]["path"] == "out/a.txt"
