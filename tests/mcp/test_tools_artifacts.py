@@ -13,6 +13,7 @@ import pytest
 from appliance.audit import Context
 from appliance.errors import BodyTooLarge, Forbidden, InvalidInput, NotFound, TaskElsewhere, TaskNotFound
 from appliance.identity import TaskScope
+from appliance.mcp.tools.artifacts import _directory
 from appliance.runtime import Runtime
 from appliance.store.base import Task
 from appliance.tasks.service import NewTask
@@ -162,6 +163,17 @@ def test_what_is_not_there_or_not_a_file_is_refused(runtime: Runtime, task: Task
     assert missing.value.hint == "list the files with artifacts.list"
     with pytest.raises(NotFound):
         run_tool(runtime, "artifacts.list", {"path": "nowhere"}, scope=scope)
+    os.mkfifo(work / "pipe")
+    with pytest.raises(InvalidInput, match="'pipe' is not a file"):  # and no writer holds the call
+        run_tool(runtime, "artifacts.read", {"path": "pipe"}, scope=scope)
+    with pytest.raises(InvalidInput, match="'pipe' cannot be opened in the job's work directory"):
+        run_tool(runtime, "artifacts.write", {"path": "pipe", "content": "x"}, scope=scope)
+    (work / "twin").hardlink_to(work / "file")
+    with pytest.raises(Forbidden, match="'twin' has other hard links"):
+        run_tool(runtime, "artifacts.write", {"path": "twin", "content": "x"}, scope=scope)
+    with pytest.raises(Forbidden, match="'file' has other hard links"):
+        run_tool(runtime, "artifacts.read", {"path": "file"}, scope=scope)
+    (work / "twin").unlink()
     with pytest.raises(InvalidInput, match="'dir' is not a file"):
         run_tool(runtime, "artifacts.read", {"path": "dir"}, scope=scope)
     with pytest.raises(InvalidInput, match="'dir' is a directory"):
@@ -222,3 +234,16 @@ def test_a_work_directory_on_a_worker_or_another_server_is_refused(runtime: Runt
     assert claimed.id == other.id
     with pytest.raises(TaskElsewhere, match="runs on server s2, which shares this database"):
         run_tool(runtime, "artifacts.write", {"path": "x", "content": "y"}, scope=job_scope(other.id))
+
+
+def test_a_link_put_in_place_after_the_path_was_resolved_is_not_followed(work: Path, tmp_path: Path) -> None:
+    # The walk the tools make once a path is resolved: a link there now (the job raced the check)
+    # is refused, not followed.
+    (work / "out").symlink_to(tmp_path)
+
+    def walk() -> None:
+        with _directory(work, ["out"], "out/x"):
+            pass
+
+    with pytest.raises(InvalidInput, match="'out' in the path 'out/x' is not a directory"):
+        walk()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.audit import Context
 from appliance.errors import ModelNotFound, NotReady
 from appliance.mcp.catalog import CATALOG
 from appliance.mcp.limits import answer_bytes
@@ -15,6 +16,7 @@ from appliance.mcp.tools.inference import ChatOut, Engine, Usage
 from appliance.runtime import Runtime
 from appliance.settings import Settings
 from tests.conftest import import_file
+from tests.egress.fakes import serve_fake_openai
 from tests.mcp.direct import arun, run_tool
 
 
@@ -64,6 +66,34 @@ def test_chat_and_embed_go_through_the_router_and_the_log(settings: Settings, ti
             runtime.close()
 
     asyncio.run(calls())
+
+
+def test_chat_and_embed_reach_an_allowed_external_provider(settings: Settings) -> None:
+    """A model no engine here has goes to a provider routing allows, as on /v1."""
+    with serve_fake_openai() as fake:
+        fake.script = "Hello from the fake provider."
+
+        async def calls() -> None:
+            runtime = Runtime.open(settings, with_engine=True)
+            try:
+                context = Context.cli()
+                runtime.providers.add(
+                    "fakeopenai", kind="openai", base_url=fake.base_url, models=["gpt-4o", "text-embed"],
+                    key=None, context=context,
+                )  # fmt: skip
+                runtime.preferences.set("model_routing.allowed_external_providers", ["fakeopenai"], context)
+                messages = [{"role": "user", "content": "Hi"}]
+                chat = await arun(runtime, "chat", {"model": "gpt-4o", "messages": messages})
+                assert (chat.text, chat.model) == ("Hello from the fake provider.", "fakeopenai/gpt-4o")
+                assert chat.served_by.node == "fakeopenai"
+                embedded = await arun(runtime, "embed", {"model": "text-embed", "input": ["a", "b"]})
+                assert len(embedded.vectors) == 2
+                assert fake.received("/v1/chat/completions")
+                assert fake.received("/v1/embeddings")
+            finally:
+                runtime.close()
+
+        asyncio.run(calls())
 
 
 def test_a_process_without_an_engine_refuses(runtime: Runtime) -> None:

@@ -39,6 +39,8 @@ __all__ = ["TOOLS", "ListIn", "ListOut", "ReadIn", "ReadOut", "WriteIn", "WriteO
 Encoding = Literal["text", "base64"]
 PATH_DESCRIPTION = "Relative to the job's /work; no '..', no absolute path."
 MAX_NAME_BYTES = 255
+# A link is never followed; a pipe the job put there must not hold the call (it is then refused).
+_OPEN_FILE = os.O_NOFOLLOW | os.O_NONBLOCK
 _NODE_PREFIX = "node:"  # the lease owner of a task a worker runs (tasks.remote.node_owner)
 
 
@@ -179,6 +181,20 @@ def _directory(work: Path, parts: list[str], path: str, *, make: bool = False) -
         os.close(fd)
 
 
+def _check_file(info: os.stat_result, path: str) -> None:
+    """A plain file of the work directory's own: not a directory or a pipe, and no hard link to a
+    file elsewhere (this process may write where the job may not)."""
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInput(
+            f"{path!r} is not a file", hint="name a plain file; list a directory with artifacts.list"
+        )
+    if info.st_nlink > 1:
+        raise Forbidden(
+            f"{path!r} has other hard links: it may be a file outside the job's work directory",
+            hint="copy the file in /work instead of linking it",
+        )
+
+
 def _unopenable(path: str, exc: OSError) -> InvalidInput:
     return InvalidInput(
         f"{path!r} cannot be opened in the job's work directory: {exc.strerror}",
@@ -234,7 +250,7 @@ async def read(call: ToolCall, arguments: ReadIn) -> ReadOut:
         parts = _resolved(work, _parts(arguments.path, file=True), arguments.path)
         with _directory(work, parts[:-1], arguments.path) as directory:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+                fd = os.open(parts[-1], os.O_RDONLY | _OPEN_FILE, dir_fd=directory)
             except FileNotFoundError as exc:
                 raise NotFound(
                     f"{arguments.path!r} is not in the job's work directory",
@@ -244,10 +260,7 @@ async def read(call: ToolCall, arguments: ReadIn) -> ReadOut:
                 raise _unopenable(arguments.path, exc) from exc
             try:
                 info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise InvalidInput(
-                        f"{arguments.path!r} is not a file", hint="list a directory with artifacts.list"
-                    )
+                _check_file(info, arguments.path)
                 if arguments.offset > info.st_size:
                     raise InvalidInput(
                         f"offset {arguments.offset} is past the end of {arguments.path!r}"
@@ -298,7 +311,7 @@ async def write(call: ToolCall, arguments: WriteIn) -> WriteOut:
         if len(data) > most:
             raise BodyTooLarge(most, what="the file", setting="tasks.limits.file_size_bytes")
         with _directory(work, parts[:-1], arguments.path, make=True) as directory:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if arguments.append else 0)
+            flags = os.O_WRONLY | os.O_CREAT | _OPEN_FILE | (os.O_APPEND if arguments.append else 0)
             try:
                 fd = os.open(parts[-1], flags, 0o644, dir_fd=directory)
             except IsADirectoryError as exc:
@@ -306,8 +319,7 @@ async def write(call: ToolCall, arguments: WriteIn) -> WriteOut:
             except OSError as exc:
                 raise _unopenable(arguments.path, exc) from exc
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise InvalidInput(f"{arguments.path!r} is not a file", hint="name a plain file")
+                _check_file(os.fstat(fd), arguments.path)
                 if arguments.append and os.fstat(fd).st_size + len(data) > most:
                     raise BodyTooLarge(most, what="the file", setting="tasks.limits.file_size_bytes")
                 if not arguments.append:

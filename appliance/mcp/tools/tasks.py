@@ -16,27 +16,15 @@ from pydantic import Field
 from appliance.errors import InvalidInput
 from appliance.mcp.limits import fit_text
 from appliance.mcp.types import Tool, ToolCall, ToolInput, ToolOutput
-from appliance.store.base import FINISHED_TASK_STATES, Task, TaskMode
+from appliance.store.base import FINISHED_TASK_STATES, Task
 from appliance.tasks.records import TaskOut
 from appliance.tasks.service import NewTask
 
 __all__ = ["TOOLS", "OutputIn", "OutputOut", "TaskAnswer", "TaskCreateIn", "TaskGetIn"]
 
 
-class TaskCreateIn(ToolInput):
-    mode: TaskMode = Field(default="prompt", description="prompt (to a model), script or commands.")
-    text: str = Field(min_length=1, description="The prompt, the script, or the commands (one per line).")
-    model: str | None = Field(default=None, description="The model a prompt goes to.")
-    limits: dict[str, float] = Field(
-        default_factory=dict, description="Lower limits than the appliance's: cpu_seconds, timeout_seconds..."
-    )
-    inference: bool = Field(default=False, description="Let a script or commands task call models.")
-    tools: list[str] = Field(
-        default_factory=list, description="MCP tools a script or commands task's job may call."
-    )
-    idempotency_key: str | None = Field(
-        default=None, min_length=1, max_length=200, description="The same key gives back the same task."
-    )
+class TaskCreateIn(NewTask, ToolInput):
+    """A task to queue, as ``POST /api/v1/tasks`` takes it in JSON (no attachments here)."""
 
 
 class TaskGetIn(ToolInput):
