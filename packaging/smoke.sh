@@ -2,7 +2,7 @@
 # Smoke-test a built executable from a clean directory, with no Python on PATH and an empty
 # environment: --version, libpq (a PostgreSQL store it cannot reach), import the tiny model, serve
 # on a free port, /healthz, one chat completion (so llama.cpp really loads in the frozen app), the
-# UI page, then SIGTERM and a clean exit. Also that the frozen llama.cpp reports the same build
+# UI page, one MCP tool call, then SIGTERM and a clean exit. Also that the frozen llama.cpp reports the same build
 # (system info, devices) as the pip install REFERENCE (default: .venv/bin/appliance).
 # Usage: packaging/smoke.sh dist/appliance/appliance [REFERENCE]
 set -euo pipefail
@@ -49,6 +49,11 @@ curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: applicat
     -d '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}' \
     | grep -q '"completion_tokens":8'
 curl -sf "http://127.0.0.1:$port/" | grep -q '<html'
+# The MCP gateway (the SDK and what it brings are frozen too): one tool call, answered as JSON.
+curl -sf "http://127.0.0.1:$port/mcp" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+    -d '{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+         "params": {"name": "preference.get", "arguments": {"key": "models.download.require_user_approval"}}}' \
+    | grep -q '"isError":false'
 kill -TERM "$server"
 status=0
 wait "$server" || status=$?
