@@ -304,10 +304,11 @@ class Sandbox:
         self._check_paths(job)
         if job.inference_socket is not None:
             if not os.access(RELAY_PYTHON, os.X_OK):
+                wants = "inference" if job.inference else "MCP tools"
                 raise NotReady(
-                    f"a job with inference needs {RELAY_PYTHON}, which runs its relay, and this machine "
+                    f"a job with {wants} needs {RELAY_PYTHON}, which runs its relay, and this machine "
                     "has none",
-                    hint="install python3 (apt-get install python3), or run the task without inference",
+                    hint=f"install python3 (apt-get install python3), or run the task without {wants}",
                 )
             if job.inference:
                 env.update(INFERENCE_ENV)

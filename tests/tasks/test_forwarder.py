@@ -134,8 +134,9 @@ def test_an_api_that_does_not_answer_gets_502(tmp_path: Path, store: Store) -> N
     assert b"the appliance did not answer" in answer
 
 
-def test_a_job_with_inference_needs_the_systems_python(
-    shared_dir: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("inference", "wants"), [(True, "inference"), (False, "MCP tools")])
+def test_a_job_with_inference_or_tools_needs_the_systems_python(
+    shared_dir: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch, inference: bool, wants: str
 ) -> None:
     socket_path = shared_dir / "inference.sock"
     with socket.socket(socket.AF_UNIX) as listening:
@@ -144,8 +145,13 @@ def test_a_job_with_inference_needs_the_systems_python(
         if os.geteuid() == 0:  # jobs then run as nobody, who must connect
             os.chown(socket_path, NOBODY, NOBODY)
         monkeypatch.setattr(sandbox, "RELAY_PYTHON", str(shared_dir / "no-python3"))
-        with pytest.raises(NotReady, match=r"needs .*no-python3, which runs its relay"):
-            Sandbox().run(Job(mode="script", text="true", work_dir=work_dir, inference_socket=socket_path))
+        job = Job(
+            mode="script", text="true", work_dir=work_dir, inference_socket=socket_path, inference=inference
+        )
+        needs = rf"a job with {wants} needs .*no-python3, which runs its relay"
+        with pytest.raises(NotReady, match=needs) as refused:
+            Sandbox().run(job)
+        assert f"without {wants}" in str(refused.value.hint)
 
 
 MCP_CALL = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
