@@ -58,23 +58,27 @@ def tools(as_json: bool) -> None:
 
 @mcp_group.command("stdio")
 @click.option(
-    "--url", help="The gateway's URL (default: http://HOST:PORT/mcp from the host and port settings)."
+    "--url",
+    help="The gateway's URL (default: the server `appliance login` saved, else HOST:PORT from the "
+    "settings, each with /mcp).",
 )
 @click.pass_context
 def stdio(ctx: click.Context, url: str | None) -> None:
     """Bridge MCP over stdin/stdout to a server's /mcp, for a desktop client that launches a
-    command instead of calling a URL. The key is APPLIANCE_API_KEY (the api_key setting), sent as
-    a Bearer token.
+    command instead of calling a URL. It talks to the server as the other commands do: the key is
+    APPLIANCE_API_KEY (the api_key setting), else the login's, sent as a Bearer token; the
+    login's pinned CA (or this data dir's) trusts the server's certificate.
 
     Example: appliance mcp stdio --url https://box.lan:8443/mcp  (with APPLIANCE_API_KEY set)
     """
     import anyio
 
+    from appliance.client import connection
     from appliance.mcp.bridge import bridge
-    from appliance.settings import url_host
 
-    settings = ctx.obj["settings"]()
-    target = url or f"http://{url_host(settings.host)}:{settings.port}/mcp"
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    anyio.run(bridge, target, key)
+    found = connection(ctx.obj["settings"]())
+    if url is None or url.startswith(f"{found.url}/"):
+        anyio.run(bridge, url or f"{found.url}/mcp", found.key, found.verify)
+    else:  # another server: neither the login's key nor its pinned CA is for it
+        anyio.run(bridge, url, None if found.key_from_login else found.key)
     sys.stdout.flush()

@@ -34,10 +34,12 @@ from appliance.settings import Settings, url_host
 from appliance.tls import tls_files
 
 __all__ = [
+    "Connection",
     "Login",
     "ServerAddress",
     "ServerClient",
     "ServerError",
+    "connection",
     "read_login",
     "remove_login",
     "server_address",
@@ -191,27 +193,46 @@ def server_named(settings: Settings) -> bool:
     return bool({"host", "port"} & settings.model_fields_set)
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Which server the CLI talks to, how it trusts its certificate, and the key it sends."""
+
+    url: str  # scheme://host:port
+    verify: ssl.SSLContext | bool
+    key: str | None
+    login: Login | None
+    key_from_login: bool
+
+
+def connection(settings: Settings) -> Connection:
+    """The login's server (unless a flag, the environment or the config file names one), else
+    the host and port settings, over HTTPS when this data dir's server serves it."""
+    login = None if server_named(settings) else read_login(settings.client_config)
+    verify: ssl.SSLContext | bool
+    if login is not None:
+        url = login.url
+        verify = login.trust()
+    else:
+        data_dir_trust = _data_dir_trust(settings)
+        scheme = "http" if data_dir_trust is None else "https"
+        url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
+        verify = data_dir_trust or True
+    # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting)
+    # before the login's.
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    login_key = login.key if login is not None else None
+    return Connection(url, verify, key or login_key, login, key is None and login_key is not None)
+
+
 class ServerClient:
     def __init__(self, settings: Settings, *, timeout: float = 600) -> None:
-        self.login = None if server_named(settings) else read_login(settings.client_config)
-        verify: ssl.SSLContext | bool
-        if self.login is not None:
-            self.url = self.login.url
-            verify = self.login.trust()
-        else:
-            data_dir_trust = _data_dir_trust(settings)
-            scheme = "http" if data_dir_trust is None else "https"
-            self.url = f"{scheme}://{url_host(settings.host)}:{settings.port}"
-            verify = data_dir_trust or True
+        found = connection(settings)
+        self.login = found.login
+        self.url = found.url
         self._login_file = settings.client_config
-        # With server.auth on, the server wants a key: APPLIANCE_API_KEY (the api_key setting)
-        # before the login's.
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        login_key = self.login.key if self.login is not None else None
-        self._key_from_login = key is None and login_key is not None
-        key = key or login_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
+        self._key_from_login = found.key_from_login
+        headers = {"Authorization": f"Bearer {found.key}"} if found.key else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, verify=found.verify, headers=headers)
 
     def __enter__(self) -> ServerClient:
         return self

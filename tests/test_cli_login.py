@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import ssl
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
 
 from tests.conftest import CliResult, Server, free_port
 from tests.web.serving import Serving, serving
@@ -274,3 +279,22 @@ def test_login_options_that_contradict_and_a_broken_login_file_are_refused(
         assert f"the login file {login_file} is not one `appliance login` wrote" in broken.stderr
         assert f"rm {login_file}" in broken.stderr
     assert login_file.read_text() == "{not json"
+
+
+def test_the_mcp_stdio_bridge_reaches_the_logged_in_server_with_its_pinned_ca_and_key(
+    remote: Remote, client: object, tmp_path: Path
+) -> None:
+    """A desktop client launching `appliance mcp stdio` with no URL and no key in its config gets
+    the server `appliance login` saved: its address, its key, and its CA, which no system trusts."""
+    logged_in = _login(client, remote.server.url, "--fingerprint", remote.fingerprint)
+    assert logged_in.returncode == 0, logged_in.stderr
+
+    async def tools() -> list[str]:
+        command = ["-m", "appliance", "--data-dir", str(tmp_path / "client"), "mcp", "stdio"]
+        env = {name: value for name, value in os.environ.items() if name != "APPLIANCE_API_KEY"}
+        parameters = StdioServerParameters(command=sys.executable, args=command, env=env)
+        async with stdio_client(parameters) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            return [tool.name for tool in (await session.list_tools()).tools]
+
+    assert "preference.get" in asyncio.run(tools())  # an admin's key: alice's

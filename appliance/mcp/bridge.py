@@ -12,6 +12,7 @@ Imports: the SDK's stdio server and message types, httpx.
 from __future__ import annotations
 
 import json
+import ssl
 from typing import Any
 
 import anyio
@@ -27,14 +28,15 @@ ACCEPT = "application/json, text/event-stream"  # what the transport requires a 
 UNREACHABLE = -32000  # a JSON-RPC server error: the request did not reach the gateway's answer
 
 
-async def bridge(url: str, key: str | None) -> None:
-    """Carry messages between stdin/stdout and ``url`` until stdin ends."""
+async def bridge(url: str, key: str | None, verify: ssl.SSLContext | bool = True) -> None:
+    """Carry messages between stdin/stdout and ``url`` until stdin ends; ``verify`` trusts its
+    certificate (a login's pinned CA, or the data dir's)."""
     headers = {"accept": ACCEPT, "content-type": "application/json"}
     if key:
         headers["authorization"] = f"Bearer {key}"
     timeout = httpx.Timeout(30.0, read=600.0)  # a pull or a chat may take minutes to answer
     async with (
-        httpx.AsyncClient(headers=headers, timeout=timeout) as client,
+        httpx.AsyncClient(headers=headers, timeout=timeout, verify=verify) as client,
         stdio_server() as (local_read, local_write),
         anyio.create_task_group() as group,
     ):

@@ -15,7 +15,7 @@ NOBODY = Actor("127.0.0.1", "anonymous")
 PEER = Actor("srv-b", "server")
 PEER_AS_ADMIN = Actor("srv-b", "server", "admin")  # a role never widens a server credential
 
-USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own", "tasks.run"}
+USER_ACTIONS = {"public", "me", "infer", "models.read", "keys.own", "tasks.run", "mcp.tool.invoke"}
 NODE_ACTIONS = {"public", "cluster.node", "blobs.read"}
 PEER_ACTIONS = {"public", "blobs.read"}
 
