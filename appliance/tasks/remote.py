@@ -169,7 +169,7 @@ class NodeTasks:
         """Who a node's call for a task's job acts as (``task:<id>``, a user's rights): only while
         the node holds the task's lease and, when the call names its run, for the task's current
         attempt; else Forbidden. Audited here as ``task.inference`` (the worker that forwarded it
-        keeps no audit log), but for an MCP call let through, which the gateway audits itself."""
+        keeps no audit log), but for an MCP call, which the gateway audits itself (as ``mcp.call``)."""
         task = self.store.get_task(task_id)
         refusal = None
         if task is None or task.state != "running" or task.lease_owner != node_owner(node_id):
@@ -182,7 +182,9 @@ class NodeTasks:
                 f"node {node_id} called for run {run_id} of task {task_id}, which is on run {task.attempts}",
                 hint="a job's calls count only while its run is the task's current attempt",
             )
-        if refusal is None and route.partition(" ")[2] == MCP_PATH:
+        if route.partition(" ")[2] == MCP_PATH:  # the gateway audits MCP calls, let through or refused
+            if refusal is not None:
+                raise refusal
             return task_actor(task_id)
         context = Context(task_actor(task_id), correlation_id=task_id)
         with audited(self.store, context, action="task.inference", target=task_id) as note:

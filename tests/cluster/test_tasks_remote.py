@@ -346,6 +346,8 @@ def test_a_node_acts_for_a_task_only_while_it_holds_the_lease(runtime: Runtime) 
     assert tasks.node_acts_for(task_id, "n1", route=ROUTE) == Actor(id=task_id, kind="task", role="user")
     with pytest.raises(Forbidden):
         tasks.node_acts_for(task_id, "n2", route=ROUTE)
+    with pytest.raises(Forbidden):  # the gateway audits this one, as mcp.call: no row here
+        tasks.node_acts_for(task_id, "n2", route="POST /mcp")
     with pytest.raises(Forbidden):
         tasks.node_acts_for("no-such-task", "n1", route=ROUTE)
     tasks.node_finish(task_id, "n1", FINISHED, attempt=1)
