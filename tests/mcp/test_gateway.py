@@ -110,6 +110,7 @@ def test_refusals_are_protocol_errors_with_a_code_and_a_hint_and_are_audited(ser
 
 
 def test_audit_rows_carry_sizes_and_never_arguments_or_results(server: Server) -> None:
+    refusal(server, "preference.get", {"key": "offline", "note": "plugh-77"})  # refused, still audited
     call(server, "preference.get", {"key": "models.download.allowed_roles"}, meta={"progressToken": 1})
     row = mcp_rows(server)[0]
     assert (row["action"], row["outcome"], row["actor"]) == ("mcp.call", "ok", "api:127.0.0.1")
@@ -120,7 +121,8 @@ def test_audit_rows_carry_sizes_and_never_arguments_or_results(server: Server) -
     assert detail["response_bytes"] == row["bytes"] > 0
     assert row["duration_ms"] is not None
     everything = server.client.get("/api/v1/audit", params={"limit": 1000}).text
-    assert "xyzzy-42" not in everything  # the argument value the previous test sent
+    assert "plugh-77" not in everything  # an argument's value
+    assert "models.download.allowed_roles" not in everything  # an argument of an allowed call
     assert "Roles that may pull" not in everything  # a result's text
 
 
