@@ -491,9 +491,15 @@ def test_the_routes_refuse_a_node_that_does_not_hold_the_lease(cluster: Cluster)
         calls = [(row["outcome"], row["actor"]) for row in reversed(cluster.audit("task.inference", task_id))]
         assert calls == [("ok", f"task:{task_id}"), ("error", f"task:{task_id}")] * 2
         # An MCP call it forwards must name the job's run and job, which the gateway holds it to.
-        unnamed = w1.post("/mcp", headers=as_task, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        listing = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        unnamed = w1.post("/mcp", headers=as_task, json=listing)
         assert unnamed.status_code == 403
         assert "without its x-appliance-run and x-appliance-job headers" in unnamed.text
+        assert w1.post("/mcp", headers=earlier, json=listing).status_code == 403
+        # each refusal audited once, by the gateway, and not as an inference call
+        refused = [row["detail"]["result"] for row in cluster.audit("mcp.call", "tools/list")]
+        assert refused == ["denied", "denied"]
+        assert len(cluster.audit("task.inference", task_id)) == 4
         # The other node: 409 on renew, output and finish, 403 on an attachment.
         finish = {"state": "succeeded", "result": {"outcome": "exited", "exit_code": 0}}
         line = b'{"stream": "stdout", "text": "x"}\n'

@@ -350,7 +350,11 @@ def test_a_cancel_from_another_process_stops_the_pull_where_it_runs(
     # a new download of the ref runs once the cancelled pull has ended and let go of the ref
     http.post("/api/v1/models/pull", json={"ref": by_server})
     wait_for(lambda: http.get("/api/v1/models/by-server").status_code == 200, "the pull after the cancel")
-    assert [d["state"] for d in http.get("/api/v1/downloads").json()][:2] == ["done", "cancelled"]
+    # its row says done just after the model is registered
+    wait_for(
+        lambda: [d["state"] for d in http.get("/api/v1/downloads").json()][:2] == ["done", "cancelled"],
+        "the new download done, the cancelled one kept",
+    )
     again: CliResult = cli("downloads", "cancel", download_id)  # type: ignore[operator]
     assert again.returncode != 0
     assert "is cancelled; nothing runs to cancel" in again.stderr

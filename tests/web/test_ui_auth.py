@@ -114,7 +114,7 @@ def test_a_user_sees_models_read_only_and_no_admin_page(
     sign_in(page, "alice", PASSWORD)
     expect(page.get_by_role("heading", level=1)).to_have_text("Models")  # a user's home: no dashboard
     nav = page.get_by_role("navigation")
-    expect(nav.get_by_role("link")).to_have_text(["Models", "Chat", "Tasks", "My keys"])
+    expect(nav.get_by_role("link")).to_have_text(["Models", "Chat", "Tasks", "MCP", "My keys"])
     row = page.locator("#models-table tr[data-model='tiny:latest']")
     expect(row).to_contain_text("gguf")
     expect(row.get_by_role("button")).to_have_count(0)
