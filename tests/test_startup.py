@@ -59,3 +59,13 @@ def test_a_command_on_the_sqlite_store_loads_no_postgresql_driver(tmp_path: Path
     loaded = set(done.stderr.split())
     assert "apsw" in loaded  # it did open the store
     assert not {"psycopg", "psycopg_pool", "sqlite_utils"} & loaded
+
+
+def test_the_web_app_loads_the_mcp_sdk_only_when_the_gateway_is_first_called() -> None:
+    """The SDK and what it brings take about 0.35 s to import, which every `serve` would pay before
+    answering; the gateway starts it on its first call instead (tests/mcp call it)."""
+    loads = "import sys, appliance.web.app; print('mcp' in sys.modules, 'starlette' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", loads], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["False", "False"]

@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -145,6 +145,7 @@ class AdvisoryLocks:
             connection = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:
             raise self._failures(exc) from exc
+        taken = False
         try:
             try:
                 if blocking:
@@ -157,7 +158,12 @@ class AdvisoryLocks:
                 raise self._failures(exc) from exc
             yield taken
         finally:
-            connection.close()  # frees the lock (a session lock ends with its session)
+            if taken:
+                # Freed before the block returns: closing alone frees it only once the server has
+                # seen the session end, a moment later, when another server may already be trying.
+                with suppress(psycopg.Error):
+                    connection.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+            connection.close()  # frees it anyway (a session lock ends with its session)
 
 
 class NotifyFeed(LocalFeed):

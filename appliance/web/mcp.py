@@ -19,22 +19,25 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar import Litestar, Request, Response, get, route
 from litestar.datastructures import State
 from litestar.types import ASGIApp, Receive, Scope, Send
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from pydantic import BaseModel
 
 from appliance.audit import AuditNote, record
 from appliance.errors import ApplianceError, Forbidden, NotFound, Unauthorized
 from appliance.identity import TaskScope
-from appliance.mcp.server import CALLER_KEY, Caller, Gateway
 from appliance.mcp.types import TASK_ONLY_TOOLS
 from appliance.runtime import Runtime
 from appliance.tasks.forwarder import MCP_PATH
 from appliance.web.dependencies import provide_context
+
+if TYPE_CHECKING:
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    from appliance.mcp.server import Caller, Gateway
 
 __all__ = ["McpToolOut", "mcp_endpoint", "mcp_lifespan", "mcp_tools"]
 
@@ -48,31 +51,73 @@ class _Mcp:
     manager: StreamableHTTPSessionManager
 
 
+class _Started:
+    """The gateway and the SDK's session manager, started on the first call that needs them: the
+    SDK and what it brings (Starlette, sse-starlette, jsonschema) take about 0.35 s to import,
+    which every ``serve`` would otherwise pay before it answers. The manager's task group is
+    entered and left by one task of its own, as anyio requires."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._started: asyncio.Future[_Mcp] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def get(self) -> _Mcp:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._serve(self._started), name="mcp-gateway")
+        return await asyncio.shield(self._started)
+
+    async def _serve(self, started: asyncio.Future[_Mcp]) -> None:
+        try:
+            from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+            from appliance.mcp.server import Gateway
+
+            gateway = Gateway(self._runtime)
+            manager = StreamableHTTPSessionManager(
+                gateway.server,
+                stateless=True,
+                json_response=True,
+                max_request_body_size=int(self._runtime.settings.server.max_body_bytes),
+            )
+            # Host and origin checks are the app's guard's (web/guards.py): the SDK's own stay off
+            # (its default). The SDK logs every request at INFO; the access log and the audit say it.
+            logging.getLogger("mcp.server").setLevel(logging.WARNING)
+            async with manager.run():
+                started.set_result(_Mcp(gateway, manager))
+                await self._stop.wait()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 @asynccontextmanager
 async def mcp_lifespan(app: Litestar) -> AsyncIterator[None]:
-    """The gateway and its session manager, for the app's life (after the runtime's lifespan)."""
-    runtime: Runtime = app.state.runtime
-    gateway = Gateway(runtime)
-    manager = StreamableHTTPSessionManager(
-        gateway.server,
-        stateless=True,
-        json_response=True,
-        max_request_body_size=int(runtime.settings.server.max_body_bytes),
-    )
-    app.state.mcp = _Mcp(gateway, manager)
-    # Host and origin checks are the app's guard's (web/guards.py): the SDK's own stay off (its
-    # default). The SDK logs every request at INFO; the access log and the audit already say it.
-    logging.getLogger("mcp.server").setLevel(logging.WARNING)
-    async with manager.run():
+    """The gateway for the app's life (after the runtime's lifespan), started when first called."""
+    started = _Started(app.state.runtime)
+    app.state.mcp = started
+    try:
         yield
+    finally:
+        await started.close()
 
 
-def _mcp(state: State) -> _Mcp:
-    mcp: _Mcp = state.mcp
-    return mcp
+async def _mcp(state: State) -> _Mcp:
+    started: _Started = state.mcp
+    return await started.get()
 
 
 def _caller(request: Request[Any, Any, Any]) -> Caller:
+    from appliance.mcp.server import Caller
+
     context = provide_context(request)
     scope: TaskScope | None = request.state.get("task_scope")
     return Caller(actor=context.who, scope=scope, correlation_id=context.correlation_id)
@@ -103,7 +148,7 @@ async def _guard_audited(request: Request[Any, Any, Any]) -> Response[None] | No
         await asyncio.to_thread(
             record, runtime.store, context, action="mcp.call", note=note, duration_ms=round(seconds * 1000)
         )
-        _mcp(request.app.state).gateway.observe(target, "denied", seconds)
+        (await _mcp(request.app.state)).gateway.observe(target, "denied", seconds)
         raise
     return answered
 
@@ -142,7 +187,9 @@ async def mcp_endpoint(request: Request[Any, Any, Any], state: State) -> ASGIApp
             "the MCP gateway is off on this appliance",
             hint="set mcp.enabled = true (APPLIANCE_MCP__ENABLED=1)",
         )
-    manager = _mcp(state).manager
+    from appliance.mcp.server import CALLER_KEY
+
+    manager = (await _mcp(state)).manager
     scope = cast(Scope, {**request.scope, CALLER_KEY: _caller(request)})
 
     async def answer(_scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,11 +208,12 @@ class McpToolOut(BaseModel):
     output_schema: dict[str, Any]
 
 
-@get("/api/v1/mcp/tools", tags=["mcp"], sync_to_thread=True)
-def mcp_tools(request: Request[Any, Any, Any], state: State) -> list[McpToolOut]:
+@get("/api/v1/mcp/tools", tags=["mcp"])
+async def mcp_tools(request: Request[Any, Any, Any], state: State) -> list[McpToolOut]:
     """The MCP tools the caller may call, with their action and schemas."""
+    gateway = (await _mcp(state)).gateway
     tools = []
-    for tool in _mcp(state).gateway.visible(_caller(request)):
+    for tool in await asyncio.to_thread(gateway.visible, _caller(request)):
         input_schema, output_schema = tool.schemas()
         tools.append(
             McpToolOut(

@@ -28,8 +28,10 @@ def test_the_page_lists_the_tools_and_the_config_without_a_key_when_auth_is_off(
     expect(page.locator("#page")).to_contain_text("Auth is off")
 
     rows = page.locator("#mcp-tools-table tbody tr")
+    listed = [tool["name"] for tool in server.client.get("/api/v1/mcp/tools").json()]
+    expect(rows).to_have_count(len(listed))  # drawn once the page's own request is answered
     names = [row.get_attribute("data-tool") for row in rows.all()]
-    assert names == [tool["name"] for tool in server.client.get("/api/v1/mcp/tools").json()]
+    assert names == listed
     assert {"chat", "tasks.create", "preference.get"} <= set(names)
     assert not any(name and name.startswith("artifacts.") for name in names)  # a job's own tools
     chat = page.locator("tr[data-tool='chat']")
