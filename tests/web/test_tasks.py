@@ -215,9 +215,13 @@ def test_a_prompt_task_is_answered_by_the_model_never_run(data_dir: Path, tiny_g
     ended = found[-1][1]
     assert ended["state"] == "succeeded", ended
     assert ended["result"]["reason"] == "answered"
-    assert 0 < len(printed(found).encode()) <= 64
-    # The tiny model talks until its context is full: its answer stops at the output limit.
-    assert ended["result"]["truncated"] == {"stdout": True, "stderr": False}
+    answer = printed(found).encode()
+    assert 0 < len(answer) <= 64  # the output limit holds
+    # The random model mostly talks past the limit, and is then cut; when it samples its end of
+    # text first, nothing was cut.
+    truncated = ended["result"]["truncated"]
+    assert truncated["stderr"] is False
+    assert not truncated["stdout"] or len(answer) > 60  # cut at the limit, on a character's boundary
     assert not marker.exists()
 
 
