@@ -3,7 +3,7 @@
 Run from the repo root (Debian packages: ``nginx``, ``aria2``, ``curl``):
 
     .venv/bin/python bench/pull.py [--size-gib 1] [--rate-mib 40] [--repeat 3]
-        [--server nginx|builtin] [--skip curl] [--appliance NAME=PYTHON ...]
+        [--server nginx|builtin] [--skip curl|aria2c|aria2c-checked|tiny] [--appliance NAME=PYTHON ...]
 
 It writes a GGUF file of ``--size-gib`` GiB and serves it on loopback, capping each connection at
 ``--rate-mib`` MiB/s. The default server is Debian's nginx (``limit_rate 40m`` per connection,
@@ -15,7 +15,9 @@ taking turns ``--repeat`` times, it runs each tool into a fresh directory:
 - ``appliance models pull`` of a 1 MiB file from the same server: the CLI's start-up and
   bookkeeping, so that what the transfer itself costs is the difference;
 - ``curl -o`` (one stream: the cap itself);
-- ``aria2c -x16 -s16`` (16 connections, no hashing, no fsync).
+- ``aria2c -x16 -s16`` (16 connections, no hashing, no fsync): the reference of the targets;
+- the same with ``--checksum=sha-256=...``: aria2c verifying what it fetched, as a pull does (it
+  reads the file back once it has it all), reported beside the targets as the like-for-like ratio.
 
 For every run it prints the seconds and the CPU-seconds the tool used (user + sys of the child
 and its children, from ``os.wait4``), and CPU-seconds per GiB. The summary gives the median and
@@ -31,6 +33,7 @@ turn in every round, and each gets its own ratios against aria2c.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import socket
@@ -45,12 +48,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.servers import start_nginx
+from bench.servers import precompile, start_nginx
 
 MIB = 1024 * 1024
 GIB = 1 << 30
 SLICE = 256 * 1024
 ARIA2C = "aria2c -x16 -s16"
+ARIA2C_CHECKED = "aria2c + sha-256 check"
 CURL = "curl (1 stream)"
 TIME_TARGET = 1.0  # ours / aria2c, seconds
 CPU_TARGET = 1.5  # ours / aria2c, CPU-seconds
@@ -180,7 +184,9 @@ def main() -> None:
     parser.add_argument("--rate-mib", type=float, default=40.0, help="per-connection cap, MiB/s")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--server", choices=("nginx", "builtin"), default="nginx")
-    parser.add_argument("--skip", action="append", choices=("curl", "aria2c", "tiny"), default=[])
+    parser.add_argument(
+        "--skip", action="append", choices=("curl", "aria2c", "aria2c-checked", "tiny"), default=[]
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--appliance", action="append", metavar="NAME=PYTHON", help="a build to measure")
     parser.add_argument("--serve", nargs=3, metavar=("ROOT", "PORT", "RATE"), help=argparse.SUPPRESS)
@@ -189,6 +195,8 @@ def main() -> None:
         serve(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
         return
     pythons = builds(args.appliance)
+    for python in pythons.values():
+        precompile(python)
 
     from tests.tiny_model import write_llama_gguf
 
@@ -222,6 +230,13 @@ def main() -> None:
         if aria2c and "aria2c" not in args.skip:
             aria2 = [aria2c, "-q", "-x16", "-s16", "-k1M", "--file-allocation=none", "-d", "OUT"]
             cases[ARIA2C] = [*aria2, "-o", "model.gguf", url]
+            if "aria2c-checked" not in args.skip:
+                digest = hashlib.sha256()
+                with source.open("rb") as handle:
+                    while block := handle.read(8 * MIB):
+                        digest.update(block)
+                checksum = f"--checksum=sha-256={digest.hexdigest()}"
+                cases[ARIA2C_CHECKED] = [*aria2, checksum, "-o", "model.gguf", url]
         elif not aria2c:
             print("aria2c not found (apt-get install aria2); its row and the ratios are left out")
         runs: dict[str, list[Run]] = {name: [] for name in cases}
@@ -275,6 +290,16 @@ def report(runs: dict[str, list[Run]], names: list[str], gib: float) -> None:
         print(
             f"| {name} | {' '.join(f'{r:.2f}' for r in time_rounds)} | {time_ratio:.2f}"
             f" | {' '.join(f'{r:.2f}' for r in cpu_rounds)} | {cpu_ratio:.2f} | {verdict} |"
+        )
+    checked = runs.get(ARIA2C_CHECKED)
+    for name in names if checked else []:
+        ours = runs[f"{name} models pull"]
+        time_rounds = [mine.seconds / theirs.seconds for mine, theirs in zip(ours, checked, strict=True)]
+        cpu_rounds = [mine.cpu / theirs.cpu for mine, theirs in zip(ours, checked, strict=True)]
+        print(
+            f"{name} / aria2c verifying its sha-256 (both hash): time per round"
+            f" {' '.join(f'{r:.2f}' for r in time_rounds)},"
+            f" CPU per round {' '.join(f'{r:.2f}' for r in cpu_rounds)}"
         )
     for name in names:
         tiny = runs.get(f"{name} pull 1 MiB")

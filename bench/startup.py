@@ -53,6 +53,7 @@ from appliance.models.formats import read_capabilities  # noqa: E402
 from appliance.runtime import Runtime  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
 from bench.lists import register  # noqa: E402
+from bench.servers import precompile  # noqa: E402
 from tests.tiny_model import TINY_CHAT_TEMPLATE, write_llama_gguf  # noqa: E402
 
 HELP_TARGET = 0.15
@@ -175,6 +176,7 @@ def main() -> None:
     args = parser.parse_args()
 
     commands: dict[str, list[str]] = {"pip": [str(REPO / ".venv" / "bin" / "appliance")]}
+    precompile(str(REPO / ".venv" / "bin" / "python"))
     built = REPO / "dist" / "appliance" / "appliance"
     if built.exists():
         commands["dist"] = [str(built)]

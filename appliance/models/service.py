@@ -19,9 +19,9 @@ from appliance.errors import (
     ModelNotLoadable,
     SourceUnreadable,
     StorageFailure,
-    UnsupportedFormat,
 )
 from appliance.models.formats import ONE_PER_MODEL, detect_format, read_capabilities
+from appliance.models.gguf import read_gguf_header
 from appliance.models.layers import LAYERS, ModelLayers, read_layers
 from appliance.models.listing import ListCache, ModelPage, read_page
 from appliance.names import ModelName, name_from_filename
@@ -635,16 +635,5 @@ def _read_header(source: Path) -> tuple[bytes, int]:
 
 def _read_chat_template(path: Path) -> str:
     """The GGUF's ``tokenizer.chat_template``, read from its header."""
-    import gguf  # with numpy: loaded only when a header is read (see models/gguf.py)
-
-    reader: Any = None
-    try:
-        reader = gguf.GGUFReader(path)
-        entry = reader.fields.get("tokenizer.chat_template")
-        return str(entry.contents()) if entry is not None else ""
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct and numpy errors
-        raise UnsupportedFormat(
-            f"{path.name} cannot be read as GGUF: {exc}", hint="run `appliance models verify`"
-        ) from exc
-    finally:
-        reader = None  # drop the memory map
+    template = read_gguf_header(path).scalar("tokenizer.chat_template")
+    return template if isinstance(template, str) else ""
