@@ -22,8 +22,12 @@ taking turns ``--repeat`` times, it runs each tool into a fresh directory:
 For every run it prints the seconds and the CPU-seconds the tool used (user + sys of the child
 and its children, from ``os.wait4``), and CPU-seconds per GiB. The summary gives the median and
 the min-max spread over rounds, the ratios ours / aria2c for time and CPU, per round and of the
-medians, and PASS/MISS against the targets: time <= aria2c's, CPU <= 1.5x aria2c's. The exit
-status is 0 whatever the ratios.
+medians, and PASS/MISS against the targets: time <= aria2c's, CPU <= 1.5x aria2c's. Then, since
+aria2c neither fsyncs nor hashes, two like-for-like views: each run is followed by a timed `sync`
+(seconds until the file is on disk) while the whole machine's busy CPU-seconds are counted from
+``/proc/stat`` (nginx's and the kernel's writeback threads' too, which a process's own figures
+leave out), and the ratios against aria2c verifying a sha-256. The exit status is 0 whatever the
+ratios.
 
 ``--appliance NAME=PYTHON`` (repeatable) measures other builds in the same run: PYTHON is the
 interpreter of a venv with that build installed (``PYTHON -m appliance``). Each build takes its
@@ -128,10 +132,24 @@ def free_port() -> int:
 class Run:
     seconds: float
     cpu: float  # user + sys of the child and its children
+    durable: float  # seconds until the file is on disk: the command, then `sync`
+    machine_cpu: float  # CPU-seconds of the whole machine meanwhile: nginx and the kernel's writeback too
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and CPU-seconds (user + sys, from the child's resource usage) of one command."""
+def machine_busy() -> float:
+    """CPU-seconds every CPU has spent busy since boot (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(command: list[str]) -> Run:
+    """Wall seconds and CPU-seconds (user + sys, from the child's resource usage) of one command;
+    then, with a `sync` after it, the seconds until its file is on disk and the machine's CPU-seconds
+    meanwhile. A tool that does not fsync leaves its writeback to the kernel's threads, which its
+    own figures do not count: aria2c's file is still in the page cache when it exits."""
+    busy = machine_busy()
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
@@ -139,7 +157,9 @@ def timed(command: list[str]) -> tuple[float, float]:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited with {child.returncode}")
-    return seconds, usage.ru_utime + usage.ru_stime
+    subprocess.run(["sync"], check=True)
+    durable = time.perf_counter() - started
+    return Run(seconds, usage.ru_utime + usage.ru_stime, durable, machine_busy() - busy)
 
 
 def builds(entries: list[str] | None) -> dict[str, str]:
@@ -246,11 +266,14 @@ def main() -> None:
                 out.mkdir()
                 subprocess.run(["sync"], check=True)
                 placed = [str(out) + part[3:] if part.startswith("OUT") else part for part in command]
-                seconds, cpu = timed(placed)
-                runs[name].append(Run(seconds, cpu))
-                per_gib = "" if "1 MiB" in name else f" {cpu / gib:5.2f} CPU-s/GiB"
+                run = timed(placed)
+                runs[name].append(run)
+                per_gib = "" if "1 MiB" in name else f" {run.cpu / gib:5.2f} CPU-s/GiB"
                 where = f"{round_number}/{args.repeat}"
-                print(f"  run {where} {name:26s} {seconds:6.2f} s {cpu:6.2f} CPU-s{per_gib}")
+                print(
+                    f"  run {where} {name:26s} {run.seconds:6.2f} s {run.cpu:6.2f} CPU-s{per_gib};"
+                    f" on disk {run.durable:6.2f} s, machine {run.machine_cpu:6.2f} CPU-s"
+                )
                 shutil.rmtree(out)
         report(runs, list(pythons), gib)
     finally:
@@ -290,6 +313,26 @@ def report(runs: dict[str, list[Run]], names: list[str], gib: float) -> None:
         print(
             f"| {name} | {' '.join(f'{r:.2f}' for r in time_rounds)} | {time_ratio:.2f}"
             f" | {' '.join(f'{r:.2f}' for r in cpu_rounds)} | {cpu_ratio:.2f} | {verdict} |"
+        )
+    print("\nOn disk (each command, then `sync`) and the whole machine's CPU-seconds meanwhile:")
+    print("| tool | median s | s min-max | median machine CPU-s | min-max |")
+    print("|---|---:|---:|---:|---:|")
+    for name, done in runs.items():
+        durable = [run.durable for run in done]
+        machine = [run.machine_cpu for run in done]
+        print(
+            f"| {name} | {statistics.median(durable):.2f} | {spread(durable)}"
+            f" | {statistics.median(machine):.2f} | {spread(machine)} |"
+        )
+    for name in names:
+        ours = runs[f"{name} models pull"]
+        time_rounds = [mine.durable / theirs.durable for mine, theirs in zip(ours, reference, strict=True)]
+        cpu_rounds = [
+            mine.machine_cpu / theirs.machine_cpu for mine, theirs in zip(ours, reference, strict=True)
+        ]
+        print(
+            f"{name} / aria2c, on disk: time per round {' '.join(f'{r:.2f}' for r in time_rounds)},"
+            f" machine CPU per round {' '.join(f'{r:.2f}' for r in cpu_rounds)}"
         )
     checked = runs.get(ARIA2C_CHECKED)
     for name in names if checked else []:

@@ -34,6 +34,7 @@ import hashlib
 import os
 import stat
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -55,6 +56,8 @@ __all__ = ["LAYOUT_VERSION", "BlobCache", "IncomingBlob", "StagedBlob", "open_so
 
 LAYOUT_VERSION = 1
 CHUNK_BYTES = 8 * 1024 * 1024
+READ_BACK_BYTES = 256 * 1024  # read back in slices that stay in the CPU's cache while hashed
+COPY_AHEAD = 4  # chunks copied and not yet hashed, at most (32 MiB of the page cache)
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 ProgressCallback = Callable[[int], None]
@@ -556,21 +559,24 @@ def _copy_range_and_hash(
     src_fd: int, dst_fd: int, first: int, on_progress: ProgressCallback | None
 ) -> tuple[str, int]:
     digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)  # the hash thread's, for every chunk: no fresh pages per chunk
+    buffer = bytearray(READ_BACK_BYTES)  # the hash thread's, for every chunk: no fresh pages per chunk
     total = 0
     count = first
-    pending: Future[None] | None = None
+    # The copier runs up to COPY_AHEAD chunks ahead of the hash thread (which takes them in order):
+    # in lockstep, each chunk cost the slower of its copy and its hash, and on two cores the two
+    # slow down in turns (a 2 GiB import: 2.30 s in lockstep, 1.98 s ahead; bench/ingest.py).
+    pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash") as hasher:
-        while True:
-            if pending is not None:
-                pending.result()
-            if count == 0:
-                break
-            pending = hasher.submit(_hash_written, dst_fd, digest, total, count, buffer)
+        while count:
+            pending.append(hasher.submit(_hash_written, dst_fd, digest, total, count, buffer))
             total += count
             if on_progress is not None:
                 on_progress(total)
+            if len(pending) >= COPY_AHEAD:
+                pending.popleft().result()
             count = os.copy_file_range(src_fd, dst_fd, CHUNK_BYTES)
+        while pending:
+            pending.popleft().result()
     return digest.hexdigest(), total
 
 
