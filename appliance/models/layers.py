@@ -22,9 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from appliance.errors import InvalidInput, StorageFailure
 from appliance.store.base import Model
 from appliance.store.cache import BlobCache
@@ -78,6 +75,9 @@ def check_template(template: str) -> str:
             " templates, as GGUF files carry them",
             hint="send the template /api/show reports for the model, edited, or leave template out",
         )
+    import jinja2  # here: every command that opens the registry would pay for it
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     try:
         ImmutableSandboxedEnvironment().parse(template)
     except jinja2.TemplateSyntaxError as exc:
