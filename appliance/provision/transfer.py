@@ -49,7 +49,7 @@ from appliance.settings import DownloadSettings
 
 __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
-READ_BYTES = 1024 * 1024
+HASH_READ_BYTES = 256 * 1024  # read back in slices that stay in the CPU's cache while hashed
 MIB = 1024 * 1024
 SOCKET_READ_BYTES = 124 * 1024
 PARTS_PER_CONNECTION = 8
@@ -521,7 +521,7 @@ class _PrefixHasher:
         self.changed = changed
         self.digest = hashlib.sha256()
         self.error: BaseException | None = None
-        self._buffer = bytearray(READ_BYTES * 8)  # one for every part: a fresh one is 8 MiB to zero
+        self._buffer = bytearray(HASH_READ_BYTES)  # one for every part
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
