@@ -49,7 +49,10 @@ from appliance.settings import DownloadSettings
 
 __all__ = ["HEADER_BYTES", "RemoteFile", "Transfer", "TransferResult"]
 
-HASH_READ_BYTES = 256 * 1024  # read back in slices that stay in the CPU's cache while hashed
+# Read back in large slices: the hash thread takes the GIL once per slice, and with 16 part threads
+# holding it in turn, 256 KiB slices left it behind (bench/pull.py, 1 GiB, against the build before
+# in the same runs: 0.70x its time with 8 MiB slices, 0.84x with 256 KiB).
+HASH_READ_BYTES = 8 * 1024 * 1024
 MIB = 1024 * 1024
 SOCKET_READ_BYTES = 124 * 1024
 PARTS_PER_CONNECTION = 8
@@ -521,7 +524,7 @@ class _PrefixHasher:
         self.changed = changed
         self.digest = hashlib.sha256()
         self.error: BaseException | None = None
-        self._buffer = bytearray(HASH_READ_BYTES)  # one for every part
+        self._buffer = bytearray(HASH_READ_BYTES)  # one for every part: a fresh one is 8 MiB to zero
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
