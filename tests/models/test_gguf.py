@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 
 from appliance.errors import UnsupportedFormat
@@ -84,7 +86,7 @@ def test_a_big_endian_file_reads_as_its_little_endian_twin(tmp_path: Path) -> No
         writer.add_context_length(512)
         writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-        writer.add_tensor("w", gguf.np.zeros((2, 3), dtype=gguf.np.float32))
+        writer.add_tensor("w", np.zeros((2, 3), dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -143,8 +145,8 @@ def test_a_damaged_header_is_refused_with_what_is_wrong(tmp_path: Path, change: 
 
 def test_without_a_file_type_the_tensor_type_holding_most_weights_names_it(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    writer.add_tensor("norm", gguf.np.zeros((2, 3), dtype=gguf.np.float32))
-    writer.add_tensor("weights", gguf.np.zeros((4, 4), dtype=gguf.np.float16))
+    writer.add_tensor("norm", np.zeros((2, 3), dtype=np.float32))
+    writer.add_tensor("weights", np.zeros((4, 4), dtype=np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -152,3 +154,61 @@ def test_without_a_file_type_the_tensor_type_holding_most_weights_names_it(tmp_p
     metadata = read_gguf_metadata(tmp_path / "m.gguf")
     assert (metadata["quantization"], metadata["parameter_count"], metadata["tensor_count"]) == ("F16", 22, 2)
     assert "vocab_size" not in metadata
+
+
+def _handmade(path: Path, *, fields: Sequence[bytes] = (), tensors: Sequence[bytes] = ()) -> Path:
+    """A GGUF v3 header written byte by byte: what a writer would never produce."""
+    path.write_bytes(
+        b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(fields)) + b"".join(fields) + b"".join(tensors)
+    )
+    return path
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    ("fields", "tensors", "says"),
+    [
+        ([], [_text("w") + struct.pack("<I5QIQ", 5, 1, 1, 1, 1, 1, 0, 0)], "tensor w claims 5 dimensions"),
+        (
+            [_text("nested") + struct.pack("<IIQ", 9, 9, 1)],
+            [],
+            "an array holds items of type 9, which this reader cannot skip",
+        ),
+        (
+            [_text("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 1 << 40)],
+            [],
+            "a field claims more bytes than the file holds",
+        ),
+    ],
+    ids=["five-dimensions", "array-of-arrays", "array-past-the-end"],
+)
+def test_a_header_no_writer_makes_is_refused_with_what_is_wrong(
+    tmp_path: Path, fields: list[bytes], tensors: list[bytes], says: str
+) -> None:
+    path = _handmade(tmp_path / "m.gguf", fields=fields, tensors=tensors)
+    with pytest.raises(UnsupportedFormat, match="starts like a GGUF file but cannot be read") as refused:
+        read_gguf_metadata(path)
+    assert says in refused.value.message
+
+
+def test_a_handmade_header_reads_its_fields_and_tensors(tmp_path: Path) -> None:
+    path = _handmade(
+        tmp_path / "m.gguf",
+        fields=[
+            _text("general.architecture") + struct.pack("<I", 8) + _text("llama"),
+            _text("llama.context_length") + struct.pack("<II", 4, 4096),
+            _text("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + _text("a") + _text("bc"),
+        ],
+        tensors=[_text("w") + struct.pack("<I2QIQ", 2, 3, 4, 1, 0)],
+    )
+    metadata = read_gguf_metadata(path)
+    assert (metadata["architecture"], metadata["context_length"], metadata["vocab_size"]) == (
+        "llama",
+        4096,
+        2,
+    )
+    assert (metadata["parameter_count"], metadata["quantization"]) == (12, "F16")
