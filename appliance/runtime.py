@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from appliance.cluster.peers import Peers
 from appliance.models.service import ModelService
 from appliance.preferences import PreferenceService
-from appliance.provision.downloads import DownloadRows
+from appliance.provision.service import Provisioner
 from appliance.settings import Settings
 from appliance.store.base import Store
 from appliance.store.cache import BlobCache
@@ -26,14 +27,12 @@ if TYPE_CHECKING:
     from appliance.auth.service import AuthService
     from appliance.cluster.channel import WorkChannel
     from appliance.cluster.directory import ClusterDirectory
-    from appliance.cluster.peers import Peers
     from appliance.cluster.service import ClusterService
     from appliance.egress.client import Egress
     from appliance.egress.providers import ProviderService
     from appliance.engine.router import Router
     from appliance.engine.service import InferenceService
     from appliance.metrics import Metrics
-    from appliance.provision.service import Provisioner
     from appliance.store.admin import DbStatus
     from appliance.tasks.service import TaskService
 
@@ -42,15 +41,17 @@ __all__ = ["Runtime"]
 
 @dataclass(eq=False)
 class Runtime:
-    """The store, the cache, the models and the preferences are opened at once; every other service
-    (and its imports) when first used, so a command pays only for what it touches (`models ls` starts
-    about 0.2 s sooner than with all of them, `models pull` about 0.1 s)."""
+    """The store, the cache, the models, the preferences, the provisioner and the peers are opened at
+    once; every other service (and its imports) when first used, so a command pays only for what it
+    touches."""
 
     settings: Settings
     store: Store
     cache: BlobCache
     models: ModelService
     preferences: PreferenceService
+    provisioner: Provisioner
+    peers: Peers  # the other servers sharing the store; only a serving one registers and fetches
     router: Router | None = None  # only the server loads models; CLI commands never do
     inference: InferenceService | None = None
     channel: WorkChannel | None = None  # the server's work channel to its workers (on its event loop)
@@ -59,17 +60,18 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, *, with_engine: bool = False) -> Runtime:
         cache, store = open_data_dir(settings)
-        # A pull whose process died shows as interrupted at once, whichever command opens the store
-        # next (the provisioner, which does it too, is only built when a command pulls).
-        DownloadRows(store, cache.downloads_dir).mark_interrupted()
         preferences = PreferenceService(settings, store)
         models = ModelService(settings, store, cache, preferences=preferences)
+        provisioner = Provisioner(settings, store, cache, models, preferences=preferences)
         runtime = cls(
             settings=settings,
             store=store,
             cache=cache,
             models=models,
+            provisioner=provisioner,
             preferences=preferences,
+            # every command's: its server id, and whether the registry is shared (gc keeps others' rows)
+            peers=Peers(settings, store, cache, models, provisioner),
         )
         if with_engine:
             # Imported here: loading llama.cpp's library is only worth it in the process that serves.
@@ -102,13 +104,10 @@ class Runtime:
             runtime.tasks.inference = runtime.inference
             runtime.tasks.start()
             runtime.peers.start()
+            # The rest too, before any request: request threads would otherwise race to build one
+            # (the login throttle's counts must live in a single LoginService).
+            runtime.login  # noqa: B018 (building it is the point)
         return runtime
-
-    @cached_property
-    def provisioner(self) -> Provisioner:
-        from appliance.provision.service import Provisioner  # with httpx: about 0.1 s
-
-        return Provisioner(self.settings, self.store, self.cache, self.models, preferences=self.preferences)
 
     @cached_property
     def metrics(self) -> Metrics:
@@ -139,13 +138,6 @@ class Runtime:
         from appliance.cluster.service import ClusterService
 
         return ClusterService(self.settings, self.store, self.models)
-
-    @cached_property
-    def peers(self) -> Peers:
-        """The other servers sharing the store; only a serving one registers and fetches."""
-        from appliance.cluster.peers import Peers
-
-        return Peers(self.settings, self.store, self.cache, self.models, self.provisioner)
 
     @cached_property
     def providers(self) -> ProviderService:
@@ -181,10 +173,8 @@ class Runtime:
     def close(self) -> None:
         if self._built("tasks"):
             self.tasks.close()  # first: a prompt task running now still needs the router
-        if self._built("peers"):
-            self.peers.close()  # before the provisioner: a fetch may be pulling again through it
-        if self._built("provisioner"):
-            self.provisioner.close()
+        self.peers.close()  # before the provisioner: a fetch may be pulling again through it
+        self.provisioner.close()
         if self.router is not None:
             self.router.close()
         if self._built("egress"):
