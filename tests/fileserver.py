@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ class Hit:
 
 
 class FileServer:
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.files: dict[str, bytes] = {}
         self.faults: dict[str, Faults] = {}
         self.hits: list[Hit] = []
@@ -57,6 +58,8 @@ class FileServer:
         self._faulty_sent: dict[str, int] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
+        if ssl_context is not None:
+            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         # serve_forever looks for a shutdown every poll_interval: stopping waits up to that long.
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.02,), daemon=True)
 
@@ -218,8 +221,9 @@ class FileServer:
 
 
 @contextmanager
-def serve_files() -> Iterator[FileServer]:
-    server = FileServer()
+def serve_files(ssl_context: ssl.SSLContext | None = None) -> Iterator[FileServer]:
+    """A started FileServer; over TLS with ``ssl_context`` (its URLs still say http://)."""
+    server = FileServer(ssl_context)
     server.start()
     try:
         yield server

@@ -51,6 +51,7 @@ PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the downloads row
 APPROVAL_POLL = 0.25  # seconds between looks at a pending row, for an admin's decision
 # a row in one of these states is resumed by the next pull of its ref; a cancel is final
 RESUMABLE_STATES = (*ACTIVE_DOWNLOAD_STATES, "failed", "interrupted")
+CLOSED_STATES = ("cancelled", "denied")  # ended for good: the next pull of the ref is a new download
 INTERRUPTED_NOTE = "the process that ran it ended before it finished; pull the ref again to resume"
 
 
@@ -146,10 +147,20 @@ class DownloadRows:
                         )
                         logger.info("download %s of %s was interrupted", download.id, download.ref)
 
-    def raise_if_ended_while_waiting(self, ref: ModelRef, *, since: str, expected: str | None) -> None:
-        """Hand a pull that waited (since ``since``) how the pull of its ref it waited on ended."""
+    def closed_before(self, ref: ModelRef) -> str | None:
+        """The id of the ref's latest row when a cancel or a denial has already closed it: a pull that
+        starts after that is a new download, not a waiter on that one."""
         latest = self.store.list_downloads(ref=str(ref), limit=1)
-        if not latest or latest[0].updated_at < since:
+        return latest[0].id if latest and latest[0].state in CLOSED_STATES else None
+
+    def raise_if_ended_while_waiting(
+        self, ref: ModelRef, *, since: str, expected: str | None, closed_before: str | None
+    ) -> None:
+        """Hand a pull that waited (since ``since``) how the pull of its ref it waited on ended. A row
+        cancelled before the wait began is not handed on, though the pull it stopped may still have
+        written its last progress to it during the wait."""
+        latest = self.store.list_downloads(ref=str(ref), limit=1)
+        if not latest or latest[0].updated_at < since or latest[0].id == closed_before:
             return
         ended = latest[0]
         if ended.state == "cancelled":

@@ -200,6 +200,7 @@ class Provisioner:
         if present is not None:
             return present
         waiting_since = utcnow()
+        closed_before = self._rows.closed_before(parsed)
         with self._single_flight(str(parsed)):
             # Another pull finished it; on another server, so its blobs may be in that one's cache
             # only. A peer's copy uses no network to the source: offline mode allows it.
@@ -207,7 +208,9 @@ class Provisioner:
             if present is not None:
                 return present
             self.policy().check(parsed)
-            self._rows.raise_if_ended_while_waiting(parsed, since=waiting_since, expected=expected)
+            self._rows.raise_if_ended_while_waiting(
+                parsed, since=waiting_since, expected=expected, closed_before=closed_before
+            )
             try:
                 plan = self._resolve(parsed)
             except Exception as exc:  # a refused manifest or missing repo is a failed download too
