@@ -62,9 +62,9 @@ HASH_READ_BYTES = 8 * 1024 * 1024
 MIB = 1024 * 1024
 SOCKET_READ_BYTES = 124 * 1024
 # A part's body past h11's first read is received straight from a plain TCP socket (see _receive):
-# into one buffer per connection, waking only once RECEIVE_LOW_WATER bytes are queued. Against
-# nginx at 40 MiB/s a connection this took a 1 GiB pull from 2.3 to 1.3 CPU-seconds; 1 MiB low-water
-# marks and 2 MiB buffers were no better (bench/pull.py and by hand).
+# into one buffer per connection, waking only once RECEIVE_LOW_WATER bytes are queued. A bare
+# 16-connection download of 1 GiB from nginx (40 MiB/s a connection, no hashing) went from 2.3 to
+# 1.3 CPU-seconds; 1 MiB low-water marks and 2 MiB buffers were no better (BENCHMARKS.md, Pull).
 RECEIVE_BYTES = 1024 * 1024
 RECEIVE_LOW_WATER = 256 * 1024
 LOW_WATER_WAIT = 0.25  # seconds: how often a reader waiting for the low-water mark looks for a cancel
